@@ -1,0 +1,828 @@
+//! The receiving side of replication: confined, atomic application of [`Op`]s.
+//!
+//! [`Applier`] is synchronous and owns no thread; the agent runs it on a
+//! blocking worker. Every path from the wire goes through [`confine`] first.
+//! File content is written to a temporary file beside its target, checked
+//! against the announced BLAKE3 hash, and only renamed into place at
+//! [`Applier::commit`], after the data is durable; the directories are made
+//! durable before the commit is acknowledged. A reader therefore sees the old
+//! file or the new one, never a part of one.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::delta::{self, Mapped};
+use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta, TEMP_PREFIX};
+use crate::proto::Op;
+
+/// An [`Op`] that must end the session: the peer broke the protocol or tried
+/// to leave its root.
+#[derive(Debug, thiserror::Error)]
+#[error("refused: {0}")]
+pub struct Refused(pub String);
+
+/// Checks a relative path from the wire and joins it onto `root`.
+///
+/// The path must be relative, `/`-separated, without empty, `.` or `..`
+/// components, without NUL, and must not name a temporary file. No directory
+/// on the way down may be a symbolic link (the last component may be one: it
+/// is replaced, never followed).
+pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, Refused> {
+    if rel.is_empty() || rel.len() > 4096 {
+        return Err(Refused(format!("bad path length {}", rel.len())));
+    }
+    if rel.starts_with('/') {
+        return Err(Refused(format!("absolute path {rel:?}")));
+    }
+    if rel.contains('\0') {
+        return Err(Refused("path with a NUL byte".into()));
+    }
+    let parts: Vec<&str> = rel.split('/').collect();
+    for p in &parts {
+        if p.is_empty() || *p == "." || *p == ".." {
+            return Err(Refused(format!("path {rel:?} is not normalised or leaves its root")));
+        }
+        if manifest::is_temp_name(p) {
+            return Err(Refused(format!("path {rel:?} names a temporary file")));
+        }
+    }
+    let mut dir = root.to_path_buf();
+    for p in &parts[..parts.len() - 1] {
+        dir.push(p);
+        match fs::symlink_metadata(&dir) {
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(Refused(format!("path {rel:?} goes through the symbolic link {}", dir.display())));
+            }
+            _ => {}
+        }
+    }
+    Ok(root.join(rel))
+}
+
+/// One replicated directory as the receiver sees it.
+pub struct WatchRoot {
+    /// The watch's name.
+    pub name: String,
+    /// Its local root directory.
+    pub root: PathBuf,
+    /// Its exclusions (honoured on the receiver too).
+    pub excludes: Excludes,
+    /// Hashes of the files under the root.
+    pub cache: HashCache,
+    /// Where the cache is persisted.
+    pub cache_path: Option<PathBuf>,
+}
+
+struct Incoming {
+    watch: String,
+    rel: String,
+    target: PathBuf,
+    tmp: PathBuf,
+    writer: Option<BufWriter<File>>,
+    hasher: blake3::Hasher,
+    written: u64,
+    size: u64,
+    hash: ContentHash,
+    meta: Meta,
+    /// For deltas: the spool file that collects the delta and the base hash.
+    delta: Option<(PathBuf, ContentHash)>,
+}
+
+struct Pending {
+    watch: String,
+    rel: String,
+    tmp: PathBuf,
+    target: PathBuf,
+    hash: ContentHash,
+}
+
+/// The outcome of one commit.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Operations applied since the previous commit.
+    pub applied: u64,
+    /// Operations that failed, with why; their paths were left as they were.
+    pub failed: Vec<(String, String)>,
+    /// Watches that had something applied (for `after_apply`).
+    pub touched: BTreeSet<String>,
+}
+
+/// Applies [`Op`]s to watch roots.
+pub struct Applier {
+    watches: HashMap<String, WatchRoot>,
+    incoming: Option<Incoming>,
+    /// Set while the data of a refused-but-harmless file is being skipped.
+    discarding: bool,
+    pending: Vec<Pending>,
+    dirs_to_sync: BTreeSet<PathBuf>,
+    dir_meta: Vec<(PathBuf, Meta)>,
+    report: CommitReport,
+    can_chown: bool,
+}
+
+/// How many files a commit may fsync one by one before it syncs the
+/// filesystem instead.
+const FSYNC_EACH_MAX: usize = 8;
+
+impl Applier {
+    /// An applier for `watches`; it creates missing roots and removes
+    /// temporary files left by an earlier run.
+    pub fn new(watches: Vec<WatchRoot>) -> io::Result<Applier> {
+        let mut map = HashMap::new();
+        for w in watches {
+            fs::create_dir_all(&w.root)?;
+            clean_temps(&w.root)?;
+            map.insert(w.name.clone(), w);
+        }
+        // Only root can give files away; others keep their own ownership.
+        let can_chown = crate::sys::geteuid() == 0;
+        Ok(Applier {
+            watches: map,
+            incoming: None,
+            discarding: false,
+            pending: Vec::new(),
+            dirs_to_sync: BTreeSet::new(),
+            dir_meta: Vec::new(),
+            report: CommitReport::default(),
+            can_chown,
+        })
+    }
+
+    /// Whether owners are replicated (the receiver runs as root).
+    pub fn can_chown(&self) -> bool {
+        self.can_chown
+    }
+
+    fn watch(&self, name: &str) -> Result<&WatchRoot, Refused> {
+        self.watches.get(name).ok_or_else(|| Refused(format!("unknown watch {name:?}")))
+    }
+
+    /// The manifest of one watch, from a fresh scan.
+    pub fn manifest(&mut self, watch: &str) -> Result<Vec<Entry>, Refused> {
+        let w = self.watches.get_mut(watch).ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+        let scan = manifest::scan(&w.root, "", &w.excludes, &mut w.cache);
+        for s in &scan.skipped {
+            tracing::warn!(watch, skipped = ?s, "not replicated");
+        }
+        let present: std::collections::HashSet<&str> = scan.entries.iter().map(|e| e.path.as_str()).collect();
+        w.cache.retain_paths(&|p| present.contains(p));
+        if let Some(p) = &w.cache_path {
+            if let Err(e) = w.cache.save(p) {
+                tracing::warn!(watch, error = %e, "cannot save the hash cache");
+            }
+        }
+        Ok(scan.entries)
+    }
+
+    /// The signature of the receiver's copy of `rel`, with its content hash,
+    /// or `None` when there is no regular file there.
+    pub fn signature(&mut self, watch: &str, rel: &str, block_len: u32) -> Result<Option<(ContentHash, Vec<u8>)>, Refused> {
+        let w = self.watches.get_mut(watch).ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+        let path = confine(&w.root, rel)?;
+        let Ok(file) = open_nofollow(&path) else { return Ok(None) };
+        let Ok(md) = file.metadata() else { return Ok(None) };
+        if !md.is_file() {
+            return Ok(None);
+        }
+        let Ok(map) = Mapped::new(&file) else { return Ok(None) };
+        let hash = match w.cache.hash(rel, &path, &md) {
+            Ok(h) => h,
+            Err(_) => return Ok(None),
+        };
+        Ok(Some((hash, delta::signature(&map, block_len.clamp(64, 1 << 20)))))
+    }
+
+    /// Applies one operation. An `Err` means the session must end; ordinary
+    /// failures (a full disk, a base that changed) are recorded for the next
+    /// commit's report instead.
+    pub fn apply(&mut self, op: Op) -> Result<(), Refused> {
+        match op {
+            Op::FileData(data) => return self.file_data(&data),
+            Op::FileEnd => return self.file_end(),
+            _ if self.incoming.is_some() || self.discarding => {
+                return Err(Refused("an operation arrived in the middle of a file".into()));
+            }
+            _ => {}
+        }
+        let (watch, rel) = match &op {
+            Op::Dir { watch, path, .. }
+            | Op::Symlink { watch, path, .. }
+            | Op::SetMeta { watch, path, .. }
+            | Op::Remove { watch, path }
+            | Op::FileBegin { watch, path, .. } => (watch.clone(), path.clone()),
+            Op::FileData(_) | Op::FileEnd => unreachable_op(),
+        };
+        let w = self.watch(&watch)?;
+        let target = confine(&w.root, &rel)?;
+        let is_dir_op = matches!(op, Op::Dir { .. });
+        if w.excludes.is_excluded(&rel, is_dir_op) {
+            tracing::warn!(watch, path = rel, "refused a change to a path excluded on this node");
+            if matches!(op, Op::FileBegin { .. }) {
+                self.discarding = true;
+            }
+            self.report.failed.push((rel, "excluded on the receiver".into()));
+            return Ok(());
+        }
+        let result = match op {
+            Op::Dir { meta, .. } => self.make_dir(&target, meta),
+            Op::Symlink { target: link, meta, .. } => self.make_symlink(&target, &link, meta),
+            Op::SetMeta { meta, .. } => self.set_meta(&target, meta),
+            Op::Remove { .. } => self.remove(&watch, &rel, &target),
+            Op::FileBegin { meta, size, hash, delta_base, .. } => {
+                match self.file_begin(&watch, &rel, &target, meta, size, hash, delta_base) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        // The data frames that follow are skipped.
+                        self.discarding = true;
+                        Err(e)
+                    }
+                }
+            }
+            Op::FileData(_) | Op::FileEnd => unreachable_op(),
+        };
+        match result {
+            Ok(()) => {
+                self.report.applied += 1;
+                self.report.touched.insert(watch);
+            }
+            Err(e) => {
+                tracing::warn!(watch, path = rel, error = %e, "cannot apply a change");
+                self.report.failed.push((rel, e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    fn note_parent(&mut self, target: &Path) {
+        if let Some(p) = target.parent() {
+            self.dirs_to_sync.insert(p.to_path_buf());
+        }
+    }
+
+    fn make_dir(&mut self, target: &Path, meta: Meta) -> io::Result<()> {
+        match fs::symlink_metadata(target) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                fs::remove_file(target)?;
+                fs::create_dir(target)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(target)?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.note_parent(target);
+        fs::set_permissions(target, fs::Permissions::from_mode(meta.mode))?;
+        self.chown(target, meta)?;
+        self.dir_meta.push((target.to_path_buf(), meta));
+        Ok(())
+    }
+
+    fn make_symlink(&mut self, target: &Path, link: &str, meta: Meta) -> io::Result<()> {
+        let tmp = temp_beside(target, "link")?;
+        std::os::unix::fs::symlink(link, &tmp)?;
+        if self.can_chown {
+            if let Err(e) = std::os::unix::fs::lchown(&tmp, Some(meta.uid), Some(meta.gid)) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        if let Ok(md) = fs::symlink_metadata(target) {
+            if md.is_dir() {
+                fs::remove_dir_all(target)?;
+            }
+        }
+        if let Err(e) = fs::rename(&tmp, target) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.note_parent(target);
+        Ok(())
+    }
+
+    fn set_meta(&mut self, target: &Path, meta: Meta) -> io::Result<()> {
+        let md = fs::symlink_metadata(target)?;
+        if md.file_type().is_symlink() {
+            if self.can_chown {
+                std::os::unix::fs::lchown(target, Some(meta.uid), Some(meta.gid))?;
+            }
+            return Ok(());
+        }
+        fs::set_permissions(target, fs::Permissions::from_mode(meta.mode))?;
+        self.chown(target, meta)?;
+        if md.is_dir() {
+            self.dir_meta.push((target.to_path_buf(), meta));
+        } else {
+            set_mtime(target, meta)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, watch: &str, rel: &str, target: &Path) -> io::Result<()> {
+        match fs::symlink_metadata(target) {
+            Ok(md) if md.is_dir() => fs::remove_dir_all(target)?,
+            Ok(_) => fs::remove_file(target)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(w) = self.watches.get_mut(watch) {
+            w.cache.forget(rel);
+        }
+        self.note_parent(target);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn file_begin(
+        &mut self,
+        watch: &str,
+        rel: &str,
+        target: &Path,
+        meta: Meta,
+        size: u64,
+        hash: ContentHash,
+        delta_base: Option<ContentHash>,
+    ) -> io::Result<()> {
+        if let Some(parent) = target.parent() {
+            if !parent.is_dir() {
+                fs::create_dir_all(parent)?;
+            }
+        }
+        let tmp = temp_beside(target, "new")?;
+        let mut incoming = Incoming {
+            watch: watch.to_string(),
+            rel: rel.to_string(),
+            target: target.to_path_buf(),
+            tmp: tmp.clone(),
+            writer: None,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+            size,
+            hash,
+            meta,
+            delta: None,
+        };
+        let spool = match delta_base {
+            Some(base) => {
+                let spool = temp_beside(target, "delta")?;
+                incoming.delta = Some((spool.clone(), base));
+                spool
+            }
+            None => tmp,
+        };
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&spool)?;
+        incoming.writer = Some(BufWriter::with_capacity(256 * 1024, file));
+        self.incoming = Some(incoming);
+        Ok(())
+    }
+
+    fn file_data(&mut self, data: &[u8]) -> Result<(), Refused> {
+        if self.discarding {
+            return Ok(());
+        }
+        let Some(inc) = self.incoming.as_mut() else {
+            return Err(Refused("file data outside a file".into()));
+        };
+        inc.written += data.len() as u64;
+        let cap = match inc.delta {
+            None => inc.size,
+            // A delta of entirely new content is a little larger than the content.
+            Some(_) => inc.size + inc.size / 8 + 64 * 1024,
+        };
+        if inc.written > cap {
+            let (w, r) = (inc.watch.clone(), inc.rel.clone());
+            self.abort_incoming();
+            return Err(Refused(format!("{w}/{r}: more data than the announced size")));
+        }
+        if inc.delta.is_none() {
+            inc.hasher.update(data);
+        }
+        let result = inc.writer.as_mut().map(|w| w.write_all(data));
+        if let Some(Err(e)) = result {
+            let rel = inc.rel.clone();
+            tracing::warn!(path = rel, error = %e, "cannot write a received file");
+            self.report.failed.push((rel, e.to_string()));
+            self.abort_incoming();
+            self.discarding = true;
+        }
+        Ok(())
+    }
+
+    fn abort_incoming(&mut self) {
+        if let Some(inc) = self.incoming.take() {
+            drop(inc.writer);
+            let _ = fs::remove_file(&inc.tmp);
+            if let Some((spool, _)) = inc.delta {
+                let _ = fs::remove_file(spool);
+            }
+        }
+    }
+
+    fn file_end(&mut self) -> Result<(), Refused> {
+        if self.discarding {
+            self.discarding = false;
+            return Ok(());
+        }
+        let Some(mut inc) = self.incoming.take() else {
+            return Err(Refused("end of a file that was not begun".into()));
+        };
+        let result = self.finish(&mut inc);
+        if let Some((spool, _)) = &inc.delta {
+            let _ = fs::remove_file(spool);
+        }
+        match result {
+            Ok(()) => {
+                self.report.applied += 1;
+                self.report.touched.insert(inc.watch.clone());
+                self.note_parent(&inc.target);
+                self.pending.push(Pending {
+                    watch: inc.watch,
+                    rel: inc.rel,
+                    tmp: inc.tmp,
+                    target: inc.target,
+                    hash: inc.hash,
+                });
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&inc.tmp);
+                tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
+                self.report.failed.push((inc.rel, e));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, inc: &mut Incoming) -> Result<(), String> {
+        let writer = inc.writer.take().ok_or("no open file")?;
+        let file = writer.into_inner().map_err(|e| e.error().to_string())?;
+        if let Some((spool, base_hash)) = &inc.delta {
+            // Patch: base (the current target) + delta (the spool) -> tmp.
+            let delta_file = file;
+            let delta_map = Mapped::new(&delta_file).map_err(|e| e.to_string())?;
+            let base_file = open_nofollow(&inc.target).map_err(|e| format!("cannot open the delta base: {e}"))?;
+            let base_md = base_file.metadata().map_err(|e| e.to_string())?;
+            let w = self.watches.get_mut(&inc.watch).ok_or("unknown watch")?;
+            let actual = w.cache.hash(&inc.rel, &inc.target, &base_md).map_err(|e| e.to_string())?;
+            if actual != *base_hash {
+                return Err("the delta base changed on the receiver".into());
+            }
+            let base_map = Mapped::new(&base_file).map_err(|e| e.to_string())?;
+            let out = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&inc.tmp).map_err(|e| e.to_string())?;
+            let mut hw = HashingWriter { inner: BufWriter::with_capacity(256 * 1024, out), hasher: blake3::Hasher::new(), written: 0 };
+            delta::apply(&base_map, &delta_map, &mut hw, inc.size as usize).map_err(|e| e.to_string())?;
+            let _ = spool;
+            inc.hasher = hw.hasher;
+            inc.written = hw.written;
+            let out = hw.inner.into_inner().map_err(|e| e.error().to_string())?;
+            self.finish_file(inc, &out)
+        } else {
+            self.finish_file(inc, &file)
+        }
+    }
+
+    fn finish_file(&self, inc: &Incoming, file: &File) -> Result<(), String> {
+        if inc.written != inc.size {
+            return Err(format!("got {} bytes, {} were announced", inc.written, inc.size));
+        }
+        let got = ContentHash(*inc.hasher.finalize().as_bytes());
+        if got != inc.hash {
+            return Err(format!("content hash mismatch: got {got}, announced {}", inc.hash));
+        }
+        file.set_permissions(fs::Permissions::from_mode(inc.meta.mode)).map_err(|e| e.to_string())?;
+        if self.can_chown {
+            std::os::unix::fs::fchown(file, Some(inc.meta.uid), Some(inc.meta.gid)).map_err(|e| e.to_string())?;
+        }
+        filetime::set_file_handle_times(file, None, Some(mtime_of(inc.meta))).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn chown(&self, path: &Path, meta: Meta) -> io::Result<()> {
+        if self.can_chown {
+            std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything applied since the last commit durable and visible.
+    pub fn commit(&mut self) -> CommitReport {
+        if self.incoming.is_some() {
+            self.abort_incoming();
+        }
+        self.discarding = false;
+        let pending = std::mem::take(&mut self.pending);
+        // 1. The new contents are durable before any of them is renamed.
+        if let Err(e) = sync_files(pending.iter().map(|p| p.tmp.as_path())) {
+            for p in &pending {
+                let _ = fs::remove_file(&p.tmp);
+                self.report.failed.push((p.rel.clone(), format!("cannot make the data durable: {e}")));
+            }
+        } else {
+            // 2. Rename into place.
+            for p in pending {
+                if let Ok(md) = fs::symlink_metadata(&p.target) {
+                    if md.is_dir() {
+                        if let Err(e) = fs::remove_dir_all(&p.target) {
+                            let _ = fs::remove_file(&p.tmp);
+                            self.report.failed.push((p.rel, e.to_string()));
+                            continue;
+                        }
+                    }
+                }
+                match fs::rename(&p.tmp, &p.target) {
+                    Ok(()) => {
+                        if let (Some(w), Ok(md)) = (self.watches.get_mut(&p.watch), fs::symlink_metadata(&p.target)) {
+                            w.cache.insert(&p.rel, &md, p.hash);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = fs::remove_file(&p.tmp);
+                        self.report.failed.push((p.rel, e.to_string()));
+                    }
+                }
+            }
+        }
+        // 3. Directory metadata last (renames change directory mtimes).
+        for (dir, meta) in std::mem::take(&mut self.dir_meta).into_iter().rev() {
+            let _ = set_mtime(&dir, meta);
+        }
+        // 4. The directories are durable before the commit is acknowledged.
+        let dirs = std::mem::take(&mut self.dirs_to_sync);
+        if let Err(e) = sync_dirs(&dirs) {
+            tracing::warn!(error = %e, "cannot make directories durable");
+        }
+        for w in self.watches.values_mut() {
+            if let Some(p) = &w.cache_path {
+                let _ = w.cache.save(p);
+            }
+        }
+        std::mem::take(&mut self.report)
+    }
+
+    /// The local root of `watch`.
+    pub fn root(&self, watch: &str) -> Option<&Path> {
+        self.watches.get(watch).map(|w| w.root.as_path())
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.abort_incoming();
+        for p in self.pending.drain(..) {
+            let _ = fs::remove_file(&p.tmp);
+        }
+    }
+}
+
+fn unreachable_op() -> ! {
+    // FileData and FileEnd return before the match that would reach here.
+    panic!("file data handled above")
+}
+
+
+struct HashingWriter<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+fn temp_beside(target: &Path, what: &str) -> io::Result<PathBuf> {
+    let dir = target.parent().ok_or_else(|| io::Error::other("no parent directory"))?;
+    let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("x");
+    let short: String = name.chars().take(100).collect();
+    Ok(dir.join(format!("{TEMP_PREFIX}{short}.{what}.{:08x}", rand::random::<u32>())))
+}
+
+fn mtime_of(meta: Meta) -> filetime::FileTime {
+    filetime::FileTime::from_unix_time(meta.mtime, meta.mtime_nsec)
+}
+
+fn set_mtime(path: &Path, meta: Meta) -> io::Result<()> {
+    filetime::set_symlink_file_times(path, mtime_of(meta), mtime_of(meta))
+}
+
+fn sync_files<'a>(paths: impl Iterator<Item = &'a Path>) -> io::Result<()> {
+    let paths: Vec<&Path> = paths.collect();
+    if paths.is_empty() {
+        return Ok(());
+    }
+    if paths.len() <= FSYNC_EACH_MAX {
+        for p in paths {
+            File::open(p)?.sync_data()?;
+        }
+        Ok(())
+    } else {
+        syncfs(paths[0])
+    }
+}
+
+fn sync_dirs(dirs: &BTreeSet<PathBuf>) -> io::Result<()> {
+    if dirs.len() <= FSYNC_EACH_MAX {
+        for d in dirs {
+            match File::open(d) {
+                Ok(f) => f.sync_all()?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    } else {
+        match dirs.iter().next() {
+            Some(d) => syncfs(d),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Flushes the whole filesystem holding `path` (one call for many files).
+fn syncfs(path: &Path) -> io::Result<()> {
+    let f = File::open(path)?;
+    crate::sys::syncfs(&f)
+}
+
+/// Removes temporary files left under `root` by an interrupted run.
+pub fn clean_temps(root: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for de in rd.flatten() {
+            let name = de.file_name();
+            let Ok(ft) = de.file_type() else { continue };
+            if name.to_str().is_some_and(manifest::is_temp_name) && !ft.is_dir() {
+                fs::remove_file(de.path())?;
+                removed += 1;
+            } else if ft.is_dir() {
+                stack.push(de.path());
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_bytes::ByteBuf;
+    use std::os::unix::fs::MetadataExt;
+
+    fn applier(root: &Path) -> Applier {
+        Applier::new(vec![WatchRoot {
+            name: "w".into(),
+            root: root.to_path_buf(),
+            excludes: Excludes::new(&["ex/".into()]).unwrap(),
+            cache: HashCache::default(),
+            cache_path: None,
+        }])
+        .unwrap()
+    }
+
+    fn meta() -> Meta {
+        Meta { mode: 0o640, mtime: 1_600_000_000, mtime_nsec: 5, uid: 0, gid: 0 }
+    }
+
+    fn send_file(a: &mut Applier, rel: &str, data: &[u8]) {
+        a.apply(Op::FileBegin {
+            watch: "w".into(),
+            path: rel.into(),
+            meta: meta(),
+            size: data.len() as u64,
+            hash: ContentHash::of(data),
+            delta_base: None,
+        })
+        .unwrap();
+        for c in data.chunks(3) {
+            a.apply(Op::FileData(ByteBuf::from(c.to_vec()))).unwrap();
+        }
+        a.apply(Op::FileEnd).unwrap();
+    }
+
+    #[test]
+    fn confine_refuses_escapes() {
+        let d = tempfile::tempdir().unwrap();
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.warmspare-tmp.x"] {
+            assert!(confine(d.path(), bad).is_err(), "{bad:?} accepted");
+        }
+        std::os::unix::fs::symlink("/tmp", d.path().join("link")).unwrap();
+        assert!(confine(d.path(), "link/x").is_err());
+        assert!(confine(d.path(), "link").is_ok());
+        assert_eq!(confine(d.path(), "a/b").unwrap(), d.path().join("a/b"));
+    }
+
+    #[test]
+    fn whole_file_is_invisible_until_commit() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        send_file(&mut a, "f", b"hello world");
+        assert!(!d.path().join("f").exists());
+        let r = a.commit();
+        assert_eq!(r.applied, 1);
+        assert!(r.failed.is_empty());
+        assert_eq!(fs::read(d.path().join("f")).unwrap(), b"hello world");
+        let md = fs::metadata(d.path().join("f")).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o640);
+        assert_eq!(md.mtime(), 1_600_000_000);
+        assert_eq!(clean_temps(d.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn bad_hash_and_oversize_are_caught() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        a.apply(Op::FileBegin {
+            watch: "w".into(),
+            path: "f".into(),
+            meta: meta(),
+            size: 3,
+            hash: ContentHash::of(b"abc"),
+            delta_base: None,
+        })
+        .unwrap();
+        a.apply(Op::FileData(ByteBuf::from(b"abd".to_vec()))).unwrap();
+        a.apply(Op::FileEnd).unwrap();
+        let r = a.commit();
+        assert_eq!(r.failed.len(), 1);
+        assert!(!d.path().join("f").exists());
+        a.apply(Op::FileBegin {
+            watch: "w".into(),
+            path: "g".into(),
+            meta: meta(),
+            size: 2,
+            hash: ContentHash::of(b"ab"),
+            delta_base: None,
+        })
+        .unwrap();
+        assert!(a.apply(Op::FileData(ByteBuf::from(b"abc".to_vec()))).is_err());
+        drop(a);
+        assert_eq!(clean_temps(d.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn delta_applies_against_current_file() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        let old: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        send_file(&mut a, "big", &old);
+        a.commit();
+        let mut new = old.clone();
+        new[1000..1010].copy_from_slice(b"ABCDEFGHIJ");
+        let (base, sig) = a.signature("w", "big", 700).unwrap().unwrap();
+        assert_eq!(base, ContentHash::of(&old));
+        let mut dl = Vec::new();
+        delta::diff(&sig, &new, &mut dl).unwrap();
+        a.apply(Op::FileBegin {
+            watch: "w".into(),
+            path: "big".into(),
+            meta: meta(),
+            size: new.len() as u64,
+            hash: ContentHash::of(&new),
+            delta_base: Some(base),
+        })
+        .unwrap();
+        a.apply(Op::FileData(ByteBuf::from(dl))).unwrap();
+        a.apply(Op::FileEnd).unwrap();
+        let r = a.commit();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert_eq!(fs::read(d.path().join("big")).unwrap(), new);
+    }
+
+    #[test]
+    fn excluded_paths_are_not_written_and_remove_works() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        send_file(&mut a, "ex/secret", b"x");
+        a.apply(Op::Dir { watch: "w".into(), path: "dir".into(), meta: Meta { mode: 0o755, ..meta() } }).unwrap();
+        send_file(&mut a, "dir/f", b"y");
+        a.apply(Op::Symlink { watch: "w".into(), path: "l".into(), target: "dir/f".into(), meta: meta() }).unwrap();
+        let r = a.commit();
+        assert_eq!(r.failed.len(), 1);
+        assert!(!d.path().join("ex/secret").exists());
+        assert_eq!(fs::read_link(d.path().join("l")).unwrap(), PathBuf::from("dir/f"));
+        a.apply(Op::Remove { watch: "w".into(), path: "dir".into() }).unwrap();
+        a.commit();
+        assert!(!d.path().join("dir").exists());
+        assert!(a.apply(Op::Remove { watch: "nope".into(), path: "dir".into() }).is_err());
+    }
+}

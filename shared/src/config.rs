@@ -1,0 +1,748 @@
+//! The cluster file: parsing, validation and the canonical form.
+//!
+//! One TOML file is identical on every node. Parsing rejects unknown keys and
+//! bad values with the key, the line and the column; validation checks the
+//! cross-references (the preferred active names a node, names are unique,
+//! paths are absolute, globs and cron expressions parse, addresses parse).
+//! The canonical form (what `config show` prints) is a re-serialisation of
+//! the validated structure, so two files that differ only in layout or
+//! comments hash the same.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use crate::keys::PublicKey;
+
+/// The default location of the cluster file.
+pub const DEFAULT_CLUSTER_PATH: &str = "/etc/warmspare/cluster.toml";
+
+/// A problem with the cluster file, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// The 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// The 1-based column, when the problem has a place in the file.
+    pub column: Option<usize>,
+    /// The dotted key the problem is about, e.g. `node[1].name`.
+    pub key: Option<String>,
+    /// What is wrong, in words.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, ":{line}:{column}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "key `{key}`: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated cluster file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cluster {
+    /// The `[cluster]` table.
+    pub cluster: ClusterSection,
+    /// Every `[[node]]`, in file order.
+    pub node: Vec<Node>,
+    /// Every `[[operator]]`, in file order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub operator: Vec<Operator>,
+    /// Every `[[watch]]`, in file order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<Watch>,
+    /// Every `[[job]]`, in file order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub job: Vec<Job>,
+}
+
+/// The `[cluster]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterSection {
+    /// The cluster's name, shown in status and logs.
+    pub name: String,
+    /// The node that is active at epoch 1 and where `failback` returns.
+    pub preferred_active: String,
+    /// Where each agent keeps its state (role, epoch, caches, dumps).
+    pub state_dir: PathBuf,
+    /// This node's ed25519 private key.
+    pub key_file: PathBuf,
+}
+
+/// One `[[node]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    /// The node's name; `--node` selects it.
+    pub name: String,
+    /// The agent's SSH endpoint, `host:port`: it listens here and peers dial it.
+    pub ssh: String,
+    /// The health and metrics listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    /// The node's pinned public key (`ssh-ed25519 ...`).
+    pub public_key: String,
+    /// A prefix for every local path of this node (labs, tests, containers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// Extra environment for this node's job commands.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// One `[[operator]]`: a key allowed to run `warmsparectl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Operator {
+    /// The operator's name, recorded in history.
+    pub name: String,
+    /// The operator's public key (`ssh-ed25519 ...`).
+    pub public_key: String,
+}
+
+/// One `[[watch]]`: a directory replicated from the active to the passives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Watch {
+    /// The watch's name, used on the wire and in status.
+    pub name: String,
+    /// The watched directory (absolute; prefixed by a node's `root`).
+    pub path: PathBuf,
+    /// Gitignore-style globs relative to `path`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Changes closer together than this ship as one batch.
+    pub debounce_ms: u64,
+    /// A shell command run on the receiver once per applied batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_apply: Option<String>,
+}
+
+/// Where a `run` job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOn {
+    /// Only on the active node.
+    Active,
+    /// Only on passive nodes.
+    Passive,
+    /// On every node.
+    All,
+}
+
+/// One `[[job]]`: a scheduled dump and restore, or a plain command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Job {
+    /// The job's name.
+    pub name: String,
+    /// When the job runs (cron with a seconds field); none means on demand only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// The dump command, run on the active.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump: Option<String>,
+    /// The restore command, run on each passive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
+    /// A command with no dump (for example a code deploy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// Where a `run` command runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on: Option<RunOn>,
+    /// Restore on this schedule instead of on arrival.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_schedule: Option<String>,
+    /// Dump generations kept on each side.
+    pub keep: u32,
+    /// How long one run may take, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Job {
+    /// How long one run may take.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The raw, spanned form the file is read into.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    cluster: Spanned<RawCluster>,
+    #[serde(default)]
+    node: Vec<Spanned<RawNode>>,
+    #[serde(default)]
+    operator: Vec<Spanned<RawOperator>>,
+    #[serde(default)]
+    watch: Vec<Spanned<RawWatch>>,
+    #[serde(default)]
+    job: Vec<Spanned<RawJob>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Spanned<String>,
+    preferred_active: Spanned<String>,
+    #[serde(default = "default_state_dir")]
+    state_dir: Spanned<PathBuf>,
+    #[serde(default = "default_key_file")]
+    key_file: Spanned<PathBuf>,
+}
+
+fn default_state_dir() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("/var/lib/warmspare"))
+}
+
+fn default_key_file() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("/etc/warmspare/node.key"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Spanned<String>,
+    ssh: Spanned<String>,
+    http: Option<Spanned<String>>,
+    public_key: Spanned<String>,
+    root: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperator {
+    name: Spanned<String>,
+    public_key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    name: Spanned<String>,
+    path: Spanned<PathBuf>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+    #[serde(default = "default_debounce")]
+    debounce_ms: u64,
+    after_apply: Option<String>,
+}
+
+fn default_debounce() -> u64 {
+    10
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: Spanned<String>,
+    schedule: Option<Spanned<String>>,
+    dump: Option<String>,
+    restore: Option<String>,
+    run: Option<String>,
+    on: Option<RunOn>,
+    restore_schedule: Option<Spanned<String>>,
+    keep: Option<Spanned<i64>>,
+    timeout: Option<Spanned<String>>,
+}
+
+/// The default number of dump generations kept.
+pub const DEFAULT_KEEP: u32 = 24;
+/// The default time limit of one job run.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+impl Cluster {
+    /// Reads and validates the cluster file at `path`.
+    pub fn load(path: &Path) -> Result<Cluster, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            key: None,
+            message: format!("cannot read the cluster file: {e}"),
+        })?;
+        Cluster::parse(&text, path)
+    }
+
+    /// Parses and validates cluster file text; `file` is only used in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Cluster, ConfigError> {
+        let locate = Locator { text, file };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+            ConfigError {
+                file: file.to_path_buf(),
+                line,
+                column,
+                key: None,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        raw.validate(&locate)
+    }
+
+    /// The canonical TOML form: what `config show` prints and `config hash` hashes.
+    pub fn canonical(&self) -> String {
+        // Serialising plain structs of strings, numbers and tables cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The SHA-256 of the canonical form, as lowercase hex.
+    pub fn hash(&self) -> String {
+        hex::encode(Sha256::digest(self.canonical().as_bytes()))
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.node.iter().find(|n| n.name == name)
+    }
+
+    /// The watch called `name`.
+    pub fn watch(&self, name: &str) -> Option<&Watch> {
+        self.watch.iter().find(|w| w.name == name)
+    }
+
+    /// Every node but `name`.
+    pub fn peers_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
+        self.node.iter().filter(move |n| n.name != name)
+    }
+
+    /// The state directory as seen on `node` (with its `root` prefix).
+    pub fn state_dir(&self, node: &Node) -> PathBuf {
+        node.local_path(&self.cluster.state_dir)
+    }
+
+    /// The private key file as seen on `node` (with its `root` prefix).
+    pub fn key_file(&self, node: &Node) -> PathBuf {
+        node.local_path(&self.cluster.key_file)
+    }
+}
+
+impl Node {
+    /// `path` as seen on this node: under its `root` when one is set.
+    pub fn local_path(&self, path: &Path) -> PathBuf {
+        match &self.root {
+            Some(root) => {
+                let rel: PathBuf = path
+                    .components()
+                    .filter(|c| !matches!(c, Component::RootDir | Component::Prefix(_)))
+                    .collect();
+                root.join(rel)
+            }
+            None => path.to_path_buf(),
+        }
+    }
+
+    /// The node's public key, parsed (validation guarantees it parses).
+    pub fn key(&self) -> Result<PublicKey, crate::keys::KeyError> {
+        PublicKey::parse(&self.public_key)
+    }
+}
+
+struct Locator<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Locator<'_> {
+    fn err<T>(&self, span: std::ops::Range<usize>, key: String, message: String) -> ConfigError {
+        let _ = std::marker::PhantomData::<T>;
+        let (line, column) = if span.end == 0 {
+            (None, None)
+        } else {
+            let (l, c) = line_col(self.text, span.start);
+            (Some(l), Some(c))
+        };
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: Some(key),
+            message,
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, key: String, message: String) -> ConfigError {
+        self.err::<T>(value.span(), key, message)
+    }
+}
+
+/// 1-based line and column of byte offset `pos` in `text`.
+fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let pos = pos.min(text.len());
+    let before = &text[..pos];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(pos, |nl| pos - nl - 1) + 1;
+    (line, column)
+}
+
+fn check_name(
+    loc: &Locator<'_>,
+    name: &Spanned<String>,
+    key: String,
+) -> Result<String, ConfigError> {
+    let n = name.get_ref();
+    let ok = !n.is_empty()
+        && n.len() <= 64
+        && n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(loc.at(
+            name,
+            key,
+            format!("{n:?} is not a valid name (letters, digits, '-', '_', '.'; at most 64)"),
+        ));
+    }
+    Ok(n.clone())
+}
+
+fn check_absolute(
+    loc: &Locator<'_>,
+    path: &Spanned<PathBuf>,
+    key: String,
+) -> Result<PathBuf, ConfigError> {
+    let p = path.get_ref();
+    if !p.is_absolute() {
+        return Err(loc.at(
+            path,
+            key,
+            format!("{} must be an absolute path", p.display()),
+        ));
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(loc.at(path, key, format!("{} must not contain '..'", p.display())));
+    }
+    Ok(p.clone())
+}
+
+fn check_key(loc: &Locator<'_>, key_text: &Spanned<String>, key: String) -> Result<String, ConfigError> {
+    PublicKey::parse(key_text.get_ref())
+        .map(|k| k.to_openssh())
+        .map_err(|e| loc.at(key_text, key, e.to_string()))
+}
+
+fn check_cron(loc: &Locator<'_>, expr: &Spanned<String>, key: String) -> Result<String, ConfigError> {
+    cron::Schedule::from_str(expr.get_ref())
+        .map(|_| expr.get_ref().clone())
+        .map_err(|e| loc.at(expr, key, format!("invalid cron expression {:?}: {e}", expr.get_ref())))
+}
+
+/// Splits `host:port` (or `[v6]:port`) and checks the port.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return None;
+    }
+    Some((host, port))
+}
+
+impl RawFile {
+    fn validate(self, loc: &Locator<'_>) -> Result<Cluster, ConfigError> {
+        let cluster_span = self.cluster.span();
+        let c = self.cluster.into_inner();
+        let cluster = ClusterSection {
+            name: check_name(loc, &c.name, "cluster.name".into())?,
+            preferred_active: c.preferred_active.get_ref().clone(),
+            state_dir: check_absolute(loc, &c.state_dir, "cluster.state_dir".into())?,
+            key_file: check_absolute(loc, &c.key_file, "cluster.key_file".into())?,
+        };
+
+        let mut nodes: Vec<Node> = Vec::new();
+        for (i, n) in self.node.iter().enumerate() {
+            let n = n.get_ref();
+            let name = check_name(loc, &n.name, format!("node[{i}].name"))?;
+            if nodes.iter().any(|o| o.name == name) {
+                return Err(loc.at(&n.name, format!("node[{i}].name"), format!("duplicate node name {name:?}")));
+            }
+            if split_host_port(n.ssh.get_ref()).is_none() {
+                return Err(loc.at(
+                    &n.ssh,
+                    format!("node[{i}].ssh"),
+                    format!("{:?} is not a host:port address", n.ssh.get_ref()),
+                ));
+            }
+            let http = match &n.http {
+                Some(h) => Some(h.get_ref().parse::<SocketAddr>().map_err(|e| {
+                    loc.at(h, format!("node[{i}].http"), format!("{:?} is not an ip:port address: {e}", h.get_ref()))
+                })?),
+                None => None,
+            };
+            let public_key = check_key(loc, &n.public_key, format!("node[{i}].public_key"))?;
+            if nodes.iter().any(|o| o.public_key == public_key) {
+                return Err(loc.at(&n.public_key, format!("node[{i}].public_key"), "the same key is pinned for two nodes".into()));
+            }
+            let root = match &n.root {
+                Some(r) => Some(check_absolute(loc, r, format!("node[{i}].root"))?),
+                None => None,
+            };
+            nodes.push(Node {
+                name,
+                ssh: n.ssh.get_ref().clone(),
+                http,
+                public_key,
+                root,
+                env: n.env.clone(),
+            });
+        }
+        if nodes.is_empty() {
+            return Err(loc.err::<()>(cluster_span, "node".into(), "the cluster needs at least one [[node]]".into()));
+        }
+        if !nodes.iter().any(|n| n.name == cluster.preferred_active) {
+            return Err(loc.at(
+                &c.preferred_active,
+                "cluster.preferred_active".into(),
+                format!("{:?} is not the name of a [[node]]", cluster.preferred_active),
+            ));
+        }
+
+        let mut operators: Vec<Operator> = Vec::new();
+        for (i, o) in self.operator.iter().enumerate() {
+            let o = o.get_ref();
+            let name = check_name(loc, &o.name, format!("operator[{i}].name"))?;
+            if operators.iter().any(|p| p.name == name) {
+                return Err(loc.at(&o.name, format!("operator[{i}].name"), format!("duplicate operator name {name:?}")));
+            }
+            let public_key = check_key(loc, &o.public_key, format!("operator[{i}].public_key"))?;
+            operators.push(Operator { name, public_key });
+        }
+
+        let mut watches: Vec<Watch> = Vec::new();
+        for (i, w) in self.watch.iter().enumerate() {
+            let w = w.get_ref();
+            let name = check_name(loc, &w.name, format!("watch[{i}].name"))?;
+            if watches.iter().any(|o| o.name == name) {
+                return Err(loc.at(&w.name, format!("watch[{i}].name"), format!("duplicate watch name {name:?}")));
+            }
+            let path = check_absolute(loc, &w.path, format!("watch[{i}].path"))?;
+            if let Some(other) = watches
+                .iter()
+                .find(|o| o.path.starts_with(&path) || path.starts_with(&o.path))
+            {
+                return Err(loc.at(
+                    &w.path,
+                    format!("watch[{i}].path"),
+                    format!("overlaps the path of watch {:?}", other.name),
+                ));
+            }
+            let mut exclude = Vec::new();
+            for (j, g) in w.exclude.iter().enumerate() {
+                crate::manifest::Excludes::check_glob(g.get_ref())
+                    .map_err(|e| loc.at(g, format!("watch[{i}].exclude[{j}]"), e))?;
+                exclude.push(g.get_ref().clone());
+            }
+            watches.push(Watch {
+                name,
+                path,
+                exclude,
+                debounce_ms: w.debounce_ms,
+                after_apply: w.after_apply.clone(),
+            });
+        }
+
+        let mut jobs: Vec<Job> = Vec::new();
+        for (i, j) in self.job.iter().enumerate() {
+            let span = j.span();
+            let j = j.get_ref();
+            let name = check_name(loc, &j.name, format!("job[{i}].name"))?;
+            if jobs.iter().any(|o| o.name == name) {
+                return Err(loc.at(&j.name, format!("job[{i}].name"), format!("duplicate job name {name:?}")));
+            }
+            let schedule = match &j.schedule {
+                Some(s) => Some(check_cron(loc, s, format!("job[{i}].schedule"))?),
+                None => None,
+            };
+            let restore_schedule = match &j.restore_schedule {
+                Some(s) => Some(check_cron(loc, s, format!("job[{i}].restore_schedule"))?),
+                None => None,
+            };
+            if j.dump.is_none() && j.run.is_none() {
+                return Err(loc.err::<()>(span, format!("job[{i}]"), "a job needs a `dump` or a `run` command".into()));
+            }
+            if j.dump.is_some() && j.run.is_some() {
+                return Err(loc.err::<()>(span, format!("job[{i}]"), "a job has either `dump` (with `restore`) or `run`, not both".into()));
+            }
+            if j.on.is_some() && j.run.is_none() {
+                return Err(loc.err::<()>(span, format!("job[{i}].on"), "`on` only applies to `run` jobs".into()));
+            }
+            let keep = match &j.keep {
+                Some(k) if *k.get_ref() < 1 || *k.get_ref() > 10_000 => {
+                    return Err(loc.at(k, format!("job[{i}].keep"), "must be between 1 and 10000".into()));
+                }
+                Some(k) => *k.get_ref() as u32,
+                None => DEFAULT_KEEP,
+            };
+            let timeout = match &j.timeout {
+                Some(t) => humantime::parse_duration(t.get_ref()).map_err(|e| {
+                    loc.at(t, format!("job[{i}].timeout"), format!("{:?} is not a duration like \"15m\": {e}", t.get_ref()))
+                })?,
+                None => DEFAULT_JOB_TIMEOUT,
+            };
+            if timeout.is_zero() {
+                if let Some(t) = &j.timeout {
+                    return Err(loc.at(t, format!("job[{i}].timeout"), "must be more than zero".into()));
+                }
+            }
+            jobs.push(Job {
+                name,
+                schedule,
+                dump: j.dump.clone(),
+                restore: j.restore.clone(),
+                run: j.run.clone(),
+                on: j.on,
+                restore_schedule,
+                keep,
+                timeout_secs: timeout.as_secs().max(1),
+            });
+        }
+
+        Ok(Cluster {
+            cluster,
+            node: nodes,
+            operator: operators,
+            watch: watches,
+            job: jobs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> String {
+        use std::sync::OnceLock;
+        static KEYS: OnceLock<(String, String)> = OnceLock::new();
+        let (key_a, key_b) = KEYS.get_or_init(|| {
+            (
+                crate::keys::SecretKey::generate().public().to_openssh(),
+                crate::keys::SecretKey::generate().public().to_openssh(),
+            )
+        });
+        format!(
+            r#"
+[cluster]
+name = "pe-prod"
+preferred_active = "a"
+state_dir = "/var/lib/warmspare"
+key_file = "/etc/warmspare/node.key"
+
+[[node]]
+name = "a"
+ssh = "127.0.0.1:7422"
+http = "127.0.0.1:7480"
+public_key = "{key_a}"
+
+[[node]]
+name = "b"
+ssh = "localhost:7423"
+public_key = "{key_b}"
+root = "/srv/lab/b"
+
+[[watch]]
+name = "ca"
+path = "/etc/puppetlabs/puppet/ssl/ca"
+exclude = ["signed/b.pem"]
+
+[[job]]
+name = "rbac"
+schedule = "0 10 * * * *"
+dump = "pg_dump"
+restore = "psql"
+timeout = "10m"
+"#
+        )
+    }
+
+    fn parse(text: &str) -> Result<Cluster, ConfigError> {
+        Cluster::parse(text, Path::new("cluster.toml"))
+    }
+
+    #[test]
+    fn parses_the_sample() {
+        let c = parse(&sample()).unwrap();
+        assert_eq!(c.node.len(), 2);
+        assert_eq!(c.watch[0].debounce_ms, 10);
+        assert_eq!(c.job[0].timeout(), Duration::from_secs(600));
+        assert_eq!(c.job[0].keep, DEFAULT_KEEP);
+        let b = c.node("b").unwrap();
+        assert_eq!(c.state_dir(b), PathBuf::from("/srv/lab/b/var/lib/warmspare"));
+    }
+
+    #[test]
+    fn hash_ignores_layout_and_comments() {
+        let a = parse(&sample()).unwrap();
+        let text = sample().replace("[[watch]]", "# a comment\n[[watch]]").replace(" = ", "=");
+        let b = parse(&text).unwrap();
+        assert_eq!(a.hash(), b.hash());
+        let changed = parse(&sample().replace("signed/b.pem", "signed/c.pem")).unwrap();
+        assert_ne!(a.hash(), changed.hash());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = sample().replace("debounce", "x").replace("exclude = [", "colour = 3\nexclude = [");
+        let err = parse(&text).unwrap_err();
+        let line = text.lines().position(|l| l.starts_with("colour")).unwrap() + 1;
+        assert_eq!(err.line, Some(line), "{err}");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_node_is_refused_with_line() {
+        let text = sample().replace("name = \"b\"", "name = \"a\"");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("node[1].name"));
+        let line = text.match_indices("name = \"a\"").nth(1).map(|(p, _)| line_col(&text, p).0);
+        assert_eq!(err.line, line, "{err}");
+    }
+
+    #[test]
+    fn bad_cron_and_glob_are_refused() {
+        let err = parse(&sample().replace("0 10 * * * *", "every hour")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("job[0].schedule"), "{err}");
+        assert!(err.line.is_some());
+        let err = parse(&sample().replace("signed/b.pem", "signed/[b.pem")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("watch[0].exclude[0]"), "{err}");
+    }
+
+    #[test]
+    fn preferred_active_must_be_a_node() {
+        let err = parse(&sample().replace("preferred_active = \"a\"", "preferred_active = \"zz\"")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("cluster.preferred_active"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_and_bad_addresses_are_refused() {
+        let err = parse(&sample().replace("\"/etc/puppetlabs/puppet/ssl/ca\"", "\"ssl/ca\"")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("watch[0].path"));
+        let err = parse(&sample().replace("localhost:7423", "localhost")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("node[1].ssh"));
+    }
+}

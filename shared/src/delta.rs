@@ -1,0 +1,120 @@
+//! Signatures, deltas and patching, on top of `fast_rsync`, plus memory maps.
+//!
+//! fast_rsync's signatures use MD4; callers always check the patched result
+//! against the sender's BLAKE3 hash, and patching is limited to the size the
+//! sender announced, because a delta from the wire is untrusted input.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::ops::Deref;
+
+use fast_rsync::{Signature, SignatureOptions};
+
+/// Files at least this large that exist on the receiver go as deltas.
+pub const DELTA_MIN_SIZE: u64 = 64 * 1024;
+
+/// Bytes of the MD4 strong hash kept per block.
+const STRONG_LEN: u32 = 8;
+
+/// The signature block length for a file of `size` bytes: rsync's rule
+/// (the square root, a multiple of 8, between 700 and 128 KiB).
+pub fn block_len(size: u64) -> u32 {
+    if size <= 700 * 700 {
+        return 700;
+    }
+    let root = (size as f64).sqrt() as u64;
+    (root & !7).clamp(700, 128 * 1024) as u32
+}
+
+/// A delta operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    /// The signature bytes are not a valid signature.
+    #[error("bad signature: {0}")]
+    Signature(String),
+    /// Computing the delta failed.
+    #[error("cannot compute the delta: {0}")]
+    Diff(String),
+    /// The delta is malformed or would exceed the announced size.
+    #[error("cannot apply the delta: {0}")]
+    Apply(String),
+}
+
+/// The serialized signature of `base`.
+pub fn signature(base: &[u8], block_len: u32) -> Vec<u8> {
+    let opts = SignatureOptions { block_size: block_len.max(1), crypto_hash_size: STRONG_LEN };
+    Signature::calculate(base, opts).into_serialized()
+}
+
+/// Writes to `out` the delta that turns the signed file into `data`.
+pub fn diff(signature_bytes: &[u8], data: &[u8], out: impl Write) -> Result<(), DeltaError> {
+    // The signature comes from the peer: fast_rsync trusts its block size.
+    let field = |at: usize| signature_bytes.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    match (field(4), field(8)) {
+        (Some(block), Some(strong)) if block > 0 && block <= 1 << 24 && (1..=16).contains(&strong) => {}
+        _ => return Err(DeltaError::Signature("bad block or hash size".into())),
+    }
+    let sig = Signature::deserialize(signature_bytes.to_vec()).map_err(|e| DeltaError::Signature(e.to_string()))?;
+    fast_rsync::diff(&sig.index(), data, out).map_err(|e| DeltaError::Diff(e.to_string()))
+}
+
+/// Applies `delta` to `base`, writing at most `limit` bytes to `out`.
+pub fn apply(base: &[u8], delta: &[u8], out: &mut impl Write, limit: usize) -> Result<(), DeltaError> {
+    fast_rsync::apply_limited(base, delta, out, limit).map_err(|e| DeltaError::Apply(e.to_string()))
+}
+
+/// A read-only view of a whole file: memory-mapped, or empty for an empty file.
+pub struct Mapped {
+    map: Option<memmap2::Mmap>,
+}
+
+impl Mapped {
+    /// Maps `file` read-only.
+    pub fn new(file: &File) -> io::Result<Mapped> {
+        if file.metadata()?.len() == 0 {
+            return Ok(Mapped { map: None });
+        }
+        // SAFETY: the map is read-only. The files mapped are the agent's own
+        // temporary files, or files of a watched tree whose content is checked
+        // against a BLAKE3 hash after use, so a concurrent writer can at worst
+        // make that check fail; it cannot make us read outside the mapping.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(file)? };
+        Ok(Mapped { map: Some(map) })
+    }
+}
+
+impl Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_roundtrip_and_limit() {
+        let base: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut new = base.clone();
+        new[100_000..100_010].copy_from_slice(b"0123456789");
+        let sig = signature(&base, block_len(base.len() as u64));
+        let mut delta = Vec::new();
+        diff(&sig, &new, &mut delta).unwrap();
+        assert!(delta.len() < 10_000, "delta of {} bytes", delta.len());
+        let mut out = Vec::new();
+        apply(&base, &delta, &mut out, new.len()).unwrap();
+        assert_eq!(out, new);
+        let mut short = Vec::new();
+        assert!(apply(&base, &delta, &mut short, new.len() - 1).is_err());
+    }
+
+    #[test]
+    fn block_len_follows_rsync() {
+        assert_eq!(block_len(10), 700);
+        assert_eq!(block_len(256 << 20), 16384);
+        assert_eq!(block_len(1 << 40), 128 * 1024);
+    }
+}

@@ -1,0 +1,23 @@
+//! The warmspare library: everything the agent and the controller share.
+//!
+//! - [`config`]: the cluster file (parse, validate, canonical form and hash).
+//! - [`keys`]: ed25519 node and operator keys.
+//! - [`proto`]: wire types and framing (the only place wire types live).
+//! - [`manifest`]: tree scans, content hashes and their cache, exclusions.
+//! - [`delta`]: signatures, deltas and patching, memory maps.
+//! - [`apply`]: the receiver's confined, atomic application of changes.
+//! - [`ssh`]: russh server and client glue with pinned keys.
+//! - [`state`]: the persisted role state (epoch and active node).
+
+pub mod apply;
+pub mod config;
+pub mod delta;
+pub mod keys;
+pub mod manifest;
+pub mod proto;
+pub mod ssh;
+pub mod state;
+mod sys;
+
+/// The software version, as carried in hellos and shown in status.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

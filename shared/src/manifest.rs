@@ -1,0 +1,503 @@
+//! Manifests: what a watched tree holds, entry by entry.
+//!
+//! A manifest lists every directory, regular file and symbolic link under a
+//! watch root with its metadata and, for files, a BLAKE3 content hash. Hashes
+//! are cached by inode, size, mtime and ctime so a rescan (or a restart, the
+//! cache is persisted) re-reads only what changed. Temporary files of the
+//! applier and excluded paths never enter a manifest.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use serde::{Deserialize, Serialize};
+
+/// The prefix of every temporary file the applier writes.
+pub const TEMP_PREFIX: &str = ".warmspare-tmp.";
+
+/// Whether a file name is one of the applier's temporary files.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
+/// A BLAKE3 content hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct ContentHash(pub [u8; 32]);
+
+impl ContentHash {
+    /// The hash of `data`.
+    pub fn of(data: &[u8]) -> ContentHash {
+        ContentHash(*blake3::hash(data).as_bytes())
+    }
+
+    /// Hashes the file at `path`, memory-mapping large files.
+    pub fn of_file(path: &Path) -> io::Result<ContentHash> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_mmap(path)?;
+        Ok(ContentHash(*hasher.finalize().as_bytes()))
+    }
+}
+
+impl fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &hex::encode(self.0)[..16])
+    }
+}
+
+impl fmt::Display for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", hex::encode(self.0))
+    }
+}
+
+/// What kind of thing an entry is, with what identifies its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file of `size` bytes with content `hash`.
+    File {
+        /// Size in bytes.
+        size: u64,
+        /// BLAKE3 of the content.
+        hash: ContentHash,
+    },
+    /// A symbolic link to `target` (never followed).
+    Symlink {
+        /// The link's target, as stored in the link.
+        target: String,
+    },
+}
+
+/// Metadata kept along with content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Meta {
+    /// Permission bits (including setuid/setgid/sticky), without the type.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds of the modification time.
+    pub mtime_nsec: u32,
+    /// Owner user id.
+    pub uid: u32,
+    /// Owner group id.
+    pub gid: u32,
+}
+
+impl Meta {
+    /// Reads the metadata of `md`.
+    pub fn from_metadata(md: &fs::Metadata) -> Meta {
+        Meta {
+            mode: md.mode() & 0o7777,
+            mtime: md.mtime(),
+            mtime_nsec: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+            uid: md.uid(),
+            gid: md.gid(),
+        }
+    }
+
+    /// Whether two metadata agree on what replication keeps. Owners are only
+    /// compared when `owners` is set (the receiver can change them); the
+    /// mtime of directories is not compared (applying files changes it).
+    pub fn same_as(&self, other: &Meta, kind: &EntryKind, owners: bool) -> bool {
+        let owner_ok = !owners || (self.uid == other.uid && self.gid == other.gid);
+        match kind {
+            EntryKind::Symlink { .. } => owner_ok,
+            EntryKind::Dir => owner_ok && self.mode == other.mode,
+            EntryKind::File { .. } => {
+                owner_ok
+                    && self.mode == other.mode
+                    && self.mtime == other.mtime
+                    && self.mtime_nsec == other.mtime_nsec
+            }
+        }
+    }
+}
+
+/// One entry of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Relative path under the watch root, `/`-separated, normalised.
+    pub path: String,
+    /// What the entry is.
+    pub kind: EntryKind,
+    /// Its metadata.
+    pub meta: Meta,
+}
+
+impl Entry {
+    /// Whether two entries have the same content (type and bytes or target).
+    pub fn same_content(&self, other: &Entry) -> bool {
+        self.kind == other.kind
+    }
+
+    /// The content hash, for files.
+    pub fn hash(&self) -> Option<ContentHash> {
+        match &self.kind {
+            EntryKind::File { hash, .. } => Some(*hash),
+            _ => None,
+        }
+    }
+}
+
+/// Compiled `exclude` globs of one watch (gitignore syntax, relative to the root).
+#[derive(Clone)]
+pub struct Excludes {
+    matcher: Gitignore,
+}
+
+impl fmt::Debug for Excludes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Excludes({})", self.matcher.num_ignores())
+    }
+}
+
+impl Excludes {
+    /// Compiles `globs`; an invalid glob is an error naming it.
+    pub fn new(globs: &[String]) -> Result<Excludes, String> {
+        let mut b = GitignoreBuilder::new("/");
+        for g in globs {
+            Excludes::check_glob(g)?;
+            b.add_line(None, g).map_err(|e| format!("invalid glob {g:?}: {e}"))?;
+        }
+        let matcher = b.build().map_err(|e| format!("invalid exclude globs: {e}"))?;
+        Ok(Excludes { matcher })
+    }
+
+    /// Checks one glob.
+    pub fn check_glob(glob: &str) -> Result<(), String> {
+        let pattern = glob.trim_start_matches('!').trim_end_matches('/');
+        globset::Glob::new(pattern).map(|_| ()).map_err(|e| format!("invalid glob {glob:?}: {e}"))
+    }
+
+    /// Whether the relative path `rel` (or a directory above it) is excluded.
+    pub fn is_excluded(&self, rel: &str, is_dir: bool) -> bool {
+        if rel.is_empty() || self.matcher.is_empty() {
+            return false;
+        }
+        self.matcher
+            .matched_path_or_any_parents(Path::new("/").join(rel), is_dir)
+            .is_ignore()
+    }
+}
+
+/// A cached hash, valid while the file's identity and times are unchanged.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Cached {
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    hash: ContentHash,
+}
+
+/// Hashes of files by path, valid while inode, size, mtime and ctime hold.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    map: HashMap<String, Cached>,
+    dirty: bool,
+}
+
+fn times(md: &fs::Metadata) -> (i128, i128) {
+    (
+        md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
+        md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
+    )
+}
+
+impl HashCache {
+    /// Loads a cache persisted by [`HashCache::save`]; a missing or unreadable
+    /// cache is an empty one (it is only an accelerator).
+    pub fn load(path: &Path) -> HashCache {
+        let map = fs::read(path)
+            .ok()
+            .and_then(|bytes| {
+                bincode::serde::decode_from_slice::<HashMap<String, Cached>, _>(
+                    &bytes,
+                    bincode::config::standard(),
+                )
+                .ok()
+            })
+            .map(|(m, _)| m)
+            .unwrap_or_default();
+        HashCache { map, dirty: false }
+    }
+
+    /// Persists the cache atomically when it changed.
+    pub fn save(&mut self, path: &Path) -> io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let bytes = bincode::serde::encode_to_vec(&self.map, bincode::config::standard())
+            .map_err(io::Error::other)?;
+        crate::state::write_atomic(path, &bytes)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// The hash of the file `abs` (relative name `rel`) with metadata `md`,
+    /// from the cache when it is still valid, else by reading the file.
+    pub fn hash(&mut self, rel: &str, abs: &Path, md: &fs::Metadata) -> io::Result<ContentHash> {
+        let (mtime_ns, ctime_ns) = times(md);
+        if let Some(c) = self.map.get(rel) {
+            if c.ino == md.ino() && c.size == md.size() && c.mtime_ns == mtime_ns && c.ctime_ns == ctime_ns {
+                return Ok(c.hash);
+            }
+        }
+        let hash = ContentHash::of_file(abs)?;
+        // A file modified while it was read is hashed again on its next event.
+        let after = fs::symlink_metadata(abs)?;
+        if times(&after) == (mtime_ns, ctime_ns) && after.size() == md.size() {
+            self.insert(rel, md, hash);
+        }
+        Ok(hash)
+    }
+
+    /// Records that the file `rel` with metadata `md` has content `hash`.
+    pub fn insert(&mut self, rel: &str, md: &fs::Metadata, hash: ContentHash) {
+        let (mtime_ns, ctime_ns) = times(md);
+        self.map.insert(
+            rel.to_string(),
+            Cached { ino: md.ino(), size: md.size(), mtime_ns, ctime_ns, hash },
+        );
+        self.dirty = true;
+    }
+
+    /// Forgets `rel` and everything below it.
+    pub fn forget(&mut self, rel: &str) {
+        let before = self.map.len();
+        let prefix = format!("{rel}/");
+        self.map.retain(|k, _| k != rel && !k.starts_with(&prefix));
+        self.dirty |= self.map.len() != before;
+    }
+
+    /// Drops entries for paths no longer present in `keep`.
+    pub fn retain_paths(&mut self, keep: &dyn Fn(&str) -> bool) {
+        let before = self.map.len();
+        self.map.retain(|k, _| keep(k));
+        self.dirty |= self.map.len() != before;
+    }
+}
+
+/// Something in the tree that is not replicated, reported to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skipped {
+    /// A socket, fifo or device node.
+    Special(String),
+    /// A name that is not UTF-8.
+    NotUtf8(PathBuf),
+    /// An entry that vanished or could not be read while scanning.
+    Unreadable(String, String),
+}
+
+/// The result of scanning (part of) a tree.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// The entries, sorted by path.
+    pub entries: Vec<Entry>,
+    /// What was passed over, and why.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Joins a relative manifest path onto a root.
+pub fn join(root: &Path, rel: &str) -> PathBuf {
+    if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    }
+}
+
+/// Scans `prefix` (a relative path; empty for the whole tree) under `root`.
+///
+/// When `prefix` names a file or a link, the scan holds that one entry; when
+/// it names a directory, the directory and everything below it; when it does
+/// not exist, nothing.
+pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCache) -> Scan {
+    let mut out = Scan::default();
+    let mut stack: Vec<String> = Vec::new();
+    if prefix.is_empty() {
+        stack.push(String::new());
+    } else {
+        let abs = join(root, prefix);
+        match fs::symlink_metadata(&abs) {
+            Ok(md) => {
+                if excludes.is_excluded(prefix, md.is_dir()) {
+                    return out;
+                }
+                if let Some(e) = entry_for(prefix, &abs, &md, cache, &mut out.skipped) {
+                    let is_dir = e.kind == EntryKind::Dir;
+                    out.entries.push(e);
+                    if is_dir {
+                        stack.push(prefix.to_string());
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return out,
+            Err(e) => {
+                out.skipped.push(Skipped::Unreadable(prefix.to_string(), e.to_string()));
+                return out;
+            }
+        }
+    }
+    while let Some(dir_rel) = stack.pop() {
+        let dir_abs = join(root, &dir_rel);
+        let rd = match fs::read_dir(&dir_abs) {
+            Ok(rd) => rd,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    out.skipped.push(Skipped::Unreadable(dir_rel.clone(), e.to_string()));
+                }
+                continue;
+            }
+        };
+        for de in rd.flatten() {
+            let name = de.file_name();
+            let Some(name) = name.to_str() else {
+                out.skipped.push(Skipped::NotUtf8(dir_abs.join(&name)));
+                continue;
+            };
+            if is_temp_name(name) {
+                continue;
+            }
+            let rel = if dir_rel.is_empty() { name.to_string() } else { format!("{dir_rel}/{name}") };
+            let abs = dir_abs.join(name);
+            let md = match fs::symlink_metadata(&abs) {
+                Ok(md) => md,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        out.skipped.push(Skipped::Unreadable(rel, e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            if excludes.is_excluded(&rel, md.is_dir()) {
+                continue;
+            }
+            if let Some(e) = entry_for(&rel, &abs, &md, cache, &mut out.skipped) {
+                if e.kind == EntryKind::Dir {
+                    stack.push(rel);
+                }
+                out.entries.push(e);
+            }
+        }
+    }
+    out.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+fn entry_for(
+    rel: &str,
+    abs: &Path,
+    md: &fs::Metadata,
+    cache: &mut HashCache,
+    skipped: &mut Vec<Skipped>,
+) -> Option<Entry> {
+    let ft = md.file_type();
+    let meta = Meta::from_metadata(md);
+    let kind = if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_symlink() {
+        match fs::read_link(abs) {
+            Ok(t) => match t.into_os_string().into_string() {
+                Ok(target) => EntryKind::Symlink { target },
+                Err(t) => {
+                    skipped.push(Skipped::NotUtf8(PathBuf::from(t)));
+                    return None;
+                }
+            },
+            Err(e) => {
+                skipped.push(Skipped::Unreadable(rel.to_string(), e.to_string()));
+                return None;
+            }
+        }
+    } else if ft.is_file() {
+        match cache.hash(rel, abs, md) {
+            Ok(hash) => EntryKind::File { size: md.size(), hash },
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    skipped.push(Skipped::Unreadable(rel.to_string(), e.to_string()));
+                }
+                return None;
+            }
+        }
+    } else {
+        skipped.push(Skipped::Special(rel.to_string()));
+        return None;
+    };
+    Some(Entry { path: rel.to_string(), kind, meta })
+}
+
+/// Whether `path` is `prefix` or lies below it (an empty prefix holds everything).
+pub fn is_under(path: &str, prefix: &str) -> bool {
+    prefix.is_empty()
+        || path == prefix
+        || (path.len() > prefix.len() && path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excludes_match_gitignore_style() {
+        let ex = Excludes::new(&["signed/b.pem".into(), "tmp/".into(), "*.bak".into()]).unwrap();
+        assert!(ex.is_excluded("signed/b.pem", false));
+        assert!(!ex.is_excluded("signed/a.pem", false));
+        assert!(ex.is_excluded("tmp", true));
+        assert!(ex.is_excluded("tmp/x/y", false));
+        assert!(ex.is_excluded("deep/x.bak", false));
+        assert!(Excludes::check_glob("a[").is_err());
+    }
+
+    #[test]
+    fn scan_lists_tree_and_skips_temp_and_excluded() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/f"), b"hello").unwrap();
+        fs::write(root.join("a/.warmspare-tmp.x"), b"junk").unwrap();
+        fs::write(root.join("skip.bak"), b"junk").unwrap();
+        std::os::unix::fs::symlink("b/f", root.join("a/l")).unwrap();
+        let ex = Excludes::new(&["*.bak".into()]).unwrap();
+        let mut cache = HashCache::default();
+        let s = scan(root, "", &ex, &mut cache);
+        let paths: Vec<_> = s.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "a/b", "a/b/f", "a/l"]);
+        assert_eq!(s.entries[2].hash(), Some(ContentHash::of(b"hello")));
+        assert_eq!(s.entries[3].kind, EntryKind::Symlink { target: "b/f".into() });
+        let sub = scan(root, "a/b", &ex, &mut cache);
+        assert_eq!(sub.entries.len(), 2);
+        assert!(scan(root, "nope", &ex, &mut cache).entries.is_empty());
+    }
+
+    #[test]
+    fn cache_survives_save_and_load_and_notices_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        fs::write(&f, b"one").unwrap();
+        let mut cache = HashCache::default();
+        let md = fs::symlink_metadata(&f).unwrap();
+        let h1 = cache.hash("f", &f, &md).unwrap();
+        let cpath = d.path().join("cache");
+        cache.save(&cpath).unwrap();
+        let mut loaded = HashCache::load(&cpath);
+        assert_eq!(loaded.map.len(), 1);
+        assert_eq!(loaded.hash("f", &f, &md).unwrap(), h1);
+        fs::write(&f, b"two").unwrap();
+        let md2 = fs::symlink_metadata(&f).unwrap();
+        assert_eq!(loaded.hash("f", &f, &md2).unwrap(), ContentHash::of(b"two"));
+    }
+
+    #[test]
+    fn is_under_respects_components() {
+        assert!(is_under("a/b", "a"));
+        assert!(is_under("a", "a"));
+        assert!(!is_under("ab", "a"));
+        assert!(is_under("x", ""));
+    }
+}

@@ -1,0 +1,352 @@
+//! Wire types and framing. Every message that crosses the network is defined
+//! here and nowhere else.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of one
+//! bincode-2 encoded message. Frames over [`MAX_FRAME`] are refused before a
+//! byte of their body is read, so a peer cannot make an agent allocate more
+//! than that. File content travels in [`Op::FileData`] chunks of at most
+//! [`CHUNK`] bytes: never a whole file in one frame.
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::manifest::{ContentHash, Entry, Meta};
+
+/// The protocol version; peers with another one are refused at hello.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The SSH subsystem name the agents speak.
+pub const SUBSYSTEM: &str = "warmspare";
+
+/// The largest file-data chunk a sender puts in one frame.
+pub const CHUNK: usize = 256 * 1024;
+
+/// The hard cap on one frame's body.
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// The most manifest entries in one [`Reply::ManifestPart`].
+pub const MANIFEST_PART: usize = 2048;
+
+/// What the dialing side wants from the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    /// The active node pushes replicated state.
+    Replicate,
+    /// A node or tool asks questions only (checks, status).
+    Probe,
+}
+
+/// The first message each side sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub protocol: u32,
+    /// The sender's software version.
+    pub version: String,
+    /// The sender's node name (or operator name).
+    pub node: String,
+    /// The sender's epoch.
+    pub epoch: u64,
+    /// The active node of that epoch, as the sender knows it.
+    pub active: String,
+    /// The SHA-256 of the sender's canonical cluster file.
+    pub config_hash: String,
+    /// What the session is for (meaningful from the dialing side).
+    pub purpose: Purpose,
+}
+
+/// A change the active asks a receiver to make under one watch root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Make sure a directory exists with this metadata.
+    Dir {
+        /// The watch.
+        watch: String,
+        /// Relative path.
+        path: String,
+        /// Metadata to set.
+        meta: Meta,
+    },
+    /// Make `path` a symbolic link to `target` (replacing what is there).
+    Symlink {
+        /// The watch.
+        watch: String,
+        /// Relative path.
+        path: String,
+        /// The link target, stored as is.
+        target: String,
+        /// Metadata (owner) to set.
+        meta: Meta,
+    },
+    /// The content is already right; set the metadata only.
+    SetMeta {
+        /// The watch.
+        watch: String,
+        /// Relative path.
+        path: String,
+        /// Metadata to set.
+        meta: Meta,
+    },
+    /// Remove `path` (a file, a link, or a directory with all beneath it).
+    Remove {
+        /// The watch.
+        watch: String,
+        /// Relative path.
+        path: String,
+    },
+    /// A file's content follows in [`Op::FileData`] frames, then [`Op::FileEnd`].
+    FileBegin {
+        /// The watch.
+        watch: String,
+        /// Relative path.
+        path: String,
+        /// Metadata of the new file.
+        meta: Meta,
+        /// Size of the new content.
+        size: u64,
+        /// BLAKE3 of the new content; the receiver checks it before renaming.
+        hash: ContentHash,
+        /// When set, the data is a fast_rsync delta against the receiver's
+        /// current file, whose content hash must be this one.
+        delta_base: Option<ContentHash>,
+    },
+    /// A chunk of the current file's content (or delta).
+    FileData(ByteBuf),
+    /// The end of the current file.
+    FileEnd,
+}
+
+/// What the dialing side sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Opens the session.
+    Hello(Hello),
+    /// Asks for the receiver's manifest of one watch.
+    GetManifest {
+        /// The watch.
+        watch: String,
+    },
+    /// Asks for the fast_rsync signature of the receiver's copy of a file.
+    GetSignature {
+        /// Echoed in the reply.
+        id: u64,
+        /// The watch.
+        watch: String,
+        /// Relative path.
+        path: String,
+        /// Signature block length.
+        block_len: u32,
+    },
+    /// A change to apply.
+    Op(Op),
+    /// Make everything since the last commit durable and visible, then answer.
+    Commit {
+        /// Echoed in the reply.
+        batch: u64,
+    },
+    /// Keep-alive; answered with [`Reply::Pong`].
+    Ping,
+}
+
+/// What the receiving side answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Accepts the session.
+    Hello(Hello),
+    /// Refuses the session or a request; the session ends after it.
+    Refused {
+        /// Why, in words.
+        reason: String,
+    },
+    /// Part of a manifest.
+    ManifestPart {
+        /// The watch.
+        watch: String,
+        /// Entries, in path order.
+        entries: Vec<Entry>,
+        /// Whether this is the last part.
+        last: bool,
+    },
+    /// Part of a file signature.
+    SignaturePart {
+        /// The request's id.
+        id: u64,
+        /// The hash of the file the signature was computed on.
+        base: ContentHash,
+        /// Serialized signature bytes.
+        data: ByteBuf,
+        /// Whether this is the last part.
+        last: bool,
+    },
+    /// There is no regular file to sign (the sender should send it whole).
+    NoSignature {
+        /// The request's id.
+        id: u64,
+    },
+    /// Everything up to a commit is durable and visible.
+    Committed {
+        /// The commit's batch number.
+        batch: u64,
+        /// How many operations were applied.
+        applied: u64,
+        /// Operations that failed, with the reason (the path stays as it was).
+        failed: Vec<(String, String)>,
+    },
+    /// Answer to [`Request::Ping`].
+    Pong,
+}
+
+/// A framing or decoding failure.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The transport failed, or a frame was over the cap.
+    #[error("transport: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes of a frame are not a valid message.
+    #[error("bad frame: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    /// A message could not be encoded.
+    #[error("cannot encode a frame: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Encodes one message as a frame body.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
+    let v = bincode::serde::encode_to_vec(msg, bincode_config())?;
+    if v.len() > MAX_FRAME {
+        return Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {} bytes is over the cap of {MAX_FRAME}", v.len()),
+        )));
+    }
+    Ok(Bytes::from(v))
+}
+
+/// Decodes one frame body; trailing bytes are an error.
+pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
+    let (msg, used) = bincode::serde::decode_from_slice(body, bincode_config())?;
+    if used != body.len() {
+        return Err(FrameError::Decode(bincode::error::DecodeError::OtherString(format!(
+            "{} trailing bytes after the message",
+            body.len() - used
+        ))));
+    }
+    Ok(msg)
+}
+
+/// The reading half of a framed stream.
+pub struct FrameReader<R> {
+    inner: FramedRead<R, LengthDelimitedCodec>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps a byte stream.
+    pub fn new(r: R) -> Self {
+        FrameReader { inner: FramedRead::new(r, codec()) }
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+        match self.inner.next().await {
+            None => Ok(None),
+            Some(frame) => {
+                let frame: BytesMut = frame?;
+                decode(&frame).map(Some)
+            }
+        }
+    }
+}
+
+/// The writing half of a framed stream.
+pub struct FrameWriter<W> {
+    inner: FramedWrite<W, LengthDelimitedCodec>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Wraps a byte stream.
+    pub fn new(w: W) -> Self {
+        FrameWriter { inner: FramedWrite::new(w, codec()) }
+    }
+
+    /// Sends one message and flushes.
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        self.inner.send(encode(msg)?).await?;
+        Ok(())
+    }
+
+    /// Queues an already-encoded frame body without flushing.
+    pub async fn feed(&mut self, body: Bytes) -> Result<(), FrameError> {
+        self.inner.feed(body).await?;
+        Ok(())
+    }
+
+    /// Flushes queued frames.
+    pub async fn flush(&mut self) -> Result<(), FrameError> {
+        SinkExt::<Bytes>::flush(&mut self.inner).await?;
+        Ok(())
+    }
+
+    /// Closes the stream (sends EOF).
+    pub async fn close(&mut self) -> Result<(), FrameError> {
+        SinkExt::<Bytes>::close(&mut self.inner).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_trailing_bytes() {
+        let r = Request::GetManifest { watch: "ca".into() };
+        let body = encode(&r).unwrap();
+        assert_eq!(decode::<Request>(&body).unwrap(), r);
+        let mut longer = body.to_vec();
+        longer.push(0);
+        assert!(decode::<Request>(&longer).is_err());
+        assert!(decode::<Request>(&body[..body.len() - 1]).is_err());
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_refused() {
+        let (a, b) = tokio::io::duplex(64);
+        let mut w = tokio::io::BufWriter::new(a);
+        let mut rd = FrameReader::new(b);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = w.write_all(&((MAX_FRAME as u32) + 1).to_be_bytes()).await;
+            let _ = w.flush().await;
+        });
+        assert!(rd.recv::<Request>().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn frames_cross_a_stream() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut w = FrameWriter::new(a);
+        let mut r = FrameReader::new(b);
+        let op = Request::Op(Op::FileData(ByteBuf::from(vec![7u8; 1000])));
+        w.send(&op).await.unwrap();
+        w.send(&Request::Ping).await.unwrap();
+        assert_eq!(r.recv::<Request>().await.unwrap(), Some(op));
+        assert_eq!(r.recv::<Request>().await.unwrap(), Some(Request::Ping));
+        drop(w);
+        assert_eq!(r.recv::<Request>().await.unwrap(), None);
+    }
+}

@@ -1,0 +1,105 @@
+//! What an agent persists about its role: the epoch and the active node.
+//!
+//! The state is a small JSON file written atomically (temporary file, fsync,
+//! rename, fsync of the directory), so a crash leaves either the old or the
+//! new state, never a torn one.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The role state of one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleState {
+    /// Increases by one at every role change.
+    pub epoch: u64,
+    /// The node that is active in `epoch`.
+    pub active: String,
+}
+
+/// Why the role state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The state file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The file is not valid state.
+    #[error("{path}: not a valid role state: {source}")]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+}
+
+/// The file, under the state dir, that holds the role state.
+pub const ROLE_FILE: &str = "role.json";
+
+impl RoleState {
+    /// Loads the role state from `state_dir`, or creates it with
+    /// `preferred_active` active at epoch 1 when there is none yet.
+    pub fn load_or_init(state_dir: &Path, preferred_active: &str) -> Result<RoleState, StateError> {
+        let path = state_dir.join(ROLE_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let s = RoleState { epoch: 1, active: preferred_active.to_string() };
+                s.store(state_dir)?;
+                Ok(s)
+            }
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Persists the role state atomically.
+    pub fn store(&self, state_dir: &Path) -> Result<(), StateError> {
+        let path = state_dir.join(ROLE_FILE);
+        let bytes = serde_json::to_vec_pretty(self).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        write_atomic(&path, &bytes).map_err(|source| StateError::Io { path, source })
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    fs::create_dir_all(dir)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = dir.join(format!("{}{}.{}", crate::manifest::TEMP_PREFIX, name, rand::random::<u32>()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_store_and_reload() {
+        let d = tempfile::tempdir().unwrap();
+        let s = RoleState::load_or_init(d.path(), "a").unwrap();
+        assert_eq!(s, RoleState { epoch: 1, active: "a".into() });
+        RoleState { epoch: 2, active: "b".into() }.store(d.path()).unwrap();
+        let again = RoleState::load_or_init(d.path(), "a").unwrap();
+        assert_eq!(again.epoch, 2);
+        assert_eq!(again.active, "b");
+        fs::write(d.path().join(ROLE_FILE), b"{").unwrap();
+        assert!(matches!(RoleState::load_or_init(d.path(), "a"), Err(StateError::Corrupt { .. })));
+    }
+}
