@@ -1,1 +1,21 @@
-fn main() {}
+//! `warmspare-agent`: the daemon and its maintenance commands.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+mod commands;
+mod daemon;
+mod events;
+mod logging;
+mod receive;
+mod server;
+mod ship;
+mod watch;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    logging::init(&args.log);
+    commands::dispatch(args)
+}

@@ -61,7 +61,7 @@ impl Trust {
 
 /// SSH window and packet sizes shared by both sides (see docs/benchmarks.md).
 const WINDOW: u32 = 16 * 1024 * 1024;
-const PACKET: u32 = 64 * 1024;
+const PACKET: u32 = 32 * 1024;
 
 fn preferred() -> Preferred {
     Preferred {

@@ -1,0 +1,73 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+
+/// Keeps a warm spare in step with the active node.
+#[derive(Debug, Parser)]
+#[command(name = "warmspare-agent", version, about)]
+pub struct Args {
+    /// The cluster file.
+    #[arg(long, global = true, default_value = warmspare_shared::config::DEFAULT_CLUSTER_PATH)]
+    pub cluster: PathBuf,
+    /// This node's name (default: the host name).
+    #[arg(long, global = true)]
+    pub node: Option<String>,
+    /// Logging options.
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How the agent logs.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level filter (overridden by RUST_LOG).
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+}
+
+/// Log line formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The agent's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run,
+    /// Generate this node's ed25519 key and print its public line.
+    Keygen {
+        /// Where to write the private key (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate the cluster file and this node's key, and reach every peer.
+    Check,
+    /// Show or hash the canonical cluster file.
+    Config {
+        /// What to print.
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the canonical form of the cluster file.
+    Show,
+    /// Print the SHA-256 of the canonical form.
+    Hash,
+}

@@ -1,0 +1,255 @@
+//! The passive side of replication: one task per incoming SSH session.
+//!
+//! The session's frames are read on the async side and handed to a blocking
+//! thread that owns an [`Applier`]; its replies come back through a queue to
+//! the writer. A request the applier refuses (a path that leaves its root, a
+//! broken protocol) ends that session with a log line; the daemon and every
+//! other session carry on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use serde_bytes::ByteBuf;
+use tokio::sync::mpsc;
+use warmspare_shared::apply::{Applier, WatchRoot};
+use warmspare_shared::manifest::{Entry, Excludes, HashCache};
+use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Purpose, Reply, Request, MANIFEST_PART};
+use warmspare_shared::ssh::{Identity, IncomingSession};
+use warmspare_shared::state::RoleState;
+
+use crate::daemon::Shared;
+
+/// How long a new session may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one incoming session until it ends.
+pub async fn handle(shared: Arc<Shared>, session: IncomingSession) {
+    let who = session.identity.clone();
+    let peer = session.peer;
+    if let Err(e) = serve(shared, session).await {
+        tracing::warn!(%who, ?peer, error = format!("{e:#}"), "session ended");
+    }
+}
+
+async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
+    let (rd, wr) = tokio::io::split(session.stream);
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<Request>()).await {
+        Err(_) => bail!("no hello within {HELLO_TIMEOUT:?}"),
+        Ok(r) => match r.context("bad hello")? {
+            Some(Request::Hello(h)) => h,
+            Some(_) => bail!("the first request was not a hello"),
+            None => return Ok(()),
+        },
+    };
+    if let Err(reason) = admit(&shared, &session.identity, &hello) {
+        tracing::warn!(who = %session.identity, node = hello.node, epoch = hello.epoch, reason, "refused a session");
+        let _ = writer.send(&Reply::Refused { reason: reason.clone() }).await;
+        bail!("refused: {reason}");
+    }
+    writer.send(&Reply::Hello(shared.hello(Purpose::Probe))).await?;
+    if hello.purpose == Purpose::Probe {
+        while let Some(req) = reader.recv::<Request>().await? {
+            match req {
+                Request::Ping => writer.send(&Reply::Pong).await?,
+                other => bail!("a probe session sent {}", request_name(&other)),
+            }
+        }
+        return Ok(());
+    }
+    tracing::info!(from = hello.node, epoch = hello.epoch, "replication session opened");
+
+    let (req_tx, req_rx) = mpsc::channel::<Request>(64);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(64);
+    let worker_shared = shared.clone();
+    let worker = tokio::task::spawn_blocking(move || apply_loop(&worker_shared, req_rx, reply_tx));
+    let write_task = async move {
+        while let Some(reply) = reply_rx.recv().await {
+            let refused = matches!(reply, Reply::Refused { .. });
+            writer.send(&reply).await?;
+            if refused {
+                break;
+            }
+        }
+        Ok::<(), proto::FrameError>(())
+    };
+    let read_task = async move {
+        while let Some(req) = reader.recv::<Request>().await? {
+            if req_tx.send(req).await.is_err() {
+                break;
+            }
+        }
+        Ok::<(), proto::FrameError>(())
+    };
+    let result = tokio::select! {
+        r = write_task => r.context("cannot write to the peer"),
+        r = read_task => r.context("cannot read from the peer"),
+    };
+    // Dropping the request queue stops the worker; its applier removes its temp files.
+    let worker_result = worker.await.context("the apply worker panicked")?;
+    worker_result?;
+    result
+}
+
+/// Decides whether a session may proceed; the `Err` is the reason given.
+fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> std::result::Result<(), String> {
+    if hello.protocol != proto::PROTOCOL_VERSION {
+        return Err(format!("protocol {} is not supported (this agent speaks {})", hello.protocol, proto::PROTOCOL_VERSION));
+    }
+    if hello.purpose == Purpose::Probe {
+        return Ok(());
+    }
+    match who {
+        Identity::Node(n) if *n == hello.node => {}
+        _ => return Err(format!("{who} may not push as node {:?}", hello.node)),
+    }
+    if hello.config_hash != shared.config_hash {
+        tracing::warn!(peer = hello.node, theirs = hello.config_hash, ours = shared.config_hash, "the peer's cluster file differs from ours");
+    }
+    let mine = shared.role();
+    if hello.active != hello.node {
+        return Err(format!("{} is not the active node of epoch {}", hello.node, hello.epoch));
+    }
+    if hello.epoch < mine.epoch {
+        return Err(format!("stale epoch {} (this node is at epoch {}, active {})", hello.epoch, mine.epoch, mine.active));
+    }
+    if hello.epoch == mine.epoch && mine.active != hello.node {
+        return Err(format!("{} is the active node of epoch {}, not {}", mine.active, mine.epoch, hello.node));
+    }
+    if hello.epoch > mine.epoch {
+        let next = RoleState { epoch: hello.epoch, active: hello.active.clone() };
+        shared.set_role(next, &format!("{} pushed at a higher epoch", hello.node)).map_err(|e| format!("cannot record the new epoch: {e}"))?;
+    }
+    Ok(())
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Hello(_) => "hello",
+        Request::GetManifest { .. } => "get-manifest",
+        Request::GetSignature { .. } => "get-signature",
+        Request::Op(_) => "op",
+        Request::Commit { .. } => "commit",
+        Request::Ping => "ping",
+    }
+}
+
+/// The receiver's watch roots, with their caches.
+fn watch_roots(shared: &Shared) -> Result<Vec<WatchRoot>> {
+    let mut out = Vec::new();
+    for w in &shared.cluster.watch {
+        let excludes = Excludes::new(&w.exclude).map_err(anyhow::Error::msg)?;
+        let cache_path = shared.cache_path(&w.name, "recv");
+        out.push(WatchRoot {
+            name: w.name.clone(),
+            root: shared.me.local_path(&w.path),
+            excludes,
+            cache: HashCache::load(&cache_path),
+            cache_path: Some(cache_path),
+        });
+    }
+    Ok(out)
+}
+
+fn apply_loop(shared: &Shared, mut requests: mpsc::Receiver<Request>, replies: mpsc::Sender<Reply>) -> Result<()> {
+    let mut applier = Applier::new(watch_roots(shared)?).context("cannot open the watch roots")?;
+    let send = |r: Reply| replies.blocking_send(r).map_err(|_| anyhow::anyhow!("the session closed"));
+    while let Some(req) = requests.blocking_recv() {
+        let outcome: std::result::Result<(), String> = match req {
+            Request::GetManifest { watch } => match applier.manifest(&watch) {
+                Ok(entries) => {
+                    for part in manifest_parts(entries) {
+                        send(Reply::ManifestPart { watch: watch.clone(), entries: part.0, last: part.1 })?;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Request::GetSignature { id, watch, path, block_len } => match applier.signature(&watch, &path, block_len) {
+                Ok(Some((base, sig))) => {
+                    let mut chunks = sig.chunks(proto::CHUNK).peekable();
+                    if chunks.peek().is_none() {
+                        send(Reply::SignaturePart { id, base, data: ByteBuf::new(), last: true })?;
+                    }
+                    while let Some(c) = chunks.next() {
+                        send(Reply::SignaturePart { id, base, data: ByteBuf::from(c.to_vec()), last: chunks.peek().is_none() })?;
+                    }
+                    Ok(())
+                }
+                Ok(None) => {
+                    send(Reply::NoSignature { id })?;
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Request::Op(op) => applier.apply(op).map_err(|e| e.to_string()),
+            Request::Commit { batch } => {
+                let report = applier.commit();
+                for watch in &report.touched {
+                    run_after_apply(shared, watch, applier.root(watch));
+                }
+                send(Reply::Committed { batch, applied: report.applied, failed: report.failed })?;
+                Ok(())
+            }
+            Request::Ping => {
+                send(Reply::Pong)?;
+                Ok(())
+            }
+            Request::Hello(_) => Err("a second hello".into()),
+        };
+        if let Err(reason) = outcome {
+            tracing::warn!(reason, "refused a request; dropping the session");
+            let _ = send(Reply::Refused { reason: reason.clone() });
+            bail!("refused a request: {reason}");
+        }
+    }
+    Ok(())
+}
+
+/// Splits a manifest into parts that stay well under the frame cap.
+fn manifest_parts(entries: Vec<Entry>) -> Vec<(Vec<Entry>, bool)> {
+    let mut parts = Vec::new();
+    let mut cur = Vec::new();
+    let mut bytes = 0usize;
+    for e in entries {
+        bytes += e.path.len() + 96 + match &e.kind {
+            warmspare_shared::manifest::EntryKind::Symlink { target } => target.len(),
+            _ => 0,
+        };
+        cur.push(e);
+        if cur.len() >= MANIFEST_PART || bytes > proto::MAX_FRAME / 4 {
+            parts.push((std::mem::take(&mut cur), false));
+            bytes = 0;
+        }
+    }
+    parts.push((cur, true));
+    parts
+}
+
+fn run_after_apply(shared: &Shared, watch: &str, root: Option<&std::path::Path>) {
+    let Some(cmd) = shared.cluster.watch(watch).and_then(|w| w.after_apply.as_deref()) else {
+        return;
+    };
+    let Some(root) = root else { return };
+    let result = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("WARMSPARE_WATCH", watch)
+        .env("WARMSPARE_PATH", root)
+        .env("WARMSPARE_NODE", &shared.me.name)
+        .envs(&shared.me.env)
+        .stdin(std::process::Stdio::null())
+        .output();
+    match result {
+        Ok(out) if out.status.success() => tracing::debug!(watch, "after_apply ran"),
+        Ok(out) => tracing::warn!(
+            watch,
+            status = %out.status,
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+            "after_apply failed"
+        ),
+        Err(e) => tracing::warn!(watch, error = %e, "cannot run after_apply"),
+    }
+}

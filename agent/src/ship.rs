@@ -1,0 +1,627 @@
+//! The active side of replication: one shipper per passive peer.
+//!
+//! A shipper keeps one SSH connection to its peer, reconnecting with capped
+//! exponential backoff. On every (re)connect it fetches the peer's manifest
+//! of each watch and ships the differences; after that it ships what the
+//! watcher reports, comparing against its model of the peer's tree (the
+//! manifest, updated by every acknowledged commit). The comparison and the
+//! file reading run on a blocking thread; frames go to the connection
+//! through a bounded queue, so a slow peer slows only its own shipper.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use bytes::Bytes;
+use serde_bytes::ByteBuf;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use warmspare_shared::config::Node;
+use warmspare_shared::delta;
+use warmspare_shared::manifest::{self, ContentHash, Entry, EntryKind, Excludes, HashCache, Meta};
+use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, CHUNK};
+use warmspare_shared::ssh;
+
+use crate::daemon::Shared;
+use crate::events::{Inbox, Work};
+
+/// How often a connected shipper compares whole trees even without events.
+const FULL_RESYNC: Duration = Duration::from_secs(600);
+/// Ops per commit, and bytes per commit, before a commit is sent.
+const OPS_PER_COMMIT: usize = 1000;
+const BYTES_PER_COMMIT: u64 = 32 * 1024 * 1024;
+/// Commits in flight before the shipper waits for an acknowledgement.
+const COMMITS_IN_FLIGHT: usize = 4;
+
+/// One watch as the shipper sees it on the active node.
+pub struct LocalWatch {
+    /// The watch's name.
+    pub name: String,
+    /// Its local root.
+    pub root: PathBuf,
+    /// Its exclusions.
+    pub excludes: Excludes,
+}
+
+/// Runs the shipper for `peer` until `cancel` fires.
+pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let server_key = match peer.key() {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(peer = peer.name, error = %e, "cannot ship: the peer's pinned key does not parse");
+            return;
+        }
+    };
+    loop {
+        let started = Instant::now();
+        let dialed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            d = ssh::dial(&peer.ssh, &server_key, &shared.key, &shared.me.name, Duration::from_secs(10)) => d,
+        };
+        match dialed {
+            Ok(d) => {
+                tracing::info!(peer = peer.name, addr = peer.ssh, "connected");
+                match session(&shared, &peer, d, &inbox, &cancel).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(peer = peer.name, error = format!("{e:#}"), "replication session ended"),
+                }
+            }
+            Err(e) => tracing::warn!(peer = peer.name, addr = peer.ssh, error = %e, "cannot reach the peer"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One connected session: hello, then the sync loop on a blocking thread.
+async fn session(shared: &Arc<Shared>, peer: &Node, dialed: ssh::Dialed, inbox: &Arc<Inbox>, cancel: &CancellationToken) -> Result<()> {
+    let ssh::Dialed { handle, stream } = dialed;
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+    let hello = shared.hello(Purpose::Replicate);
+    writer.send(&Request::Hello(hello)).await.context("cannot send hello")?;
+    let theirs = match reader.recv::<Reply>().await.context("no hello from the peer")? {
+        Some(Reply::Hello(h)) => h,
+        Some(Reply::Refused { reason }) => bail!("the peer refused replication: {reason}"),
+        Some(other) => bail!("unexpected first reply {other:?}"),
+        None => bail!("the peer closed the session before hello"),
+    };
+    check_peer_hello(shared, peer, &theirs)?;
+
+    let (frame_tx, mut frame_rx) = mpsc::channel::<Bytes>(64);
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(64);
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Reply>();
+    let bytes_sent = shared.bytes_sent.clone();
+
+    let write_task = async move {
+        while let Some(frame) = frame_rx.recv().await {
+            let n = frame.len() as u64 + 4;
+            writer.feed(frame).await?;
+            while let Ok(more) = frame_rx.try_recv() {
+                let m = more.len() as u64 + 4;
+                writer.feed(more).await?;
+                bytes_sent.fetch_add(m, Ordering::Relaxed);
+            }
+            writer.flush().await?;
+            bytes_sent.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok::<(), proto::FrameError>(())
+    };
+    let read_task = async move {
+        loop {
+            match reader.recv::<Reply>().await? {
+                None => return Ok::<(), anyhow::Error>(()),
+                Some(r @ Reply::Committed { .. }) => {
+                    if ack_tx.send(r).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Reply::Refused { reason }) => bail!("the peer refused: {reason}"),
+                Some(r) => {
+                    if reply_tx.send(r).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+
+    let worker_shared = shared.clone();
+    let worker_inbox = inbox.clone();
+    let peer_name = peer.name.clone();
+    let io = SessionIo { frames: frame_tx, replies: reply_rx, acks: ack_rx, next_batch: 0, outstanding: Vec::new(), failures: Vec::new() };
+    let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_shared, &peer_name, io, &worker_inbox));
+
+    let interrupt = inbox.clone();
+    let result = tokio::select! {
+        _ = cancel.cancelled() => Ok(()),
+        r = write_task => r.map_err(|e| anyhow!("cannot write to the peer: {e}")),
+        r = read_task => r.and_then(|()| Err(anyhow!("the peer closed the connection"))),
+    };
+    // Whatever ended the session, stop the worker and wait for it.
+    interrupt.interrupt();
+    let worker_result = worker.await;
+    drop(handle);
+    match (result, worker_result) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Ok(Err(e))) if !cancel.is_cancelled() => Err(e),
+        (Ok(()), _) if cancel.is_cancelled() => Ok(()),
+        (Ok(()), Ok(_)) => Err(anyhow!("the replication worker stopped")),
+        (Ok(()), Err(e)) => Err(anyhow!("the replication worker failed: {e}")),
+    }
+}
+
+fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> Result<()> {
+    if theirs.protocol != proto::PROTOCOL_VERSION {
+        bail!("the peer speaks protocol {}, this agent {}", theirs.protocol, proto::PROTOCOL_VERSION);
+    }
+    if theirs.node != peer.name {
+        bail!("the peer says it is {:?}, expected {:?}", theirs.node, peer.name);
+    }
+    if theirs.config_hash != shared.config_hash {
+        tracing::warn!(peer = peer.name, theirs = theirs.config_hash, ours = shared.config_hash, "the peer's cluster file differs from ours");
+    }
+    Ok(())
+}
+
+/// The blocking worker's handles on the connection.
+struct SessionIo {
+    frames: mpsc::Sender<Bytes>,
+    replies: mpsc::Receiver<Reply>,
+    acks: mpsc::UnboundedReceiver<Reply>,
+    next_batch: u64,
+    /// Commits sent and not yet acknowledged.
+    outstanding: Vec<Outstanding>,
+    /// Paths the peer could not apply, per watch, to forget in the model.
+    failures: Vec<(String, String)>,
+}
+
+/// The peer went away while the worker was using the connection.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection closed")]
+struct Closed;
+
+impl SessionIo {
+    fn send(&self, req: &Request) -> Result<u64> {
+        let body = proto::encode(req)?;
+        let n = body.len() as u64 + 4;
+        self.frames.blocking_send(body).map_err(|_| Closed)?;
+        Ok(n)
+    }
+
+    fn reply(&mut self) -> Result<Reply> {
+        Ok(self.replies.blocking_recv().ok_or(Closed)?)
+    }
+}
+
+/// A commit sent and not yet acknowledged.
+struct Outstanding {
+    batch: u64,
+    /// The watch its operations were about.
+    watch: String,
+}
+
+/// The shipper's picture of one peer: what it holds, per watch.
+type Model = HashMap<String, BTreeMap<String, Entry>>;
+
+fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox) -> Result<()> {
+    let watches = shared.local_watches();
+    let mut caches: HashMap<String, HashCache> = watches
+        .iter()
+        .map(|w| (w.name.clone(), HashCache::load(&shared.cache_path(&w.name, "send"))))
+        .collect();
+    let mut model: Model = HashMap::new();
+    for w in &watches {
+        inbox.add_full(&w.name);
+    }
+    loop {
+        let work = match inbox.take(FULL_RESYNC) {
+            Some(w) => w,
+            None if io.frames.is_closed() => return Err(Closed.into()),
+            None => {
+                // Periodic safety net: compare everything.
+                let mut w = Work::default();
+                w.full.extend(watches.iter().map(|w| w.name.clone()));
+                w
+            }
+        };
+        let started = Instant::now();
+        let mut stats = BatchStats::default();
+        let result = (|| -> Result<()> {
+            for w in &watches {
+                let full = work.full.contains(&w.name);
+                let paths = work.paths.get(&w.name);
+                if !full && paths.is_none() {
+                    continue;
+                }
+                let cache = caches.entry(w.name.clone()).or_default();
+                if full || !model.contains_key(&w.name) {
+                    let remote = fetch_manifest(&mut io, &w.name)?;
+                    model.insert(w.name.clone(), remote.into_iter().map(|e| (e.path.clone(), e)).collect());
+                }
+                let prefixes: Vec<String> = if full {
+                    vec![String::new()]
+                } else {
+                    top_most(paths.into_iter().flatten())
+                };
+                let remote = model.entry(w.name.clone()).or_default();
+                for prefix in prefixes {
+                    ship_prefix(&mut io, w, &prefix, cache, remote, &mut stats)?;
+                }
+                flush_commit(&mut io, &mut stats, &w.name)?;
+            }
+            while !io.outstanding.is_empty() {
+                wait_ack(&mut io, peer)?;
+            }
+            Ok(())
+        })();
+        for (name, cache) in caches.iter_mut() {
+            if let Err(e) = cache.save(&shared.cache_path(name, "send")) {
+                tracing::warn!(watch = name, error = %e, "cannot save the hash cache");
+            }
+        }
+        // What the peer could not apply is forgotten, so the next comparison resends it.
+        for (watch, path) in io.failures.drain(..) {
+            if let Some(m) = model.get_mut(&watch) {
+                remote_remove_tree(m, &path);
+            }
+        }
+        result?;
+        if stats.ops > 0 {
+            tracing::info!(
+                peer,
+                ops = stats.ops,
+                files = stats.files,
+                wire_bytes = stats.wire_bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "batch replicated"
+            );
+        }
+        shared.note_success(peer);
+    }
+}
+
+#[derive(Default)]
+struct BatchStats {
+    ops: u64,
+    files: u64,
+    wire_bytes: u64,
+    pending_ops: usize,
+    pending_bytes: u64,
+}
+
+fn fetch_manifest(io: &mut SessionIo, watch: &str) -> Result<Vec<Entry>> {
+    io.send(&Request::GetManifest { watch: watch.to_string() })?;
+    let mut entries = Vec::new();
+    loop {
+        match io.reply()? {
+            Reply::ManifestPart { watch: w, entries: mut part, last } if w == watch => {
+                entries.append(&mut part);
+                if last {
+                    return Ok(entries);
+                }
+            }
+            other => bail!("expected a manifest of {watch}, got {other:?}"),
+        }
+    }
+}
+
+/// The paths of `paths` that have no ancestor in the set.
+fn top_most<'a>(paths: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let sorted: BTreeSet<&String> = paths.collect();
+    let mut out: Vec<String> = Vec::new();
+    for p in sorted {
+        if out.last().is_some_and(|last| manifest::is_under(p, last)) {
+            continue;
+        }
+        out.push(p.clone());
+    }
+    out
+}
+
+fn ship_prefix(
+    io: &mut SessionIo,
+    w: &LocalWatch,
+    prefix: &str,
+    cache: &mut HashCache,
+    remote: &mut BTreeMap<String, Entry>,
+    stats: &mut BatchStats,
+) -> Result<()> {
+    let scan = manifest::scan(&w.root, prefix, &w.excludes, cache);
+    for s in &scan.skipped {
+        tracing::warn!(watch = w.name, skipped = ?s, "not replicated");
+    }
+    let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let remote_under: Vec<&Entry> = remote
+        .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+        .take_while(|(p, _)| manifest::is_under(p, prefix))
+        .map(|(_, e)| e)
+        .collect();
+
+    // 1. Removals: what the peer has that we do not, or of another type.
+    let mut removals: Vec<String> = Vec::new();
+    for r in &remote_under {
+        let gone = match local.get(r.path.as_str()) {
+            None => true,
+            Some(l) => kind_tag(&l.kind) != kind_tag(&r.kind) && !(matches!(l.kind, EntryKind::File { .. }) && matches!(r.kind, EntryKind::File { .. })),
+        };
+        if gone && !removals.last().is_some_and(|last| manifest::is_under(&r.path, last)) {
+            removals.push(r.path.clone());
+        }
+    }
+    let mut changed_parents: BTreeSet<String> = BTreeSet::new();
+    for path in removals {
+        emit(io, stats, &w.name, Op::Remove { watch: w.name.clone(), path: path.clone() })?;
+        remote_remove_tree(remote, &path);
+        changed_parents.insert(parent_of(&path));
+    }
+
+    // 2. Directories, links and files, parents first (the scan is sorted).
+    for l in &scan.entries {
+        let r = remote.get(&l.path);
+        let owners = false;
+        match &l.kind {
+            EntryKind::Dir => {
+                if r.is_none_or(|r| !l.meta.same_as(&r.meta, &l.kind, owners)) {
+                    if r.is_none() {
+                        changed_parents.insert(parent_of(&l.path));
+                    }
+                    emit(io, stats, &w.name, Op::Dir { watch: w.name.clone(), path: l.path.clone(), meta: l.meta })?;
+                    remote.insert(l.path.clone(), l.clone());
+                }
+            }
+            EntryKind::Symlink { target } => {
+                if r.is_none_or(|r| r.kind != l.kind) {
+                    changed_parents.insert(parent_of(&l.path));
+                    emit(io, stats, &w.name, Op::Symlink { watch: w.name.clone(), path: l.path.clone(), target: target.clone(), meta: l.meta })?;
+                    remote.insert(l.path.clone(), l.clone());
+                }
+            }
+            EntryKind::File { size, hash } => match r {
+                Some(r) if r.kind == l.kind => {
+                    if !l.meta.same_as(&r.meta, &l.kind, owners) {
+                        emit(io, stats, &w.name, Op::SetMeta { watch: w.name.clone(), path: l.path.clone(), meta: l.meta })?;
+                        remote.insert(l.path.clone(), l.clone());
+                    }
+                }
+                _ => {
+                    changed_parents.insert(parent_of(&l.path));
+                    let base = match r.map(|r| &r.kind) {
+                        Some(EntryKind::File { size: rsize, .. }) if *rsize >= delta::DELTA_MIN_SIZE && *size >= delta::DELTA_MIN_SIZE => Some(*rsize),
+                        _ => None,
+                    };
+                    ship_file(io, w, l, *size, *hash, base, stats)?;
+                    remote.insert(l.path.clone(), l.clone());
+                    stats.files += 1;
+                    maybe_commit(io, stats, &w.name)?;
+                }
+            },
+        }
+    }
+
+    // 3. Parent directories get their metadata (and mtime) back after the changes.
+    for dir in changed_parents {
+        if dir.is_empty() {
+            continue;
+        }
+        if let Some(l) = local.get(dir.as_str()).copied().cloned().or_else(|| stat_dir(&w.root, &dir)) {
+            emit(io, stats, &w.name, Op::Dir { watch: w.name.clone(), path: dir.clone(), meta: l.meta })?;
+            remote.insert(dir.clone(), l);
+        }
+    }
+    Ok(())
+}
+
+fn stat_dir(root: &Path, rel: &str) -> Option<Entry> {
+    let md = fs::symlink_metadata(root.join(rel)).ok()?;
+    md.is_dir().then(|| Entry { path: rel.to_string(), kind: EntryKind::Dir, meta: Meta::from_metadata(&md) })
+}
+
+fn parent_of(path: &str) -> String {
+    path.rsplit_once('/').map(|(p, _)| p.to_string()).unwrap_or_default()
+}
+
+fn kind_tag(k: &EntryKind) -> u8 {
+    match k {
+        EntryKind::Dir => 0,
+        EntryKind::File { .. } => 1,
+        EntryKind::Symlink { .. } => 2,
+    }
+}
+
+fn remote_remove_tree(remote: &mut BTreeMap<String, Entry>, path: &str) {
+    let doomed: Vec<String> = remote
+        .range::<str, _>((std::ops::Bound::Included(path), std::ops::Bound::Unbounded))
+        .take_while(|(p, _)| manifest::is_under(p, path))
+        .map(|(p, _)| p.clone())
+        .collect();
+    for p in doomed {
+        remote.remove(&p);
+    }
+}
+
+fn emit(io: &mut SessionIo, stats: &mut BatchStats, watch: &str, op: Op) -> Result<()> {
+    let n = io.send(&Request::Op(op))?;
+    stats.wire_bytes += n;
+    stats.pending_bytes += n;
+    maybe_commit(io, stats, watch)
+}
+
+fn maybe_commit(io: &mut SessionIo, stats: &mut BatchStats, watch: &str) -> Result<()> {
+    stats.pending_ops += 1;
+    stats.ops += 1;
+    if stats.pending_ops >= OPS_PER_COMMIT || stats.pending_bytes >= BYTES_PER_COMMIT {
+        flush_commit(io, stats, watch)?;
+    }
+    Ok(())
+}
+
+fn flush_commit(io: &mut SessionIo, stats: &mut BatchStats, watch: &str) -> Result<()> {
+    if stats.pending_ops == 0 {
+        return Ok(());
+    }
+    while io.outstanding.len() >= COMMITS_IN_FLIGHT {
+        wait_ack(io, "")?;
+    }
+    let batch = io.next_batch;
+    io.next_batch += 1;
+    stats.wire_bytes += io.send(&Request::Commit { batch })?;
+    io.outstanding.push(Outstanding { batch, watch: watch.to_string() });
+    stats.pending_ops = 0;
+    stats.pending_bytes = 0;
+    Ok(())
+}
+
+fn wait_ack(io: &mut SessionIo, peer: &str) -> Result<()> {
+    let Some(Reply::Committed { batch, failed, .. }) = io.acks.blocking_recv() else {
+        return Err(Closed.into());
+    };
+    let pos = io.outstanding.iter().position(|o| o.batch == batch).ok_or_else(|| anyhow!("acknowledgement of unknown batch {batch}"))?;
+    let done = io.outstanding.remove(pos);
+    for (path, why) in failed {
+        tracing::warn!(peer, watch = done.watch, path, reason = why, "the peer could not apply a change; it is retried at the next comparison");
+        io.failures.push((done.watch.clone(), path));
+    }
+    Ok(())
+}
+
+fn ship_file(io: &mut SessionIo, w: &LocalWatch, l: &Entry, size: u64, hash: ContentHash, remote_size: Option<u64>, stats: &mut BatchStats) -> Result<()> {
+    let abs = w.root.join(&l.path);
+    let file = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&abs) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", abs.display())),
+    };
+    let before = stats.wire_bytes;
+    let mut sent_as_delta = false;
+    if let Some(rsize) = remote_size {
+        io.send(&Request::GetSignature { id: 0, watch: w.name.clone(), path: l.path.clone(), block_len: delta::block_len(rsize) })?;
+        let mut sig = Vec::new();
+        let mut base = None;
+        loop {
+            match io.reply()? {
+                Reply::SignaturePart { data, last, base: b, .. } => {
+                    sig.extend_from_slice(&data);
+                    if sig.len() > 64 * 1024 * 1024 {
+                        bail!("the peer's signature of {} is too large", l.path);
+                    }
+                    base = Some(b);
+                    if last {
+                        break;
+                    }
+                }
+                Reply::NoSignature { .. } => break,
+                other => bail!("expected a signature, got {other:?}"),
+            }
+        }
+        if let Some(base) = base {
+            let map = delta::Mapped::new(&file).with_context(|| format!("cannot map {}", abs.display()))?;
+            if map.len() as u64 == size {
+                stats.wire_bytes += io.send(&Request::Op(Op::FileBegin {
+                    watch: w.name.clone(),
+                    path: l.path.clone(),
+                    meta: l.meta,
+                    size,
+                    hash,
+                    delta_base: Some(base),
+                }))?;
+                let mut sink = FrameSink { io, buf: Vec::with_capacity(CHUNK), sent: 0 };
+                delta::diff(&sig, &map, &mut sink).map_err(|e| anyhow!("{}: {e}", l.path))?;
+                sink.flush_chunk()?;
+                stats.wire_bytes += sink.sent;
+                stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
+                sent_as_delta = true;
+            }
+        }
+    }
+    if !sent_as_delta {
+        stats.wire_bytes += io.send(&Request::Op(Op::FileBegin {
+            watch: w.name.clone(),
+            path: l.path.clone(),
+            meta: l.meta,
+            size,
+            hash,
+            delta_base: None,
+        }))?;
+        let mut sink = FrameSink { io, buf: Vec::with_capacity(CHUNK.min(size as usize + 1)), sent: 0 };
+        let mut left = size;
+        let mut reader = &file;
+        let mut buf = vec![0u8; CHUNK.min(size.max(1) as usize)];
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = reader.read(&mut buf[..want]).with_context(|| format!("cannot read {}", abs.display()))?;
+            if n == 0 {
+                break; // The file shrank; the receiver's size check refuses it.
+            }
+            sink.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        sink.flush_chunk()?;
+        stats.wire_bytes += sink.sent;
+        stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
+    }
+    stats.pending_bytes += stats.wire_bytes - before;
+    tracing::debug!(watch = w.name, path = l.path, size, wire_bytes = stats.wire_bytes - before, delta = sent_as_delta, "file shipped");
+    if size >= delta::DELTA_MIN_SIZE {
+        tracing::info!(watch = w.name, path = l.path, size, wire_bytes = stats.wire_bytes - before, delta = sent_as_delta, "large file shipped");
+    }
+    Ok(())
+}
+
+/// Writes bytes as [`Op::FileData`] frames of at most [`CHUNK`] bytes.
+struct FrameSink<'a> {
+    io: &'a mut SessionIo,
+    buf: Vec<u8>,
+    sent: u64,
+}
+
+impl FrameSink<'_> {
+    fn flush_chunk(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.sent += self.io.send(&Request::Op(Op::FileData(ByteBuf::from(data))))?;
+        Ok(())
+    }
+}
+
+impl Write for FrameSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK {
+            self.flush_chunk().map_err(io::Error::other)?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_most_drops_descendants() {
+        let v = ["a/b".to_string(), "a".to_string(), "ab".to_string(), "c/d".to_string(), "c/d/e".to_string()];
+        assert_eq!(top_most(v.iter()), ["a", "ab", "c/d"]);
+    }
+}

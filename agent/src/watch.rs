@@ -1,0 +1,150 @@
+//! The watcher: inotify events, debounced per watch, into every shipper's inbox.
+//!
+//! inotify only makes replication fast; correctness comes from the state-based
+//! comparison the shippers run. So the watcher errs on the side of more work:
+//! a queue overflow or a watch that cannot be added asks for a full
+//! comparison, and a created directory is compared whole (whatever was made
+//! inside it before its watch landed is found by that scan).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use warmspare_shared::manifest;
+
+use crate::events::Inbox;
+
+/// The longest a steady stream of events can hold a batch back.
+const MAX_HOLD: Duration = Duration::from_millis(500);
+
+/// One watched directory.
+pub struct Target {
+    /// The watch's name.
+    pub name: String,
+    /// Its local root.
+    pub root: PathBuf,
+    /// Quiet time that ends a batch.
+    pub debounce: Duration,
+}
+
+enum Raw {
+    Paths(Vec<PathBuf>),
+    Rescan(Option<PathBuf>),
+}
+
+/// Watches `targets` until `cancel` fires, feeding `inboxes`.
+pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: CancellationToken) -> Result<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Raw>();
+    let handler_tx = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let raw = match res {
+            Ok(ev) if ev.need_rescan() => Raw::Rescan(None),
+            Ok(ev) => Raw::Paths(ev.paths),
+            Err(e) => {
+                report_watch_error(&e);
+                Raw::Rescan(e.paths.first().cloned())
+            }
+        };
+        let _ = handler_tx.send(raw);
+    })
+    .context("cannot start inotify")?;
+    for t in &targets {
+        std::fs::create_dir_all(&t.root).with_context(|| format!("cannot create watch root {}", t.root.display()))?;
+        if let Err(e) = watcher.watch(&t.root, RecursiveMode::Recursive) {
+            report_watch_error(&e);
+            // Without a complete watch, periodic and reconnect comparisons still converge.
+        }
+        tracing::info!(watch = t.name, root = %t.root.display(), "watching");
+    }
+
+    let mut pending: HashMap<usize, (Vec<String>, Instant, Instant)> = HashMap::new();
+    loop {
+        let next = pending.values().map(|(_, quiet, hold)| (*quiet).min(*hold)).min();
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            raw = rx.recv() => {
+                let Some(raw) = raw else { break };
+                match raw {
+                    Raw::Rescan(path) => {
+                        let which: Vec<&Target> = match &path {
+                            Some(p) => targets.iter().filter(|t| p.starts_with(&t.root)).collect(),
+                            None => targets.iter().collect(),
+                        };
+                        for t in which {
+                            tracing::warn!(watch = t.name, "inotify lost events; comparing the whole tree");
+                            for i in &inboxes {
+                                i.add_full(&t.name);
+                            }
+                        }
+                    }
+                    Raw::Paths(paths) => {
+                        let now = Instant::now();
+                        for p in paths {
+                            let Some((idx, rel)) = locate(&targets, &p) else { continue };
+                            let entry = pending.entry(idx).or_insert_with(|| (Vec::new(), now, now + MAX_HOLD));
+                            entry.0.push(rel);
+                            entry.1 = now + targets[idx].debounce;
+                        }
+                    }
+                }
+            }
+            _ = sleep_until(next) => {
+                let now = Instant::now();
+                let due: Vec<usize> = pending.iter().filter(|(_, (_, q, h))| *q <= now || *h <= now).map(|(i, _)| *i).collect();
+                for idx in due {
+                    if let Some((paths, _, _)) = pending.remove(&idx) {
+                        for i in &inboxes {
+                            i.add_paths(&targets[idx].name, paths.iter().cloned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    drop(watcher);
+    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The watch holding `path` and the path relative to its root, unless the
+/// path is the root itself or one of the applier's temporary files.
+fn locate(targets: &[Target], path: &Path) -> Option<(usize, String)> {
+    for (i, t) in targets.iter().enumerate() {
+        if let Ok(rel) = path.strip_prefix(&t.root) {
+            let rel = rel.to_str()?;
+            if rel.is_empty() {
+                // An event on the root itself: compare everything under it.
+                return Some((i, String::new()));
+            }
+            if rel.split('/').any(manifest::is_temp_name) {
+                return None;
+            }
+            return Some((i, rel.to_string()));
+        }
+    }
+    None
+}
+
+fn report_watch_error(e: &notify::Error) {
+    if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+        tracing::error!(
+            paths = ?e.paths,
+            "inotify watch limit reached: raise it with `sysctl fs.inotify.max_user_watches=524288` \
+             (and persist it in /etc/sysctl.d); until then changes are found by periodic comparison"
+        );
+    } else {
+        tracing::warn!(error = %e, "inotify error; comparing the whole tree");
+    }
+}
