@@ -1,1 +1,415 @@
-//! x
+//! Harness for end-to-end tests: clusters of real `warmspare-agent`
+//! processes on loopback, in temporary directories.
+//!
+//! Every wait polls with a deadline; nothing sleeps a fixed time and hopes.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use warmspare_shared::keys::SecretKey;
+
+/// Where the workspace's binaries are: beside the test executable's `deps/`.
+///
+/// `cargo test` and `cargo nextest` build a package's binaries only for that
+/// package's own integration tests, so the first call in a test process
+/// builds them (a no-op when they are fresh): a test never runs a stale agent.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "warmspare-agent",
+            "-p",
+            "warmsparectl",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        dir
+    });
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing after the build", p.display());
+    p
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Polls `cond` every few milliseconds until it holds or `limit` passes.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(2);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// One node of a test cluster.
+pub struct NodeSpec {
+    /// The node's name.
+    pub name: String,
+    /// Its `root` (every local path lives under it).
+    pub root: PathBuf,
+    /// Its SSH port on 127.0.0.1.
+    pub port: u16,
+    /// Its HTTP port on 127.0.0.1.
+    pub http_port: u16,
+    /// Its key.
+    pub key: SecretKey,
+}
+
+/// Options for a test cluster.
+pub struct ClusterOptions {
+    /// Node names; the first is the preferred active.
+    pub nodes: Vec<&'static str>,
+    /// Extra TOML appended to the generated file (watches, jobs).
+    pub extra: String,
+}
+
+/// A cluster file and the nodes' directories, in a temporary directory.
+pub struct TestCluster {
+    /// Holds the temporary directory.
+    pub dir: tempfile::TempDir,
+    /// The cluster file.
+    pub file: PathBuf,
+    /// The nodes.
+    pub nodes: Vec<NodeSpec>,
+    /// An operator key listed in the file.
+    pub operator_key: PathBuf,
+}
+
+/// The watch every test cluster has: `/ssl/ca` under each node's root.
+pub const CA_WATCH: &str = "/ssl/ca";
+
+impl TestCluster {
+    /// A cluster with one watch `ca` at [`CA_WATCH`] and `extra` appended.
+    pub fn new(opts: ClusterOptions) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("warmspare-e2e")
+            .tempdir()
+            .expect("tempdir");
+        let mut nodes = Vec::new();
+        for name in &opts.nodes {
+            let root = dir.path().join(name);
+            let key = SecretKey::generate();
+            let key_path = root.join("etc/warmspare/node.key");
+            key.save(&key_path).expect("save key");
+            nodes.push(NodeSpec {
+                name: name.to_string(),
+                root,
+                port: free_port(),
+                http_port: free_port(),
+                key,
+            });
+        }
+        let op = SecretKey::generate();
+        let operator_key = dir.path().join("operator.key");
+        op.save(&operator_key).expect("save operator key");
+        let mut text = format!(
+            "[cluster]\nname = \"test\"\npreferred_active = \"{}\"\nstate_dir = \"/var/lib/warmspare\"\nkey_file = \"/etc/warmspare/node.key\"\n\n",
+            opts.nodes[0]
+        );
+        for n in &nodes {
+            text += &format!(
+                "[[node]]\nname = \"{}\"\nssh = \"127.0.0.1:{}\"\nhttp = \"127.0.0.1:{}\"\npublic_key = \"{}\"\nroot = \"{}\"\n\n",
+                n.name,
+                n.port,
+                n.http_port,
+                n.key.public().to_openssh(),
+                n.root.display()
+            );
+        }
+        text += &format!(
+            "[[operator]]\nname = \"tester\"\npublic_key = \"{}\"\n\n",
+            op.public().to_openssh()
+        );
+        text += &opts.extra;
+        let file = dir.path().join("cluster.toml");
+        fs::write(&file, text).expect("write cluster file");
+        TestCluster {
+            dir,
+            file,
+            nodes,
+            operator_key,
+        }
+    }
+
+    /// Two nodes `a` (active) and `b` with the `ca` watch and `watch_extra`
+    /// added to its table (e.g. `exclude = [...]`).
+    pub fn pair(watch_extra: &str) -> TestCluster {
+        TestCluster::new(ClusterOptions {
+            nodes: vec!["a", "b"],
+            extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\ndebounce_ms = 5\n{watch_extra}\n"),
+        })
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> &NodeSpec {
+        self.nodes.iter().find(|n| n.name == name).expect("node in cluster")
+    }
+
+    /// The `ca` watch root of node `name`.
+    pub fn ca(&self, name: &str) -> PathBuf {
+        self.node(name).root.join(CA_WATCH.trim_start_matches('/'))
+    }
+
+    /// Starts the agent of node `name`.
+    pub fn start(&self, name: &str) -> Agent {
+        Agent::start(&self.file, name, &self.dir.path().join(format!("{name}.log")))
+    }
+}
+
+/// A running `warmspare-agent run` process; killed when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    cluster: PathBuf,
+    /// The node name.
+    pub name: String,
+    /// Where its stderr goes (appended across restarts).
+    pub log: PathBuf,
+}
+
+impl Agent {
+    fn start(cluster: &Path, name: &str, log: &Path) -> Agent {
+        let mut a = Agent {
+            child: None,
+            cluster: cluster.to_path_buf(),
+            name: name.to_string(),
+            log: log.to_path_buf(),
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new(bin("warmspare-agent"))
+            .args(["--cluster"])
+            .arg(&self.cluster)
+            .args(["--node", &self.name, "--log-level", "info,warmspare_agent=debug", "run"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.child = Some(child);
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        c.wait().expect("wait agent")
+    }
+
+    /// Starts the process again after a kill.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent still running");
+        self.spawn();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The configured cluster file.
+    pub fn cluster_file(&self) -> &Path {
+        &self.cluster
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// What a tree holds, for comparisons: path -> description.
+pub type Snapshot = BTreeMap<String, String>;
+
+/// Describes every entry under `root` (content hash, mode, mtime, link target),
+/// leaving out directory mtimes when `dir_mtimes` is false.
+pub fn snapshot(root: &Path) -> Snapshot {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for de in rd.flatten() {
+        let p = de.path();
+        let rel = p.strip_prefix(root).expect("under root").to_string_lossy().to_string();
+        let Ok(md) = fs::symlink_metadata(&p) else { continue };
+        let mode = md.mode() & 0o7777;
+        let desc = if md.file_type().is_symlink() {
+            format!(
+                "link -> {}",
+                fs::read_link(&p).map(|t| t.display().to_string()).unwrap_or_default()
+            )
+        } else if md.is_dir() {
+            walk(root, &p, out);
+            format!("dir {mode:o}")
+        } else {
+            let hash = fs::read(&p)
+                .map(|b| blake3::hash(&b).to_hex().to_string())
+                .unwrap_or_else(|_| "vanished".into());
+            format!(
+                "file {mode:o} {}.{:09} {} {}",
+                md.mtime(),
+                md.mtime_nsec(),
+                md.len(),
+                &hash[..16]
+            )
+        };
+        out.insert(rel, desc);
+    }
+}
+
+/// Temporary files of the applier under `root`.
+pub fn temp_files(root: &Path) -> Vec<String> {
+    snapshot(root)
+        .into_keys()
+        .filter(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with(".warmspare-tmp.")))
+        .collect()
+}
+
+/// Waits until the trees under `a` and `b` are identical, then returns the time it took.
+pub fn converge(a: &Path, b: &Path, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let deadline = start + limit;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let (sa, sb) = (snapshot(a), snapshot(b));
+        if sa == sb {
+            return start.elapsed();
+        }
+        if Instant::now() > deadline {
+            let only_a: Vec<_> = sa.iter().filter(|(k, v)| sb.get(*k) != Some(v)).take(10).collect();
+            let only_b: Vec<_> = sb.iter().filter(|(k, v)| sa.get(*k) != Some(v)).take(10).collect();
+            panic!(
+                "trees did not converge in {limit:?}\n  differing on {}: {only_a:#?}\n  differing on {}: {only_b:#?}",
+                a.display(),
+                b.display()
+            );
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Writes `data` to `path` (creating parents) and sets its mode.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p).expect("mkdir");
+    }
+    let mut f = fs::File::create(path).expect("create");
+    f.write_all(data).expect("write");
+    drop(f);
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Reads a whole file, or `None`.
+pub fn read(path: &Path) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    fs::File::open(path).ok()?.read_to_end(&mut v).ok()?;
+    Some(v)
+}
+
+/// Pseudo-random bytes from a seed (fast, reproducible).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Runs a command and returns its output, failing the test on a non-zero exit.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+impl Drop for TestCluster {
+    /// A failing test (or any test with WARMSPARE_TEST_LOGS set) shows the
+    /// tail of every agent's log.
+    fn drop(&mut self) {
+        if !std::thread::panicking() && std::env::var_os("WARMSPARE_TEST_LOGS").is_none() {
+            return;
+        }
+        for n in &self.nodes {
+            let log = self.dir.path().join(format!("{}.log", n.name));
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "---- log of {} (last {} lines) ----\n{}",
+                n.name,
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}

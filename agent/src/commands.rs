@@ -34,7 +34,8 @@ fn run(args: Args) -> Result<ExitCode> {
     match &args.command {
         Command::Keygen { out } => {
             let key = SecretKey::generate();
-            key.save(out).with_context(|| format!("cannot write the key to {}", out.display()))?;
+            key.save(out)
+                .with_context(|| format!("cannot write the key to {}", out.display()))?;
             println!("{}", key.public().to_openssh());
             Ok(ExitCode::SUCCESS)
         }
@@ -59,12 +60,21 @@ fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
 }
 
 /// `check`: the file and key are already validated by [`Shared::load`]; reach every peer.
 async fn check(shared: Shared) -> Result<ExitCode> {
-    println!("cluster file ok: {} nodes, {} watches, {} jobs; hash {}", shared.cluster.node.len(), shared.cluster.watch.len(), shared.cluster.job.len(), shared.config_hash);
+    println!(
+        "cluster file ok: {} nodes, {} watches, {} jobs; hash {}",
+        shared.cluster.node.len(),
+        shared.cluster.watch.len(),
+        shared.cluster.job.len(),
+        shared.config_hash
+    );
     println!("this node: {} (key matches the pinned public key)", shared.me.name);
     let mut all_ok = true;
     for peer in shared.cluster.peers_of(&shared.me.name) {
@@ -76,7 +86,9 @@ async fn check(shared: Shared) -> Result<ExitCode> {
                 let mut w = FrameWriter::new(wr);
                 w.send(&Request::Hello(shared.hello(Purpose::Probe))).await?;
                 match r.recv::<Reply>().await {
-                    Ok(Some(Reply::Hello(h))) if h.config_hash == shared.config_hash => format!("ok (epoch {}, active {}, version {})", h.epoch, h.active, h.version),
+                    Ok(Some(Reply::Hello(h))) if h.config_hash == shared.config_hash => {
+                        format!("ok (epoch {}, active {}, version {})", h.epoch, h.active, h.version)
+                    }
                     Ok(Some(Reply::Hello(h))) => {
                         all_ok = false;
                         format!("reachable, but its cluster file differs (hash {})", h.config_hash)

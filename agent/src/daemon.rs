@@ -61,14 +61,21 @@ impl Shared {
             bail!("node {name:?} is not in {} (pass --node NAME)", cluster_path.display());
         };
         let key_path = cluster.key_file(&me);
-        let key = SecretKey::load(&key_path).with_context(|| format!("cannot load this node's key {}", key_path.display()))?;
+        let key = SecretKey::load(&key_path)
+            .with_context(|| format!("cannot load this node's key {}", key_path.display()))?;
         if key.public() != me.key().context("the pinned key does not parse")? {
-            bail!("{} is not the key pinned for node {name} in the cluster file", key_path.display());
+            bail!(
+                "{} is not the key pinned for node {name} in the cluster file",
+                key_path.display()
+            );
         }
         warn_if_readable(cluster_path);
         warn_if_readable(&key_path);
         let state_dir = cluster.state_dir(&me);
-        let (role, _) = watch::channel(RoleState { epoch: 0, active: String::new() });
+        let (role, _) = watch::channel(RoleState {
+            epoch: 0,
+            active: String::new(),
+        });
         Ok(Shared {
             config_hash: cluster.hash(),
             cluster,
@@ -90,7 +97,14 @@ impl Shared {
     pub fn set_role(&self, next: RoleState, reason: &str) -> Result<()> {
         next.store(&self.state_dir)?;
         let prev = self.role.send_replace(next.clone());
-        tracing::warn!(from_epoch = prev.epoch, from_active = prev.active, epoch = next.epoch, active = next.active, reason, "role changed");
+        tracing::warn!(
+            from_epoch = prev.epoch,
+            from_active = prev.active,
+            epoch = next.epoch,
+            active = next.active,
+            reason,
+            "role changed"
+        );
         Ok(())
     }
 
@@ -134,7 +148,11 @@ impl Shared {
             .iter()
             .filter_map(|w| {
                 let excludes = Excludes::new(&w.exclude).ok()?;
-                Some(LocalWatch { name: w.name.clone(), root: self.me.local_path(&w.path), excludes })
+                Some(LocalWatch {
+                    name: w.name.clone(),
+                    root: self.me.local_path(&w.path),
+                    excludes,
+                })
             })
             .collect()
     }
@@ -170,7 +188,9 @@ fn warn_if_readable(path: &Path) {
 /// Binds the SSH endpoint of this node.
 pub async fn bind(shared: &Shared) -> Result<TcpListener> {
     let addr = &shared.me.ssh;
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -199,14 +219,20 @@ async fn wait_for_signal() {
 
 /// Runs the daemon on a bound listener until `cancel` fires.
 pub async fn serve(shared: Shared, listener: TcpListener, cancel: CancellationToken) -> Result<()> {
-    std::fs::create_dir_all(&shared.state_dir).with_context(|| format!("cannot create the state dir {}", shared.state_dir.display()))?;
+    std::fs::create_dir_all(&shared.state_dir)
+        .with_context(|| format!("cannot create the state dir {}", shared.state_dir.display()))?;
     let role = RoleState::load_or_init(&shared.state_dir, &shared.cluster.cluster.preferred_active)?;
     shared.role.send_replace(role.clone());
     for w in shared.local_watches() {
         std::fs::create_dir_all(&w.root).with_context(|| format!("cannot create watch root {}", w.root.display()))?;
-        let removed = apply::clean_temps(&w.root).with_context(|| format!("cannot clean temporary files under {}", w.root.display()))?;
+        let removed = apply::clean_temps(&w.root)
+            .with_context(|| format!("cannot clean temporary files under {}", w.root.display()))?;
         if removed > 0 {
-            tracing::info!(watch = w.name, removed, "removed temporary files left by an earlier run");
+            tracing::info!(
+                watch = w.name,
+                removed,
+                "removed temporary files left by an earlier run"
+            );
         }
     }
     let shared = Arc::new(shared);
@@ -245,7 +271,12 @@ pub async fn serve(shared: Shared, listener: TcpListener, cancel: CancellationTo
             changed = roles.changed() => if changed.is_err() { break },
         }
     }
-    if tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
         tracing::warn!("some tasks did not stop in time");
         tasks.abort_all();
     }
@@ -269,12 +300,19 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &Cancellat
         .local_watches()
         .into_iter()
         .zip(&shared.cluster.watch)
-        .map(|(w, c)| watcher::Target { name: w.name, root: w.root, debounce: Duration::from_millis(c.debounce_ms) })
+        .map(|(w, c)| watcher::Target {
+            name: w.name,
+            root: w.root,
+            debounce: Duration::from_millis(c.debounce_ms),
+        })
         .collect();
     let t = token.clone();
     tasks.spawn(async move {
         if let Err(e) = watcher::run(targets, inboxes, t).await {
-            tracing::error!(error = format!("{e:#}"), "the watcher stopped; changes are found only by periodic comparison");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "the watcher stopped; changes are found only by periodic comparison"
+            );
         }
     });
 }

@@ -70,33 +70,43 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             let refused = matches!(reply, Reply::Refused { .. });
             writer.send(&reply).await?;
             if refused {
-                break;
+                // End our side cleanly so the refusal reaches the peer before the close.
+                writer.close().await?;
+                return Ok(true);
             }
         }
-        Ok::<(), proto::FrameError>(())
+        Ok::<bool, proto::FrameError>(false)
     };
     let read_task = async move {
+        let mut forwarding = true;
         while let Some(req) = reader.recv::<Request>().await? {
-            if req_tx.send(req).await.is_err() {
-                break;
-            }
+            // After the worker stops, keep reading until the peer closes.
+            forwarding = forwarding && req_tx.send(req).await.is_ok();
         }
         Ok::<(), proto::FrameError>(())
     };
+    tokio::pin!(read_task);
     let result = tokio::select! {
         r = write_task => r.context("cannot write to the peer"),
-        r = read_task => r.context("cannot read from the peer"),
+        r = &mut read_task => r.map(|()| false).context("cannot read from the peer"),
     };
+    if matches!(result, Ok(true)) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut read_task).await;
+    }
     // Dropping the request queue stops the worker; its applier removes its temp files.
     let worker_result = worker.await.context("the apply worker panicked")?;
     worker_result?;
-    result
+    result.map(drop)
 }
 
 /// Decides whether a session may proceed; the `Err` is the reason given.
 fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> std::result::Result<(), String> {
     if hello.protocol != proto::PROTOCOL_VERSION {
-        return Err(format!("protocol {} is not supported (this agent speaks {})", hello.protocol, proto::PROTOCOL_VERSION));
+        return Err(format!(
+            "protocol {} is not supported (this agent speaks {})",
+            hello.protocol,
+            proto::PROTOCOL_VERSION
+        ));
     }
     if hello.purpose == Purpose::Probe {
         return Ok(());
@@ -106,21 +116,40 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> std::result::Result<
         _ => return Err(format!("{who} may not push as node {:?}", hello.node)),
     }
     if hello.config_hash != shared.config_hash {
-        tracing::warn!(peer = hello.node, theirs = hello.config_hash, ours = shared.config_hash, "the peer's cluster file differs from ours");
+        tracing::warn!(
+            peer = hello.node,
+            theirs = hello.config_hash,
+            ours = shared.config_hash,
+            "the peer's cluster file differs from ours"
+        );
     }
     let mine = shared.role();
     if hello.active != hello.node {
-        return Err(format!("{} is not the active node of epoch {}", hello.node, hello.epoch));
+        return Err(format!(
+            "{} is not the active node of epoch {}",
+            hello.node, hello.epoch
+        ));
     }
     if hello.epoch < mine.epoch {
-        return Err(format!("stale epoch {} (this node is at epoch {}, active {})", hello.epoch, mine.epoch, mine.active));
+        return Err(format!(
+            "stale epoch {} (this node is at epoch {}, active {})",
+            hello.epoch, mine.epoch, mine.active
+        ));
     }
     if hello.epoch == mine.epoch && mine.active != hello.node {
-        return Err(format!("{} is the active node of epoch {}, not {}", mine.active, mine.epoch, hello.node));
+        return Err(format!(
+            "{} is the active node of epoch {}, not {}",
+            mine.active, mine.epoch, hello.node
+        ));
     }
     if hello.epoch > mine.epoch {
-        let next = RoleState { epoch: hello.epoch, active: hello.active.clone() };
-        shared.set_role(next, &format!("{} pushed at a higher epoch", hello.node)).map_err(|e| format!("cannot record the new epoch: {e}"))?;
+        let next = RoleState {
+            epoch: hello.epoch,
+            active: hello.active.clone(),
+        };
+        shared
+            .set_role(next, &format!("{} pushed at a higher epoch", hello.node))
+            .map_err(|e| format!("cannot record the new epoch: {e}"))?;
     }
     Ok(())
 }
@@ -155,26 +184,49 @@ fn watch_roots(shared: &Shared) -> Result<Vec<WatchRoot>> {
 
 fn apply_loop(shared: &Shared, mut requests: mpsc::Receiver<Request>, replies: mpsc::Sender<Reply>) -> Result<()> {
     let mut applier = Applier::new(watch_roots(shared)?).context("cannot open the watch roots")?;
-    let send = |r: Reply| replies.blocking_send(r).map_err(|_| anyhow::anyhow!("the session closed"));
+    let send = |r: Reply| {
+        replies
+            .blocking_send(r)
+            .map_err(|_| anyhow::anyhow!("the session closed"))
+    };
     while let Some(req) = requests.blocking_recv() {
         let outcome: std::result::Result<(), String> = match req {
             Request::GetManifest { watch } => match applier.manifest(&watch) {
                 Ok(entries) => {
                     for part in manifest_parts(entries) {
-                        send(Reply::ManifestPart { watch: watch.clone(), entries: part.0, last: part.1 })?;
+                        send(Reply::ManifestPart {
+                            watch: watch.clone(),
+                            entries: part.0,
+                            last: part.1,
+                        })?;
                     }
                     Ok(())
                 }
                 Err(e) => Err(e.to_string()),
             },
-            Request::GetSignature { id, watch, path, block_len } => match applier.signature(&watch, &path, block_len) {
+            Request::GetSignature {
+                id,
+                watch,
+                path,
+                block_len,
+            } => match applier.signature(&watch, &path, block_len) {
                 Ok(Some((base, sig))) => {
                     let mut chunks = sig.chunks(proto::CHUNK).peekable();
                     if chunks.peek().is_none() {
-                        send(Reply::SignaturePart { id, base, data: ByteBuf::new(), last: true })?;
+                        send(Reply::SignaturePart {
+                            id,
+                            base,
+                            data: ByteBuf::new(),
+                            last: true,
+                        })?;
                     }
                     while let Some(c) = chunks.next() {
-                        send(Reply::SignaturePart { id, base, data: ByteBuf::from(c.to_vec()), last: chunks.peek().is_none() })?;
+                        send(Reply::SignaturePart {
+                            id,
+                            base,
+                            data: ByteBuf::from(c.to_vec()),
+                            last: chunks.peek().is_none(),
+                        })?;
                     }
                     Ok(())
                 }
@@ -190,7 +242,11 @@ fn apply_loop(shared: &Shared, mut requests: mpsc::Receiver<Request>, replies: m
                 for watch in &report.touched {
                     run_after_apply(shared, watch, applier.root(watch));
                 }
-                send(Reply::Committed { batch, applied: report.applied, failed: report.failed })?;
+                send(Reply::Committed {
+                    batch,
+                    applied: report.applied,
+                    failed: report.failed,
+                })?;
                 Ok(())
             }
             Request::Ping => {
@@ -214,10 +270,12 @@ fn manifest_parts(entries: Vec<Entry>) -> Vec<(Vec<Entry>, bool)> {
     let mut cur = Vec::new();
     let mut bytes = 0usize;
     for e in entries {
-        bytes += e.path.len() + 96 + match &e.kind {
-            warmspare_shared::manifest::EntryKind::Symlink { target } => target.len(),
-            _ => 0,
-        };
+        bytes += e.path.len()
+            + 96
+            + match &e.kind {
+                warmspare_shared::manifest::EntryKind::Symlink { target } => target.len(),
+                _ => 0,
+            };
         cur.push(e);
         if cur.len() >= MANIFEST_PART || bytes > proto::MAX_FRAME / 4 {
             parts.push((std::mem::take(&mut cur), false));

@@ -87,7 +87,13 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
 }
 
 /// One connected session: hello, then the sync loop on a blocking thread.
-async fn session(shared: &Arc<Shared>, peer: &Node, dialed: ssh::Dialed, inbox: &Arc<Inbox>, cancel: &CancellationToken) -> Result<()> {
+async fn session(
+    shared: &Arc<Shared>,
+    peer: &Node,
+    dialed: ssh::Dialed,
+    inbox: &Arc<Inbox>,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let ssh::Dialed { handle, stream } = dialed;
     let (rd, wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd);
@@ -143,7 +149,14 @@ async fn session(shared: &Arc<Shared>, peer: &Node, dialed: ssh::Dialed, inbox: 
     let worker_shared = shared.clone();
     let worker_inbox = inbox.clone();
     let peer_name = peer.name.clone();
-    let io = SessionIo { frames: frame_tx, replies: reply_rx, acks: ack_rx, next_batch: 0, outstanding: Vec::new(), failures: Vec::new() };
+    let io = SessionIo {
+        frames: frame_tx,
+        replies: reply_rx,
+        acks: ack_rx,
+        next_batch: 0,
+        outstanding: Vec::new(),
+        failures: Vec::new(),
+    };
     let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_shared, &peer_name, io, &worker_inbox));
 
     let interrupt = inbox.clone();
@@ -152,10 +165,21 @@ async fn session(shared: &Arc<Shared>, peer: &Node, dialed: ssh::Dialed, inbox: 
         r = write_task => r.map_err(|e| anyhow!("cannot write to the peer: {e}")),
         r = read_task => r.and_then(|()| Err(anyhow!("the peer closed the connection"))),
     };
-    // Whatever ended the session, stop the worker and wait for it.
+    // Whatever ended the session, stop the worker. Its channels are closed, so
+    // it stops at its next send or receive; one busy computing a delta is left
+    // to finish on its own rather than hold up the reconnection.
     interrupt.interrupt();
-    let worker_result = worker.await;
     drop(handle);
+    let worker_result = match tokio::time::timeout(Duration::from_secs(1), worker).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::debug!(
+                peer = peer.name,
+                "the previous worker is still busy; reconnecting without it"
+            );
+            Ok(Err(anyhow!("the replication worker was still busy")))
+        }
+    };
     match (result, worker_result) {
         (Err(e), _) => Err(e),
         (Ok(()), Ok(Err(e))) if !cancel.is_cancelled() => Err(e),
@@ -167,13 +191,22 @@ async fn session(shared: &Arc<Shared>, peer: &Node, dialed: ssh::Dialed, inbox: 
 
 fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> Result<()> {
     if theirs.protocol != proto::PROTOCOL_VERSION {
-        bail!("the peer speaks protocol {}, this agent {}", theirs.protocol, proto::PROTOCOL_VERSION);
+        bail!(
+            "the peer speaks protocol {}, this agent {}",
+            theirs.protocol,
+            proto::PROTOCOL_VERSION
+        );
     }
     if theirs.node != peer.name {
         bail!("the peer says it is {:?}, expected {:?}", theirs.node, peer.name);
     }
     if theirs.config_hash != shared.config_hash {
-        tracing::warn!(peer = peer.name, theirs = theirs.config_hash, ours = shared.config_hash, "the peer's cluster file differs from ours");
+        tracing::warn!(
+            peer = peer.name,
+            theirs = theirs.config_hash,
+            ours = shared.config_hash,
+            "the peer's cluster file differs from ours"
+        );
     }
     Ok(())
 }
@@ -251,7 +284,10 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox) -> R
                 let cache = caches.entry(w.name.clone()).or_default();
                 if full || !model.contains_key(&w.name) {
                     let remote = fetch_manifest(&mut io, &w.name)?;
-                    model.insert(w.name.clone(), remote.into_iter().map(|e| (e.path.clone(), e)).collect());
+                    model.insert(
+                        w.name.clone(),
+                        remote.into_iter().map(|e| (e.path.clone(), e)).collect(),
+                    );
                 }
                 let prefixes: Vec<String> = if full {
                     vec![String::new()]
@@ -305,11 +341,17 @@ struct BatchStats {
 }
 
 fn fetch_manifest(io: &mut SessionIo, watch: &str) -> Result<Vec<Entry>> {
-    io.send(&Request::GetManifest { watch: watch.to_string() })?;
+    io.send(&Request::GetManifest {
+        watch: watch.to_string(),
+    })?;
     let mut entries = Vec::new();
     loop {
         match io.reply()? {
-            Reply::ManifestPart { watch: w, entries: mut part, last } if w == watch => {
+            Reply::ManifestPart {
+                watch: w,
+                entries: mut part,
+                last,
+            } if w == watch => {
                 entries.append(&mut part);
                 if last {
                     return Ok(entries);
@@ -357,7 +399,10 @@ fn ship_prefix(
     for r in &remote_under {
         let gone = match local.get(r.path.as_str()) {
             None => true,
-            Some(l) => kind_tag(&l.kind) != kind_tag(&r.kind) && !(matches!(l.kind, EntryKind::File { .. }) && matches!(r.kind, EntryKind::File { .. })),
+            Some(l) => {
+                kind_tag(&l.kind) != kind_tag(&r.kind)
+                    && !(matches!(l.kind, EntryKind::File { .. }) && matches!(r.kind, EntryKind::File { .. }))
+            }
         };
         if gone && !removals.last().is_some_and(|last| manifest::is_under(&r.path, last)) {
             removals.push(r.path.clone());
@@ -365,7 +410,15 @@ fn ship_prefix(
     }
     let mut changed_parents: BTreeSet<String> = BTreeSet::new();
     for path in removals {
-        emit(io, stats, &w.name, Op::Remove { watch: w.name.clone(), path: path.clone() })?;
+        emit(
+            io,
+            stats,
+            &w.name,
+            Op::Remove {
+                watch: w.name.clone(),
+                path: path.clone(),
+            },
+        )?;
         remote_remove_tree(remote, &path);
         changed_parents.insert(parent_of(&path));
     }
@@ -380,28 +433,58 @@ fn ship_prefix(
                     if r.is_none() {
                         changed_parents.insert(parent_of(&l.path));
                     }
-                    emit(io, stats, &w.name, Op::Dir { watch: w.name.clone(), path: l.path.clone(), meta: l.meta })?;
+                    emit(
+                        io,
+                        stats,
+                        &w.name,
+                        Op::Dir {
+                            watch: w.name.clone(),
+                            path: l.path.clone(),
+                            meta: l.meta,
+                        },
+                    )?;
                     remote.insert(l.path.clone(), l.clone());
                 }
             }
             EntryKind::Symlink { target } => {
                 if r.is_none_or(|r| r.kind != l.kind) {
                     changed_parents.insert(parent_of(&l.path));
-                    emit(io, stats, &w.name, Op::Symlink { watch: w.name.clone(), path: l.path.clone(), target: target.clone(), meta: l.meta })?;
+                    emit(
+                        io,
+                        stats,
+                        &w.name,
+                        Op::Symlink {
+                            watch: w.name.clone(),
+                            path: l.path.clone(),
+                            target: target.clone(),
+                            meta: l.meta,
+                        },
+                    )?;
                     remote.insert(l.path.clone(), l.clone());
                 }
             }
             EntryKind::File { size, hash } => match r {
                 Some(r) if r.kind == l.kind => {
                     if !l.meta.same_as(&r.meta, &l.kind, owners) {
-                        emit(io, stats, &w.name, Op::SetMeta { watch: w.name.clone(), path: l.path.clone(), meta: l.meta })?;
+                        emit(
+                            io,
+                            stats,
+                            &w.name,
+                            Op::SetMeta {
+                                watch: w.name.clone(),
+                                path: l.path.clone(),
+                                meta: l.meta,
+                            },
+                        )?;
                         remote.insert(l.path.clone(), l.clone());
                     }
                 }
                 _ => {
                     changed_parents.insert(parent_of(&l.path));
                     let base = match r.map(|r| &r.kind) {
-                        Some(EntryKind::File { size: rsize, .. }) if *rsize >= delta::DELTA_MIN_SIZE && *size >= delta::DELTA_MIN_SIZE => Some(*rsize),
+                        Some(EntryKind::File { size: rsize, .. }) if delta::worth_a_delta(*rsize, *size) => {
+                            Some(*rsize)
+                        }
                         _ => None,
                     };
                     ship_file(io, w, l, *size, *hash, base, stats)?;
@@ -418,8 +501,22 @@ fn ship_prefix(
         if dir.is_empty() {
             continue;
         }
-        if let Some(l) = local.get(dir.as_str()).copied().cloned().or_else(|| stat_dir(&w.root, &dir)) {
-            emit(io, stats, &w.name, Op::Dir { watch: w.name.clone(), path: dir.clone(), meta: l.meta })?;
+        if let Some(l) = local
+            .get(dir.as_str())
+            .copied()
+            .cloned()
+            .or_else(|| stat_dir(&w.root, &dir))
+        {
+            emit(
+                io,
+                stats,
+                &w.name,
+                Op::Dir {
+                    watch: w.name.clone(),
+                    path: dir.clone(),
+                    meta: l.meta,
+                },
+            )?;
             remote.insert(dir.clone(), l);
         }
     }
@@ -428,7 +525,11 @@ fn ship_prefix(
 
 fn stat_dir(root: &Path, rel: &str) -> Option<Entry> {
     let md = fs::symlink_metadata(root.join(rel)).ok()?;
-    md.is_dir().then(|| Entry { path: rel.to_string(), kind: EntryKind::Dir, meta: Meta::from_metadata(&md) })
+    md.is_dir().then(|| Entry {
+        path: rel.to_string(),
+        kind: EntryKind::Dir,
+        meta: Meta::from_metadata(&md),
+    })
 }
 
 fn parent_of(path: &str) -> String {
@@ -480,7 +581,10 @@ fn flush_commit(io: &mut SessionIo, stats: &mut BatchStats, watch: &str) -> Resu
     let batch = io.next_batch;
     io.next_batch += 1;
     stats.wire_bytes += io.send(&Request::Commit { batch })?;
-    io.outstanding.push(Outstanding { batch, watch: watch.to_string() });
+    io.outstanding.push(Outstanding {
+        batch,
+        watch: watch.to_string(),
+    });
     stats.pending_ops = 0;
     stats.pending_bytes = 0;
     Ok(())
@@ -490,18 +594,40 @@ fn wait_ack(io: &mut SessionIo, peer: &str) -> Result<()> {
     let Some(Reply::Committed { batch, failed, .. }) = io.acks.blocking_recv() else {
         return Err(Closed.into());
     };
-    let pos = io.outstanding.iter().position(|o| o.batch == batch).ok_or_else(|| anyhow!("acknowledgement of unknown batch {batch}"))?;
+    let pos = io
+        .outstanding
+        .iter()
+        .position(|o| o.batch == batch)
+        .ok_or_else(|| anyhow!("acknowledgement of unknown batch {batch}"))?;
     let done = io.outstanding.remove(pos);
     for (path, why) in failed {
-        tracing::warn!(peer, watch = done.watch, path, reason = why, "the peer could not apply a change; it is retried at the next comparison");
+        tracing::warn!(
+            peer,
+            watch = done.watch,
+            path,
+            reason = why,
+            "the peer could not apply a change; it is retried at the next comparison"
+        );
         io.failures.push((done.watch.clone(), path));
     }
     Ok(())
 }
 
-fn ship_file(io: &mut SessionIo, w: &LocalWatch, l: &Entry, size: u64, hash: ContentHash, remote_size: Option<u64>, stats: &mut BatchStats) -> Result<()> {
+fn ship_file(
+    io: &mut SessionIo,
+    w: &LocalWatch,
+    l: &Entry,
+    size: u64,
+    hash: ContentHash,
+    remote_size: Option<u64>,
+    stats: &mut BatchStats,
+) -> Result<()> {
     let abs = w.root.join(&l.path);
-    let file = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&abs) {
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&abs)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", abs.display())),
@@ -509,12 +635,19 @@ fn ship_file(io: &mut SessionIo, w: &LocalWatch, l: &Entry, size: u64, hash: Con
     let before = stats.wire_bytes;
     let mut sent_as_delta = false;
     if let Some(rsize) = remote_size {
-        io.send(&Request::GetSignature { id: 0, watch: w.name.clone(), path: l.path.clone(), block_len: delta::block_len(rsize) })?;
+        io.send(&Request::GetSignature {
+            id: 0,
+            watch: w.name.clone(),
+            path: l.path.clone(),
+            block_len: delta::block_len(rsize),
+        })?;
         let mut sig = Vec::new();
         let mut base = None;
         loop {
             match io.reply()? {
-                Reply::SignaturePart { data, last, base: b, .. } => {
+                Reply::SignaturePart {
+                    data, last, base: b, ..
+                } => {
                     sig.extend_from_slice(&data);
                     if sig.len() > 64 * 1024 * 1024 {
                         bail!("the peer's signature of {} is too large", l.path);
@@ -539,7 +672,11 @@ fn ship_file(io: &mut SessionIo, w: &LocalWatch, l: &Entry, size: u64, hash: Con
                     hash,
                     delta_base: Some(base),
                 }))?;
-                let mut sink = FrameSink { io, buf: Vec::with_capacity(CHUNK), sent: 0 };
+                let mut sink = FrameSink {
+                    io,
+                    buf: Vec::with_capacity(CHUNK),
+                    sent: 0,
+                };
                 delta::diff(&sig, &map, &mut sink).map_err(|e| anyhow!("{}: {e}", l.path))?;
                 sink.flush_chunk()?;
                 stats.wire_bytes += sink.sent;
@@ -557,13 +694,19 @@ fn ship_file(io: &mut SessionIo, w: &LocalWatch, l: &Entry, size: u64, hash: Con
             hash,
             delta_base: None,
         }))?;
-        let mut sink = FrameSink { io, buf: Vec::with_capacity(CHUNK.min(size as usize + 1)), sent: 0 };
+        let mut sink = FrameSink {
+            io,
+            buf: Vec::with_capacity(CHUNK.min(size as usize + 1)),
+            sent: 0,
+        };
         let mut left = size;
         let mut reader = &file;
         let mut buf = vec![0u8; CHUNK.min(size.max(1) as usize)];
         while left > 0 {
             let want = buf.len().min(left as usize);
-            let n = reader.read(&mut buf[..want]).with_context(|| format!("cannot read {}", abs.display()))?;
+            let n = reader
+                .read(&mut buf[..want])
+                .with_context(|| format!("cannot read {}", abs.display()))?;
             if n == 0 {
                 break; // The file shrank; the receiver's size check refuses it.
             }
@@ -575,9 +718,23 @@ fn ship_file(io: &mut SessionIo, w: &LocalWatch, l: &Entry, size: u64, hash: Con
         stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
     }
     stats.pending_bytes += stats.wire_bytes - before;
-    tracing::debug!(watch = w.name, path = l.path, size, wire_bytes = stats.wire_bytes - before, delta = sent_as_delta, "file shipped");
+    tracing::debug!(
+        watch = w.name,
+        path = l.path,
+        size,
+        wire_bytes = stats.wire_bytes - before,
+        delta = sent_as_delta,
+        "file shipped"
+    );
     if size >= delta::DELTA_MIN_SIZE {
-        tracing::info!(watch = w.name, path = l.path, size, wire_bytes = stats.wire_bytes - before, delta = sent_as_delta, "large file shipped");
+        tracing::info!(
+            watch = w.name,
+            path = l.path,
+            size,
+            wire_bytes = stats.wire_bytes - before,
+            delta = sent_as_delta,
+            "large file shipped"
+        );
     }
     Ok(())
 }
@@ -621,7 +778,13 @@ mod tests {
 
     #[test]
     fn top_most_drops_descendants() {
-        let v = ["a/b".to_string(), "a".to_string(), "ab".to_string(), "c/d".to_string(), "c/d/e".to_string()];
+        let v = [
+            "a/b".to_string(),
+            "a".to_string(),
+            "ab".to_string(),
+            "c/d".to_string(),
+            "c/d/e".to_string(),
+        ];
         assert_eq!(top_most(v.iter()), ["a", "ab", "c/d"]);
     }
 }

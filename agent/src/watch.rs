@@ -45,6 +45,8 @@ pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: Cancell
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let raw = match res {
             Ok(ev) if ev.need_rescan() => Raw::Rescan(None),
+            // Reads (our own shipping among them) change nothing.
+            Ok(ev) if is_read_only(&ev.kind) => return,
             Ok(ev) => Raw::Paths(ev.paths),
             Err(e) => {
                 report_watch_error(&e);
@@ -135,6 +137,12 @@ fn locate(targets: &[Target], path: &Path) -> Option<(usize, String)> {
         }
     }
     None
+}
+
+/// Opening, reading and closing without writing change nothing to replicate.
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    matches!(kind, notify::EventKind::Access(a) if !matches!(a, AccessKind::Close(AccessMode::Write)))
 }
 
 fn report_watch_error(e: &notify::Error) {

@@ -54,7 +54,10 @@ pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, Refused> {
         dir.push(p);
         match fs::symlink_metadata(&dir) {
             Ok(md) if md.file_type().is_symlink() => {
-                return Err(Refused(format!("path {rel:?} goes through the symbolic link {}", dir.display())));
+                return Err(Refused(format!(
+                    "path {rel:?} goes through the symbolic link {}",
+                    dir.display()
+                )));
             }
             _ => {}
         }
@@ -157,12 +160,17 @@ impl Applier {
     }
 
     fn watch(&self, name: &str) -> Result<&WatchRoot, Refused> {
-        self.watches.get(name).ok_or_else(|| Refused(format!("unknown watch {name:?}")))
+        self.watches
+            .get(name)
+            .ok_or_else(|| Refused(format!("unknown watch {name:?}")))
     }
 
     /// The manifest of one watch, from a fresh scan.
     pub fn manifest(&mut self, watch: &str) -> Result<Vec<Entry>, Refused> {
-        let w = self.watches.get_mut(watch).ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+        let w = self
+            .watches
+            .get_mut(watch)
+            .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
         let scan = manifest::scan(&w.root, "", &w.excludes, &mut w.cache);
         for s in &scan.skipped {
             tracing::warn!(watch, skipped = ?s, "not replicated");
@@ -179,10 +187,20 @@ impl Applier {
 
     /// The signature of the receiver's copy of `rel`, with its content hash,
     /// or `None` when there is no regular file there.
-    pub fn signature(&mut self, watch: &str, rel: &str, block_len: u32) -> Result<Option<(ContentHash, Vec<u8>)>, Refused> {
-        let w = self.watches.get_mut(watch).ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+    pub fn signature(
+        &mut self,
+        watch: &str,
+        rel: &str,
+        block_len: u32,
+    ) -> Result<Option<(ContentHash, Vec<u8>)>, Refused> {
+        let w = self
+            .watches
+            .get_mut(watch)
+            .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
         let path = confine(&w.root, rel)?;
-        let Ok(file) = open_nofollow(&path) else { return Ok(None) };
+        let Ok(file) = open_nofollow(&path) else {
+            return Ok(None);
+        };
         let Ok(md) = file.metadata() else { return Ok(None) };
         if !md.is_file() {
             return Ok(None);
@@ -231,7 +249,13 @@ impl Applier {
             Op::Symlink { target: link, meta, .. } => self.make_symlink(&target, &link, meta),
             Op::SetMeta { meta, .. } => self.set_meta(&target, meta),
             Op::Remove { .. } => self.remove(&watch, &rel, &target),
-            Op::FileBegin { meta, size, hash, delta_base, .. } => {
+            Op::FileBegin {
+                meta,
+                size,
+                hash,
+                delta_base,
+                ..
+            } => {
                 match self.file_begin(&watch, &rel, &target, meta, size, hash, delta_base) {
                     Ok(()) => return Ok(()),
                     Err(e) => {
@@ -373,7 +397,12 @@ impl Applier {
             }
             None => tmp,
         };
-        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&spool)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&spool)?;
         incoming.writer = Some(BufWriter::with_capacity(256 * 1024, file));
         self.incoming = Some(incoming);
         Ok(())
@@ -465,13 +494,25 @@ impl Applier {
             let base_file = open_nofollow(&inc.target).map_err(|e| format!("cannot open the delta base: {e}"))?;
             let base_md = base_file.metadata().map_err(|e| e.to_string())?;
             let w = self.watches.get_mut(&inc.watch).ok_or("unknown watch")?;
-            let actual = w.cache.hash(&inc.rel, &inc.target, &base_md).map_err(|e| e.to_string())?;
+            let actual = w
+                .cache
+                .hash(&inc.rel, &inc.target, &base_md)
+                .map_err(|e| e.to_string())?;
             if actual != *base_hash {
                 return Err("the delta base changed on the receiver".into());
             }
             let base_map = Mapped::new(&base_file).map_err(|e| e.to_string())?;
-            let out = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&inc.tmp).map_err(|e| e.to_string())?;
-            let mut hw = HashingWriter { inner: BufWriter::with_capacity(256 * 1024, out), hasher: blake3::Hasher::new(), written: 0 };
+            let out = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&inc.tmp)
+                .map_err(|e| e.to_string())?;
+            let mut hw = HashingWriter {
+                inner: BufWriter::with_capacity(256 * 1024, out),
+                hasher: blake3::Hasher::new(),
+                written: 0,
+            };
             delta::apply(&base_map, &delta_map, &mut hw, inc.size as usize).map_err(|e| e.to_string())?;
             let _ = spool;
             inc.hasher = hw.hasher;
@@ -491,7 +532,8 @@ impl Applier {
         if got != inc.hash {
             return Err(format!("content hash mismatch: got {got}, announced {}", inc.hash));
         }
-        file.set_permissions(fs::Permissions::from_mode(inc.meta.mode)).map_err(|e| e.to_string())?;
+        file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))
+            .map_err(|e| e.to_string())?;
         if self.can_chown {
             std::os::unix::fs::fchown(file, Some(inc.meta.uid), Some(inc.meta.gid)).map_err(|e| e.to_string())?;
         }
@@ -517,7 +559,9 @@ impl Applier {
         if let Err(e) = sync_files(pending.iter().map(|p| p.tmp.as_path())) {
             for p in &pending {
                 let _ = fs::remove_file(&p.tmp);
-                self.report.failed.push((p.rel.clone(), format!("cannot make the data durable: {e}")));
+                self.report
+                    .failed
+                    .push((p.rel.clone(), format!("cannot make the data durable: {e}")));
             }
         } else {
             // 2. Rename into place.
@@ -580,7 +624,6 @@ fn unreachable_op() -> ! {
     // FileData and FileEnd return before the match that would reach here.
     panic!("file data handled above")
 }
-
 
 struct HashingWriter<W> {
     inner: W,
@@ -700,7 +743,13 @@ mod tests {
     }
 
     fn meta() -> Meta {
-        Meta { mode: 0o640, mtime: 1_600_000_000, mtime_nsec: 5, uid: 0, gid: 0 }
+        Meta {
+            mode: 0o640,
+            mtime: 1_600_000_000,
+            mtime_nsec: 5,
+            uid: 0,
+            gid: 0,
+        }
     }
 
     fn send_file(a: &mut Applier, rel: &str, data: &[u8]) {
@@ -722,7 +771,15 @@ mod tests {
     #[test]
     fn confine_refuses_escapes() {
         let d = tempfile::tempdir().unwrap();
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.warmspare-tmp.x"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a/.warmspare-tmp.x",
+        ] {
             assert!(confine(d.path(), bad).is_err(), "{bad:?} accepted");
         }
         std::os::unix::fs::symlink("/tmp", d.path().join("link")).unwrap();
@@ -813,16 +870,36 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut a = applier(d.path());
         send_file(&mut a, "ex/secret", b"x");
-        a.apply(Op::Dir { watch: "w".into(), path: "dir".into(), meta: Meta { mode: 0o755, ..meta() } }).unwrap();
+        a.apply(Op::Dir {
+            watch: "w".into(),
+            path: "dir".into(),
+            meta: Meta { mode: 0o755, ..meta() },
+        })
+        .unwrap();
         send_file(&mut a, "dir/f", b"y");
-        a.apply(Op::Symlink { watch: "w".into(), path: "l".into(), target: "dir/f".into(), meta: meta() }).unwrap();
+        a.apply(Op::Symlink {
+            watch: "w".into(),
+            path: "l".into(),
+            target: "dir/f".into(),
+            meta: meta(),
+        })
+        .unwrap();
         let r = a.commit();
         assert_eq!(r.failed.len(), 1);
         assert!(!d.path().join("ex/secret").exists());
         assert_eq!(fs::read_link(d.path().join("l")).unwrap(), PathBuf::from("dir/f"));
-        a.apply(Op::Remove { watch: "w".into(), path: "dir".into() }).unwrap();
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: "dir".into(),
+        })
+        .unwrap();
         a.commit();
         assert!(!d.path().join("dir").exists());
-        assert!(a.apply(Op::Remove { watch: "nope".into(), path: "dir".into() }).is_err());
+        assert!(a
+            .apply(Op::Remove {
+                watch: "nope".into(),
+                path: "dir".into()
+            })
+            .is_err());
     }
 }

@@ -397,16 +397,11 @@ fn line_col(text: &str, pos: usize) -> (usize, usize) {
     (line, column)
 }
 
-fn check_name(
-    loc: &Locator<'_>,
-    name: &Spanned<String>,
-    key: String,
-) -> Result<String, ConfigError> {
+fn check_name(loc: &Locator<'_>, name: &Spanned<String>, key: String) -> Result<String, ConfigError> {
     let n = name.get_ref();
     let ok = !n.is_empty()
         && n.len() <= 64
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
         return Err(loc.at(
@@ -418,18 +413,10 @@ fn check_name(
     Ok(n.clone())
 }
 
-fn check_absolute(
-    loc: &Locator<'_>,
-    path: &Spanned<PathBuf>,
-    key: String,
-) -> Result<PathBuf, ConfigError> {
+fn check_absolute(loc: &Locator<'_>, path: &Spanned<PathBuf>, key: String) -> Result<PathBuf, ConfigError> {
     let p = path.get_ref();
     if !p.is_absolute() {
-        return Err(loc.at(
-            path,
-            key,
-            format!("{} must be an absolute path", p.display()),
-        ));
+        return Err(loc.at(path, key, format!("{} must be an absolute path", p.display())));
     }
     if p.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(loc.at(path, key, format!("{} must not contain '..'", p.display())));
@@ -453,10 +440,7 @@ fn check_cron(loc: &Locator<'_>, expr: &Spanned<String>, key: String) -> Result<
 pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     if host.is_empty() || host.contains(char::is_whitespace) {
         return None;
     }
@@ -479,7 +463,11 @@ impl RawFile {
             let n = n.get_ref();
             let name = check_name(loc, &n.name, format!("node[{i}].name"))?;
             if nodes.iter().any(|o| o.name == name) {
-                return Err(loc.at(&n.name, format!("node[{i}].name"), format!("duplicate node name {name:?}")));
+                return Err(loc.at(
+                    &n.name,
+                    format!("node[{i}].name"),
+                    format!("duplicate node name {name:?}"),
+                ));
             }
             if split_host_port(n.ssh.get_ref()).is_none() {
                 return Err(loc.at(
@@ -490,13 +478,21 @@ impl RawFile {
             }
             let http = match &n.http {
                 Some(h) => Some(h.get_ref().parse::<SocketAddr>().map_err(|e| {
-                    loc.at(h, format!("node[{i}].http"), format!("{:?} is not an ip:port address: {e}", h.get_ref()))
+                    loc.at(
+                        h,
+                        format!("node[{i}].http"),
+                        format!("{:?} is not an ip:port address: {e}", h.get_ref()),
+                    )
                 })?),
                 None => None,
             };
             let public_key = check_key(loc, &n.public_key, format!("node[{i}].public_key"))?;
             if nodes.iter().any(|o| o.public_key == public_key) {
-                return Err(loc.at(&n.public_key, format!("node[{i}].public_key"), "the same key is pinned for two nodes".into()));
+                return Err(loc.at(
+                    &n.public_key,
+                    format!("node[{i}].public_key"),
+                    "the same key is pinned for two nodes".into(),
+                ));
             }
             let root = match &n.root {
                 Some(r) => Some(check_absolute(loc, r, format!("node[{i}].root"))?),
@@ -512,7 +508,11 @@ impl RawFile {
             });
         }
         if nodes.is_empty() {
-            return Err(loc.err::<()>(cluster_span, "node".into(), "the cluster needs at least one [[node]]".into()));
+            return Err(loc.err::<()>(
+                cluster_span,
+                "node".into(),
+                "the cluster needs at least one [[node]]".into(),
+            ));
         }
         if !nodes.iter().any(|n| n.name == cluster.preferred_active) {
             return Err(loc.at(
@@ -527,7 +527,11 @@ impl RawFile {
             let o = o.get_ref();
             let name = check_name(loc, &o.name, format!("operator[{i}].name"))?;
             if operators.iter().any(|p| p.name == name) {
-                return Err(loc.at(&o.name, format!("operator[{i}].name"), format!("duplicate operator name {name:?}")));
+                return Err(loc.at(
+                    &o.name,
+                    format!("operator[{i}].name"),
+                    format!("duplicate operator name {name:?}"),
+                ));
             }
             let public_key = check_key(loc, &o.public_key, format!("operator[{i}].public_key"))?;
             operators.push(Operator { name, public_key });
@@ -538,7 +542,11 @@ impl RawFile {
             let w = w.get_ref();
             let name = check_name(loc, &w.name, format!("watch[{i}].name"))?;
             if watches.iter().any(|o| o.name == name) {
-                return Err(loc.at(&w.name, format!("watch[{i}].name"), format!("duplicate watch name {name:?}")));
+                return Err(loc.at(
+                    &w.name,
+                    format!("watch[{i}].name"),
+                    format!("duplicate watch name {name:?}"),
+                ));
             }
             let path = check_absolute(loc, &w.path, format!("watch[{i}].path"))?;
             if let Some(other) = watches
@@ -572,7 +580,11 @@ impl RawFile {
             let j = j.get_ref();
             let name = check_name(loc, &j.name, format!("job[{i}].name"))?;
             if jobs.iter().any(|o| o.name == name) {
-                return Err(loc.at(&j.name, format!("job[{i}].name"), format!("duplicate job name {name:?}")));
+                return Err(loc.at(
+                    &j.name,
+                    format!("job[{i}].name"),
+                    format!("duplicate job name {name:?}"),
+                ));
             }
             let schedule = match &j.schedule {
                 Some(s) => Some(check_cron(loc, s, format!("job[{i}].schedule"))?),
@@ -583,10 +595,18 @@ impl RawFile {
                 None => None,
             };
             if j.dump.is_none() && j.run.is_none() {
-                return Err(loc.err::<()>(span, format!("job[{i}]"), "a job needs a `dump` or a `run` command".into()));
+                return Err(loc.err::<()>(
+                    span,
+                    format!("job[{i}]"),
+                    "a job needs a `dump` or a `run` command".into(),
+                ));
             }
             if j.dump.is_some() && j.run.is_some() {
-                return Err(loc.err::<()>(span, format!("job[{i}]"), "a job has either `dump` (with `restore`) or `run`, not both".into()));
+                return Err(loc.err::<()>(
+                    span,
+                    format!("job[{i}]"),
+                    "a job has either `dump` (with `restore`) or `run`, not both".into(),
+                ));
             }
             if j.on.is_some() && j.run.is_none() {
                 return Err(loc.err::<()>(span, format!("job[{i}].on"), "`on` only applies to `run` jobs".into()));
@@ -600,7 +620,11 @@ impl RawFile {
             };
             let timeout = match &j.timeout {
                 Some(t) => humantime::parse_duration(t.get_ref()).map_err(|e| {
-                    loc.at(t, format!("job[{i}].timeout"), format!("{:?} is not a duration like \"15m\": {e}", t.get_ref()))
+                    loc.at(
+                        t,
+                        format!("job[{i}].timeout"),
+                        format!("{:?} is not a duration like \"15m\": {e}", t.get_ref()),
+                    )
                 })?,
                 None => DEFAULT_JOB_TIMEOUT,
             };
@@ -698,7 +722,9 @@ timeout = "10m"
     #[test]
     fn hash_ignores_layout_and_comments() {
         let a = parse(&sample()).unwrap();
-        let text = sample().replace("[[watch]]", "# a comment\n[[watch]]").replace(" = ", "=");
+        let text = sample()
+            .replace("[[watch]]", "# a comment\n[[watch]]")
+            .replace(" = ", "=");
         let b = parse(&text).unwrap();
         assert_eq!(a.hash(), b.hash());
         let changed = parse(&sample().replace("signed/b.pem", "signed/c.pem")).unwrap();
@@ -707,7 +733,9 @@ timeout = "10m"
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let text = sample().replace("debounce", "x").replace("exclude = [", "colour = 3\nexclude = [");
+        let text = sample()
+            .replace("debounce", "x")
+            .replace("exclude = [", "colour = 3\nexclude = [");
         let err = parse(&text).unwrap_err();
         let line = text.lines().position(|l| l.starts_with("colour")).unwrap() + 1;
         assert_eq!(err.line, Some(line), "{err}");
@@ -719,7 +747,10 @@ timeout = "10m"
         let text = sample().replace("name = \"b\"", "name = \"a\"");
         let err = parse(&text).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("node[1].name"));
-        let line = text.match_indices("name = \"a\"").nth(1).map(|(p, _)| line_col(&text, p).0);
+        let line = text
+            .match_indices("name = \"a\"")
+            .nth(1)
+            .map(|(p, _)| line_col(&text, p).0);
         assert_eq!(err.line, line, "{err}");
     }
 

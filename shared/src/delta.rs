@@ -13,6 +13,14 @@ use fast_rsync::{Signature, SignatureOptions};
 /// Files at least this large that exist on the receiver go as deltas.
 pub const DELTA_MIN_SIZE: u64 = 64 * 1024;
 
+/// Whether a file of `new` bytes should go as a delta against the receiver's
+/// copy of `old` bytes: both large enough, and of comparable size (a delta
+/// against a much smaller or larger base is mostly literal data, and the
+/// rolling search over it costs more than sending it whole).
+pub fn worth_a_delta(old: u64, new: u64) -> bool {
+    old >= DELTA_MIN_SIZE && new >= DELTA_MIN_SIZE && new <= old.saturating_mul(2) && old <= new.saturating_mul(2)
+}
+
 /// Bytes of the MD4 strong hash kept per block.
 const STRONG_LEN: u32 = 8;
 
@@ -42,14 +50,21 @@ pub enum DeltaError {
 
 /// The serialized signature of `base`.
 pub fn signature(base: &[u8], block_len: u32) -> Vec<u8> {
-    let opts = SignatureOptions { block_size: block_len.max(1), crypto_hash_size: STRONG_LEN };
+    let opts = SignatureOptions {
+        block_size: block_len.max(1),
+        crypto_hash_size: STRONG_LEN,
+    };
     Signature::calculate(base, opts).into_serialized()
 }
 
 /// Writes to `out` the delta that turns the signed file into `data`.
 pub fn diff(signature_bytes: &[u8], data: &[u8], out: impl Write) -> Result<(), DeltaError> {
     // The signature comes from the peer: fast_rsync trusts its block size.
-    let field = |at: usize| signature_bytes.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let field = |at: usize| {
+        signature_bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
     match (field(4), field(8)) {
         (Some(block), Some(strong)) if block > 0 && block <= 1 << 24 && (1..=16).contains(&strong) => {}
         _ => return Err(DeltaError::Signature("bad block or hash size".into())),

@@ -42,7 +42,10 @@ impl PublicKey {
         let key = russh::keys::PublicKey::from_openssh(text.trim())
             .map_err(|e| KeyError::Invalid(format!("not an OpenSSH public key: {e}")))?;
         if key.algorithm() != Algorithm::Ed25519 {
-            return Err(KeyError::Invalid(format!("only ssh-ed25519 keys are accepted, not {}", key.algorithm())));
+            return Err(KeyError::Invalid(format!(
+                "only ssh-ed25519 keys are accepted, not {}",
+                key.algorithm()
+            )));
         }
         Ok(PublicKey::from_ssh(&key))
     }
@@ -83,28 +86,48 @@ impl SecretKey {
 
     /// Reads an OpenSSH private key file (unencrypted ed25519).
     pub fn load(path: &Path) -> Result<SecretKey, KeyError> {
-        let text = fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.display().to_string(), source })?;
+        let text = fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         let key = PrivateKey::from_openssh(text.as_bytes())
             .map_err(|e| KeyError::Invalid(format!("{}: not an OpenSSH private key: {e}", path.display())))?;
         if key.is_encrypted() {
-            return Err(KeyError::Invalid(format!("{}: encrypted keys are not supported", path.display())));
+            return Err(KeyError::Invalid(format!(
+                "{}: encrypted keys are not supported",
+                path.display()
+            )));
         }
         if key.algorithm() != Algorithm::Ed25519 {
-            return Err(KeyError::Invalid(format!("{}: only ed25519 keys are supported", path.display())));
+            return Err(KeyError::Invalid(format!(
+                "{}: only ed25519 keys are supported",
+                path.display()
+            )));
         }
         Ok(SecretKey(key))
     }
 
     /// Writes the key in OpenSSH format with mode 0600; refuses to overwrite.
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io { path: path.display().to_string(), source };
-        let text = self.0.to_openssh(LineEnding::LF).map_err(|e| KeyError::Invalid(e.to_string()))?;
+        let io = |source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = self
+            .0
+            .to_openssh(LineEnding::LF)
+            .map_err(|e| KeyError::Invalid(e.to_string()))?;
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 fs::create_dir_all(dir).map_err(io)?;
             }
         }
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
         f.write_all(text.as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)
     }

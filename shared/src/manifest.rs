@@ -109,10 +109,7 @@ impl Meta {
             EntryKind::Symlink { .. } => owner_ok,
             EntryKind::Dir => owner_ok && self.mode == other.mode,
             EntryKind::File { .. } => {
-                owner_ok
-                    && self.mode == other.mode
-                    && self.mtime == other.mtime
-                    && self.mtime_nsec == other.mtime_nsec
+                owner_ok && self.mode == other.mode && self.mtime == other.mtime && self.mtime_nsec == other.mtime_nsec
             }
         }
     }
@@ -171,7 +168,9 @@ impl Excludes {
     /// Checks one glob.
     pub fn check_glob(glob: &str) -> Result<(), String> {
         let pattern = glob.trim_start_matches('!').trim_end_matches('/');
-        globset::Glob::new(pattern).map(|_| ()).map_err(|e| format!("invalid glob {glob:?}: {e}"))
+        globset::Glob::new(pattern)
+            .map(|_| ())
+            .map_err(|e| format!("invalid glob {glob:?}: {e}"))
     }
 
     /// Whether the relative path `rel` (or a directory above it) is excluded.
@@ -216,11 +215,8 @@ impl HashCache {
         let map = fs::read(path)
             .ok()
             .and_then(|bytes| {
-                bincode::serde::decode_from_slice::<HashMap<String, Cached>, _>(
-                    &bytes,
-                    bincode::config::standard(),
-                )
-                .ok()
+                bincode::serde::decode_from_slice::<HashMap<String, Cached>, _>(&bytes, bincode::config::standard())
+                    .ok()
             })
             .map(|(m, _)| m)
             .unwrap_or_default();
@@ -232,8 +228,7 @@ impl HashCache {
         if !self.dirty {
             return Ok(());
         }
-        let bytes = bincode::serde::encode_to_vec(&self.map, bincode::config::standard())
-            .map_err(io::Error::other)?;
+        let bytes = bincode::serde::encode_to_vec(&self.map, bincode::config::standard()).map_err(io::Error::other)?;
         crate::state::write_atomic(path, &bytes)?;
         self.dirty = false;
         Ok(())
@@ -262,7 +257,13 @@ impl HashCache {
         let (mtime_ns, ctime_ns) = times(md);
         self.map.insert(
             rel.to_string(),
-            Cached { ino: md.ino(), size: md.size(), mtime_ns, ctime_ns, hash },
+            Cached {
+                ino: md.ino(),
+                size: md.size(),
+                mtime_ns,
+                ctime_ns,
+                hash,
+            },
         );
         self.dirty = true;
     }
@@ -364,7 +365,11 @@ pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCach
             if is_temp_name(name) {
                 continue;
             }
-            let rel = if dir_rel.is_empty() { name.to_string() } else { format!("{dir_rel}/{name}") };
+            let rel = if dir_rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{dir_rel}/{name}")
+            };
             let abs = dir_abs.join(name);
             let md = match fs::symlink_metadata(&abs) {
                 Ok(md) => md,
@@ -429,7 +434,11 @@ fn entry_for(
         skipped.push(Skipped::Special(rel.to_string()));
         return None;
     };
-    Some(Entry { path: rel.to_string(), kind, meta })
+    Some(Entry {
+        path: rel.to_string(),
+        kind,
+        meta,
+    })
 }
 
 /// Whether `path` is `prefix` or lies below it (an empty prefix holds everything).

@@ -257,7 +257,9 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a byte stream.
     pub fn new(r: R) -> Self {
-        FrameReader { inner: FramedRead::new(r, codec()) }
+        FrameReader {
+            inner: FramedRead::new(r, codec()),
+        }
     }
 
     /// The next message, or `None` at a clean end of stream.
@@ -280,7 +282,9 @@ pub struct FrameWriter<W> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Wraps a byte stream.
     pub fn new(w: W) -> Self {
-        FrameWriter { inner: FramedWrite::new(w, codec()) }
+        FrameWriter {
+            inner: FramedWrite::new(w, codec()),
+        }
     }
 
     /// Sends one message and flushes.

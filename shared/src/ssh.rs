@@ -55,7 +55,10 @@ impl Trust {
 
     /// The identity of `key`, if it is trusted.
     pub fn identify(&self, key: &russh::keys::PublicKey) -> Option<Identity> {
-        self.keys.iter().find(|(k, _)| k.matches(key)).map(|(_, who)| who.clone())
+        self.keys
+            .iter()
+            .find(|(k, _)| k.matches(key))
+            .map(|(_, who)| who.clone())
     }
 }
 
@@ -143,12 +146,19 @@ impl russh::server::Handler for ServerHandler {
             self.channels.insert(channel.id(), channel);
             reply.accept().await;
         } else {
-            reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
         }
         Ok(())
     }
 
-    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let (Some(identity), true) = (self.identity.clone(), name == SUBSYSTEM) else {
             tracing::warn!(peer = ?self.peer, subsystem = name, "refused an unknown subsystem");
             session.channel_failure(channel)?;
@@ -159,14 +169,23 @@ impl russh::server::Handler for ServerHandler {
             return Ok(());
         };
         session.channel_success(channel)?;
-        let incoming = IncomingSession { identity, peer: self.peer, stream: ch.into_stream() };
+        let incoming = IncomingSession {
+            identity,
+            peer: self.peer,
+            stream: ch.into_stream(),
+        };
         if self.sessions.send(incoming).await.is_err() {
             return Err(russh::Error::Disconnect);
         }
         Ok(())
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, _data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         tracing::warn!(peer = ?self.peer, "refused an exec request: the endpoint has no shell");
         session.channel_failure(channel)?;
         Ok(())
@@ -189,7 +208,13 @@ pub async fn serve_connection(
 ) -> Result<(), russh::Error> {
     let peer = tcp.peer_addr().ok();
     let _ = tcp.set_nodelay(true);
-    let handler = ServerHandler { trust, identity: None, peer, channels: HashMap::new(), sessions };
+    let handler = ServerHandler {
+        trust,
+        identity: None,
+        peer,
+        channels: HashMap::new(),
+        sessions,
+    };
     let running = russh::server::run_stream(config, tcp, handler).await?;
     running.await
 }
@@ -248,8 +273,16 @@ pub struct Dialed {
 
 /// Dials `addr`, checks its host key against `server_key`, authenticates
 /// with `key` as `user`, and opens the warmspare subsystem.
-pub async fn dial(addr: &str, server_key: &PublicKey, key: &SecretKey, user: &str, timeout: Duration) -> Result<Dialed, DialError> {
-    tokio::time::timeout(timeout, dial_inner(addr, server_key, key, user)).await.map_err(|_| DialError::Timeout)?
+pub async fn dial(
+    addr: &str,
+    server_key: &PublicKey,
+    key: &SecretKey,
+    user: &str,
+    timeout: Duration,
+) -> Result<Dialed, DialError> {
+    tokio::time::timeout(timeout, dial_inner(addr, server_key, key, user))
+        .await
+        .map_err(|_| DialError::Timeout)?
 }
 
 async fn dial_inner(addr: &str, server_key: &PublicKey, key: &SecretKey, user: &str) -> Result<Dialed, DialError> {
@@ -266,7 +299,10 @@ async fn dial_inner(addr: &str, server_key: &PublicKey, key: &SecretKey, user: &
         ..Default::default()
     });
     let mismatch = Arc::new(AtomicBool::new(false));
-    let handler = PinnedHost { expected: server_key.clone(), mismatch: mismatch.clone() };
+    let handler = PinnedHost {
+        expected: server_key.clone(),
+        mismatch: mismatch.clone(),
+    };
     let mut handle = match russh::client::connect_stream(config, tcp, handler).await {
         Ok(h) => h,
         Err(_) if mismatch.load(Ordering::SeqCst) => return Err(DialError::KeyMismatch),
@@ -287,5 +323,8 @@ async fn dial_inner(addr: &str, server_key: &PublicKey, key: &SecretKey, user: &
             Some(_) => continue,
         }
     }
-    Ok(Dialed { handle, stream: channel.into_stream() })
+    Ok(Dialed {
+        handle,
+        stream: channel.into_stream(),
+    })
 }

@@ -51,7 +51,10 @@ impl RoleState {
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let s = RoleState { epoch: 1, active: preferred_active.to_string() };
+                let s = RoleState {
+                    epoch: 1,
+                    active: preferred_active.to_string(),
+                };
                 s.store(state_dir)?;
                 Ok(s)
             }
@@ -62,7 +65,10 @@ impl RoleState {
     /// Persists the role state atomically.
     pub fn store(&self, state_dir: &Path) -> Result<(), StateError> {
         let path = state_dir.join(ROLE_FILE);
-        let bytes = serde_json::to_vec_pretty(self).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        let bytes = serde_json::to_vec_pretty(self).map_err(|source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         write_atomic(&path, &bytes).map_err(|source| StateError::Io { path, source })
     }
 }
@@ -72,7 +78,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let tmp = dir.join(format!("{}{}.{}", crate::manifest::TEMP_PREFIX, name, rand::random::<u32>()));
+    let tmp = dir.join(format!(
+        "{}{}.{}",
+        crate::manifest::TEMP_PREFIX,
+        name,
+        rand::random::<u32>()
+    ));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -94,12 +105,26 @@ mod tests {
     fn init_store_and_reload() {
         let d = tempfile::tempdir().unwrap();
         let s = RoleState::load_or_init(d.path(), "a").unwrap();
-        assert_eq!(s, RoleState { epoch: 1, active: "a".into() });
-        RoleState { epoch: 2, active: "b".into() }.store(d.path()).unwrap();
+        assert_eq!(
+            s,
+            RoleState {
+                epoch: 1,
+                active: "a".into()
+            }
+        );
+        RoleState {
+            epoch: 2,
+            active: "b".into(),
+        }
+        .store(d.path())
+        .unwrap();
         let again = RoleState::load_or_init(d.path(), "a").unwrap();
         assert_eq!(again.epoch, 2);
         assert_eq!(again.active, "b");
         fs::write(d.path().join(ROLE_FILE), b"{").unwrap();
-        assert!(matches!(RoleState::load_or_init(d.path(), "a"), Err(StateError::Corrupt { .. })));
+        assert!(matches!(
+            RoleState::load_or_init(d.path(), "a"),
+            Err(StateError::Corrupt { .. })
+        ));
     }
 }

@@ -1,1 +1,11 @@
+//! End-to-end tests: real `warmspare-agent` processes on loopback.
+//!
+//! One test binary (one link, one process start-up per test under nextest);
+//! the modules group the tests by feature.
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic, missing_docs)]
+
+mod config;
+mod controller;
+mod hostile;
+mod replication;

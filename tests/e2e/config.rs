@@ -1,0 +1,153 @@
+//! The cluster file as the agent's commands see it.
+
+use std::process::Command;
+
+use warmspare_tests::{bin, TestCluster};
+
+fn check(file: &std::path::Path) -> (i32, String) {
+    let out = Command::new(bin("warmspare-agent"))
+        .arg("--cluster")
+        .arg(file)
+        .args(["--node", "a", "check"])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn line_of(text: &str, needle: &str, nth: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .nth(nth)
+        .map(|(i, _)| i + 1)
+        .unwrap()
+}
+
+#[test]
+fn bad_cluster_files_fail_check_with_key_and_line() {
+    let c = TestCluster::pair("");
+    let good = std::fs::read_to_string(&c.file).unwrap();
+    let cases: Vec<(String, &str, String)> = vec![
+        {
+            let t = good.replace("debounce_ms = 5", "debounce_ms = 5\ncolour = \"blue\"");
+            let l = line_of(&t, "colour", 0);
+            (t, "colour", format!(":{l}:"))
+        },
+        {
+            let t = good.replace("name = \"b\"", "name = \"a\"");
+            let l = line_of(&t, "name = \"a\"", 1);
+            (t, "node[1].name", format!(":{l}:"))
+        },
+        {
+            let t = format!("{good}\n[[job]]\nname = \"rbac\"\nschedule = \"every hour\"\ndump = \"true\"\n");
+            let l = line_of(&t, "every hour", 0);
+            (t, "job[0].schedule", format!(":{l}:"))
+        },
+        {
+            let t = good.replace("debounce_ms = 5", "debounce_ms = 5\nexclude = [\"signed/[b.pem\"]");
+            let l = line_of(&t, "exclude", 0);
+            (t, "watch[0].exclude[0]", format!(":{l}:"))
+        },
+    ];
+    for (i, (text, key, line)) in cases.into_iter().enumerate() {
+        let f = c.dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&f, &text).unwrap();
+        let (code, err) = check(&f);
+        assert_eq!(code, 2, "case {i}: exit code {code}, stderr: {err}");
+        assert!(err.contains(key), "case {i}: {err:?} does not name {key}");
+        assert!(err.contains(&line), "case {i}: {err:?} does not name line {line}");
+    }
+}
+
+#[test]
+fn config_hash_is_the_same_for_the_same_cluster() {
+    let c = TestCluster::pair("");
+    let hash = |f: &std::path::Path| {
+        let out = Command::new(bin("warmspare-agent"))
+            .arg("--cluster")
+            .arg(f)
+            .args(["config", "hash"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let text = std::fs::read_to_string(&c.file).unwrap();
+    let f2 = c.dir.path().join("reformatted.toml");
+    std::fs::write(
+        &f2,
+        format!("# the same file, laid out differently\n{}", text.replace(" = ", "=")),
+    )
+    .unwrap();
+    let (h1, h2) = (hash(&c.file), hash(&f2));
+    assert_eq!(h1.len(), 64);
+    assert_eq!(h1, h2);
+    let f3 = c.dir.path().join("changed.toml");
+    std::fs::write(&f3, text.replace("debounce_ms = 5", "debounce_ms = 6")).unwrap();
+    assert_ne!(h1, hash(&f3));
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_prints_the_public_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("k/node.key");
+    let out = Command::new(bin("warmspare-agent"))
+        .args(["keygen", "--out"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.starts_with("ssh-ed25519 AAAA"), "{line}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = Command::new(bin("warmspare-agent"))
+        .args(["keygen", "--out"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "keygen overwrote an existing key");
+}
+
+#[test]
+fn check_reports_each_peer() {
+    let c = TestCluster::pair("");
+    let run_check = || {
+        let out = Command::new(bin("warmspare-agent"))
+            .arg("--cluster")
+            .arg(&c.file)
+            .args(["--node", "a", "check"])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (code, text) = run_check();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("peer b") && text.contains("unreachable"), "{text}");
+    let _b = c.start("b");
+    warmspare_tests::wait_until("check to reach b", std::time::Duration::from_secs(20), || {
+        run_check().0 == Some(0)
+    });
+    let (_, text) = run_check();
+    assert!(text.contains("peer b") && text.contains("ok"), "{text}");
+
+    // A cluster file on `a` that pins another key for `b`: key mismatch.
+    let other = warmspare_shared::keys::SecretKey::generate().public().to_openssh();
+    let text = std::fs::read_to_string(&c.file)
+        .unwrap()
+        .replace(&c.node("b").key.public().to_openssh(), &other);
+    let wrong = c.dir.path().join("wrong-pin.toml");
+    std::fs::write(&wrong, text).unwrap();
+    let out = Command::new(bin("warmspare-agent"))
+        .arg("--cluster")
+        .arg(&wrong)
+        .args(["--node", "a", "check"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("key mismatch"), "{text}");
+}
