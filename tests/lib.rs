@@ -292,6 +292,12 @@ fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
         let rel = p.strip_prefix(root).expect("under root").to_string_lossy().to_string();
         let Ok(md) = fs::symlink_metadata(&p) else { continue };
         let mode = md.mode() & 0o7777;
+        // Owners are replicated only by a receiver running as root.
+        let owner = if warmspare_shared::apply::can_chown() {
+            format!(" {}:{}", md.uid(), md.gid())
+        } else {
+            String::new()
+        };
         let desc = if md.file_type().is_symlink() {
             format!(
                 "link -> {}",
@@ -299,7 +305,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
             )
         } else if md.is_dir() {
             walk(root, &p, out);
-            format!("dir {mode:o}")
+            format!("dir {mode:o}{owner}")
         } else {
             let hash = fs::read(&p)
                 .map(|b| blake3::hash(&b).to_hex().to_string())

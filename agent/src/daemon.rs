@@ -119,6 +119,7 @@ impl Shared {
             active: role.active,
             config_hash: self.config_hash.clone(),
             purpose,
+            owners: warmspare_shared::apply::can_chown(),
         }
     }
 

@@ -107,6 +107,7 @@ async fn session(
         None => bail!("the peer closed the session before hello"),
     };
     check_peer_hello(shared, peer, &theirs)?;
+    let owners = theirs.owners;
 
     let (frame_tx, mut frame_rx) = mpsc::channel::<Bytes>(64);
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>(64);
@@ -157,7 +158,7 @@ async fn session(
         outstanding: Vec::new(),
         failures: Vec::new(),
     };
-    let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_shared, &peer_name, io, &worker_inbox));
+    let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_shared, &peer_name, io, &worker_inbox, owners));
 
     let interrupt = inbox.clone();
     let result = tokio::select! {
@@ -251,7 +252,7 @@ struct Outstanding {
 /// The shipper's picture of one peer: what it holds, per watch.
 type Model = HashMap<String, BTreeMap<String, Entry>>;
 
-fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox) -> Result<()> {
+fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owners: bool) -> Result<()> {
     let watches = shared.local_watches();
     let mut caches: HashMap<String, HashCache> = watches
         .iter()
@@ -296,7 +297,7 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox) -> R
                 };
                 let remote = model.entry(w.name.clone()).or_default();
                 for prefix in prefixes {
-                    ship_prefix(&mut io, w, &prefix, cache, remote, &mut stats)?;
+                    ship_prefix(&mut io, w, &prefix, cache, remote, &mut stats, owners)?;
                 }
                 flush_commit(&mut io, &mut stats, &w.name)?;
             }
@@ -382,6 +383,7 @@ fn ship_prefix(
     cache: &mut HashCache,
     remote: &mut BTreeMap<String, Entry>,
     stats: &mut BatchStats,
+    owners: bool,
 ) -> Result<()> {
     let scan = manifest::scan(&w.root, prefix, &w.excludes, cache);
     for s in &scan.skipped {
@@ -426,7 +428,6 @@ fn ship_prefix(
     // 2. Directories, links and files, parents first (the scan is sorted).
     for l in &scan.entries {
         let r = remote.get(&l.path);
-        let owners = false;
         match &l.kind {
             EntryKind::Dir => {
                 if r.is_none_or(|r| !l.meta.same_as(&r.meta, &l.kind, owners)) {
@@ -447,7 +448,7 @@ fn ship_prefix(
                 }
             }
             EntryKind::Symlink { target } => {
-                if r.is_none_or(|r| r.kind != l.kind) {
+                if r.is_none_or(|r| r.kind != l.kind || !l.meta.same_as(&r.meta, &l.kind, owners)) {
                     changed_parents.insert(parent_of(&l.path));
                     emit(
                         io,

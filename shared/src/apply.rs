@@ -18,6 +18,12 @@ use crate::delta::{self, Mapped};
 use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta, TEMP_PREFIX};
 use crate::proto::Op;
 
+/// Whether this process can give files away (it runs as root), and so
+/// replicates owners.
+pub fn can_chown() -> bool {
+    crate::sys::geteuid() == 0
+}
+
 /// An [`Op`] that must end the session: the peer broke the protocol or tried
 /// to leave its root.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +147,7 @@ impl Applier {
             map.insert(w.name.clone(), w);
         }
         // Only root can give files away; others keep their own ownership.
-        let can_chown = crate::sys::geteuid() == 0;
+        let can_chown = can_chown();
         Ok(Applier {
             watches: map,
             incoming: None,

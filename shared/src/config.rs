@@ -169,15 +169,21 @@ pub struct Job {
     pub restore_schedule: Option<String>,
     /// Dump generations kept on each side.
     pub keep: u32,
-    /// How long one run may take, in seconds.
-    pub timeout_secs: u64,
+    /// How long one run may take.
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
 }
 
 impl Job {
     /// How long one run may take.
     pub fn timeout(&self) -> Duration {
-        Duration::from_secs(self.timeout_secs)
+        self.timeout
     }
+}
+
+/// Durations in the canonical form read as they are written: "15m".
+fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
 // ---------------------------------------------------------------------------
@@ -608,6 +614,16 @@ impl RawFile {
                     "a job has either `dump` (with `restore`) or `run`, not both".into(),
                 ));
             }
+            if j.run.is_some() && j.restore.is_some() {
+                return Err(loc.err::<()>(span, format!("job[{i}].restore"), "a `run` job has no `restore`".into()));
+            }
+            if j.restore_schedule.is_some() && j.restore.is_none() {
+                return Err(loc.err::<()>(
+                    span,
+                    format!("job[{i}].restore_schedule"),
+                    "`restore_schedule` needs a `restore` command".into(),
+                ));
+            }
             if j.on.is_some() && j.run.is_none() {
                 return Err(loc.err::<()>(span, format!("job[{i}].on"), "`on` only applies to `run` jobs".into()));
             }
@@ -642,7 +658,7 @@ impl RawFile {
                 on: j.on,
                 restore_schedule,
                 keep,
-                timeout_secs: timeout.as_secs().max(1),
+                timeout: Duration::from_secs(timeout.as_secs().max(1)),
             });
         }
 
@@ -729,6 +745,14 @@ timeout = "10m"
         assert_eq!(a.hash(), b.hash());
         let changed = parse(&sample().replace("signed/b.pem", "signed/c.pem")).unwrap();
         assert_ne!(a.hash(), changed.hash());
+    }
+
+    #[test]
+    fn canonical_form_parses_back_to_the_same_cluster() {
+        let a = parse(&sample()).unwrap();
+        let b = parse(&a.canonical()).unwrap();
+        assert_eq!(a, b);
+        assert!(a.canonical().contains("timeout = \"10m\""), "{}", a.canonical());
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Hello {
     pub config_hash: String,
     /// What the session is for (meaningful from the dialing side).
     pub purpose: Purpose,
+    /// Whether this node applies file owners (it runs as root); a sender
+    /// compares owners only with a receiver that does.
+    pub owners: bool,
 }
 
 /// A change the active asks a receiver to make under one watch root.

@@ -37,6 +37,7 @@ async fn push_session(c: &TestCluster, me: &str, to: &str, epoch: u64) -> Result
         active: me.into(),
         config_hash: "test".into(),
         purpose: Purpose::Replicate,
+        owners: false,
     };
     w.send(&Request::Hello(hello)).await.unwrap();
     let reply = r.recv::<Reply>().await.unwrap().unwrap();
@@ -180,6 +181,7 @@ async fn a_stale_epoch_and_a_future_protocol_are_refused() {
         active: "a".into(),
         config_hash: String::new(),
         purpose: Purpose::Replicate,
+        owners: false,
     };
     w.send(&Request::Hello(hello)).await.unwrap();
     let reply = r.recv::<Reply>().await.unwrap().unwrap();
