@@ -6,10 +6,10 @@
 //! active-side tasks without a restart. SIGTERM or SIGINT cancels the root
 //! token; every task stops on it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
@@ -20,14 +20,15 @@ use tokio_util::sync::CancellationToken;
 use warmspare_shared::apply;
 use warmspare_shared::config::{Cluster, Node};
 use warmspare_shared::keys::SecretKey;
+use warmspare_shared::ledger::Ledgers;
 use warmspare_shared::manifest::Excludes;
 use warmspare_shared::proto::{Hello, Purpose, PROTOCOL_VERSION};
 use warmspare_shared::ssh::{Identity, Trust};
-use warmspare_shared::state::RoleState;
+use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
-use crate::events::Inbox;
+use crate::events::{Inbox, Work};
 use crate::ship::LocalWatch;
-use crate::{server, ship, watch as watcher};
+use crate::{health, server, ship, watch as watcher};
 
 /// What every task of the daemon shares.
 pub struct Shared {
@@ -43,11 +44,50 @@ pub struct Shared {
     pub state_dir: PathBuf,
     /// The current role state; persisted before it changes here.
     role: watch::Sender<RoleState>,
+    /// Serialises role changes (compare-and-swap).
+    role_lock: Mutex<()>,
     /// Bytes written to peers, frames included.
     pub bytes_sent: Arc<AtomicU64>,
-    /// When each peer last acknowledged a complete batch.
-    last_success: Mutex<HashMap<String, SystemTime>>,
+    /// The agreed content of every replicated file (for divergence).
+    pub ledgers: Arc<Mutex<Ledgers>>,
+    /// Whether replication (and jobs) are held by `warmsparectl pause`.
+    paused: AtomicBool,
+    /// What the running tasks report, for status and flushes.
+    runtime: Mutex<Runtime>,
+    /// Bumped whenever a shipper finishes work (flushes wait on it).
+    pub progress: watch::Sender<u64>,
+    /// When the agent started.
+    pub started: SystemTime,
 }
+
+/// What the running tasks report.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    /// The inbox of each peer's shipper, while this node is active.
+    pub inboxes: BTreeMap<String, Arc<Inbox>>,
+    /// Replication towards each peer.
+    pub links: BTreeMap<String, Link>,
+    /// On a passive: when a batch was last applied, per watch.
+    pub last_applied: BTreeMap<String, SystemTime>,
+}
+
+/// Replication towards one peer.
+#[derive(Debug, Default, Clone)]
+pub struct Link {
+    /// Whether a session is up.
+    pub connected: bool,
+    /// The last error, cleared by a success.
+    pub last_error: Option<String>,
+    /// When the peer last acknowledged a complete batch, per watch.
+    pub last_success: BTreeMap<String, SystemTime>,
+    /// Work taken from the inbox and not yet acknowledged.
+    pub in_progress: Option<Work>,
+    /// The inbox generation the peer is known to be up to.
+    pub done_generation: u64,
+}
+
+/// The file under the state dir that marks a paused agent.
+const PAUSED_FILE: &str = "paused";
 
 impl Shared {
     /// Loads the cluster file, finds this node, and loads and checks its key.
@@ -76,16 +116,95 @@ impl Shared {
             epoch: 0,
             active: String::new(),
         });
+        let (progress, _) = watch::channel(0);
         Ok(Shared {
             config_hash: cluster.hash(),
+            ledgers: Arc::new(Mutex::new(Ledgers::new(state_dir.join("ledger")))),
+            paused: AtomicBool::new(state_dir.join(PAUSED_FILE).exists()),
             cluster,
             me,
             key,
             state_dir,
             role,
+            role_lock: Mutex::new(()),
             bytes_sent: Arc::new(AtomicU64::new(0)),
-            last_success: Mutex::new(HashMap::new()),
+            runtime: Mutex::new(Runtime::default()),
+            progress,
+            started: SystemTime::now(),
         })
+    }
+
+    /// The runtime reports, locked.
+    pub fn runtime(&self) -> MutexGuard<'_, Runtime> {
+        self.runtime.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Updates the link towards `peer`.
+    pub fn link(&self, peer: &str, f: impl FnOnce(&mut Link)) {
+        f(self.runtime().links.entry(peer.to_string()).or_default());
+        self.progress.send_modify(|n| *n += 1);
+    }
+
+    /// Whether replication and jobs are held.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Holds or releases replication and jobs (persisted across restarts).
+    pub fn set_paused(&self, paused: bool) -> Result<()> {
+        let marker = self.state_dir.join(PAUSED_FILE);
+        if paused {
+            state::write_atomic(&marker, b"paused by warmsparectl\n")?;
+        } else if marker.exists() {
+            std::fs::remove_file(&marker)?;
+        }
+        self.paused.store(paused, Ordering::SeqCst);
+        for inbox in self.runtime().inboxes.values() {
+            inbox.interrupt();
+        }
+        tracing::warn!(
+            paused,
+            "replication and jobs {}",
+            if paused { "held" } else { "released" }
+        );
+        Ok(())
+    }
+
+    /// Compare-and-swap of the role: moves from `expect` to `next` (a higher
+    /// epoch), persisting before publishing; `Err` says why not.
+    pub fn cas_role(
+        &self,
+        expect: &RoleState,
+        next: RoleState,
+        reason: &str,
+        by: &str,
+    ) -> std::result::Result<RoleState, String> {
+        let _g = self.role_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.role();
+        if current != *expect {
+            return Err(format!(
+                "expected epoch {} with {} active, but this node is at epoch {} with {} active",
+                expect.epoch, expect.active, current.epoch, current.active
+            ));
+        }
+        if next.epoch <= current.epoch {
+            return Err(format!("the new epoch {} is not above {}", next.epoch, current.epoch));
+        }
+        if self.cluster.node(&next.active).is_none() {
+            return Err(format!("{:?} is not a node of the cluster", next.active));
+        }
+        self.set_role(next.clone(), reason, by)
+            .map_err(|e| format!("cannot record the new role: {e:#}"))?;
+        Ok(next)
+    }
+
+    /// Adopts `next` if its epoch is above ours (fencing); returns the state after.
+    pub fn adopt(&self, next: RoleState, reason: &str, by: &str) -> Result<RoleState> {
+        let _g = self.role_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if next.epoch > self.role().epoch {
+            self.set_role(next, reason, by)?;
+        }
+        Ok(self.role())
     }
 
     /// The current role state.
@@ -93,16 +212,29 @@ impl Shared {
         self.role.borrow().clone()
     }
 
-    /// Persists and publishes a new role state.
-    pub fn set_role(&self, next: RoleState, reason: &str) -> Result<()> {
+    /// Persists, records and publishes a new role state (callers hold `role_lock`).
+    fn set_role(&self, next: RoleState, reason: &str, by: &str) -> Result<()> {
+        let prev = self.role();
         next.store(&self.state_dir)?;
-        let prev = self.role.send_replace(next.clone());
+        let entry = HistoryEntry {
+            time: unix(SystemTime::now()),
+            epoch: next.epoch,
+            from: prev.active.clone(),
+            to: next.active.clone(),
+            reason: reason.to_string(),
+            by: by.to_string(),
+        };
+        if let Err(e) = state::append_history(&self.state_dir, &entry) {
+            tracing::warn!(error = %e, "cannot append to the role history");
+        }
+        self.role.send_replace(next.clone());
         tracing::warn!(
             from_epoch = prev.epoch,
             from_active = prev.active,
             epoch = next.epoch,
             active = next.active,
             reason,
+            by,
             "role changed"
         );
         Ok(())
@@ -162,13 +294,13 @@ impl Shared {
     pub fn cache_path(&self, watch: &str, side: &str) -> PathBuf {
         self.state_dir.join("cache").join(format!("{watch}.{side}"))
     }
+}
 
-    /// Records that `peer` acknowledged a complete batch.
-    pub fn note_success(&self, peer: &str) {
-        if let Ok(mut m) = self.last_success.lock() {
-            m.insert(peer.to_string(), SystemTime::now());
-        }
-    }
+/// Seconds since the Unix epoch.
+pub fn unix(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn hostname() -> Option<String> {
@@ -204,7 +336,15 @@ pub async fn run(shared: Shared) -> Result<()> {
         signals.cancel();
     });
     let listener = bind(&shared).await?;
-    serve(shared, listener, cancel).await
+    let http = match shared.me.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    serve(shared, listener, http, cancel).await
 }
 
 async fn wait_for_signal() {
@@ -219,11 +359,28 @@ async fn wait_for_signal() {
 }
 
 /// Runs the daemon on a bound listener until `cancel` fires.
-pub async fn serve(shared: Shared, listener: TcpListener, cancel: CancellationToken) -> Result<()> {
+pub async fn serve(
+    shared: Shared,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    cancel: CancellationToken,
+) -> Result<()> {
     std::fs::create_dir_all(&shared.state_dir)
         .with_context(|| format!("cannot create the state dir {}", shared.state_dir.display()))?;
     let role = RoleState::load_or_init(&shared.state_dir, &shared.cluster.cluster.preferred_active)?;
     shared.role.send_replace(role.clone());
+    let history = state::read_history(&shared.state_dir);
+    if history.is_empty() {
+        let first = HistoryEntry {
+            time: unix(SystemTime::now()),
+            epoch: role.epoch,
+            from: String::new(),
+            to: role.active.clone(),
+            reason: "cluster initialised".into(),
+            by: shared.me.name.clone(),
+        };
+        let _ = state::append_history(&shared.state_dir, &first);
+    }
     for w in shared.local_watches() {
         std::fs::create_dir_all(&w.root).with_context(|| format!("cannot create watch root {}", w.root.display()))?;
         let removed = apply::clean_temps(&w.root)
@@ -248,6 +405,9 @@ pub async fn serve(shared: Shared, listener: TcpListener, cancel: CancellationTo
 
     let mut tasks = JoinSet::new();
     tasks.spawn(server::run(shared.clone(), listener, cancel.clone()));
+    if let Some(http) = http {
+        tasks.spawn(health::run(shared.clone(), http, cancel.clone()));
+    }
 
     let mut roles = shared.role.subscribe();
     let mut active: Option<CancellationToken> = None;
@@ -263,6 +423,7 @@ pub async fn serve(shared: Shared, listener: TcpListener, cancel: CancellationTo
             (false, Some(token)) => {
                 tracing::warn!("this node is no longer active: stopped shipping");
                 token.cancel();
+                shared.runtime().inboxes.clear();
                 active = None;
             }
             _ => {}
@@ -289,6 +450,7 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &Cancellat
     for peer in shared.cluster.peers_of(&shared.me.name) {
         let inbox = Arc::new(Inbox::default());
         inboxes.push(inbox.clone());
+        shared.runtime().inboxes.insert(peer.name.clone(), inbox.clone());
         let stop = inbox.clone();
         let t = token.clone();
         tasks.spawn(async move {

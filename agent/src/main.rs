@@ -6,12 +6,15 @@ use clap::Parser;
 
 mod cli;
 mod commands;
+mod control;
 mod daemon;
 mod events;
+mod health;
 mod logging;
 mod receive;
 mod server;
 mod ship;
+mod status;
 mod watch;
 
 fn main() -> ExitCode {

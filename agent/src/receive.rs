@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
-use warmspare_shared::apply::{Applier, WatchRoot};
+use warmspare_shared::apply::{Applier, Divergence, WatchRoot};
 use warmspare_shared::manifest::{Entry, Excludes, HashCache};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Purpose, Reply, Request, MANIFEST_PART};
 use warmspare_shared::ssh::{Identity, IncomingSession};
@@ -44,30 +44,50 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             None => return Ok(()),
         },
     };
-    if let Err(reason) = admit(&shared, &session.identity, &hello) {
-        tracing::warn!(who = %session.identity, node = hello.node, epoch = hello.epoch, reason, "refused a session");
-        let _ = writer.send(&Reply::Refused { reason: reason.clone() }).await;
-        bail!("refused: {reason}");
+    match admit(&shared, &session.identity, &hello) {
+        Admission::Accept => {}
+        Admission::Stale(role) => {
+            tracing::warn!(who = %session.identity, epoch = hello.epoch, current = role.epoch, active = role.active, "refused a push at a stale epoch");
+            let _ = writer.send(&Reply::Stale(role)).await;
+            let _ = writer.close().await;
+            return Ok(());
+        }
+        Admission::Refuse(reason) => {
+            tracing::warn!(who = %session.identity, node = hello.node, epoch = hello.epoch, reason, "refused a session");
+            let _ = writer.send(&Reply::Refused { reason: reason.clone() }).await;
+            let _ = writer.close().await;
+            bail!("refused: {reason}");
+        }
     }
     writer.send(&Reply::Hello(shared.hello(Purpose::Probe))).await?;
-    if hello.purpose == Purpose::Probe {
-        while let Some(req) = reader.recv::<Request>().await? {
-            match req {
-                Request::Ping => writer.send(&Reply::Pong).await?,
-                other => bail!("a probe session sent {}", request_name(&other)),
+    match (hello.purpose, &session.identity) {
+        (Purpose::Probe, _) => {
+            while let Some(req) = reader.recv::<Request>().await? {
+                match req {
+                    Request::Ping => writer.send(&Reply::Pong).await?,
+                    other => bail!("a probe session sent {}", request_name(&other)),
+                }
             }
+            return Ok(());
         }
-        return Ok(());
+        (Purpose::Control, Identity::Operator(name)) => {
+            return crate::control::serve(&shared, name, &mut reader, &mut writer).await;
+        }
+        (Purpose::Control, _) | (Purpose::Replicate, _) => {}
     }
     tracing::info!(from = hello.node, epoch = hello.epoch, "replication session opened");
 
     let (req_tx, req_rx) = mpsc::channel::<Request>(64);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(64);
     let worker_shared = shared.clone();
-    let worker = tokio::task::spawn_blocking(move || apply_loop(&worker_shared, req_rx, reply_tx));
+    let session_role = RoleState {
+        epoch: hello.epoch,
+        active: hello.node.clone(),
+    };
+    let worker = tokio::task::spawn_blocking(move || apply_loop(&worker_shared, &session_role, req_rx, reply_tx));
     let write_task = async move {
         while let Some(reply) = reply_rx.recv().await {
-            let refused = matches!(reply, Reply::Refused { .. });
+            let refused = matches!(reply, Reply::Refused { .. } | Reply::Stale(_));
             writer.send(&reply).await?;
             if refused {
                 // End our side cleanly so the refusal reaches the peer before the close.
@@ -99,21 +119,29 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
     result.map(drop)
 }
 
-/// Decides whether a session may proceed; the `Err` is the reason given.
-fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> std::result::Result<(), String> {
+/// What to do with a new session.
+enum Admission {
+    Accept,
+    /// A push from an older epoch: tell the sender who is active now.
+    Stale(RoleState),
+    Refuse(String),
+}
+
+/// Decides whether a session may proceed.
+fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> Admission {
     if hello.protocol != proto::PROTOCOL_VERSION {
-        return Err(format!(
+        return Admission::Refuse(format!(
             "protocol {} is not supported (this agent speaks {})",
             hello.protocol,
             proto::PROTOCOL_VERSION
         ));
     }
-    if hello.purpose == Purpose::Probe {
-        return Ok(());
-    }
-    match who {
-        Identity::Node(n) if *n == hello.node => {}
-        _ => return Err(format!("{who} may not push as node {:?}", hello.node)),
+    match (hello.purpose, who) {
+        (Purpose::Probe, _) => return Admission::Accept,
+        (Purpose::Control, Identity::Operator(_)) => return Admission::Accept,
+        (Purpose::Control, _) => return Admission::Refuse(format!("{who} is not an operator")),
+        (Purpose::Replicate, Identity::Node(n)) if *n == hello.node => {}
+        (Purpose::Replicate, _) => return Admission::Refuse(format!("{who} may not push as node {:?}", hello.node)),
     }
     if hello.config_hash != shared.config_hash {
         tracing::warn!(
@@ -124,20 +152,17 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> std::result::Result<
         );
     }
     let mine = shared.role();
+    if hello.epoch < mine.epoch {
+        return Admission::Stale(mine);
+    }
     if hello.active != hello.node {
-        return Err(format!(
+        return Admission::Refuse(format!(
             "{} is not the active node of epoch {}",
             hello.node, hello.epoch
         ));
     }
-    if hello.epoch < mine.epoch {
-        return Err(format!(
-            "stale epoch {} (this node is at epoch {}, active {})",
-            hello.epoch, mine.epoch, mine.active
-        ));
-    }
     if hello.epoch == mine.epoch && mine.active != hello.node {
-        return Err(format!(
+        return Admission::Refuse(format!(
             "{} is the active node of epoch {}, not {}",
             mine.active, mine.epoch, hello.node
         ));
@@ -147,11 +172,11 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> std::result::Result<
             epoch: hello.epoch,
             active: hello.active.clone(),
         };
-        shared
-            .set_role(next, &format!("{} pushed at a higher epoch", hello.node))
-            .map_err(|e| format!("cannot record the new epoch: {e}"))?;
+        if let Err(e) = shared.adopt(next, "a peer pushed at a higher epoch", &hello.node) {
+            return Admission::Refuse(format!("cannot record the new epoch: {e:#}"));
+        }
     }
-    Ok(())
+    Admission::Accept
 }
 
 fn request_name(r: &Request) -> &'static str {
@@ -162,6 +187,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::Op(_) => "op",
         Request::Commit { .. } => "commit",
         Request::Ping => "ping",
+        _ => "a control request",
     }
 }
 
@@ -182,14 +208,37 @@ fn watch_roots(shared: &Shared) -> Result<Vec<WatchRoot>> {
     Ok(out)
 }
 
-fn apply_loop(shared: &Shared, mut requests: mpsc::Receiver<Request>, replies: mpsc::Sender<Reply>) -> Result<()> {
-    let mut applier = Applier::new(watch_roots(shared)?).context("cannot open the watch roots")?;
+fn apply_loop(
+    shared: &Shared,
+    session: &RoleState,
+    mut requests: mpsc::Receiver<Request>,
+    replies: mpsc::Sender<Reply>,
+) -> Result<()> {
+    let divergence = Divergence {
+        ledgers: shared.ledgers.clone(),
+        dir: shared
+            .state_dir
+            .join("diverged")
+            .join(format!("{}-{}", session.epoch, timestamp())),
+    };
+    let mut applier = Applier::new(watch_roots(shared)?, Some(divergence)).context("cannot open the watch roots")?;
     let send = |r: Reply| {
         replies
             .blocking_send(r)
             .map_err(|_| anyhow::anyhow!("the session closed"))
     };
     while let Some(req) = requests.blocking_recv() {
+        // A role change during the session (fencing, a switchover) ends it.
+        let now = shared.role();
+        if now != *session {
+            tracing::warn!(
+                epoch = now.epoch,
+                active = now.active,
+                "the role changed; ending the replication session"
+            );
+            let _ = send(Reply::Stale(now));
+            bail!("the role changed during the session");
+        }
         let outcome: std::result::Result<(), String> = match req {
             Request::GetManifest { watch } => match applier.manifest(&watch) {
                 Ok(entries) => {
@@ -239,6 +288,16 @@ fn apply_loop(shared: &Shared, mut requests: mpsc::Receiver<Request>, replies: m
             Request::Op(op) => applier.apply(op).map_err(|e| e.to_string()),
             Request::Commit { batch } => {
                 let report = applier.commit();
+                if !report.touched.is_empty() {
+                    let now = std::time::SystemTime::now();
+                    let mut rt = shared.runtime();
+                    for w in &report.touched {
+                        rt.last_applied.insert(w.clone(), now);
+                    }
+                }
+                for (watch, path, to) in &report.diverged {
+                    tracing::warn!(watch, path, to = %to.display(), "diverged file preserved");
+                }
                 for watch in &report.touched {
                     run_after_apply(shared, watch, applier.root(watch));
                 }
@@ -254,6 +313,7 @@ fn apply_loop(shared: &Shared, mut requests: mpsc::Receiver<Request>, replies: m
                 Ok(())
             }
             Request::Hello(_) => Err("a second hello".into()),
+            other => Err(format!("{} in a replication session", request_name(&other))),
         };
         if let Err(reason) = outcome {
             tracing::warn!(reason, "refused a request; dropping the session");
@@ -309,5 +369,43 @@ fn run_after_apply(shared: &Shared, watch: &str, root: Option<&std::path::Path>)
             "after_apply failed"
         ),
         Err(e) => tracing::warn!(watch, error = %e, "cannot run after_apply"),
+    }
+}
+
+/// A UTC timestamp for folder names: `20261122T031500Z`.
+pub fn timestamp() -> String {
+    let secs = crate::daemon::unix(std::time::SystemTime::now());
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(super::civil_from_days(20_779), (2026, 11, 22));
+        assert_eq!(super::civil_from_days(11_016), (2000, 2, 29));
     }
 }

@@ -59,6 +59,7 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
             return;
         }
     };
+    let mut quiet = false;
     loop {
         let started = Instant::now();
         let dialed = tokio::select! {
@@ -68,12 +69,33 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
         match dialed {
             Ok(d) => {
                 tracing::info!(peer = peer.name, addr = peer.ssh, "connected");
-                match session(&shared, &peer, d, &inbox, &cancel).await {
+                shared.link(&peer.name, |l| l.connected = true);
+                let result = session(&shared, &peer, d, &inbox, &cancel).await;
+                shared.link(&peer.name, |l| {
+                    l.connected = false;
+                    l.in_progress = None;
+                    if let Err(e) = &result {
+                        l.last_error = Some(format!("{e:#}"));
+                    }
+                });
+                match result {
                     Ok(()) => return,
                     Err(e) => tracing::warn!(peer = peer.name, error = format!("{e:#}"), "replication session ended"),
                 }
+                quiet = false;
             }
-            Err(e) => tracing::warn!(peer = peer.name, addr = peer.ssh, error = %e, "cannot reach the peer"),
+            Err(e) => {
+                // The first failure in a row is a warning; the retries are not news.
+                if quiet {
+                    tracing::debug!(peer = peer.name, addr = peer.ssh, error = %e, "cannot reach the peer");
+                } else {
+                    tracing::warn!(peer = peer.name, addr = peer.ssh, error = %e, "cannot reach the peer; retrying with backoff");
+                }
+                quiet = true;
+                shared.link(&peer.name, |l| {
+                    l.last_error = Some(format!("cannot reach {}: {e}", peer.ssh))
+                });
+            }
         }
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(100);
@@ -103,6 +125,16 @@ async fn session(
     let theirs = match reader.recv::<Reply>().await.context("no hello from the peer")? {
         Some(Reply::Hello(h)) => h,
         Some(Reply::Refused { reason }) => bail!("the peer refused replication: {reason}"),
+        Some(Reply::Stale(role)) => {
+            // Fencing: the peer knows a newer epoch, so this node is not active any more.
+            shared.adopt(role.clone(), "a peer has a newer epoch", &peer.name)?;
+            bail!(
+                "{} reports epoch {} with {} active: this node stepped down",
+                peer.name,
+                role.epoch,
+                role.active
+            );
+        }
         Some(other) => bail!("unexpected first reply {other:?}"),
         None => bail!("the peer closed the session before hello"),
     };
@@ -128,6 +160,8 @@ async fn session(
         }
         Ok::<(), proto::FrameError>(())
     };
+    let adopt_shared = shared.clone();
+    let adopt_peer = peer.name.clone();
     let read_task = async move {
         loop {
             match reader.recv::<Reply>().await? {
@@ -138,6 +172,14 @@ async fn session(
                     }
                 }
                 Some(Reply::Refused { reason }) => bail!("the peer refused: {reason}"),
+                Some(Reply::Stale(role)) => {
+                    adopt_shared.adopt(role.clone(), "a peer has a newer epoch", &adopt_peer)?;
+                    bail!(
+                        "{adopt_peer} reports epoch {} with {} active: this node stepped down",
+                        role.epoch,
+                        role.active
+                    );
+                }
                 Some(r) => {
                     if reply_tx.send(r).await.is_err() {
                         return Ok(());
@@ -263,9 +305,17 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
         inbox.add_full(&w.name);
     }
     loop {
+        if shared.is_paused() {
+            inbox.wait_interrupt(FULL_RESYNC);
+            if io.frames.is_closed() {
+                return Err(Closed.into());
+            }
+            continue;
+        }
         let work = match inbox.take(FULL_RESYNC) {
             Some(w) => w,
             None if io.frames.is_closed() => return Err(Closed.into()),
+            None if shared.is_paused() => continue,
             None => {
                 // Periodic safety net: compare everything.
                 let mut w = Work::default();
@@ -273,8 +323,10 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                 w
             }
         };
+        shared.link(peer, |l| l.in_progress = Some(work.clone()));
         let started = Instant::now();
         let mut stats = BatchStats::default();
+        let mut settled: Vec<(String, Vec<(String, ContentHash)>)> = Vec::new();
         let result = (|| -> Result<()> {
             for w in &watches {
                 let full = work.full.contains(&w.name);
@@ -297,12 +349,28 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                 };
                 let remote = model.entry(w.name.clone()).or_default();
                 for prefix in prefixes {
-                    ship_prefix(&mut io, w, &prefix, cache, remote, &mut stats, owners)?;
+                    let local = ship_prefix(&mut io, w, &prefix, cache, remote, &mut stats, owners)?;
+                    if full {
+                        settled.push((w.name.clone(), local));
+                    }
                 }
                 flush_commit(&mut io, &mut stats, &w.name)?;
             }
             while !io.outstanding.is_empty() {
                 wait_ack(&mut io, peer)?;
+            }
+            // Full comparisons applied: both sides agree on every file but the failures.
+            for (watch, _) in &settled {
+                let except: Vec<String> = io
+                    .failures
+                    .iter()
+                    .filter(|(w, _)| w == watch)
+                    .map(|(_, p)| p.clone())
+                    .collect();
+                io.send(&Request::Op(Op::Settled {
+                    watch: watch.clone(),
+                    except,
+                }))?;
             }
             Ok(())
         })();
@@ -311,13 +379,19 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                 tracing::warn!(watch = name, error = %e, "cannot save the hash cache");
             }
         }
+        let failures: Vec<(String, String)> = io.failures.drain(..).collect();
         // What the peer could not apply is forgotten, so the next comparison resends it.
-        for (watch, path) in io.failures.drain(..) {
-            if let Some(m) = model.get_mut(&watch) {
-                remote_remove_tree(m, &path);
+        for (watch, path) in &failures {
+            if let Some(m) = model.get_mut(watch) {
+                remote_remove_tree(m, path);
             }
         }
-        result?;
+        if let Err(e) = result {
+            inbox.put_back(work);
+            shared.link(peer, |l| l.in_progress = None);
+            return Err(e);
+        }
+        record_agreement(shared, &stats.touched, &settled, &failures);
         if stats.ops > 0 {
             tracing::info!(
                 peer,
@@ -328,7 +402,43 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                 "batch replicated"
             );
         }
-        shared.note_success(peer);
+        let now = std::time::SystemTime::now();
+        shared.link(peer, |l| {
+            l.in_progress = None;
+            l.last_error = None;
+            l.done_generation = l.done_generation.max(work.generation);
+            for w in work.full.iter().chain(work.paths.keys()) {
+                l.last_success.insert(w.clone(), now);
+            }
+        });
+    }
+}
+
+/// Records in the ledger what the peer acknowledged (for divergence checks
+/// after a role change).
+fn record_agreement(
+    shared: &Shared,
+    touched: &[(String, String, Option<ContentHash>)],
+    settled: &[(String, Vec<(String, ContentHash)>)],
+    failures: &[(String, String)],
+) {
+    let failed = |w: &str, p: &str| failures.iter().any(|(fw, fp)| fw == w && manifest::is_under(p, fp));
+    let mut ledgers = shared.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+    for (watch, local) in settled {
+        let entries = local.iter().filter(|(p, _)| !failed(watch, p)).cloned();
+        ledgers.watch(watch).reset(entries);
+    }
+    for (watch, path, hash) in touched {
+        if failed(watch, path) {
+            continue;
+        }
+        match hash {
+            Some(h) => ledgers.watch(watch).set(path, *h),
+            None => ledgers.watch(watch).forget_tree(path),
+        }
+    }
+    if let Err(e) = ledgers.save() {
+        tracing::warn!(error = %e, "cannot save the sync ledger");
     }
 }
 
@@ -339,6 +449,8 @@ struct BatchStats {
     wire_bytes: u64,
     pending_ops: usize,
     pending_bytes: u64,
+    /// Files shipped (with their hash) and paths removed, per watch.
+    touched: Vec<(String, String, Option<ContentHash>)>,
 }
 
 fn fetch_manifest(io: &mut SessionIo, watch: &str) -> Result<Vec<Entry>> {
@@ -384,7 +496,7 @@ fn ship_prefix(
     remote: &mut BTreeMap<String, Entry>,
     stats: &mut BatchStats,
     owners: bool,
-) -> Result<()> {
+) -> Result<Vec<(String, ContentHash)>> {
     let scan = manifest::scan(&w.root, prefix, &w.excludes, cache);
     for s in &scan.skipped {
         tracing::warn!(watch = w.name, skipped = ?s, "not replicated");
@@ -412,6 +524,7 @@ fn ship_prefix(
     }
     let mut changed_parents: BTreeSet<String> = BTreeSet::new();
     for path in removals {
+        stats.touched.push((w.name.clone(), path.clone(), None));
         emit(
             io,
             stats,
@@ -489,6 +602,7 @@ fn ship_prefix(
                         _ => None,
                     };
                     ship_file(io, w, l, *size, *hash, base, stats)?;
+                    stats.touched.push((w.name.clone(), l.path.clone(), Some(*hash)));
                     remote.insert(l.path.clone(), l.clone());
                     stats.files += 1;
                     maybe_commit(io, stats, &w.name)?;
@@ -521,7 +635,11 @@ fn ship_prefix(
             remote.insert(dir.clone(), l);
         }
     }
-    Ok(())
+    Ok(scan
+        .entries
+        .iter()
+        .filter_map(|e| Some((e.path.clone(), e.hash()?)))
+        .collect())
 }
 
 fn stat_dir(root: &Path, rel: &str) -> Option<Entry> {

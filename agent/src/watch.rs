@@ -101,6 +101,7 @@ pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: Cancell
                 let due: Vec<usize> = pending.iter().filter(|(_, (_, q, h))| *q <= now || *h <= now).map(|(i, _)| *i).collect();
                 for idx in due {
                     if let Some((paths, _, _)) = pending.remove(&idx) {
+                        tracing::debug!(watch = targets[idx].name, paths = paths.len(), "batch of changes");
                         for i in &inboxes {
                             i.add_paths(&targets[idx].name, paths.iter().cloned());
                         }

@@ -1,6 +1,7 @@
 //! Command-line definitions.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
@@ -11,6 +12,9 @@ pub struct Args {
     /// The cluster file.
     #[arg(long, global = true, default_value = warmspare_shared::config::DEFAULT_CLUSTER_PATH)]
     pub cluster: PathBuf,
+    /// The operator's private key (default: ~/.config/warmspare/operator.key).
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -19,8 +23,93 @@ pub struct Args {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show every node: reachability, role, epoch, version, config hash, lag, diverged files.
+    Status(StatusArgs),
+    /// Move the active role to another node, planned, with both nodes up.
+    Switchover(SwitchoverArgs),
+    /// Promote a node when the active one is unreachable (needs --force).
+    Failover(FailoverArgs),
+    /// Switch back to the preferred active node once it has caught up.
+    Failback(FailbackArgs),
+    /// Hold replication and jobs on every node (for maintenance).
+    Pause,
+    /// Release what `pause` held.
+    Resume,
+    /// Compare whole trees now instead of waiting for changes.
+    Resync(ResyncArgs),
+    /// List every role change: time, epoch, from, to, reason, who.
+    History(HistoryArgs),
     /// Run a whole pair on loopback in a temporary directory, narrated.
     Demo(DemoArgs),
+}
+
+/// Options of `status`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct StatusArgs {
+    /// Print JSON for machines.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every two seconds until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+/// Options of `switchover`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct SwitchoverArgs {
+    /// The node to make active.
+    #[arg(long)]
+    pub to: String,
+    /// Do not ask for confirmation (needed when not on a terminal).
+    #[arg(long)]
+    pub yes: bool,
+    /// Run the preflight checks only.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long the whole change may take.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Options of `failover`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct FailoverArgs {
+    /// The node to promote.
+    #[arg(long)]
+    pub to: String,
+    /// Confirm that the active node is down and may have changes not yet replicated.
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for each node.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Options of `failback`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct FailbackArgs {
+    /// Do not ask for confirmation (needed when not on a terminal).
+    #[arg(long)]
+    pub yes: bool,
+    /// How long the whole change may take.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Options of `resync`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct ResyncArgs {
+    /// Only this watch (default: every watch).
+    #[arg(long)]
+    pub watch: Option<String>,
+}
+
+/// Options of `history`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct HistoryArgs {
+    /// Print JSON for machines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `demo`.

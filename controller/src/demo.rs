@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use warmspare_shared::keys::SecretKey;
 
-use crate::cli::DemoArgs;
+use crate::cli::{DemoArgs, StatusArgs, SwitchoverArgs};
+use crate::client::Operator;
+use crate::{admin, roles, status};
 
 /// Runs the demo.
 pub fn run(opts: DemoArgs) -> Result<()> {
@@ -37,12 +39,20 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         key.save(&root.join(n).join("etc/warmspare/node.key"))
             .context("cannot write a node key")?;
         text += &format!(
-            "[[node]]\nname = \"{n}\"\nssh = \"127.0.0.1:{}\"\npublic_key = \"{}\"\nroot = \"{}\"\n\n",
+            "[[node]]\nname = \"{n}\"\nssh = \"127.0.0.1:{}\"\nhttp = \"127.0.0.1:{}\"\npublic_key = \"{}\"\nroot = \"{}\"\n\n",
+            free_port()?,
             free_port()?,
             key.public().to_openssh(),
             root.join(n).display()
         );
     }
+    let operator = SecretKey::generate();
+    let operator_key = root.join("operator.key");
+    operator.save(&operator_key).context("cannot write the operator key")?;
+    text += &format!(
+        "[[operator]]\nname = \"demo\"\npublic_key = \"{}\"\n\n",
+        operator.public().to_openssh()
+    );
     text += "[[watch]]\nname = \"ca\"\npath = \"/etc/puppetlabs/puppet/ssl/ca\"\nexclude = [\"signed/masterb.pem\"]\ndebounce_ms = 10\n";
     let cluster = root.join("cluster.toml");
     fs::write(&cluster, &text).context("cannot write the cluster file")?;
@@ -178,6 +188,51 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         bail!("signed/masterb.pem is excluded but reached masterb");
     }
     say("signed/masterb.pem (the passive's own certificate) is excluded and stayed on mastera only.");
+
+    // Status, a switchover and a failback, through the same code as the CLI.
+    let op = Operator::load(&cluster, &operator_key)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    say("`warmsparectl status`:");
+    rt.block_on(status::run(
+        &op,
+        &StatusArgs {
+            json: false,
+            watch: false,
+        },
+    ))?;
+    say("`warmsparectl switchover --to masterb`: flush, demote mastera, promote masterb at epoch 2:");
+    let to_b = SwitchoverArgs {
+        to: "masterb".into(),
+        yes: true,
+        dry_run: false,
+        timeout: Duration::from_secs(60),
+    };
+    rt.block_on(roles::switchover(&op, &to_b, "switchover"))?;
+    let b_ca = ca("masterb");
+    fs::write(b_ca.join("signed/agent9.example.com.pem"), pem("agent9.example.com"))
+        .context("cannot write a certificate")?;
+    let t = Instant::now();
+    wait_for(Duration::from_secs(30), || {
+        ca("mastera").join("signed/agent9.example.com.pem").exists()
+    })
+    .context("a certificate signed on the new active did not reach mastera")?;
+    say(&format!(
+        "masterb is active now: signed/agent9.example.com.pem, written on masterb, reached mastera {:.0} ms later.",
+        t.elapsed().as_secs_f64() * 1000.0
+    ));
+    say("`warmsparectl failback`: the same switchover, back to the preferred active mastera:");
+    let to_a = SwitchoverArgs {
+        to: "mastera".into(),
+        yes: true,
+        dry_run: false,
+        timeout: Duration::from_secs(60),
+    };
+    rt.block_on(roles::switchover(&op, &to_a, "failback"))?;
+    say("`warmsparectl history`:");
+    rt.block_on(admin::history(&op, false))?;
 
     agents.stop_all();
     say(&format!(

@@ -2,16 +2,53 @@
 
 use std::process::ExitCode;
 
+use anyhow::{Context as _, Result};
 use clap::Parser;
 
+mod admin;
 mod cli;
+mod client;
 mod demo;
 mod exit;
+mod roles;
+mod status;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    let result = match args.command {
-        cli::Command::Demo(opts) => demo::run(opts),
-    };
-    exit::report(result)
+    exit::report(run(args))
+}
+
+fn run(args: cli::Args) -> Result<()> {
+    use cli::Command;
+    if let Command::Demo(opts) = &args.command {
+        return demo::run(opts.clone());
+    }
+    let key = args.key.clone().unwrap_or_else(client::default_key);
+    let op = client::Operator::load(&args.cluster, &key)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async {
+        match &args.command {
+            Command::Status(a) => status::run(&op, a).await,
+            Command::Switchover(a) => roles::switchover(&op, a, "switchover").await,
+            Command::Failover(a) => roles::failover(&op, a).await,
+            Command::Failback(a) => {
+                let to = op.cluster.cluster.preferred_active.clone();
+                let s = cli::SwitchoverArgs {
+                    to,
+                    yes: a.yes,
+                    dry_run: false,
+                    timeout: a.timeout,
+                };
+                roles::switchover(&op, &s, "failback").await
+            }
+            Command::Pause => admin::everywhere(&op, warmspare_shared::proto::Request::Pause, "paused").await,
+            Command::Resume => admin::everywhere(&op, warmspare_shared::proto::Request::Resume, "resumed").await,
+            Command::Resync(a) => admin::resync(&op, a.watch.clone()).await,
+            Command::History(a) => admin::history(&op, a.json).await,
+            Command::Demo(_) => Ok(()),
+        }
+    })
 }

@@ -13,8 +13,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::delta::{self, Mapped};
+use crate::ledger::Ledgers;
 use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta, TEMP_PREFIX};
 use crate::proto::Op;
 
@@ -117,6 +119,18 @@ pub struct CommitReport {
     pub failed: Vec<(String, String)>,
     /// Watches that had something applied (for `after_apply`).
     pub touched: BTreeSet<String>,
+    /// Local files that differed from the last agreed content and were moved
+    /// to the diverged folder before being replaced: `(watch, path, moved to)`.
+    pub diverged: Vec<(String, String, PathBuf)>,
+}
+
+/// Where a receiver keeps what it must not lose.
+#[derive(Debug, Clone)]
+pub struct Divergence {
+    /// The agreed content of every file, per watch.
+    pub ledgers: Arc<Mutex<Ledgers>>,
+    /// This session's folder for preserved files: `diverged/<epoch>-<time>`.
+    pub dir: PathBuf,
 }
 
 /// Applies [`Op`]s to watch roots.
@@ -130,6 +144,7 @@ pub struct Applier {
     dir_meta: Vec<(PathBuf, Meta)>,
     report: CommitReport,
     can_chown: bool,
+    divergence: Option<Divergence>,
 }
 
 /// How many files a commit may fsync one by one before it syncs the
@@ -137,13 +152,13 @@ pub struct Applier {
 const FSYNC_EACH_MAX: usize = 8;
 
 impl Applier {
-    /// An applier for `watches`; it creates missing roots and removes
-    /// temporary files left by an earlier run.
-    pub fn new(watches: Vec<WatchRoot>) -> io::Result<Applier> {
+    /// An applier for `watches`; it creates missing roots. With `divergence`,
+    /// local files that differ from the last agreed content are preserved
+    /// before they are replaced or removed, and agreement is recorded.
+    pub fn new(watches: Vec<WatchRoot>, divergence: Option<Divergence>) -> io::Result<Applier> {
         let mut map = HashMap::new();
         for w in watches {
             fs::create_dir_all(&w.root)?;
-            clean_temps(&w.root)?;
             map.insert(w.name.clone(), w);
         }
         // Only root can give files away; others keep their own ownership.
@@ -157,6 +172,7 @@ impl Applier {
             dir_meta: Vec::new(),
             report: CommitReport::default(),
             can_chown,
+            divergence,
         })
     }
 
@@ -231,13 +247,18 @@ impl Applier {
             }
             _ => {}
         }
+        if let Op::Settled { watch, except } = op {
+            return self.settled(&watch, &except);
+        }
         let (watch, rel) = match &op {
             Op::Dir { watch, path, .. }
             | Op::Symlink { watch, path, .. }
             | Op::SetMeta { watch, path, .. }
             | Op::Remove { watch, path }
             | Op::FileBegin { watch, path, .. } => (watch.clone(), path.clone()),
-            Op::FileData(_) | Op::FileEnd => unreachable_op(),
+            Op::FileData(_) | Op::FileEnd | Op::Settled { .. } => {
+                return Err(Refused("an operation arrived out of place".into()));
+            }
         };
         let w = self.watch(&watch)?;
         let target = confine(&w.root, &rel)?;
@@ -251,8 +272,8 @@ impl Applier {
             return Ok(());
         }
         let result = match op {
-            Op::Dir { meta, .. } => self.make_dir(&target, meta),
-            Op::Symlink { target: link, meta, .. } => self.make_symlink(&target, &link, meta),
+            Op::Dir { meta, .. } => self.make_dir(&watch, &rel, &target, meta),
+            Op::Symlink { target: link, meta, .. } => self.make_symlink(&watch, &rel, &target, &link, meta),
             Op::SetMeta { meta, .. } => self.set_meta(&target, meta),
             Op::Remove { .. } => self.remove(&watch, &rel, &target),
             Op::FileBegin {
@@ -271,7 +292,7 @@ impl Applier {
                     }
                 }
             }
-            Op::FileData(_) | Op::FileEnd => unreachable_op(),
+            Op::FileData(_) | Op::FileEnd | Op::Settled { .. } => Ok(()),
         };
         match result {
             Ok(()) => {
@@ -292,11 +313,15 @@ impl Applier {
         }
     }
 
-    fn make_dir(&mut self, target: &Path, meta: Meta) -> io::Result<()> {
+    fn make_dir(&mut self, watch: &str, rel: &str, target: &Path, meta: Meta) -> io::Result<()> {
         match fs::symlink_metadata(target) {
             Ok(md) if md.is_dir() => {}
             Ok(_) => {
-                fs::remove_file(target)?;
+                self.preserve(watch, rel, target)?;
+                if target.symlink_metadata().is_ok() {
+                    fs::remove_file(target)?;
+                }
+                self.forget(watch, rel);
                 fs::create_dir(target)?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -311,7 +336,7 @@ impl Applier {
         Ok(())
     }
 
-    fn make_symlink(&mut self, target: &Path, link: &str, meta: Meta) -> io::Result<()> {
+    fn make_symlink(&mut self, watch: &str, rel: &str, target: &Path, link: &str, meta: Meta) -> io::Result<()> {
         let tmp = temp_beside(target, "link")?;
         std::os::unix::fs::symlink(link, &tmp)?;
         if self.can_chown {
@@ -320,15 +345,20 @@ impl Applier {
                 return Err(e);
             }
         }
-        if let Ok(md) = fs::symlink_metadata(target) {
-            if md.is_dir() {
-                fs::remove_dir_all(target)?;
+        let replaced = (|| {
+            self.preserve(watch, rel, target)?;
+            if let Ok(md) = fs::symlink_metadata(target) {
+                if md.is_dir() {
+                    fs::remove_dir_all(target)?;
+                }
             }
-        }
-        if let Err(e) = fs::rename(&tmp, target) {
+            fs::rename(&tmp, target)
+        })();
+        if let Err(e) = replaced {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
+        self.forget(watch, rel);
         self.note_parent(target);
         Ok(())
     }
@@ -352,6 +382,7 @@ impl Applier {
     }
 
     fn remove(&mut self, watch: &str, rel: &str, target: &Path) -> io::Result<()> {
+        self.preserve(watch, rel, target)?;
         match fs::symlink_metadata(target) {
             Ok(md) if md.is_dir() => fs::remove_dir_all(target)?,
             Ok(_) => fs::remove_file(target)?,
@@ -361,7 +392,71 @@ impl Applier {
         if let Some(w) = self.watches.get_mut(watch) {
             w.cache.forget(rel);
         }
+        self.forget(watch, rel);
         self.note_parent(target);
+        Ok(())
+    }
+
+    /// Moves every local file at or under `rel` whose content is not the one
+    /// last agreed to the diverged folder.
+    fn preserve(&mut self, watch: &str, rel: &str, target: &Path) -> io::Result<()> {
+        let Some(div) = self.divergence.clone() else {
+            return Ok(());
+        };
+        if fs::symlink_metadata(target).is_err() {
+            return Ok(());
+        }
+        let Some(w) = self.watches.get_mut(watch) else {
+            return Ok(());
+        };
+        let scan = manifest::scan(&w.root, rel, &w.excludes, &mut w.cache);
+        let mut ledgers = div.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let ledger = ledgers.watch(watch);
+        for e in scan.entries {
+            let Some(hash) = e.hash() else { continue };
+            if ledger.get(&e.path) == Some(hash) {
+                continue;
+            }
+            let dest = div.dir.join(watch).join(&e.path);
+            move_aside(&w.root.join(&e.path), &dest)?;
+            tracing::warn!(watch, path = e.path, to = %dest.display(), "preserved a local file that differs from the last synced content");
+            self.report.diverged.push((watch.to_string(), e.path.clone(), dest));
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, watch: &str, rel: &str) {
+        if let Some(div) = &self.divergence {
+            div.ledgers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .watch(watch)
+                .forget_tree(rel);
+        }
+    }
+
+    /// After a full comparison: everything under `watch` but `except` now
+    /// holds the agreed content.
+    fn settled(&mut self, watch: &str, except: &[String]) -> Result<(), Refused> {
+        let Some(div) = self.divergence.clone() else {
+            return Ok(());
+        };
+        let w = self
+            .watches
+            .get_mut(watch)
+            .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+        let scan = manifest::scan(&w.root, "", &w.excludes, &mut w.cache);
+        let skip: std::collections::HashSet<&str> = except.iter().map(String::as_str).collect();
+        let entries = scan
+            .entries
+            .into_iter()
+            .filter(|e| !skip.contains(e.path.as_str()))
+            .filter_map(|e| Some((e.path.clone(), e.hash()?)));
+        let mut ledgers = div.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        ledgers.watch(watch).reset(entries);
+        if let Err(e) = ledgers.save() {
+            tracing::warn!(error = %e, "cannot save the sync ledger");
+        }
         Ok(())
     }
 
@@ -572,6 +667,13 @@ impl Applier {
         } else {
             // 2. Rename into place.
             for p in pending {
+                if let Err(e) = self.preserve(&p.watch, &p.rel, &p.target) {
+                    let _ = fs::remove_file(&p.tmp);
+                    self.report
+                        .failed
+                        .push((p.rel, format!("cannot preserve the local version: {e}")));
+                    continue;
+                }
                 if let Ok(md) = fs::symlink_metadata(&p.target) {
                     if md.is_dir() {
                         if let Err(e) = fs::remove_dir_all(&p.target) {
@@ -585,6 +687,13 @@ impl Applier {
                     Ok(()) => {
                         if let (Some(w), Ok(md)) = (self.watches.get_mut(&p.watch), fs::symlink_metadata(&p.target)) {
                             w.cache.insert(&p.rel, &md, p.hash);
+                        }
+                        if let Some(div) = &self.divergence {
+                            div.ledgers
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .watch(&p.watch)
+                                .set(&p.rel, p.hash);
                         }
                     }
                     Err(e) => {
@@ -608,6 +717,11 @@ impl Applier {
                 let _ = w.cache.save(p);
             }
         }
+        if let Some(div) = &self.divergence {
+            if let Err(e) = div.ledgers.lock().unwrap_or_else(|p| p.into_inner()).save() {
+                tracing::warn!(error = %e, "cannot save the sync ledger");
+            }
+        }
         std::mem::take(&mut self.report)
     }
 
@@ -626,9 +740,20 @@ impl Drop for Applier {
     }
 }
 
-fn unreachable_op() -> ! {
-    // FileData and FileEnd return before the match that would reach here.
-    panic!("file data handled above")
+/// Moves `src` to `dest` (creating parents), copying across filesystems.
+fn move_aside(src: &Path, dest: &Path) -> io::Result<()> {
+    if let Some(p) = dest.parent() {
+        fs::create_dir_all(p)?;
+    }
+    match fs::rename(src, dest) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            fs::copy(src, dest)?;
+            File::open(dest)?.sync_all()?;
+            fs::remove_file(src)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 struct HashingWriter<W> {
@@ -738,13 +863,16 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn applier(root: &Path) -> Applier {
-        Applier::new(vec![WatchRoot {
-            name: "w".into(),
-            root: root.to_path_buf(),
-            excludes: Excludes::new(&["ex/".into()]).unwrap(),
-            cache: HashCache::default(),
-            cache_path: None,
-        }])
+        Applier::new(
+            vec![WatchRoot {
+                name: "w".into(),
+                root: root.to_path_buf(),
+                excludes: Excludes::new(&["ex/".into()]).unwrap(),
+                cache: HashCache::default(),
+                cache_path: None,
+            }],
+            None,
+        )
         .unwrap()
     }
 
@@ -869,6 +997,56 @@ mod tests {
         let r = a.commit();
         assert!(r.failed.is_empty(), "{:?}", r.failed);
         assert_eq!(fs::read(d.path().join("big")).unwrap(), new);
+    }
+
+    #[test]
+    fn differing_local_files_are_preserved_before_replacement() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let div = Divergence {
+            ledgers: Arc::new(Mutex::new(Ledgers::new(d.path().join("ledger")))),
+            dir: d.path().join("diverged/2-now"),
+        };
+        let mut a = Applier::new(
+            vec![WatchRoot {
+                name: "w".into(),
+                root: root.clone(),
+                excludes: Excludes::new(&[]).unwrap(),
+                cache: HashCache::default(),
+                cache_path: None,
+            }],
+            Some(div.clone()),
+        )
+        .unwrap();
+        fs::write(root.join("f"), b"signed while cut off").unwrap();
+        fs::write(root.join("gone"), b"local only").unwrap();
+        send_file(&mut a, "f", b"from the active");
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: "gone".into(),
+        })
+        .unwrap();
+        let r = a.commit();
+        assert_eq!(r.diverged.len(), 2, "{:?}", r.diverged);
+        assert_eq!(fs::read(div.dir.join("w/f")).unwrap(), b"signed while cut off");
+        assert_eq!(fs::read(div.dir.join("w/gone")).unwrap(), b"local only");
+        assert_eq!(fs::read(root.join("f")).unwrap(), b"from the active");
+        // What the active shipped is agreed: replacing it again preserves nothing.
+        send_file(&mut a, "f", b"newer");
+        assert!(a.commit().diverged.is_empty());
+        // After a settled full comparison, files present are agreed too.
+        fs::write(root.join("other"), b"same on both").unwrap();
+        a.apply(Op::Settled {
+            watch: "w".into(),
+            except: vec![],
+        })
+        .unwrap();
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: "other".into(),
+        })
+        .unwrap();
+        assert!(a.commit().diverged.is_empty());
     }
 
     #[test]

@@ -38,6 +38,94 @@ pub enum Purpose {
     Replicate,
     /// A node or tool asks questions only (checks, status).
     Probe,
+    /// An operator's `warmsparectl`: status and role changes.
+    Control,
+}
+
+/// Who is active, in which epoch. Persisted by every agent (see `state`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleState {
+    /// Increases by one at every role change.
+    pub epoch: u64,
+    /// The node that is active in `epoch`.
+    pub active: String,
+}
+
+/// One role change, as recorded in every agent's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When, in seconds since the Unix epoch.
+    pub time: i64,
+    /// The new epoch.
+    pub epoch: u64,
+    /// The active node before.
+    pub from: String,
+    /// The active node after.
+    pub to: String,
+    /// Why (switchover, failover, failback, fencing, ...).
+    pub reason: String,
+    /// Who ordered it (an operator, or the node that pushed a higher epoch).
+    pub by: String,
+}
+
+/// Replication towards one peer, for one watch, as the active sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// The peer.
+    pub peer: String,
+    /// The watch.
+    pub watch: String,
+    /// Whether the connection to the peer is up.
+    pub connected: bool,
+    /// Changed paths not yet acknowledged by the peer (a full comparison
+    /// counts as the number of files in the watch).
+    pub pending_changes: u64,
+    /// Bytes of the pending files, as they are now.
+    pub lag_bytes: u64,
+    /// Age of the oldest change not yet acknowledged; 0 when caught up.
+    pub lag_seconds: f64,
+    /// When the peer last acknowledged a complete batch (Unix seconds).
+    pub last_success: Option<i64>,
+    /// The last error towards this peer, if the link is not healthy.
+    pub last_error: Option<String>,
+}
+
+/// One watch on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchStatus {
+    /// The watch.
+    pub name: String,
+    /// Regular files under its root.
+    pub files: u64,
+    /// Their total size.
+    pub bytes: u64,
+    /// On a passive: when a batch was last applied (Unix seconds).
+    pub last_applied: Option<i64>,
+}
+
+/// A node's own account of itself, for `warmsparectl status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub node: String,
+    /// Its software version.
+    pub version: String,
+    /// Its protocol version.
+    pub protocol: u32,
+    /// The hash of its cluster file.
+    pub config_hash: String,
+    /// Its role state.
+    pub role: RoleState,
+    /// Whether replication and jobs are held.
+    pub paused: bool,
+    /// Its watches.
+    pub watches: Vec<WatchStatus>,
+    /// On the active: replication per peer and watch.
+    pub links: Vec<LinkStatus>,
+    /// Files preserved under `diverged/`, relative to that folder.
+    pub diverged: Vec<String>,
+    /// When the agent started (Unix seconds).
+    pub started: i64,
 }
 
 /// The first message each side sends.
@@ -121,6 +209,14 @@ pub enum Op {
     FileData(ByteBuf),
     /// The end of the current file.
     FileEnd,
+    /// A full comparison of `watch` was applied: the receiver's tree now
+    /// holds the agreed content everywhere but at the `except` paths.
+    Settled {
+        /// The watch.
+        watch: String,
+        /// Paths whose operations failed.
+        except: Vec<String>,
+    },
 }
 
 /// What the dialing side sends.
@@ -153,10 +249,46 @@ pub enum Request {
     },
     /// Keep-alive; answered with [`Reply::Pong`].
     Ping,
+    /// Control: answered with [`Reply::Status`].
+    Status,
+    /// Control, on the active: ship everything pending and compare every
+    /// watch with every peer; answered with [`Reply::Flushed`].
+    Flush {
+        /// How long to wait for the peers to catch up.
+        timeout_ms: u64,
+    },
+    /// Control: compare-and-swap of the role state; answered with
+    /// [`Reply::Role`] (the new state) or [`Reply::Refused`].
+    SetRole {
+        /// The state the controller expects the node to be in.
+        expect: RoleState,
+        /// The state to move to (a higher epoch).
+        next: RoleState,
+        /// Why, for the history.
+        reason: String,
+    },
+    /// Control: adopt `state` if its epoch is higher than the node's (fencing).
+    Adopt {
+        /// The newer role state.
+        state: RoleState,
+        /// Why, for the history.
+        reason: String,
+    },
+    /// Control: hold replication and jobs.
+    Pause,
+    /// Control: release what `Pause` held.
+    Resume,
+    /// Control: compare whole trees now (one watch or all).
+    Resync {
+        /// The watch, or every watch.
+        watch: Option<String>,
+    },
+    /// Control: answered with [`Reply::History`].
+    History,
 }
 
 /// What the receiving side answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     /// Accepts the session.
     Hello(Hello),
@@ -201,6 +333,23 @@ pub enum Reply {
     },
     /// Answer to [`Request::Ping`].
     Pong,
+    /// The sender's epoch is older than the receiver's: this is who is active.
+    Stale(RoleState),
+    /// Answer to [`Request::Status`].
+    Status(Box<NodeStatus>),
+    /// Answer to [`Request::Flush`].
+    Flushed {
+        /// Whether every connected peer caught up in time.
+        caught_up: bool,
+        /// Per peer, what happened.
+        detail: Vec<String>,
+    },
+    /// The role state after a [`Request::SetRole`] or [`Request::Adopt`].
+    Role(RoleState),
+    /// A control request was carried out.
+    Done,
+    /// Answer to [`Request::History`].
+    History(Vec<HistoryEntry>),
 }
 
 /// A framing or decoding failure.

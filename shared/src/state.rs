@@ -8,16 +8,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-/// The role state of one agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoleState {
-    /// Increases by one at every role change.
-    pub epoch: u64,
-    /// The node that is active in `epoch`.
-    pub active: String,
-}
+pub use crate::proto::{HistoryEntry, RoleState};
 
 /// Why the role state could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +64,28 @@ impl RoleState {
     }
 }
 
+/// The file, under the state dir, that holds the role history (JSON lines).
+pub const HISTORY_FILE: &str = "history.jsonl";
+
+/// Appends one role change to the history and makes it durable.
+pub fn append_history(state_dir: &Path, entry: &HistoryEntry) -> io::Result<()> {
+    let mut line = serde_json::to_vec(entry).map_err(io::Error::other)?;
+    line.push(b'\n');
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join(HISTORY_FILE))?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// Reads the role history; unreadable lines are skipped.
+pub fn read_history(state_dir: &Path) -> Vec<HistoryEntry> {
+    fs::read_to_string(state_dir.join(HISTORY_FILE))
+        .map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .unwrap_or_default()
+}
+
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
@@ -121,6 +134,17 @@ mod tests {
         let again = RoleState::load_or_init(d.path(), "a").unwrap();
         assert_eq!(again.epoch, 2);
         assert_eq!(again.active, "b");
+        let e = HistoryEntry {
+            time: 1,
+            epoch: 2,
+            from: "a".into(),
+            to: "b".into(),
+            reason: "test".into(),
+            by: "me".into(),
+        };
+        append_history(d.path(), &e).unwrap();
+        append_history(d.path(), &e).unwrap();
+        assert_eq!(read_history(d.path()), vec![e.clone(), e]);
         fs::write(d.path().join(ROLE_FILE), b"{").unwrap();
         assert!(matches!(
             RoleState::load_or_init(d.path(), "a"),

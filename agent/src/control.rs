@@ -1,0 +1,154 @@
+//! Operator sessions: what `warmsparectl` may ask of an agent.
+//!
+//! Only keys listed under `[[operator]]` reach this module. Role changes are
+//! compare-and-swaps on the persisted role state; everything else reads
+//! status or nudges the shippers.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::io::{AsyncRead, AsyncWrite};
+use warmspare_shared::proto::{FrameReader, FrameWriter, Reply, Request};
+use warmspare_shared::state;
+
+use crate::daemon::Shared;
+use crate::status;
+
+/// Serves one operator session until the operator closes it.
+pub async fn serve<R, W>(
+    shared: &Shared,
+    operator: &str,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while let Some(req) = reader.recv::<Request>().await? {
+        let reply = handle(shared, operator, req).await;
+        writer.send(&reply).await?;
+    }
+    Ok(())
+}
+
+async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
+    let by = format!("operator {operator}");
+    match req {
+        Request::Ping => Reply::Pong,
+        Request::Status => Reply::Status(Box::new(status::node_status(shared))),
+        Request::History => Reply::History(state::read_history(&shared.state_dir)),
+        Request::SetRole { expect, next, reason } => match shared.cas_role(&expect, next, &reason, &by) {
+            Ok(now) => Reply::Role(now),
+            Err(reason) => {
+                tracing::warn!(operator, reason, "refused a role change");
+                Reply::Refused { reason }
+            }
+        },
+        Request::Adopt { state, reason } => match shared.adopt(state, &reason, &by) {
+            Ok(now) => Reply::Role(now),
+            Err(e) => Reply::Refused {
+                reason: format!("{e:#}"),
+            },
+        },
+        Request::Pause | Request::Resume => {
+            let pause = matches!(req, Request::Pause);
+            match shared.set_paused(pause) {
+                Ok(()) => Reply::Done,
+                Err(e) => Reply::Refused {
+                    reason: format!("cannot record the pause: {e:#}"),
+                },
+            }
+        }
+        Request::Resync { watch } => {
+            if shared.role().active != shared.me.name {
+                return Reply::Refused {
+                    reason: format!("{} is not the active node", shared.me.name),
+                };
+            }
+            let names: Vec<String> = match watch {
+                Some(w) if shared.cluster.watch(&w).is_none() => {
+                    return Reply::Refused {
+                        reason: format!("there is no watch {w:?}"),
+                    };
+                }
+                Some(w) => vec![w],
+                None => shared.cluster.watch.iter().map(|w| w.name.clone()).collect(),
+            };
+            for inbox in shared.runtime().inboxes.values() {
+                for w in &names {
+                    inbox.add_full(w);
+                }
+            }
+            Reply::Done
+        }
+        Request::Flush { timeout_ms } => flush(shared, Duration::from_millis(timeout_ms)).await,
+        other => Reply::Refused {
+            reason: format!("not a control request: {other:?}"),
+        },
+    }
+}
+
+/// Compares every watch with every peer and waits until each peer has
+/// acknowledged everything asked of it before the flush began.
+async fn flush(shared: &Shared, timeout: Duration) -> Reply {
+    if shared.role().active != shared.me.name {
+        return Reply::Refused {
+            reason: format!("{} is not the active node", shared.me.name),
+        };
+    }
+    if shared.is_paused() {
+        return Reply::Refused {
+            reason: "replication is paused; resume it first".into(),
+        };
+    }
+    let mut targets = Vec::new();
+    for (peer, inbox) in shared.runtime().inboxes.iter() {
+        let mut gen = 0;
+        for w in &shared.cluster.watch {
+            gen = inbox.add_full(&w.name);
+        }
+        targets.push((peer.clone(), gen));
+    }
+    let mut progress = shared.progress.subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let lagging: Vec<String> = {
+            let rt = shared.runtime();
+            targets
+                .iter()
+                .filter(|(peer, gen)| rt.links.get(peer).is_none_or(|l| l.done_generation < *gen))
+                .map(|(peer, _)| peer.clone())
+                .collect()
+        };
+        if lagging.is_empty() {
+            let detail = targets.iter().map(|(p, _)| format!("{p}: caught up")).collect();
+            return Reply::Flushed {
+                caught_up: true,
+                detail,
+            };
+        }
+        if tokio::time::timeout_at(deadline, progress.changed()).await.is_err() {
+            let rt = shared.runtime();
+            let detail = targets
+                .iter()
+                .map(|(p, _)| match rt.links.get(p) {
+                    Some(l) if !lagging.contains(p) => format!("{p}: caught up (connected: {})", l.connected),
+                    Some(l) => format!(
+                        "{p}: not caught up (connected: {}{})",
+                        l.connected,
+                        l.last_error
+                            .as_deref()
+                            .map(|e| format!(", last error: {e}"))
+                            .unwrap_or_default()
+                    ),
+                    None => format!("{p}: never connected"),
+                })
+                .collect();
+            return Reply::Flushed {
+                caught_up: false,
+                detail,
+            };
+        }
+    }
+}

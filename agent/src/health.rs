@@ -1,0 +1,136 @@
+//! The HTTP listener: health checks for load balancers, status and metrics.
+//!
+//! `GET|HEAD /_status/check` is 200 on the active node and 503 elsewhere, so
+//! a load balancer (HAProxy `option httpchk HEAD /_status/check`) sends
+//! clients to the active node only, and follows every role change.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::Shared;
+use crate::status;
+
+/// Serves health, status and metrics on `listener` until `cancel` fires.
+pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
+    let app = Router::new()
+        .route("/_status/check", get(check))
+        .route("/_status/ping", get(ping))
+        .route("/_status", get(detail))
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "the HTTP listener failed");
+    }
+}
+
+async fn check(State(shared): State<Arc<Shared>>) -> Response {
+    let role = shared.role();
+    if role.active == shared.me.name {
+        (StatusCode::OK, format!("active at epoch {}\n", role.epoch)).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("passive at epoch {} ({} is active)\n", role.epoch, role.active),
+        )
+            .into_response()
+    }
+}
+
+async fn ping() -> &'static str {
+    "ok\n"
+}
+
+async fn detail(State(shared): State<Arc<Shared>>) -> Response {
+    let s = tokio::task::spawn_blocking(move || status::node_status(&shared)).await;
+    match s {
+        Ok(s) => Json(s).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let sent = shared.bytes_sent.load(Ordering::Relaxed);
+    let s = match tokio::task::spawn_blocking(move || status::node_status(&shared)).await {
+        Ok(s) => s,
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let mut out = String::new();
+    let active = u8::from(s.role.active == s.node);
+    let _ = writeln!(out, "# HELP warmspare_is_active 1 on the active node, 0 elsewhere.\n# TYPE warmspare_is_active gauge\nwarmspare_is_active {active}");
+    let _ = writeln!(
+        out,
+        "# HELP warmspare_epoch The role epoch this node is at.\n# TYPE warmspare_epoch gauge\nwarmspare_epoch {}",
+        s.role.epoch
+    );
+    let _ = writeln!(out, "# HELP warmspare_paused 1 while replication and jobs are held.\n# TYPE warmspare_paused gauge\nwarmspare_paused {}", u8::from(s.paused));
+    let _ = writeln!(out, "# HELP warmspare_build_info The software and protocol version.\n# TYPE warmspare_build_info gauge\nwarmspare_build_info{{version=\"{}\",protocol=\"{}\"}} 1", s.version, s.protocol);
+    let _ = writeln!(out, "# HELP warmspare_replication_lag_seconds Age of the oldest change not yet acknowledged by a peer.\n# TYPE warmspare_replication_lag_seconds gauge");
+    for l in &s.links {
+        let _ = writeln!(
+            out,
+            "warmspare_replication_lag_seconds{{watch=\"{}\",peer=\"{}\"}} {}",
+            l.watch, l.peer, l.lag_seconds
+        );
+    }
+    let _ = writeln!(out, "# HELP warmspare_replication_lag_bytes Bytes of the files not yet acknowledged by a peer.\n# TYPE warmspare_replication_lag_bytes gauge");
+    for l in &s.links {
+        let _ = writeln!(
+            out,
+            "warmspare_replication_lag_bytes{{watch=\"{}\",peer=\"{}\"}} {}",
+            l.watch, l.peer, l.lag_bytes
+        );
+    }
+    let _ = writeln!(out, "# HELP warmspare_peer_connected 1 while the replication connection to a peer is up.\n# TYPE warmspare_peer_connected gauge");
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &s.links {
+        if seen.insert(&l.peer) {
+            let _ = writeln!(
+                out,
+                "warmspare_peer_connected{{peer=\"{}\"}} {}",
+                l.peer,
+                u8::from(l.connected)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP warmspare_last_success_timestamp_seconds When a watch last replicated (active: acknowledged by a peer; passive: applied).\n# TYPE warmspare_last_success_timestamp_seconds gauge");
+    for l in &s.links {
+        if let Some(t) = l.last_success {
+            let _ = writeln!(
+                out,
+                "warmspare_last_success_timestamp_seconds{{watch=\"{}\",peer=\"{}\"}} {t}",
+                l.watch, l.peer
+            );
+        }
+    }
+    for w in &s.watches {
+        if let Some(t) = w.last_applied {
+            let _ = writeln!(
+                out,
+                "warmspare_last_success_timestamp_seconds{{watch=\"{}\"}} {t}",
+                w.name
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP warmspare_watch_files Regular files under a watch root.\n# TYPE warmspare_watch_files gauge"
+    );
+    for w in &s.watches {
+        let _ = writeln!(out, "warmspare_watch_files{{watch=\"{}\"}} {}", w.name, w.files);
+    }
+    let _ = writeln!(out, "# HELP warmspare_bytes_sent_total Bytes sent to peers, framing included.\n# TYPE warmspare_bytes_sent_total counter\nwarmspare_bytes_sent_total {sent}");
+    let _ = writeln!(out, "# HELP warmspare_diverged_files_total Files preserved under diverged/.\n# TYPE warmspare_diverged_files_total gauge\nwarmspare_diverged_files_total {}", s.diverged.len());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

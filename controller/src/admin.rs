@@ -1,0 +1,139 @@
+//! Maintenance commands: pause, resume, resync, history.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Result};
+use warmspare_shared::proto::{HistoryEntry, Reply, Request};
+
+use crate::client::Operator;
+use crate::exit::{fail, FAILED};
+use crate::status::NODE_TIMEOUT;
+
+/// Sends `req` to every node; fails if any node could not be reached or refused.
+pub async fn everywhere(op: &Operator, req: Request, what: &str) -> Result<()> {
+    let mut failed = Vec::new();
+    for n in &op.cluster.node {
+        let outcome = async {
+            let mut s = op.connect(n, NODE_TIMEOUT).await?;
+            match s.call(&req).await? {
+                Reply::Done => Ok(()),
+                Reply::Refused { reason } => Err(anyhow!("refused: {reason}")),
+                other => Err(anyhow!("unexpected answer {other:?}")),
+            }
+        }
+        .await;
+        match outcome {
+            Ok(()) => println!("{}: {what}", n.name),
+            Err(e) => {
+                println!("{}: FAILED: {e:#}", n.name);
+                failed.push(n.name.clone());
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(fail(FAILED, format!("not done on {}", failed.join(", "))))
+    }
+}
+
+/// Runs `resync` on the active node.
+pub async fn resync(op: &Operator, watch: Option<String>) -> Result<()> {
+    let views = op.gather(NODE_TIMEOUT).await;
+    let active = views
+        .iter()
+        .filter_map(|v| v.status.as_ref().ok())
+        .filter(|s| s.role.active == s.node)
+        .max_by_key(|s| s.role.epoch)
+        .ok_or_else(|| fail(FAILED, "no reachable node is active"))?;
+    let node = op
+        .cluster
+        .node(&active.node)
+        .ok_or_else(|| anyhow!("{} is not a node", active.node))?;
+    let mut s = op.connect(node, NODE_TIMEOUT).await?;
+    match s.call(&Request::Resync { watch: watch.clone() }).await? {
+        Reply::Done => {
+            println!(
+                "{}: comparing {} with every peer now",
+                node.name,
+                watch.as_deref().unwrap_or("every watch")
+            );
+            Ok(())
+        }
+        Reply::Refused { reason } => Err(fail(FAILED, format!("{} refused: {reason}", node.name))),
+        other => Err(anyhow!("unexpected answer {other:?}")),
+    }
+}
+
+/// Runs `history`: every reachable node's record, merged.
+pub async fn history(op: &Operator, json: bool) -> Result<()> {
+    let mut merged: BTreeMap<(u64, i64, String), HistoryEntry> = BTreeMap::new();
+    let mut reached = 0;
+    for n in &op.cluster.node {
+        let Ok(mut s) = op.connect(n, NODE_TIMEOUT).await else {
+            continue;
+        };
+        if let Ok(Reply::History(entries)) = s.call(&Request::History).await {
+            reached += 1;
+            for e in entries {
+                merged.entry((e.epoch, e.time, e.to.clone())).or_insert(e);
+            }
+        }
+    }
+    if reached == 0 {
+        return Err(fail(FAILED, "no node could be reached"));
+    }
+    // One line per epoch: the same change is recorded by every node that made or learned it.
+    let mut by_epoch: BTreeMap<u64, HistoryEntry> = BTreeMap::new();
+    for e in merged.into_values() {
+        by_epoch
+            .entry(e.epoch)
+            .and_modify(|old| {
+                if e.time < old.time {
+                    *old = e.clone()
+                }
+            })
+            .or_insert(e);
+    }
+    let entries: Vec<HistoryEntry> = by_epoch.into_values().collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!(
+        "{:<6} {:<21} {:<14} {:<14} {:<28} BY",
+        "EPOCH", "TIME (UTC)", "FROM", "TO", "REASON"
+    );
+    for e in entries {
+        println!(
+            "{:<6} {:<21} {:<14} {:<14} {:<28} {}",
+            e.epoch,
+            utc(e.time),
+            if e.from.is_empty() { "-" } else { &e.from },
+            e.to,
+            e.reason,
+            e.by
+        );
+    }
+    Ok(())
+}
+
+fn utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

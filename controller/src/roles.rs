@@ -1,0 +1,414 @@
+//! Role changes: switchover, failover, failback.
+//!
+//! Every change is a compare-and-swap on each agent's persisted role state:
+//! the controller names the epoch and active node it expects, and an agent
+//! that sees anything else refuses. A switchover demotes the old active
+//! first (it stops shipping at once), then promotes the target at the next
+//! epoch; a failover promotes the target alone.
+
+use std::io::{IsTerminal, Write as _};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use warmspare_shared::proto::{NodeStatus, Reply, Request, RoleState};
+
+use crate::cli::{FailoverArgs, SwitchoverArgs};
+use crate::client::{NodeView, Operator, TimedOut};
+use crate::exit::{fail, REFUSED, UNKNOWN, USAGE};
+use crate::status::NODE_TIMEOUT;
+
+/// A replication link this far behind (oldest unacknowledged change) fails
+/// the switchover preflight: the final flush would take too long to trust.
+pub const MAX_PREFLIGHT_LAG: Duration = Duration::from_secs(60);
+
+fn step(s: &str) {
+    println!("--> {s}");
+}
+
+/// The cluster's current role, from the reachable nodes: the highest epoch wins.
+fn current_role(views: &[NodeView]) -> Option<RoleState> {
+    views
+        .iter()
+        .filter_map(|v| v.status.as_ref().ok())
+        .map(|s| s.role.clone())
+        .max_by_key(|r| r.epoch)
+}
+
+fn status_of<'a>(views: &'a [NodeView], node: &str) -> Option<&'a NodeStatus> {
+    views
+        .iter()
+        .find(|v| v.node.name == node)
+        .and_then(|v| v.status.as_ref().ok())
+}
+
+/// The preflight checks of a switchover to `to`; `Err` lists what failed.
+fn preflight(
+    op: &Operator,
+    views: &[NodeView],
+    to: &str,
+) -> std::result::Result<(RoleState, Vec<String>), Vec<String>> {
+    let mut bad = Vec::new();
+    let mut good = Vec::new();
+    if op.cluster.node(to).is_none() {
+        return Err(vec![format!("{to:?} is not a node of the cluster")]);
+    }
+    let Some(role) = current_role(views) else {
+        return Err(vec!["no node could be reached".into()]);
+    };
+    if role.active == to {
+        return Err(vec![format!("{to} is already the active node (epoch {})", role.epoch)]);
+    }
+    let hash = op.cluster.hash();
+    let active = status_of(views, &role.active);
+    let target = status_of(views, to);
+    match (active, target) {
+        (None, _) => bad.push(format!(
+            "the active node {} is not reachable (use failover if it is down)",
+            role.active
+        )),
+        (_, None) => bad.push(format!("{to} is not reachable")),
+        (Some(a), Some(t)) => {
+            if a.role != role || a.role.active != a.node {
+                bad.push(format!(
+                    "{} does not report itself active at epoch {}",
+                    a.node, role.epoch
+                ));
+            }
+            if t.role != role {
+                bad.push(format!(
+                    "{to} is at epoch {} with {} active, not epoch {} with {}",
+                    t.role.epoch, t.role.active, role.epoch, role.active
+                ));
+            }
+            if a.version != t.version || a.protocol != t.protocol {
+                bad.push(format!(
+                    "versions differ: {} runs {} (protocol {}), {to} runs {} (protocol {})",
+                    a.node, a.version, a.protocol, t.version, t.protocol
+                ));
+            } else {
+                good.push(format!("both run version {} (protocol {})", a.version, a.protocol));
+            }
+            if a.config_hash != hash || t.config_hash != hash {
+                bad.push("the cluster files differ between the nodes or from this one (see status)".into());
+            } else {
+                good.push(format!("same cluster file (hash {})", &hash[..12]));
+            }
+            if a.paused || t.paused {
+                bad.push("replication is paused (run `warmsparectl resume` first)".into());
+            }
+            let links: Vec<_> = a.links.iter().filter(|l| l.peer == to).collect();
+            if links.iter().any(|l| !l.connected) || (links.is_empty() && !op.cluster.watch.is_empty()) {
+                bad.push(format!("{} is not connected to {to}", a.node));
+            }
+            let lag = links.iter().map(|l| l.lag_seconds).fold(0.0, f64::max);
+            if lag > MAX_PREFLIGHT_LAG.as_secs_f64() {
+                bad.push(format!(
+                    "{to} is {lag:.0}s behind (at most {}s is allowed before a switchover)",
+                    MAX_PREFLIGHT_LAG.as_secs()
+                ));
+            } else if !links.is_empty() {
+                good.push(format!("{to} is connected and {lag:.1}s behind"));
+            }
+        }
+    }
+    if bad.is_empty() {
+        Ok((role, good))
+    } else {
+        Err(bad)
+    }
+}
+
+fn confirm(question: &str, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(fail(USAGE, "not on a terminal: pass --yes to confirm"));
+    }
+    print!("{question} [y/N] ");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    if matches!(line.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(fail(REFUSED, "not confirmed"))
+    }
+}
+
+/// Runs `switchover`.
+pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> Result<()> {
+    let deadline = Instant::now() + args.timeout;
+    let views = op.gather(NODE_TIMEOUT).await;
+    let (role, good) = match preflight(op, &views, &args.to) {
+        Ok(r) => r,
+        Err(bad) => {
+            for b in &bad {
+                println!("preflight: FAILED: {b}");
+            }
+            return Err(fail(
+                REFUSED,
+                format!("switchover to {} refused: {}", args.to, bad.join("; ")),
+            ));
+        }
+    };
+    for g in &good {
+        println!("preflight: ok: {g}");
+    }
+    if args.dry_run {
+        println!(
+            "dry run: the switchover from {} to {} at epoch {} would go ahead",
+            role.active,
+            args.to,
+            role.epoch + 1
+        );
+        return Ok(());
+    }
+    confirm(
+        &format!("Move the active role from {} to {}?", role.active, args.to),
+        args.yes,
+    )?;
+    let next = RoleState {
+        epoch: role.epoch + 1,
+        active: args.to.clone(),
+    };
+    let old = op
+        .cluster
+        .node(&role.active)
+        .ok_or_else(|| anyhow!("{} is not a node", role.active))?;
+    let target = op
+        .cluster
+        .node(&args.to)
+        .ok_or_else(|| anyhow!("{} is not a node", args.to))?;
+
+    step(&format!(
+        "flushing {}: shipping pending changes and comparing every watch with every peer",
+        old.name
+    ));
+    let mut s_old = op.connect(old, NODE_TIMEOUT).await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    match s_old
+        .call_with(
+            &Request::Flush {
+                timeout_ms: left.as_millis() as u64,
+            },
+            left + Duration::from_secs(5),
+        )
+        .await
+    {
+        Ok(Reply::Flushed {
+            caught_up: true,
+            detail,
+        }) => println!("    {}", detail.join("; ")),
+        Ok(Reply::Flushed {
+            caught_up: false,
+            detail,
+        }) => {
+            return Err(fail(
+                REFUSED,
+                format!(
+                    "the final flush did not complete in time, nothing was changed: {}",
+                    detail.join("; ")
+                ),
+            ));
+        }
+        Ok(Reply::Refused { reason }) => {
+            return Err(fail(REFUSED, format!("{} refused the flush: {reason}", old.name)))
+        }
+        Ok(other) => return Err(anyhow!("unexpected answer to the flush: {other:?}")),
+        Err(e) if e.is::<TimedOut>() => {
+            return Err(fail(
+                REFUSED,
+                "the final flush did not answer in time, nothing was changed",
+            ))
+        }
+        Err(e) => return Err(e),
+    }
+    if op.cluster.job.iter().any(|j| j.dump.is_some()) {
+        println!("    note: dump jobs are not run by this version before a switchover");
+    }
+
+    step(&format!(
+        "demoting {} (epoch {} -> {})",
+        old.name, role.epoch, next.epoch
+    ));
+    match s_old
+        .call(&Request::SetRole {
+            expect: role.clone(),
+            next: next.clone(),
+            reason: reason.into(),
+        })
+        .await
+    {
+        Ok(Reply::Role(r)) if r == next => {}
+        Ok(Reply::Refused { reason }) => {
+            return Err(fail(
+                REFUSED,
+                format!(
+                    "{} refused the change (another change may have won): {reason}",
+                    old.name
+                ),
+            ))
+        }
+        Ok(other) => return Err(fail(UNKNOWN, format!("unexpected answer from {}: {other:?}", old.name))),
+        Err(e) => {
+            return Err(fail(
+                UNKNOWN,
+                format!(
+                    "{} did not confirm its demotion: {e:#}; run `warmsparectl status`",
+                    old.name
+                ),
+            ))
+        }
+    }
+
+    step(&format!("promoting {} to active at epoch {}", target.name, next.epoch));
+    let promoted = async {
+        let mut s = op.connect(target, NODE_TIMEOUT).await?;
+        s.call(&Request::SetRole {
+            expect: role.clone(),
+            next: next.clone(),
+            reason: reason.into(),
+        })
+        .await
+    }
+    .await;
+    match promoted {
+        Ok(Reply::Role(r)) if r == next => {}
+        Ok(Reply::Refused { reason }) => {
+            return Err(fail(UNKNOWN, format!("{} refused its promotion after {} was demoted: {reason}; no node is active: run `warmsparectl failover --to {} --force`", target.name, old.name, target.name)));
+        }
+        Ok(other) => {
+            return Err(fail(
+                UNKNOWN,
+                format!("unexpected answer from {}: {other:?}", target.name),
+            ))
+        }
+        Err(e) => {
+            return Err(fail(
+                UNKNOWN,
+                format!(
+                    "{} did not confirm its promotion: {e:#}; run `warmsparectl status`",
+                    target.name
+                ),
+            ));
+        }
+    }
+
+    step(&format!(
+        "waiting for {} to reach {} as the new active",
+        target.name, old.name
+    ));
+    let caught_up = wait_connected(op, &target.name, &old.name, deadline).await;
+    if caught_up {
+        println!(
+            "done: {} is active at epoch {}; {} is passive and receiving",
+            target.name, next.epoch, old.name
+        );
+    } else {
+        println!(
+            "done: {} is active at epoch {}; it has not yet reported a connection to {} (see status)",
+            target.name, next.epoch, old.name
+        );
+    }
+    Ok(())
+}
+
+/// Waits until `active` reports a connected, acknowledged link to `peer`.
+async fn wait_connected(op: &Operator, active: &str, peer: &str, deadline: Instant) -> bool {
+    let Some(node) = op.cluster.node(active) else {
+        return false;
+    };
+    while Instant::now() < deadline {
+        if let Ok(mut s) = op.connect(node, NODE_TIMEOUT).await {
+            if let Ok(Reply::Status(st)) = s.call(&Request::Status).await {
+                let links: Vec<_> = st.links.iter().filter(|l| l.peer == peer).collect();
+                if links.iter().all(|l| l.connected && l.last_success.is_some()) {
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// Runs `failover`.
+pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
+    if op.cluster.node(&args.to).is_none() {
+        return Err(fail(USAGE, format!("{:?} is not a node of the cluster", args.to)));
+    }
+    if !args.force {
+        return Err(fail(
+            REFUSED,
+            "failover promotes a node without the active node's agreement; changes the active made since the last \
+             sync stay on it (they are preserved under diverged/ when it rejoins). Pass --force to go ahead, or use \
+             switchover if both nodes are up",
+        ));
+    }
+    let views = op.gather(args.timeout).await;
+    let role = current_role(&views).ok_or_else(|| fail(REFUSED, "no node could be reached"))?;
+    if role.active == args.to {
+        println!("{} is already active at epoch {}", args.to, role.epoch);
+        return Ok(());
+    }
+    if status_of(&views, &role.active).is_some_and(|s| s.role.active == s.node) {
+        return Err(fail(
+            REFUSED,
+            format!(
+                "the active node {} is reachable and active: use switchover",
+                role.active
+            ),
+        ));
+    }
+    let target = status_of(&views, &args.to).ok_or_else(|| fail(REFUSED, format!("{} is not reachable", args.to)))?;
+    let next = RoleState {
+        epoch: role.epoch + 1,
+        active: args.to.clone(),
+    };
+    step(&format!(
+        "promoting {} to active at epoch {} ({} is unreachable)",
+        args.to, next.epoch, role.active
+    ));
+    let node = op
+        .cluster
+        .node(&args.to)
+        .ok_or_else(|| anyhow!("{} is not a node", args.to))?;
+    let mut s = op.connect(node, args.timeout).await?;
+    match s
+        .call(&Request::SetRole {
+            expect: target.role.clone(),
+            next: next.clone(),
+            reason: "failover".into(),
+        })
+        .await
+    {
+        Ok(Reply::Role(r)) if r == next => {}
+        Ok(Reply::Refused { reason }) => return Err(fail(REFUSED, format!("{} refused: {reason}", args.to))),
+        Ok(other) => return Err(fail(UNKNOWN, format!("unexpected answer: {other:?}"))),
+        Err(e) => {
+            return Err(fail(
+                UNKNOWN,
+                format!("{} did not confirm its promotion: {e:#}", args.to),
+            ))
+        }
+    }
+    // Other reachable passives learn the new epoch now rather than at the next push.
+    for v in &views {
+        if v.node.name != args.to && v.status.is_ok() {
+            if let Ok(mut s) = op.connect(&v.node, args.timeout).await {
+                let _ = s
+                    .call(&Request::Adopt {
+                        state: next.clone(),
+                        reason: "failover".into(),
+                    })
+                    .await;
+            }
+        }
+    }
+    println!(
+        "done: {} is active at epoch {}. When {} comes back it steps down at once, and files it changed after the last sync are kept under its diverged/ folder.",
+        args.to, next.epoch, role.active
+    );
+    Ok(())
+}

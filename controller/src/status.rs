@@ -1,0 +1,236 @@
+//! `warmsparectl status`: the whole cluster at a glance.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+use serde::Serialize;
+use warmspare_shared::proto::NodeStatus;
+
+use crate::cli::StatusArgs;
+use crate::client::{NodeView, Operator};
+use crate::exit;
+
+/// How long status waits for each node.
+pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The JSON form of `status`.
+#[derive(Serialize)]
+struct ClusterJson<'a> {
+    cluster: &'a str,
+    config_hash: String,
+    nodes: Vec<NodeJson<'a>>,
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct NodeJson<'a> {
+    node: &'a str,
+    reachable: bool,
+    error: Option<&'a str>,
+    config_hash_matches: Option<bool>,
+    status: Option<&'a NodeStatus>,
+}
+
+/// Runs `status`.
+pub async fn run(op: &Operator, args: &StatusArgs) -> Result<()> {
+    loop {
+        let views = op.gather(NODE_TIMEOUT).await;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&to_json(op, &views))?);
+        } else {
+            if args.watch && std::io::stdout().is_terminal() {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", render(op, &views));
+        }
+        if !args.watch {
+            if views.iter().all(|v| v.status.is_err()) {
+                return Err(exit::fail(exit::FAILED, "no node could be reached"));
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn to_json<'a>(op: &'a Operator, views: &'a [NodeView]) -> ClusterJson<'a> {
+    let hash = op.cluster.hash();
+    ClusterJson {
+        cluster: &op.cluster.cluster.name,
+        config_hash: hash.clone(),
+        nodes: views
+            .iter()
+            .map(|v| NodeJson {
+                node: &v.node.name,
+                reachable: v.status.is_ok(),
+                error: v.status.as_ref().err().map(String::as_str),
+                config_hash_matches: v.status.as_ref().ok().map(|s| s.config_hash == hash),
+                status: v.status.as_ref().ok(),
+            })
+            .collect(),
+        warnings: warnings(op, views),
+    }
+}
+
+/// What an operator must notice: differing files, disagreeing epochs, two actives.
+pub fn warnings(op: &Operator, views: &[NodeView]) -> Vec<String> {
+    let hash = op.cluster.hash();
+    let mut out = Vec::new();
+    let up: Vec<&NodeStatus> = views.iter().filter_map(|v| v.status.as_ref().ok()).collect();
+    for s in &up {
+        if s.config_hash != hash {
+            out.push(format!(
+                "{}: its cluster file differs from this one (hash {})",
+                s.node,
+                short(&s.config_hash)
+            ));
+        }
+    }
+    let actives: Vec<&str> = up
+        .iter()
+        .filter(|s| s.role.active == s.node)
+        .map(|s| s.node.as_str())
+        .collect();
+    if actives.len() > 1 {
+        out.push(format!(
+            "more than one node believes it is active: {}",
+            actives.join(", ")
+        ));
+    }
+    if actives.is_empty() && !up.is_empty() {
+        out.push("no reachable node is active".into());
+    }
+    let epochs: std::collections::BTreeSet<u64> = up.iter().map(|s| s.role.epoch).collect();
+    if epochs.len() > 1 {
+        out.push(format!(
+            "nodes disagree on the epoch: {epochs:?} (the lower ones catch up when the active reaches them)"
+        ));
+    }
+    for s in &up {
+        if !s.diverged.is_empty() {
+            out.push(format!(
+                "{}: {} diverged file(s) preserved under {}/diverged",
+                s.node,
+                s.diverged.len(),
+                "state_dir"
+            ));
+        }
+        if s.paused {
+            out.push(format!("{}: replication and jobs are paused", s.node));
+        }
+    }
+    out
+}
+
+fn short(h: &str) -> &str {
+    &h[..h.len().min(12)]
+}
+
+fn ago(t: Option<i64>) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    match t {
+        Some(t) => format!("{}s ago", (now - t).max(0)),
+        None => "never".into(),
+    }
+}
+
+fn render(op: &Operator, views: &[NodeView]) -> String {
+    let hash = op.cluster.hash();
+    let mut o = String::new();
+    let _ = writeln!(o, "cluster {} (config {})", op.cluster.cluster.name, short(&hash));
+    let _ = writeln!(
+        o,
+        "{:<14} {:<10} {:<8} {:>5}  {:<9} {:<14} {:<6}",
+        "NODE", "REACHABLE", "ROLE", "EPOCH", "VERSION", "CONFIG", "PAUSED"
+    );
+    for v in views {
+        match &v.status {
+            Ok(s) => {
+                let role = if s.role.active == s.node { "active" } else { "passive" };
+                let cfg = if s.config_hash == hash {
+                    short(&s.config_hash).to_string()
+                } else {
+                    format!("{} DIFFERS", &s.config_hash[..6.min(s.config_hash.len())])
+                };
+                let _ = writeln!(
+                    o,
+                    "{:<14} {:<10} {:<8} {:>5}  {:<9} {:<14} {:<6}",
+                    s.node,
+                    "yes",
+                    role,
+                    s.role.epoch,
+                    s.version,
+                    cfg,
+                    if s.paused { "yes" } else { "no" }
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(o, "{:<14} {:<10} {e}", v.node.name, "NO");
+            }
+        }
+    }
+    let links: Vec<_> = views
+        .iter()
+        .filter_map(|v| v.status.as_ref().ok())
+        .flat_map(|s| s.links.iter().map(move |l| (s, l)))
+        .collect();
+    if !links.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{:<10} {:<14} {:>7} {:<10} {:>8} {:>9} {:>11}  LAST SUCCESS",
+            "WATCH", "TO", "FILES", "CONNECTED", "PENDING", "LAG", "LAG BYTES"
+        );
+        for (s, l) in links {
+            let files = s.watches.iter().find(|w| w.name == l.watch).map_or(0, |w| w.files);
+            let _ = writeln!(
+                o,
+                "{:<10} {:<14} {:>7} {:<10} {:>8} {:>8.1}s {:>11}  {}{}",
+                l.watch,
+                l.peer,
+                files,
+                if l.connected { "yes" } else { "no" },
+                l.pending_changes,
+                l.lag_seconds,
+                l.lag_bytes,
+                ago(l.last_success),
+                l.last_error
+                    .as_deref()
+                    .filter(|_| !l.connected)
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for v in views {
+        if let Ok(s) = &v.status {
+            if s.role.active != s.node {
+                for w in &s.watches {
+                    let _ = writeln!(
+                        o,
+                        "{}: watch {} holds {} files, last applied {}",
+                        s.node,
+                        w.name,
+                        w.files,
+                        ago(w.last_applied)
+                    );
+                }
+            }
+            for d in s.diverged.iter().take(20) {
+                let _ = writeln!(o, "{}: diverged {d}", s.node);
+            }
+        }
+    }
+    let warn = warnings(op, views);
+    if !warn.is_empty() {
+        let _ = writeln!(o);
+        for w in warn {
+            let _ = writeln!(o, "WARNING: {w}");
+        }
+    }
+    o
+}

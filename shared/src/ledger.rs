@@ -1,0 +1,136 @@
+//! The sync ledger: per watch, the content each file had when this node and
+//! its peer last agreed on it.
+//!
+//! A receiver consults it before it overwrites or deletes a file: a local
+//! file whose content is not the one last agreed (a certificate a stale
+//! primary signed after the last sync, or an edit made on a passive) is moved
+//! to the diverged folder first, so nothing is lost. Agreement is recorded
+//! when a file is applied or acknowledged, and for a whole watch after a full
+//! comparison has been applied without failures.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::manifest::{is_under, ContentHash};
+
+/// The ledger of one watch, persisted in one file.
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    map: HashMap<String, ContentHash>,
+    dirty: bool,
+}
+
+impl Ledger {
+    /// Loads the ledger at `path`; a missing or unreadable one is empty (every
+    /// differing file is then preserved: the safe side).
+    pub fn load(path: &Path) -> Ledger {
+        let map = fs::read(path)
+            .ok()
+            .and_then(|b| bincode::serde::decode_from_slice(&b, bincode::config::standard()).ok())
+            .map(|(m, _)| m)
+            .unwrap_or_default();
+        Ledger {
+            path: path.to_path_buf(),
+            map,
+            dirty: false,
+        }
+    }
+
+    /// The agreed content of `rel`, if any.
+    pub fn get(&self, rel: &str) -> Option<ContentHash> {
+        self.map.get(rel).copied()
+    }
+
+    /// Records that `rel` is agreed to hold `hash`.
+    pub fn set(&mut self, rel: &str, hash: ContentHash) {
+        if self.map.insert(rel.to_string(), hash) != Some(hash) {
+            self.dirty = true;
+        }
+    }
+
+    /// Forgets `rel` and everything below it.
+    pub fn forget_tree(&mut self, rel: &str) {
+        let before = self.map.len();
+        self.map.retain(|k, _| !is_under(k, rel));
+        self.dirty |= before != self.map.len();
+    }
+
+    /// Replaces the whole ledger with `entries`.
+    pub fn reset(&mut self, entries: impl IntoIterator<Item = (String, ContentHash)>) {
+        let map: HashMap<String, ContentHash> = entries.into_iter().collect();
+        if map != self.map {
+            self.map = map;
+            self.dirty = true;
+        }
+    }
+
+    /// Persists the ledger when it changed.
+    pub fn save(&mut self) -> io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let bytes = bincode::serde::encode_to_vec(&self.map, bincode::config::standard()).map_err(io::Error::other)?;
+        crate::state::write_atomic(&self.path, &bytes)?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// The ledgers of every watch of a node.
+#[derive(Debug)]
+pub struct Ledgers {
+    dir: PathBuf,
+    by_watch: HashMap<String, Ledger>,
+}
+
+impl Ledgers {
+    /// Ledgers kept under `dir` (one file per watch, loaded on first use).
+    pub fn new(dir: PathBuf) -> Ledgers {
+        Ledgers {
+            dir,
+            by_watch: HashMap::new(),
+        }
+    }
+
+    /// The ledger of `watch`.
+    pub fn watch(&mut self, watch: &str) -> &mut Ledger {
+        let dir = &self.dir;
+        self.by_watch
+            .entry(watch.to_string())
+            .or_insert_with(|| Ledger::load(&dir.join(watch)))
+    }
+
+    /// Persists every changed ledger.
+    pub fn save(&mut self) -> io::Result<()> {
+        for l in self.by_watch.values_mut() {
+            l.save()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_forget_reset_and_persist() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ls = Ledgers::new(d.path().to_path_buf());
+        let h = ContentHash::of(b"x");
+        ls.watch("ca").set("a/b", h);
+        ls.watch("ca").set("a/c", h);
+        ls.watch("ca").set("ab", h);
+        ls.watch("ca").forget_tree("a");
+        assert_eq!(ls.watch("ca").get("a/b"), None);
+        assert_eq!(ls.watch("ca").get("ab"), Some(h));
+        ls.save().unwrap();
+        let mut again = Ledgers::new(d.path().to_path_buf());
+        assert_eq!(again.watch("ca").get("ab"), Some(h));
+        again.watch("ca").reset([("z".to_string(), h)]);
+        assert_eq!(again.watch("ca").get("ab"), None);
+    }
+}
