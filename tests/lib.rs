@@ -419,3 +419,48 @@ impl Drop for TestCluster {
         }
     }
 }
+
+impl TestCluster {
+    /// Runs `warmsparectl` with this cluster file and its operator key.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("warmsparectl"))
+            .arg("--cluster")
+            .arg(&self.file)
+            .arg("--key")
+            .arg(&self.operator_key)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run warmsparectl")
+    }
+
+    /// `warmsparectl status --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.ctl(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json did not parse: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+/// The HTTP status code of `GET path` on 127.0.0.1:`port`, or `None` when
+/// nothing answers.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).map(|(code, _)| code)
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::net::TcpStream;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}

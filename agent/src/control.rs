@@ -113,6 +113,11 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
     let mut progress = shared.progress.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
+        if shared.role().active != shared.me.name {
+            return Reply::Refused {
+                reason: "the role changed during the flush".into(),
+            };
+        }
         let lagging: Vec<String> = {
             let rt = shared.runtime();
             targets

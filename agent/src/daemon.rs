@@ -228,6 +228,8 @@ impl Shared {
             tracing::warn!(error = %e, "cannot append to the role history");
         }
         self.role.send_replace(next.clone());
+        // Waiters on progress (flushes) re-check the role.
+        self.progress.send_modify(|n| *n += 1);
         tracing::warn!(
             from_epoch = prev.epoch,
             from_active = prev.active,

@@ -67,7 +67,7 @@ pub async fn resync(op: &Operator, watch: Option<String>) -> Result<()> {
 
 /// Runs `history`: every reachable node's record, merged.
 pub async fn history(op: &Operator, json: bool) -> Result<()> {
-    let mut merged: BTreeMap<(u64, i64, String), HistoryEntry> = BTreeMap::new();
+    let mut merged: Vec<HistoryEntry> = Vec::new();
     let mut reached = 0;
     for n in &op.cluster.node {
         let Ok(mut s) = op.connect(n, NODE_TIMEOUT).await else {
@@ -75,22 +75,23 @@ pub async fn history(op: &Operator, json: bool) -> Result<()> {
         };
         if let Ok(Reply::History(entries)) = s.call(&Request::History).await {
             reached += 1;
-            for e in entries {
-                merged.entry((e.epoch, e.time, e.to.clone())).or_insert(e);
-            }
+            merged.extend(entries);
         }
     }
     if reached == 0 {
         return Err(fail(FAILED, "no node could be reached"));
     }
-    // One line per epoch: the same change is recorded by every node that made or learned it.
+    // One line per epoch: the same change is recorded by every node that made
+    // or learned it; the record of the change itself (ordered by an operator,
+    // or the first start) is shown rather than a node's adoption of it.
+    let made = |e: &HistoryEntry| e.by.starts_with("operator ") || e.from.is_empty();
     let mut by_epoch: BTreeMap<u64, HistoryEntry> = BTreeMap::new();
-    for e in merged.into_values() {
+    for e in merged {
         by_epoch
             .entry(e.epoch)
             .and_modify(|old| {
-                if e.time < old.time {
-                    *old = e.clone()
+                if (made(&e), std::cmp::Reverse(e.time)) > (made(old), std::cmp::Reverse(old.time)) {
+                    *old = e.clone();
                 }
             })
             .or_insert(e);

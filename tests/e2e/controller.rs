@@ -1,8 +1,33 @@
-//! `warmsparectl`, as an operator runs it.
+//! `warmsparectl`, as an operator runs it, against real agents.
 
-use std::process::Command;
+use std::fs;
+use std::process::{Command, Output};
+use std::time::Duration;
 
-use warmspare_tests::bin;
+use warmspare_tests::{bin, converge, http_status, read, snapshot, wait_until, write_file, TestCluster};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn node_json<'a>(status: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap()
+}
 
 #[test]
 fn demo_runs_a_pair_and_exits_zero() {
@@ -10,12 +35,301 @@ fn demo_runs_a_pair_and_exits_zero() {
         .args(["demo", "--certs", "2"])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let t = text(&out);
+    assert!(out.status.success(), "demo failed: {t}");
+    assert_eq!(t.matches("identical on masterb").count(), 2, "{t}");
+    assert!(t.contains("excluded"), "{t}");
     assert!(
-        out.status.success(),
-        "demo failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        t.contains("masterb is active at epoch 2") && t.contains("mastera is active at epoch 3"),
+        "{t}"
     );
-    assert_eq!(text.matches("identical on masterb").count(), 2, "{text}");
-    assert!(text.contains("excluded"), "{text}");
+}
+
+#[test]
+fn switchover_swaps_roles_health_and_direction() {
+    let c = TestCluster::pair("");
+    let (ra, rb) = (c.ca("a"), c.ca("b"));
+    write_file(&ra.join("signed/one.pem"), b"one", 0o644);
+    let _b = c.start("b");
+    let _a = c.start("a");
+    converge(&ra, &rb, LIMIT);
+    let (ha, hb) = (c.node("a").http_port, c.node("b").http_port);
+    wait_until("health endpoints", LIMIT, || {
+        http_status(ha, "/_status/check") == Some(200) && http_status(hb, "/_status/check") == Some(503)
+    });
+    assert_eq!(http_status(ha, "/_status/ping"), Some(200));
+
+    let dry = c.ctl(&["switchover", "--to", "b", "--dry-run"]);
+    assert_eq!(code(&dry), 0, "{}", text(&dry));
+    assert_eq!(
+        http_status(ha, "/_status/check"),
+        Some(200),
+        "a dry run changed the role"
+    );
+    let no_tty = c.ctl(&["switchover", "--to", "b"]);
+    assert_eq!(
+        code(&no_tty),
+        2,
+        "without a terminal, --yes is required: {}",
+        text(&no_tty)
+    );
+
+    let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(http_status(ha, "/_status/check"), Some(503));
+    assert_eq!(http_status(hb, "/_status/check"), Some(200));
+    let st = c.status_json();
+    assert_eq!(node_json(&st, "a")["status"]["role"]["epoch"], 2);
+    assert_eq!(node_json(&st, "b")["status"]["role"]["active"], "b");
+
+    // The new active ships to the old one.
+    write_file(&rb.join("signed/two.pem"), b"two", 0o644);
+    wait_until("b's file on a", LIMIT, || {
+        read(&ra.join("signed/two.pem")).is_some_and(|d| d == b"two")
+    });
+    // The old active ships nothing: a file written there never reaches b, and
+    // the next comparison from b preserves it under a's diverged/ folder.
+    write_file(&ra.join("signed/stray.pem"), b"written on the passive", 0o644);
+    let out = c.ctl(&["resync"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    wait_until("the stray file to be preserved on a", LIMIT, || {
+        !ra.join("signed/stray.pem").exists()
+    });
+    assert!(!rb.join("signed/stray.pem").exists());
+    let st = c.status_json();
+    let diverged = node_json(&st, "a")["status"]["diverged"].as_array().unwrap();
+    assert!(
+        diverged
+            .iter()
+            .any(|d| d.as_str().unwrap().ends_with("ca/signed/stray.pem")),
+        "{diverged:?}"
+    );
+    converge(&ra, &rb, LIMIT);
+}
+
+#[test]
+fn failover_fences_the_old_primary_preserves_its_changes_and_failback_returns() {
+    let c = TestCluster::pair("");
+    let (ra, rb) = (c.ca("a"), c.ca("b"));
+    write_file(&ra.join("signed/one.pem"), b"one", 0o644);
+    write_file(&ra.join("serial"), b"1000\n", 0o644);
+    let _b = c.start("b");
+    let mut a = c.start("a");
+    converge(&ra, &rb, LIMIT);
+    let (ha, hb) = (c.node("a").http_port, c.node("b").http_port);
+
+    a.kill9();
+    let refused = c.ctl(&["failover", "--to", "b"]);
+    assert_eq!(code(&refused), 3, "{}", text(&refused));
+    let out = c.ctl(&["failover", "--to", "b", "--force"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(http_status(hb, "/_status/check"), Some(200));
+    let st = c.status_json();
+    assert_eq!(node_json(&st, "b")["status"]["role"]["epoch"], 2);
+    assert_eq!(node_json(&st, "a")["reachable"], false);
+
+    // While cut off, a's CA signed a certificate and bumped its serial; b moved on too.
+    write_file(&ra.join("signed/cutoff.pem"), b"signed by the stale primary", 0o644);
+    write_file(&ra.join("serial"), b"1001\n", 0o644);
+    write_file(&rb.join("signed/new-on-b.pem"), b"signed by the new active", 0o644);
+    write_file(&rb.join("serial"), b"2000\n", 0o644);
+
+    a.restart();
+    wait_until("a to step down", LIMIT, || {
+        http_status(ha, "/_status/check") == Some(503)
+    });
+    converge(&rb, &ra, LIMIT);
+    assert!(!ra.join("signed/cutoff.pem").exists());
+    let st = c.status_json();
+    let a_status = &node_json(&st, "a")["status"];
+    assert_eq!(a_status["role"]["epoch"], 2);
+    assert_eq!(a_status["role"]["active"], "b");
+    let diverged: Vec<String> = a_status["diverged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        diverged
+            .iter()
+            .any(|d| d.starts_with("2-") && d.ends_with("ca/signed/cutoff.pem")),
+        "{diverged:?}"
+    );
+    assert!(diverged.iter().any(|d| d.ends_with("ca/serial")), "{diverged:?}");
+    let kept = c
+        .node("a")
+        .root
+        .join("var/lib/warmspare/diverged")
+        .join(diverged.iter().find(|d| d.ends_with("cutoff.pem")).unwrap());
+    assert_eq!(read(&kept).unwrap(), b"signed by the stale primary");
+    let human = text(&c.ctl(&["status"]));
+    assert!(human.contains("diverged"), "{human}");
+    // The shipping side never lost a step: nothing of a's stale state reached b.
+    assert!(!rb.join("signed/cutoff.pem").exists());
+    assert_eq!(read(&rb.join("serial")).unwrap(), b"2000\n");
+
+    let out = c.ctl(&["failback", "--yes"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(http_status(ha, "/_status/check"), Some(200));
+    assert_eq!(http_status(hb, "/_status/check"), Some(503));
+    assert_eq!(snapshot(&ra), snapshot(&rb));
+    write_file(&ra.join("signed/after.pem"), b"after failback", 0o644);
+    wait_until("a's new file on b", LIMIT, || rb.join("signed/after.pem").exists());
+
+    let hist = c.ctl(&["history", "--json"]);
+    assert_eq!(code(&hist), 0, "{}", text(&hist));
+    let entries: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap();
+    let entries = entries.as_array().unwrap();
+    let epochs: Vec<u64> = entries.iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(epochs, [1, 2, 3], "{entries:?}");
+    assert_eq!(
+        entries[1]["reason"],
+        "failover",
+        "{entries:?}\n{}",
+        fs::read_to_string(c.node("b").root.join("var/lib/warmspare/history.jsonl")).unwrap_or_default()
+    );
+    assert_eq!(entries[1]["to"], "b");
+    assert_eq!(entries[2]["reason"], "failback");
+    assert_eq!(entries[2]["to"], "a");
+    assert!(entries[2]["by"].as_str().unwrap().contains("tester"));
+}
+
+#[test]
+fn two_concurrent_switchovers_cannot_both_win() {
+    let c = TestCluster::pair("");
+    let _b = c.start("b");
+    let _a = c.start("a");
+    write_file(&c.ca("a").join("x"), b"x", 0o644);
+    converge(&c.ca("a"), &c.ca("b"), LIMIT);
+    let run = |c: &TestCluster| {
+        Command::new(bin("warmsparectl"))
+            .arg("--cluster")
+            .arg(&c.file)
+            .arg("--key")
+            .arg(&c.operator_key)
+            .args(["switchover", "--to", "b", "--yes"])
+            .output()
+            .unwrap()
+    };
+    let (one, two) = std::thread::scope(|s| {
+        let h1 = s.spawn(|| run(&c));
+        let h2 = s.spawn(|| run(&c));
+        (h1.join().unwrap(), h2.join().unwrap())
+    });
+    let mut codes = [code(&one), code(&two)];
+    codes.sort();
+    assert_eq!(codes, [0, 3], "one:\n{}\ntwo:\n{}", text(&one), text(&two));
+    let st = c.status_json();
+    assert_eq!(
+        node_json(&st, "b")["status"]["role"]["epoch"],
+        2,
+        "exactly one epoch change"
+    );
+}
+
+#[test]
+fn an_operator_key_not_in_the_cluster_file_is_refused() {
+    let c = TestCluster::pair("");
+    let _a = c.start("a");
+    wait_until("a up", LIMIT, || code(&c.ctl(&["status"])) == 0);
+    // A controller whose own copy of the file lists a stranger's key.
+    let stranger = warmspare_shared::keys::SecretKey::generate();
+    let key = c.dir.path().join("stranger.key");
+    stranger.save(&key).unwrap();
+    let ours = warmspare_shared::keys::SecretKey::load(&c.operator_key)
+        .unwrap()
+        .public()
+        .to_openssh();
+    let forged = fs::read_to_string(&c.file)
+        .unwrap()
+        .replace(&ours, &stranger.public().to_openssh());
+    let forged_file = c.dir.path().join("forged.toml");
+    fs::write(&forged_file, forged).unwrap();
+    let out = Command::new(bin("warmsparectl"))
+        .arg("--cluster")
+        .arg(&forged_file)
+        .arg("--key")
+        .arg(&key)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = node_json(&st, "a");
+    assert_eq!(a["reachable"], false, "{st}");
+    assert!(a["error"].as_str().unwrap().contains("refused"), "{st}");
+    let out = Command::new(bin("warmsparectl"))
+        .arg("--cluster")
+        .arg(&forged_file)
+        .arg("--key")
+        .arg(&key)
+        .args(["switchover", "--to", "b", "--yes"])
+        .output()
+        .unwrap();
+    assert_ne!(code(&out), 0);
+}
+
+#[test]
+fn status_json_carries_every_field() {
+    let c = TestCluster::pair("");
+    let _b = c.start("b");
+    let _a = c.start("a");
+    write_file(&c.ca("a").join("f"), b"f", 0o644);
+    converge(&c.ca("a"), &c.ca("b"), LIMIT);
+    wait_until("a link with a success", LIMIT, || {
+        let st = c.status_json();
+        node_json(&st, "a")["status"]["links"][0]["last_success"].is_i64()
+    });
+    let st = c.status_json();
+    assert_eq!(st["cluster"], "test");
+    assert_eq!(st["config_hash"].as_str().unwrap().len(), 64);
+    for n in ["a", "b"] {
+        let node = node_json(&st, n);
+        assert_eq!(node["reachable"], true);
+        assert_eq!(node["config_hash_matches"], true);
+        let s = &node["status"];
+        for key in [
+            "node",
+            "version",
+            "protocol",
+            "config_hash",
+            "role",
+            "paused",
+            "watches",
+            "links",
+            "diverged",
+            "started",
+        ] {
+            assert!(!s[key].is_null(), "{n}: missing {key}: {s}");
+        }
+        assert!(s["watches"][0]["files"].as_u64().unwrap() >= 1);
+    }
+    let link = &node_json(&st, "a")["status"]["links"][0];
+    for key in [
+        "peer",
+        "watch",
+        "connected",
+        "pending_changes",
+        "lag_bytes",
+        "lag_seconds",
+        "last_success",
+    ] {
+        assert!(!link[key].is_null(), "missing {key}: {link}");
+    }
+    assert_eq!(link["connected"], true);
+    // Pause shows in status and holds replication; resume releases it.
+    assert_eq!(code(&c.ctl(&["pause"])), 0);
+    let st = c.status_json();
+    assert_eq!(node_json(&st, "a")["status"]["paused"], true);
+    write_file(&c.ca("a").join("held"), b"held", 0o644);
+    wait_until("the held change to show as pending", LIMIT, || {
+        let st = c.status_json();
+        node_json(&st, "a")["status"]["links"][0]["pending_changes"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
+    assert!(!c.ca("b").join("held").exists());
+    assert_eq!(code(&c.ctl(&["resume"])), 0);
+    wait_until("the held change to arrive", LIMIT, || c.ca("b").join("held").exists());
 }

@@ -157,7 +157,10 @@ async fn a_stale_epoch_and_a_future_protocol_are_refused() {
         }
     };
     // The refusal says who is active now, so a stale sender can step down.
-    assert!(matches!(&reply, Reply::Stale(r) if r.epoch == 1 && r.active == "a"), "{reply:?}");
+    assert!(
+        matches!(&reply, Reply::Stale(r) if r.epoch == 1 && r.active == "a"),
+        "{reply:?}"
+    );
     // A hello from a future protocol version.
     let target = c.node("b");
     let d = ssh::dial(
