@@ -333,3 +333,67 @@ fn status_json_carries_every_field() {
     assert_eq!(code(&c.ctl(&["resume"])), 0);
     wait_until("the held change to arrive", LIMIT, || c.ca("b").join("held").exists());
 }
+
+/// A tiny HTTP responder standing for a node's master service.
+fn responder(name: &'static str) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let body = format!("I am {name}");
+            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    port
+}
+
+/// HAProxy in the foreground; killed when dropped.
+struct Haproxy(std::process::Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn haproxy_routes_clients_to_the_active_node_only() {
+    let haproxy = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"].into_iter().find(|p| std::path::Path::new(p).exists());
+    let haproxy = haproxy.expect("HAProxy is not installed (apt-get install haproxy; .ci/run does it)");
+    let c = TestCluster::pair("");
+    let _b = c.start("b");
+    let _a = c.start("a");
+    let (ra, rb) = (responder("a"), responder("b"));
+    let front = warmspare_tests::free_port();
+    let cfg = c.dir.path().join("haproxy.cfg");
+    fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n\
+             frontend masters\n  bind 127.0.0.1:{front}\n  default_backend masters\n\
+             backend masters\n  option httpchk HEAD /_status/check\n  http-check expect status 200\n\
+             \x20 server a 127.0.0.1:{ra} check port {} inter 100ms fall 1 rise 1\n\
+             \x20 server b 127.0.0.1:{rb} check port {} inter 100ms fall 1 rise 1\n",
+            c.node("a").http_port,
+            c.node("b").http_port
+        ),
+    )
+    .unwrap();
+    let check = Command::new(haproxy).arg("-c").arg("-f").arg(&cfg).output().unwrap();
+    assert!(check.status.success(), "haproxy -c: {}", text(&check));
+    let _proxy = Haproxy(Command::new(haproxy).arg("-db").arg("-f").arg(&cfg).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap());
+    let only = |who: &str| {
+        (0..20).all(|_| warmspare_tests::http_get(front, "/").is_some_and(|(code, body)| code == 200 && body == format!("I am {who}")))
+    };
+    wait_until("HAProxy to route to a only", LIMIT, || only("a"));
+    let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    wait_until("HAProxy to route to b only", LIMIT, || only("b"));
+    let out = c.ctl(&["failback", "--yes"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    wait_until("HAProxy to route to a again", LIMIT, || only("a"));
+}
