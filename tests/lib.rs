@@ -87,11 +87,14 @@ pub struct NodeSpec {
 }
 
 /// Options for a test cluster.
+#[derive(Default)]
 pub struct ClusterOptions {
     /// Node names; the first is the preferred active.
     pub nodes: Vec<&'static str>,
     /// Extra TOML appended to the generated file (watches, jobs).
     pub extra: String,
+    /// Extra keys for a node's table (e.g. `env = { PGPORT = "5433" }`).
+    pub node_extra: Vec<(&'static str, String)>,
 }
 
 /// A cluster file and the nodes' directories, in a temporary directory.
@@ -146,6 +149,9 @@ impl TestCluster {
                 n.key.public().to_openssh(),
                 n.root.display()
             );
+            for (_, extra) in opts.node_extra.iter().filter(|(name, _)| *name == n.name) {
+                text = text.trim_end().to_string() + "\n" + extra + "\n\n";
+            }
         }
         text += &format!(
             "[[operator]]\nname = \"tester\"\npublic_key = \"{}\"\n\n",
@@ -168,6 +174,7 @@ impl TestCluster {
         TestCluster::new(ClusterOptions {
             nodes: vec!["a", "b"],
             extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\ndebounce_ms = 5\n{watch_extra}\n"),
+            ..Default::default()
         })
     }
 
@@ -463,4 +470,126 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let code = resp.split_whitespace().nth(1)?.parse().ok()?;
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     Some((code, body))
+}
+
+/// A throwaway PostgreSQL server on a Unix socket, run as the `postgres`
+/// user when the tests run as root (initdb refuses root); stopped on drop.
+pub struct Postgres {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    /// The socket directory (PGHOST).
+    pub socket: PathBuf,
+    /// The port (PGPORT).
+    pub port: u16,
+    bindir: PathBuf,
+}
+
+impl Postgres {
+    /// Creates and starts a cluster.
+    pub fn start() -> Postgres {
+        let bindir = PathBuf::from(
+            String::from_utf8(
+                Command::new("pg_config")
+                    .arg("--bindir")
+                    .output()
+                    .expect("pg_config")
+                    .stdout,
+            )
+            .expect("utf8")
+            .trim(),
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("warmspare-pg")
+            .tempdir()
+            .expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (data, socket) = (dir.path().join("data"), dir.path().join("sock"));
+        fs::create_dir_all(&socket).expect("mkdir sock");
+        let pg = Postgres {
+            _dir: dir,
+            data,
+            socket,
+            port: free_port(),
+            bindir,
+        };
+        if warmspare_shared::apply::can_chown() {
+            sh(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.socket.parent().expect("parent")));
+        }
+        sh(&mut pg.as_owner(
+            "initdb",
+            &[
+                "-D",
+                &pg.data.display().to_string(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        ));
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c fsync=off",
+            pg.port,
+            pg.socket.display()
+        );
+        sh(&mut pg.as_owner(
+            "pg_ctl",
+            &[
+                "-D",
+                &pg.data.display().to_string(),
+                "-o",
+                &opts,
+                "-l",
+                &pg.data.join("log").display().to_string(),
+                "-w",
+                "start",
+            ],
+        ));
+        pg
+    }
+
+    fn as_owner(&self, tool: &str, args: &[&str]) -> Command {
+        let exe = self.bindir.join(tool);
+        if warmspare_shared::apply::can_chown() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe).args(args);
+            c
+        } else {
+            let mut c = Command::new(exe);
+            c.args(args);
+            c
+        }
+    }
+
+    /// The `env` table for a node whose jobs use this server.
+    pub fn env_toml(&self) -> String {
+        format!(
+            "env = {{ PGHOST = \"{}\", PGPORT = \"{}\", PGUSER = \"postgres\" }}",
+            self.socket.display(),
+            self.port
+        )
+    }
+
+    /// Runs SQL in database `db` and returns psql's unaligned output.
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        sh(Command::new("psql")
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.socket)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql]))
+        .trim()
+        .to_string()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_owner(
+                "pg_ctl",
+                &["-D", &self.data.display().to_string(), "-m", "immediate", "stop"],
+            )
+            .output();
+    }
 }

@@ -67,13 +67,13 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
                 };
             }
             let names: Vec<String> = match watch {
-                Some(w) if shared.cluster.watch(&w).is_none() => {
+                Some(w) if !shared.local_watches().iter().any(|l| l.name == w) => {
                     return Reply::Refused {
                         reason: format!("there is no watch {w:?}"),
                     };
                 }
                 Some(w) => vec![w],
-                None => shared.cluster.watch.iter().map(|w| w.name.clone()).collect(),
+                None => shared.local_watches().into_iter().map(|w| w.name).collect(),
             };
             for inbox in shared.runtime().inboxes.values() {
                 for w in &names {
@@ -83,6 +83,13 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
             Reply::Done
         }
         Request::Flush { timeout_ms } => flush(shared, Duration::from_millis(timeout_ms)).await,
+        Request::JobHistory { name } => Reply::JobHistory(crate::jobs::history(&shared.state_dir, &name)),
+        Request::RunJob { name } => match crate::jobs::run_now(shared, &name).await {
+            Ok(run) => Reply::JobDone(run),
+            Err(e) => Reply::Refused {
+                reason: format!("{e:#}"),
+            },
+        },
         other => Reply::Refused {
             reason: format!("not a control request: {other:?}"),
         },
@@ -105,7 +112,7 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
     let mut targets = Vec::new();
     for (peer, inbox) in shared.runtime().inboxes.iter() {
         let mut gen = 0;
-        for w in &shared.cluster.watch {
+        for w in shared.local_watches() {
             gen = inbox.add_full(&w.name);
         }
         targets.push((peer.clone(), gen));

@@ -28,7 +28,7 @@ use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
 use crate::events::{Inbox, Work};
 use crate::ship::LocalWatch;
-use crate::{health, server, ship, watch as watcher};
+use crate::{health, jobs, server, ship, watch as watcher};
 
 /// What every task of the daemon shares.
 pub struct Shared {
@@ -58,6 +58,8 @@ pub struct Shared {
     pub progress: watch::Sender<u64>,
     /// When the agent started.
     pub started: SystemTime,
+    /// The jobs' runtime.
+    pub jobs: jobs::Jobs,
 }
 
 /// What the running tasks report.
@@ -112,6 +114,7 @@ impl Shared {
         warn_if_readable(cluster_path);
         warn_if_readable(&key_path);
         let state_dir = cluster.state_dir(&me);
+        let cluster_jobs = cluster.job.clone();
         let (role, _) = watch::channel(RoleState {
             epoch: 0,
             active: String::new(),
@@ -131,6 +134,7 @@ impl Shared {
             runtime: Mutex::new(Runtime::default()),
             progress,
             started: SystemTime::now(),
+            jobs: jobs::Jobs::new(&cluster_jobs),
         })
     }
 
@@ -143,6 +147,16 @@ impl Shared {
     pub fn link(&self, peer: &str, f: impl FnOnce(&mut Link)) {
         f(self.runtime().links.entry(peer.to_string()).or_default());
         self.progress.send_modify(|n| *n += 1);
+    }
+
+    /// Whether this node is the active one now.
+    pub fn is_active(&self) -> bool {
+        self.role.borrow().active == self.me.name
+    }
+
+    /// The receiver applied something in the job spool.
+    pub fn jobs_arrived(&self) {
+        self.jobs.arrived.notify_one();
     }
 
     /// Whether replication and jobs are held.
@@ -276,9 +290,11 @@ impl Shared {
         t
     }
 
-    /// The watches with this node's local roots.
+    /// The watches with this node's local roots, plus the job spool (the
+    /// internal watch that carries dumps) when the cluster has dump jobs.
     pub fn local_watches(&self) -> Vec<LocalWatch> {
-        self.cluster
+        let mut out: Vec<LocalWatch> = self
+            .cluster
             .watch
             .iter()
             .filter_map(|w| {
@@ -287,9 +303,19 @@ impl Shared {
                     name: w.name.clone(),
                     root: self.me.local_path(&w.path),
                     excludes,
+                    debounce: Duration::from_millis(w.debounce_ms),
                 })
             })
-            .collect()
+            .collect();
+        if self.cluster.job.iter().any(|j| j.dump.is_some()) {
+            out.push(LocalWatch {
+                name: jobs::SPOOL_WATCH.to_string(),
+                root: jobs::spool_dir(&self.state_dir),
+                excludes: Excludes::default(),
+                debounce: Duration::from_millis(10),
+            });
+        }
+        out
     }
 
     /// Where the hash cache of `watch` for `side` ("send" or "recv") lives.
@@ -410,6 +436,9 @@ pub async fn serve(
     if let Some(http) = http {
         tasks.spawn(health::run(shared.clone(), http, cancel.clone()));
     }
+    if !shared.cluster.job.is_empty() {
+        tasks.spawn(jobs::run(shared.clone(), cancel.clone()));
+    }
 
     let mut roles = shared.role.subscribe();
     let mut active: Option<CancellationToken> = None;
@@ -464,11 +493,10 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &Cancellat
     let targets = shared
         .local_watches()
         .into_iter()
-        .zip(&shared.cluster.watch)
-        .map(|(w, c)| watcher::Target {
+        .map(|w| watcher::Target {
             name: w.name,
             root: w.root,
-            debounce: Duration::from_millis(c.debounce_ms),
+            debounce: w.debounce,
         })
         .collect();
     let t = token.clone();

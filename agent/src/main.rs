@@ -10,6 +10,7 @@ mod control;
 mod daemon;
 mod events;
 mod health;
+mod jobs;
 mod logging;
 mod receive;
 mod server;

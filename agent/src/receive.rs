@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 use warmspare_shared::apply::{Applier, Divergence, WatchRoot};
-use warmspare_shared::manifest::{Entry, Excludes, HashCache};
+use warmspare_shared::manifest::{Entry, HashCache};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Purpose, Reply, Request, MANIFEST_PART};
 use warmspare_shared::ssh::{Identity, IncomingSession};
 use warmspare_shared::state::RoleState;
@@ -194,13 +194,12 @@ fn request_name(r: &Request) -> &'static str {
 /// The receiver's watch roots, with their caches.
 fn watch_roots(shared: &Shared) -> Result<Vec<WatchRoot>> {
     let mut out = Vec::new();
-    for w in &shared.cluster.watch {
-        let excludes = Excludes::new(&w.exclude).map_err(anyhow::Error::msg)?;
+    for w in shared.local_watches() {
         let cache_path = shared.cache_path(&w.name, "recv");
         out.push(WatchRoot {
-            name: w.name.clone(),
-            root: shared.me.local_path(&w.path),
-            excludes,
+            name: w.name,
+            root: w.root,
+            excludes: w.excludes,
             cache: HashCache::load(&cache_path),
             cache_path: Some(cache_path),
         });
@@ -347,7 +346,11 @@ fn manifest_parts(entries: Vec<Entry>) -> Vec<(Vec<Entry>, bool)> {
 }
 
 fn run_after_apply(shared: &Shared, watch: &str, root: Option<&std::path::Path>) {
-    let Some(cmd) = shared.cluster.watch(watch).and_then(|w| w.after_apply.as_deref()) else {
+    if watch == crate::jobs::SPOOL_WATCH {
+        shared.jobs_arrived();
+        return;
+    }
+    let Some(cmd) = shared.cluster.watch(watch).and_then(|w| w.after_apply.clone()) else {
         return;
     };
     let Some(root) = root else { return };

@@ -47,6 +47,8 @@ pub struct LocalWatch {
     pub root: PathBuf,
     /// Its exclusions.
     pub excludes: Excludes,
+    /// Quiet time that ends a batch of events.
+    pub debounce: Duration,
 }
 
 /// Runs the shipper for `peer` until `cancel` fires.

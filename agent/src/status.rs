@@ -92,6 +92,7 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         links,
         diverged: diverged(&shared.state_dir.join("diverged")),
         started: unix(shared.started),
+        jobs: shared.jobs.statuses(),
     }
 }
 

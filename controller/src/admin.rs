@@ -138,3 +138,56 @@ fn utc(secs: i64) -> String {
         rem % 60
     )
 }
+
+/// Runs `run-job`: on `on`, or on the active node.
+pub async fn run_job(op: &Operator, name: &str, on: Option<&str>) -> Result<()> {
+    let job = op
+        .cluster
+        .job
+        .iter()
+        .find(|j| j.name == name)
+        .ok_or_else(|| fail(crate::exit::USAGE, format!("there is no job {name:?}")))?;
+    let target = match on {
+        Some(n) => op
+            .cluster
+            .node(n)
+            .ok_or_else(|| fail(crate::exit::USAGE, format!("there is no node {n:?}")))?,
+        None => {
+            let views = op.gather(NODE_TIMEOUT).await;
+            let active = views
+                .iter()
+                .filter_map(|v| v.status.as_ref().ok())
+                .filter(|s| s.role.active == s.node)
+                .max_by_key(|s| s.role.epoch)
+                .ok_or_else(|| fail(FAILED, "no reachable node is active"))?;
+            op.cluster
+                .node(&active.node)
+                .ok_or_else(|| anyhow!("{} is not a node", active.node))?
+        }
+    };
+    let mut s = op.connect(target, NODE_TIMEOUT).await?;
+    let wait = job.timeout() + std::time::Duration::from_secs(30);
+    match s.call_with(&Request::RunJob { name: name.to_string() }, wait).await? {
+        Reply::JobDone(run) => {
+            let what = format!("{:?}", run.kind).to_lowercase();
+            let secs = (run.end_ms - run.start_ms) as f64 / 1000.0;
+            if run.ok {
+                println!(
+                    "{}: {what} of {name} succeeded in {secs:.1}s (generation {}, {} bytes)",
+                    target.name, run.generation, run.bytes
+                );
+                Ok(())
+            } else {
+                Err(fail(
+                    FAILED,
+                    format!(
+                        "{}: {what} of {name} failed after {secs:.1}s: {}",
+                        target.name, run.detail
+                    ),
+                ))
+            }
+        }
+        Reply::Refused { reason } => Err(fail(FAILED, format!("{} refused: {reason}", target.name))),
+        other => Err(anyhow!("unexpected answer {other:?}")),
+    }
+}

@@ -35,6 +35,9 @@ pub enum Command {
     Pause,
     /// Release what `pause` held.
     Resume,
+    /// Run a job now: its dump on the active (shipped and restored as usual),
+    /// its restore on a passive, or its command.
+    RunJob(RunJobArgs),
     /// Compare whole trees now instead of waiting for changes.
     Resync(ResyncArgs),
     /// List every role change: time, epoch, from, to, reason, who.
@@ -94,6 +97,16 @@ pub struct FailbackArgs {
     /// How long the whole change may take.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+}
+
+/// Options of `run-job`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct RunJobArgs {
+    /// The job.
+    pub name: String,
+    /// The node to run it on (default: the active node).
+    #[arg(long)]
+    pub on: Option<String>,
 }
 
 /// Options of `resync`.

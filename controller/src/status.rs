@@ -128,11 +128,15 @@ fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }
 
-fn ago(t: Option<i64>) -> String {
-    let now = SystemTime::now()
+fn now_secs() -> i64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn ago(t: Option<i64>) -> String {
+    let now = now_secs();
     match t {
         Some(t) => format!("{}s ago", (now - t).max(0)),
         None => "never".into(),
@@ -223,6 +227,42 @@ fn render(op: &Operator, views: &[NodeView]) -> String {
             for d in s.diverged.iter().take(20) {
                 let _ = writeln!(o, "{}: diverged {d}", s.node);
             }
+        }
+    }
+    let jobs: Vec<_> = views
+        .iter()
+        .filter_map(|v| v.status.as_ref().ok())
+        .flat_map(|s| s.jobs.iter().map(move |j| (s, j)))
+        .collect();
+    if !jobs.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{:<14} {:<14} {:<8} {:<8} {:>6} {:<14} {:<14} DETAIL",
+            "JOB", "NODE", "LAST", "RESULT", "GEN", "WHEN", "NEXT"
+        );
+        for (s, j) in jobs {
+            let (kind, result, when, detail) = match &j.last {
+                Some(r) => (
+                    format!("{:?}", r.kind).to_lowercase(),
+                    if r.ok { "ok" } else { "FAILED" },
+                    ago(Some(r.end_ms / 1000)),
+                    if r.ok {
+                        String::new()
+                    } else {
+                        r.detail.chars().take(60).collect()
+                    },
+                ),
+                None => ("-".into(), "-", "-".into(), String::new()),
+            };
+            let next = j
+                .next
+                .map(|n| format!("in {}s", (n - now_secs()).max(0)))
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                o,
+                "{:<14} {:<14} {:<8} {:<8} {:>6} {:<14} {:<14} {detail}",
+                j.name, s.node, kind, result, j.generation, when, next
+            );
         }
     }
     let warn = warnings(op, views);

@@ -547,6 +547,13 @@ impl RawFile {
         for (i, w) in self.watch.iter().enumerate() {
             let w = w.get_ref();
             let name = check_name(loc, &w.name, format!("watch[{i}].name"))?;
+            if name.starts_with('_') {
+                return Err(loc.at(
+                    &w.name,
+                    format!("watch[{i}].name"),
+                    "names starting with '_' are reserved for warmspare's own watches".into(),
+                ));
+            }
             if watches.iter().any(|o| o.name == name) {
                 return Err(loc.at(
                     &w.name,

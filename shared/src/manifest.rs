@@ -153,6 +153,15 @@ impl fmt::Debug for Excludes {
     }
 }
 
+impl Default for Excludes {
+    /// Nothing is excluded.
+    fn default() -> Excludes {
+        Excludes {
+            matcher: Gitignore::empty(),
+        }
+    }
+}
+
 impl Excludes {
     /// Compiles `globs`; an invalid glob is an error naming it.
     pub fn new(globs: &[String]) -> Result<Excludes, String> {

@@ -126,6 +126,57 @@ pub struct NodeStatus {
     pub diverged: Vec<String>,
     /// When the agent started (Unix seconds).
     pub started: i64,
+    /// Its jobs.
+    pub jobs: Vec<JobStatus>,
+}
+
+/// What a job run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobKind {
+    /// A dump on the active.
+    Dump,
+    /// A restore on a passive.
+    Restore,
+    /// A plain command.
+    Run,
+}
+
+/// One run of a job, as recorded in its history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRun {
+    /// The job.
+    pub job: String,
+    /// What ran.
+    pub kind: JobKind,
+    /// Start, Unix milliseconds.
+    pub start_ms: i64,
+    /// End, Unix milliseconds.
+    pub end_ms: i64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Exit status and the tail of stderr, or why it failed.
+    pub detail: String,
+    /// Bytes of the dump (dumps and restores).
+    pub bytes: u64,
+    /// The dump generation (dumps and restores).
+    pub generation: u64,
+}
+
+/// One job on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// The job.
+    pub name: String,
+    /// The last run on this node.
+    pub last: Option<JobRun>,
+    /// When it runs next on this node (Unix seconds), if scheduled here.
+    pub next: Option<i64>,
+    /// Successful runs since the agent started.
+    pub runs_ok: u64,
+    /// Failed runs since the agent started.
+    pub runs_failed: u64,
+    /// The newest dump generation this node holds.
+    pub generation: u64,
 }
 
 /// The first message each side sends.
@@ -285,6 +336,18 @@ pub enum Request {
     },
     /// Control: answered with [`Reply::History`].
     History,
+    /// Control: the recorded runs of a job on this node; answered with
+    /// [`Reply::JobHistory`].
+    JobHistory {
+        /// The job.
+        name: String,
+    },
+    /// Control: run a job now (dump on the active, restore on a passive, or
+    /// its command); answered with [`Reply::JobDone`].
+    RunJob {
+        /// The job.
+        name: String,
+    },
 }
 
 /// What the receiving side answers.
@@ -350,6 +413,10 @@ pub enum Reply {
     Done,
     /// Answer to [`Request::History`].
     History(Vec<HistoryEntry>),
+    /// Answer to [`Request::RunJob`].
+    JobDone(JobRun),
+    /// Answer to [`Request::JobHistory`], oldest first.
+    JobHistory(Vec<JobRun>),
 }
 
 /// A framing or decoding failure.

@@ -344,7 +344,11 @@ fn responder(name: &'static str) -> u16 {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf);
             let body = format!("I am {name}");
-            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
         }
     });
     port
@@ -362,7 +366,9 @@ impl Drop for Haproxy {
 
 #[test]
 fn haproxy_routes_clients_to_the_active_node_only() {
-    let haproxy = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"].into_iter().find(|p| std::path::Path::new(p).exists());
+    let haproxy = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
     let haproxy = haproxy.expect("HAProxy is not installed (apt-get install haproxy; .ci/run does it)");
     let c = TestCluster::pair("");
     let _b = c.start("b");
@@ -385,9 +391,21 @@ fn haproxy_routes_clients_to_the_active_node_only() {
     .unwrap();
     let check = Command::new(haproxy).arg("-c").arg("-f").arg(&cfg).output().unwrap();
     assert!(check.status.success(), "haproxy -c: {}", text(&check));
-    let _proxy = Haproxy(Command::new(haproxy).arg("-db").arg("-f").arg(&cfg).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap());
+    let _proxy = Haproxy(
+        Command::new(haproxy)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let only = |who: &str| {
-        (0..20).all(|_| warmspare_tests::http_get(front, "/").is_some_and(|(code, body)| code == 200 && body == format!("I am {who}")))
+        (0..20).all(|_| {
+            warmspare_tests::http_get(front, "/")
+                .is_some_and(|(code, body)| code == 200 && body == format!("I am {who}"))
+        })
     };
     wait_until("HAProxy to route to a only", LIMIT, || only("a"));
     let out = c.ctl(&["switchover", "--to", "b", "--yes"]);

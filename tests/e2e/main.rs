@@ -8,4 +8,5 @@
 mod config;
 mod controller;
 mod hostile;
+mod jobs;
 mod replication;

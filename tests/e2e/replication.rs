@@ -317,6 +317,7 @@ fn three_nodes_two_passives_and_a_stopped_one_catches_up() {
             "[[watch]]\nname = \"ca\"\npath = \"{}\"\ndebounce_ms = 5\n",
             warmspare_tests::CA_WATCH
         ),
+        ..Default::default()
     });
     let (ra, rb, rc) = (c.ca("a"), c.ca("b"), c.ca("c"));
     for i in 0..100 {

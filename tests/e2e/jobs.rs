@@ -1,0 +1,244 @@
+//! Dump and restore jobs, on real PostgreSQL servers and on plain files.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use warmspare_tests::{read, wait_until, ClusterOptions, Postgres, TestCluster};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn pair_with_jobs(jobs: &str, node_extra: Vec<(&'static str, String)>) -> TestCluster {
+    TestCluster::new(ClusterOptions {
+        nodes: vec!["a", "b"],
+        extra: format!(
+            "[[watch]]\nname = \"ca\"\npath = \"{}\"\ndebounce_ms = 5\n\n{jobs}",
+            warmspare_tests::CA_WATCH
+        ),
+        node_extra,
+    })
+}
+
+fn job_history(c: &TestCluster, node: &str, job: &str) -> Vec<serde_json::Value> {
+    let st = c.status_json();
+    let n = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap()
+        .clone();
+    let jobs = n["status"]["jobs"].as_array().cloned().unwrap_or_default();
+    jobs.into_iter().filter(|j| j["name"] == job).collect()
+}
+
+fn last_run(c: &TestCluster, node: &str, job: &str) -> Option<serde_json::Value> {
+    job_history(c, node, job)
+        .first()
+        .and_then(|j| (!j["last"].is_null()).then(|| j["last"].clone()))
+}
+
+fn gens(c: &TestCluster, node: &str, job: &str) -> usize {
+    fs::read_dir(c.node(node).root.join("var/lib/warmspare/jobs").join(job).join("gen"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn rows(pg: &Postgres) -> String {
+    pg.sql(
+        "app",
+        "select count(*), coalesce(sum(id), 0), coalesce(string_agg(v, ',' order by id), '') from t",
+    )
+}
+
+#[test]
+fn postgres_dumps_follow_the_active_database_as_small_deltas() {
+    let (pa, pb) = (Postgres::start(), Postgres::start());
+    for pg in [&pa, &pb] {
+        pg.sql("postgres", "create database app");
+    }
+    pa.sql("app", "create table t (id int primary key, v text)");
+    pa.sql(
+        "app",
+        "insert into t select g, md5(g::text) || repeat('x', 60) from generate_series(1, 60000) g",
+    );
+    let job = "[[job]]\nname = \"db\"\nschedule = \"*/2 * * * * *\"\ndump = \"pg_dump --clean --if-exists -d app\"\n\
+               restore = \"psql -X -q -v ON_ERROR_STOP=1 -d app -f \\\"$WARMSPARE_INPUT\\\"\"\nkeep = 3\ntimeout = \"60s\"\n";
+    let c = pair_with_jobs(job, vec![("a", pa.env_toml()), ("b", pb.env_toml())]);
+    let _b = c.start("b");
+    let a = c.start("a");
+    wait_until("the passive database to hold the rows", LIMIT, || {
+        pb.sql("app", "select to_regclass('t') is not null") == "t" && rows(&pb) == rows(&pa)
+    });
+
+    pa.sql("app", "update t set v = 'changed' where id = 30000");
+    pa.sql("app", "delete from t where id = 7");
+    wait_until("the passive to follow an update and a delete", LIMIT, || {
+        rows(&pb) == rows(&pa)
+    });
+    assert_eq!(pb.sql("app", "select v from t where id = 30000"), "changed");
+    assert_eq!(pb.sql("app", "select count(*) from t where id = 7"), "0");
+
+    // The dump of several MiB changed by one row went as a delta.
+    let log = a.log_text();
+    let shipped: Vec<(u64, u64, bool)> = log
+        .lines()
+        .filter(|l| l.contains("large file shipped") && l.contains("path=\"db/dump\""))
+        .filter_map(|l| {
+            let num = |k: &str| l.split(k).nth(1)?.split_whitespace().next()?.parse::<u64>().ok();
+            Some((num("size=")?, num("wire_bytes=")?, l.contains("delta=true")))
+        })
+        .collect();
+    let (size, wire, _) = *shipped
+        .iter()
+        .rev()
+        .find(|s| s.2)
+        .unwrap_or_else(|| panic!("no delta shipment of the dump: {shipped:?}"));
+    eprintln!(
+        "MEASURE dump of {size} bytes after a one-row change: {wire} bytes on the wire ({:.2}%)",
+        wire as f64 * 100.0 / size as f64
+    );
+    assert!(size > 4 << 20, "the dump is only {size} bytes");
+    assert!(wire * 10 < size, "delta of {wire} bytes is not under 10% of {size}");
+
+    let dump = last_run(&c, "a", "db").expect("a dump ran");
+    let restore = last_run(&c, "b", "db").expect("a restore ran");
+    assert_eq!(dump["kind"], "Dump");
+    assert_eq!(restore["kind"], "Restore");
+    assert_eq!(restore["ok"], true, "{restore}");
+    let ms = |r: &serde_json::Value| r["end_ms"].as_i64().unwrap() - r["start_ms"].as_i64().unwrap();
+    eprintln!(
+        "MEASURE pg_dump {} ms, restore {} ms for {} bytes (generation {})",
+        ms(&dump),
+        ms(&restore),
+        restore["bytes"],
+        restore["generation"]
+    );
+    // keep = 3 on both sides.
+    wait_until("generations to be pruned", LIMIT, || {
+        gens(&c, "a", "db") == 3 && gens(&c, "b", "db") == 3
+    });
+}
+
+#[test]
+fn a_failing_or_empty_dump_ships_nothing() {
+    let c = pair_with_jobs(
+        "[[job]]\nname = \"bad\"\ndump = \"echo partial output; echo oops >&2; exit 3\"\nrestore = \"touch \\\"$WARMSPARE_INPUT.restored\\\"\"\n\n\
+         [[job]]\nname = \"empty\"\ndump = \"true\"\nrestore = \"touch \\\"$WARMSPARE_INPUT.restored\\\"\"\n\n\
+         [[job]]\nname = \"slow\"\ndump = \"echo started; sleep 30\"\ntimeout = \"1s\"\n",
+        vec![],
+    );
+    let _b = c.start("b");
+    let _a = c.start("a");
+    wait_until("agents up", LIMIT, || c.ctl(&["status"]).status.success());
+    let out = c.ctl(&["run-job", "bad"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("exit status: 3") && text.contains("oops"), "{text}");
+    let out = c.ctl(&["run-job", "empty"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("wrote nothing"), "{text}");
+    let out = c.ctl(&["run-job", "slow"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("timed out"), "{text}");
+    for job in ["bad", "empty", "slow"] {
+        let last = last_run(&c, "a", job).unwrap();
+        assert_eq!(last["ok"], false);
+        assert!(
+            !c.node("a").root.join("var/lib/warmspare/spool").join(job).exists(),
+            "{job} was published"
+        );
+        assert_eq!(gens(&c, "a", job), 0);
+    }
+    // Nothing reached the passive; nothing was restored.
+    let b_state = c.node("b").root.join("var/lib/warmspare");
+    assert!(!b_state.join("spool/bad").exists() && !b_state.join("spool/empty").exists());
+    assert!(last_run(&c, "b", "bad").is_none());
+}
+
+#[test]
+fn a_failed_restore_keeps_its_dump_and_the_next_arrival_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, out, flag) = (dir.path().join("src"), dir.path().join("out"), dir.path().join("fail"));
+    fs::write(&src, b"generation one\n").unwrap();
+    fs::write(&flag, b"").unwrap();
+    let job = format!(
+        "[[job]]\nname = \"files\"\ndump = \"cat {}\"\nrestore = \"test ! -e {} || exit 7; cp \\\"$WARMSPARE_INPUT\\\" {}\"\nkeep = 2\n",
+        src.display(),
+        flag.display(),
+        out.display()
+    );
+    let c = pair_with_jobs(&job, vec![]);
+    let _b = c.start("b");
+    let _a = c.start("a");
+    wait_until("agents up", LIMIT, || c.ctl(&["status"]).status.success());
+    assert!(c.ctl(&["run-job", "files"]).status.success());
+    wait_until("the failed restore", LIMIT, || {
+        last_run(&c, "b", "files").is_some_and(|r| r["ok"] == false)
+    });
+    let failed = last_run(&c, "b", "files").unwrap();
+    assert!(
+        failed["detail"].as_str().unwrap().contains("exit status: 7"),
+        "{failed}"
+    );
+    assert_eq!(gens(&c, "b", "files"), 1, "the dump it failed on is kept");
+    assert!(!out.exists());
+    // A retry by hand on the passive fails the same way and keeps the dump.
+    let retry = c.ctl(&["run-job", "files", "--on", "b"]);
+    assert_eq!(retry.status.code(), Some(1));
+    assert_eq!(gens(&c, "b", "files"), 1);
+
+    fs::remove_file(&flag).unwrap();
+    fs::write(&src, b"generation two\n").unwrap();
+    assert!(c.ctl(&["run-job", "files"]).status.success());
+    wait_until("the next arrival to restore", LIMIT, || {
+        read(&out).is_some_and(|d| d == b"generation two\n")
+    });
+    let ok = last_run(&c, "b", "files").unwrap();
+    assert_eq!(ok["ok"], true);
+    assert_eq!(ok["generation"], 2);
+    for _ in 0..2 {
+        assert!(c.ctl(&["run-job", "files"]).status.success());
+    }
+    wait_until("keep = 2 on both sides", LIMIT, || {
+        gens(&c, "a", "files") == 2
+            && gens(&c, "b", "files") == 2
+            && last_run(&c, "b", "files").is_some_and(|r| r["generation"] == 4)
+    });
+}
+
+#[test]
+fn a_run_job_on_all_runs_on_both_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = format!(
+        "[[job]]\nname = \"deploy\"\nschedule = \"* * * * * *\"\nrun = \"touch {}/ran-$WARMSPARE_NODE\"\non = \"all\"\n\n\
+         [[job]]\nname = \"only-active\"\nschedule = \"* * * * * *\"\nrun = \"touch {}/active-$WARMSPARE_NODE\"\n",
+        dir.path().display(),
+        dir.path().display()
+    );
+    let c = pair_with_jobs(&job, vec![]);
+    let _b = c.start("b");
+    let _a = c.start("a");
+    let p = |n: &str| dir.path().join(n);
+    wait_until("the run job on both nodes", LIMIT, || {
+        p("ran-a").exists() && p("ran-b").exists() && p("active-a").exists()
+    });
+    assert!(
+        !Path::new(&p("active-b")).exists(),
+        "a job for the active ran on the passive"
+    );
+}
