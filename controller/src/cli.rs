@@ -69,6 +69,9 @@ pub struct SwitchoverArgs {
     /// Run the preflight checks only.
     #[arg(long)]
     pub dry_run: bool,
+    /// Do not run each dump job one last time (and its restore on the target).
+    #[arg(long)]
+    pub skip_jobs: bool,
     /// How long the whole change may take.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -94,6 +97,9 @@ pub struct FailbackArgs {
     /// Do not ask for confirmation (needed when not on a terminal).
     #[arg(long)]
     pub yes: bool,
+    /// Do not run each dump job one last time (and its restore on the target).
+    #[arg(long)]
+    pub skip_jobs: bool,
     /// How long the whole change may take.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,

@@ -208,6 +208,7 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         to: "masterb".into(),
         yes: true,
         dry_run: false,
+        skip_jobs: false,
         timeout: Duration::from_secs(60),
     };
     rt.block_on(roles::switchover(&op, &to_b, "switchover"))?;
@@ -228,6 +229,7 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         to: "mastera".into(),
         yes: true,
         dry_run: false,
+        skip_jobs: false,
         timeout: Duration::from_secs(60),
     };
     rt.block_on(roles::switchover(&op, &to_a, "failback"))?;

@@ -40,6 +40,7 @@ fn run(args: cli::Args) -> Result<()> {
                     to,
                     yes: a.yes,
                     dry_run: false,
+                    skip_jobs: a.skip_jobs,
                     timeout: a.timeout,
                 };
                 roles::switchover(&op, &s, "failback").await

@@ -181,11 +181,56 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
         .node(&args.to)
         .ok_or_else(|| anyhow!("{} is not a node", args.to))?;
 
+    let mut s_old = op.connect(old, NODE_TIMEOUT).await?;
+    // Final dumps: each dump job runs once more on the old active; the flush
+    // below ships them, and the target must have restored them.
+    let mut expect_restored: Vec<(String, u64)> = Vec::new();
+    if !args.skip_jobs {
+        for job in op.cluster.job.iter().filter(|j| j.dump.is_some()) {
+            step(&format!("final dump of {} on {}", job.name, old.name));
+            let wait = job.timeout() + Duration::from_secs(30);
+            match s_old.call_with(&Request::RunJob { name: job.name.clone() }, wait).await {
+                Ok(Reply::JobDone(run)) if run.ok => {
+                    println!("    generation {}, {} bytes", run.generation, run.bytes);
+                    if job.restore.is_some() {
+                        expect_restored.push((job.name.clone(), run.generation));
+                    }
+                }
+                Ok(Reply::JobDone(run)) => {
+                    return Err(fail(
+                        REFUSED,
+                        format!(
+                            "the final dump of {} failed, nothing was changed (--skip-jobs goes ahead without it): {}",
+                            job.name, run.detail
+                        ),
+                    ));
+                }
+                Ok(other) => {
+                    return Err(fail(
+                        REFUSED,
+                        format!(
+                            "the final dump of {} did not run, nothing was changed: {other:?}",
+                            job.name
+                        ),
+                    ))
+                }
+                Err(e) => {
+                    return Err(fail(
+                        REFUSED,
+                        format!(
+                            "the final dump of {} did not finish, nothing was changed: {e:#}",
+                            job.name
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+
     step(&format!(
         "flushing {}: shipping pending changes and comparing every watch with every peer",
         old.name
     ));
-    let mut s_old = op.connect(old, NODE_TIMEOUT).await?;
     let left = deadline.saturating_duration_since(Instant::now());
     match s_old
         .call_with(
@@ -224,8 +269,9 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
         }
         Err(e) => return Err(e),
     }
-    if op.cluster.job.iter().any(|j| j.dump.is_some()) {
-        println!("    note: dump jobs are not run by this version before a switchover");
+    if !expect_restored.is_empty() {
+        step(&format!("waiting for {} to restore the final dumps", target.name));
+        wait_restored(op, &target.name, &expect_restored, deadline).await?;
     }
 
     step(&format!(
@@ -411,4 +457,51 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
         args.to, next.epoch, role.active
     );
     Ok(())
+}
+
+/// Waits until `node` has restored each `(job, generation)`; a failed restore
+/// of one of them refuses the switchover (nothing has changed yet).
+async fn wait_restored(op: &Operator, node: &str, jobs: &[(String, u64)], deadline: Instant) -> Result<()> {
+    let n = op.cluster.node(node).ok_or_else(|| anyhow!("{node} is not a node"))?;
+    loop {
+        let mut pending = Vec::new();
+        if let Ok(mut s) = op.connect(n, NODE_TIMEOUT).await {
+            if let Ok(Reply::Status(st)) = s.call(&Request::Status).await {
+                for (job, generation) in jobs {
+                    let last = st.jobs.iter().find(|j| &j.name == job).and_then(|j| j.last.clone());
+                    match last {
+                        Some(r)
+                            if r.kind == warmspare_shared::proto::JobKind::Restore
+                                && r.generation >= *generation
+                                && r.ok => {}
+                        Some(r)
+                            if r.kind == warmspare_shared::proto::JobKind::Restore && r.generation >= *generation =>
+                        {
+                            return Err(fail(
+                                REFUSED,
+                                format!(
+                                    "{node} failed to restore {job} generation {}: {}; nothing was changed",
+                                    r.generation, r.detail
+                                ),
+                            ));
+                        }
+                        _ => pending.push(job.clone()),
+                    }
+                }
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(fail(
+                REFUSED,
+                format!(
+                    "{node} did not restore {} in time; nothing was changed",
+                    pending.join(", ")
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -242,3 +242,47 @@ fn a_run_job_on_all_runs_on_both_nodes() {
         "a job for the active ran on the passive"
     );
 }
+
+#[test]
+fn switchover_runs_a_final_dump_and_restore_and_refuses_when_it_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, out) = (dir.path().join("src"), dir.path().join("out"));
+    fs::write(&src, b"before the switchover\n").unwrap();
+    let job = format!(
+        "[[job]]\nname = \"files\"\ndump = \"cat {}\"\nrestore = \"cp \\\"$WARMSPARE_INPUT\\\" {}\"\n",
+        src.display(),
+        out.display()
+    );
+    let c = pair_with_jobs(&job, vec![]);
+    let _b = c.start("b");
+    let _a = c.start("a");
+    wait_until("agents up", LIMIT, || c.ctl(&["status"]).status.success());
+    // A dump that cannot run refuses the switchover; nothing changes.
+    fs::remove_file(&src).unwrap();
+    let refused = c.ctl(&["switchover", "--to", "b", "--yes"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(refused.status.code(), Some(3), "{text}");
+    assert!(text.contains("final dump"), "{text}");
+    assert_eq!(
+        warmspare_tests::http_status(c.node("a").http_port, "/_status/check"),
+        Some(200)
+    );
+    // With the data back, the final dump is restored on b before b becomes active.
+    fs::write(&src, b"the last word before the switchover\n").unwrap();
+    let ok = c.ctl(&["switchover", "--to", "b", "--yes"]);
+    let text = String::from_utf8_lossy(&ok.stdout).to_string();
+    assert!(ok.status.success(), "{text}{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        text.contains("final dump of files") && text.contains("restore the final dumps"),
+        "{text}"
+    );
+    assert_eq!(read(&out).unwrap(), b"the last word before the switchover\n");
+    assert_eq!(
+        warmspare_tests::http_status(c.node("b").http_port, "/_status/check"),
+        Some(200)
+    );
+}
