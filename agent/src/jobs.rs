@@ -239,6 +239,14 @@ async fn scheduled(shared: Arc<Shared>, job: Job, expr: String, trigger: Trigger
             shared.jobs.update(&job.name, |s| s.next = Some(next.timestamp()));
         }
         let wait = (next - chrono::Local::now()).to_std().unwrap_or(Duration::ZERO);
+        // Far-off times are approached a day at a time (timers have a range,
+        // and the wall clock may be adjusted meanwhile).
+        if wait > Duration::from_secs(86_400) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(86_400)) => continue,
+            }
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}

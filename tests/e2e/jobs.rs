@@ -286,3 +286,32 @@ fn switchover_runs_a_final_dump_and_restore_and_refuses_when_it_fails() {
         Some(200)
     );
 }
+
+#[test]
+fn restore_schedule_restores_on_its_schedule_not_on_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // A restore schedule that will not come round during the test.
+    let job = format!(
+        "[[job]]\nname = \"later\"\ndump = \"echo payload\"\nrestore = \"cp \\\"$WARMSPARE_INPUT\\\" {}\"\nrestore_schedule = \"0 0 0 1 1 * 2099\"\n",
+        out.display()
+    );
+    let c = pair_with_jobs(&job, vec![]);
+    let _b = c.start("b");
+    let _a = c.start("a");
+    wait_until("agents up", LIMIT, || c.ctl(&["status"]).status.success());
+    assert!(c.ctl(&["run-job", "later"]).status.success());
+    let meta = c.node("b").root.join("var/lib/warmspare/spool/later/meta.json");
+    wait_until("the dump to arrive on b", LIMIT, || meta.exists());
+    // Arrival alone restores nothing (an arrival-driven restore takes milliseconds).
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        assert!(!out.exists(), "restored on arrival despite restore_schedule");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(last_run(&c, "b", "later").is_none());
+    // The operator can restore it now.
+    let now = c.ctl(&["run-job", "later", "--on", "b"]);
+    assert!(now.status.success(), "{}", String::from_utf8_lossy(&now.stderr));
+    assert_eq!(read(&out).unwrap(), b"payload\n");
+}
