@@ -190,7 +190,20 @@ impl TestCluster {
 
     /// Starts the agent of node `name`.
     pub fn start(&self, name: &str) -> Agent {
-        Agent::start(&self.file, name, &self.dir.path().join(format!("{name}.log")))
+        self.start_with_env(name, &[])
+    }
+
+    /// Starts the agent of node `name` with extra environment variables.
+    pub fn start_with_env(&self, name: &str, env: &[(&str, &str)]) -> Agent {
+        let mut a = Agent {
+            child: None,
+            cluster: self.file.clone(),
+            name: name.to_string(),
+            log: self.dir.path().join(format!("{name}.log")),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        a.spawn();
+        a
     }
 }
 
@@ -202,20 +215,10 @@ pub struct Agent {
     pub name: String,
     /// Where its stderr goes (appended across restarts).
     pub log: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
-    fn start(cluster: &Path, name: &str, log: &Path) -> Agent {
-        let mut a = Agent {
-            child: None,
-            cluster: cluster.to_path_buf(),
-            name: name.to_string(),
-            log: log.to_path_buf(),
-        };
-        a.spawn();
-        a
-    }
-
     fn spawn(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
@@ -227,6 +230,7 @@ impl Agent {
             .arg(&self.cluster)
             .args(["--node", &self.name, "--log-level", "info,warmspare_agent=debug", "run"])
             .env_remove("RUST_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -241,6 +245,19 @@ impl Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends a signal (`-HUP`, `-TERM`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(sig).arg(c.id().to_string()).status();
+        }
+    }
+
+    /// Waits for the process to exit (after a signal) and returns its status.
+    pub fn terminate_wait(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        c.wait().expect("wait agent")
     }
 
     /// Sends SIGTERM and waits for the exit status.

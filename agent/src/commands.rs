@@ -70,14 +70,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 async fn check(shared: Shared) -> Result<ExitCode> {
     println!(
         "cluster file ok: {} nodes, {} watches, {} jobs; hash {}",
-        shared.cluster.node.len(),
-        shared.cluster.watch.len(),
-        shared.cluster.job.len(),
-        shared.config_hash
+        shared.cluster().node.len(),
+        shared.cluster().watch.len(),
+        shared.cluster().job.len(),
+        shared.config_hash()
     );
     println!("this node: {} (key matches the pinned public key)", shared.me.name);
     let mut all_ok = true;
-    for peer in shared.cluster.peers_of(&shared.me.name) {
+    for peer in shared.cluster().peers_of(&shared.me.name) {
         let key = peer.key()?;
         let verdict = match ssh::dial(&peer.ssh, &key, &shared.key, &shared.me.name, Duration::from_secs(5)).await {
             Ok(d) => {
@@ -86,7 +86,7 @@ async fn check(shared: Shared) -> Result<ExitCode> {
                 let mut w = FrameWriter::new(wr);
                 w.send(&Request::Hello(shared.hello(Purpose::Probe))).await?;
                 match r.recv::<Reply>().await {
-                    Ok(Some(Reply::Hello(h))) if h.config_hash == shared.config_hash => {
+                    Ok(Some(Reply::Hello(h))) if h.config_hash == shared.config_hash() => {
                         format!("ok (epoch {}, active {}, version {})", h.epoch, h.active, h.version)
                     }
                     Ok(Some(Reply::Hello(h))) => {

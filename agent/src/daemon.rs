@@ -28,18 +28,18 @@ use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
 use crate::events::{Inbox, Work};
 use crate::ship::LocalWatch;
-use crate::{health, jobs, server, ship, watch as watcher};
+use crate::{health, jobs, sd, server, ship, watch as watcher};
 
 /// What every task of the daemon shares.
 pub struct Shared {
-    /// The validated cluster file.
-    pub cluster: Cluster,
+    /// The validated cluster file and its hash (replaced on reload).
+    config: std::sync::RwLock<Arc<(Cluster, String)>>,
+    /// Where the cluster file is read from (SIGHUP reads it again).
+    pub cluster_path: PathBuf,
     /// This node's entry.
     pub me: Node,
     /// This node's private key.
     pub key: SecretKey,
-    /// The SHA-256 of the canonical cluster file.
-    pub config_hash: String,
     /// This node's state directory.
     pub state_dir: PathBuf,
     /// The current role state; persisted before it changes here.
@@ -114,17 +114,16 @@ impl Shared {
         warn_if_readable(cluster_path);
         warn_if_readable(&key_path);
         let state_dir = cluster.state_dir(&me);
-        let cluster_jobs = cluster.job.clone();
         let (role, _) = watch::channel(RoleState {
             epoch: 0,
             active: String::new(),
         });
         let (progress, _) = watch::channel(0);
         Ok(Shared {
-            config_hash: cluster.hash(),
+            config: std::sync::RwLock::new(Arc::new((cluster.clone(), cluster.hash()))),
+            cluster_path: cluster_path.to_path_buf(),
             ledgers: Arc::new(Mutex::new(Ledgers::new(state_dir.join("ledger")))),
             paused: AtomicBool::new(state_dir.join(PAUSED_FILE).exists()),
-            cluster,
             me,
             key,
             state_dir,
@@ -134,8 +133,47 @@ impl Shared {
             runtime: Mutex::new(Runtime::default()),
             progress,
             started: SystemTime::now(),
-            jobs: jobs::Jobs::new(&cluster_jobs),
+            jobs: jobs::Jobs::default(),
         })
+    }
+
+    /// The cluster file in force.
+    pub fn cluster(&self) -> Arc<Cluster> {
+        let g = self.config.read().unwrap_or_else(|p| p.into_inner());
+        Arc::new(g.0.clone())
+    }
+
+    /// The SHA-256 of the canonical cluster file in force.
+    pub fn config_hash(&self) -> String {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    /// Reads the cluster file again; applies it when only what can change
+    /// live changed (watches, jobs, operators, node environments).
+    pub fn reload(&self) -> Result<bool> {
+        let next = Cluster::load(&self.cluster_path)?;
+        let current = self.cluster();
+        if next == *current {
+            return Ok(false);
+        }
+        let fixed = |c: &Cluster| {
+            let mut c = c.clone();
+            c.watch.clear();
+            c.job.clear();
+            c.operator.clear();
+            for n in &mut c.node {
+                n.env.clear();
+            }
+            c
+        };
+        if fixed(&next) != fixed(&current) {
+            bail!(
+                "the [cluster] table or a node's name, address, key or root changed: restart the agent to apply that"
+            );
+        }
+        let hash = next.hash();
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new((next, hash));
+        Ok(true)
     }
 
     /// The runtime reports, locked.
@@ -204,7 +242,7 @@ impl Shared {
         if next.epoch <= current.epoch {
             return Err(format!("the new epoch {} is not above {}", next.epoch, current.epoch));
         }
-        if self.cluster.node(&next.active).is_none() {
+        if self.cluster().node(&next.active).is_none() {
             return Err(format!("{:?} is not a node of the cluster", next.active));
         }
         self.set_role(next.clone(), reason, by)
@@ -265,7 +303,7 @@ impl Shared {
             node: self.me.name.clone(),
             epoch: role.epoch,
             active: role.active,
-            config_hash: self.config_hash.clone(),
+            config_hash: self.config_hash(),
             purpose,
             owners: warmspare_shared::apply::can_chown(),
         }
@@ -274,7 +312,7 @@ impl Shared {
     /// The keys this node's SSH server trusts.
     pub fn trust(&self) -> Trust {
         let mut t = Trust::default();
-        for n in &self.cluster.node {
+        for n in &self.cluster().node {
             if n.name == self.me.name {
                 continue;
             }
@@ -282,7 +320,7 @@ impl Shared {
                 t.add(k, Identity::Node(n.name.clone()));
             }
         }
-        for o in &self.cluster.operator {
+        for o in &self.cluster().operator {
             if let Ok(k) = warmspare_shared::keys::PublicKey::parse(&o.public_key) {
                 t.add(k, Identity::Operator(o.name.clone()));
             }
@@ -294,7 +332,7 @@ impl Shared {
     /// internal watch that carries dumps) when the cluster has dump jobs.
     pub fn local_watches(&self) -> Vec<LocalWatch> {
         let mut out: Vec<LocalWatch> = self
-            .cluster
+            .cluster()
             .watch
             .iter()
             .filter_map(|w| {
@@ -307,7 +345,7 @@ impl Shared {
                 })
             })
             .collect();
-        if self.cluster.job.iter().any(|j| j.dump.is_some()) {
+        if self.cluster().job.iter().any(|j| j.dump.is_some()) {
             out.push(LocalWatch {
                 name: jobs::SPOOL_WATCH.to_string(),
                 root: jobs::spool_dir(&self.state_dir),
@@ -395,7 +433,7 @@ pub async fn serve(
 ) -> Result<()> {
     std::fs::create_dir_all(&shared.state_dir)
         .with_context(|| format!("cannot create the state dir {}", shared.state_dir.display()))?;
-    let role = RoleState::load_or_init(&shared.state_dir, &shared.cluster.cluster.preferred_active)?;
+    let role = RoleState::load_or_init(&shared.state_dir, &shared.cluster().cluster.preferred_active)?;
     shared.role.send_replace(role.clone());
     let history = state::read_history(&shared.state_dir);
     if history.is_empty() {
@@ -431,14 +469,34 @@ pub async fn serve(
         "agent started"
     );
 
+    // The first scan: warms the hash caches so the first comparison with a
+    // peer reads only what changed while the agent was down.
+    let warm = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        for w in warm.local_watches() {
+            let path = warm.cache_path(&w.name, "send");
+            let mut cache = warmspare_shared::manifest::HashCache::load(&path);
+            let _ = warmspare_shared::manifest::scan(&w.root, "", &w.excludes, &mut cache);
+            if let Err(e) = cache.save(&path) {
+                tracing::warn!(watch = w.name, error = %e, "cannot save the hash cache");
+            }
+        }
+    })
+    .await
+    .context("the first scan failed")?;
+
     let mut tasks = JoinSet::new();
     tasks.spawn(server::run(shared.clone(), listener, cancel.clone()));
     if let Some(http) = http {
         tasks.spawn(health::run(shared.clone(), http, cancel.clone()));
     }
-    if !shared.cluster.job.is_empty() {
-        tasks.spawn(jobs::run(shared.clone(), cancel.clone()));
-    }
+    tasks.spawn(sd::run(shared.clone(), cancel.clone()));
+    // Jobs and the active side restart on every accepted reload.
+    let mut config_token = cancel.child_token();
+    tasks.spawn(jobs::run(shared.clone(), config_token.clone()));
+    let mut hangups =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    sd::ready(&shared);
 
     let mut roles = shared.role.subscribe();
     let mut active: Option<CancellationToken> = None;
@@ -447,7 +505,7 @@ pub async fn serve(
         match (is_active, &active) {
             (true, None) => {
                 tracing::info!("this node is active: watching and shipping");
-                let token = cancel.child_token();
+                let token = config_token.child_token();
                 start_active(&shared, &mut tasks, &token);
                 active = Some(token);
             }
@@ -462,8 +520,26 @@ pub async fn serve(
         tokio::select! {
             _ = cancel.cancelled() => break,
             changed = roles.changed() => if changed.is_err() { break },
+            _ = hangups.recv() => {
+                sd::reloading();
+                match shared.reload() {
+                    Ok(true) => {
+                        tracing::warn!(path = %shared.cluster_path.display(), hash = shared.config_hash(), "cluster file reloaded; restarting jobs and the active side");
+                        config_token.cancel();
+                        shared.runtime().inboxes.clear();
+                        config_token = cancel.child_token();
+                        tasks.spawn(jobs::run(shared.clone(), config_token.clone()));
+                        // The loop starts the active side again under the new token.
+                        active = None;
+                    }
+                    Ok(false) => tracing::info!("cluster file unchanged"),
+                    Err(e) => tracing::error!(path = %shared.cluster_path.display(), error = format!("{e:#}"), "reload refused; running on the previous cluster file"),
+                }
+                sd::ready(&shared);
+            }
         }
     }
+    sd::stopping();
     if tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
     })
@@ -473,12 +549,13 @@ pub async fn serve(
         tracing::warn!("some tasks did not stop in time");
         tasks.abort_all();
     }
+    tracing::info!("stopped");
     Ok(())
 }
 
 fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &CancellationToken) {
     let mut inboxes = Vec::new();
-    for peer in shared.cluster.peers_of(&shared.me.name) {
+    for peer in shared.cluster().peers_of(&shared.me.name) {
         let inbox = Arc::new(Inbox::default());
         inboxes.push(inbox.clone());
         shared.runtime().inboxes.insert(peer.name.clone(), inbox.clone());

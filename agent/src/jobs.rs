@@ -62,51 +62,55 @@ struct Persisted {
     restored: u64,
 }
 
-/// The jobs' shared runtime: one lock per job (runs never overlap), counters,
+/// The jobs' shared runtime: one lock per job (runs never overlap), status,
 /// and the arrival signal from the receiver.
 #[derive(Default)]
 pub struct Jobs {
-    locks: BTreeMap<String, Arc<AsyncMutex<()>>>,
+    locks: std::sync::Mutex<BTreeMap<String, Arc<AsyncMutex<()>>>>,
     status: std::sync::Mutex<BTreeMap<String, JobStatus>>,
     /// Woken when the receiver applied something in the spool.
     pub arrived: Notify,
 }
 
 impl Jobs {
-    /// The runtime for `jobs`.
-    pub fn new(jobs: &[Job]) -> Jobs {
-        let mut j = Jobs::default();
-        for job in jobs {
-            j.locks.insert(job.name.clone(), Arc::new(AsyncMutex::new(())));
-            j.status.get_mut().unwrap_or_else(|p| p.into_inner()).insert(
-                job.name.clone(),
-                JobStatus {
-                    name: job.name.clone(),
+    /// The lock that keeps runs of `job` from overlapping.
+    fn lock_of(&self, job: &str) -> Arc<AsyncMutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(job.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The status of every job of `jobs` (jobs that never ran here included).
+    pub fn statuses(&self, jobs: &[Job]) -> Vec<JobStatus> {
+        let g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.iter()
+            .map(|j| {
+                g.get(&j.name).cloned().unwrap_or(JobStatus {
+                    name: j.name.clone(),
                     last: None,
                     next: None,
                     runs_ok: 0,
                     runs_failed: 0,
                     generation: 0,
-                },
-            );
-        }
-        j
-    }
-
-    /// Every job's status.
-    pub fn statuses(&self) -> Vec<JobStatus> {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
+                })
+            })
             .collect()
     }
 
     fn update(&self, job: &str, f: impl FnOnce(&mut JobStatus)) {
-        if let Some(s) = self.status.lock().unwrap_or_else(|p| p.into_inner()).get_mut(job) {
-            f(s);
-        }
+        let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let s = g.entry(job.to_string()).or_insert_with(|| JobStatus {
+            name: job.to_string(),
+            last: None,
+            next: None,
+            runs_ok: 0,
+            runs_failed: 0,
+            generation: 0,
+        });
+        f(s);
     }
 }
 
@@ -171,7 +175,7 @@ pub fn history(state_dir: &Path, job: &str) -> Vec<JobRun> {
 /// Runs every job's schedule until `cancel` fires.
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
-    for job in shared.cluster.job.clone() {
+    for job in shared.cluster().job.clone() {
         let g = load_persisted(&shared.state_dir, &job.name);
         shared.jobs.update(&job.name, |s| s.generation = g.generation);
         if let Some(expr) = &job.schedule {
@@ -200,7 +204,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         loop {
             // A passive that restarts restores what arrived while it was down.
             for job in s
-                .cluster
+                .cluster()
                 .job
                 .iter()
                 .filter(|j| j.restore.is_some() && j.restore_schedule.is_none())
@@ -281,8 +285,8 @@ fn runs_here(job: &Job, active: bool) -> bool {
 
 /// Runs `name` now, as this node's role says; for `warmsparectl run-job`.
 pub async fn run_now(shared: &Shared, name: &str) -> Result<JobRun> {
-    let job = shared
-        .cluster
+    let cluster = shared.cluster();
+    let job = cluster
         .job
         .iter()
         .find(|j| j.name == name)
@@ -320,6 +324,9 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
     c.arg("-c")
         .arg(cmd)
         .envs(&shared.me.env)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .env("WARMSPARE_JOB", &job.name)
         .env("WARMSPARE_NODE", &shared.me.name)
         .stdin(Stdio::null())
@@ -370,7 +377,7 @@ fn tail_of(path: &Path, n: u64) -> String {
 
 /// Runs the dump; a good one becomes the next generation and is published.
 async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
-    let lock = shared.jobs.locks.get(&job.name).cloned().context("unknown job")?;
+    let lock = shared.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
     let start_ms = now_ms();
     let dir = job_dir(&shared.state_dir, &job.name);
@@ -482,7 +489,7 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
     let Some(cmd) = job.restore.as_deref() else {
         return Ok(None);
     };
-    let lock = shared.jobs.locks.get(&job.name).cloned().context("unknown job")?;
+    let lock = shared.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
     let spool = spool_dir(&shared.state_dir).join(&job.name);
     let Some(meta) = fs::read(spool.join("meta.json"))
@@ -492,7 +499,7 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
         return Ok(None);
     };
     let mut p = load_persisted(&shared.state_dir, &job.name);
-    let failed_before = shared.jobs.statuses().iter().any(|s| {
+    let failed_before = shared.jobs.statuses(&shared.cluster().job).iter().any(|s| {
         s.name == job.name
             && s.last
                 .as_ref()
@@ -532,7 +539,7 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
 
 /// Runs a plain `run` command.
 async fn run_command(shared: &Shared, job: &Job) -> Result<JobRun> {
-    let lock = shared.jobs.locks.get(&job.name).cloned().context("unknown job")?;
+    let lock = shared.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
     let start_ms = now_ms();
     let dir = job_dir(&shared.state_dir, &job.name);

@@ -13,6 +13,7 @@ mod health;
 mod jobs;
 mod logging;
 mod receive;
+mod sd;
 mod server;
 mod ship;
 mod status;

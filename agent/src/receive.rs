@@ -143,11 +143,11 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> Admission {
         (Purpose::Replicate, Identity::Node(n)) if *n == hello.node => {}
         (Purpose::Replicate, _) => return Admission::Refuse(format!("{who} may not push as node {:?}", hello.node)),
     }
-    if hello.config_hash != shared.config_hash {
+    if hello.config_hash != shared.config_hash() {
         tracing::warn!(
             peer = hello.node,
             theirs = hello.config_hash,
-            ours = shared.config_hash,
+            ours = shared.config_hash(),
             "the peer's cluster file differs from ours"
         );
     }
@@ -350,13 +350,16 @@ fn run_after_apply(shared: &Shared, watch: &str, root: Option<&std::path::Path>)
         shared.jobs_arrived();
         return;
     }
-    let Some(cmd) = shared.cluster.watch(watch).and_then(|w| w.after_apply.clone()) else {
+    let Some(cmd) = shared.cluster().watch(watch).and_then(|w| w.after_apply.clone()) else {
         return;
     };
     let Some(root) = root else { return };
     let result = std::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .env("WARMSPARE_WATCH", watch)
         .env("WARMSPARE_PATH", root)
         .env("WARMSPARE_NODE", &shared.me.name)

@@ -85,14 +85,14 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         node: shared.me.name.clone(),
         version: warmspare_shared::VERSION.to_string(),
         protocol: PROTOCOL_VERSION,
-        config_hash: shared.config_hash.clone(),
+        config_hash: shared.config_hash().clone(),
         role: shared.role(),
         paused: shared.is_paused(),
         watches,
         links,
         diverged: diverged(&shared.state_dir.join("diverged")),
         started: unix(shared.started),
-        jobs: shared.jobs.statuses(),
+        jobs: shared.jobs.statuses(&shared.cluster().job),
     }
 }
 

@@ -10,3 +10,4 @@ mod controller;
 mod hostile;
 mod jobs;
 mod replication;
+mod service;

@@ -1,0 +1,92 @@
+//! systemd integration: readiness, status lines, the watchdog, stopping.
+//!
+//! Every call is a no-op when the agent does not run under systemd
+//! (`NOTIFY_SOCKET` unset).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::Shared;
+
+fn send(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// Listeners are up and the first scan is done.
+pub fn ready(shared: &Shared) {
+    send(&[NotifyState::Ready, NotifyState::Status(&summary(shared))]);
+}
+
+/// The agent is shutting down.
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// The agent re-reads its cluster file.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
+/// A one-line status: role, epoch, and each peer's link.
+pub fn summary(shared: &Shared) -> String {
+    let role = shared.role();
+    if role.active != shared.me.name {
+        return format!("passive at epoch {} ({} is active)", role.epoch, role.active);
+    }
+    let rt = shared.runtime();
+    let links: Vec<String> = rt
+        .links
+        .iter()
+        .map(|(peer, l)| {
+            let pending: usize = rt
+                .inboxes
+                .get(peer)
+                .map(|i| i.peek().paths.values().map(|p| p.len()).sum())
+                .unwrap_or(0);
+            format!(
+                "{peer} {}, {pending} pending",
+                if l.connected { "connected" } else { "DISCONNECTED" }
+            )
+        })
+        .collect();
+    format!(
+        "active at epoch {}; {}",
+        role.epoch,
+        if links.is_empty() {
+            "no peer yet".into()
+        } else {
+            links.join("; ")
+        }
+    )
+}
+
+/// Sends `WATCHDOG=1` at half the watchdog interval (when systemd set one)
+/// and refreshes the status line, until `cancel` fires.
+pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let every = watchdog
+        .map(|w| w / 2)
+        .unwrap_or(Duration::from_secs(10))
+        .max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let status = summary(&shared);
+        if watchdog.is_some() {
+            send(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
+        } else {
+            send(&[NotifyState::Status(&status)]);
+        }
+    }
+}
