@@ -55,6 +55,13 @@ pub enum Command {
     },
     /// Validate the cluster file and this node's key, and reach every peer.
     Check,
+    /// Write man pages and shell completions for packaging.
+    #[command(hide = true)]
+    Generate {
+        /// The directory to write them to.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Show or hash the canonical cluster file.
     Config {
         /// What to print.

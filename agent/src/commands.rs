@@ -39,6 +39,11 @@ fn run(args: Args) -> Result<ExitCode> {
             println!("{}", key.public().to_openssh());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Generate { out } => {
+            warmspare_shared::gendocs::generate::<Args>("warmspare-agent", out)
+                .with_context(|| format!("cannot write to {}", out.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config { what } => {
             let cluster = Cluster::load(&args.cluster)?;
             match what {

@@ -131,6 +131,31 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         let _ = writeln!(out, "warmspare_watch_files{{watch=\"{}\"}} {}", w.name, w.files);
     }
     let _ = writeln!(out, "# HELP warmspare_bytes_sent_total Bytes sent to peers, framing included.\n# TYPE warmspare_bytes_sent_total counter\nwarmspare_bytes_sent_total {sent}");
+    let _ = writeln!(out, "# HELP warmspare_job_runs_total Job runs on this node since the agent started.\n# TYPE warmspare_job_runs_total counter");
+    for j in &s.jobs {
+        let _ = writeln!(
+            out,
+            "warmspare_job_runs_total{{job=\"{}\",result=\"ok\"}} {}",
+            j.name, j.runs_ok
+        );
+        let _ = writeln!(
+            out,
+            "warmspare_job_runs_total{{job=\"{}\",result=\"failed\"}} {}",
+            j.name, j.runs_failed
+        );
+    }
+    let _ = writeln!(out, "# HELP warmspare_job_last_run_timestamp_seconds When the last run of a job ended.\n# TYPE warmspare_job_last_run_timestamp_seconds gauge");
+    for j in &s.jobs {
+        if let Some(r) = &j.last {
+            let result = if r.ok { "ok" } else { "failed" };
+            let _ = writeln!(
+                out,
+                "warmspare_job_last_run_timestamp_seconds{{job=\"{}\",result=\"{result}\"}} {}",
+                j.name,
+                r.end_ms / 1000
+            );
+        }
+    }
     let _ = writeln!(out, "# HELP warmspare_diverged_files_total Files preserved under diverged/.\n# TYPE warmspare_diverged_files_total gauge\nwarmspare_diverged_files_total {}", s.diverged.len());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

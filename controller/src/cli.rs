@@ -44,6 +44,13 @@ pub enum Command {
     History(HistoryArgs),
     /// Run a whole pair on loopback in a temporary directory, narrated.
     Demo(DemoArgs),
+    /// Write man pages and shell completions for packaging.
+    #[command(hide = true)]
+    Generate {
+        /// The directory to write them to.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Options of `status`.

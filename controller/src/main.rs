@@ -20,8 +20,13 @@ fn main() -> ExitCode {
 
 fn run(args: cli::Args) -> Result<()> {
     use cli::Command;
-    if let Command::Demo(opts) = &args.command {
-        return demo::run(opts.clone());
+    match &args.command {
+        Command::Demo(opts) => return demo::run(opts.clone()),
+        Command::Generate { out } => {
+            return warmspare_shared::gendocs::generate::<cli::Args>("warmsparectl", out)
+                .with_context(|| format!("cannot write to {}", out.display()));
+        }
+        _ => {}
     }
     let key = args.key.clone().unwrap_or_else(client::default_key);
     let op = client::Operator::load(&args.cluster, &key)?;
@@ -50,7 +55,7 @@ fn run(args: cli::Args) -> Result<()> {
             Command::Resync(a) => admin::resync(&op, a.watch.clone()).await,
             Command::RunJob(a) => admin::run_job(&op, &a.name, a.on.as_deref()).await,
             Command::History(a) => admin::history(&op, a.json).await,
-            Command::Demo(_) => Ok(()),
+            Command::Demo(_) | Command::Generate { .. } => Ok(()),
         }
     })
 }

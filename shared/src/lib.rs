@@ -13,6 +13,8 @@
 pub mod apply;
 pub mod config;
 pub mod delta;
+#[cfg(feature = "gendocs")]
+pub mod gendocs;
 pub mod keys;
 pub mod ledger;
 pub mod manifest;

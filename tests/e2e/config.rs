@@ -151,3 +151,67 @@ fn check_reports_each_peer() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("key mismatch"), "{text}");
 }
+
+/// The keys the parser accepts in a table, from its own refusal of an unknown one.
+fn accepted_keys(file: &std::path::Path, text: &str) -> Vec<String> {
+    std::fs::write(file, text).unwrap();
+    let out = Command::new(bin("warmspare-agent"))
+        .arg("--cluster")
+        .arg(file)
+        .args(["config", "hash"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let expected = err
+        .split("expected")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no list of expected keys in {err:?}"));
+    expected.split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+#[test]
+fn the_configuration_reference_documents_every_key_the_parser_accepts() {
+    let c = TestCluster::pair("");
+    let good = std::fs::read_to_string(&c.file).unwrap();
+    let with_job = format!("{good}\n[[job]]\nname = \"j\"\nrun = \"true\"\n");
+    let f = c.dir.path().join("probe.toml");
+    let tables = [
+        ("top level", format!("zzz_unknown = 1\n{with_job}")),
+        (
+            "[cluster]",
+            with_job.replacen("[cluster]\n", "[cluster]\nzzz_unknown = 1\n", 1),
+        ),
+        (
+            "[[node]]",
+            with_job.replacen("[[node]]\n", "[[node]]\nzzz_unknown = 1\n", 1),
+        ),
+        (
+            "[[operator]]",
+            with_job.replacen("[[operator]]\n", "[[operator]]\nzzz_unknown = 1\n", 1),
+        ),
+        (
+            "[[watch]]",
+            with_job.replacen("[[watch]]\n", "[[watch]]\nzzz_unknown = 1\n", 1),
+        ),
+        (
+            "[[job]]",
+            with_job.replacen("[[job]]\n", "[[job]]\nzzz_unknown = 1\n", 1),
+        ),
+    ];
+    let doc_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    let mut checked = 0;
+    for (table, text) in tables {
+        let keys = accepted_keys(&f, &text);
+        assert!(keys.len() >= 2, "{table}: {keys:?}");
+        for k in keys {
+            assert!(
+                doc.contains(&format!("`{k}`")),
+                "docs/configuration.md does not document `{k}` of {table}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 25, "only {checked} keys checked");
+}
