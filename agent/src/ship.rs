@@ -839,22 +839,25 @@ fn ship_file(
         stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
     }
     stats.pending_bytes += stats.wire_bytes - before;
-    tracing::debug!(
-        watch = w.name,
-        path = l.path,
-        size,
-        wire_bytes = stats.wire_bytes - before,
-        delta = sent_as_delta,
-        "file shipped"
-    );
+    let wire_bytes = stats.wire_bytes - before;
+    // Large files get a line at info (their cost is worth seeing), the rest at debug.
     if size >= delta::DELTA_MIN_SIZE {
         tracing::info!(
             watch = w.name,
             path = l.path,
             size,
-            wire_bytes = stats.wire_bytes - before,
+            wire_bytes,
             delta = sent_as_delta,
             "large file shipped"
+        );
+    } else {
+        tracing::debug!(
+            watch = w.name,
+            path = l.path,
+            size,
+            wire_bytes,
+            delta = sent_as_delta,
+            "file shipped"
         );
     }
     Ok(())

@@ -37,8 +37,8 @@ pub async fn everywhere(op: &Operator, req: Request, what: &str) -> Result<()> {
     }
 }
 
-/// Runs `resync` on the active node.
-pub async fn resync(op: &Operator, watch: Option<String>) -> Result<()> {
+/// The reachable node that reports itself active at the highest epoch.
+async fn active_node(op: &Operator) -> Result<&warmspare_shared::config::Node> {
     let views = op.gather(NODE_TIMEOUT).await;
     let active = views
         .iter()
@@ -46,10 +46,14 @@ pub async fn resync(op: &Operator, watch: Option<String>) -> Result<()> {
         .filter(|s| s.role.active == s.node)
         .max_by_key(|s| s.role.epoch)
         .ok_or_else(|| fail(FAILED, "no reachable node is active"))?;
-    let node = op
-        .cluster
+    op.cluster
         .node(&active.node)
-        .ok_or_else(|| anyhow!("{} is not a node", active.node))?;
+        .ok_or_else(|| anyhow!("{} is not a node", active.node))
+}
+
+/// Runs `resync` on the active node.
+pub async fn resync(op: &Operator, watch: Option<String>) -> Result<()> {
+    let node = active_node(op).await?;
     let mut s = op.connect(node, NODE_TIMEOUT).await?;
     match s.call(&Request::Resync { watch: watch.clone() }).await? {
         Reply::Done => {
@@ -152,18 +156,7 @@ pub async fn run_job(op: &Operator, name: &str, on: Option<&str>) -> Result<()> 
             .cluster
             .node(n)
             .ok_or_else(|| fail(crate::exit::USAGE, format!("there is no node {n:?}")))?,
-        None => {
-            let views = op.gather(NODE_TIMEOUT).await;
-            let active = views
-                .iter()
-                .filter_map(|v| v.status.as_ref().ok())
-                .filter(|s| s.role.active == s.node)
-                .max_by_key(|s| s.role.epoch)
-                .ok_or_else(|| fail(FAILED, "no reachable node is active"))?;
-            op.cluster
-                .node(&active.node)
-                .ok_or_else(|| anyhow!("{} is not a node", active.node))?
-        }
+        None => active_node(op).await?,
     };
     let mut s = op.connect(target, NODE_TIMEOUT).await?;
     let wait = job.timeout() + std::time::Duration::from_secs(30);
