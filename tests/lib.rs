@@ -25,7 +25,14 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        // Test executables live in `target/<profile>/deps/`, other binaries (the bench) beside the agent.
+        let parent = exe.parent().expect("executable dir");
+        let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().expect("target dir")
+        } else {
+            parent
+        }
+        .to_path_buf();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args([
@@ -271,6 +278,11 @@ impl Agent {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "agent still running");
         self.spawn();
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the process is still running.

@@ -1,0 +1,590 @@
+//! Benchmarks: warmspare against rsync over ssh (and lsyncd) on loopback.
+//!
+//! `cargo run --release -p warmspare-tests --bin bench -- all` runs every
+//! scenario at full size; `smoke` runs them at the smallest sizes (CI uses it
+//! to check that the harness works). The run sets up a throwaway OpenSSH
+//! server with its own keys and port, and a warmspare pair, in a temporary
+//! directory; it prints one table and writes it as Markdown to
+//! `target/bench/results.md`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic, missing_docs)]
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use warmspare_tests::{converge, free_port, noise, read, write_file, ClusterOptions, TestCluster, CA_WATCH};
+
+struct Sizes {
+    files: usize,
+    events: usize,
+    big: usize,
+    idle_files: usize,
+    idle_secs: u64,
+}
+
+const FULL: Sizes = Sizes {
+    files: 20_000,
+    events: 200,
+    big: 256 << 20,
+    idle_files: 100_000,
+    idle_secs: 60,
+};
+const SMOKE: Sizes = Sizes {
+    files: 200,
+    events: 10,
+    big: 4 << 20,
+    idle_files: 1_000,
+    idle_secs: 2,
+};
+
+/// A throwaway sshd on loopback, with a client key that may log in.
+struct Sshd {
+    child: Child,
+    port: u16,
+    key: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        fs::create_dir_all(dir).unwrap();
+        fs::create_dir_all("/run/sshd").unwrap();
+        let (host, key) = (dir.join("host_key"), dir.join("client_key"));
+        for k in [&host, &key] {
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(k)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+        let port = free_port();
+        let cfg = dir.join("sshd_config");
+        fs::write(
+            &cfg,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nStrictModes no\nUsePAM no\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+                host.display(),
+                dir.join("authorized_keys").display(),
+                dir.join("sshd.pid").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&cfg)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Sshd { child, port, key };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !s.ssh(&["true"]).status().unwrap().success() {
+            assert!(Instant::now() < deadline, "sshd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn ssh_args(&self) -> String {
+        format!(
+            "ssh -p {} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
+            self.port,
+            self.key.display()
+        )
+    }
+
+    fn ssh(&self, remote: &[&str]) -> Command {
+        let args = self.ssh_args();
+        let mut parts = args.split_whitespace();
+        let mut c = Command::new(parts.next().unwrap());
+        c.args(parts)
+            .arg("127.0.0.1")
+            .args(remote)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+
+    /// `rsync -a --delete SRC/ DST/` over this sshd; returns (seconds, bytes sent).
+    fn rsync(&self, src: &Path, dst: &Path, extra: &[&str]) -> (f64, u64) {
+        let start = Instant::now();
+        let out = Command::new("rsync")
+            .args(["-a", "--delete", "--stats", "-e", &self.ssh_args()])
+            .args(extra)
+            .arg(format!("{}/", src.display()))
+            .arg(format!("127.0.0.1:{}/", dst.display()))
+            .output()
+            .unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "rsync failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let sent = text
+            .lines()
+            .find(|l| l.starts_with("Total bytes sent:"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().replace(',', "").parse().unwrap_or(0))
+            .unwrap_or(0);
+        (secs, sent)
+    }
+}
+
+/// A pair with the product's defaults (debounce_ms 10).
+fn pair() -> TestCluster {
+    TestCluster::new(ClusterOptions {
+        nodes: vec!["a", "b"],
+        extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\n"),
+        ..Default::default()
+    })
+}
+
+fn ca_tree(root: &Path, n: usize) {
+    for i in 0..n {
+        let body = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            "MIIB".repeat(500 + i % 13)
+        );
+        write_file(
+            &root.join(format!("signed/{:02}/host{i:06}.example.com.pem", i % 64)),
+            body.as_bytes(),
+            0o644,
+        );
+    }
+    write_file(&root.join("serial"), format!("{n:08X}\n").as_bytes(), 0o644);
+}
+
+fn count_files(root: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() && !e.file_name().to_string_lossy().starts_with(".warmspare-tmp.") => n += 1,
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
+fn wait(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// One row of the results table.
+struct Row {
+    scenario: String,
+    measure: String,
+    warmspare: f64,
+    best_other: f64,
+    other_name: String,
+    unit: &'static str,
+    target: String,
+}
+
+fn pid_stats(pid: u32) -> (u64, f64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (rss_kb, ticks / 100.0)
+}
+
+fn main() {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let sizes = match which.as_str() {
+        "all" => FULL,
+        "smoke" => SMOKE,
+        other => {
+            eprintln!("usage: bench all|smoke (got {other:?})");
+            std::process::exit(2);
+        }
+    };
+    for tool in ["rsync", "ssh-keygen", "/usr/sbin/sshd"] {
+        if Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| !s.success())
+            .unwrap_or(true)
+        {
+            eprintln!("{tool} is missing: apt-get install rsync openssh-server lsyncd");
+            std::process::exit(2);
+        }
+    }
+    let work = tempfile::Builder::new().prefix("warmspare-bench").tempdir().unwrap();
+    let sshd = Sshd::start(&work.path().join("sshd"));
+    let mut rows: Vec<Row> = Vec::new();
+
+    // 1. Initial sync of a CA-like tree.
+    {
+        let c = pair();
+        let src = c.ca("a");
+        ca_tree(&src, sizes.files);
+        let dst = work.path().join("rsync-initial");
+        fs::create_dir_all(&dst).unwrap();
+        let (rsync_s, _) = sshd.rsync(&src, &dst, &[]);
+        let _b = c.start("b");
+        let start = Instant::now();
+        let _a = c.start("a");
+        let want = count_files(&src);
+        wait(Duration::from_secs(600), || count_files(&c.ca("b")) == want);
+        let ws = start.elapsed().as_secs_f64();
+        converge(&src, &c.ca("b"), Duration::from_secs(120));
+        rows.push(Row {
+            scenario: format!("1. initial sync, {} files", sizes.files),
+            measure: "time".into(),
+            warmspare: ws,
+            best_other: rsync_s,
+            other_name: "rsync".into(),
+            unit: "s",
+            target: "<= 0.8x".into(),
+        });
+    }
+
+    // 2. Event latency: certificates written one at a time, 100 ms apart.
+    {
+        let c = pair();
+        let src = c.ca("a");
+        ca_tree(&src, sizes.files);
+        let _b = c.start("b");
+        let _a = c.start("a");
+        converge(&src, &c.ca("b"), Duration::from_secs(600));
+        let mut lat = Vec::new();
+        for i in 0..sizes.events {
+            let rel = format!("signed/new/event{i:04}.pem");
+            let data = format!("-----BEGIN CERTIFICATE-----\n{}\n", "E".repeat(2000 + i));
+            write_file(&src.join(&rel), data.as_bytes(), 0o644);
+            let t = Instant::now();
+            let dst = c.ca("b").join(&rel);
+            wait(Duration::from_secs(30), || {
+                read(&dst).is_some_and(|d| d == data.as_bytes())
+            });
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The old module's way: one whole-tree rsync over ssh per event.
+        let mirror = work.path().join("rsync-events");
+        fs::create_dir_all(&mirror).unwrap();
+        sshd.rsync(&src, &mirror, &[]);
+        let mut rlat = Vec::new();
+        for i in 0..sizes.events.min(50) {
+            let rel = format!("signed/new/rsync{i:04}.pem");
+            write_file(&src.join(&rel), b"-----BEGIN CERTIFICATE-----\nR\n", 0o644);
+            let (secs, _) = sshd.rsync(&src, &mirror, &["-u"]);
+            rlat.push(secs * 1000.0);
+        }
+        let lsync = lsyncd_latency(&sshd, work.path(), &src, sizes.events.min(50));
+        let (p50, p99, max) = (
+            percentile(&mut lat, 0.5),
+            percentile(&mut lat, 0.99),
+            percentile(&mut lat, 1.0),
+        );
+        let rp50 = percentile(&mut rlat, 0.5);
+        let (other, other_p50) = match lsync {
+            Some(l) if l < rp50 => ("lsyncd".to_string(), l),
+            _ => ("rsync per event".to_string(), rp50),
+        };
+        for (m, v, t) in [
+            ("p50", p50, "<= 15 ms, >= 20x better than lsyncd"),
+            ("p99", p99, "<= 50 ms"),
+            ("max", max, ""),
+        ] {
+            rows.push(Row {
+                scenario: format!("2. event latency, {} events", sizes.events),
+                measure: m.into(),
+                warmspare: v,
+                best_other: if m == "p50" { other_p50 } else { f64::NAN },
+                other_name: if m == "p50" { other.clone() } else { "-".into() },
+                unit: "ms",
+                target: t.into(),
+            });
+        }
+        if let Some(l) = lsync {
+            eprintln!("lsyncd p50 {l:.1} ms; rsync per event p50 {rp50:.1} ms");
+        }
+    }
+
+    // 3. Large delta and 4. large new file.
+    {
+        let c = pair();
+        let src = c.ca("a");
+        let mut data = noise(sizes.big, 3);
+        write_file(&src.join("big.bin"), &data, 0o644);
+        let mirror = work.path().join("rsync-big");
+        fs::create_dir_all(&mirror).unwrap();
+        sshd.rsync(&src, &mirror, &[]);
+        let _b = c.start("b");
+        let a = c.start("a");
+        converge(&src, &c.ca("b"), Duration::from_secs(600));
+        // 1% of the bytes in 100 places, and one 4 KiB insertion.
+        let per = sizes.big / 100 / 100;
+        for i in 0..100 {
+            let at = i * (sizes.big / 100) + 777;
+            data[at..at + per].copy_from_slice(&noise(per, 50 + i as u64));
+        }
+        let mid = sizes.big / 2 + 123;
+        let mut changed = data[..mid].to_vec();
+        changed.extend_from_slice(&noise(4096, 9));
+        changed.extend_from_slice(&data[mid..]);
+        let staged = work.path().join("big.new");
+        fs::write(&staged, &changed).unwrap();
+        let t = Instant::now();
+        fs::rename(&staged, src.join("big.bin")).unwrap();
+        let want = blake3::hash(&changed);
+        wait(Duration::from_secs(600), || {
+            read(&c.ca("b").join("big.bin")).is_some_and(|d| blake3::hash(&d) == want)
+        });
+        let ws = t.elapsed().as_secs_f64();
+        let wire = a
+            .log_text()
+            .lines()
+            .rev()
+            .find(|l| l.contains("large file shipped") && l.contains("delta=true"))
+            .and_then(|l| {
+                l.split("wire_bytes=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN);
+        let (rs, rbytes) = sshd.rsync(&src, &mirror, &[]);
+        rows.push(Row {
+            scenario: format!("3. large delta, {} MiB", sizes.big >> 20),
+            measure: "bytes on the wire".into(),
+            warmspare: wire,
+            best_other: rbytes as f64,
+            other_name: "rsync".into(),
+            unit: "B",
+            target: "<= 1.1x".into(),
+        });
+        rows.push(Row {
+            scenario: format!("3. large delta, {} MiB", sizes.big >> 20),
+            measure: "time".into(),
+            warmspare: ws,
+            best_other: rs,
+            other_name: "rsync".into(),
+            unit: "s",
+            target: "<= 1.0x".into(),
+        });
+
+        let fresh = noise(sizes.big, 11);
+        fs::write(&staged, &fresh).unwrap();
+        let t = Instant::now();
+        fs::rename(&staged, src.join("new.bin")).unwrap();
+        let want = blake3::hash(&fresh);
+        wait(Duration::from_secs(600), || {
+            read(&c.ca("b").join("new.bin")).is_some_and(|d| d.len() == fresh.len() && blake3::hash(&d) == want)
+        });
+        let ws = t.elapsed().as_secs_f64();
+        let (rs, _) = sshd.rsync(&src, &mirror, &[]);
+        let t = Instant::now();
+        let cat = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cat {} | {} 127.0.0.1 'cat > /dev/null'",
+                src.join("new.bin").display(),
+                sshd.ssh_args()
+            ))
+            .status()
+            .unwrap();
+        assert!(cat.success());
+        let ceiling = t.elapsed().as_secs_f64();
+        let mb = (sizes.big as f64) / 1e6;
+        rows.push(Row {
+            scenario: format!("4. large new file, {} MiB", sizes.big >> 20),
+            measure: "throughput".into(),
+            warmspare: mb / ws,
+            best_other: mb / rs,
+            other_name: "rsync".into(),
+            unit: "MB/s",
+            target: ">= 1.5x".into(),
+        });
+        rows.push(Row {
+            scenario: format!("4. large new file, {} MiB", sizes.big >> 20),
+            measure: "vs raw ssh".into(),
+            warmspare: mb / ws,
+            best_other: mb / ceiling,
+            other_name: "cat into ssh".into(),
+            unit: "MB/s",
+            target: ">= 0.8x".into(),
+        });
+    }
+
+    // 5. Footprint: idle watching, and shipping scenario 1.
+    {
+        let c = pair();
+        let src = c.ca("a");
+        ca_tree(&src, sizes.idle_files);
+        let _b = c.start("b");
+        let a = c.start("a");
+        converge(&src, &c.ca("b"), Duration::from_secs(900));
+        let pid = a.pid().unwrap();
+        let (_, cpu0) = pid_stats(pid);
+        std::thread::sleep(Duration::from_secs(sizes.idle_secs));
+        let (rss, cpu1) = pid_stats(pid);
+        rows.push(Row {
+            scenario: format!("5. idle, watching {} files", sizes.idle_files),
+            measure: "resident memory".into(),
+            warmspare: rss as f64 / 1024.0,
+            best_other: f64::NAN,
+            other_name: "-".into(),
+            unit: "MiB",
+            target: "< 64 MiB".into(),
+        });
+        rows.push(Row {
+            scenario: format!("5. idle, watching {} files", sizes.idle_files),
+            measure: format!("CPU over {} s", sizes.idle_secs),
+            warmspare: (cpu1 - cpu0) / sizes.idle_secs as f64 * 100.0,
+            best_other: f64::NAN,
+            other_name: "-".into(),
+            unit: "%",
+            target: "near 0".into(),
+        });
+    }
+
+    // The table.
+    let mut md = String::new();
+    let host = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let _ = writeln!(
+        md,
+        "Machine: {} cores, {host}; run `{which}`.\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    let _ = writeln!(md, "| scenario | measure | warmspare | best other | other | ratio | target |\n| --- | --- | ---: | ---: | --- | ---: | --- |");
+    for r in &rows {
+        let ratio = r.warmspare / r.best_other;
+        let fmt = |v: f64| {
+            if v.is_nan() {
+                "-".to_string()
+            } else if v >= 1000.0 {
+                format!("{v:.0} {}", r.unit)
+            } else {
+                format!("{v:.2} {}", r.unit)
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            r.measure,
+            fmt(r.warmspare),
+            fmt(r.best_other),
+            r.other_name,
+            if ratio.is_nan() {
+                "-".into()
+            } else {
+                format!("{ratio:.2}x")
+            },
+            r.target
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n6. Distance (network namespaces with netem): not run by this version of the harness."
+    );
+    print!("{md}");
+    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    fs::create_dir_all(&out_dir).unwrap();
+    let mut f = fs::File::create(out_dir.join("results.md")).unwrap();
+    f.write_all(md.as_bytes()).unwrap();
+    eprintln!("wrote {}", out_dir.join("results.md").display());
+}
+
+/// lsyncd (delay = 0, rsync over ssh) watching `src`: median latency of `n`
+/// new files; `None` when lsyncd is not installed.
+fn lsyncd_latency(sshd: &Sshd, work: &Path, src: &Path, n: usize) -> Option<f64> {
+    let lsyncd = ["/usr/bin/lsyncd", "/usr/local/bin/lsyncd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let target = work.join("lsyncd-target");
+    fs::create_dir_all(&target).unwrap();
+    sshd.rsync(src, &target, &[]);
+    let cfg = work.join("lsyncd.conf");
+    fs::write(
+        &cfg,
+        format!(
+            "settings {{ nodaemon = true, logfile = \"{}\" }}\nsync {{ default.rsync, source = \"{}\", target = \"127.0.0.1:{}\", delay = 0,\n  rsync = {{ archive = true, rsh = \"{}\" }} }}\n",
+            work.join("lsyncd.log").display(),
+            src.display(),
+            target.display(),
+            sshd.ssh_args()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(lsyncd)
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    // lsyncd starts with a full sync; wait for a marker to arrive before measuring.
+    write_file(&src.join("lsyncd-ready"), b"ready", 0o644);
+    let ready = Instant::now() + Duration::from_secs(120);
+    while !target.join("lsyncd-ready").exists() {
+        if Instant::now() > ready {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut lat = Vec::new();
+    for i in 0..n {
+        let rel = format!("signed/new/lsyncd{i:04}.pem");
+        write_file(&src.join(&rel), b"-----BEGIN CERTIFICATE-----\nL\n", 0o644);
+        let t = Instant::now();
+        let dst = target.join(&rel);
+        let deadline = t + Duration::from_secs(60);
+        while !dst.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Some(percentile(&mut lat, 0.5))
+}
