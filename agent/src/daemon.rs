@@ -540,6 +540,9 @@ pub async fn serve(
         }
     }
     sd::stopping();
+    if let Err(e) = shared.ledgers.lock().unwrap_or_else(|p| p.into_inner()).save() {
+        tracing::warn!(error = %e, "cannot save the sync ledger");
+    }
     if tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
     })

@@ -439,7 +439,7 @@ fn record_agreement(
             None => ledgers.watch(watch).forget_tree(path),
         }
     }
-    if let Err(e) = ledgers.save() {
+    if let Err(e) = ledgers.save_if_due(Duration::from_secs(2)) {
         tracing::warn!(error = %e, "cannot save the sync ledger");
     }
 }

@@ -145,7 +145,11 @@ pub struct Applier {
     report: CommitReport,
     can_chown: bool,
     divergence: Option<Divergence>,
+    saved_at: std::time::Instant,
 }
+
+/// How often, at most, a busy applier rewrites its caches and ledgers.
+const STATE_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many files a commit may fsync one by one before it syncs the
 /// filesystem instead.
@@ -173,6 +177,7 @@ impl Applier {
             report: CommitReport::default(),
             can_chown,
             divergence,
+            saved_at: std::time::Instant::now(),
         })
     }
 
@@ -712,9 +717,23 @@ impl Applier {
         if let Err(e) = sync_dirs(&dirs) {
             tracing::warn!(error = %e, "cannot make directories durable");
         }
+        // Caches and ledgers are rewritten whole, so not at every commit of a
+        // long burst: at most every few seconds, and when the session ends.
+        // Losing the last seconds of them to a crash is safe: hashes are
+        // recomputed, and files are preserved rather than lost.
+        if self.saved_at.elapsed() >= STATE_SAVE_INTERVAL {
+            self.save_state();
+        }
+        std::mem::take(&mut self.report)
+    }
+
+    /// Persists the hash caches and the ledgers.
+    pub fn save_state(&mut self) {
         for w in self.watches.values_mut() {
             if let Some(p) = &w.cache_path {
-                let _ = w.cache.save(p);
+                if let Err(e) = w.cache.save(p) {
+                    tracing::warn!(watch = w.name, error = %e, "cannot save the hash cache");
+                }
             }
         }
         if let Some(div) = &self.divergence {
@@ -722,7 +741,7 @@ impl Applier {
                 tracing::warn!(error = %e, "cannot save the sync ledger");
             }
         }
-        std::mem::take(&mut self.report)
+        self.saved_at = std::time::Instant::now();
     }
 
     /// The local root of `watch`.
@@ -737,6 +756,7 @@ impl Drop for Applier {
         for p in self.pending.drain(..) {
             let _ = fs::remove_file(&p.tmp);
         }
+        self.save_state();
     }
 }
 

@@ -84,6 +84,7 @@ impl Ledger {
 pub struct Ledgers {
     dir: PathBuf,
     by_watch: HashMap<String, Ledger>,
+    saved_at: Option<std::time::Instant>,
 }
 
 impl Ledgers {
@@ -92,6 +93,7 @@ impl Ledgers {
         Ledgers {
             dir,
             by_watch: HashMap::new(),
+            saved_at: None,
         }
     }
 
@@ -108,7 +110,18 @@ impl Ledgers {
         for l in self.by_watch.values_mut() {
             l.save()?;
         }
+        self.saved_at = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// Persists every changed ledger unless that was done less than
+    /// `interval` ago (a ledger is rewritten whole; a busy sender would
+    /// otherwise rewrite it at every batch).
+    pub fn save_if_due(&mut self, interval: std::time::Duration) -> io::Result<()> {
+        if self.saved_at.is_some_and(|t| t.elapsed() < interval) {
+            return Ok(());
+        }
+        self.save()
     }
 }
 

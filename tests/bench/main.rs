@@ -246,12 +246,15 @@ fn main() {
             std::process::exit(2);
         }
     }
+    // Optional scenario numbers after the size select a subset: `bench all 1 3`.
+    let only: Vec<String> = std::env::args().skip(2).collect();
+    let run = |n: &str| only.is_empty() || only.iter().any(|o| o == n);
     let work = tempfile::Builder::new().prefix("warmspare-bench").tempdir().unwrap();
     let sshd = Sshd::start(&work.path().join("sshd"));
     let mut rows: Vec<Row> = Vec::new();
 
     // 1. Initial sync of a CA-like tree.
-    {
+    if run("1") {
         let c = pair();
         let src = c.ca("a");
         ca_tree(&src, sizes.files);
@@ -277,7 +280,7 @@ fn main() {
     }
 
     // 2. Event latency: certificates written one at a time, 100 ms apart.
-    {
+    if run("2") {
         let c = pair();
         let src = c.ca("a");
         ca_tree(&src, sizes.files);
@@ -340,7 +343,7 @@ fn main() {
     }
 
     // 3. Large delta and 4. large new file.
-    {
+    if run("3") {
         let c = pair();
         let src = c.ca("a");
         let mut data = noise(sizes.big, 3);
@@ -448,7 +451,7 @@ fn main() {
     }
 
     // 5. Footprint: idle watching, and shipping scenario 1.
-    {
+    if run("5") {
         let c = pair();
         let src = c.ca("a");
         ca_tree(&src, sizes.idle_files);
