@@ -176,6 +176,15 @@ impl Shared {
         Ok(true)
     }
 
+    /// Warns when a peer's cluster file (by its hash) is not ours: replication
+    /// goes on (a rolling update of the file is normal), but status flags it.
+    pub fn compare_config(&self, peer: &str, theirs: &str) {
+        let ours = self.config_hash();
+        if theirs != ours {
+            tracing::warn!(peer, theirs, ours, "the peer's cluster file differs from ours");
+        }
+    }
+
     /// The runtime reports, locked.
     pub fn runtime(&self) -> MutexGuard<'_, Runtime> {
         self.runtime.lock().unwrap_or_else(|p| p.into_inner())

@@ -76,21 +76,24 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     );
     let _ = writeln!(out, "# HELP warmspare_paused 1 while replication and jobs are held.\n# TYPE warmspare_paused gauge\nwarmspare_paused {}", u8::from(s.paused));
     let _ = writeln!(out, "# HELP warmspare_build_info The software and protocol version.\n# TYPE warmspare_build_info gauge\nwarmspare_build_info{{version=\"{}\",protocol=\"{}\"}} 1", s.version, s.protocol);
-    let _ = writeln!(out, "# HELP warmspare_replication_lag_seconds Age of the oldest change not yet acknowledged by a peer.\n# TYPE warmspare_replication_lag_seconds gauge");
-    for l in &s.links {
-        let _ = writeln!(
-            out,
-            "warmspare_replication_lag_seconds{{watch=\"{}\",peer=\"{}\"}} {}",
-            l.watch, l.peer, l.lag_seconds
-        );
-    }
-    let _ = writeln!(out, "# HELP warmspare_replication_lag_bytes Bytes of the files not yet acknowledged by a peer.\n# TYPE warmspare_replication_lag_bytes gauge");
-    for l in &s.links {
-        let _ = writeln!(
-            out,
-            "warmspare_replication_lag_bytes{{watch=\"{}\",peer=\"{}\"}} {}",
-            l.watch, l.peer, l.lag_bytes
-        );
+    type Lag = fn(&warmspare_shared::proto::LinkStatus) -> f64;
+    let lag: [(&str, &str, Lag); 2] = [
+        (
+            "warmspare_replication_lag_seconds",
+            "Age of the oldest change not yet acknowledged by a peer.",
+            |l| l.lag_seconds,
+        ),
+        (
+            "warmspare_replication_lag_bytes",
+            "Bytes of the files not yet acknowledged by a peer.",
+            |l| l.lag_bytes as f64,
+        ),
+    ];
+    for (name, help, value) in lag {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for l in &s.links {
+            let _ = writeln!(out, "{name}{{watch=\"{}\",peer=\"{}\"}} {}", l.watch, l.peer, value(l));
+        }
     }
     let _ = writeln!(out, "# HELP warmspare_peer_connected 1 while the replication connection to a peer is up.\n# TYPE warmspare_peer_connected gauge");
     let mut seen = std::collections::BTreeSet::new();

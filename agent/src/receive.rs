@@ -143,14 +143,7 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> Admission {
         (Purpose::Replicate, Identity::Node(n)) if *n == hello.node => {}
         (Purpose::Replicate, _) => return Admission::Refuse(format!("{who} may not push as node {:?}", hello.node)),
     }
-    if hello.config_hash != shared.config_hash() {
-        tracing::warn!(
-            peer = hello.node,
-            theirs = hello.config_hash,
-            ours = shared.config_hash(),
-            "the peer's cluster file differs from ours"
-        );
-    }
+    shared.compare_config(&hello.node, &hello.config_hash);
     let mine = shared.role();
     if hello.epoch < mine.epoch {
         return Admission::Stale(mine);

@@ -245,14 +245,7 @@ fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> Result<()> 
     if theirs.node != peer.name {
         bail!("the peer says it is {:?}, expected {:?}", theirs.node, peer.name);
     }
-    if theirs.config_hash != shared.config_hash() {
-        tracing::warn!(
-            peer = peer.name,
-            theirs = theirs.config_hash,
-            ours = shared.config_hash(),
-            "the peer's cluster file differs from ours"
-        );
-    }
+    shared.compare_config(&peer.name, &theirs.config_hash);
     Ok(())
 }
 
