@@ -33,7 +33,7 @@ use crate::{health, jobs, sd, server, ship, watch as watcher};
 /// What every task of the daemon shares.
 pub struct Shared {
     /// The validated cluster file and its hash (replaced on reload).
-    config: std::sync::RwLock<Arc<(Cluster, String)>>,
+    config: std::sync::RwLock<(Arc<Cluster>, String)>,
     /// Where the cluster file is read from (SIGHUP reads it again).
     pub cluster_path: PathBuf,
     /// This node's entry.
@@ -120,7 +120,7 @@ impl Shared {
         });
         let (progress, _) = watch::channel(0);
         Ok(Shared {
-            config: std::sync::RwLock::new(Arc::new((cluster.clone(), cluster.hash()))),
+            config: std::sync::RwLock::new((Arc::new(cluster.clone()), cluster.hash())),
             cluster_path: cluster_path.to_path_buf(),
             ledgers: Arc::new(Mutex::new(Ledgers::new(state_dir.join("ledger")))),
             paused: AtomicBool::new(state_dir.join(PAUSED_FILE).exists()),
@@ -140,7 +140,7 @@ impl Shared {
     /// The cluster file in force.
     pub fn cluster(&self) -> Arc<Cluster> {
         let g = self.config.read().unwrap_or_else(|p| p.into_inner());
-        Arc::new(g.0.clone())
+        g.0.clone()
     }
 
     /// The SHA-256 of the canonical cluster file in force.
@@ -172,7 +172,7 @@ impl Shared {
             );
         }
         let hash = next.hash();
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new((next, hash));
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(next), hash);
         Ok(true)
     }
 
