@@ -460,6 +460,7 @@ fn fetch_manifest(io: &mut SessionIo, watch: &str) -> Result<Vec<Entry>> {
                 entries: mut part,
                 last,
             } if w == watch => {
+                manifest::check_peer_entries(&part).with_context(|| format!("the peer's manifest of {watch}"))?;
                 entries.append(&mut part);
                 if last {
                     return Ok(entries);

@@ -39,6 +39,27 @@ pub struct Refused(pub String);
 /// on the way down may be a symbolic link (the last component may be one: it
 /// is replaced, never followed).
 pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, Refused> {
+    check_rel_path(rel)?;
+    let parts: Vec<&str> = rel.split('/').collect();
+    let mut dir = root.to_path_buf();
+    for p in &parts[..parts.len() - 1] {
+        dir.push(p);
+        match fs::symlink_metadata(&dir) {
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(Refused(format!(
+                    "path {rel:?} goes through the symbolic link {}",
+                    dir.display()
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(root.join(rel))
+}
+
+/// The checks of [`confine`] that need no file system: relative,
+/// `/`-separated, no empty, `.` or `..` components, no NUL, no temporary name.
+pub fn check_rel_path(rel: &str) -> Result<(), Refused> {
     if rel.is_empty() || rel.len() > 4096 {
         return Err(Refused(format!("bad path length {}", rel.len())));
     }
@@ -57,20 +78,7 @@ pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, Refused> {
             return Err(Refused(format!("path {rel:?} names a temporary file")));
         }
     }
-    let mut dir = root.to_path_buf();
-    for p in &parts[..parts.len() - 1] {
-        dir.push(p);
-        match fs::symlink_metadata(&dir) {
-            Ok(md) if md.file_type().is_symlink() => {
-                return Err(Refused(format!(
-                    "path {rel:?} goes through the symbolic link {}",
-                    dir.display()
-                )));
-            }
-            _ => {}
-        }
-    }
-    Ok(root.join(rel))
+    Ok(())
 }
 
 /// One replicated directory as the receiver sees it.

@@ -27,16 +27,19 @@ impl Ledger {
     /// Loads the ledger at `path`; a missing or unreadable one is empty (every
     /// differing file is then preserved: the safe side).
     pub fn load(path: &Path) -> Ledger {
-        let map = fs::read(path)
-            .ok()
-            .and_then(|b| bincode::serde::decode_from_slice(&b, bincode::config::standard()).ok())
-            .map(|(m, _)| m)
-            .unwrap_or_default();
+        let map = fs::read(path).map(|b| Ledger::decode(&b)).unwrap_or_default();
         Ledger {
             path: path.to_path_buf(),
             map,
             dirty: false,
         }
+    }
+
+    /// Decodes persisted ledger bytes; bytes that do not decode give an empty map.
+    pub fn decode(bytes: &[u8]) -> HashMap<String, ContentHash> {
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .map(|(m, _)| m)
+            .unwrap_or_default()
     }
 
     /// The agreed content of `rel`, if any.

@@ -9,10 +9,12 @@
 //! - [`ledger`]: the content each file had when the peers last agreed (divergence).
 //! - [`ssh`]: russh server and client glue with pinned keys.
 //! - [`state`]: the persisted role state (epoch and active node).
+//! - [`fuzzing`]: entry points for the fuzzers and their replay tests.
 
 pub mod apply;
 pub mod config;
 pub mod delta;
+pub mod fuzzing;
 #[cfg(feature = "gendocs")]
 pub mod gendocs;
 pub mod keys;

@@ -141,6 +141,16 @@ impl Entry {
     }
 }
 
+/// Checks a manifest received from a peer: every path must be one the peer
+/// itself would accept on the wire (see [`crate::apply::check_rel_path`]).
+/// A manifest that fails ends the session.
+pub fn check_peer_entries(entries: &[Entry]) -> Result<(), crate::apply::Refused> {
+    for e in entries {
+        crate::apply::check_rel_path(&e.path)?;
+    }
+    Ok(())
+}
+
 /// Compiled `exclude` globs of one watch (gitignore syntax, relative to the root).
 #[derive(Clone)]
 pub struct Excludes {
@@ -221,15 +231,25 @@ impl HashCache {
     /// Loads a cache persisted by [`HashCache::save`]; a missing or unreadable
     /// cache is an empty one (it is only an accelerator).
     pub fn load(path: &Path) -> HashCache {
-        let map = fs::read(path)
-            .ok()
-            .and_then(|bytes| {
-                bincode::serde::decode_from_slice::<HashMap<String, Cached>, _>(&bytes, bincode::config::standard())
-                    .ok()
-            })
+        fs::read(path).map(|b| HashCache::from_bytes(&b)).unwrap_or_default()
+    }
+
+    /// Decodes a persisted cache; bytes that do not decode give an empty cache.
+    pub fn from_bytes(bytes: &[u8]) -> HashCache {
+        let map = bincode::serde::decode_from_slice::<HashMap<String, Cached>, _>(bytes, bincode::config::standard())
             .map(|(m, _)| m)
             .unwrap_or_default();
         HashCache { map, dirty: false }
+    }
+
+    /// How many files the cache knows.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the cache knows no file.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 
     /// Persists the cache atomically when it changed.

@@ -7,7 +7,7 @@ use warmspare_shared::keys::SecretKey;
 use warmspare_shared::manifest::{ContentHash, Meta};
 use warmspare_shared::proto::{FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, PROTOCOL_VERSION};
 use warmspare_shared::ssh::{self, DialError};
-use warmspare_tests::{converge, read, wait_until, write_file, TestCluster};
+use warmspare_tests::{converge, read, temp_files, wait_until, write_file, TestCluster};
 
 type Conn = (
     FrameReader<tokio::io::ReadHalf<russh::ChannelStream<russh::client::Msg>>>,
@@ -218,4 +218,257 @@ async fn a_key_not_in_the_cluster_file_is_refused_at_the_ssh_layer() {
     let wrong_pin = SecretKey::generate().public();
     let r = ssh::dial(&addr, &wrong_pin, &c.node("a").key, "a", Duration::from_secs(10)).await;
     assert!(matches!(r, Err(DialError::KeyMismatch)), "{:?}", r.map(|_| ()));
+}
+
+/// A session whose writing half is the raw byte stream, for frames no
+/// well-behaved writer would produce. The hello has been answered.
+struct RawSession {
+    reader: FrameReader<tokio::io::ReadHalf<russh::ChannelStream<russh::client::Msg>>>,
+    writer: tokio::io::WriteHalf<russh::ChannelStream<russh::client::Msg>>,
+    _handle: russh::client::Handle<ssh::PinnedHost>,
+}
+
+fn framed(req: &Request) -> Vec<u8> {
+    let body = warmspare_shared::proto::encode(req).unwrap();
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+impl RawSession {
+    async fn open(c: &TestCluster, me: &str, to: &str) -> RawSession {
+        use tokio::io::AsyncWriteExt;
+        let target = c.node(to);
+        let addr = format!("127.0.0.1:{}", target.port);
+        let d = loop {
+            match ssh::dial(
+                &addr,
+                &target.key.public(),
+                &c.node(me).key,
+                me,
+                Duration::from_secs(10),
+            )
+            .await
+            {
+                Ok(d) => break d,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let (rd, mut writer) = tokio::io::split(d.stream);
+        let mut reader = FrameReader::new(rd);
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            version: "test".into(),
+            node: me.into(),
+            epoch: 1,
+            active: me.into(),
+            config_hash: "test".into(),
+            purpose: Purpose::Replicate,
+            owners: false,
+        };
+        writer.write_all(&framed(&Request::Hello(hello))).await.unwrap();
+        let reply = reader.recv::<Reply>().await.unwrap().unwrap();
+        assert!(matches!(reply, Reply::Hello(_)), "{reply:?}");
+        RawSession {
+            reader,
+            writer,
+            _handle: d.handle,
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.writer.write_all(bytes).await?;
+        self.writer.flush().await
+    }
+
+    /// Whether the agent ends the session (end of stream or an error) within 10 s.
+    async fn dropped(&mut self) -> bool {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.reader.recv::<Reply>()).await {
+                Err(_) => return false,
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) | Ok(Err(_)) => return true,
+            }
+        }
+    }
+}
+
+/// The agent still takes a well-behaved push after a hostile one.
+async fn still_serves(c: &TestCluster, name: &str) {
+    let (mut conn, _) = push_session(c, "a", "b", 1).await.unwrap();
+    let (reply, _) = send_all(&mut conn, file_op(name, name.as_bytes())).await;
+    assert!(
+        matches!(reply, Some(Reply::Committed { ref failed, .. }) if failed.is_empty()),
+        "{reply:?}"
+    );
+    assert_eq!(read(&c.ca("b").join(name)).unwrap(), name.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_truncated_frames_drop_only_their_session() {
+    let c = TestCluster::pair("");
+    let b = c.start("b");
+    let b_root = c.ca("b");
+    wait_until("b's ca root", Duration::from_secs(30), || b_root.is_dir());
+    let rss_before = b.rss_kib().unwrap();
+
+    // A length prefix of 4 GiB, then a megabyte of junk: refused on the prefix.
+    let mut s = RawSession::open(&c, "a", "b").await;
+    let mut junk = u32::MAX.to_be_bytes().to_vec();
+    junk.extend(std::iter::repeat_n(0xA5u8, 1 << 20));
+    let _ = s.write(&junk).await;
+    assert!(s.dropped().await, "an oversized frame did not end the session");
+    // One byte over the cap.
+    let mut s = RawSession::open(&c, "a", "b").await;
+    let _ = s
+        .write(&((warmspare_shared::proto::MAX_FRAME as u32) + 1).to_be_bytes())
+        .await;
+    assert!(
+        s.dropped().await,
+        "a frame one byte over the cap did not end the session"
+    );
+
+    // A file begun, part of its data, then a frame cut short and the end of the stream.
+    let mut s = RawSession::open(&c, "a", "b").await;
+    let data = warmspare_tests::noise(300_000, 7);
+    let begin = Request::Op(Op::FileBegin {
+        watch: "ca".into(),
+        path: "cut.bin".into(),
+        meta: Meta {
+            mode: 0o644,
+            mtime: 1_700_000_000,
+            ..Meta::default()
+        },
+        size: data.len() as u64,
+        hash: ContentHash::of(&data),
+        delta_base: None,
+    });
+    let mut bytes = framed(&begin);
+    bytes.extend(framed(&Request::Op(Op::FileData(ByteBuf::from(
+        data[..100_000].to_vec(),
+    )))));
+    let rest = framed(&Request::Op(Op::FileData(ByteBuf::from(data[100_000..].to_vec()))));
+    bytes.extend(&rest[..rest.len() / 2]);
+    s.write(&bytes).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        s.writer.shutdown().await.unwrap();
+    }
+    assert!(s.dropped().await, "a truncated frame did not end the session");
+    // A body that is not a message.
+    let mut s = RawSession::open(&c, "a", "b").await;
+    let _ = s.write(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]).await;
+    assert!(s.dropped().await, "an undecodable frame did not end the session");
+
+    wait_until("temp files cleaned", Duration::from_secs(10), || {
+        temp_files(&b_root).is_empty()
+    });
+    assert!(!b_root.join("cut.bin").exists(), "a half-received file appeared");
+    still_serves(&c, "after-frames.pem").await;
+    let mut b = b;
+    assert!(b.is_running());
+    let rss_after = b.rss_kib().unwrap();
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "resident memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    let log = b.log_text();
+    assert!(
+        log.contains("session ended"),
+        "no log line for the dropped sessions:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_past_their_size_or_on_the_wrong_base_are_refused() {
+    let c = TestCluster::pair("");
+    let mut b = c.start("b");
+    let b_root = c.ca("b");
+    wait_until("b's ca root", Duration::from_secs(30), || b_root.is_dir());
+    let base = warmspare_tests::noise(200_000, 11);
+    let (mut conn, _) = push_session(&c, "a", "b", 1).await.unwrap();
+    let (reply, _) = send_all(&mut conn, file_op("base.bin", &base)).await;
+    assert!(
+        matches!(reply, Some(Reply::Committed { ref failed, .. }) if failed.is_empty()),
+        "{reply:?}"
+    );
+
+    let sig = warmspare_shared::delta::signature(&base, warmspare_shared::delta::block_len(base.len() as u64));
+    let doubled = [base.clone(), base.clone()].concat();
+    let mut patch = Vec::new();
+    warmspare_shared::delta::diff(&sig, &doubled, &mut patch).unwrap();
+    let delta_op = |size: u64, hash: ContentHash, base_hash: ContentHash, patch: &[u8]| {
+        vec![
+            Request::Op(Op::FileBegin {
+                watch: "ca".into(),
+                path: "base.bin".into(),
+                meta: Meta {
+                    mode: 0o644,
+                    mtime: 1_700_000_001,
+                    ..Meta::default()
+                },
+                size,
+                hash,
+                delta_base: Some(base_hash),
+            }),
+            Request::Op(Op::FileData(ByteBuf::from(patch.to_vec()))),
+            Request::Op(Op::FileEnd),
+            Request::Commit { batch: 2 },
+        ]
+    };
+    // The delta writes 400,000 bytes where 200,000 were announced.
+    let (reply, _) = send_all(
+        &mut conn,
+        delta_op(
+            base.len() as u64,
+            ContentHash::of(&doubled),
+            ContentHash::of(&base),
+            &patch,
+        ),
+    )
+    .await;
+    assert!(
+        matches!(&reply, Some(Reply::Committed { failed, .. }) if failed.iter().any(|(p, why)| p == "base.bin" && why.contains("delta"))),
+        "{reply:?}"
+    );
+    // A delta against a base the receiver does not hold.
+    let (reply, _) = send_all(
+        &mut conn,
+        delta_op(
+            doubled.len() as u64,
+            ContentHash::of(&doubled),
+            ContentHash::of(b"another base"),
+            &patch,
+        ),
+    )
+    .await;
+    assert!(
+        matches!(&reply, Some(Reply::Committed { failed, .. }) if failed.iter().any(|(p, why)| p == "base.bin" && why.contains("base"))),
+        "{reply:?}"
+    );
+    // Data far past what the announced size allows ends the session.
+    let (reply, closed) = send_all(
+        &mut conn,
+        delta_op(10, ContentHash::of(b"0123456789"), ContentHash::of(&base), &doubled),
+    )
+    .await;
+    assert!(matches!(reply, Some(Reply::Refused { .. })), "{reply:?}");
+    assert!(closed, "the session was not dropped");
+
+    assert_eq!(
+        read(&b_root.join("base.bin")).unwrap(),
+        base,
+        "the old version was not kept"
+    );
+    wait_until("temp files cleaned", Duration::from_secs(10), || {
+        temp_files(&b_root).is_empty()
+    });
+    still_serves(&c, "after-deltas.pem").await;
+    assert!(b.is_running());
+    let log = b.log_text();
+    assert!(
+        log.contains("cannot apply a received file"),
+        "no log line for the refused deltas:\n{log}"
+    );
 }
