@@ -140,7 +140,8 @@ mod tests {
     #[test]
     fn fuzz_corpus_and_reproducers_replay() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let targets: [(&str, fn(&[u8])); 3] = [
+        type Target = (&'static str, fn(&[u8]));
+        let targets: [Target; 3] = [
             ("frames", super::frames),
             ("manifests", super::manifests),
             ("delta_apply", super::delta_apply),
