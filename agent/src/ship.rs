@@ -33,6 +33,10 @@ use crate::events::{Inbox, Work};
 
 /// How often a connected shipper compares whole trees even without events.
 const FULL_RESYNC: Duration = Duration::from_secs(600);
+/// The first and the longest wait before changes the peer could not apply
+/// (a full disk, say) are sent again.
+const RETRY_MIN: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Ops per commit, and bytes per commit, before a commit is sent.
 const OPS_PER_COMMIT: usize = 1000;
 const BYTES_PER_COMMIT: u64 = 32 * 1024 * 1024;
@@ -201,6 +205,7 @@ async fn session(
         next_batch: 0,
         outstanding: Vec::new(),
         failures: Vec::new(),
+        failure_reason: None,
     };
     let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_shared, &peer_name, io, &worker_inbox, owners));
 
@@ -259,6 +264,15 @@ struct SessionIo {
     outstanding: Vec<Outstanding>,
     /// Paths the peer could not apply, per watch, to forget in the model.
     failures: Vec<(String, String)>,
+    /// Why the first of them failed, as the peer said.
+    failure_reason: Option<String>,
+}
+
+/// Changes the peer could not apply, waiting to be sent again.
+struct Retry {
+    paths: BTreeSet<(String, String)>,
+    at: Option<Instant>,
+    backoff: Duration,
 }
 
 /// The peer went away while the worker was using the connection.
@@ -299,6 +313,12 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
     for w in &watches {
         inbox.add_full(&w.name);
     }
+    let mut retry = Retry {
+        paths: BTreeSet::new(),
+        at: None,
+        backoff: RETRY_MIN,
+    };
+    let mut next_full = Instant::now() + FULL_RESYNC;
     loop {
         if shared.is_paused() {
             inbox.wait_interrupt(FULL_RESYNC);
@@ -307,10 +327,17 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
             }
             continue;
         }
-        let work = match inbox.take(FULL_RESYNC) {
+        if retry.at.is_some_and(|at| Instant::now() >= at) {
+            retry.at = None;
+            for (watch, path) in std::mem::take(&mut retry.paths) {
+                inbox.add_paths(&watch, [path]);
+            }
+        }
+        let wake = retry.at.map_or(next_full, |at| at.min(next_full));
+        let work = match inbox.take(wake.saturating_duration_since(Instant::now())) {
             Some(w) => w,
             None if io.frames.is_closed() => return Err(Closed.into()),
-            None if shared.is_paused() => continue,
+            None if shared.is_paused() || Instant::now() < next_full => continue,
             None => {
                 // Periodic safety net: compare everything.
                 let mut w = Work::default();
@@ -318,6 +345,9 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                 w
             }
         };
+        if !work.full.is_empty() {
+            next_full = Instant::now() + FULL_RESYNC;
+        }
         shared.link(peer, |l| l.in_progress = Some(work.clone()));
         let started = Instant::now();
         let mut stats = BatchStats::default();
@@ -397,10 +427,26 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                 "batch replicated"
             );
         }
+        let unapplied = if failures.is_empty() {
+            retry.backoff = RETRY_MIN;
+            None
+        } else {
+            let wait = retry.backoff;
+            retry.paths.extend(failures.iter().cloned());
+            retry.at = Some(Instant::now() + wait);
+            retry.backoff = (wait * 2).min(RETRY_MAX);
+            let (watch, path) = &failures[0];
+            Some(format!(
+                "{} change(s) not applied on {peer}, first {watch}/{path}: {}; retrying in {} s",
+                failures.len(),
+                io.failure_reason.take().unwrap_or_default(),
+                wait.as_secs()
+            ))
+        };
         let now = std::time::SystemTime::now();
         shared.link(peer, |l| {
             l.in_progress = None;
-            l.last_error = None;
+            l.last_error = unapplied;
             l.done_generation = l.done_generation.max(work.generation);
             for w in work.full.iter().chain(work.paths.keys()) {
                 l.last_success.insert(w.clone(), now);
@@ -721,8 +767,11 @@ fn wait_ack(io: &mut SessionIo, peer: &str) -> Result<()> {
             watch = done.watch,
             path,
             reason = why,
-            "the peer could not apply a change; it is retried at the next comparison"
+            "the peer could not apply a change; it is sent again after a pause"
         );
+        if io.failure_reason.is_none() {
+            io.failure_reason = Some(why);
+        }
         io.failures.push((done.watch.clone(), path));
     }
     Ok(())
@@ -778,7 +827,16 @@ fn ship_file(
         }
         if let Some(base) = base {
             let map = delta::Mapped::new(&file).with_context(|| format!("cannot map {}", abs.display()))?;
-            if map.len() as u64 == size {
+            let worth =
+                map.len() as u64 == size && delta::worth_diffing(&sig, &map).map_err(|e| anyhow!("{}: {e}", l.path))?;
+            if !worth {
+                tracing::debug!(
+                    watch = w.name,
+                    path = l.path,
+                    "the content was rewritten; sending it whole"
+                );
+            }
+            if worth {
                 stats.wire_bytes += io.send(&Request::Op(Op::FileBegin {
                     watch: w.name.clone(),
                     path: l.path.clone(),

@@ -60,17 +60,46 @@ pub fn signature(base: &[u8], block_len: u32) -> Vec<u8> {
 /// Writes to `out` the delta that turns the signed file into `data`.
 pub fn diff(signature_bytes: &[u8], data: &[u8], out: impl Write) -> Result<(), DeltaError> {
     // The signature comes from the peer: fast_rsync trusts its block size.
+    check_signature(signature_bytes)?;
+    let sig = Signature::deserialize(signature_bytes.to_vec()).map_err(|e| DeltaError::Signature(e.to_string()))?;
+    fast_rsync::diff(&sig.index(), data, out).map_err(|e| DeltaError::Diff(e.to_string()))
+}
+
+/// Whether a delta of `data` against the signed file is likely to save
+/// anything. Computing a delta over content that matches nothing costs far
+/// more than sending it (the diff rolls byte by byte), so for large inputs
+/// three probes (start, middle, end) are diffed first; when every probe comes
+/// out almost all literal data, the content was rewritten and goes whole.
+pub fn worth_diffing(signature_bytes: &[u8], data: &[u8]) -> Result<bool, DeltaError> {
+    const PROBE: usize = 256 * 1024;
+    if data.len() < 16 * PROBE {
+        return Ok(true);
+    }
+    check_signature(signature_bytes)?;
+    let sig = Signature::deserialize(signature_bytes.to_vec()).map_err(|e| DeltaError::Signature(e.to_string()))?;
+    let index = sig.index();
+    let mid = data.len() / 2 - PROBE / 2;
+    for at in [0, mid, data.len() - PROBE] {
+        let mut out = Vec::with_capacity(PROBE + 1024);
+        fast_rsync::diff(&index, &data[at..at + PROBE], &mut out).map_err(|e| DeltaError::Diff(e.to_string()))?;
+        if out.len() < PROBE / 10 * 9 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Checks the signature header fields that fast_rsync trusts.
+fn check_signature(signature_bytes: &[u8]) -> Result<(), DeltaError> {
     let field = |at: usize| {
         signature_bytes
             .get(at..at + 4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
     match (field(4), field(8)) {
-        (Some(block), Some(strong)) if block > 0 && block <= 1 << 24 && (1..=16).contains(&strong) => {}
-        _ => return Err(DeltaError::Signature("bad block or hash size".into())),
+        (Some(block), Some(strong)) if block > 0 && block <= 1 << 24 && (1..=16).contains(&strong) => Ok(()),
+        _ => Err(DeltaError::Signature("bad block or hash size".into())),
     }
-    let sig = Signature::deserialize(signature_bytes.to_vec()).map_err(|e| DeltaError::Signature(e.to_string()))?;
-    fast_rsync::diff(&sig.index(), data, out).map_err(|e| DeltaError::Diff(e.to_string()))
 }
 
 /// Applies `delta` to `base`, writing at most `limit` bytes to `out`.
@@ -124,6 +153,22 @@ mod tests {
         assert_eq!(out, new);
         let mut short = Vec::new();
         assert!(apply(&base, &delta, &mut short, new.len() - 1).is_err());
+    }
+
+    #[test]
+    fn rewritten_content_is_not_worth_a_diff() {
+        let base: Vec<u8> = (0..8_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let sig = signature(&base, block_len(base.len() as u64));
+        let mut edited = base.clone();
+        edited[10..20].copy_from_slice(b"0123456789");
+        edited.insert(4_000_000, b'x');
+        assert!(worth_diffing(&sig, &edited).unwrap());
+        let rewritten: Vec<u8> = base.iter().map(|b| b ^ 0x5a).collect();
+        assert!(!worth_diffing(&sig, &rewritten).unwrap());
+        // Small inputs are always diffed.
+        assert!(worth_diffing(&sig, &rewritten[..100_000]).unwrap());
     }
 
     #[test]
