@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use warmspare_shared::keys::SecretKey;
 
+pub mod faults;
+
 /// Where the workspace's binaries are: beside the test executable's `deps/`.
 ///
 /// `cargo test` and `cargo nextest` build a package's binaries only for that
@@ -85,7 +87,9 @@ pub struct NodeSpec {
     pub name: String,
     /// Its `root` (every local path lives under it).
     pub root: PathBuf,
-    /// Its SSH port on 127.0.0.1.
+    /// The address it listens on (127.0.0.1 unless the options say otherwise).
+    pub host: String,
+    /// Its SSH port.
     pub port: u16,
     /// Its HTTP port on 127.0.0.1.
     pub http_port: u16,
@@ -102,6 +106,9 @@ pub struct ClusterOptions {
     pub extra: String,
     /// Extra keys for a node's table (e.g. `env = { PGPORT = "5433" }`).
     pub node_extra: Vec<(&'static str, String)>,
+    /// Listening addresses other than 127.0.0.1, per node (for nodes in a
+    /// network namespace).
+    pub hosts: Vec<(&'static str, String)>,
 }
 
 /// A cluster file and the nodes' directories, in a temporary directory.
@@ -132,8 +139,14 @@ impl TestCluster {
             let key = SecretKey::generate();
             let key_path = root.join("etc/warmspare/node.key");
             key.save(&key_path).expect("save key");
+            let host = opts
+                .hosts
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or_else(|| "127.0.0.1".to_string(), |(_, h)| h.clone());
             nodes.push(NodeSpec {
                 name: name.to_string(),
+                host,
                 root,
                 port: free_port(),
                 http_port: free_port(),
@@ -149,9 +162,11 @@ impl TestCluster {
         );
         for n in &nodes {
             text += &format!(
-                "[[node]]\nname = \"{}\"\nssh = \"127.0.0.1:{}\"\nhttp = \"127.0.0.1:{}\"\npublic_key = \"{}\"\nroot = \"{}\"\n\n",
+                "[[node]]\nname = \"{}\"\nssh = \"{}:{}\"\nhttp = \"{}:{}\"\npublic_key = \"{}\"\nroot = \"{}\"\n\n",
                 n.name,
+                n.host,
                 n.port,
+                n.host,
                 n.http_port,
                 n.key.public().to_openssh(),
                 n.root.display()
@@ -202,7 +217,17 @@ impl TestCluster {
 
     /// Starts the agent of node `name` with extra environment variables.
     pub fn start_with_env(&self, name: &str, env: &[(&str, &str)]) -> Agent {
+        self.start_wrapped(name, env, &[])
+    }
+
+    /// Starts the agent of node `name` inside the network namespace `netns`.
+    pub fn start_in_netns(&self, name: &str, netns: &str) -> Agent {
+        self.start_wrapped(name, &[], &["ip", "netns", "exec", netns])
+    }
+
+    fn start_wrapped(&self, name: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Agent {
         let mut a = Agent {
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             child: None,
             cluster: self.file.clone(),
             name: name.to_string(),
@@ -223,6 +248,8 @@ pub struct Agent {
     /// Where its stderr goes (appended across restarts).
     pub log: PathBuf,
     env: Vec<(String, String)>,
+    /// A command the agent runs under (`ip netns exec NS`), which execs it.
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -232,7 +259,15 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("open log");
-        let child = Command::new(bin("warmspare-agent"))
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("warmspare-agent"));
+                c
+            }
+            None => Command::new(bin("warmspare-agent")),
+        };
+        let child = cmd
             .args(["--cluster"])
             .arg(&self.cluster)
             .args(["--node", &self.name, "--log-level", "info,warmspare_agent=debug", "run"])
@@ -360,7 +395,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
                 md.mtime(),
                 md.mtime_nsec(),
                 md.len(),
-                &hash[..16]
+                hash.get(..16).unwrap_or(&hash)
             )
         };
         out.insert(rel, desc);
@@ -477,6 +512,23 @@ impl TestCluster {
             .stdin(Stdio::null())
             .output()
             .expect("run warmsparectl")
+    }
+
+    /// Waits until `node`'s links to its peers are all connected, as
+    /// `warmsparectl status --json` reports them.
+    pub fn wait_linked(&self, node: &str, limit: Duration) {
+        wait_until(&format!("{node} connected to its peers"), limit, || {
+            let out = self.ctl(&["status", "--json"]);
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                return false;
+            };
+            let links = v["nodes"]
+                .as_array()
+                .and_then(|ns| ns.iter().find(|n| n["node"] == node))
+                .and_then(|n| n["status"]["links"].as_array().cloned())
+                .unwrap_or_default();
+            !links.is_empty() && links.iter().all(|l| l["connected"] == true)
+        });
     }
 
     /// `warmsparectl status --json`, parsed.

@@ -16,6 +16,7 @@ fn pair_with_jobs(jobs: &str, node_extra: Vec<(&'static str, String)>) -> TestCl
             warmspare_tests::CA_WATCH
         ),
         node_extra,
+        ..Default::default()
     })
 }
 
@@ -257,6 +258,7 @@ fn switchover_runs_a_final_dump_and_restore_and_refuses_when_it_fails() {
     let _b = c.start("b");
     let _a = c.start("a");
     wait_until("agents up", LIMIT, || c.ctl(&["status"]).status.success());
+    c.wait_linked("a", LIMIT);
     // A dump that cannot run refuses the switchover; nothing changes.
     fs::remove_file(&src).unwrap();
     let refused = c.ctl(&["switchover", "--to", "b", "--yes"]);

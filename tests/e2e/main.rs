@@ -7,6 +7,7 @@
 
 mod config;
 mod controller;
+mod faults;
 mod hostile;
 mod jobs;
 mod replication;
