@@ -37,9 +37,7 @@ impl Ledger {
 
     /// Decodes persisted ledger bytes; bytes that do not decode give an empty map.
     pub fn decode(bytes: &[u8]) -> HashMap<String, ContentHash> {
-        bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-            .map(|(m, _)| m)
-            .unwrap_or_default()
+        crate::state::decode_persisted(bytes).unwrap_or_default()
     }
 
     /// The agreed content of `rel`, if any.

@@ -236,9 +236,7 @@ impl HashCache {
 
     /// Decodes a persisted cache; bytes that do not decode give an empty cache.
     pub fn from_bytes(bytes: &[u8]) -> HashCache {
-        let map = bincode::serde::decode_from_slice::<HashMap<String, Cached>, _>(bytes, bincode::config::standard())
-            .map(|(m, _)| m)
-            .unwrap_or_default();
+        let map = crate::state::decode_persisted::<HashMap<String, Cached>>(bytes).unwrap_or_default();
         HashCache { map, dirty: false }
     }
 
