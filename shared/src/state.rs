@@ -110,6 +110,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Decodes a bincode file the agent wrote itself (hash caches, ledgers).
+///
+/// A damaged file must not make the agent allocate what a length field
+/// claims: bincode allocates a string or a map before it reads it, so the
+/// decoder's claim limit is set to a few times the file's size (a decoded map
+/// takes more memory than its encoding, never an order of magnitude more).
+/// `None` when the bytes do not decode.
+pub(crate) fn decode_persisted<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    fn with<T: serde::de::DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Option<T> {
+        let config = bincode::config::standard().with_limit::<LIMIT>();
+        bincode::serde::decode_from_slice(bytes, config).ok().map(|(v, _)| v)
+    }
+    let need = bytes.len().saturating_mul(8);
+    if need <= 1 << 20 {
+        with::<T, { 1 << 20 }>(bytes)
+    } else if need <= 64 << 20 {
+        with::<T, { 64 << 20 }>(bytes)
+    } else if need <= 1 << 30 {
+        with::<T, { 1 << 30 }>(bytes)
+    } else {
+        with::<T, { 16 << 30 }>(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,29 +174,5 @@ mod tests {
             RoleState::load_or_init(d.path(), "a"),
             Err(StateError::Corrupt { .. })
         ));
-    }
-}
-
-/// Decodes a bincode file the agent wrote itself (hash caches, ledgers).
-///
-/// A damaged file must not make the agent allocate what a length field
-/// claims: bincode allocates a string or a map before it reads it, so the
-/// decoder's claim limit is set to a few times the file's size (a decoded map
-/// takes more memory than its encoding, never an order of magnitude more).
-/// `None` when the bytes do not decode.
-pub(crate) fn decode_persisted<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
-    fn with<T: serde::de::DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Option<T> {
-        let config = bincode::config::standard().with_limit::<LIMIT>();
-        bincode::serde::decode_from_slice(bytes, config).ok().map(|(v, _)| v)
-    }
-    let need = bytes.len().saturating_mul(8);
-    if need <= 1 << 20 {
-        with::<T, { 1 << 20 }>(bytes)
-    } else if need <= 64 << 20 {
-        with::<T, { 64 << 20 }>(bytes)
-    } else if need <= 1 << 30 {
-        with::<T, { 1 << 30 }>(bytes)
-    } else {
-        with::<T, { 16 << 30 }>(bytes)
     }
 }
