@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use warmspare_tests::faults::NetLink;
 use warmspare_tests::{converge, free_port, noise, read, write_file, ClusterOptions, TestCluster, CA_WATCH};
 
 struct Sizes {
@@ -44,6 +45,7 @@ const SMOKE: Sizes = Sizes {
 /// A throwaway sshd on loopback, with a client key that may log in.
 struct Sshd {
     child: Child,
+    host: String,
     port: u16,
     key: PathBuf,
 }
@@ -57,6 +59,11 @@ impl Drop for Sshd {
 
 impl Sshd {
     fn start(dir: &Path) -> Sshd {
+        Sshd::start_at(dir, "127.0.0.1", None)
+    }
+
+    /// An sshd listening on `host`, inside the network namespace `netns` if given.
+    fn start_at(dir: &Path, host_addr: &str, netns: Option<&str>) -> Sshd {
         fs::create_dir_all(dir).unwrap();
         fs::create_dir_all("/run/sshd").unwrap();
         let (host, key) = (dir.join("host_key"), dir.join("client_key"));
@@ -74,7 +81,7 @@ impl Sshd {
         fs::write(
             &cfg,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nStrictModes no\nUsePAM no\n\
+                "Port {port}\nListenAddress {host_addr}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nStrictModes no\nUsePAM no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
                 host.display(),
                 dir.join("authorized_keys").display(),
@@ -82,13 +89,26 @@ impl Sshd {
             ),
         )
         .unwrap();
-        let child = Command::new("/usr/sbin/sshd")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "/usr/sbin/sshd"]);
+                c
+            }
+            None => Command::new("/usr/sbin/sshd"),
+        };
+        let child = cmd
             .args(["-D", "-e", "-f"])
             .arg(&cfg)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let s = Sshd { child, port, key };
+        let s = Sshd {
+            child,
+            host: host_addr.to_string(),
+            port,
+            key,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !s.ssh(&["true"]).status().unwrap().success() {
             assert!(Instant::now() < deadline, "sshd did not come up");
@@ -110,7 +130,7 @@ impl Sshd {
         let mut parts = args.split_whitespace();
         let mut c = Command::new(parts.next().unwrap());
         c.args(parts)
-            .arg("127.0.0.1")
+            .arg(&self.host)
             .args(remote)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -125,7 +145,7 @@ impl Sshd {
             .args(["-a", "--delete", "--stats", "-e", &self.ssh_args()])
             .args(extra)
             .arg(format!("{}/", src.display()))
-            .arg(format!("127.0.0.1:{}/", dst.display()))
+            .arg(format!("{}:{}/", self.host, dst.display()))
             .output()
             .unwrap();
         let secs = start.elapsed().as_secs_f64();
@@ -496,6 +516,19 @@ fn main() {
         });
     }
 
+    // 6. Distance: scenarios 1 and 2 across a veth pair between network
+    // namespaces with 25 ms each way (tc netem), where the machine allows it.
+    // `BENCH_DISTANCE_NO_DELAY=1` runs the plumbing without the delay.
+    let mut distance_note = String::new();
+    if run("6") {
+        let no_delay = std::env::var_os("BENCH_DISTANCE_NO_DELAY").is_some();
+        let link = NetLink::create().and_then(|l| if no_delay { Ok(l) } else { l.delay(25).map(|()| l) });
+        match link {
+            Err(why) => distance_note = format!("\n6. Distance: skipped: {why}.\n"),
+            Ok(link) => distance(&link, &sizes, work.path(), &mut rows, if no_delay { 0.0 } else { 50.0 }),
+        }
+    }
+
     // The table.
     let mut md = String::new();
     let host = fs::read_to_string("/proc/cpuinfo")
@@ -539,16 +572,67 @@ fn main() {
             r.target
         );
     }
-    let _ = writeln!(
-        md,
-        "\n6. Distance (network namespaces with netem): not run by this version of the harness."
-    );
+    md.push_str(&distance_note);
     print!("{md}");
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out_dir).unwrap();
     let mut f = fs::File::create(out_dir.join("results.md")).unwrap();
     f.write_all(md.as_bytes()).unwrap();
     eprintln!("wrote {}", out_dir.join("results.md").display());
+}
+
+/// Scenario 6: the passive (and a second sshd) in a network namespace behind
+/// a veth pair with `rtt_ms` of round trip; initial sync against rsync, and
+/// event latency against the round trip.
+fn distance(link: &NetLink, sizes: &Sizes, work: &Path, rows: &mut Vec<Row>, rtt_ms: f64) {
+    let sshd = Sshd::start_at(&work.join("sshd-far"), &link.inner, Some(&link.ns));
+    let c = TestCluster::new(ClusterOptions {
+        nodes: vec!["a", "b"],
+        extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\n"),
+        hosts: vec![("a", link.outer.clone()), ("b", link.inner.clone())],
+        ..Default::default()
+    });
+    let src = c.ca("a");
+    ca_tree(&src, sizes.files);
+    let dst = work.join("rsync-far");
+    fs::create_dir_all(&dst).unwrap();
+    let (rsync_s, _) = sshd.rsync(&src, &dst, &[]);
+    let _b = c.start_in_netns("b", &link.ns);
+    let start = Instant::now();
+    let _a = c.start("a");
+    converge(&src, &c.ca("b"), Duration::from_secs(600));
+    let ws = start.elapsed().as_secs_f64();
+    rows.push(Row {
+        scenario: format!("6. distance ({rtt_ms:.0} ms RTT): initial sync, {} files", sizes.files),
+        measure: "time".into(),
+        warmspare: ws,
+        best_other: rsync_s,
+        other_name: "rsync".into(),
+        unit: "s",
+        target: "<= 1.2x".into(),
+    });
+    let mut lat = Vec::new();
+    for i in 0..sizes.events.min(50) {
+        let rel = format!("signed/far/event{i:04}.pem");
+        let data = format!("-----BEGIN CERTIFICATE-----\n{}\n", "F".repeat(2000 + i));
+        write_file(&src.join(&rel), data.as_bytes(), 0o644);
+        let t = Instant::now();
+        let dst = c.ca("b").join(&rel);
+        wait(Duration::from_secs(30), || {
+            read(&dst).is_some_and(|d| d == data.as_bytes())
+        });
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rows.push(Row {
+        scenario: format!("6. distance ({rtt_ms:.0} ms RTT): event latency"),
+        measure: "p50".into(),
+        warmspare: percentile(&mut lat, 0.5),
+        best_other: rtt_ms,
+        other_name: "one round trip".into(),
+        unit: "ms",
+        target: "< 3 round trips".into(),
+    });
 }
 
 /// lsyncd (delay = 0, rsync over ssh) watching `src`: median latency of `n`
