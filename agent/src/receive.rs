@@ -105,7 +105,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         }
         Ok::<(), proto::FrameError>(())
     };
-    tokio::pin!(read_task);
+    let mut read_task = Box::pin(read_task);
     let result = tokio::select! {
         r = write_task => r.context("cannot write to the peer"),
         r = &mut read_task => r.map(|()| false).context("cannot read from the peer"),
@@ -113,7 +113,11 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
     if matches!(result, Ok(true)) {
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut read_task).await;
     }
-    // Dropping the request queue stops the worker; its applier removes its temp files.
+    // The reader holds the request queue: dropping it (even when the writer
+    // failed first, the connection being gone) stops the worker, and its
+    // applier removes its temp files. Waiting for the worker with the reader
+    // still alive would wait forever.
+    drop(read_task);
     let worker_result = worker.await.context("the apply worker panicked")?;
     worker_result?;
     result.map(drop)
@@ -241,6 +245,7 @@ fn apply_loop(
                             last: part.1,
                         })?;
                     }
+                    warmspare_shared::sys::release_free_memory();
                     Ok(())
                 }
                 Err(e) => Err(e.to_string()),
