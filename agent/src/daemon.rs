@@ -490,6 +490,7 @@ pub async fn serve(
                 tracing::warn!(watch = w.name, error = %e, "cannot save the hash cache");
             }
         }
+        warmspare_shared::sys::release_free_memory();
     })
     .await
     .context("the first scan failed")?;

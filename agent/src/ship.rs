@@ -417,6 +417,11 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
             return Err(e);
         }
         record_agreement(shared, &stats.touched, &settled, &failures);
+        if !work.full.is_empty() {
+            // A full comparison's scans and manifests are gone: give the memory back.
+            drop(settled);
+            warmspare_shared::sys::release_free_memory();
+        }
         if stats.ops > 0 {
             tracing::info!(
                 peer,

@@ -9,6 +9,7 @@
 //! - [`ledger`]: the content each file had when the peers last agreed (divergence).
 //! - [`ssh`]: russh server and client glue with pinned keys.
 //! - [`state`]: the persisted role state (epoch and active node).
+//! - [`sys`]: the few system calls std does not wrap.
 //! - [`fuzzing`]: entry points for the fuzzers and their replay tests.
 
 pub mod apply;
@@ -23,7 +24,7 @@ pub mod manifest;
 pub mod proto;
 pub mod ssh;
 pub mod state;
-mod sys;
+pub mod sys;
 
 /// The software version, as carried in hellos and shown in status.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

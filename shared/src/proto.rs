@@ -501,9 +501,12 @@ pub struct FrameWriter<W> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Wraps a byte stream.
     pub fn new(w: W) -> Self {
-        FrameWriter {
-            inner: FramedWrite::new(w, codec()),
-        }
+        let mut inner = FramedWrite::new(w, codec());
+        // Queued frames are written out in one go once this much is buffered
+        // (the default, 8 KiB, means a write, and an SSH packet, every few
+        // small files).
+        inner.set_backpressure_boundary(CHUNK);
+        FrameWriter { inner }
     }
 
     /// Sends one message and flushes.
