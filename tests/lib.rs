@@ -404,10 +404,22 @@ fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
 
 /// Temporary files of the applier under `root`.
 pub fn temp_files(root: &Path) -> Vec<String> {
-    snapshot(root)
-        .into_keys()
-        .filter(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with(".warmspare-tmp.")))
-        .collect()
+    // Names only: hashing the tree first (as a snapshot does) would let a
+    // short-lived temporary file come and go between two looks.
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for de in rd.flatten() {
+            let p = de.path();
+            if de.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(root, &p, out);
+            } else if de.file_name().to_string_lossy().starts_with(".warmspare-tmp.") {
+                out.push(p.strip_prefix(root).unwrap_or(&p).to_string_lossy().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out
 }
 
 /// Waits until the trees under `a` and `b` are identical, then returns the time it took.

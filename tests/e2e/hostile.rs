@@ -369,6 +369,7 @@ async fn oversized_and_truncated_frames_drop_only_their_session() {
     let mut b = b;
     assert!(b.is_running());
     let rss_after = b.rss_kib().unwrap();
+    eprintln!("resident memory of the agent: {rss_before} KiB before the hostile sessions, {rss_after} KiB after");
     assert!(
         rss_after < rss_before + 32 * 1024,
         "resident memory grew from {rss_before} KiB to {rss_after} KiB"

@@ -63,7 +63,7 @@ fn main() {
             ),
             ("link cut", Box::new(|s| faults::cut_link(&s))),
             ("disk full", Box::new(|s| faults::disk_full(&s))),
-            ("queue overflow", Box::new(|s| Ok(faults::queue_overflow(&s)))),
+            ("queue overflow", Box::new(|s| faults::queue_overflow(&s))),
             ("burst", Box::new(|s| Ok(faults::burst(&s)))),
             ("clock skew", Box::new(|s| Ok(faults::clock_skew(&s)))),
         ];
