@@ -68,6 +68,7 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
     let mut quiet = false;
     loop {
         let started = Instant::now();
+        let mut progressed = false;
         let dialed = tokio::select! {
             _ = cancel.cancelled() => return,
             d = ssh::dial(&peer.ssh, &server_key, &shared.key, &shared.me.name, Duration::from_secs(10)) => d,
@@ -75,9 +76,14 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
         match dialed {
             Ok(d) => {
                 tracing::info!(peer = peer.name, addr = peer.ssh, "connected");
-                shared.link(&peer.name, |l| l.connected = true);
+                let mut before = None;
+                shared.link(&peer.name, |l| {
+                    l.connected = true;
+                    before = l.last_success.values().max().copied();
+                });
                 let result = session(&shared, &peer, d, &inbox, &cancel).await;
                 shared.link(&peer.name, |l| {
+                    progressed = l.last_success.values().max().copied() != before;
                     l.connected = false;
                     l.in_progress = None;
                     if let Err(e) = &result {
@@ -103,7 +109,10 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
                 });
             }
         }
-        if started.elapsed() > Duration::from_secs(30) {
+        // A session that got work acknowledged, or lasted a while, ended for
+        // a reason of its own (a restart, a cut): redial soon. Only repeated
+        // failures to get anywhere back off further.
+        if progressed || started.elapsed() > Duration::from_secs(5) {
             backoff = Duration::from_millis(100);
         }
         tokio::select! {

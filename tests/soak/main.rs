@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p warmspare-tests --bin soak -- [--seed N] [--scale ci|soak] [--rounds N]
+//!     [--kills N] [--only CASE-SUBSTRING]
 //! ```
 //!
 //! It needs root for the namespace, tmpfs and sysctl cases (they are
@@ -36,13 +37,17 @@ fn main() {
     let mut skipped: Vec<String> = Vec::new();
     let limit = Duration::from_secs(1800);
     for round in 0..rounds {
-        let scale = match scale_name.as_str() {
+        let mut scale = match scale_name.as_str() {
             "ci" => Scale {
                 seed: seed + round,
                 ..Scale::ci()
             },
             _ => Scale::soak(seed + round),
         };
+        if let Some(k) = arg("--kills").and_then(|s| s.parse().ok()) {
+            scale.kills = k;
+        }
+        let only = arg("--only");
         eprintln!("round {round}: {scale:?}");
         let cases: Vec<(&str, Case)> = vec![
             (
@@ -68,6 +73,9 @@ fn main() {
             ("clock skew", Box::new(|s| Ok(faults::clock_skew(&s)))),
         ];
         for (name, case) in cases {
+            if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+                continue;
+            }
             let s = scale.clone();
             let t = Instant::now();
             eprintln!("{name} ...");
