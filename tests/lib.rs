@@ -225,7 +225,9 @@ impl TestCluster {
         self.start_wrapped(name, &[], &["ip", "netns", "exec", netns])
     }
 
-    fn start_wrapped(&self, name: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Agent {
+    /// Starts the agent of node `name` under `wrapper` (a command that execs
+    /// its arguments, such as `ip netns exec NS` or a profiler).
+    pub fn start_wrapped(&self, name: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Agent {
         let mut a = Agent {
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             child: None,
