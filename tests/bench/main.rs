@@ -326,19 +326,7 @@ fn main() {
         let _b = c.start("b");
         let _a = c.start("a");
         converge(&src, &c.ca("b"), Duration::from_secs(600));
-        let mut lat = Vec::new();
-        for i in 0..sizes.events {
-            let rel = format!("signed/new/event{i:04}.pem");
-            let data = format!("-----BEGIN CERTIFICATE-----\n{}\n", "E".repeat(2000 + i));
-            write_file(&src.join(&rel), data.as_bytes(), 0o644);
-            let t = Instant::now();
-            let dst = c.ca("b").join(&rel);
-            wait(Duration::from_secs(30), || {
-                read(&dst).is_some_and(|d| d == data.as_bytes())
-            });
-            lat.push(t.elapsed().as_secs_f64() * 1000.0);
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut lat = event_latencies(&src, &c.ca("b"), "new", sizes.events);
         // The old module's way: one whole-tree rsync over ssh per event.
         let mirror = work.path().join("rsync-events");
         fs::create_dir_all(&mirror).unwrap();
@@ -591,6 +579,26 @@ fn main() {
     eprintln!("wrote {}", out_dir.join("results.md").display());
 }
 
+/// Writes `n` certificates under `src/signed/DIR/`, 100 ms apart, and returns
+/// for each the milliseconds from the writer's close until it is whole under
+/// `dst`.
+fn event_latencies(src: &Path, dst: &Path, dir: &str, n: usize) -> Vec<f64> {
+    let mut lat = Vec::new();
+    for i in 0..n {
+        let rel = format!("signed/{dir}/event{i:04}.pem");
+        let data = format!("-----BEGIN CERTIFICATE-----\n{}\n", "E".repeat(2000 + i));
+        write_file(&src.join(&rel), data.as_bytes(), 0o644);
+        let t = Instant::now();
+        let target = dst.join(&rel);
+        wait(Duration::from_secs(30), || {
+            read(&target).is_some_and(|d| d == data.as_bytes())
+        });
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lat
+}
+
 /// Scenario 6: the passive (and a second sshd) in a network namespace behind
 /// a veth pair with `rtt_ms` of round trip; initial sync against rsync, and
 /// event latency against the round trip.
@@ -623,19 +631,7 @@ fn distance(link: &NetLink, sizes: &Sizes, work: &Path, rows: &mut Vec<Row>, rtt
         unit: "s",
         target: "<= 1.2x".into(),
     });
-    let mut lat = Vec::new();
-    for i in 0..sizes.events.min(50) {
-        let rel = format!("signed/far/event{i:04}.pem");
-        let data = format!("-----BEGIN CERTIFICATE-----\n{}\n", "F".repeat(2000 + i));
-        write_file(&src.join(&rel), data.as_bytes(), 0o644);
-        let t = Instant::now();
-        let dst = c.ca("b").join(&rel);
-        wait(Duration::from_secs(30), || {
-            read(&dst).is_some_and(|d| d == data.as_bytes())
-        });
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut lat = event_latencies(&src, &c.ca("b"), "far", sizes.events.min(50));
     rows.push(Row {
         scenario: format!("6. distance ({rtt_ms:.0} ms RTT): event latency"),
         measure: "p50".into(),
