@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::{Rng, SeedableRng};
+use warmspare_shared::manifest::is_temp_name;
 
 use crate::{converge, noise, snapshot, temp_files, wait_until, write_file, ClusterOptions, TestCluster};
 
@@ -259,8 +260,11 @@ pub fn kill_during_many_files(scale: &Scale, victim: Victim) -> Report {
             .map(|d| {
                 fs::read_dir(b_root.join(format!("round-{round}/{d:02}")))
                     .map(|rd| {
-                        rd.filter(|e| e.as_ref().is_ok_and(|e| !temp_name(&e.file_name().to_string_lossy())))
-                            .count()
+                        rd.filter(|e| {
+                            e.as_ref()
+                                .is_ok_and(|e| !is_temp_name(&e.file_name().to_string_lossy()))
+                        })
+                        .count()
                     })
                     .unwrap_or(0)
             })
@@ -308,7 +312,7 @@ pub fn kill_during_many_files(scale: &Scale, victim: Victim) -> Report {
                 mid += 1;
             }
             for (path, desc) in snapshot(&b_root) {
-                if !desc.starts_with("file") || temp_name(&path) {
+                if !desc.starts_with("file") || path.rsplit('/').next().is_some_and(is_temp_name) {
                     continue;
                 }
                 let h = hash_file(&b_root.join(&path));
@@ -334,12 +338,6 @@ pub fn kill_during_many_files(scale: &Scale, victim: Victim) -> Report {
     ));
     assert_no_temps(&c);
     report
-}
-
-fn temp_name(rel: &str) -> bool {
-    rel.rsplit('/')
-        .next()
-        .is_some_and(|n| n.starts_with(warmspare_shared::manifest::TEMP_PREFIX))
 }
 
 /// Two network namespaces' worth of link: the passive runs in a namespace

@@ -847,10 +847,9 @@ fn ship_file(
                 tracing::debug!(
                     watch = w.name,
                     path = l.path,
-                    "the content was rewritten; sending it whole"
+                    "no delta worth computing (rewritten, or changed while read); sending it whole"
                 );
-            }
-            if worth {
+            } else {
                 stats.wire_bytes += io.send(&Request::Op(Op::FileBegin {
                     watch: w.name.clone(),
                     path: l.path.clone(),

@@ -71,10 +71,8 @@ pub fn manifests(data: &[u8]) {
         if manifest::check_peer_entries(&entries).is_ok() {
             let root = Path::new("/nonexistent/warmspare-root");
             for e in &entries {
-                let joined = root.join(&e.path);
-                assert!(joined.starts_with(root), "{:?} leaves the root", e.path);
                 assert!(
-                    joined
+                    root.join(&e.path)
                         .strip_prefix(root)
                         .is_ok_and(|rest| rest.components().all(|c| matches!(c, Component::Normal(_)))),
                     "{:?} is not a plain relative path",
@@ -101,17 +99,12 @@ pub fn delta_apply(data: &[u8]) {
     let base_len = usize::from(u16::from_le_bytes([*a, *b])).min(rest.len());
     let limit = usize::from(u16::from_le_bytes([*c, *d]));
     let (base, patch) = rest.split_at(base_len);
+    // Whether it applies or fails part-way, it never writes past the limit.
     let mut out = Vec::new();
-    if delta::apply(base, patch, &mut out, limit).is_ok() {
-        assert!(
-            out.len() <= limit,
-            "a delta wrote {} bytes past a limit of {limit}",
-            out.len()
-        );
-    }
+    let _ = delta::apply(base, patch, &mut out, limit);
     assert!(
         out.len() <= limit,
-        "a failed delta wrote {} bytes past a limit of {limit}",
+        "a delta wrote {} bytes past a limit of {limit}",
         out.len()
     );
 

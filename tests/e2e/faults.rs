@@ -3,6 +3,14 @@
 
 use warmspare_tests::faults::{self, Scale, Victim};
 
+/// Shows a case that may be skipped where it cannot run (it says why).
+fn show_or_skip(r: Result<faults::Report, String>) {
+    match r {
+        Ok(r) => show(&r),
+        Err(why) => eprintln!("skipped: {why}"),
+    }
+}
+
 fn show(r: &faults::Report) {
     eprintln!(
         "{}: {} faults, {} checks, converged in median {:?} / worst {:?}; {}",
@@ -39,26 +47,17 @@ fn kill_sender_during_many_files() {
 
 #[test]
 fn a_cut_link_heals() {
-    match faults::cut_link(&Scale::ci()) {
-        Ok(r) => show(&r),
-        Err(why) => eprintln!("skipped: {why}"),
-    }
+    show_or_skip(faults::cut_link(&Scale::ci()));
 }
 
 #[test]
 fn a_full_disk_on_the_receiver_recovers() {
-    match faults::disk_full(&Scale::ci()) {
-        Ok(r) => show(&r),
-        Err(why) => eprintln!("skipped: {why}"),
-    }
+    show_or_skip(faults::disk_full(&Scale::ci()));
 }
 
 #[test]
 fn an_inotify_queue_overflow_rescans() {
-    match faults::queue_overflow(&Scale::ci()) {
-        Ok(r) => show(&r),
-        Err(why) => eprintln!("skipped: {why}"),
-    }
+    show_or_skip(faults::queue_overflow(&Scale::ci()));
 }
 
 #[test]
