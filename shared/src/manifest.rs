@@ -214,10 +214,22 @@ struct Cached {
 }
 
 /// Hashes of files by path, valid while inode, size, mtime and ctime hold.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HashCache {
     map: HashMap<String, Cached>,
     dirty: bool,
+    /// Changes more recent than this (in nanoseconds) are not cached.
+    racy_ns: i128,
+}
+
+impl Default for HashCache {
+    fn default() -> HashCache {
+        HashCache {
+            map: HashMap::new(),
+            dirty: false,
+            racy_ns: RACY,
+        }
+    }
 }
 
 fn times(md: &fs::Metadata) -> (i128, i128) {
@@ -225,6 +237,23 @@ fn times(md: &fs::Metadata) -> (i128, i128) {
         md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
         md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
     )
+}
+
+/// How recent a change must be for its timestamps not to identify the
+/// content. Kernels without fine-grained timestamps (before Linux 6.13, so
+/// every RHEL 8 and 9 host) stamp files from a clock that ticks every few
+/// milliseconds: a file rewritten with the same size within one tick of being
+/// hashed keeps inode, size, mtime and ctime, and a cached hash would hide the
+/// new content for good. Such files are hashed again until the tick is past.
+const RACY: i128 = 1_000_000_000;
+
+/// Whether a file changed at `ctime_ns` could change again without its
+/// timestamps showing it, given the window `racy_ns`.
+fn is_racy(ctime_ns: i128, racy_ns: i128) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    ctime_ns > now - racy_ns
 }
 
 impl HashCache {
@@ -237,7 +266,10 @@ impl HashCache {
     /// Decodes a persisted cache; bytes that do not decode give an empty cache.
     pub fn from_bytes(bytes: &[u8]) -> HashCache {
         let map = crate::state::decode_persisted::<HashMap<String, Cached>>(bytes).unwrap_or_default();
-        HashCache { map, dirty: false }
+        HashCache {
+            map,
+            ..HashCache::default()
+        }
     }
 
     /// How many files the cache knows.
@@ -273,8 +305,10 @@ impl HashCache {
         let hash = ContentHash::of_file(abs)?;
         // A file modified while it was read is hashed again on its next event.
         let after = fs::symlink_metadata(abs)?;
-        if times(&after) == (mtime_ns, ctime_ns) && after.size() == md.size() {
+        if times(&after) == (mtime_ns, ctime_ns) && after.size() == md.size() && !is_racy(ctime_ns, self.racy_ns) {
             self.insert(rel, md, hash);
+        } else {
+            self.forget_file(rel);
         }
         Ok(hash)
     }
@@ -293,6 +327,10 @@ impl HashCache {
             },
         );
         self.dirty = true;
+    }
+
+    fn forget_file(&mut self, rel: &str) {
+        self.dirty |= self.map.remove(rel).is_some();
     }
 
     /// Forgets `rel` and everything below it.
@@ -516,17 +554,41 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("f");
         fs::write(&f, b"one").unwrap();
-        let mut cache = HashCache::default();
+        let mut cache = HashCache {
+            racy_ns: 0,
+            ..HashCache::default()
+        };
         let md = fs::symlink_metadata(&f).unwrap();
         let h1 = cache.hash("f", &f, &md).unwrap();
         let cpath = d.path().join("cache");
         cache.save(&cpath).unwrap();
         let mut loaded = HashCache::load(&cpath);
+        loaded.racy_ns = 0;
         assert_eq!(loaded.map.len(), 1);
         assert_eq!(loaded.hash("f", &f, &md).unwrap(), h1);
         fs::write(&f, b"two").unwrap();
         let md2 = fs::symlink_metadata(&f).unwrap();
         assert_eq!(loaded.hash("f", &f, &md2).unwrap(), ContentHash::of(b"two"));
+    }
+
+    #[test]
+    fn a_file_rewritten_within_the_clock_tick_is_not_mistaken_for_the_old_one() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f.pem");
+        fs::write(&f, b"v1 000001").unwrap();
+        let mut cache = HashCache::default();
+        let md = fs::symlink_metadata(&f).unwrap();
+        assert_eq!(cache.hash("f.pem", &f, &md).unwrap(), ContentHash::of(b"v1 000001"));
+        // Just written: its timestamps could be shared by the next version.
+        assert!(cache.is_empty());
+        // Simulate a coarse clock: the same inode, size and times, new content.
+        fs::write(&f, b"v2 000001").unwrap();
+        assert_eq!(cache.hash("f.pem", &f, &md).unwrap(), ContentHash::of(b"v2 000001"));
+        // Once the window is past, the hash is kept.
+        cache.racy_ns = 0;
+        let md = fs::symlink_metadata(&f).unwrap();
+        cache.hash("f.pem", &f, &md).unwrap();
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]
