@@ -322,6 +322,17 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// How many inotify watches the process holds, while running.
+    pub fn inotify_watches(&self) -> Option<usize> {
+        let pid = self.pid()?;
+        let mut n = 0;
+        for fd in fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?.flatten() {
+            let info = fs::read_to_string(fd.path()).unwrap_or_default();
+            n += info.lines().filter(|l| l.starts_with("inotify wd:")).count();
+        }
+        Some(n)
+    }
+
     /// The resident set size in KiB, while running.
     pub fn rss_kib(&self) -> Option<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;

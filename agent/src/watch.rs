@@ -5,6 +5,12 @@
 //! a queue overflow or a watch that cannot be added asks for a full
 //! comparison, and a created directory is compared whole (whatever was made
 //! inside it before its watch landed is found by that scan).
+//!
+//! An overflow also loses the creation events of directories, and with them
+//! the watches the recursive watcher would have added: after one, the roots
+//! are watched again from the top (which adds what is missing) before the
+//! full comparison is asked for, so later changes in those directories are
+//! seen too.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +28,10 @@ use crate::events::Inbox;
 
 /// The longest a steady stream of events can hold a batch back.
 const MAX_HOLD: Duration = Duration::from_millis(500);
+
+/// How long lost events are gathered before the watches are renewed and a
+/// full comparison is asked for: an overflowing burst reports many losses.
+const RESCAN_GATHER: Duration = Duration::from_millis(100);
 
 /// One watched directory.
 pub struct Target {
@@ -66,24 +76,27 @@ pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: Cancell
     }
 
     let mut pending: HashMap<usize, (Vec<String>, Instant, Instant)> = HashMap::new();
+    // Watches that lost events, and when to renew them.
+    let mut lost: Vec<bool> = vec![false; targets.len()];
+    let mut rescan_at: Option<Instant> = None;
     loop {
-        let next = pending.values().map(|(_, quiet, hold)| (*quiet).min(*hold)).min();
+        let next = pending
+            .values()
+            .map(|(_, quiet, hold)| (*quiet).min(*hold))
+            .chain(rescan_at)
+            .min();
         tokio::select! {
             _ = cancel.cancelled() => break,
             raw = rx.recv() => {
                 let Some(raw) = raw else { break };
                 match raw {
                     Raw::Rescan(path) => {
-                        let which: Vec<&Target> = match &path {
-                            Some(p) => targets.iter().filter(|t| p.starts_with(&t.root)).collect(),
-                            None => targets.iter().collect(),
-                        };
-                        for t in which {
-                            tracing::warn!(watch = t.name, "inotify lost events; comparing the whole tree");
-                            for i in &inboxes {
-                                i.add_full(&t.name);
+                        for (i, t) in targets.iter().enumerate() {
+                            if path.as_ref().is_none_or(|p| p.starts_with(&t.root)) {
+                                lost[i] = true;
                             }
                         }
+                        rescan_at.get_or_insert_with(|| Instant::now() + RESCAN_GATHER);
                     }
                     Raw::Paths(paths) => {
                         let now = Instant::now();
@@ -98,6 +111,24 @@ pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: Cancell
             }
             _ = sleep_until(next) => {
                 let now = Instant::now();
+                if rescan_at.is_some_and(|at| at <= now) {
+                    rescan_at = None;
+                    for (i, t) in targets.iter().enumerate() {
+                        if !std::mem::take(&mut lost[i]) {
+                            continue;
+                        }
+                        tracing::warn!(watch = t.name, "inotify lost events; watching the tree again and comparing it whole");
+                        // Adds watches for directories whose creation was lost.
+                        // The watcher walks the tree before it answers.
+                        let renewed = tokio::task::block_in_place(|| watcher.watch(&t.root, RecursiveMode::Recursive));
+                        if let Err(e) = renewed {
+                            report_watch_error(&e);
+                        }
+                        for i in &inboxes {
+                            i.add_full(&t.name);
+                        }
+                    }
+                }
                 let due: Vec<usize> = pending.iter().filter(|(_, (_, q, h))| *q <= now || *h <= now).map(|(i, _)| *i).collect();
                 for idx in due {
                     if let Some((paths, _, _)) = pending.remove(&idx) {
