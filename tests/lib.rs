@@ -689,12 +689,24 @@ impl Postgres {
 
     /// Runs SQL in database `db` and returns psql's unaligned output.
     pub fn sql(&self, db: &str, sql: &str) -> String {
-        sh(Command::new("psql")
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+        sh(&mut self.psql(db, sql)).trim().to_string()
+    }
+
+    /// Runs `sql` in database `db`, or `None` when psql fails (for polling a
+    /// database that a restore may be rewriting).
+    pub fn try_sql(&self, db: &str, sql: &str) -> Option<String> {
+        let out = self.psql(db, sql).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> Command {
+        let mut c = Command::new("psql");
+        c.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.socket)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql]))
-        .trim()
-        .to_string()
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql]);
+        c
     }
 }
 
