@@ -558,11 +558,7 @@ fn ship_prefix(
         tracing::warn!(watch = w.name, skipped = ?s, "not replicated");
     }
     let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
-    let remote_under: Vec<&Entry> = remote
-        .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
-        .take_while(|(p, _)| manifest::is_under(p, prefix))
-        .map(|(_, e)| e)
-        .collect();
+    let remote_under: Vec<&Entry> = manifest::subtree(remote, prefix).map(|(_, e)| e).collect();
 
     // 1. Removals: what the peer has that we do not, or of another type.
     let mut removals: Vec<String> = Vec::new();
@@ -720,11 +716,7 @@ fn kind_tag(k: &EntryKind) -> u8 {
 }
 
 fn remote_remove_tree(remote: &mut BTreeMap<String, Entry>, path: &str) {
-    let doomed: Vec<String> = remote
-        .range::<str, _>((std::ops::Bound::Included(path), std::ops::Bound::Unbounded))
-        .take_while(|(p, _)| manifest::is_under(p, path))
-        .map(|(p, _)| p.clone())
-        .collect();
+    let doomed: Vec<String> = manifest::subtree(remote, path).map(|(p, _)| p.clone()).collect();
     for p in doomed {
         remote.remove(&p);
     }

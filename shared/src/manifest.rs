@@ -6,7 +6,7 @@
 //! cache is persisted) re-reads only what changed. Temporary files of the
 //! applier and excluded paths never enter a manifest.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
 use std::io;
@@ -513,9 +513,54 @@ pub fn is_under(path: &str, prefix: &str) -> bool {
         || (path.len() > prefix.len() && path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
 }
 
+/// The entries of `map` at `prefix` and below it, in order; all of them for
+/// the empty prefix.
+///
+/// A subtree is not one contiguous range of the map's byte order: names
+/// such as `certs-2` and `certs.old` sort between `certs` and `certs/a`. So
+/// the entry itself is looked up, and its descendants are the range from
+/// `certs/` up to `certs0` (`0` follows `/`).
+pub fn subtree<'a, V>(
+    map: &'a BTreeMap<String, V>,
+    prefix: &str,
+) -> Box<dyn Iterator<Item = (&'a String, &'a V)> + 'a> {
+    if prefix.is_empty() {
+        return Box::new(map.iter());
+    }
+    let below = map.range::<str, _>((
+        std::ops::Bound::Included(format!("{prefix}/").as_str()),
+        std::ops::Bound::Excluded(format!("{prefix}0").as_str()),
+    ));
+    Box::new(map.get_key_value(prefix).into_iter().chain(below))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subtree_skips_names_that_sort_inside_it() {
+        let map: BTreeMap<String, ()> = [
+            "a",
+            "certs",
+            "certs-2",
+            "certs-2/x",
+            "certs.old",
+            "certs/a",
+            "certs/sub/b",
+            "certs0",
+            "d",
+        ]
+        .into_iter()
+        .map(|k| (k.to_string(), ()))
+        .collect();
+        let keys = |p: &str| subtree(&map, p).map(|(k, _)| k.as_str()).collect::<Vec<_>>();
+        assert_eq!(keys("certs"), ["certs", "certs/a", "certs/sub/b"]);
+        assert_eq!(keys("certs/sub"), ["certs/sub/b"]);
+        assert_eq!(keys("certs-2"), ["certs-2", "certs-2/x"]);
+        assert_eq!(keys("").len(), map.len());
+        assert!(keys("nope").is_empty());
+    }
 
     #[test]
     fn excludes_match_gitignore_style() {

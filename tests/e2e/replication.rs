@@ -472,3 +472,28 @@ fn a_real_ca_directory_verifies_on_the_passive() {
     // after_apply ran on the receiver with the watch's variables.
     assert!(c.node("b").root.join("ssl/applied-ca").exists());
 }
+
+#[test]
+fn a_directory_moved_away_and_back_ships_again() {
+    // Names that sort between a directory and its children ("certs-2" and
+    // "certs.old" come before "certs/") must not hide the children.
+    let c = TestCluster::pair("");
+    let (a_root, b_root) = (c.ca("a"), c.ca("b"));
+    write_file(&a_root.join("certs/a.pem"), b"cert a", 0o644);
+    write_file(&a_root.join("certs/sub/b.pem"), b"cert b", 0o600);
+    write_file(&a_root.join("certs-2/c.pem"), b"cert c", 0o644);
+    write_file(&a_root.join("certs.old"), b"old list", 0o644);
+    let _b = c.start("b");
+    let _a = c.start("a");
+    converge(&a_root, &b_root, LIMIT);
+
+    // Out of the tree and back, as a restore from a copy would bring it:
+    // the same content, modes and modification times.
+    let aside = a_root.with_file_name("aside");
+    fs::rename(a_root.join("certs"), &aside).unwrap();
+    converge(&a_root, &b_root, LIMIT);
+    assert!(!b_root.join("certs").exists());
+    fs::rename(&aside, a_root.join("certs")).unwrap();
+    converge(&a_root, &b_root, LIMIT);
+    assert_eq!(read(&b_root.join("certs/sub/b.pem")).as_deref(), Some(&b"cert b"[..]));
+}
