@@ -20,6 +20,7 @@ mod status;
 mod watch;
 
 fn main() -> ExitCode {
+    warmspare_shared::sys::limit_malloc_arenas();
     let args = cli::Args::parse();
     logging::init(&args.log);
     commands::dispatch(args)

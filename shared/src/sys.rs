@@ -25,6 +25,26 @@ pub fn syncfs(file: &File) -> io::Result<()> {
     }
 }
 
+/// How many malloc arenas the agent uses (glibc's default is eight per core).
+const MALLOC_ARENAS: i32 = 2;
+
+/// Limits glibc to [`MALLOC_ARENAS`] malloc arenas. Each thread that
+/// allocates otherwise gets an arena of its own up to eight per core, and
+/// the pages freed in one arena are not reused by another: with 100,000
+/// watched files the idle agent held 13 MiB more (102.8 against 89.4 MiB,
+/// `bench all 5`). The agent's threads mostly wait on I/O, so contention on
+/// two arenas costs nothing measurable. Call first in `main`, before any
+/// thread starts; a no-op elsewhere than glibc.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX takes
+    // any positive count and is safe to set before threads exist.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+}
+
 /// Hands memory the allocator holds but no longer uses back to the system.
 ///
 /// A full comparison of a large tree builds and drops manifests of hundreds
