@@ -309,8 +309,29 @@ struct Outstanding {
     watch: String,
 }
 
+/// What the shipper believes the peer holds at one path (the path is the
+/// key it is stored under: an [`Entry`] would keep it twice, and with 100,000
+/// files per watch the model is the agent's largest structure).
+#[derive(Debug, Clone)]
+struct Held {
+    kind: EntryKind,
+    meta: Meta,
+}
+
+impl Held {
+    fn of(e: &Entry) -> Held {
+        Held {
+            kind: e.kind.clone(),
+            meta: e.meta,
+        }
+    }
+}
+
+/// The peer's entries of one watch, by path.
+type Remote = BTreeMap<Box<str>, Held>;
+
 /// The shipper's picture of one peer: what it holds, per watch.
-type Model = HashMap<String, BTreeMap<String, Entry>>;
+type Model = HashMap<String, Remote>;
 
 fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owners: bool) -> Result<()> {
     let watches = shared.local_watches();
@@ -373,7 +394,13 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                     let remote = fetch_manifest(&mut io, &w.name)?;
                     model.insert(
                         w.name.clone(),
-                        remote.into_iter().map(|e| (e.path.clone(), e)).collect(),
+                        remote
+                            .into_iter()
+                            .map(|e| {
+                                let held = Held::of(&e);
+                                (e.path.into_boxed_str(), held)
+                            })
+                            .collect(),
                     );
                 }
                 let prefixes: Vec<String> = if full {
@@ -549,7 +576,7 @@ fn ship_prefix(
     w: &LocalWatch,
     prefix: &str,
     cache: &mut HashCache,
-    remote: &mut BTreeMap<String, Entry>,
+    remote: &mut Remote,
     stats: &mut BatchStats,
     owners: bool,
 ) -> Result<Vec<(String, ContentHash)>> {
@@ -558,20 +585,20 @@ fn ship_prefix(
         tracing::warn!(watch = w.name, skipped = ?s, "not replicated");
     }
     let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
-    let remote_under: Vec<&Entry> = manifest::subtree(remote, prefix).map(|(_, e)| e).collect();
+    let remote_under: Vec<(&str, &Held)> = manifest::subtree(remote, prefix).map(|(p, h)| (&**p, h)).collect();
 
     // 1. Removals: what the peer has that we do not, or of another type.
     let mut removals: Vec<String> = Vec::new();
-    for r in &remote_under {
-        let gone = match local.get(r.path.as_str()) {
+    for (path, r) in &remote_under {
+        let gone = match local.get(path) {
             None => true,
             Some(l) => {
                 kind_tag(&l.kind) != kind_tag(&r.kind)
                     && !(matches!(l.kind, EntryKind::File { .. }) && matches!(r.kind, EntryKind::File { .. }))
             }
         };
-        if gone && !removals.last().is_some_and(|last| manifest::is_under(&r.path, last)) {
-            removals.push(r.path.clone());
+        if gone && !removals.last().is_some_and(|last| manifest::is_under(path, last)) {
+            removals.push(path.to_string());
         }
     }
     let mut changed_parents: BTreeSet<String> = BTreeSet::new();
@@ -592,7 +619,7 @@ fn ship_prefix(
 
     // 2. Directories, links and files, parents first (the scan is sorted).
     for l in &scan.entries {
-        let r = remote.get(&l.path);
+        let r = remote.get(l.path.as_str());
         match &l.kind {
             EntryKind::Dir => {
                 if r.is_none_or(|r| !l.meta.same_as(&r.meta, &l.kind, owners)) {
@@ -609,7 +636,7 @@ fn ship_prefix(
                             meta: l.meta,
                         },
                     )?;
-                    remote.insert(l.path.clone(), l.clone());
+                    remote.insert(l.path.as_str().into(), Held::of(l));
                 }
             }
             EntryKind::Symlink { target } => {
@@ -626,7 +653,7 @@ fn ship_prefix(
                             meta: l.meta,
                         },
                     )?;
-                    remote.insert(l.path.clone(), l.clone());
+                    remote.insert(l.path.as_str().into(), Held::of(l));
                 }
             }
             EntryKind::File { size, hash } => match r {
@@ -642,7 +669,7 @@ fn ship_prefix(
                                 meta: l.meta,
                             },
                         )?;
-                        remote.insert(l.path.clone(), l.clone());
+                        remote.insert(l.path.as_str().into(), Held::of(l));
                     }
                 }
                 _ => {
@@ -655,7 +682,7 @@ fn ship_prefix(
                     };
                     ship_file(io, w, l, *size, *hash, base, stats)?;
                     stats.touched.push((w.name.clone(), l.path.clone(), Some(*hash)));
-                    remote.insert(l.path.clone(), l.clone());
+                    remote.insert(l.path.as_str().into(), Held::of(l));
                     stats.files += 1;
                     maybe_commit(io, stats, &w.name)?;
                 }
@@ -684,7 +711,7 @@ fn ship_prefix(
                     meta: l.meta,
                 },
             )?;
-            remote.insert(dir.clone(), l);
+            remote.insert(dir.as_str().into(), Held::of(&l));
         }
     }
     Ok(scan
@@ -715,8 +742,8 @@ fn kind_tag(k: &EntryKind) -> u8 {
     }
 }
 
-fn remote_remove_tree(remote: &mut BTreeMap<String, Entry>, path: &str) {
-    let doomed: Vec<String> = manifest::subtree(remote, path).map(|(p, _)| p.clone()).collect();
+fn remote_remove_tree(remote: &mut Remote, path: &str) {
+    let doomed: Vec<Box<str>> = manifest::subtree(remote, path).map(|(p, _)| p.clone()).collect();
     for p in doomed {
         remote.remove(&p);
     }

@@ -19,7 +19,7 @@ use crate::manifest::{is_under, ContentHash};
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,
-    map: HashMap<String, ContentHash>,
+    map: HashMap<Box<str>, ContentHash>,
     dirty: bool,
 }
 
@@ -36,7 +36,7 @@ impl Ledger {
     }
 
     /// Decodes persisted ledger bytes; bytes that do not decode give an empty map.
-    pub fn decode(bytes: &[u8]) -> HashMap<String, ContentHash> {
+    pub fn decode(bytes: &[u8]) -> HashMap<Box<str>, ContentHash> {
         crate::state::decode_persisted(bytes).unwrap_or_default()
     }
 
@@ -47,7 +47,8 @@ impl Ledger {
 
     /// Records that `rel` is agreed to hold `hash`.
     pub fn set(&mut self, rel: &str, hash: ContentHash) {
-        if self.map.insert(rel.to_string(), hash) != Some(hash) {
+        if self.map.get(rel) != Some(&hash) {
+            self.map.insert(rel.into(), hash);
             self.dirty = true;
         }
     }
@@ -61,7 +62,7 @@ impl Ledger {
 
     /// Replaces the whole ledger with `entries`.
     pub fn reset(&mut self, entries: impl IntoIterator<Item = (String, ContentHash)>) {
-        let map: HashMap<String, ContentHash> = entries.into_iter().collect();
+        let map: HashMap<Box<str>, ContentHash> = entries.into_iter().map(|(p, h)| (p.into_boxed_str(), h)).collect();
         if map != self.map {
             self.map = map;
             self.dirty = true;

@@ -208,15 +208,15 @@ impl Excludes {
 struct Cached {
     ino: u64,
     size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
+    mtime_ns: i64,
+    ctime_ns: i64,
     hash: ContentHash,
 }
 
 /// Hashes of files by path, valid while inode, size, mtime and ctime hold.
 #[derive(Debug)]
 pub struct HashCache {
-    map: HashMap<String, Cached>,
+    map: HashMap<Box<str>, Cached>,
     dirty: bool,
     /// Changes more recent than this (in nanoseconds) are not cached.
     racy_ns: i128,
@@ -232,11 +232,11 @@ impl Default for HashCache {
     }
 }
 
-fn times(md: &fs::Metadata) -> (i128, i128) {
-    (
-        md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
-        md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
-    )
+/// Modification and change times in nanoseconds since the epoch (clamped
+/// to what an `i64` holds, the years 1678 to 2262).
+fn times(md: &fs::Metadata) -> (i64, i64) {
+    let ns = |s: i64, n: i64| (s as i128 * 1_000_000_000 + n as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+    (ns(md.mtime(), md.mtime_nsec()), ns(md.ctime(), md.ctime_nsec()))
 }
 
 /// How recent a change must be for its timestamps not to identify the
@@ -249,11 +249,11 @@ const RACY: i128 = 1_000_000_000;
 
 /// Whether a file changed at `ctime_ns` could change again without its
 /// timestamps showing it, given the window `racy_ns`.
-fn is_racy(ctime_ns: i128, racy_ns: i128) -> bool {
+fn is_racy(ctime_ns: i64, racy_ns: i128) -> bool {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128);
-    ctime_ns > now - racy_ns
+    ctime_ns as i128 > now - racy_ns
 }
 
 impl HashCache {
@@ -265,7 +265,7 @@ impl HashCache {
 
     /// Decodes a persisted cache; bytes that do not decode give an empty cache.
     pub fn from_bytes(bytes: &[u8]) -> HashCache {
-        let map = crate::state::decode_persisted::<HashMap<String, Cached>>(bytes).unwrap_or_default();
+        let map = crate::state::decode_persisted::<HashMap<Box<str>, Cached>>(bytes).unwrap_or_default();
         HashCache {
             map,
             ..HashCache::default()
@@ -317,7 +317,7 @@ impl HashCache {
     pub fn insert(&mut self, rel: &str, md: &fs::Metadata, hash: ContentHash) {
         let (mtime_ns, ctime_ns) = times(md);
         self.map.insert(
-            rel.to_string(),
+            rel.into(),
             Cached {
                 ino: md.ino(),
                 size: md.size(),
@@ -337,7 +337,7 @@ impl HashCache {
     pub fn forget(&mut self, rel: &str) {
         let before = self.map.len();
         let prefix = format!("{rel}/");
-        self.map.retain(|k, _| k != rel && !k.starts_with(&prefix));
+        self.map.retain(|k, _| &**k != rel && !k.starts_with(&prefix));
         self.dirty |= self.map.len() != before;
     }
 
@@ -520,10 +520,10 @@ pub fn is_under(path: &str, prefix: &str) -> bool {
 /// such as `certs-2` and `certs.old` sort between `certs` and `certs/a`. So
 /// the entry itself is looked up, and its descendants are the range from
 /// `certs/` up to `certs0` (`0` follows `/`).
-pub fn subtree<'a, V>(
-    map: &'a BTreeMap<String, V>,
-    prefix: &str,
-) -> Box<dyn Iterator<Item = (&'a String, &'a V)> + 'a> {
+pub fn subtree<'a, K, V>(map: &'a BTreeMap<K, V>, prefix: &str) -> Box<dyn Iterator<Item = (&'a K, &'a V)> + 'a>
+where
+    K: std::borrow::Borrow<str> + Ord,
+{
     if prefix.is_empty() {
         return Box::new(map.iter());
     }
