@@ -20,7 +20,7 @@ mod status;
 mod watch;
 
 fn main() -> ExitCode {
-    warmspare_shared::sys::limit_malloc_arenas();
+    warmspare_shared::sys::tune_allocator();
     let args = cli::Args::parse();
     logging::init(&args.log);
     commands::dispatch(args)
