@@ -663,7 +663,14 @@ pub fn queue_overflow(scale: &Scale) -> Result<Report, String> {
     // A new directory every files/50 files, so that directories are made
     // all through the overflow.
     let per_dir = files.div_ceil(50);
+    // The active is stopped for the first half of the burst, as a starved
+    // agent would be: its queue then overflows for certain (a fast reader
+    // on an idle machine can keep even 64 events from filling).
+    a.signal("-STOP");
     for i in 0..files {
+        if i == files / 2 {
+            a.signal("-CONT");
+        }
         write_file(
             &a_root.join(format!("burst/{:02}/{i:06}.pem", i / per_dir)),
             format!("{i}").as_bytes(),
