@@ -503,6 +503,11 @@ fn main() {
         let (_, cpu0) = pid_stats(pid);
         std::thread::sleep(Duration::from_secs(sizes.idle_secs));
         let (rss, cpu1) = pid_stats(pid);
+        // Which part of it is the heap and which the mapped binary.
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        for l in status.lines().filter(|l| l.starts_with("Rss")) {
+            println!("idle active: {}", l.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
         if !wrapper.is_empty() {
             // A profiler writes its report when the agent exits cleanly.
             let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
