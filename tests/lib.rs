@@ -61,10 +61,36 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released).
+/// A free TCP port on 127.0.0.1, reserved for this test process.
+///
+/// A port from binding port 0 comes from the kernel's ephemeral range, where
+/// every other test's outgoing connections also take their local ports: one
+/// such connection took an agent's port between the pick and the agent's
+/// bind (`Address already in use`) in a loaded run. So ports are drawn from
+/// 20000-32767, below the default ephemeral range (32768-60999), and each is
+/// reserved across the test processes nextest runs side by side by a lock on
+/// a file named after it, held until this process exits.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+    use rand::Rng;
+    static HELD: std::sync::Mutex<Vec<fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("warmspare-test-ports");
+    fs::create_dir_all(&dir).expect("create the port reservation directory");
+    let mut rng = rand::thread_rng();
+    for _ in 0..10_000 {
+        let port: u16 = rng.gen_range(20_000..32_768);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .expect("open a port reservation file");
+        if file.try_lock().is_err() || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap_or_else(|p| p.into_inner()).push(file);
+        return port;
+    }
+    panic!("no free port in 20000-32767 after 10,000 tries");
 }
 
 /// Polls `cond` every few milliseconds until it holds or `limit` passes.
