@@ -959,7 +959,10 @@ impl FrameSink<'_> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        // The next chunk's buffer is allocated when it is first written: a
+        // fresh 256 KiB buffer after the last chunk of every small file would
+        // cost an mmap and munmap per file.
+        let data = std::mem::take(&mut self.buf);
         self.sent += self.io.send(&Request::Op(Op::FileData(ByteBuf::from(data))))?;
         Ok(())
     }
@@ -967,6 +970,9 @@ impl FrameSink<'_> {
 
 impl Write for FrameSink<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(CHUNK);
+        }
         let room = CHUNK - self.buf.len();
         let n = room.min(data.len());
         self.buf.extend_from_slice(&data[..n]);

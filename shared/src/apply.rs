@@ -39,22 +39,63 @@ pub struct Refused(pub String);
 /// on the way down may be a symbolic link (the last component may be one: it
 /// is replaced, never followed).
 pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, Refused> {
+    confine_with(root, rel, &mut KnownDirs::default())
+}
+
+/// Directories seen to be real directories (not symbolic links) by
+/// [`confine_with`], so that files in the same directory do not look again.
+///
+/// The [`Applier`] keeps one per batch and forgets it whenever something it
+/// applies could change what a path is (a symbolic link made, a path removed,
+/// a commit's renames), so what it remembers is never older than one batch.
+#[derive(Debug, Default)]
+pub struct KnownDirs(std::collections::HashSet<PathBuf>);
+
+impl KnownDirs {
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Whether `dir` was seen to be a real directory.
+    pub fn contains(&self, dir: &Path) -> bool {
+        self.0.contains(dir)
+    }
+}
+
+/// [`confine`], skipping the check of directories in `known` and adding the
+/// ones it finds to be real directories.
+pub fn confine_with(root: &Path, rel: &str, known: &mut KnownDirs) -> Result<PathBuf, Refused> {
     check_rel_path(rel)?;
-    let parts: Vec<&str> = rel.split('/').collect();
-    let mut dir = root.to_path_buf();
-    for p in &parts[..parts.len() - 1] {
-        dir.push(p);
-        match fs::symlink_metadata(&dir) {
+    let target = root.join(rel);
+    // Ancestors from the nearest down: when the parent is known, so is every
+    // directory above it (it was reached through them).
+    let mut unknown = Vec::new();
+    let mut dir = target.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) || known.contains(d) {
+            break;
+        }
+        unknown.push(d);
+        dir = d.parent();
+    }
+    for d in unknown.into_iter().rev() {
+        match fs::symlink_metadata(d) {
             Ok(md) if md.file_type().is_symlink() => {
                 return Err(Refused(format!(
                     "path {rel:?} goes through the symbolic link {}",
-                    dir.display()
+                    d.display()
                 )));
             }
+            Ok(md) if md.is_dir() => {
+                known.0.insert(d.to_path_buf());
+            }
+            // Missing (it will be created) or not a directory (the operation
+            // fails on its own): nothing to remember.
             _ => {}
         }
     }
-    Ok(root.join(rel))
+    Ok(target)
 }
 
 /// The checks of [`confine`] that need no file system: relative,
@@ -154,6 +195,8 @@ pub struct Applier {
     can_chown: bool,
     divergence: Option<Divergence>,
     saved_at: std::time::Instant,
+    /// Directories checked by confinement in this batch.
+    known_dirs: KnownDirs,
 }
 
 /// How often, at most, a busy applier rewrites its caches and ledgers.
@@ -186,18 +229,13 @@ impl Applier {
             can_chown,
             divergence,
             saved_at: std::time::Instant::now(),
+            known_dirs: KnownDirs::default(),
         })
     }
 
     /// Whether owners are replicated (the receiver runs as root).
     pub fn can_chown(&self) -> bool {
         self.can_chown
-    }
-
-    fn watch(&self, name: &str) -> Result<&WatchRoot, Refused> {
-        self.watches
-            .get(name)
-            .ok_or_else(|| Refused(format!("unknown watch {name:?}")))
     }
 
     /// The manifest of one watch, from a fresh scan.
@@ -232,7 +270,7 @@ impl Applier {
             .watches
             .get_mut(watch)
             .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
-        let path = confine(&w.root, rel)?;
+        let path = confine_with(&w.root, rel, &mut self.known_dirs)?;
         let Ok(file) = open_nofollow(&path) else {
             return Ok(None);
         };
@@ -273,8 +311,15 @@ impl Applier {
                 return Err(Refused("an operation arrived out of place".into()));
             }
         };
-        let w = self.watch(&watch)?;
-        let target = confine(&w.root, &rel)?;
+        let w = self
+            .watches
+            .get(&watch)
+            .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+        let target = confine_with(&w.root, &rel, &mut self.known_dirs)?;
+        if matches!(op, Op::Symlink { .. } | Op::Remove { .. }) {
+            // Either can change what a checked directory is.
+            self.known_dirs.clear();
+        }
         let is_dir_op = matches!(op, Op::Dir { .. });
         if w.excludes.is_excluded(&rel, is_dir_op) {
             tracing::warn!(watch, path = rel, "refused a change to a path excluded on this node");
@@ -485,7 +530,7 @@ impl Applier {
         delta_base: Option<ContentHash>,
     ) -> io::Result<()> {
         if let Some(parent) = target.parent() {
-            if !parent.is_dir() {
+            if !self.known_dirs.contains(parent) && !parent.is_dir() {
                 fs::create_dir_all(parent)?;
             }
         }
@@ -517,7 +562,15 @@ impl Applier {
             .create_new(true)
             .mode(0o600)
             .open(&spool)?;
-        incoming.writer = Some(BufWriter::with_capacity(256 * 1024, file));
+        // Data arrives in frames of up to 256 KiB; a small file needs no more
+        // buffer than its size (a 256 KiB buffer per file would be an mmap
+        // and a munmap per file).
+        let cap = if delta_base.is_some() {
+            256 * 1024
+        } else {
+            (size as usize).clamp(1, 256 * 1024)
+        };
+        incoming.writer = Some(BufWriter::with_capacity(cap, file));
         self.incoming = Some(incoming);
         Ok(())
     }
@@ -668,6 +721,8 @@ impl Applier {
             self.abort_incoming();
         }
         self.discarding = false;
+        // The renames below may replace directories.
+        self.known_dirs.clear();
         let pending = std::mem::take(&mut self.pending);
         // 1. The new contents are durable before any of them is renamed.
         if let Err(e) = sync_files(pending.iter().map(|p| p.tmp.as_path())) {
@@ -680,14 +735,18 @@ impl Applier {
         } else {
             // 2. Rename into place.
             for p in pending {
-                if let Err(e) = self.preserve(&p.watch, &p.rel, &p.target) {
-                    let _ = fs::remove_file(&p.tmp);
-                    self.report
-                        .failed
-                        .push((p.rel, format!("cannot preserve the local version: {e}")));
-                    continue;
+                // Most targets of a large batch are new: one look decides.
+                let existing = fs::symlink_metadata(&p.target).ok();
+                if existing.is_some() {
+                    if let Err(e) = self.preserve(&p.watch, &p.rel, &p.target) {
+                        let _ = fs::remove_file(&p.tmp);
+                        self.report
+                            .failed
+                            .push((p.rel, format!("cannot preserve the local version: {e}")));
+                        continue;
+                    }
                 }
-                if let Ok(md) = fs::symlink_metadata(&p.target) {
+                if let Some(md) = existing {
                     if md.is_dir() {
                         if let Err(e) = fs::remove_dir_all(&p.target) {
                             let _ = fs::remove_file(&p.tmp);
@@ -948,6 +1007,38 @@ mod tests {
         assert!(confine(d.path(), "link/x").is_err());
         assert!(confine(d.path(), "link").is_ok());
         assert_eq!(confine(d.path(), "a/b").unwrap(), d.path().join("a/b"));
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_link_in_the_same_batch_is_checked_again() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        fs::create_dir(d.path().join("sub")).unwrap();
+        // The first file makes `sub` a known directory.
+        send_file(&mut a, "sub/one", b"1");
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: "sub".into(),
+        })
+        .unwrap();
+        a.apply(Op::Symlink {
+            watch: "w".into(),
+            path: "sub".into(),
+            target: outside.path().display().to_string(),
+            meta: meta(),
+        })
+        .unwrap();
+        let through = a.apply(Op::FileBegin {
+            watch: "w".into(),
+            path: "sub/two".into(),
+            meta: meta(),
+            size: 1,
+            hash: ContentHash::of(b"2"),
+            delta_base: None,
+        });
+        assert!(through.is_err(), "a path through the new link was accepted");
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 
     #[test]
