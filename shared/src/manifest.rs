@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +36,20 @@ impl ContentHash {
 
     /// Hashes the file at `path`, memory-mapping large files.
     pub fn of_file(path: &Path) -> io::Result<ContentHash> {
+        // Most replicated files (certificates, keys, CRLs) are small: read
+        // them in one go, and map only what does not fit.
+        let mut file = fs::File::open(path)?;
+        let mut buf = [0u8; 32 * 1024];
+        let mut n = 0;
+        while n < buf.len() {
+            match file.read(&mut buf[n..]) {
+                Ok(0) => return Ok(ContentHash::of(&buf[..n])),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        drop(file);
         let mut hasher = blake3::Hasher::new();
         hasher.update_mmap(path)?;
         Ok(ContentHash(*hasher.finalize().as_bytes()))
@@ -296,21 +310,31 @@ impl HashCache {
     /// The hash of the file `abs` (relative name `rel`) with metadata `md`,
     /// from the cache when it is still valid, else by reading the file.
     pub fn hash(&mut self, rel: &str, abs: &Path, md: &fs::Metadata) -> io::Result<ContentHash> {
-        let (mtime_ns, ctime_ns) = times(md);
-        if let Some(c) = self.map.get(rel) {
-            if c.ino == md.ino() && c.size == md.size() && c.mtime_ns == mtime_ns && c.ctime_ns == ctime_ns {
-                return Ok(c.hash);
-            }
+        if let Some(hash) = self.cached(rel, md) {
+            return Ok(hash);
         }
-        let hash = ContentHash::of_file(abs)?;
-        // A file modified while it was read is hashed again on its next event.
-        let after = fs::symlink_metadata(abs)?;
-        if times(&after) == (mtime_ns, ctime_ns) && after.size() == md.size() && !is_racy(ctime_ns, self.racy_ns) {
+        let (hash, after) = hash_and_restat(abs)?;
+        self.record(rel, md, hash, &after);
+        Ok(hash)
+    }
+
+    /// The cached hash of `rel` when `md` says the file is unchanged.
+    fn cached(&self, rel: &str, md: &fs::Metadata) -> Option<ContentHash> {
+        let (mtime_ns, ctime_ns) = times(md);
+        let c = self.map.get(rel)?;
+        (c.ino == md.ino() && c.size == md.size() && c.mtime_ns == mtime_ns && c.ctime_ns == ctime_ns).then_some(c.hash)
+    }
+
+    /// Caches `hash`, read from a file that had `md` before the read and
+    /// `after` after it, unless the file changed meanwhile (it is hashed
+    /// again on its next event) or changed too recently to be trusted.
+    fn record(&mut self, rel: &str, md: &fs::Metadata, hash: ContentHash, after: &fs::Metadata) {
+        let (mtime_ns, ctime_ns) = times(md);
+        if times(after) == (mtime_ns, ctime_ns) && after.size() == md.size() && !is_racy(ctime_ns, self.racy_ns) {
             self.insert(rel, md, hash);
         } else {
             self.forget_file(rel);
         }
-        Ok(hash)
     }
 
     /// Records that the file `rel` with metadata `md` has content `hash`.
@@ -386,6 +410,7 @@ pub fn join(root: &Path, rel: &str) -> PathBuf {
 pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCache) -> Scan {
     let mut out = Scan::default();
     let mut stack: Vec<String> = Vec::new();
+    let mut misses: Vec<Miss> = Vec::new();
     if prefix.is_empty() {
         stack.push(String::new());
     } else {
@@ -395,8 +420,15 @@ pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCach
                 if excludes.is_excluded(prefix, md.is_dir()) {
                     return out;
                 }
-                if let Some(e) = entry_for(prefix, &abs, &md, cache, &mut out.skipped) {
+                if let Some((e, unhashed)) = entry_for(prefix, &abs, &md, cache, &mut out.skipped) {
                     let is_dir = e.kind == EntryKind::Dir;
+                    if unhashed {
+                        misses.push(Miss {
+                            index: out.entries.len(),
+                            abs,
+                            md,
+                        });
+                    }
                     out.entries.push(e);
                     if is_dir {
                         stack.push(prefix.to_string());
@@ -448,16 +480,109 @@ pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCach
             if excludes.is_excluded(&rel, md.is_dir()) {
                 continue;
             }
-            if let Some(e) = entry_for(&rel, &abs, &md, cache, &mut out.skipped) {
+            if let Some((e, unhashed)) = entry_for(&rel, &abs, &md, cache, &mut out.skipped) {
                 if e.kind == EntryKind::Dir {
                     stack.push(rel);
+                }
+                if unhashed {
+                    misses.push(Miss {
+                        index: out.entries.len(),
+                        abs,
+                        md,
+                    });
                 }
                 out.entries.push(e);
             }
         }
     }
+    hash_misses(&mut out, misses, cache);
     out.entries.sort_by(|a, b| a.path.cmp(&b.path));
     out
+}
+
+/// A file of a scan whose hash the cache did not hold.
+struct Miss {
+    /// Its entry in the scan.
+    index: usize,
+    abs: PathBuf,
+    /// Its metadata when the walk saw it.
+    md: fs::Metadata,
+}
+
+/// From how many files on, a scan hashes on more than one thread (a cold
+/// cache: the first start, or a restore of the whole tree).
+const PARALLEL_HASH_MIN: usize = 64;
+
+/// A file's content hash and its metadata after the read.
+type Hashed = io::Result<(ContentHash, fs::Metadata)>;
+
+/// Reads a file's content hash, then its metadata again (to notice a change
+/// during the read).
+fn hash_and_restat(abs: &Path) -> Hashed {
+    let hash = ContentHash::of_file(abs)?;
+    Ok((hash, fs::symlink_metadata(abs)?))
+}
+
+/// Hashes the files the cache could not answer for, on up to four threads
+/// when there are many, and fills in their entries. A file that cannot be
+/// read leaves the scan (and is listed as skipped unless it is gone).
+fn hash_misses(out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
+    if misses.is_empty() {
+        return;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    let results: Vec<Hashed> = if threads > 1 && misses.len() >= PARALLEL_HASH_MIN {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut parts: Vec<Vec<(usize, Hashed)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(m) = misses.get(i) else { break };
+                            done.push((i, hash_and_restat(&m.abs)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let mut all: Vec<_> = parts.drain(..).flatten().collect();
+        all.sort_unstable_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, r)| r).collect()
+    } else {
+        misses.iter().map(|m| hash_and_restat(&m.abs)).collect()
+    };
+    let mut failed = vec![false; out.entries.len()];
+    for (m, r) in misses.iter().zip(results) {
+        let e = &mut out.entries[m.index];
+        match r {
+            Ok((hash, after)) => {
+                cache.record(&e.path, &m.md, hash, &after);
+                if let EntryKind::File { hash: h, .. } = &mut e.kind {
+                    *h = hash;
+                }
+            }
+            Err(err) => {
+                if err.kind() != io::ErrorKind::NotFound {
+                    out.skipped.push(Skipped::Unreadable(e.path.clone(), err.to_string()));
+                }
+                failed[m.index] = true;
+            }
+        }
+    }
+    if failed.contains(&true) {
+        let mut i = 0;
+        out.entries.retain(|_| {
+            i += 1;
+            !failed[i - 1]
+        });
+    }
 }
 
 fn entry_for(
@@ -466,9 +591,10 @@ fn entry_for(
     md: &fs::Metadata,
     cache: &mut HashCache,
     skipped: &mut Vec<Skipped>,
-) -> Option<Entry> {
+) -> Option<(Entry, bool)> {
     let ft = md.file_type();
     let meta = Meta::from_metadata(md);
+    let mut unhashed = false;
     let kind = if ft.is_dir() {
         EntryKind::Dir
     } else if ft.is_symlink() {
@@ -486,24 +612,25 @@ fn entry_for(
             }
         }
     } else if ft.is_file() {
-        match cache.hash(rel, abs, md) {
-            Ok(hash) => EntryKind::File { size: md.size(), hash },
-            Err(e) => {
-                if e.kind() != io::ErrorKind::NotFound {
-                    skipped.push(Skipped::Unreadable(rel.to_string(), e.to_string()));
-                }
-                return None;
-            }
+        // A miss is hashed after the walk (see `hash_misses`).
+        let hash = cache.cached(rel, md);
+        unhashed = hash.is_none();
+        EntryKind::File {
+            size: md.size(),
+            hash: hash.unwrap_or(ContentHash([0; 32])),
         }
     } else {
         skipped.push(Skipped::Special(rel.to_string()));
         return None;
     };
-    Some(Entry {
-        path: rel.to_string(),
-        kind,
-        meta,
-    })
+    Some((
+        Entry {
+            path: rel.to_string(),
+            kind,
+            meta,
+        },
+        unhashed,
+    ))
 }
 
 /// Whether `path` is `prefix` or lies below it (an empty prefix holds everything).
