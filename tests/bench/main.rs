@@ -293,9 +293,12 @@ fn main() {
         // warmspare makes what it applies durable (syncfs for large batches):
         // it must not also pay for writing back rsync's output.
         settle();
-        let _b = c.start("b");
+        // Profilers for either side, as for scenario 5 (see benchmarks.md).
+        let wrap_b = std::env::var("BENCH_WRAP_PASSIVE").unwrap_or_default();
+        let wrap_a = std::env::var("BENCH_WRAP_ACTIVE").unwrap_or_default();
+        let mut b1 = c.start_wrapped("b", &[], &wrap_b.split_whitespace().collect::<Vec<_>>());
         let start = Instant::now();
-        let _a = c.start("a");
+        let mut a1 = c.start_wrapped("a", &[], &wrap_a.split_whitespace().collect::<Vec<_>>());
         let want = count_files(&src);
         // The measuring loop must not compete with the agents for the CPU:
         // it stats the last file in shipping order, and walks the tree only then.
@@ -309,6 +312,20 @@ fn main() {
         }
         let ws = start.elapsed().as_secs_f64();
         converge(&src, &c.ca("b"), Duration::from_secs(120));
+        if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
+            let _ = fs::create_dir_all(&dir);
+            for (n, agent) in [("a", &a1), ("b", &b1)] {
+                let _ = fs::write(Path::new(&dir).join(format!("initial-{n}.log")), agent.log_text());
+            }
+        }
+        if !wrap_a.is_empty() || !wrap_b.is_empty() {
+            // A profiler writes its report when the agent exits cleanly.
+            for pid in [a1.pid(), b1.pid()].into_iter().flatten() {
+                let _ = Command::new("pkill").args(["-TERM", "-P", &pid.to_string()]).status();
+            }
+            a1.terminate();
+            b1.terminate();
+        }
         rows.push(Row {
             scenario: format!("1. initial sync, {} files", sizes.files),
             measure: "time".into(),
