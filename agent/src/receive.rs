@@ -77,7 +77,9 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
     }
     tracing::info!(from = hello.node, epoch = hello.epoch, "replication session opened");
 
-    let (req_tx, req_rx) = mpsc::channel::<Request>(64);
+    // Requests travel to the worker in batches of what has already arrived
+    // (see `FrameReader::recv_batch`): one wake-up per batch, not per frame.
+    let (req_tx, req_rx) = mpsc::channel::<Vec<Request>>(16);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(64);
     let worker_shared = shared.clone();
     let session_role = RoleState {
@@ -99,9 +101,13 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
     };
     let read_task = async move {
         let mut forwarding = true;
-        while let Some(req) = reader.recv::<Request>().await? {
+        loop {
+            let batch = reader.recv_batch::<Request>(BATCH_MAX, BATCH_MAX_BYTES).await?;
+            if batch.is_empty() {
+                break;
+            }
             // After the worker stops, keep reading until the peer closes.
-            forwarding = forwarding && req_tx.send(req).await.is_ok();
+            forwarding = forwarding && req_tx.send(batch).await.is_ok();
         }
         Ok::<(), proto::FrameError>(())
     };
@@ -204,10 +210,16 @@ fn watch_roots(shared: &Shared) -> Result<Vec<WatchRoot>> {
     Ok(out)
 }
 
+/// At most this many requests travel to the apply worker in one batch.
+const BATCH_MAX: usize = 1024;
+
+/// A batch stops growing at about this many bytes of frames.
+const BATCH_MAX_BYTES: usize = 1024 * 1024;
+
 fn apply_loop(
     shared: &Shared,
     session: &RoleState,
-    mut requests: mpsc::Receiver<Request>,
+    mut requests: mpsc::Receiver<Vec<Request>>,
     replies: mpsc::Sender<Reply>,
 ) -> Result<()> {
     let divergence = Divergence {
@@ -223,99 +235,101 @@ fn apply_loop(
             .blocking_send(r)
             .map_err(|_| anyhow::anyhow!("the session closed"))
     };
-    while let Some(req) = requests.blocking_recv() {
-        // A role change during the session (fencing, a switchover) ends it.
-        let now = shared.role();
-        if now != *session {
-            tracing::warn!(
-                epoch = now.epoch,
-                active = now.active,
-                "the role changed; ending the replication session"
-            );
-            let _ = send(Reply::Stale(now));
-            bail!("the role changed during the session");
-        }
-        let outcome: std::result::Result<(), String> = match req {
-            Request::GetManifest { watch } => match applier.manifest(&watch) {
-                Ok(entries) => {
-                    for part in manifest_parts(entries) {
-                        send(Reply::ManifestPart {
-                            watch: watch.clone(),
-                            entries: part.0,
-                            last: part.1,
-                        })?;
-                    }
-                    warmspare_shared::sys::release_free_memory();
-                    Ok(())
-                }
-                Err(e) => Err(e.to_string()),
-            },
-            Request::GetSignature {
-                id,
-                watch,
-                path,
-                block_len,
-            } => match applier.signature(&watch, &path, block_len) {
-                Ok(Some((base, sig))) => {
-                    let mut chunks = sig.chunks(proto::CHUNK).peekable();
-                    if chunks.peek().is_none() {
-                        send(Reply::SignaturePart {
-                            id,
-                            base,
-                            data: ByteBuf::new(),
-                            last: true,
-                        })?;
-                    }
-                    while let Some(c) = chunks.next() {
-                        send(Reply::SignaturePart {
-                            id,
-                            base,
-                            data: ByteBuf::from(c.to_vec()),
-                            last: chunks.peek().is_none(),
-                        })?;
-                    }
-                    Ok(())
-                }
-                Ok(None) => {
-                    send(Reply::NoSignature { id })?;
-                    Ok(())
-                }
-                Err(e) => Err(e.to_string()),
-            },
-            Request::Op(op) => applier.apply(op).map_err(|e| e.to_string()),
-            Request::Commit { batch } => {
-                let report = applier.commit();
-                if !report.touched.is_empty() {
-                    let now = std::time::SystemTime::now();
-                    let mut rt = shared.runtime();
-                    for w in &report.touched {
-                        rt.last_applied.insert(w.clone(), now);
-                    }
-                }
-                for (watch, path, to) in &report.diverged {
-                    tracing::warn!(watch, path, to = %to.display(), "diverged file preserved");
-                }
-                for watch in &report.touched {
-                    run_after_apply(shared, watch, applier.root(watch));
-                }
-                send(Reply::Committed {
-                    batch,
-                    applied: report.applied,
-                    failed: report.failed,
-                })?;
-                Ok(())
+    while let Some(batch) = requests.blocking_recv() {
+        for req in batch {
+            // A role change during the session (fencing, a switchover) ends it.
+            let now = shared.role();
+            if now != *session {
+                tracing::warn!(
+                    epoch = now.epoch,
+                    active = now.active,
+                    "the role changed; ending the replication session"
+                );
+                let _ = send(Reply::Stale(now));
+                bail!("the role changed during the session");
             }
-            Request::Ping => {
-                send(Reply::Pong)?;
-                Ok(())
+            let outcome: std::result::Result<(), String> = match req {
+                Request::GetManifest { watch } => match applier.manifest(&watch) {
+                    Ok(entries) => {
+                        for part in manifest_parts(entries) {
+                            send(Reply::ManifestPart {
+                                watch: watch.clone(),
+                                entries: part.0,
+                                last: part.1,
+                            })?;
+                        }
+                        warmspare_shared::sys::release_free_memory();
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Request::GetSignature {
+                    id,
+                    watch,
+                    path,
+                    block_len,
+                } => match applier.signature(&watch, &path, block_len) {
+                    Ok(Some((base, sig))) => {
+                        let mut chunks = sig.chunks(proto::CHUNK).peekable();
+                        if chunks.peek().is_none() {
+                            send(Reply::SignaturePart {
+                                id,
+                                base,
+                                data: ByteBuf::new(),
+                                last: true,
+                            })?;
+                        }
+                        while let Some(c) = chunks.next() {
+                            send(Reply::SignaturePart {
+                                id,
+                                base,
+                                data: ByteBuf::from(c.to_vec()),
+                                last: chunks.peek().is_none(),
+                            })?;
+                        }
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        send(Reply::NoSignature { id })?;
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Request::Op(op) => applier.apply(op).map_err(|e| e.to_string()),
+                Request::Commit { batch } => {
+                    let report = applier.commit();
+                    if !report.touched.is_empty() {
+                        let now = std::time::SystemTime::now();
+                        let mut rt = shared.runtime();
+                        for w in &report.touched {
+                            rt.last_applied.insert(w.clone(), now);
+                        }
+                    }
+                    for (watch, path, to) in &report.diverged {
+                        tracing::warn!(watch, path, to = %to.display(), "diverged file preserved");
+                    }
+                    for watch in &report.touched {
+                        run_after_apply(shared, watch, applier.root(watch));
+                    }
+                    send(Reply::Committed {
+                        batch,
+                        applied: report.applied,
+                        failed: report.failed,
+                    })?;
+                    Ok(())
+                }
+                Request::Ping => {
+                    send(Reply::Pong)?;
+                    Ok(())
+                }
+                Request::Hello(_) => Err("a second hello".into()),
+                other => Err(format!("{} in a replication session", request_name(&other))),
+            };
+            if let Err(reason) = outcome {
+                tracing::warn!(reason, "refused a request; dropping the session");
+                let _ = send(Reply::Refused { reason: reason.clone() });
+                bail!("refused a request: {reason}");
             }
-            Request::Hello(_) => Err("a second hello".into()),
-            other => Err(format!("{} in a replication session", request_name(&other))),
-        };
-        if let Err(reason) = outcome {
-            tracing::warn!(reason, "refused a request; dropping the session");
-            let _ = send(Reply::Refused { reason: reason.clone() });
-            bail!("refused a request: {reason}");
         }
     }
     Ok(())

@@ -735,7 +735,20 @@ impl Applier {
         } else {
             // 2. Rename into place.
             for p in pending {
-                // Most targets of a large batch are new: one look decides.
+                // Most targets of a large batch are new: a rename that
+                // refuses to replace anything settles those in one call.
+                match crate::sys::rename_noreplace(&p.tmp, &p.target) {
+                    Ok(()) => {
+                        self.placed(&p);
+                        continue;
+                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EINVAL | libc::ENOSYS)) => {}
+                    Err(e) => {
+                        let _ = fs::remove_file(&p.tmp);
+                        self.report.failed.push((p.rel, e.to_string()));
+                        continue;
+                    }
+                }
                 let existing = fs::symlink_metadata(&p.target).ok();
                 if existing.is_some() {
                     if let Err(e) = self.preserve(&p.watch, &p.rel, &p.target) {
@@ -746,28 +759,15 @@ impl Applier {
                         continue;
                     }
                 }
-                if let Some(md) = existing {
-                    if md.is_dir() {
-                        if let Err(e) = fs::remove_dir_all(&p.target) {
-                            let _ = fs::remove_file(&p.tmp);
-                            self.report.failed.push((p.rel, e.to_string()));
-                            continue;
-                        }
+                if existing.is_some_and(|md| md.is_dir()) {
+                    if let Err(e) = fs::remove_dir_all(&p.target) {
+                        let _ = fs::remove_file(&p.tmp);
+                        self.report.failed.push((p.rel, e.to_string()));
+                        continue;
                     }
                 }
                 match fs::rename(&p.tmp, &p.target) {
-                    Ok(()) => {
-                        if let (Some(w), Ok(md)) = (self.watches.get_mut(&p.watch), fs::symlink_metadata(&p.target)) {
-                            w.cache.insert(&p.rel, &md, p.hash);
-                        }
-                        if let Some(div) = &self.divergence {
-                            div.ledgers
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .watch(&p.watch)
-                                .set(&p.rel, p.hash);
-                        }
-                    }
+                    Ok(()) => self.placed(&p),
                     Err(e) => {
                         let _ = fs::remove_file(&p.tmp);
                         self.report.failed.push((p.rel, e.to_string()));
@@ -792,6 +792,20 @@ impl Applier {
             self.save_state();
         }
         std::mem::take(&mut self.report)
+    }
+
+    /// Records a file just renamed into place in the hash cache and the ledger.
+    fn placed(&mut self, p: &Pending) {
+        if let (Some(w), Ok(md)) = (self.watches.get_mut(&p.watch), fs::symlink_metadata(&p.target)) {
+            w.cache.insert(&p.rel, &md, p.hash);
+        }
+        if let Some(div) = &self.divergence {
+            div.ledgers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .watch(&p.watch)
+                .set(&p.rel, p.hash);
+        }
     }
 
     /// Persists the hash caches and the ledgers.

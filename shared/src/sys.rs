@@ -1,8 +1,11 @@
 //! The few system calls std does not wrap.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// The effective user id of this process.
 pub fn geteuid() -> u32 {
@@ -18,6 +21,30 @@ pub fn syncfs(file: &File) -> io::Result<()> {
     // SAFETY: the descriptor is valid for the lifetime of `file`.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::syncfs(file.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2` with
+/// `RENAME_NOREPLACE`). Fails with `EEXIST` when it exists, and with `EINVAL`
+/// on a filesystem that cannot do it.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let from = CString::new(from.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let to = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: both strings are NUL-terminated and live across the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
