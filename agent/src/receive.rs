@@ -237,100 +237,112 @@ fn apply_loop(
     };
     while let Some(batch) = requests.blocking_recv() {
         for req in batch {
-            // A role change during the session (fencing, a switchover) ends it.
-            let now = shared.role();
-            if now != *session {
-                tracing::warn!(
-                    epoch = now.epoch,
-                    active = now.active,
-                    "the role changed; ending the replication session"
-                );
-                let _ = send(Reply::Stale(now));
-                bail!("the role changed during the session");
-            }
-            let outcome: std::result::Result<(), String> = match req {
-                Request::GetManifest { watch } => match applier.manifest(&watch) {
-                    Ok(entries) => {
-                        for part in manifest_parts(entries) {
-                            send(Reply::ManifestPart {
-                                watch: watch.clone(),
-                                entries: part.0,
-                                last: part.1,
-                            })?;
-                        }
-                        warmspare_shared::sys::release_free_memory();
-                        Ok(())
-                    }
-                    Err(e) => Err(e.to_string()),
-                },
-                Request::GetSignature {
-                    id,
-                    watch,
-                    path,
-                    block_len,
-                } => match applier.signature(&watch, &path, block_len) {
-                    Ok(Some((base, sig))) => {
-                        let mut chunks = sig.chunks(proto::CHUNK).peekable();
-                        if chunks.peek().is_none() {
-                            send(Reply::SignaturePart {
-                                id,
-                                base,
-                                data: ByteBuf::new(),
-                                last: true,
-                            })?;
-                        }
-                        while let Some(c) = chunks.next() {
-                            send(Reply::SignaturePart {
-                                id,
-                                base,
-                                data: ByteBuf::from(c.to_vec()),
-                                last: chunks.peek().is_none(),
-                            })?;
-                        }
-                        Ok(())
-                    }
-                    Ok(None) => {
-                        send(Reply::NoSignature { id })?;
-                        Ok(())
-                    }
-                    Err(e) => Err(e.to_string()),
-                },
-                Request::Op(op) => applier.apply(op).map_err(|e| e.to_string()),
-                Request::Commit { batch } => {
-                    let report = applier.commit();
-                    if !report.touched.is_empty() {
-                        let now = std::time::SystemTime::now();
-                        let mut rt = shared.runtime();
-                        for w in &report.touched {
-                            rt.last_applied.insert(w.clone(), now);
-                        }
-                    }
-                    for (watch, path, to) in &report.diverged {
-                        tracing::warn!(watch, path, to = %to.display(), "diverged file preserved");
-                    }
-                    for watch in &report.touched {
-                        run_after_apply(shared, watch, applier.root(watch));
-                    }
-                    send(Reply::Committed {
-                        batch,
-                        applied: report.applied,
-                        failed: report.failed,
-                    })?;
-                    Ok(())
-                }
-                Request::Ping => {
-                    send(Reply::Pong)?;
-                    Ok(())
-                }
-                Request::Hello(_) => Err("a second hello".into()),
-                other => Err(format!("{} in a replication session", request_name(&other))),
-            };
-            if let Err(reason) = outcome {
-                tracing::warn!(reason, "refused a request; dropping the session");
-                let _ = send(Reply::Refused { reason: reason.clone() });
-                bail!("refused a request: {reason}");
-            }
+            serve_request(shared, session, &mut applier, &send, req)?;
         }
+    }
+    Ok(())
+}
+
+/// Serves one request of a replication session; an error ends the session.
+fn serve_request(
+    shared: &Shared,
+    session: &RoleState,
+    applier: &mut Applier,
+    send: &impl Fn(Reply) -> Result<()>,
+    req: Request,
+) -> Result<()> {
+    // A role change during the session (fencing, a switchover) ends it.
+    let now = shared.role();
+    if now != *session {
+        tracing::warn!(
+            epoch = now.epoch,
+            active = now.active,
+            "the role changed; ending the replication session"
+        );
+        let _ = send(Reply::Stale(now));
+        bail!("the role changed during the session");
+    }
+    let outcome: std::result::Result<(), String> = match req {
+        Request::GetManifest { watch } => match applier.manifest(&watch) {
+            Ok(entries) => {
+                for part in manifest_parts(entries) {
+                    send(Reply::ManifestPart {
+                        watch: watch.clone(),
+                        entries: part.0,
+                        last: part.1,
+                    })?;
+                }
+                warmspare_shared::sys::release_free_memory();
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        Request::GetSignature {
+            id,
+            watch,
+            path,
+            block_len,
+        } => match applier.signature(&watch, &path, block_len) {
+            Ok(Some((base, sig))) => {
+                let mut chunks = sig.chunks(proto::CHUNK).peekable();
+                if chunks.peek().is_none() {
+                    send(Reply::SignaturePart {
+                        id,
+                        base,
+                        data: ByteBuf::new(),
+                        last: true,
+                    })?;
+                }
+                while let Some(c) = chunks.next() {
+                    send(Reply::SignaturePart {
+                        id,
+                        base,
+                        data: ByteBuf::from(c.to_vec()),
+                        last: chunks.peek().is_none(),
+                    })?;
+                }
+                Ok(())
+            }
+            Ok(None) => {
+                send(Reply::NoSignature { id })?;
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        Request::Op(op) => applier.apply(op).map_err(|e| e.to_string()),
+        Request::Commit { batch } => {
+            let report = applier.commit();
+            if !report.touched.is_empty() {
+                let now = std::time::SystemTime::now();
+                let mut rt = shared.runtime();
+                for w in &report.touched {
+                    rt.last_applied.insert(w.clone(), now);
+                }
+            }
+            for (watch, path, to) in &report.diverged {
+                tracing::warn!(watch, path, to = %to.display(), "diverged file preserved");
+            }
+            for watch in &report.touched {
+                run_after_apply(shared, watch, applier.root(watch));
+            }
+            send(Reply::Committed {
+                batch,
+                applied: report.applied,
+                failed: report.failed,
+            })?;
+            Ok(())
+        }
+        Request::Ping => {
+            send(Reply::Pong)?;
+            Ok(())
+        }
+        Request::Hello(_) => Err("a second hello".into()),
+        other => Err(format!("{} in a replication session", request_name(&other))),
+    };
+    if let Err(reason) = outcome {
+        tracing::warn!(reason, "refused a request; dropping the session");
+        let _ = send(Reply::Refused { reason: reason.clone() });
+        bail!("refused a request: {reason}");
     }
     Ok(())
 }

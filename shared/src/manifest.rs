@@ -421,18 +421,10 @@ pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCach
                     return out;
                 }
                 if let Some((e, unhashed)) = entry_for(prefix, &abs, &md, cache, &mut out.skipped) {
-                    let is_dir = e.kind == EntryKind::Dir;
-                    if unhashed {
-                        misses.push(Miss {
-                            index: out.entries.len(),
-                            abs,
-                            md,
-                        });
-                    }
-                    out.entries.push(e);
-                    if is_dir {
+                    if e.kind == EntryKind::Dir {
                         stack.push(prefix.to_string());
                     }
+                    push_entry(&mut out, &mut misses, e, unhashed.then_some((abs, md)));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return out,
@@ -484,20 +476,26 @@ pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCach
                 if e.kind == EntryKind::Dir {
                     stack.push(rel);
                 }
-                if unhashed {
-                    misses.push(Miss {
-                        index: out.entries.len(),
-                        abs,
-                        md,
-                    });
-                }
-                out.entries.push(e);
+                push_entry(&mut out, &mut misses, e, unhashed.then_some((abs, md)));
             }
         }
     }
     hash_misses(&mut out, misses, cache);
     out.entries.sort_by(|a, b| a.path.cmp(&b.path));
     out
+}
+
+/// Adds `e` to the scan; `unhashed` (its path and metadata) when its hash is
+/// still to be read.
+fn push_entry(out: &mut Scan, misses: &mut Vec<Miss>, e: Entry, unhashed: Option<(PathBuf, fs::Metadata)>) {
+    if let Some((abs, md)) = unhashed {
+        misses.push(Miss {
+            index: out.entries.len(),
+            abs,
+            md,
+        });
+    }
+    out.entries.push(e);
 }
 
 /// A file of a scan whose hash the cache did not hold.
@@ -533,7 +531,7 @@ fn hash_misses(out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
     let results: Vec<Hashed> = if threads > 1 && misses.len() >= PARALLEL_HASH_MIN {
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut parts: Vec<Vec<(usize, Hashed)>> = std::thread::scope(|s| {
+        let parts: Vec<Vec<(usize, Hashed)>> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| {
@@ -552,7 +550,7 @@ fn hash_misses(out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
                 .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
-        let mut all: Vec<_> = parts.drain(..).flatten().collect();
+        let mut all: Vec<_> = parts.into_iter().flatten().collect();
         all.sort_unstable_by_key(|(i, _)| *i);
         all.into_iter().map(|(_, r)| r).collect()
     } else {

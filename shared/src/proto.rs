@@ -499,7 +499,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next messages: waits for one, then takes those already received
-    /// after it, up to `max` messages or about `max_bytes` of frames. Empty at
+    /// after it, up to `max` messages or about `max_bytes` of frames after
+    /// the first. Empty at
     /// a clean end of stream. Handing a consumer a batch instead of one
     /// message at a time saves a thread wake-up per message.
     pub async fn recv_batch<T: for<'de> Deserialize<'de>>(
@@ -507,15 +508,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<T>, FrameError> {
-        if let Some(e) = self.deferred.take() {
-            return Err(e);
-        }
-        let Some(first) = self.inner.next().await else {
+        let Some(first) = self.recv().await? else {
             return Ok(Vec::new());
         };
-        let first: BytesMut = first?;
-        let mut bytes = first.len();
-        let mut batch = vec![decode(&first)?];
+        let mut batch = vec![first];
+        let mut bytes = 0;
         while batch.len() < max && bytes < max_bytes {
             match self.inner.next().now_or_never() {
                 Some(Some(frame)) => {
