@@ -221,6 +221,25 @@ fn wait(limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Seconds from `start` until `dst` holds exactly `want`. Files appear whole
+/// (the receiver renames them into place), so the moment is that of the stat
+/// that first saw the new size, provided the content read right after it is
+/// `want`; the read and hash of the check itself are not counted.
+fn appears_whole(dst: &Path, want: &[u8], start: Instant) -> f64 {
+    let hash = blake3::hash(want);
+    let deadline = start + Duration::from_secs(600);
+    loop {
+        if fs::metadata(dst).is_ok_and(|m| m.len() == want.len() as u64) {
+            let seen = start.elapsed().as_secs_f64();
+            if read(dst).is_some_and(|d| blake3::hash(&d) == hash) {
+                return seen;
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -397,7 +416,7 @@ fn main() {
         let mirror = work.path().join("rsync-big");
         fs::create_dir_all(&mirror).unwrap();
         sshd.rsync(&src, &mirror, &[]);
-        let _b = c.start("b");
+        let b = c.start("b");
         let a = c.start("a");
         converge(&src, &c.ca("b"), Duration::from_secs(600));
         // 1% of the bytes in 100 places, and one 4 KiB insertion.
@@ -414,14 +433,7 @@ fn main() {
         fs::write(&staged, &changed).unwrap();
         let t = Instant::now();
         fs::rename(&staged, src.join("big.bin")).unwrap();
-        let want = blake3::hash(&changed);
-        // Files appear whole (by rename): stat until the size is right, then hash.
-        let dst = c.ca("b").join("big.bin");
-        wait(Duration::from_secs(600), || {
-            fs::metadata(&dst).is_ok_and(|m| m.len() == changed.len() as u64)
-                && read(&dst).is_some_and(|d| blake3::hash(&d) == want)
-        });
-        let ws = t.elapsed().as_secs_f64();
+        let ws = appears_whole(&c.ca("b").join("big.bin"), &changed, t);
         let wire = a
             .log_text()
             .lines()
@@ -460,13 +472,12 @@ fn main() {
         fs::write(&staged, &fresh).unwrap();
         let t = Instant::now();
         fs::rename(&staged, src.join("new.bin")).unwrap();
-        let want = blake3::hash(&fresh);
-        let dst = c.ca("b").join("new.bin");
-        wait(Duration::from_secs(600), || {
-            fs::metadata(&dst).is_ok_and(|m| m.len() == fresh.len() as u64)
-                && read(&dst).is_some_and(|d| blake3::hash(&d) == want)
-        });
-        let ws = t.elapsed().as_secs_f64();
+        let ws = appears_whole(&c.ca("b").join("new.bin"), &fresh, t);
+        if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
+            let _ = fs::create_dir_all(&dir);
+            let _ = fs::write(Path::new(&dir).join("large-a.log"), a.log_text());
+            let _ = fs::write(Path::new(&dir).join("large-b.log"), b.log_text());
+        }
         let (rs, _) = sshd.rsync(&src, &mirror, &[]);
         let t = Instant::now();
         let cat = Command::new("sh")
