@@ -48,21 +48,194 @@ pub enum DeltaError {
     Apply(String),
 }
 
+/// Inputs smaller than this are signed and diffed on the calling thread.
+const PARALLEL_MIN: usize = 8 << 20;
+
+/// The most data one thread diffs in one piece. Each piece's delta is held in
+/// memory until the pieces before it are written, so this bounds the memory a
+/// diff of mostly new content can take (one piece per thread).
+const PIECE_MAX: usize = 32 << 20;
+
+/// How a large signature or diff is split across threads.
+#[derive(Clone, Copy, Debug)]
+pub struct Split {
+    /// Threads working at once, the caller's included.
+    pub threads: usize,
+    /// The largest piece one thread takes.
+    pub piece_max: usize,
+}
+
+impl Split {
+    /// The machine's cores, up to four, for inputs of at least 8 MiB; one
+    /// thread otherwise.
+    pub fn for_len(len: usize) -> Split {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Split {
+            threads: if len < PARALLEL_MIN { 1 } else { cores.min(4) },
+            piece_max: PIECE_MAX,
+        }
+    }
+
+    /// The length of each piece of `len` bytes: a whole number of blocks.
+    fn piece_len(self, len: usize, block: usize) -> usize {
+        let share = len.div_ceil(self.threads.max(1)).min(self.piece_max).max(1);
+        share.div_ceil(block) * block
+    }
+}
+
 /// The serialized signature of `base`.
 pub fn signature(base: &[u8], block_len: u32) -> Vec<u8> {
+    signature_with(base, block_len, Split::for_len(base.len()))
+}
+
+/// [`signature`], split as given. Each block's entry depends on that block
+/// alone, so pieces that are whole numbers of blocks are signed on their own
+/// and their entries joined: the result is the same bytes.
+pub fn signature_with(base: &[u8], block_len: u32, split: Split) -> Vec<u8> {
     let opts = SignatureOptions {
         block_size: block_len.max(1),
         crypto_hash_size: STRONG_LEN,
     };
-    Signature::calculate(base, opts).into_serialized()
+    if split.threads <= 1 {
+        return Signature::calculate(base, opts).into_serialized();
+    }
+    let piece = split.piece_len(base.len(), opts.block_size as usize);
+    let mut out = Vec::new();
+    for round in base.chunks(piece * split.threads) {
+        let parts: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let workers: Vec<_> = round
+                .chunks(piece)
+                .skip(1)
+                .map(|p| s.spawn(move || Signature::calculate(p, opts).into_serialized()))
+                .collect();
+            let first = Signature::calculate(&round[..piece.min(round.len())], opts).into_serialized();
+            std::iter::once(first)
+                .chain(workers.into_iter().map(|w| w.join().unwrap_or_default()))
+                .collect()
+        });
+        for part in parts {
+            let body = if out.is_empty() { 0 } else { SIGNATURE_HEADER };
+            out.extend_from_slice(part.get(body..).unwrap_or_default());
+        }
+    }
+    out
 }
+
+/// Bytes before the first block entry of a serialized signature: magic,
+/// block length, strong hash length.
+const SIGNATURE_HEADER: usize = 12;
+
+/// The first four bytes of a delta.
+const DELTA_MAGIC: [u8; 4] = [0x72, 0x73, 0x02, 0x36];
+
+/// The command that ends a delta.
+const DELTA_END: u8 = 0;
 
 /// Writes to `out` the delta that turns the signed file into `data`.
 pub fn diff(signature_bytes: &[u8], data: &[u8], out: impl Write) -> Result<(), DeltaError> {
+    diff_with(signature_bytes, data, out, Split::for_len(data.len()))
+}
+
+/// [`diff`], split as given. Large inputs are cut into pieces of whole blocks,
+/// diffed on several threads, and the pieces' commands are joined in order
+/// into one delta (a delta's commands carry no position of their own). A
+/// match that would straddle two pieces is lost, so each cut costs at most
+/// about one block of literal data.
+pub fn diff_with(signature_bytes: &[u8], data: &[u8], mut out: impl Write, split: Split) -> Result<(), DeltaError> {
     // The signature comes from the peer: fast_rsync trusts its block size.
     check_signature(signature_bytes)?;
     let sig = Signature::deserialize(signature_bytes.to_vec()).map_err(|e| DeltaError::Signature(e.to_string()))?;
-    fast_rsync::diff(&sig.index(), data, out).map_err(|e| DeltaError::Diff(e.to_string()))
+    let index = sig.index();
+    let one = |piece: &[u8], out: &mut dyn Write| {
+        fast_rsync::diff(&index, piece, out).map_err(|e| DeltaError::Diff(e.to_string()))
+    };
+    if split.threads <= 1 {
+        return one(data, &mut out);
+    }
+    let block = signature_block_len(signature_bytes)?;
+    let piece = split.piece_len(data.len(), block);
+    let io = |e: io::Error| DeltaError::Diff(e.to_string());
+    out.write_all(&DELTA_MAGIC).map_err(io)?;
+    for round in data.chunks(piece * split.threads) {
+        std::thread::scope(|s| {
+            let workers: Vec<_> = round
+                .chunks(piece)
+                .skip(1)
+                .map(|p| {
+                    s.spawn(move || {
+                        let mut buf = Vec::new();
+                        one(p, &mut buf).map(|()| buf)
+                    })
+                })
+                .collect();
+            // The first piece of each round streams straight out.
+            let mut first = Commands::new(&mut out);
+            one(&round[..piece.min(round.len())], &mut first)?;
+            first.finish()?;
+            for w in workers {
+                let buf = w
+                    .join()
+                    .map_err(|_| DeltaError::Diff("a diff thread panicked".into()))??;
+                let mut rest = Commands::new(&mut out);
+                rest.write_all(&buf).map_err(io)?;
+                rest.finish()?;
+            }
+            Ok::<(), DeltaError>(())
+        })?;
+    }
+    out.write_all(&[DELTA_END]).map_err(io)
+}
+
+/// Passes on the commands of one complete delta: drops its magic and holds
+/// back its last byte, which must be the end command.
+struct Commands<W> {
+    out: W,
+    skip: usize,
+    held: Option<u8>,
+}
+
+impl<W: Write> Commands<W> {
+    fn new(out: W) -> Commands<W> {
+        Commands {
+            out,
+            skip: DELTA_MAGIC.len(),
+            held: None,
+        }
+    }
+
+    fn finish(self) -> Result<(), DeltaError> {
+        if self.skip != 0 || self.held != Some(DELTA_END) {
+            return Err(DeltaError::Diff("a piece's delta is not complete".into()));
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Commands<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let skip = self.skip.min(buf.len());
+        self.skip -= skip;
+        let rest = &buf[skip..];
+        if let Some((&last, body)) = rest.split_last() {
+            if let Some(held) = self.held.replace(last) {
+                self.out.write_all(&[held])?;
+            }
+            self.out.write_all(body)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The block length a serialized signature declares.
+fn signature_block_len(signature_bytes: &[u8]) -> Result<usize, DeltaError> {
+    signature_bytes
+        .get(4..8)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| DeltaError::Signature("too short".into()))
 }
 
 /// Whether a delta of `data` against the signed file is likely to save
@@ -169,6 +342,45 @@ mod tests {
         assert!(!worth_diffing(&sig, &rewritten).unwrap());
         // Small inputs are always diffed.
         assert!(worth_diffing(&sig, &rewritten[..100_000]).unwrap());
+    }
+
+    #[test]
+    fn split_signatures_and_diffs_match_one_thread() {
+        let base: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let block = block_len(base.len() as u64);
+        let one = Split {
+            threads: 1,
+            piece_max: usize::MAX,
+        };
+        // Pieces that do not divide the input evenly, and more pieces than threads.
+        let split = Split {
+            threads: 3,
+            piece_max: 250_000,
+        };
+        let sig = signature_with(&base, block, one);
+        assert_eq!(signature_with(&base, block, split), sig);
+        let mut new = base.clone();
+        for at in [5_000, 700_000, 1_400_000, 2_999_000] {
+            new[at..at + 100].copy_from_slice(&[7; 100]);
+        }
+        new.splice(1_000_000..1_000_000, [9u8; 4096]);
+        let (mut whole, mut pieces) = (Vec::new(), Vec::new());
+        diff_with(&sig, &new, &mut whole, one).unwrap();
+        diff_with(&sig, &new, &mut pieces, split).unwrap();
+        for delta in [&whole, &pieces] {
+            let mut out = Vec::new();
+            apply(&base, delta, &mut out, new.len()).unwrap();
+            assert_eq!(out, new);
+        }
+        // Each of the 12 cuts loses at most about one block of matches.
+        assert!(
+            pieces.len() <= whole.len() + 12 * (block as usize + 16),
+            "{} bytes in pieces, {} whole",
+            pieces.len(),
+            whole.len()
+        );
     }
 
     #[test]
