@@ -141,7 +141,7 @@ struct Incoming {
     rel: String,
     target: PathBuf,
     tmp: PathBuf,
-    writer: Option<BufWriter<File>>,
+    writer: Option<BufWriter<Output>>,
     hasher: blake3::Hasher,
     written: u64,
     size: u64,
@@ -570,7 +570,12 @@ impl Applier {
         } else {
             (size as usize).clamp(1, 256 * 1024)
         };
-        incoming.writer = Some(BufWriter::with_capacity(cap, file));
+        let out = if delta_base.is_some() {
+            Output::scratch(file)
+        } else {
+            Output::durable(file)
+        };
+        incoming.writer = Some(BufWriter::with_capacity(cap, out));
         self.incoming = Some(incoming);
         Ok(())
     }
@@ -653,7 +658,7 @@ impl Applier {
 
     fn finish(&mut self, inc: &mut Incoming) -> Result<(), String> {
         let writer = inc.writer.take().ok_or("no open file")?;
-        let file = writer.into_inner().map_err(|e| e.error().to_string())?;
+        let file = writer.into_inner().map_err(|e| e.error().to_string())?.file;
         if let Some((spool, base_hash)) = &inc.delta {
             // Patch: base (the current target) + delta (the spool) -> tmp.
             let delta_file = file;
@@ -676,7 +681,7 @@ impl Applier {
                 .open(&inc.tmp)
                 .map_err(|e| e.to_string())?;
             let mut hw = HashingWriter {
-                inner: BufWriter::with_capacity(256 * 1024, out),
+                inner: BufWriter::with_capacity(256 * 1024, Output::durable(out)),
                 hasher: blake3::Hasher::new(),
                 written: 0,
             };
@@ -684,7 +689,7 @@ impl Applier {
             let _ = spool;
             inc.hasher = hw.hasher;
             inc.written = hw.written;
-            let out = hw.inner.into_inner().map_err(|e| e.error().to_string())?;
+            let out = hw.inner.into_inner().map_err(|e| e.error().to_string())?.file;
             self.finish_file(inc, &out)
         } else {
             self.finish_file(inc, &file)
@@ -854,6 +859,57 @@ fn move_aside(src: &Path, dest: &Path) -> io::Result<()> {
             fs::remove_file(src)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Write-back of a file being received starts every this many bytes.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// A temporary file being written. One that will be made durable starts
+/// the kernel writing back each [`WRITEBACK_STEP`] bytes as they arrive,
+/// without waiting, so that the commit's fsync finds little left to write;
+/// otherwise a large file is written back only at that fsync, after the
+/// last byte has arrived.
+struct Output {
+    file: File,
+    written: u64,
+    /// Where write-back has been started up to; `u64::MAX` for scratch
+    /// files (spooled deltas), which are never made durable.
+    started: u64,
+}
+
+impl Output {
+    fn durable(file: File) -> Output {
+        Output {
+            file,
+            written: 0,
+            started: 0,
+        }
+    }
+
+    fn scratch(file: File) -> Output {
+        Output {
+            file,
+            written: 0,
+            started: u64::MAX,
+        }
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written.saturating_sub(self.started) >= WRITEBACK_STEP {
+            // Only a hint: the commit's fsync reports any real failure.
+            let _ = crate::sys::start_writeback(&self.file, self.started, self.written - self.started);
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 

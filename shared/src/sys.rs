@@ -28,6 +28,24 @@ pub fn syncfs(file: &File) -> io::Result<()> {
     }
 }
 
+/// Starts writing back `len` bytes of `file` from `offset` to stable storage
+/// without waiting for it (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`).
+/// Durability still needs an fsync; this only gets the writing under way.
+pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: the descriptor is valid for the lifetime of `file`; the call
+    // only reads its arguments.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Renames `from` to `to` unless `to` exists (`renameat2` with
 /// `RENAME_NOREPLACE`). Fails with `EEXIST` when it exists, and with `EINVAL`
 /// on a filesystem that cannot do it.
