@@ -27,7 +27,15 @@ impl Ledger {
     /// Loads the ledger at `path`; a missing or unreadable one is empty (every
     /// differing file is then preserved: the safe side).
     pub fn load(path: &Path) -> Ledger {
-        let map = fs::read(path).map(|b| Ledger::decode(&b)).unwrap_or_default();
+        let map = match fs::read(path) {
+            Ok(bytes) => Ledger::decode(&bytes),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the sync ledger; starting it empty");
+                }
+                HashMap::new()
+            }
+        };
         Ledger {
             path: path.to_path_buf(),
             map,
@@ -81,7 +89,8 @@ impl Ledger {
     }
 }
 
-/// The ledgers of every watch of a node.
+/// The ledgers of every watch of a node, each loaded on first use and let
+/// go of once saved.
 #[derive(Debug)]
 pub struct Ledgers {
     dir: PathBuf,
@@ -107,12 +116,19 @@ impl Ledgers {
             .or_insert_with(|| Ledger::load(&dir.join(watch)))
     }
 
-    /// Persists every changed ledger.
+    /// Persists every changed ledger, then lets go of them: a saved ledger
+    /// is read back on its next use. Between bursts of changes an agent
+    /// holds no ledger in memory (about 10 MiB for 100,000 files); a busy
+    /// one reads each ledger back at most once per save.
     pub fn save(&mut self) -> io::Result<()> {
         for l in self.by_watch.values_mut() {
             l.save()?;
         }
         self.saved_at = Some(std::time::Instant::now());
+        if !self.by_watch.is_empty() {
+            self.by_watch.clear();
+            crate::sys::release_free_memory();
+        }
         Ok(())
     }
 
@@ -143,6 +159,10 @@ mod tests {
         assert_eq!(ls.watch("ca").get("a/b"), None);
         assert_eq!(ls.watch("ca").get("ab"), Some(h));
         ls.save().unwrap();
+        // Saved ledgers are let go of and read back on their next use.
+        assert!(ls.by_watch.is_empty());
+        assert_eq!(ls.watch("ca").get("ab"), Some(h));
+        assert_eq!(ls.watch("ca").get("a/c"), None);
         let mut again = Ledgers::new(d.path().to_path_buf());
         assert_eq!(again.watch("ca").get("ab"), Some(h));
         again.watch("ca").reset([("z".to_string(), h)]);
