@@ -333,6 +333,14 @@ type Remote = BTreeMap<Box<str>, Held>;
 /// The shipper's picture of one peer: what it holds, per watch.
 type Model = HashMap<String, Remote>;
 
+/// Rebuilds `remote` with full nodes. Entries inserted one at a time in
+/// order (as a full comparison with an empty peer does) leave every node
+/// about half full: 16.6 MiB of nodes for 100,000 files, against about
+/// 10 MiB when built from the sorted entries in one go.
+fn compact(remote: &mut Remote) {
+    *remote = std::mem::take(remote).into_iter().collect();
+}
+
 fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owners: bool) -> Result<()> {
     let watches = shared.local_watches();
     let mut caches: HashMap<String, HashCache> = watches
@@ -456,6 +464,11 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
         if !work.full.is_empty() {
             // A full comparison's scans and manifests are gone: give the memory back.
             drop(settled);
+            for name in &work.full {
+                if let Some(remote) = model.get_mut(name) {
+                    compact(remote);
+                }
+            }
             warmspare_shared::sys::release_free_memory();
         }
         if stats.ops > 0 {
