@@ -110,7 +110,11 @@ pub fn signature_with(base: &[u8], block_len: u32, split: Split) -> Vec<u8> {
                 .collect();
             let first = Signature::calculate(&round[..piece.min(round.len())], opts).into_serialized();
             std::iter::once(first)
-                .chain(workers.into_iter().map(|w| w.join().unwrap_or_default()))
+                .chain(
+                    workers
+                        .into_iter()
+                        .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+                )
                 .collect()
         });
         for part in parts {
