@@ -38,7 +38,7 @@ const FULL_RESYNC: Duration = Duration::from_secs(600);
 const RETRY_MIN: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Ops per commit, and bytes per commit, before a commit is sent.
-const OPS_PER_COMMIT: usize = 1000;
+const OPS_PER_COMMIT: usize = 4000;
 const BYTES_PER_COMMIT: u64 = 32 * 1024 * 1024;
 /// Commits in flight before the shipper waits for an acknowledgement.
 const COMMITS_IN_FLIGHT: usize = 4;
