@@ -873,9 +873,9 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 struct Output {
     file: File,
     written: u64,
-    /// Where write-back has been started up to; `u64::MAX` for scratch
-    /// files (spooled deltas), which are never made durable.
-    started: u64,
+    /// Where write-back has been started up to; `None` for scratch files
+    /// (spooled deltas), which are never made durable.
+    started: Option<u64>,
 }
 
 impl Output {
@@ -883,7 +883,7 @@ impl Output {
         Output {
             file,
             written: 0,
-            started: 0,
+            started: Some(0),
         }
     }
 
@@ -891,7 +891,7 @@ impl Output {
         Output {
             file,
             written: 0,
-            started: u64::MAX,
+            started: None,
         }
     }
 }
@@ -900,10 +900,10 @@ impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
         self.written += n as u64;
-        if self.written.saturating_sub(self.started) >= WRITEBACK_STEP {
+        if let Some(started) = self.started.filter(|s| self.written - s >= WRITEBACK_STEP) {
             // Only a hint: the commit's fsync reports any real failure.
-            let _ = crate::sys::start_writeback(&self.file, self.started, self.written - self.started);
-            self.started = self.written;
+            let _ = crate::sys::start_writeback(&self.file, started, self.written - started);
+            self.started = Some(self.written);
         }
         Ok(n)
     }

@@ -146,9 +146,7 @@ pub fn diff(signature_bytes: &[u8], data: &[u8], out: impl Write) -> Result<(), 
 /// match that would straddle two pieces is lost, so each cut costs at most
 /// about one block of literal data.
 pub fn diff_with(signature_bytes: &[u8], data: &[u8], mut out: impl Write, split: Split) -> Result<(), DeltaError> {
-    // The signature comes from the peer: fast_rsync trusts its block size.
-    check_signature(signature_bytes)?;
-    let sig = Signature::deserialize(signature_bytes.to_vec()).map_err(|e| DeltaError::Signature(e.to_string()))?;
+    let (sig, block) = parse_signature(signature_bytes)?;
     let index = sig.index();
     let one = |piece: &[u8], out: &mut dyn Write| {
         fast_rsync::diff(&index, piece, out).map_err(|e| DeltaError::Diff(e.to_string()))
@@ -156,7 +154,6 @@ pub fn diff_with(signature_bytes: &[u8], data: &[u8], mut out: impl Write, split
     if split.threads <= 1 {
         return one(data, &mut out);
     }
-    let block = signature_block_len(signature_bytes)?;
     let piece = split.piece_len(data.len(), block);
     let io = |e: io::Error| DeltaError::Diff(e.to_string());
     out.write_all(&DELTA_MAGIC).map_err(io)?;
@@ -234,14 +231,6 @@ impl<W: Write> Write for Commands<W> {
     }
 }
 
-/// The block length a serialized signature declares.
-fn signature_block_len(signature_bytes: &[u8]) -> Result<usize, DeltaError> {
-    signature_bytes
-        .get(4..8)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or_else(|| DeltaError::Signature("too short".into()))
-}
-
 /// Whether a delta of `data` against the signed file is likely to save
 /// anything. Computing a delta over content that matches nothing costs far
 /// more than sending it (the diff rolls byte by byte), so for large inputs
@@ -252,8 +241,7 @@ pub fn worth_diffing(signature_bytes: &[u8], data: &[u8]) -> Result<bool, DeltaE
     if data.len() < 16 * PROBE {
         return Ok(true);
     }
-    check_signature(signature_bytes)?;
-    let sig = Signature::deserialize(signature_bytes.to_vec()).map_err(|e| DeltaError::Signature(e.to_string()))?;
+    let (sig, _) = parse_signature(signature_bytes)?;
     let index = sig.index();
     let mid = data.len() / 2 - PROBE / 2;
     for at in [0, mid, data.len() - PROBE] {
@@ -266,17 +254,20 @@ pub fn worth_diffing(signature_bytes: &[u8], data: &[u8]) -> Result<bool, DeltaE
     Ok(false)
 }
 
-/// Checks the signature header fields that fast_rsync trusts.
-fn check_signature(signature_bytes: &[u8]) -> Result<(), DeltaError> {
+/// Parses a signature from the peer, with its block length. fast_rsync
+/// trusts the header's block and hash sizes, so they are checked first.
+fn parse_signature(signature_bytes: &[u8]) -> Result<(Signature, usize), DeltaError> {
     let field = |at: usize| {
         signature_bytes
             .get(at..at + 4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
-    match (field(4), field(8)) {
-        (Some(block), Some(strong)) if block > 0 && block <= 1 << 24 && (1..=16).contains(&strong) => Ok(()),
-        _ => Err(DeltaError::Signature("bad block or hash size".into())),
-    }
+    let block = match (field(4), field(8)) {
+        (Some(block), Some(strong)) if block > 0 && block <= 1 << 24 && (1..=16).contains(&strong) => block,
+        _ => return Err(DeltaError::Signature("bad block or hash size".into())),
+    };
+    let sig = Signature::deserialize(signature_bytes.to_vec()).map_err(|e| DeltaError::Signature(e.to_string()))?;
+    Ok((sig, block as usize))
 }
 
 /// Applies `delta` to `base`, writing at most `limit` bytes to `out`.

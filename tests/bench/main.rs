@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warmspare_tests::faults::NetLink;
-use warmspare_tests::{converge, free_port, noise, read, write_file, ClusterOptions, TestCluster, CA_WATCH};
+use warmspare_tests::{converge, free_port, noise, read, write_file, Agent, ClusterOptions, TestCluster, CA_WATCH};
 
 struct Sizes {
     files: usize,
@@ -242,6 +242,17 @@ fn wait(limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// With `BENCH_KEEP_LOGS=DIR`, writes both agents' logs to
+/// `DIR/<scenario>-a.log` and `DIR/<scenario>-b.log`.
+fn keep_logs(scenario: &str, a: &Agent, b: &Agent) {
+    if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
+        let _ = fs::create_dir_all(&dir);
+        for (n, agent) in [("a", a), ("b", b)] {
+            let _ = fs::write(Path::new(&dir).join(format!("{scenario}-{n}.log")), agent.log_text());
+        }
+    }
+}
+
 /// Seconds from `start` until `dst` holds exactly `want`. Files appear whole
 /// (the receiver renames them into place), so the moment is that of the stat
 /// that first saw the new size, provided the content read right after it is
@@ -299,12 +310,7 @@ fn initial_round(sshd: &Sshd, work: &Path, sizes: &Sizes, round: usize) -> (f64,
         }
         let ws = start.elapsed().as_secs_f64();
         converge(&src, &c.ca("b"), Duration::from_secs(120));
-        if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
-            let _ = fs::create_dir_all(&dir);
-            for (n, agent) in [("a", &a1), ("b", &b1)] {
-                let _ = fs::write(Path::new(&dir).join(format!("initial-{n}.log")), agent.log_text());
-            }
-        }
+        keep_logs("initial", &a1, &b1);
         if !wrap_a.is_empty() || !wrap_b.is_empty() {
             // A profiler writes its report when the agent exits cleanly.
             for pid in [a1.pid(), b1.pid()].into_iter().flatten() {
@@ -534,11 +540,7 @@ fn main() {
         let t = Instant::now();
         fs::rename(&staged, src.join("new.bin")).unwrap();
         let ws = appears_whole(&c.ca("b").join("new.bin"), &fresh, t);
-        if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
-            let _ = fs::create_dir_all(&dir);
-            let _ = fs::write(Path::new(&dir).join("large-a.log"), a.log_text());
-            let _ = fs::write(Path::new(&dir).join("large-b.log"), b.log_text());
-        }
+        keep_logs("large", &a, &b);
         let (rs, _) = sshd.rsync(&src, &mirror, &[]);
         let t = Instant::now();
         let cat = Command::new("sh")
