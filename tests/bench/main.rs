@@ -244,6 +244,20 @@ fn wait(limit: Duration, mut cond: impl FnMut() -> bool) {
 
 /// With `BENCH_KEEP_LOGS=DIR`, writes both agents' logs to
 /// `DIR/<scenario>-a.log` and `DIR/<scenario>-b.log`.
+/// Starts node `name` of `c` under `wrapper` (a profiler, or nothing), at
+/// the agent's default log level: a user runs it at `info`, and a per-file
+/// debug line costs the sender CPU that the receiver needs on a small
+/// machine. `BENCH_LOG` sets another filter (`info,warmspare_agent=debug`
+/// for the tests' level).
+fn start_agent(c: &TestCluster, name: &str, wrapper: &str) -> Agent {
+    let level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into());
+    c.start_wrapped(
+        name,
+        &[("RUST_LOG", &level)],
+        &wrapper.split_whitespace().collect::<Vec<_>>(),
+    )
+}
+
 fn keep_logs(scenario: &str, a: &Agent, b: &Agent) {
     if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
         let _ = fs::create_dir_all(&dir);
@@ -294,9 +308,9 @@ fn initial_round(sshd: &Sshd, work: &Path, sizes: &Sizes, round: usize) -> (f64,
         // Profilers for either side, as for scenario 5 (see benchmarks.md).
         let wrap_b = std::env::var("BENCH_WRAP_PASSIVE").unwrap_or_default();
         let wrap_a = std::env::var("BENCH_WRAP_ACTIVE").unwrap_or_default();
-        let mut b1 = c.start_wrapped("b", &[], &wrap_b.split_whitespace().collect::<Vec<_>>());
+        let mut b1 = start_agent(&c, "b", &wrap_b);
         let start = Instant::now();
-        let mut a1 = c.start_wrapped("a", &[], &wrap_a.split_whitespace().collect::<Vec<_>>());
+        let mut a1 = start_agent(&c, "a", &wrap_a);
         let want = count_files(&src);
         // The measuring loop must not compete with the agents for the CPU:
         // it stats the last file in shipping order, and walks the tree only then.
@@ -400,7 +414,12 @@ fn main() {
     // goes first; the table takes the median of each.
     if run("1") {
         let (mut rsync_times, mut ws_times) = (Vec::new(), Vec::new());
-        for round in 0..sizes.rounds {
+        // `BENCH_ROUNDS` sets another number of rounds, for comparing builds.
+        let rounds = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(sizes.rounds);
+        for round in 0..rounds {
             let (rsync_s, ws, pair) = initial_round(&sshd, work.path(), &sizes, round);
             kept.push(pair);
             println!(
@@ -428,8 +447,8 @@ fn main() {
         let c = pair();
         let src = c.ca("a");
         ca_tree(&src, sizes.files);
-        let _b = c.start("b");
-        let _a = c.start("a");
+        let _b = start_agent(&c, "b", "");
+        let _a = start_agent(&c, "a", "");
         converge(&src, &c.ca("b"), Duration::from_secs(600));
         let mut lat = event_latencies(&src, &c.ca("b"), "new", sizes.events);
         // The old module's way: one whole-tree rsync over ssh per event.
@@ -483,8 +502,8 @@ fn main() {
         let mirror = work.path().join("rsync-big");
         fs::create_dir_all(&mirror).unwrap();
         sshd.rsync(&src, &mirror, &[]);
-        let b = c.start("b");
-        let a = c.start("a");
+        let b = start_agent(&c, "b", "");
+        let a = start_agent(&c, "a", "");
         converge(&src, &c.ca("b"), Duration::from_secs(600));
         // 1% of the bytes in 100 places, and one 4 KiB insertion.
         let per = sizes.big / 100 / 100;
@@ -587,8 +606,8 @@ fn main() {
             .unwrap_or(sizes.idle_files);
         let wrapper = std::env::var("BENCH_WRAP_ACTIVE").unwrap_or_default();
         ca_tree(&src, files);
-        let _b = c.start("b");
-        let a = c.start_wrapped("a", &[], &wrapper.split_whitespace().collect::<Vec<_>>());
+        let _b = start_agent(&c, "b", "");
+        let a = start_agent(&c, "a", &wrapper);
         converge(&src, &c.ca("b"), Duration::from_secs(3600));
         let pid = a.pid().unwrap();
         let (_, cpu0) = pid_stats(pid);
@@ -732,7 +751,7 @@ fn distance(link: &NetLink, sizes: &Sizes, work: &Path, rows: &mut Vec<Row>, rtt
     settle();
     let _b = c.start_in_netns("b", &link.ns);
     let start = Instant::now();
-    let _a = c.start("a");
+    let _a = start_agent(&c, "a", "");
     converge(&src, &c.ca("b"), Duration::from_secs(600));
     let ws = start.elapsed().as_secs_f64();
     rows.push(Row {
