@@ -478,25 +478,11 @@ pub async fn serve(
         "agent started"
     );
 
-    // The first scan: warms the hash caches so the first comparison with a
-    // peer reads only what changed while the agent was down.
-    let warm = shared.clone();
-    tokio::task::spawn_blocking(move || {
-        for w in warm.local_watches() {
-            let path = warm.cache_path(&w.name, "send");
-            let mut cache = warmspare_shared::manifest::HashCache::load(&path);
-            let _ = warmspare_shared::manifest::scan(&w.root, "", &w.excludes, &mut cache);
-            if let Err(e) = cache.save(&path) {
-                tracing::warn!(watch = w.name, error = %e, "cannot save the hash cache");
-            }
-        }
-        warmspare_shared::sys::release_free_memory();
-    })
-    .await
-    .context("the first scan failed")?;
-
     let mut tasks = JoinSet::new();
     tasks.spawn(server::run(shared.clone(), listener, cancel.clone()));
+    if role.active != shared.me.name {
+        tasks.spawn(warm_send_caches(shared.clone()));
+    }
     if let Some(http) = http {
         tasks.spawn(health::run(shared.clone(), http, cancel.clone()));
     }
@@ -564,6 +550,29 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Scans the local watches once to fill their send-side hash caches, so that
+/// the first comparison after a switchover to this node reads only what
+/// changed. Only a node that starts passive runs it, beside its other work:
+/// an active node's first comparison fills the same caches as it goes, and
+/// waiting for a separate pass first would only delay it.
+async fn warm_send_caches(shared: Arc<Shared>) {
+    let done = tokio::task::spawn_blocking(move || {
+        for w in shared.local_watches() {
+            let path = shared.cache_path(&w.name, "send");
+            let mut cache = warmspare_shared::manifest::HashCache::load(&path);
+            let _ = warmspare_shared::manifest::scan(&w.root, "", &w.excludes, &mut cache);
+            if let Err(e) = cache.save(&path) {
+                tracing::warn!(watch = w.name, error = %e, "cannot save the hash cache");
+            }
+        }
+        warmspare_shared::sys::release_free_memory();
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::warn!(error = %e, "the scan that warms the hash caches failed");
+    }
 }
 
 fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &CancellationToken) {

@@ -17,7 +17,7 @@ fn send(states: &[NotifyState<'_>]) {
     }
 }
 
-/// Listeners are up and the first scan is done.
+/// Listeners are up.
 pub fn ready(shared: &Shared) {
     send(&[NotifyState::Ready, NotifyState::Status(&summary(shared))]);
 }
