@@ -197,6 +197,10 @@ pub struct Applier {
     saved_at: std::time::Instant,
     /// Directories checked by confinement in this batch.
     known_dirs: KnownDirs,
+    /// Starts write-back while a large batch still arrives.
+    flusher: Flusher,
+    /// Files written since the flusher was last asked to start.
+    unflushed: usize,
 }
 
 /// How often, at most, a busy applier rewrites its caches and ledgers.
@@ -230,6 +234,8 @@ impl Applier {
             divergence,
             saved_at: std::time::Instant::now(),
             known_dirs: KnownDirs::default(),
+            flusher: Flusher::default(),
+            unflushed: 0,
         })
     }
 
@@ -639,6 +645,13 @@ impl Applier {
                 self.report.applied += 1;
                 self.report.touched.insert(inc.watch.clone());
                 self.note_parent(&inc.target);
+                self.unflushed += 1;
+                if self.unflushed >= FLUSH_EVERY_FILES {
+                    self.unflushed = 0;
+                    if let Some(dir) = inc.target.parent() {
+                        self.flusher.start(dir);
+                    }
+                }
                 self.pending.push(Pending {
                     watch: inc.watch,
                     rel: inc.rel,
@@ -728,6 +741,7 @@ impl Applier {
         self.discarding = false;
         // The renames below may replace directories.
         self.known_dirs.clear();
+        self.unflushed = 0;
         let pending = std::mem::take(&mut self.pending);
         // 1. The new contents are durable before any of them is renamed.
         if let Err(e) = sync_files(pending.iter().map(|p| p.tmp.as_path())) {
@@ -843,6 +857,59 @@ impl Drop for Applier {
             let _ = fs::remove_file(&p.tmp);
         }
         self.save_state();
+    }
+}
+
+/// How many files a batch writes before the [`Flusher`] is asked to start
+/// writing them back.
+const FLUSH_EVERY_FILES: usize = 1000;
+
+/// A thread that syncs a filesystem when asked, so that the files of a large
+/// batch go to the disk while the rest of the batch still arrives; the
+/// commit's own sync then finds little left to write. It only ever starts
+/// work early: durability comes from the commit's sync. A request made
+/// while a sync runs is dropped. The thread starts with the first request.
+#[derive(Default)]
+struct Flusher {
+    requests: Option<std::sync::mpsc::SyncSender<PathBuf>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    /// Asks for the filesystem holding `dir` to be synced.
+    fn start(&mut self, dir: &Path) {
+        if self.requests.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<PathBuf>(0);
+            let spawned = std::thread::Builder::new()
+                .name("warmspare-flush".into())
+                .spawn(move || {
+                    for dir in rx {
+                        // Only a head start: the commit's sync reports failures.
+                        let _ = syncfs(&dir);
+                    }
+                });
+            match spawned {
+                Ok(thread) => {
+                    self.requests = Some(tx);
+                    self.thread = Some(thread);
+                }
+                // No thread, no head start: the commit syncs everything.
+                Err(_) => return,
+            }
+        }
+        if let Some(tx) = &self.requests {
+            // A rendezvous channel: this fails unless the thread is idle.
+            let _ = tx.try_send(dir.to_path_buf());
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -1124,6 +1191,28 @@ mod tests {
         let md = fs::metadata(d.path().join("f")).unwrap();
         assert_eq!(md.mode() & 0o7777, 0o640);
         assert_eq!(md.mtime(), 1_600_000_000);
+        assert_eq!(clean_temps(d.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_batch_flushed_early_still_appears_only_at_commit() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        let n = FLUSH_EVERY_FILES * 2 + 3;
+        for i in 0..n {
+            send_file(&mut a, &format!("f{i}"), format!("content {i}").as_bytes());
+        }
+        assert!(a.flusher.thread.is_some(), "the flusher was never asked to start");
+        assert!(!d.path().join("f0").exists());
+        let r = a.commit();
+        assert_eq!(r.applied, n as u64);
+        assert!(r.failed.is_empty());
+        for i in 0..n {
+            assert_eq!(
+                fs::read(d.path().join(format!("f{i}"))).unwrap(),
+                format!("content {i}").as_bytes()
+            );
+        }
         assert_eq!(clean_temps(d.path()).unwrap(), 0);
     }
 
