@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::config::Node;
 use warmspare_shared::delta;
-use warmspare_shared::manifest::{self, ContentHash, Entry, EntryKind, Excludes, HashCache, Meta};
+use warmspare_shared::manifest::{self, ContentHash, Entry, EntryKind, Excludes, HashCache, Hashing, Meta};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, CHUNK};
 use warmspare_shared::ssh;
 
@@ -593,7 +593,15 @@ fn ship_prefix(
     stats: &mut BatchStats,
     owners: bool,
 ) -> Result<Vec<(String, ContentHash)>> {
-    let scan = manifest::scan(&w.root, prefix, &w.excludes, cache);
+    // A file is read before it is sent only when the peer has a file of the
+    // same size there (the hashes decide whether to send it); the others are
+    // sent anyway, and hashed as they are read to be sent.
+    let same_size_there = |path: &str, size: u64| {
+        remote
+            .get(path)
+            .is_some_and(|r| matches!(r.kind, EntryKind::File { size: s, .. } if s == size))
+    };
+    let scan = manifest::scan_with(&w.root, prefix, &w.excludes, cache, Hashing::Only(&same_size_there));
     for s in &scan.skipped {
         tracing::warn!(watch = w.name, skipped = ?s, "not replicated");
     }
@@ -631,7 +639,9 @@ fn ship_prefix(
     }
 
     // 2. Directories, links and files, parents first (the scan is sorted).
-    for l in &scan.entries {
+    // The hashes of files sent without being read first, by position.
+    let mut learned: HashMap<usize, ContentHash> = HashMap::new();
+    for (i, l) in scan.entries.iter().enumerate() {
         let r = remote.get(l.path.as_str());
         match &l.kind {
             EntryKind::Dir => {
@@ -693,9 +703,27 @@ fn ship_prefix(
                         }
                         _ => None,
                     };
-                    ship_file(io, w, l, *size, *hash, base, stats)?;
-                    stats.touched.push((w.name.clone(), l.path.clone(), Some(*hash)));
-                    remote.insert(l.path.as_str().into(), Held::of(l));
+                    let known = (!scan.is_unhashed(i)).then_some(*hash);
+                    let out = Outgoing {
+                        entry: l,
+                        size: *size,
+                        hash: known,
+                        remote_size: base,
+                    };
+                    let Some((size, hash)) = ship_file(io, w, cache, out, stats)? else {
+                        continue; // Gone since the scan.
+                    };
+                    if known.is_none() {
+                        learned.insert(i, hash);
+                    }
+                    stats.touched.push((w.name.clone(), l.path.clone(), Some(hash)));
+                    remote.insert(
+                        l.path.as_str().into(),
+                        Held {
+                            kind: EntryKind::File { size, hash },
+                            meta: l.meta,
+                        },
+                    );
                     stats.files += 1;
                     maybe_commit(io, stats, &w.name)?;
                 }
@@ -730,7 +758,15 @@ fn ship_prefix(
     Ok(scan
         .entries
         .iter()
-        .filter_map(|e| Some((e.path.clone(), e.hash()?)))
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let hash = if scan.is_unhashed(i) {
+                *learned.get(&i)?
+            } else {
+                e.hash()?
+            };
+            Some((e.path.clone(), hash))
+        })
         .collect())
 }
 
@@ -823,15 +859,66 @@ fn wait_ack(io: &mut SessionIo, peer: &str) -> Result<()> {
     Ok(())
 }
 
+/// A file to send, as the scan saw it.
+struct Outgoing<'a> {
+    entry: &'a Entry,
+    size: u64,
+    /// Its hash, unless the scan left it unread (it is learned here).
+    hash: Option<ContentHash>,
+    /// The size of the peer's file there, when a delta against it may pay.
+    remote_size: Option<u64>,
+}
+
+/// A file's size and content hash as read now, and its content when it is
+/// small enough to keep for sending.
+struct Learned {
+    size: u64,
+    hash: ContentHash,
+    content: Option<Vec<u8>>,
+}
+
+/// Reads `file` to learn its hash (and, for one chunk or less, keeps its
+/// content), and caches the hash unless the file changed during the read.
+fn learn(file: &fs::File, rel: &str, cache: &mut HashCache) -> io::Result<Learned> {
+    let before = file.metadata()?;
+    let mut learned = None;
+    if before.len() <= CHUNK as u64 {
+        let mut buf = Vec::with_capacity(before.len() as usize);
+        file.take(CHUNK as u64 + 1).read_to_end(&mut buf)?;
+        if buf.len() <= CHUNK {
+            learned = Some(Learned {
+                size: buf.len() as u64,
+                hash: ContentHash::of(&buf),
+                content: Some(buf),
+            });
+        }
+    }
+    let learned = match learned {
+        Some(l) => l,
+        // Large, or it grew past a chunk while read.
+        None => {
+            let map = delta::Mapped::new(file)?;
+            Learned {
+                size: map.len() as u64,
+                hash: ContentHash::of(&map),
+                content: None,
+            }
+        }
+    };
+    cache.record(rel, &before, learned.hash, &file.metadata()?);
+    Ok(learned)
+}
+
+/// Sends one file whole or as a delta. Returns the size and hash it was
+/// announced with, or `None` when the file is gone.
 fn ship_file(
     io: &mut SessionIo,
     w: &LocalWatch,
-    l: &Entry,
-    size: u64,
-    hash: ContentHash,
-    remote_size: Option<u64>,
+    cache: &mut HashCache,
+    out: Outgoing<'_>,
     stats: &mut BatchStats,
-) -> Result<()> {
+) -> Result<Option<(u64, ContentHash)>> {
+    let l = out.entry;
     let abs = w.root.join(&l.path);
     let file = match fs::OpenOptions::new()
         .read(true)
@@ -839,12 +926,18 @@ fn ship_file(
         .open(&abs)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", abs.display())),
     };
+    let (mut size, mut hash, mut content) = (out.size, out.hash, None);
+    if hash.is_none() {
+        let learned = learn(&file, &l.path, cache).with_context(|| format!("cannot read {}", abs.display()))?;
+        (size, hash, content) = (learned.size, Some(learned.hash), learned.content);
+    }
+    let hash = hash.ok_or_else(|| anyhow!("{}: no content hash", l.path))?;
     let before = stats.wire_bytes;
     let mut sent_as_delta = false;
-    if let Some(rsize) = remote_size {
+    if let Some(rsize) = out.remote_size {
         io.send(&Request::GetSignature {
             id: 0,
             watch: w.name.clone(),
@@ -912,27 +1005,37 @@ fn ship_file(
             hash,
             delta_base: None,
         }))?;
-        let mut sink = FrameSink {
-            io,
-            buf: Vec::with_capacity(CHUNK.min(size as usize + 1)),
-            sent: 0,
-        };
-        let mut left = size;
-        let mut reader = &file;
-        let mut buf = vec![0u8; CHUNK.min(size.max(1) as usize)];
-        while left > 0 {
-            let want = buf.len().min(left as usize);
-            let n = reader
-                .read(&mut buf[..want])
-                .with_context(|| format!("cannot read {}", abs.display()))?;
-            if n == 0 {
-                break; // The file shrank; the receiver's size check refuses it.
+        match content {
+            // Read already, to learn its hash: one frame.
+            Some(data) => {
+                if !data.is_empty() {
+                    stats.wire_bytes += io.send(&Request::Op(Op::FileData(ByteBuf::from(data))))?;
+                }
             }
-            sink.write_all(&buf[..n])?;
-            left -= n as u64;
+            None => {
+                let mut sink = FrameSink {
+                    io,
+                    buf: Vec::with_capacity(CHUNK.min(size as usize + 1)),
+                    sent: 0,
+                };
+                let mut left = size;
+                let mut reader = &file;
+                let mut buf = vec![0u8; CHUNK.min(size.max(1) as usize)];
+                while left > 0 {
+                    let want = buf.len().min(left as usize);
+                    let n = reader
+                        .read(&mut buf[..want])
+                        .with_context(|| format!("cannot read {}", abs.display()))?;
+                    if n == 0 {
+                        break; // The file shrank; the receiver's size check refuses it.
+                    }
+                    sink.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                sink.flush_chunk()?;
+                stats.wire_bytes += sink.sent;
+            }
         }
-        sink.flush_chunk()?;
-        stats.wire_bytes += sink.sent;
         stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
     }
     stats.pending_bytes += stats.wire_bytes - before;
@@ -957,7 +1060,7 @@ fn ship_file(
             "file shipped"
         );
     }
-    Ok(())
+    Ok(Some((size, hash)))
 }
 
 /// Writes bytes as [`Op::FileData`] frames of at most [`CHUNK`] bytes.

@@ -328,7 +328,7 @@ impl HashCache {
     /// Caches `hash`, read from a file that had `md` before the read and
     /// `after` after it, unless the file changed meanwhile (it is hashed
     /// again on its next event) or changed too recently to be trusted.
-    fn record(&mut self, rel: &str, md: &fs::Metadata, hash: ContentHash, after: &fs::Metadata) {
+    pub fn record(&mut self, rel: &str, md: &fs::Metadata, hash: ContentHash, after: &fs::Metadata) {
         let (mtime_ns, ctime_ns) = times(md);
         if times(after) == (mtime_ns, ctime_ns) && after.size() == md.size() && !is_racy(ctime_ns, self.racy_ns) {
             self.insert(rel, md, hash);
@@ -391,6 +391,30 @@ pub struct Scan {
     pub entries: Vec<Entry>,
     /// What was passed over, and why.
     pub skipped: Vec<Skipped>,
+    /// The positions in `entries`, in order, of the files that
+    /// [`Hashing::Only`] left unread: their hash is not known (its bytes are
+    /// all zero) and must not be used. Empty with [`Hashing::All`].
+    pub unhashed: Vec<usize>,
+}
+
+impl Scan {
+    /// Whether the entry at `index` is a file whose hash was left unread.
+    pub fn is_unhashed(&self, index: usize) -> bool {
+        self.unhashed.binary_search(&index).is_ok()
+    }
+}
+
+/// Which files a scan reads to learn their content hash, when its cache
+/// cannot answer.
+#[derive(Clone, Copy)]
+pub enum Hashing<'a> {
+    /// Every file.
+    All,
+    /// Only the files for which this returns true, given the path and the
+    /// size. A sender uses it to leave unread the files it will send anyway
+    /// (the peer has nothing of that size there), and hashes them as it
+    /// reads them to send.
+    Only(&'a dyn Fn(&str, u64) -> bool),
 }
 
 /// Joins a relative manifest path onto a root.
@@ -408,6 +432,11 @@ pub fn join(root: &Path, rel: &str) -> PathBuf {
 /// it names a directory, the directory and everything below it; when it does
 /// not exist, nothing.
 pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCache) -> Scan {
+    scan_with(root, prefix, excludes, cache, Hashing::All)
+}
+
+/// [`scan`], reading only the files `hashing` asks for.
+pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCache, hashing: Hashing<'_>) -> Scan {
     let mut out = Scan::default();
     let mut stack: Vec<String> = Vec::new();
     let mut misses: Vec<Miss> = Vec::new();
@@ -480,8 +509,24 @@ pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCach
             }
         }
     }
+    let mut unread: Vec<String> = Vec::new();
+    if let Hashing::Only(wanted) = hashing {
+        misses.retain(|m| {
+            let e = &out.entries[m.index];
+            let want = wanted(&e.path, m.md.size());
+            if !want {
+                unread.push(e.path.clone());
+            }
+            want
+        });
+    }
     hash_misses(&mut out, misses, cache);
     out.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    out.unhashed = unread
+        .iter()
+        .filter_map(|p| out.entries.binary_search_by(|e| e.path.as_str().cmp(p)).ok())
+        .collect();
+    out.unhashed.sort_unstable();
     out
 }
 
@@ -717,6 +762,34 @@ mod tests {
         let sub = scan(root, "a/b", &ex, &mut cache);
         assert_eq!(sub.entries.len(), 2);
         assert!(scan(root, "nope", &ex, &mut cache).entries.is_empty());
+    }
+
+    #[test]
+    fn a_scan_reads_only_the_files_it_is_asked_to() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("d")).unwrap();
+        for name in ["d/a", "d/b", "d/c", "e"] {
+            fs::write(root.join(name), name.as_bytes()).unwrap();
+        }
+        let mut cache = HashCache {
+            racy_ns: 0,
+            ..HashCache::default()
+        };
+        let wanted = |path: &str, size: u64| path == "d/b" && size == 3;
+        let s = scan_with(root, "", &Excludes::default(), &mut cache, Hashing::Only(&wanted));
+        let paths: Vec<_> = s.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["d", "d/a", "d/b", "d/c", "e"]);
+        assert_eq!(s.unhashed, [1, 3, 4]);
+        assert!(s.is_unhashed(1) && !s.is_unhashed(2) && !s.is_unhashed(0));
+        assert_eq!(s.entries[2].hash(), Some(ContentHash::of(b"d/b")));
+        // Only what was read is cached; the same scan with everything
+        // wanted now reads the other three.
+        assert_eq!(cache.len(), 1);
+        let all = scan(root, "", &Excludes::default(), &mut cache);
+        assert!(all.unhashed.is_empty());
+        assert_eq!(all.entries[4].hash(), Some(ContentHash::of(b"e")));
+        assert_eq!(cache.len(), 4);
     }
 
     #[test]
