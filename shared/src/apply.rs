@@ -1,9 +1,12 @@
 //! The receiving side of replication: confined, atomic application of [`Op`]s.
 //!
-//! [`Applier`] is synchronous and owns no thread; the agent runs it on a
-//! blocking worker. Every path from the wire goes through [`confine`] first.
-//! File content is written to a temporary file beside its target, checked
-//! against the announced BLAKE3 hash, and only renamed into place at
+//! [`Applier`] is synchronous; the agent runs it on a blocking worker, and
+//! its only thread of its own starts write-back early (see `Flusher`).
+//! Every path from the wire goes through [`confine`] first. File content is
+//! written to a temporary file in its target's directory (without a name,
+//! `O_TMPFILE`, for small files; `.warmspare-tmp.*` for large ones and where
+//! the filesystem has no unnamed files), checked against the announced
+//! BLAKE3 hash, and only linked or renamed into place at
 //! [`Applier::commit`], after the data is durable; the directories are made
 //! durable before the commit is acknowledged. A reader therefore sees the old
 //! file or the new one, never a part of one.
@@ -140,7 +143,8 @@ struct Incoming {
     watch: String,
     rel: String,
     target: PathBuf,
-    tmp: PathBuf,
+    /// The named temporary file written, or `None` for an unnamed one.
+    tmp: Option<PathBuf>,
     writer: Option<BufWriter<Output>>,
     hasher: blake3::Hasher,
     written: u64,
@@ -154,9 +158,29 @@ struct Incoming {
 struct Pending {
     watch: String,
     rel: String,
-    tmp: PathBuf,
+    staged: Staged,
     target: PathBuf,
     hash: ContentHash,
+}
+
+/// Where a received file waits for its commit.
+enum Staged {
+    /// A temporary file with a name beside the target.
+    Named(PathBuf),
+    /// A file without a name (`O_TMPFILE`) in the target's directory, held
+    /// open until it is linked into place. New files take no temporary
+    /// name, so a commit does not rename them: the directory gets one
+    /// entry instead of an entry added, looked up and removed again.
+    Unnamed(File),
+}
+
+impl Staged {
+    /// Removes what is staged.
+    fn discard(self) {
+        if let Staged::Named(tmp) = self {
+            let _ = fs::remove_file(tmp);
+        }
+    }
 }
 
 /// The outcome of one commit.
@@ -201,6 +225,11 @@ pub struct Applier {
     flusher: Flusher,
     /// Files written since the flusher was last asked to start.
     unflushed: usize,
+    /// How many unnamed files a batch may hold open; 0 once the filesystem
+    /// turned out not to have them.
+    unnamed_max: usize,
+    /// Unnamed files held open by this batch.
+    unnamed: usize,
 }
 
 /// How often, at most, a busy applier rewrites its caches and ledgers.
@@ -236,6 +265,10 @@ impl Applier {
             known_dirs: KnownDirs::default(),
             flusher: Flusher::default(),
             unflushed: 0,
+            // A quarter of what the process may open, and no more than a
+            // large batch holds; the rest of a batch gets named files.
+            unnamed_max: (crate::sys::open_files_limit() / 4).min(UNNAMED_MAX) as usize,
+            unnamed: 0,
         })
     }
 
@@ -540,34 +573,57 @@ impl Applier {
                 fs::create_dir_all(parent)?;
             }
         }
-        let tmp = temp_beside(target, "new")?;
+        // A small whole file is written to an unnamed file while the batch
+        // has room for one. A large one gets a name: its directory entries
+        // cost nothing next to its data, and the name shows a transfer under
+        // way. So does a delta's result, which replaces a file.
+        let mut unnamed = None;
+        if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
+            if let Some(dir) = target.parent() {
+                match crate::sys::open_unnamed(dir, 0o600) {
+                    Ok(f) => unnamed = Some(f),
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
+                        tracing::debug!(error = %e, "no unnamed temporary files here; using named ones");
+                        self.unnamed_max = 0;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut delta = None;
+        let (file, tmp) = match unnamed {
+            Some(f) => {
+                self.unnamed += 1;
+                (f, None)
+            }
+            None => {
+                let tmp = temp_beside(target, "new")?;
+                let file = match delta_base {
+                    // The delta is spooled; its end writes the patched file to `tmp`.
+                    Some(base) => {
+                        let spool = temp_beside(target, "delta")?;
+                        let f = create_private(&spool)?;
+                        delta = Some((spool, base));
+                        f
+                    }
+                    None => create_private(&tmp)?,
+                };
+                (file, Some(tmp))
+            }
+        };
         let mut incoming = Incoming {
             watch: watch.to_string(),
             rel: rel.to_string(),
             target: target.to_path_buf(),
-            tmp: tmp.clone(),
+            tmp,
             writer: None,
             hasher: blake3::Hasher::new(),
             written: 0,
             size,
             hash,
             meta,
-            delta: None,
+            delta,
         };
-        let spool = match delta_base {
-            Some(base) => {
-                let spool = temp_beside(target, "delta")?;
-                incoming.delta = Some((spool.clone(), base));
-                spool
-            }
-            None => tmp,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&spool)?;
         // Data arrives in frames of up to 256 KiB; a small file needs no more
         // buffer than its size (a 256 KiB buffer per file would be an mmap
         // and a munmap per file).
@@ -621,7 +677,12 @@ impl Applier {
     fn abort_incoming(&mut self) {
         if let Some(inc) = self.incoming.take() {
             drop(inc.writer);
-            let _ = fs::remove_file(&inc.tmp);
+            match &inc.tmp {
+                Some(tmp) => {
+                    let _ = fs::remove_file(tmp);
+                }
+                None => self.unnamed -= 1,
+            }
             if let Some((spool, _)) = inc.delta {
                 let _ = fs::remove_file(spool);
             }
@@ -641,7 +702,7 @@ impl Applier {
             let _ = fs::remove_file(spool);
         }
         match result {
-            Ok(()) => {
+            Ok(file) => {
                 self.report.applied += 1;
                 self.report.touched.insert(inc.watch.clone());
                 self.note_parent(&inc.target);
@@ -652,16 +713,25 @@ impl Applier {
                         self.flusher.start(dir);
                     }
                 }
+                let staged = match inc.tmp {
+                    Some(tmp) => Staged::Named(tmp),
+                    None => Staged::Unnamed(file),
+                };
                 self.pending.push(Pending {
                     watch: inc.watch,
                     rel: inc.rel,
-                    tmp: inc.tmp,
+                    staged,
                     target: inc.target,
                     hash: inc.hash,
                 });
             }
             Err(e) => {
-                let _ = fs::remove_file(&inc.tmp);
+                match &inc.tmp {
+                    Some(tmp) => {
+                        let _ = fs::remove_file(tmp);
+                    }
+                    None => self.unnamed -= 1,
+                }
                 tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
                 self.report.failed.push((inc.rel, e));
             }
@@ -669,7 +739,8 @@ impl Applier {
         Ok(())
     }
 
-    fn finish(&mut self, inc: &mut Incoming) -> Result<(), String> {
+    /// Checks a received file and sets its metadata; returns it, open.
+    fn finish(&mut self, inc: &mut Incoming) -> Result<File, String> {
         let writer = inc.writer.take().ok_or("no open file")?;
         let file = writer.into_inner().map_err(|e| e.error().to_string())?.file;
         if let Some((spool, base_hash)) = &inc.delta {
@@ -687,12 +758,8 @@ impl Applier {
                 return Err("the delta base changed on the receiver".into());
             }
             let base_map = Mapped::new(&base_file).map_err(|e| e.to_string())?;
-            let out = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&inc.tmp)
-                .map_err(|e| e.to_string())?;
+            let tmp = inc.tmp.as_deref().ok_or("no temporary file for a delta")?;
+            let out = create_private(tmp).map_err(|e| e.to_string())?;
             let mut hw = HashingWriter {
                 inner: BufWriter::with_capacity(256 * 1024, Output::durable(out)),
                 hasher: blake3::Hasher::new(),
@@ -703,9 +770,11 @@ impl Applier {
             inc.hasher = hw.hasher;
             inc.written = hw.written;
             let out = hw.inner.into_inner().map_err(|e| e.error().to_string())?.file;
-            self.finish_file(inc, &out)
+            self.finish_file(inc, &out)?;
+            Ok(out)
         } else {
-            self.finish_file(inc, &file)
+            self.finish_file(inc, &file)?;
+            Ok(file)
         }
     }
 
@@ -742,54 +811,78 @@ impl Applier {
         // The renames below may replace directories.
         self.known_dirs.clear();
         self.unflushed = 0;
+        self.unnamed = 0;
         let pending = std::mem::take(&mut self.pending);
-        // 1. The new contents are durable before any of them is renamed.
-        if let Err(e) = sync_files(pending.iter().map(|p| p.tmp.as_path())) {
-            for p in &pending {
-                let _ = fs::remove_file(&p.tmp);
+        // 1. The new contents are durable before any of them is placed.
+        if let Err(e) = sync_files(&pending) {
+            for p in pending {
                 self.report
                     .failed
                     .push((p.rel.clone(), format!("cannot make the data durable: {e}")));
+                p.staged.discard();
             }
         } else {
-            // 2. Rename into place.
+            // 2. Into place.
             for p in pending {
-                // Most targets of a large batch are new: a rename that
-                // refuses to replace anything settles those in one call.
-                match crate::sys::rename_noreplace(&p.tmp, &p.target) {
+                let Pending {
+                    watch,
+                    rel,
+                    staged,
+                    target,
+                    hash,
+                } = p;
+                // Most targets of a large batch are new: a link or a rename
+                // that refuses to replace anything settles those in one call.
+                let placed = match &staged {
+                    Staged::Unnamed(f) => crate::sys::link_unnamed(f, &target),
+                    Staged::Named(tmp) => crate::sys::rename_noreplace(tmp, &target),
+                };
+                match placed {
                     Ok(()) => {
-                        self.placed(&p);
+                        self.placed(&watch, &rel, &target, hash);
                         continue;
                     }
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EINVAL | libc::ENOSYS)) => {}
                     Err(e) => {
-                        let _ = fs::remove_file(&p.tmp);
-                        self.report.failed.push((p.rel, e.to_string()));
+                        staged.discard();
+                        self.report.failed.push((rel, e.to_string()));
                         continue;
                     }
                 }
-                let existing = fs::symlink_metadata(&p.target).ok();
+                // Something is in the way. An unnamed file gets a temporary
+                // name first, to be renamed over it.
+                let tmp = match staged {
+                    Staged::Named(tmp) => tmp,
+                    Staged::Unnamed(f) => match name_beside(&f, &target) {
+                        Ok(tmp) => tmp,
+                        Err(e) => {
+                            self.report.failed.push((rel, e.to_string()));
+                            continue;
+                        }
+                    },
+                };
+                let existing = fs::symlink_metadata(&target).ok();
                 if existing.is_some() {
-                    if let Err(e) = self.preserve(&p.watch, &p.rel, &p.target) {
-                        let _ = fs::remove_file(&p.tmp);
+                    if let Err(e) = self.preserve(&watch, &rel, &target) {
+                        let _ = fs::remove_file(&tmp);
                         self.report
                             .failed
-                            .push((p.rel, format!("cannot preserve the local version: {e}")));
+                            .push((rel, format!("cannot preserve the local version: {e}")));
                         continue;
                     }
                 }
                 if existing.is_some_and(|md| md.is_dir()) {
-                    if let Err(e) = fs::remove_dir_all(&p.target) {
-                        let _ = fs::remove_file(&p.tmp);
-                        self.report.failed.push((p.rel, e.to_string()));
+                    if let Err(e) = fs::remove_dir_all(&target) {
+                        let _ = fs::remove_file(&tmp);
+                        self.report.failed.push((rel, e.to_string()));
                         continue;
                     }
                 }
-                match fs::rename(&p.tmp, &p.target) {
-                    Ok(()) => self.placed(&p),
+                match fs::rename(&tmp, &target) {
+                    Ok(()) => self.placed(&watch, &rel, &target, hash),
                     Err(e) => {
-                        let _ = fs::remove_file(&p.tmp);
-                        self.report.failed.push((p.rel, e.to_string()));
+                        let _ = fs::remove_file(&tmp);
+                        self.report.failed.push((rel, e.to_string()));
                     }
                 }
             }
@@ -813,17 +906,17 @@ impl Applier {
         std::mem::take(&mut self.report)
     }
 
-    /// Records a file just renamed into place in the hash cache and the ledger.
-    fn placed(&mut self, p: &Pending) {
-        if let (Some(w), Ok(md)) = (self.watches.get_mut(&p.watch), fs::symlink_metadata(&p.target)) {
-            w.cache.insert(&p.rel, &md, p.hash);
+    /// Records a file just placed in the hash cache and the ledger.
+    fn placed(&mut self, watch: &str, rel: &str, target: &Path, hash: ContentHash) {
+        if let (Some(w), Ok(md)) = (self.watches.get_mut(watch), fs::symlink_metadata(target)) {
+            w.cache.insert(rel, &md, hash);
         }
         if let Some(div) = &self.divergence {
             div.ledgers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .watch(&p.watch)
-                .set(&p.rel, p.hash);
+                .watch(watch)
+                .set(rel, hash);
         }
     }
 
@@ -854,11 +947,17 @@ impl Drop for Applier {
     fn drop(&mut self) {
         self.abort_incoming();
         for p in self.pending.drain(..) {
-            let _ = fs::remove_file(&p.tmp);
+            p.staged.discard();
         }
         self.save_state();
     }
 }
+
+/// At most this many unnamed files are held open by one batch.
+const UNNAMED_MAX: u64 = 4096;
+
+/// Files up to this size are received into unnamed files.
+const UNNAMED_SIZE_MAX: u64 = 1 << 20;
 
 /// How many files a batch writes before the [`Flusher`] is asked to start
 /// writing them back.
@@ -998,6 +1097,16 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Creates `path`, which must not exist, readable and writable by its owner only.
+fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn open_nofollow(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
 }
@@ -1017,19 +1126,34 @@ fn set_mtime(path: &Path, meta: Meta) -> io::Result<()> {
     filetime::set_symlink_file_times(path, mtime_of(meta), mtime_of(meta))
 }
 
-fn sync_files<'a>(paths: impl Iterator<Item = &'a Path>) -> io::Result<()> {
-    let paths: Vec<&Path> = paths.collect();
-    if paths.is_empty() {
+/// Makes the content of `pending` durable: each file on its own when there
+/// are few, else the whole filesystem at once.
+fn sync_files(pending: &[Pending]) -> io::Result<()> {
+    let Some(first) = pending.first() else {
         return Ok(());
-    }
-    if paths.len() <= FSYNC_EACH_MAX {
-        for p in paths {
-            File::open(p)?.sync_data()?;
+    };
+    if pending.len() <= FSYNC_EACH_MAX {
+        for p in pending {
+            match &p.staged {
+                Staged::Named(tmp) => File::open(tmp)?.sync_data()?,
+                Staged::Unnamed(f) => f.sync_data()?,
+            }
         }
         Ok(())
     } else {
-        syncfs(paths[0])
+        let dir = first
+            .target
+            .parent()
+            .ok_or_else(|| io::Error::other("no parent directory"))?;
+        syncfs(dir)
     }
+}
+
+/// Gives the unnamed file `file` a temporary name beside `target`.
+fn name_beside(file: &File, target: &Path) -> io::Result<PathBuf> {
+    let tmp = temp_beside(target, "new")?;
+    crate::sys::link_unnamed(file, &tmp)?;
+    Ok(tmp)
 }
 
 fn sync_dirs(dirs: &BTreeSet<PathBuf>) -> io::Result<()> {
@@ -1214,6 +1338,32 @@ mod tests {
             );
         }
         assert_eq!(clean_temps(d.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn small_files_wait_unnamed_and_large_ones_named() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        let temps = || {
+            fs::read_dir(d.path())
+                .unwrap()
+                .filter(|e| manifest::is_temp_name(e.as_ref().unwrap().file_name().to_str().unwrap()))
+                .count()
+        };
+        fs::write(d.path().join("old"), b"local").unwrap();
+        send_file(&mut a, "new", b"small and new");
+        send_file(&mut a, "old", b"small, replacing");
+        assert_eq!(temps(), 0, "small files are staged without a name");
+        let big = vec![7u8; (UNNAMED_SIZE_MAX + 1) as usize];
+        send_file(&mut a, "big", &big);
+        assert_eq!(temps(), 1, "a large file is staged under a temporary name");
+        let r = a.commit();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert_eq!(fs::read(d.path().join("new")).unwrap(), b"small and new");
+        assert_eq!(fs::read(d.path().join("old")).unwrap(), b"small, replacing");
+        assert_eq!(fs::read(d.path().join("big")).unwrap(), big);
+        assert_eq!(fs::metadata(d.path().join("new")).unwrap().mode() & 0o7777, 0o640);
+        assert_eq!(temps(), 0);
     }
 
     #[test]

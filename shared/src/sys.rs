@@ -46,6 +46,82 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Opens a new regular file without a name in the directory `dir`
+/// (`O_TMPFILE`), for reading and writing, with permission bits `mode`. It
+/// disappears when closed unless [`link_unnamed`] gives it a name first.
+/// Filesystems without `O_TMPFILE` fail with `EOPNOTSUPP` (or `EISDIR` or
+/// `EINVAL` on old kernels).
+pub fn open_unnamed(dir: &Path, mode: u32) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(mode)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+}
+
+/// Gives the file `file`, opened by [`open_unnamed`], the name `to` in the
+/// same filesystem. Fails with `EEXIST` when `to` exists: it never replaces.
+pub fn link_unnamed(file: &File, to: &Path) -> io::Result<()> {
+    let to_c = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let empty = c"";
+    // SAFETY: the descriptor is valid for the lifetime of `file`; both
+    // strings are NUL-terminated and live across the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::linkat(
+            file.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    // Linking a descriptor needs CAP_DAC_READ_SEARCH (the kernel answers
+    // ENOENT without it); its /proc link does not.
+    if e.raw_os_error() != Some(libc::ENOENT) {
+        return Err(e);
+    }
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io::Error::other)?;
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// How many files this process may hold open (the soft `RLIMIT_NOFILE`).
+pub fn open_files_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into `lim`, which outlives the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    }
+}
+
 /// Renames `from` to `to` unless `to` exists (`renameat2` with
 /// `RENAME_NOREPLACE`). Fails with `EEXIST` when it exists, and with `EINVAL`
 /// on a filesystem that cannot do it.
