@@ -143,8 +143,8 @@ struct Incoming {
     watch: String,
     rel: String,
     target: PathBuf,
-    /// The named temporary file written, or `None` for an unnamed one.
-    tmp: Option<PathBuf>,
+    /// Where the file is written.
+    stage: Stage,
     writer: Option<BufWriter<Output>>,
     hasher: blake3::Hasher,
     written: u64,
@@ -153,6 +153,14 @@ struct Incoming {
     meta: Meta,
     /// For deltas: the spool file that collects the delta and the base hash.
     delta: Option<(PathBuf, ContentHash)>,
+}
+
+/// Where an incoming file is written (the file itself is in its writer).
+enum Stage {
+    /// A temporary file with this name beside the target.
+    Named(PathBuf),
+    /// A file without a name in this directory, open.
+    Unnamed(Arc<File>),
 }
 
 struct Pending {
@@ -171,7 +179,12 @@ enum Staged {
     /// open until it is linked into place. New files take no temporary
     /// name, so a commit does not rename them: the directory gets one
     /// entry instead of an entry added, looked up and removed again.
-    Unnamed(File),
+    Unnamed {
+        /// The file.
+        file: File,
+        /// The directory it was made in, open.
+        dir: Arc<File>,
+    },
 }
 
 impl Staged {
@@ -230,6 +243,10 @@ pub struct Applier {
     unnamed_max: usize,
     /// Unnamed files held open by this batch.
     unnamed: usize,
+    /// The directory the last unnamed file was made in, open: files arrive
+    /// directory by directory, and an open directory spares each of them
+    /// two walks down its path. Forgotten whenever `known_dirs` is.
+    last_dir: Option<(PathBuf, Arc<File>)>,
 }
 
 /// How often, at most, a busy applier rewrites its caches and ledgers.
@@ -269,6 +286,7 @@ impl Applier {
             // large batch holds; the rest of a batch gets named files.
             unnamed_max: (crate::sys::open_files_limit() / 4).min(UNNAMED_MAX) as usize,
             unnamed: 0,
+            last_dir: None,
         })
     }
 
@@ -358,6 +376,7 @@ impl Applier {
         if matches!(op, Op::Symlink { .. } | Op::Remove { .. }) {
             // Either can change what a checked directory is.
             self.known_dirs.clear();
+            self.last_dir = None;
         }
         let is_dir_op = matches!(op, Op::Dir { .. });
         if w.excludes.is_excluded(&rel, is_dir_op) {
@@ -402,6 +421,24 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// The directory `dir` (checked by confinement), open; the last one
+    /// opened is kept.
+    fn open_dir(&mut self, dir: &Path) -> io::Result<Arc<File>> {
+        if let Some((path, f)) = &self.last_dir {
+            if path == dir {
+                return Ok(f.clone());
+            }
+        }
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(dir)?,
+        );
+        self.last_dir = Some((dir.to_path_buf(), f.clone()));
+        Ok(f)
     }
 
     fn note_parent(&mut self, target: &Path) {
@@ -580,8 +617,9 @@ impl Applier {
         let mut unnamed = None;
         if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
             if let Some(dir) = target.parent() {
-                match crate::sys::open_unnamed(dir, 0o600) {
-                    Ok(f) => unnamed = Some(f),
+                let dir = self.open_dir(dir)?;
+                match crate::sys::open_unnamed(&dir, 0o600) {
+                    Ok(file) => unnamed = Some((file, dir)),
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
                         tracing::debug!(error = %e, "no unnamed temporary files here; using named ones");
                         self.unnamed_max = 0;
@@ -591,10 +629,10 @@ impl Applier {
             }
         }
         let mut delta = None;
-        let (file, tmp) = match unnamed {
-            Some(f) => {
+        let (file, stage) = match unnamed {
+            Some((file, dir)) => {
                 self.unnamed += 1;
-                (f, None)
+                (file, Stage::Unnamed(dir))
             }
             None => {
                 let tmp = temp_beside(target, "new")?;
@@ -608,14 +646,14 @@ impl Applier {
                     }
                     None => create_private(&tmp)?,
                 };
-                (file, Some(tmp))
+                (file, Stage::Named(tmp))
             }
         };
         let mut incoming = Incoming {
             watch: watch.to_string(),
             rel: rel.to_string(),
             target: target.to_path_buf(),
-            tmp,
+            stage,
             writer: None,
             hasher: blake3::Hasher::new(),
             written: 0,
@@ -677,11 +715,11 @@ impl Applier {
     fn abort_incoming(&mut self) {
         if let Some(inc) = self.incoming.take() {
             drop(inc.writer);
-            match &inc.tmp {
-                Some(tmp) => {
+            match &inc.stage {
+                Stage::Named(tmp) => {
                     let _ = fs::remove_file(tmp);
                 }
-                None => self.unnamed -= 1,
+                Stage::Unnamed(_) => self.unnamed -= 1,
             }
             if let Some((spool, _)) = inc.delta {
                 let _ = fs::remove_file(spool);
@@ -713,9 +751,9 @@ impl Applier {
                         self.flusher.start(dir);
                     }
                 }
-                let staged = match inc.tmp {
-                    Some(tmp) => Staged::Named(tmp),
-                    None => Staged::Unnamed(file),
+                let staged = match inc.stage {
+                    Stage::Named(tmp) => Staged::Named(tmp),
+                    Stage::Unnamed(dir) => Staged::Unnamed { file, dir },
                 };
                 self.pending.push(Pending {
                     watch: inc.watch,
@@ -726,11 +764,11 @@ impl Applier {
                 });
             }
             Err(e) => {
-                match &inc.tmp {
-                    Some(tmp) => {
+                match &inc.stage {
+                    Stage::Named(tmp) => {
                         let _ = fs::remove_file(tmp);
                     }
-                    None => self.unnamed -= 1,
+                    Stage::Unnamed(_) => self.unnamed -= 1,
                 }
                 tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
                 self.report.failed.push((inc.rel, e));
@@ -758,7 +796,9 @@ impl Applier {
                 return Err("the delta base changed on the receiver".into());
             }
             let base_map = Mapped::new(&base_file).map_err(|e| e.to_string())?;
-            let tmp = inc.tmp.as_deref().ok_or("no temporary file for a delta")?;
+            let Stage::Named(tmp) = &inc.stage else {
+                return Err("no temporary file for a delta".into());
+            };
             let out = create_private(tmp).map_err(|e| e.to_string())?;
             let mut hw = HashingWriter {
                 inner: BufWriter::with_capacity(256 * 1024, Output::durable(out)),
@@ -810,6 +850,7 @@ impl Applier {
         self.discarding = false;
         // The renames below may replace directories.
         self.known_dirs.clear();
+        self.last_dir = None;
         self.unflushed = 0;
         self.unnamed = 0;
         let pending = std::mem::take(&mut self.pending);
@@ -834,12 +875,17 @@ impl Applier {
                 // Most targets of a large batch are new: a link or a rename
                 // that refuses to replace anything settles those in one call.
                 let placed = match &staged {
-                    Staged::Unnamed(f) => crate::sys::link_unnamed(f, &target),
-                    Staged::Named(tmp) => crate::sys::rename_noreplace(tmp, &target),
+                    Staged::Unnamed { file, dir } => match target.file_name() {
+                        Some(name) => crate::sys::link_unnamed(file, dir, name).and_then(|()| file.metadata()),
+                        None => Err(io::Error::other("no file name")),
+                    },
+                    Staged::Named(tmp) => {
+                        crate::sys::rename_noreplace(tmp, &target).and_then(|()| fs::symlink_metadata(&target))
+                    }
                 };
                 match placed {
-                    Ok(()) => {
-                        self.placed(&watch, &rel, &target, hash);
+                    Ok(md) => {
+                        self.placed(&watch, &rel, &md, hash);
                         continue;
                     }
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EINVAL | libc::ENOSYS)) => {}
@@ -853,7 +899,7 @@ impl Applier {
                 // name first, to be renamed over it.
                 let tmp = match staged {
                     Staged::Named(tmp) => tmp,
-                    Staged::Unnamed(f) => match name_beside(&f, &target) {
+                    Staged::Unnamed { file, dir } => match name_beside(&file, &dir, &target) {
                         Ok(tmp) => tmp,
                         Err(e) => {
                             self.report.failed.push((rel, e.to_string()));
@@ -878,8 +924,8 @@ impl Applier {
                         continue;
                     }
                 }
-                match fs::rename(&tmp, &target) {
-                    Ok(()) => self.placed(&watch, &rel, &target, hash),
+                match fs::rename(&tmp, &target).and_then(|()| fs::symlink_metadata(&target)) {
+                    Ok(md) => self.placed(&watch, &rel, &md, hash),
                     Err(e) => {
                         let _ = fs::remove_file(&tmp);
                         self.report.failed.push((rel, e.to_string()));
@@ -906,10 +952,11 @@ impl Applier {
         std::mem::take(&mut self.report)
     }
 
-    /// Records a file just placed in the hash cache and the ledger.
-    fn placed(&mut self, watch: &str, rel: &str, target: &Path, hash: ContentHash) {
-        if let (Some(w), Ok(md)) = (self.watches.get_mut(watch), fs::symlink_metadata(target)) {
-            w.cache.insert(rel, &md, hash);
+    /// Records a file just placed, with metadata `md` (read after it was
+    /// placed: placing changes its ctime), in the hash cache and the ledger.
+    fn placed(&mut self, watch: &str, rel: &str, md: &fs::Metadata, hash: ContentHash) {
+        if let Some(w) = self.watches.get_mut(watch) {
+            w.cache.insert(rel, md, hash);
         }
         if let Some(div) = &self.divergence {
             div.ledgers
@@ -1136,7 +1183,7 @@ fn sync_files(pending: &[Pending]) -> io::Result<()> {
         for p in pending {
             match &p.staged {
                 Staged::Named(tmp) => File::open(tmp)?.sync_data()?,
-                Staged::Unnamed(f) => f.sync_data()?,
+                Staged::Unnamed { file, .. } => file.sync_data()?,
             }
         }
         Ok(())
@@ -1149,10 +1196,12 @@ fn sync_files(pending: &[Pending]) -> io::Result<()> {
     }
 }
 
-/// Gives the unnamed file `file` a temporary name beside `target`.
-fn name_beside(file: &File, target: &Path) -> io::Result<PathBuf> {
+/// Gives the unnamed file `file`, made in `dir`, a temporary name beside
+/// `target` (which is in `dir`).
+fn name_beside(file: &File, dir: &File, target: &Path) -> io::Result<PathBuf> {
     let tmp = temp_beside(target, "new")?;
-    crate::sys::link_unnamed(file, &tmp)?;
+    let name = tmp.file_name().ok_or_else(|| io::Error::other("no file name"))?;
+    crate::sys::link_unnamed(file, dir, name)?;
     Ok(tmp)
 }
 
@@ -1351,7 +1400,11 @@ mod tests {
                 .count()
         };
         fs::write(d.path().join("old"), b"local").unwrap();
+        // Directories alternate, so the open directory kept for the last
+        // file is not the one the next file needs.
+        send_file(&mut a, "sub/a", b"in sub");
         send_file(&mut a, "new", b"small and new");
+        send_file(&mut a, "sub/b", b"in sub too");
         send_file(&mut a, "old", b"small, replacing");
         assert_eq!(temps(), 0, "small files are staged without a name");
         let big = vec![7u8; (UNNAMED_SIZE_MAX + 1) as usize];
@@ -1362,6 +1415,8 @@ mod tests {
         assert_eq!(fs::read(d.path().join("new")).unwrap(), b"small and new");
         assert_eq!(fs::read(d.path().join("old")).unwrap(), b"small, replacing");
         assert_eq!(fs::read(d.path().join("big")).unwrap(), big);
+        assert_eq!(fs::read(d.path().join("sub/a")).unwrap(), b"in sub");
+        assert_eq!(fs::read(d.path().join("sub/b")).unwrap(), b"in sub too");
         assert_eq!(fs::metadata(d.path().join("new")).unwrap().mode() & 0o7777, 0o640);
         assert_eq!(temps(), 0);
     }

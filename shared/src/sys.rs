@@ -46,35 +46,46 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// Opens a new regular file without a name in the directory `dir`
+/// Opens a new regular file without a name in the directory open as `dir`
 /// (`O_TMPFILE`), for reading and writing, with permission bits `mode`. It
 /// disappears when closed unless [`link_unnamed`] gives it a name first.
 /// Filesystems without `O_TMPFILE` fail with `EOPNOTSUPP` (or `EISDIR` or
 /// `EINVAL` on old kernels).
-pub fn open_unnamed(dir: &Path, mode: u32) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(mode)
-        .custom_flags(libc::O_TMPFILE)
-        .open(dir)
+pub fn open_unnamed(dir: &File, mode: u32) -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the descriptor is valid for the lifetime of `dir`; the path
+    // is a NUL-terminated literal.
+    #[allow(unsafe_code)]
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    #[allow(unsafe_code)]
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// Gives the file `file`, opened by [`open_unnamed`], the name `to` in the
-/// same filesystem. Fails with `EEXIST` when `to` exists: it never replaces.
-pub fn link_unnamed(file: &File, to: &Path) -> io::Result<()> {
-    let to_c = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let empty = c"";
-    // SAFETY: the descriptor is valid for the lifetime of `file`; both
-    // strings are NUL-terminated and live across the call.
+/// Gives the file `file`, opened by [`open_unnamed`], the name `name` in the
+/// directory open as `dir`. Fails with `EEXIST` when that name exists: it
+/// never replaces.
+pub fn link_unnamed(file: &File, dir: &File, name: &std::ffi::OsStr) -> io::Result<()> {
+    let name = CString::new(name.as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: the descriptors are valid for the lifetimes of `file` and
+    // `dir`; both strings are NUL-terminated and live across the call.
     #[allow(unsafe_code)]
     let rc = unsafe {
         libc::linkat(
             file.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
+            c"".as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             libc::AT_EMPTY_PATH,
         )
     };
@@ -94,8 +105,8 @@ pub fn link_unnamed(file: &File, to: &Path) -> io::Result<()> {
         libc::linkat(
             libc::AT_FDCWD,
             from.as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             libc::AT_SYMLINK_FOLLOW,
         )
     };
