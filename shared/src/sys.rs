@@ -7,6 +7,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// A system call's return code as a result: 0 is success, anything else
+/// failed and left its reason in `errno`.
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The effective user id of this process.
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -21,11 +31,7 @@ pub fn syncfs(file: &File) -> io::Result<()> {
     // SAFETY: the descriptor is valid for the lifetime of `file`.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::syncfs(file.as_raw_fd()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    check(rc)
 }
 
 /// Starts writing back `len` bytes of `file` from `offset` to stable storage
@@ -39,11 +45,7 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // only reads its arguments.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    check(rc)
 }
 
 /// Opens a new regular file without a name in the directory open as `dir`
@@ -89,14 +91,11 @@ pub fn link_unnamed(file: &File, dir: &File, name: &std::ffi::OsStr) -> io::Resu
             libc::AT_EMPTY_PATH,
         )
     };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    // Linking a descriptor needs CAP_DAC_READ_SEARCH (the kernel answers
-    // ENOENT without it); its /proc link does not.
-    if e.raw_os_error() != Some(libc::ENOENT) {
-        return Err(e);
+    match check(rc) {
+        // Linking a descriptor needs CAP_DAC_READ_SEARCH (the kernel answers
+        // ENOENT without it); its /proc link does not.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        done => return done,
     }
     let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io::Error::other)?;
     // SAFETY: as above.
@@ -110,11 +109,7 @@ pub fn link_unnamed(file: &File, dir: &File, name: &std::ffi::OsStr) -> io::Resu
             libc::AT_SYMLINK_FOLLOW,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    check(rc)
 }
 
 /// How many files this process may hold open (the soft `RLIMIT_NOFILE`).
@@ -150,11 +145,7 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
             libc::RENAME_NOREPLACE,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    check(rc)
 }
 
 /// How many malloc arenas the agent uses (glibc's default is eight per core).
