@@ -711,7 +711,7 @@ fn ship_prefix(
                         remote_size: base,
                     };
                     let Some((size, hash)) = ship_file(io, w, cache, out, stats)? else {
-                        continue; // Gone since the scan.
+                        continue; // Gone since the scan, or unreadable.
                     };
                     if known.is_none() {
                         learned.insert(i, hash);
@@ -910,7 +910,7 @@ fn learn(file: &fs::File, rel: &str, cache: &mut HashCache) -> io::Result<Learne
 }
 
 /// Sends one file whole or as a delta. Returns the size and hash it was
-/// announced with, or `None` when the file is gone.
+/// announced with, or `None` when the file is gone or cannot be read.
 fn ship_file(
     io: &mut SessionIo,
     w: &LocalWatch,
@@ -931,8 +931,15 @@ fn ship_file(
     };
     let (mut size, mut hash, mut content) = (out.size, out.hash, None);
     if hash.is_none() {
-        let learned = learn(&file, &l.path, cache).with_context(|| format!("cannot read {}", abs.display()))?;
-        (size, hash, content) = (learned.size, Some(learned.hash), learned.content);
+        match learn(&file, &l.path, cache) {
+            Ok(learned) => (size, hash, content) = (learned.size, Some(learned.hash), learned.content),
+            // As when a scan cannot read a file: it is left out, and the
+            // next comparison tries again; the rest of the batch goes on.
+            Err(e) => {
+                tracing::warn!(watch = w.name, path = l.path, error = %e, "not replicated: cannot read it");
+                return Ok(None);
+            }
+        }
     }
     let hash = hash.ok_or_else(|| anyhow!("{}: no content hash", l.path))?;
     let before = stats.wire_bytes;
