@@ -17,6 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warmspare_tests::faults::NetLink;
+
+mod relay;
 use warmspare_tests::{converge, free_port, noise, read, write_file, Agent, ClusterOptions, TestCluster, CA_WATCH};
 
 struct Sizes {
@@ -52,6 +54,8 @@ struct Sshd {
     host: String,
     port: u16,
     key: PathBuf,
+    /// The delay relay in front of it, for scenario 6 without netem.
+    _relay: Option<relay::Relay>,
 }
 
 impl Drop for Sshd {
@@ -63,11 +67,13 @@ impl Drop for Sshd {
 
 impl Sshd {
     fn start(dir: &Path) -> Sshd {
-        Sshd::start_at(dir, "127.0.0.1", None)
+        Sshd::start_at(dir, "127.0.0.1", None, None)
     }
 
-    /// An sshd listening on `host`, inside the network namespace `netns` if given.
-    fn start_at(dir: &Path, host_addr: &str, netns: Option<&str>) -> Sshd {
+    /// An sshd listening on `host`, inside the network namespace `netns` if
+    /// given; with `relay_delay` (and a namespace), reached through a delay
+    /// relay on the same address and port in this namespace.
+    fn start_at(dir: &Path, host_addr: &str, netns: Option<&str>, relay_delay: Option<Duration>) -> Sshd {
         fs::create_dir_all(dir).unwrap();
         fs::create_dir_all("/run/sshd").unwrap();
         let (host, key) = (dir.join("host_key"), dir.join("client_key"));
@@ -112,6 +118,9 @@ impl Sshd {
             host: host_addr.to_string(),
             port,
             key,
+            _relay: netns
+                .zip(relay_delay)
+                .map(|(ns, delay)| relay::Relay::start(port, ns, delay)),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !s.ssh(&["true"]).status().unwrap().success() {
@@ -751,16 +760,26 @@ fn main() {
         });
     }
 
-    // 6. Distance: scenarios 1 and 2 across a veth pair between network
-    // namespaces with 25 ms each way (tc netem), where the machine allows it.
-    // `BENCH_DISTANCE_NO_DELAY=1` runs the plumbing without the delay.
+    // 6. Distance: scenarios 1 and 2 with 25 ms each way between the
+    // host's network namespace and one of the passive's own: from `tc netem`
+    // on a veth pair where the kernel has netem, else from a delay relay.
+    // `BENCH_DISTANCE_RELAY=1` takes the relay even where netem exists;
+    // `BENCH_DISTANCE_NO_DELAY=1` runs the veth plumbing without a delay.
     let mut distance_note = String::new();
     if run("6") {
-        let no_delay = std::env::var_os("BENCH_DISTANCE_NO_DELAY").is_some();
-        let link = NetLink::create().and_then(|l| if no_delay { Ok(l) } else { l.delay(25).map(|()| l) });
-        match link {
+        match NetLink::create() {
             Err(why) => distance_note = format!("\n6. Distance: skipped: {why}.\n"),
-            Ok(link) => distance(&link, &sizes, work.path(), &mut rows, if no_delay { 0.0 } else { 50.0 }),
+            Ok(link) => {
+                let how = if std::env::var_os("BENCH_DISTANCE_NO_DELAY").is_some() {
+                    Emulation::Plain
+                } else if std::env::var_os("BENCH_DISTANCE_RELAY").is_none() && link.delay(25).is_ok() {
+                    Emulation::Netem
+                } else {
+                    Emulation::Relay
+                };
+                distance_note = format!("\n6. Distance: {}.\n", how.describe());
+                distance(&link, how, &sizes, work.path(), &mut rows);
+            }
         }
     }
 
@@ -845,15 +864,58 @@ fn event_latencies(src: &Path, dst: &Path, dir: &str, n: usize) -> Vec<f64> {
     lat
 }
 
-/// Scenario 6: the passive (and a second sshd) in a network namespace behind
-/// a veth pair with `rtt_ms` of round trip; initial sync against rsync, and
-/// event latency against the round trip.
-fn distance(link: &NetLink, sizes: &Sizes, work: &Path, rows: &mut Vec<Row>, rtt_ms: f64) {
-    let sshd = Sshd::start_at(&work.join("sshd-far"), &link.inner, Some(&link.ns));
+/// How scenario 6 puts distance between the two sides.
+#[derive(Clone, Copy, PartialEq)]
+enum Emulation {
+    /// `tc netem` on both ends of the veth pair.
+    Netem,
+    /// The far side listens on loopback in its namespace, reached through a
+    /// [`relay::Relay`] on the same port in the host's.
+    Relay,
+    /// The veth pair without a delay (to check the plumbing).
+    Plain,
+}
+
+impl Emulation {
+    /// Milliseconds each way.
+    fn one_way_ms(self) -> u64 {
+        if self == Emulation::Plain {
+            0
+        } else {
+            25
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Emulation::Netem => "25 ms each way from tc netem on a veth pair between network namespaces",
+            Emulation::Relay => {
+                "25 ms each way from a delay relay between network namespaces (this kernel has no tc netem): \
+                 every chunk either side sends is passed on 25 ms after it was read, so each exchange \
+                 between the tools' ends costs a 50 ms round trip, but TCP's own acknowledgements, slow start \
+                 and Nagle's waits stay at loopback speed on each of the relay's two hops"
+            }
+            Emulation::Plain => "no delay (BENCH_DISTANCE_NO_DELAY), the veth plumbing only",
+        }
+    }
+}
+
+/// Scenario 6: the passive (and a second sshd) in a network namespace, with
+/// `how` putting distance between it and the active; initial sync against
+/// rsync, and event latency against the round trip.
+fn distance(link: &NetLink, how: Emulation, sizes: &Sizes, work: &Path, rows: &mut Vec<Row>) {
+    let one_way = Duration::from_millis(how.one_way_ms());
+    let rtt_ms = 2.0 * how.one_way_ms() as f64;
+    let (near, far) = match how {
+        Emulation::Relay => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
+        Emulation::Netem | Emulation::Plain => (link.outer.clone(), link.inner.clone()),
+    };
+    let relay_delay = (how == Emulation::Relay).then_some(one_way);
+    let sshd = Sshd::start_at(&work.join("sshd-far"), &far, Some(&link.ns), relay_delay);
     let c = TestCluster::new(ClusterOptions {
         nodes: vec!["a", "b"],
         extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\n"),
-        hosts: vec![("a", link.outer.clone()), ("b", link.inner.clone())],
+        hosts: vec![("a", near), ("b", far)],
         ..Default::default()
     });
     let src = c.ca("a");
@@ -863,11 +925,16 @@ fn distance(link: &NetLink, sizes: &Sizes, work: &Path, rows: &mut Vec<Row>, rtt
     settle();
     let (rsync_s, _) = sshd.rsync(&src, &dst, &[]);
     settle();
-    let _b = c.start_in_netns("b", &link.ns);
+    let b = start_agent(&c, "b", &format!("ip netns exec {}", link.ns));
+    let _relay = relay_delay.map(|d| relay::Relay::start(c.node("b").port, &link.ns, d));
+    // The active's first dial must find the passive listening (a refused
+    // dial would time its backoff, not the sync).
+    wait(Duration::from_secs(30), || b.log_text().contains("agent started"));
     let start = Instant::now();
-    let _a = start_agent(&c, "a", "");
+    let a = start_agent(&c, "a", "");
     converge(&src, &c.ca("b"), Duration::from_secs(600));
     let ws = start.elapsed().as_secs_f64();
+    println!("distance ({rtt_ms:.0} ms RTT): initial sync rsync {rsync_s:.2} s, warmspare {ws:.2} s");
     rows.push(Row {
         scenario: format!("6. distance ({rtt_ms:.0} ms RTT): initial sync, {} files", sizes.files),
         measure: "time".into(),
@@ -878,6 +945,7 @@ fn distance(link: &NetLink, sizes: &Sizes, work: &Path, rows: &mut Vec<Row>, rtt
         target: "<= 1.2x".into(),
     });
     let mut lat = event_latencies(&src, &c.ca("b"), "far", sizes.events.min(50));
+    keep_logs("distance", &a, &b);
     rows.push(Row {
         scenario: format!("6. distance ({rtt_ms:.0} ms RTT): event latency"),
         measure: "p50".into(),
