@@ -42,6 +42,13 @@ const OPS_PER_COMMIT: usize = 4000;
 const BYTES_PER_COMMIT: u64 = 32 * 1024 * 1024;
 /// Commits in flight before the shipper waits for an acknowledgement.
 const COMMITS_IN_FLIGHT: usize = 4;
+/// Bytes of encoded frames the worker gathers before it hands them to the
+/// connection's writer as one group (sooner when it is about to wait for
+/// the peer). One hand-off per frame woke the writer's task three times
+/// per small file: 10% of the worker's time went to waking it.
+const GROUP_BYTES: usize = 64 * 1024;
+/// Groups queued for the writer before the worker waits for it.
+const GROUPS_QUEUED: usize = 32;
 
 /// One watch as the shipper sees it on the active node.
 pub struct LocalWatch {
@@ -156,19 +163,20 @@ async fn session(
     check_peer_hello(shared, peer, &theirs)?;
     let owners = theirs.owners;
 
-    let (frame_tx, mut frame_rx) = mpsc::channel::<Bytes>(64);
+    let (frame_tx, mut frame_rx) = mpsc::channel::<Vec<Bytes>>(GROUPS_QUEUED);
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>(64);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Reply>();
     let bytes_sent = shared.bytes_sent.clone();
 
     let write_task = async move {
-        while let Some(frame) = frame_rx.recv().await {
-            let n = frame.len() as u64 + 4;
-            writer.feed(frame).await?;
-            while let Ok(more) = frame_rx.try_recv() {
-                let m = more.len() as u64 + 4;
-                writer.feed(more).await?;
-                bytes_sent.fetch_add(m, Ordering::Relaxed);
+        while let Some(group) = frame_rx.recv().await {
+            let mut n = 0;
+            for frame in group
+                .into_iter()
+                .chain(std::iter::from_fn(|| frame_rx.try_recv().ok()).flatten())
+            {
+                n += frame.len() as u64 + 4;
+                writer.feed(frame).await?;
             }
             writer.flush().await?;
             bytes_sent.fetch_add(n, Ordering::Relaxed);
@@ -209,6 +217,8 @@ async fn session(
     let peer_name = peer.name.clone();
     let io = SessionIo {
         frames: frame_tx,
+        group: Vec::new(),
+        group_bytes: 0,
         replies: reply_rx,
         acks: ack_rx,
         next_batch: 0,
@@ -265,7 +275,10 @@ fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> Result<()> 
 
 /// The blocking worker's handles on the connection.
 struct SessionIo {
-    frames: mpsc::Sender<Bytes>,
+    frames: mpsc::Sender<Vec<Bytes>>,
+    /// Frames encoded and not yet handed to the writer (see [`GROUP_BYTES`]).
+    group: Vec<Bytes>,
+    group_bytes: usize,
     replies: mpsc::Receiver<Reply>,
     acks: mpsc::UnboundedReceiver<Reply>,
     next_batch: u64,
@@ -290,15 +303,40 @@ struct Retry {
 struct Closed;
 
 impl SessionIo {
-    fn send(&self, req: &Request) -> Result<u64> {
+    /// Queues a request; it reaches the peer at the next [`SessionIo::flush`]
+    /// at the latest.
+    fn send(&mut self, req: &Request) -> Result<u64> {
         let body = proto::encode(req)?;
         let n = body.len() as u64 + 4;
-        self.frames.blocking_send(body).map_err(|_| Closed)?;
+        self.group_bytes += body.len();
+        self.group.push(body);
+        if self.group_bytes >= GROUP_BYTES {
+            self.flush()?;
+        }
         Ok(n)
     }
 
+    /// Hands every queued frame to the writer. Whatever waits for the peer
+    /// calls this first: the peer cannot answer what it has not been sent.
+    fn flush(&mut self) -> Result<()> {
+        if self.group.is_empty() {
+            return Ok(());
+        }
+        self.group_bytes = 0;
+        self.frames
+            .blocking_send(std::mem::take(&mut self.group))
+            .map_err(|_| Closed)?;
+        Ok(())
+    }
+
     fn reply(&mut self) -> Result<Reply> {
+        self.flush()?;
         Ok(self.replies.blocking_recv().ok_or(Closed)?)
+    }
+
+    fn ack(&mut self) -> Result<Reply> {
+        self.flush()?;
+        Ok(self.acks.blocking_recv().ok_or(Closed)?)
     }
 }
 
@@ -441,7 +479,8 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                     except,
                 }))?;
             }
-            Ok(())
+            // The loop waits for the next work after this: nothing may stay queued.
+            io.flush()
         })();
         for (name, cache) in caches.iter_mut() {
             if let Err(e) = cache.save(&shared.cache_path(name, "send")) {
@@ -834,7 +873,7 @@ fn flush_commit(io: &mut SessionIo, stats: &mut BatchStats, watch: &str) -> Resu
 }
 
 fn wait_ack(io: &mut SessionIo, peer: &str) -> Result<()> {
-    let Some(Reply::Committed { batch, failed, .. }) = io.acks.blocking_recv() else {
+    let Reply::Committed { batch, failed, .. } = io.ack()? else {
         return Err(Closed.into());
     };
     let pos = io

@@ -209,21 +209,28 @@ fn settle() {
     let _ = Command::new("sync").status();
 }
 
-/// Waits until files deleted before this run no longer slow down creating
-/// new ones. On ext4 without a journal (as on the machine these figures come
-/// from), the inode allocator passes over every inode freed in the last 5 s
-/// (10 s while its inode table block is dirty), reading its table block
-/// each time. With each round's trees deleted before the next, warmspare's
-/// rounds took 1.76, 3.88 and 5.18 s against rsync's 1.22-2.13 s, with 75% of
-/// the receiver's samples under `recently_deleted` (`perf`): its fresh
-/// directories landed where the previous round's 40,000 files had just been
-/// freed. So nothing is deleted between timed runs (trees are kept until the
-/// run ends), and a full run starts with `sync` and 11 s of quiet after
-/// whatever ran before it.
+/// Waits until files deleted before this run slow down creating new ones
+/// less. On ext4 without a journal (as on the machine these figures come
+/// from), the inode allocator passes over every free inode whose deletion
+/// time is recent, reading its table block for each candidate, on every
+/// allocation: "recent" is 60 s, or 360 s when that table block is dirty
+/// (`RECENTCY_MIN` and `RECENTCY_DIRTY` in the kernel's `fs/ext4/ialloc.c`;
+/// older kernels had 5 s for the first). With each round's trees deleted before
+/// the next, warmspare's rounds took 1.76, 3.88 and 5.18 s against rsync's
+/// 1.22-2.13 s, with 75% of the receiver's samples under `recently_deleted`
+/// (`perf`). So nothing is deleted between timed runs (trees are kept until
+/// the run ends), and a full run starts with `sync` and 65 s of quiet
+/// (`BENCH_QUIET=SECONDS` sets another), which covers deletions whose table
+/// blocks stay clean; those that a new file's inode dirties again count for
+/// 360 s, so runs closer together than that still share some of the cost.
 fn forget_deletions() {
     settle();
-    println!("waiting 11 s so that earlier deletions do not slow down file creation");
-    std::thread::sleep(Duration::from_secs(11));
+    let secs = std::env::var("BENCH_QUIET")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(65);
+    println!("waiting {secs} s so that earlier deletions slow down file creation less");
+    std::thread::sleep(Duration::from_secs(secs));
 }
 
 fn ca_tree(root: &Path, n: usize) {
