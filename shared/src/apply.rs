@@ -14,7 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -618,7 +618,10 @@ impl Applier {
         if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
             if let Some(dir) = target.parent() {
                 let dir = self.open_dir(dir)?;
-                match crate::sys::open_unnamed(&dir, 0o600) {
+                // No name, so nobody can open it before the commit links it:
+                // it can have its final permissions (less the umask) at once,
+                // and `finish_file` mostly has no `fchmod` left to do.
+                match crate::sys::open_unnamed(&dir, meta.mode & 0o777) {
                     Ok(file) => unnamed = Some((file, dir)),
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
                         tracing::debug!(error = %e, "no unnamed temporary files here; using named ones");
@@ -826,10 +829,21 @@ impl Applier {
         if got != inc.hash {
             return Err(format!("content hash mismatch: got {got}, announced {}", inc.hash));
         }
-        file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))
-            .map_err(|e| e.to_string())?;
-        if self.can_chown {
+        // A new file usually has the wanted mode (see `file_begin`) and
+        // owner (the agent's) already: an `fstat` costs less than `fchmod`
+        // and `fchown`, which each rewrite the inode.
+        let have = file.metadata().map_err(|e| e.to_string())?;
+        if have.mode() & 0o7777 != inc.meta.mode & 0o7777 {
+            file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))
+                .map_err(|e| e.to_string())?;
+        }
+        if self.can_chown && (have.uid(), have.gid()) != (inc.meta.uid, inc.meta.gid) {
             std::os::unix::fs::fchown(file, Some(inc.meta.uid), Some(inc.meta.gid)).map_err(|e| e.to_string())?;
+            // Giving a file away clears its set-user-ID and set-group-ID bits.
+            if inc.meta.mode & 0o6000 != 0 {
+                file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))
+                    .map_err(|e| e.to_string())?;
+            }
         }
         filetime::set_file_handle_times(file, None, Some(mtime_of(inc.meta))).map_err(|e| e.to_string())?;
         Ok(())
@@ -1387,6 +1401,49 @@ mod tests {
             );
         }
         assert_eq!(clean_temps(d.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn received_files_get_their_mode_and_owner_whatever_the_new_file_had() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        // Write bits the usual umask (022) takes off a new file, another
+        // owner when this process may give files away, and set-user-ID,
+        // which giving a file away clears.
+        let wanted = [
+            ("plain", 0o640, 0, 0),
+            ("group-writable", 0o666, 0, 0),
+            ("setuid", 0o4755, 0, 0),
+            ("given-away", 0o4750, 1234, 5678),
+        ];
+        for (name, mode, uid, gid) in wanted {
+            let data = name.as_bytes();
+            a.apply(Op::FileBegin {
+                watch: "w".into(),
+                path: name.into(),
+                meta: Meta {
+                    mode,
+                    uid,
+                    gid,
+                    ..meta()
+                },
+                size: data.len() as u64,
+                hash: ContentHash::of(data),
+                delta_base: None,
+            })
+            .unwrap();
+            a.apply(Op::FileData(ByteBuf::from(data.to_vec()))).unwrap();
+            a.apply(Op::FileEnd).unwrap();
+        }
+        let r = a.commit();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        for (name, mode, uid, gid) in wanted {
+            let md = fs::metadata(d.path().join(name)).unwrap();
+            assert_eq!(md.mode() & 0o7777, mode, "{name}");
+            if a.can_chown() {
+                assert_eq!((md.uid(), md.gid()), (uid, gid), "{name}");
+            }
+        }
     }
 
     #[test]
