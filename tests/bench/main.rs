@@ -950,7 +950,9 @@ fn distance(
         };
         let warmspare = || {
             settle();
-            let b = start_agent(&c, "b", &format!("ip netns exec {}", link.ns));
+            // `BENCH_WRAP_FAR` wraps the passive inside its namespace (a profiler, strace).
+            let wrap_far = std::env::var("BENCH_WRAP_FAR").unwrap_or_default();
+            let b = start_agent(&c, "b", &format!("ip netns exec {} {wrap_far}", link.ns));
             let relay = relay_delay.map(|d| relay::Relay::start(c.node("b").port, &link.ns, d));
             // The active's first dial must find the passive listening (a
             // refused dial would time its backoff, not the sync).
