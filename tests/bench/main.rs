@@ -266,6 +266,23 @@ fn count_files(root: &Path) -> usize {
     n
 }
 
+/// Returns once `dst` holds as many files as the [`ca_tree`] of `files`
+/// files at `src`. The loop must not compete with the agents for the CPU
+/// (a [`converge`] reads and hashes both whole trees at every poll): it
+/// stats the last file in shipping order, and walks the tree only then.
+/// The caller compares the trees in full afterwards, untimed.
+fn arrived(src: &Path, dst: &Path, files: usize) {
+    let want = count_files(src);
+    let last_i = (0..files).rev().find(|i| i % 64 == 63).unwrap_or(0);
+    let last = dst.join(format!("signed/63/host{last_i:06}.example.com.pem"));
+    wait(Duration::from_secs(600), || last.exists());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count_files(dst) != want {
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait(limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
@@ -353,17 +370,7 @@ fn initial_round(sshd: &Sshd, work: &Path, sizes: &Sizes, round: usize) -> (f64,
         let mut b1 = start_agent(&c, "b", &wrap_b);
         let start = Instant::now();
         let mut a1 = start_agent(&c, "a", &wrap_a);
-        let want = count_files(&src);
-        // The measuring loop must not compete with the agents for the CPU:
-        // it stats the last file in shipping order, and walks the tree only then.
-        let last_i = (0..sizes.files).rev().find(|i| i % 64 == 63).unwrap_or(0);
-        let last = c.ca("b").join(format!("signed/63/host{last_i:06}.example.com.pem"));
-        wait(Duration::from_secs(600), || last.exists());
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while count_files(&c.ca("b")) != want {
-            assert!(Instant::now() < deadline, "timed out");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        arrived(&src, &c.ca("b"), sizes.files);
         let ws = start.elapsed().as_secs_f64();
         // The agent started with the round, so all its CPU time is this
         // round's; its memory's high-water mark is the kernel's (VmHWM).
@@ -959,8 +966,10 @@ fn distance(
             wait(Duration::from_secs(30), || b.log_text().contains("agent started"));
             let start = Instant::now();
             let a = start_agent(&c, "a", "");
-            converge(&src, &c.ca("b"), Duration::from_secs(600));
-            (start.elapsed().as_secs_f64(), (a, b, relay))
+            arrived(&src, &c.ca("b"), sizes.files);
+            let secs = start.elapsed().as_secs_f64();
+            converge(&src, &c.ca("b"), Duration::from_secs(120));
+            (secs, (a, b, relay))
         };
         let (r, (w, agents)) = if round.is_multiple_of(2) {
             let r = rsync();
