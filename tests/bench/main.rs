@@ -396,14 +396,21 @@ fn initial_round(sshd: &Sshd, work: &Path, sizes: &Sizes, round: usize) -> (f64,
         }
         (ws, shipping)
     };
-    let (r, (w, shipping)) = if round.is_multiple_of(2) {
+    let (r, (w, shipping)) = in_turn(round, rsync, warmspare);
+    (r, w, shipping, c)
+}
+
+/// Runs a round's two timed runs, rsync first in even rounds and warmspare
+/// first in odd ones: whichever goes second creates its files where the
+/// first has taken the fresh inodes (see [`forget_deletions`]).
+fn in_turn<R, W>(round: usize, rsync: impl FnOnce() -> R, warmspare: impl FnOnce() -> W) -> (R, W) {
+    if round.is_multiple_of(2) {
         let r = rsync();
         (r, warmspare())
     } else {
         let w = warmspare();
         (rsync(), w)
-    };
-    (r, w, shipping, c)
+    }
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -634,13 +641,8 @@ fn main() {
                 settle();
                 sshd.rsync(&rsync_src, &mirror, &[])
             };
-            let (ws, (rs, rb)) = if round.is_multiple_of(2) {
-                let w = warmspare();
-                (w, rsync())
-            } else {
-                let r = rsync();
-                (warmspare(), r)
-            };
+            // Odd rounds first here: scenario 3's first round went to warmspare.
+            let ((rs, rb), ws) = in_turn(round + 1, rsync, warmspare);
             println!("large delta, round {}: rsync {rs:.2} s, warmspare {ws:.2} s", round + 1);
             ws_times.push(ws);
             rsync_times.push(rs);
@@ -971,13 +973,7 @@ fn distance(
             converge(&src, &c.ca("b"), Duration::from_secs(120));
             (secs, (a, b, relay))
         };
-        let (r, (w, agents)) = if round.is_multiple_of(2) {
-            let r = rsync();
-            (r, warmspare())
-        } else {
-            let w = warmspare();
-            (rsync(), w)
-        };
+        let (r, (w, agents)) = in_turn(round, rsync, warmspare);
         println!(
             "distance ({rtt_ms:.0} ms RTT), round {}: initial sync rsync {r:.2} s, warmspare {w:.2} s",
             round + 1
