@@ -1298,10 +1298,14 @@ mod tests {
     }
 
     fn send_file(a: &mut Applier, rel: &str, data: &[u8]) {
+        send_file_with(a, rel, data, meta());
+    }
+
+    fn send_file_with(a: &mut Applier, rel: &str, data: &[u8], meta: Meta) {
         a.apply(Op::FileBegin {
             watch: "w".into(),
             path: rel.into(),
-            meta: meta(),
+            meta,
             size: data.len() as u64,
             hash: ContentHash::of(data),
             delta_base: None,
@@ -1417,23 +1421,17 @@ mod tests {
             ("given-away", 0o4750, 1234, 5678),
         ];
         for (name, mode, uid, gid) in wanted {
-            let data = name.as_bytes();
-            a.apply(Op::FileBegin {
-                watch: "w".into(),
-                path: name.into(),
-                meta: Meta {
+            send_file_with(
+                &mut a,
+                name,
+                name.as_bytes(),
+                Meta {
                     mode,
                     uid,
                     gid,
                     ..meta()
                 },
-                size: data.len() as u64,
-                hash: ContentHash::of(data),
-                delta_base: None,
-            })
-            .unwrap();
-            a.apply(Op::FileData(ByteBuf::from(data.to_vec()))).unwrap();
-            a.apply(Op::FileEnd).unwrap();
+            );
         }
         let r = a.commit();
         assert!(r.failed.is_empty(), "{:?}", r.failed);

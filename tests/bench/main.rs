@@ -196,11 +196,28 @@ fn large_delta(base: &[u8]) -> Vec<u8> {
 
 /// A pair with the product's defaults (debounce_ms 10).
 fn pair() -> TestCluster {
+    pair_at(Vec::new())
+}
+
+/// A pair watching the CA directory, its nodes listening on `hosts`
+/// (127.0.0.1 for a node not named).
+fn pair_at(hosts: Vec<(&'static str, String)>) -> TestCluster {
     TestCluster::new(ClusterOptions {
         nodes: vec!["a", "b"],
         extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\n"),
+        hosts,
         ..Default::default()
     })
+}
+
+/// A round's trees: a fresh CA tree of `files` files on `c`'s node a, and
+/// an empty directory `work/<name>` for rsync to fill.
+fn round_trees(c: &TestCluster, work: &Path, name: &str, files: usize) -> (PathBuf, PathBuf) {
+    let src = c.ca("a");
+    ca_tree(&src, files);
+    let dst = work.join(name);
+    fs::create_dir_all(&dst).unwrap();
+    (src, dst)
 }
 
 /// Writes back every dirty page, so that no timed run pays for an earlier
@@ -351,10 +368,7 @@ struct Shipping {
 /// agent used, and the pair (kept until the run ends).
 fn initial_round(sshd: &Sshd, work: &Path, sizes: &Sizes, round: usize) -> (f64, f64, Shipping, TestCluster) {
     let c = pair();
-    let src = c.ca("a");
-    ca_tree(&src, sizes.files);
-    let dst = work.join(format!("rsync-initial-{round}"));
-    fs::create_dir_all(&dst).unwrap();
+    let (src, dst) = round_trees(&c, work, &format!("rsync-initial-{round}"), sizes.files);
     // Before each timed run, `sync`: warmspare makes what it applies durable
     // (syncfs for large batches) and must not also pay for writing back the
     // source tree or rsync's output, nor rsync for warmspare's.
@@ -943,16 +957,8 @@ fn distance(
     let mut kept = Vec::new();
     let mut last = None;
     for round in 0..rounds.max(1) {
-        let c = TestCluster::new(ClusterOptions {
-            nodes: vec!["a", "b"],
-            extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\n"),
-            hosts: vec![("a", near.clone()), ("b", far.clone())],
-            ..Default::default()
-        });
-        let src = c.ca("a");
-        ca_tree(&src, sizes.files);
-        let dst = work.join(format!("rsync-far-{round}"));
-        fs::create_dir_all(&dst).unwrap();
+        let c = pair_at(vec![("a", near.clone()), ("b", far.clone())]);
+        let (src, dst) = round_trees(&c, work, &format!("rsync-far-{round}"), sizes.files);
         let rsync = || {
             settle();
             sshd.rsync(&src, &dst, &[]).0
