@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use warmspare_tests::faults::NetLink;
 
 mod relay;
+mod scratch;
 use warmspare_tests::{converge, free_port, noise, read, write_file, Agent, ClusterOptions, TestCluster, CA_WATCH};
 
 struct Sizes {
@@ -493,12 +494,33 @@ fn main() {
     // Optional scenario numbers after the size select a subset: `bench all 1 3`.
     let only: Vec<String> = std::env::args().skip(2).collect();
     let run = |n: &str| only.is_empty() || only.iter().any(|o| o == n);
+    // A full run makes a fresh file system of its own (see `scratch`);
+    // `BENCH_FS=here` runs in the temporary directory as it is.
+    let scratch = if which == "all" && std::env::var("BENCH_FS").as_deref() != Ok("here") {
+        match scratch::ScratchFs::create(&std::env::temp_dir()) {
+            Ok(s) => {
+                // The clusters' directories, and so the agents' files, follow.
+                std::env::set_var("TMPDIR", s.tmp());
+                Some(s)
+            }
+            Err(why) => {
+                eprintln!("no fresh file system for this run ({why}); running in the temporary directory");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let fs_note = match &scratch {
+        Some(s) => s.describe(),
+        None => format!("the temporary directory as it is ({})", std::env::temp_dir().display()),
+    };
     let work = tempfile::Builder::new().prefix("warmspare-bench").tempdir().unwrap();
     let sshd = Sshd::start(&work.path().join("sshd"));
     let mut rows: Vec<Row> = Vec::new();
     // Trees made by timed runs are deleted only when the run ends.
     let mut kept: Vec<TestCluster> = Vec::new();
-    if which == "all" {
+    if which == "all" && scratch.is_none() {
         forget_deletions();
     }
     // `BENCH_ROUNDS` sets another number of rounds, for comparing builds.
@@ -611,6 +633,7 @@ fn main() {
         if let Some(l) = lsync {
             eprintln!("lsyncd p50 {l:.1} ms; rsync per event p50 {rp50:.1} ms");
         }
+        kept.push(c);
     }
 
     // 3. Large delta and 4. large new file.
@@ -736,6 +759,7 @@ fn main() {
             unit: "MB/s",
             target: ">= 0.8x".into(),
         });
+        kept.push(c);
     }
 
     // 5. Footprint: idle watching, and shipping scenario 1.
@@ -788,6 +812,9 @@ fn main() {
             unit: "%",
             target: "near 0".into(),
         });
+        // Deleting these 200,000 files now would slow scenario 6's file
+        // creation for the next minute (see `forget_deletions`).
+        kept.push(c);
     }
 
     // 6. Distance: scenarios 1 and 2 with 25 ms each way between the
@@ -825,7 +852,7 @@ fn main() {
         .unwrap_or_default();
     let _ = writeln!(
         md,
-        "Machine: {} cores, {host}; run `{which}`.\n",
+        "Machine: {} cores, {host}; run `{which}`; file system: {fs_note}.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     let _ = writeln!(md, "| scenario | measure | warmspare | best other | other | ratio | target |\n| --- | --- | ---: | ---: | --- | ---: | --- |");
@@ -878,6 +905,11 @@ fn main() {
 /// for each the milliseconds from the writer's close until it is whole under
 /// `dst`.
 fn event_latencies(src: &Path, dst: &Path, dir: &str, n: usize) -> Vec<f64> {
+    // Both trees share one file system here, not two machines: with a
+    // journal (data=ordered), the receiver's first fsync would otherwise
+    // also write back the data of the source tree the harness just made
+    // (40 MB; 410 ms in one run), which on a real pair is on the other node.
+    settle();
     let mut lat = Vec::new();
     for i in 0..n {
         let rel = format!("signed/{dir}/event{i:04}.pem");
