@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -959,11 +958,7 @@ fn ship_file(
 ) -> Result<Option<(u64, ContentHash)>> {
     let l = out.entry;
     let abs = w.root.join(&l.path);
-    let file = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&abs)
-    {
+    let file = match warmspare_shared::sys::open_for_reading(&abs, libc::O_NOFOLLOW) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", abs.display())),

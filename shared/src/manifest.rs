@@ -38,7 +38,7 @@ impl ContentHash {
     pub fn of_file(path: &Path) -> io::Result<ContentHash> {
         // Most replicated files (certificates, keys, CRLs) are small: read
         // them in one go, and map only what does not fit.
-        let mut file = fs::File::open(path)?;
+        let mut file = crate::sys::open_for_reading(path, 0)?;
         let mut buf = [0u8; 32 * 1024];
         let mut n = 0;
         while n < buf.len() {
@@ -49,10 +49,10 @@ impl ContentHash {
                 Err(e) => return Err(e),
             }
         }
-        drop(file);
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_mmap(path)?;
-        Ok(ContentHash(*hasher.finalize().as_bytes()))
+        // The file already open: mapping it by its path again would open it
+        // without `O_NOATIME`.
+        let map = crate::delta::Mapped::new(&file)?;
+        Ok(ContentHash::of(&map))
     }
 }
 
