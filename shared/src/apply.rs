@@ -146,6 +146,8 @@ struct Incoming {
     /// Where the file is written.
     stage: Stage,
     writer: Option<BufWriter<Output>>,
+    /// The data of a file staged in memory ([`Stage::Held`]).
+    held: Vec<u8>,
     hasher: blake3::Hasher,
     written: u64,
     size: u64,
@@ -161,6 +163,9 @@ enum Stage {
     Named(PathBuf),
     /// A file without a name in this directory, open.
     Unnamed(Arc<File>),
+    /// Nothing yet: the data is kept in memory (in `Incoming::held`), and
+    /// the commit makes the file in this directory (see `Staged::Held`).
+    Held(Arc<File>),
 }
 
 struct Pending {
@@ -184,6 +189,17 @@ enum Staged {
         file: File,
         /// The directory it was made in, open.
         dir: Arc<File>,
+    },
+    /// A small file whose content is checked and kept in memory: the commit
+    /// makes it (unnamed, in `dir`), writes it and gives it `meta`, for many
+    /// files on two threads, before it syncs (see [`Applier::write_held`]).
+    Held {
+        /// The content.
+        data: Vec<u8>,
+        /// The target's directory, open.
+        dir: Arc<File>,
+        /// The metadata to give it.
+        meta: Meta,
     },
 }
 
@@ -241,8 +257,10 @@ pub struct Applier {
     /// How many unnamed files a batch may hold open; 0 once the filesystem
     /// turned out not to have them.
     unnamed_max: usize,
-    /// Unnamed files held open by this batch.
+    /// Unnamed files held open by this batch, or to be made at its commit.
     unnamed: usize,
+    /// Bytes of file content this batch holds in memory.
+    held_bytes: u64,
     /// The directory the last unnamed file was made in, open: files arrive
     /// directory by directory, and an open directory spares each of them
     /// two walks down its path. Forgotten whenever `known_dirs` is.
@@ -286,6 +304,7 @@ impl Applier {
             // large batch holds; the rest of a batch gets named files.
             unnamed_max: (crate::sys::open_files_limit() / 4).min(UNNAMED_MAX) as usize,
             unnamed: 0,
+            held_bytes: 0,
             last_dir: None,
         })
     }
@@ -615,6 +634,34 @@ impl Applier {
         // cost nothing next to its data, and the name shows a transfer under
         // way. So does a delta's result, which replaces a file.
         let mut unnamed = None;
+        let mut held = None;
+        if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
+            if let Some(dir) = target.parent() {
+                if size <= HELD_SIZE_MAX && self.held_bytes + size <= HELD_BYTES_MAX {
+                    // Smaller still: kept in memory, made by the commit.
+                    held = Some(self.open_dir(dir)?);
+                }
+            }
+        }
+        if let Some(dir) = held {
+            self.unnamed += 1;
+            self.held_bytes += size;
+            self.incoming = Some(Incoming {
+                watch: watch.to_string(),
+                rel: rel.to_string(),
+                target: target.to_path_buf(),
+                stage: Stage::Held(dir),
+                writer: None,
+                held: Vec::with_capacity(size as usize),
+                hasher: blake3::Hasher::new(),
+                written: 0,
+                size,
+                hash,
+                meta,
+                delta: None,
+            });
+            return Ok(());
+        }
         if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
             if let Some(dir) = target.parent() {
                 let dir = self.open_dir(dir)?;
@@ -658,6 +705,7 @@ impl Applier {
             target: target.to_path_buf(),
             stage,
             writer: None,
+            held: Vec::new(),
             hasher: blake3::Hasher::new(),
             written: 0,
             size,
@@ -704,6 +752,10 @@ impl Applier {
         if inc.delta.is_none() {
             inc.hasher.update(data);
         }
+        if matches!(inc.stage, Stage::Held(_)) {
+            inc.held.extend_from_slice(data);
+            return Ok(());
+        }
         let result = inc.writer.as_mut().map(|w| w.write_all(data));
         if let Some(Err(e)) = result {
             let rel = inc.rel.clone();
@@ -723,6 +775,10 @@ impl Applier {
                     let _ = fs::remove_file(tmp);
                 }
                 Stage::Unnamed(_) => self.unnamed -= 1,
+                Stage::Held(_) => {
+                    self.unnamed -= 1;
+                    self.held_bytes -= inc.size;
+                }
             }
             if let Some((spool, _)) = inc.delta {
                 let _ = fs::remove_file(spool);
@@ -738,6 +794,34 @@ impl Applier {
         let Some(mut inc) = self.incoming.take() else {
             return Err(Refused("end of a file that was not begun".into()));
         };
+        if let Stage::Held(dir) = &inc.stage {
+            let dir = dir.clone();
+            match check_content(&inc) {
+                Ok(()) => {
+                    self.report.applied += 1;
+                    self.report.touched.insert(inc.watch.clone());
+                    self.note_parent(&inc.target);
+                    self.pending.push(Pending {
+                        watch: inc.watch,
+                        rel: inc.rel,
+                        staged: Staged::Held {
+                            data: inc.held,
+                            dir,
+                            meta: inc.meta,
+                        },
+                        target: inc.target,
+                        hash: inc.hash,
+                    });
+                }
+                Err(e) => {
+                    self.unnamed -= 1;
+                    self.held_bytes -= inc.size;
+                    tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
+                    self.report.failed.push((inc.rel, e));
+                }
+            }
+            return Ok(());
+        }
         let result = self.finish(&mut inc);
         if let Some((spool, _)) = &inc.delta {
             let _ = fs::remove_file(spool);
@@ -756,7 +840,7 @@ impl Applier {
                 }
                 let staged = match inc.stage {
                     Stage::Named(tmp) => Staged::Named(tmp),
-                    Stage::Unnamed(dir) => Staged::Unnamed { file, dir },
+                    Stage::Unnamed(dir) | Stage::Held(dir) => Staged::Unnamed { file, dir },
                 };
                 self.pending.push(Pending {
                     watch: inc.watch,
@@ -771,7 +855,7 @@ impl Applier {
                     Stage::Named(tmp) => {
                         let _ = fs::remove_file(tmp);
                     }
-                    Stage::Unnamed(_) => self.unnamed -= 1,
+                    Stage::Unnamed(_) | Stage::Held(_) => self.unnamed -= 1,
                 }
                 tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
                 self.report.failed.push((inc.rel, e));
@@ -822,31 +906,8 @@ impl Applier {
     }
 
     fn finish_file(&self, inc: &Incoming, file: &File) -> Result<(), String> {
-        if inc.written != inc.size {
-            return Err(format!("got {} bytes, {} were announced", inc.written, inc.size));
-        }
-        let got = ContentHash(*inc.hasher.finalize().as_bytes());
-        if got != inc.hash {
-            return Err(format!("content hash mismatch: got {got}, announced {}", inc.hash));
-        }
-        // A new file usually has the wanted mode (see `file_begin`) and
-        // owner (the agent's) already: an `fstat` costs less than `fchmod`
-        // and `fchown`, which each rewrite the inode.
-        let have = file.metadata().map_err(|e| e.to_string())?;
-        if have.mode() & 0o7777 != inc.meta.mode & 0o7777 {
-            file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))
-                .map_err(|e| e.to_string())?;
-        }
-        if self.can_chown && (have.uid(), have.gid()) != (inc.meta.uid, inc.meta.gid) {
-            std::os::unix::fs::fchown(file, Some(inc.meta.uid), Some(inc.meta.gid)).map_err(|e| e.to_string())?;
-            // Giving a file away clears its set-user-ID and set-group-ID bits.
-            if inc.meta.mode & 0o6000 != 0 {
-                file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        filetime::set_file_handle_times(file, None, Some(mtime_of(inc.meta))).map_err(|e| e.to_string())?;
-        Ok(())
+        check_content(inc)?;
+        give_meta(file, inc.meta, self.can_chown).map_err(|e| e.to_string())
     }
 
     fn chown(&self, path: &Path, meta: Meta) -> io::Result<()> {
@@ -868,6 +929,14 @@ impl Applier {
         self.unflushed = 0;
         self.unnamed = 0;
         let pending = std::mem::take(&mut self.pending);
+        self.held_bytes = 0;
+        // 0. The files held in memory are made and written.
+        let (pending, failed) = make_all_held(pending, self.can_chown);
+        for (rel, why) in failed {
+            tracing::warn!(path = rel, error = why, "cannot write a received file");
+            self.report.applied = self.report.applied.saturating_sub(1);
+            self.report.failed.push((rel, why));
+        }
         // 1. The new contents are durable before any of them is placed.
         if let Err(e) = sync_files(&pending) {
             for p in pending {
@@ -892,6 +961,8 @@ impl Applier {
                 let placed = match (linked.next().flatten(), &staged) {
                     (Some(done), _) => done,
                     (None, Staged::Unnamed { file, dir }) => link_one(file, dir, &target),
+                    // Made by step 0; never left held.
+                    (None, Staged::Held { .. }) => Err(io::Error::other("not written")),
                     (None, Staged::Named(tmp)) => {
                         crate::sys::rename_noreplace(tmp, &target).and_then(|()| fs::symlink_metadata(&target))
                     }
@@ -911,6 +982,10 @@ impl Applier {
                 // Something is in the way. An unnamed file gets a temporary
                 // name first, to be renamed over it.
                 let tmp = match staged {
+                    Staged::Held { .. } => {
+                        self.report.failed.push((rel, "not written".into()));
+                        continue;
+                    }
                     Staged::Named(tmp) => tmp,
                     Staged::Unnamed { file, dir } => match name_beside(&file, &dir, &target) {
                         Ok(tmp) => tmp,
@@ -1019,6 +1094,13 @@ const UNNAMED_MAX: u64 = 4096;
 /// Files up to this size are received into unnamed files.
 const UNNAMED_SIZE_MAX: u64 = 1 << 20;
 
+/// Files up to this size are held in memory until their commit, which makes
+/// them (see [`Staged::Held`]) ...
+const HELD_SIZE_MAX: u64 = 64 << 10;
+
+/// ... while the batch holds no more than this in all.
+const HELD_BYTES_MAX: u64 = 16 << 20;
+
 /// How many files a batch writes before the [`Flusher`] is asked to start
 /// writing them back.
 const FLUSH_EVERY_FILES: usize = 1000;
@@ -1124,12 +1206,142 @@ fn link_ahead(pending: &[Pending]) -> Vec<Option<io::Result<fs::Metadata>>> {
             .name("warmspare-link".into())
             .spawn_scoped(scope, || link(second));
         let mut out = link(first);
-        // Without a second thread the walk links the rest.
-        if let Ok(Ok(rest)) = other.map(|t| t.join()) {
-            out.extend(rest);
+        match other.map(|t| t.join()) {
+            Ok(Ok(rest)) => out.extend(rest),
+            // A panic there is a bug: it ends the session (nothing is
+            // acknowledged) rather than leave the walk to link files twice.
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            // Without a second thread the walk links the rest.
+            Err(_) => {}
         }
         out
     })
+}
+
+/// Checks that a received file has the size and content hash it was
+/// announced with.
+fn check_content(inc: &Incoming) -> Result<(), String> {
+    if inc.written != inc.size {
+        return Err(format!("got {} bytes, {} were announced", inc.written, inc.size));
+    }
+    let got = ContentHash(*inc.hasher.finalize().as_bytes());
+    if got != inc.hash {
+        return Err(format!("content hash mismatch: got {got}, announced {}", inc.hash));
+    }
+    Ok(())
+}
+
+/// Gives a received file, written whole, its mode, owner (with `chown`)
+/// and modification time.
+fn give_meta(file: &File, meta: Meta, chown: bool) -> io::Result<()> {
+    // A new file usually has the wanted mode (see `file_begin`) and owner
+    // (the agent's) already: an `fstat` costs less than `fchmod` and
+    // `fchown`, which each rewrite the inode.
+    let have = file.metadata()?;
+    if have.mode() & 0o7777 != meta.mode & 0o7777 {
+        file.set_permissions(fs::Permissions::from_mode(meta.mode))?;
+    }
+    if chown && (have.uid(), have.gid()) != (meta.uid, meta.gid) {
+        std::os::unix::fs::fchown(file, Some(meta.uid), Some(meta.gid))?;
+        // Giving a file away clears its set-user-ID and set-group-ID bits.
+        if meta.mode & 0o6000 != 0 {
+            file.set_permissions(fs::Permissions::from_mode(meta.mode))?;
+        }
+    }
+    filetime::set_file_handle_times(file, None, Some(mtime_of(meta)))
+}
+
+/// Makes a file held in memory: unnamed in `dir` where the file system
+/// has such files, else with a temporary name beside `target`; writes
+/// `data` and gives it `meta`.
+fn make_held(data: &[u8], dir: Arc<File>, meta: Meta, target: &Path, chown: bool) -> io::Result<Staged> {
+    let (mut file, staged_name) = match crate::sys::open_unnamed(&dir, meta.mode & 0o777) {
+        Ok(file) => (file, None),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
+            let tmp = temp_beside(target, "new")?;
+            (create_private(&tmp)?, Some(tmp))
+        }
+        Err(e) => return Err(e),
+    };
+    match file.write_all(data).and_then(|()| give_meta(&file, meta, chown)) {
+        Ok(()) => Ok(match staged_name {
+            Some(tmp) => Staged::Named(tmp),
+            None => Staged::Unnamed { file, dir },
+        }),
+        Err(e) => {
+            if let Some(tmp) = staged_name {
+                let _ = fs::remove_file(tmp);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Below this many held files a commit makes them on its own thread.
+const HELD_AHEAD_MIN: usize = 64;
+
+/// Makes the held files of `pending` (see [`make_held`]), the two halves of
+/// the list on two threads when there are many; a file that cannot be made
+/// is taken out of the list and returned with why.
+fn make_all_held(pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(String, String)>) {
+    let make = |part: Vec<Pending>| -> Vec<Result<Pending, (String, String)>> {
+        part.into_iter()
+            .map(|p| match p.staged {
+                Staged::Held { data, dir, meta } => match make_held(&data, dir, meta, &p.target, chown) {
+                    Ok(staged) => Ok(Pending { staged, ..p }),
+                    Err(e) => Err((p.rel, e.to_string())),
+                },
+                _ => Ok(p),
+            })
+            .collect()
+    };
+    let held = pending
+        .iter()
+        .filter(|p| matches!(p.staged, Staged::Held { .. }))
+        .count();
+    let done = if held < HELD_AHEAD_MIN {
+        make(pending)
+    } else {
+        let mut first = pending;
+        let second = first.split_off(first.len() / 2);
+        std::thread::scope(|scope| {
+            // The second half goes to the thread over a channel, so that it
+            // comes back if the thread cannot start.
+            let (work, work_rx) = std::sync::mpsc::channel::<Vec<Pending>>();
+            let (done, done_rx) = std::sync::mpsc::channel();
+            let make = &make;
+            let other = std::thread::Builder::new()
+                .name("warmspare-make".into())
+                .spawn_scoped(scope, move || {
+                    for part in work_rx {
+                        let _ = done.send(make(part));
+                    }
+                });
+            let left = match &other {
+                Ok(_) => work.send(second).err().map(|e| e.0),
+                Err(_) => Some(second),
+            };
+            drop(work);
+            let mut out = make(first);
+            match left {
+                Some(rest) => out.extend(make(rest)),
+                None => match other.map(|t| t.join()) {
+                    Ok(Ok(())) => out.extend(done_rx.recv().unwrap_or_default()),
+                    // A panic there is a bug: it ends the session, which
+                    // acknowledges nothing, rather than losing files quietly.
+                    Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                    Err(_) => {}
+                },
+            }
+            out
+        })
+    };
+    let mut failed = Vec::new();
+    let pending = done
+        .into_iter()
+        .filter_map(|r| r.map_err(|f| failed.push(f)).ok())
+        .collect();
+    (pending, failed)
 }
 
 fn move_aside(src: &Path, dest: &Path) -> io::Result<()> {
@@ -1256,6 +1468,7 @@ fn sync_files(pending: &[Pending]) -> io::Result<()> {
             match &p.staged {
                 Staged::Named(tmp) => File::open(tmp)?.sync_data()?,
                 Staged::Unnamed { file, .. } => file.sync_data()?,
+                Staged::Held { .. } => {}
             }
         }
         Ok(())
@@ -1369,7 +1582,8 @@ mod tests {
             delta_base: None,
         })
         .unwrap();
-        for c in data.chunks(3) {
+        // Small files in tiny frames (to test reassembly), large ones in 64.
+        for c in data.chunks(3.max(data.len() / 64)) {
             a.apply(Op::FileData(ByteBuf::from(c.to_vec()))).unwrap();
         }
         a.apply(Op::FileEnd).unwrap();
@@ -1467,12 +1681,43 @@ mod tests {
     }
 
     #[test]
+    fn held_files_that_cannot_be_made_at_commit_are_reported_and_the_rest_placed() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        // Enough held files for two threads; the second half's directory
+        // disappears before the commit makes them.
+        let n = HELD_AHEAD_MIN * 2;
+        for i in 0..n {
+            let dir = if i < n / 2 { "kept" } else { "gone" };
+            send_file(&mut a, &format!("{dir}/f{i}"), format!("file {i}").as_bytes());
+        }
+        fs::remove_dir(d.path().join("gone")).unwrap();
+        let r = a.commit();
+        assert_eq!(r.failed.len(), n / 2, "{:?}", r.failed);
+        assert!(r.failed.iter().all(|(rel, _)| rel.starts_with("gone/")));
+        assert_eq!(r.applied, (n / 2) as u64);
+        for i in 0..n / 2 {
+            assert_eq!(
+                fs::read(d.path().join(format!("kept/f{i}"))).unwrap(),
+                format!("file {i}").as_bytes()
+            );
+        }
+        assert!(!d.path().join("gone").exists());
+    }
+
+    #[test]
     fn a_batch_flushed_early_still_appears_only_at_commit() {
         let d = tempfile::tempdir().unwrap();
         let mut a = applier(d.path());
-        let n = FLUSH_EVERY_FILES * 2 + 3;
+        // Files too large to be held in memory are written as they arrive.
+        let n = FLUSH_EVERY_FILES + 3;
+        let body = |i: usize| {
+            let mut b = format!("content {i}").into_bytes();
+            b.resize(HELD_SIZE_MAX as usize + 1, b'.');
+            b
+        };
         for i in 0..n {
-            send_file(&mut a, &format!("f{i}"), format!("content {i}").as_bytes());
+            send_file(&mut a, &format!("f{i}"), &body(i));
         }
         assert!(a.flusher.thread.is_some(), "the flusher was never asked to start");
         assert!(!d.path().join("f0").exists());
@@ -1480,10 +1725,7 @@ mod tests {
         assert_eq!(r.applied, n as u64);
         assert!(r.failed.is_empty());
         for i in 0..n {
-            assert_eq!(
-                fs::read(d.path().join(format!("f{i}"))).unwrap(),
-                format!("content {i}").as_bytes()
-            );
+            assert_eq!(fs::read(d.path().join(format!("f{i}"))).unwrap(), body(i));
         }
         assert_eq!(clean_temps(d.path()).unwrap(), 0);
     }
