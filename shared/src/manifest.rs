@@ -286,6 +286,19 @@ impl HashCache {
         }
     }
 
+    /// Takes in the entries of `newer`, which win over this cache's own
+    /// (a cache loaded from disk absorbing what was learnt since it was
+    /// saved).
+    pub fn absorb(&mut self, newer: HashCache) {
+        self.dirty |= !newer.map.is_empty() || newer.dirty;
+        self.map.extend(newer.map);
+    }
+
+    /// Whether the cache has changes not yet saved.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// How many files the cache knows.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -812,6 +825,41 @@ mod tests {
         fs::write(&f, b"two").unwrap();
         let md2 = fs::symlink_metadata(&f).unwrap();
         assert_eq!(loaded.hash("f", &f, &md2).unwrap(), ContentHash::of(b"two"));
+    }
+
+    #[test]
+    fn a_cache_read_back_from_disk_absorbs_what_was_learnt_since_and_newer_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        fs::write(&a, b"a1").unwrap();
+        fs::write(&b, b"b1").unwrap();
+        let mut cache = HashCache {
+            racy_ns: 0,
+            ..HashCache::default()
+        };
+        for (rel, p) in [("a", &a), ("b", &b)] {
+            cache.hash(rel, p, &fs::symlink_metadata(p).unwrap()).unwrap();
+        }
+        let cpath = d.path().join("cache");
+        cache.save(&cpath).unwrap();
+        assert!(!cache.is_dirty());
+        // Let go of; meanwhile "b" changes and an event hashes it again.
+        let mut since = HashCache {
+            racy_ns: 0,
+            ..HashCache::default()
+        };
+        fs::write(&b, b"b2 longer").unwrap();
+        let md_b = fs::symlink_metadata(&b).unwrap();
+        since.hash("b", &b, &md_b).unwrap();
+        let mut back = HashCache::load(&cpath);
+        back.absorb(since);
+        assert!(back.is_dirty());
+        assert_eq!(back.len(), 2);
+        assert_eq!(back.cached("b", &md_b), Some(ContentHash::of(b"b2 longer")));
+        assert_eq!(
+            back.cached("a", &fs::symlink_metadata(&a).unwrap()),
+            Some(ContentHash::of(b"a1"))
+        );
     }
 
     #[test]
