@@ -228,7 +228,8 @@ fn settle() {
 }
 
 /// Waits until files deleted before this run slow down creating new ones
-/// less. On ext4 without a journal (as on the machine these figures come
+/// less (only with `BENCH_FS=here`: a full run otherwise makes a fresh
+/// file system with a journal, see `scratch`). On ext4 without a journal (as on the machine these figures come
 /// from), the inode allocator passes over every free inode whose deletion
 /// time is recent, reading its table block for each candidate, on every
 /// allocation: "recent" is 60 s, or 360 s when that table block is dirty
@@ -589,7 +590,8 @@ fn main() {
         let c = pair();
         let src = c.ca("a");
         ca_tree(&src, sizes.files);
-        let _b = start_agent(&c, "b", "");
+        // `BENCH_WRAP_PASSIVE` wraps the passive here too (strace, perf).
+        let _b = start_agent(&c, "b", &std::env::var("BENCH_WRAP_PASSIVE").unwrap_or_default());
         let _a = start_agent(&c, "a", "");
         converge(&src, &c.ca("b"), Duration::from_secs(600));
         let mut lat = event_latencies(&src, &c.ca("b"), "new", sizes.events);
