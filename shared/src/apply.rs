@@ -168,6 +168,15 @@ enum Stage {
     Held(Arc<File>),
 }
 
+/// Where [`Applier::open_stage`] put an incoming file.
+struct Opened {
+    stage: Stage,
+    /// None for a file held in memory.
+    writer: Option<BufWriter<Output>>,
+    /// A delta's spool file, and the hash of its base.
+    delta: Option<(PathBuf, ContentHash)>,
+}
+
 struct Pending {
     watch: String,
     rel: String,
@@ -192,7 +201,7 @@ enum Staged {
     },
     /// A small file whose content is checked and kept in memory: the commit
     /// makes it (unnamed, in `dir`), writes it and gives it `meta`, for many
-    /// files on two threads, before it syncs (see [`Applier::write_held`]).
+    /// files on two threads, before it syncs (see [`make_all_held`]).
     Held {
         /// The content.
         data: Vec<u8>,
@@ -629,45 +638,58 @@ impl Applier {
                 fs::create_dir_all(parent)?;
             }
         }
+        let Opened { stage, writer, delta } = self.open_stage(target, meta, size, delta_base)?;
+        let held = match stage {
+            Stage::Held(_) => Vec::with_capacity(size as usize),
+            _ => Vec::new(),
+        };
+        self.incoming = Some(Incoming {
+            watch: watch.to_string(),
+            rel: rel.to_string(),
+            target: target.to_path_buf(),
+            stage,
+            writer,
+            held,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+            size,
+            hash,
+            meta,
+            delta,
+        });
+        Ok(())
+    }
+
+    /// Where an incoming file goes: in memory, an unnamed file or a named
+    /// one, with its writer and, for a delta, its spool.
+    fn open_stage(
+        &mut self,
+        target: &Path,
+        meta: Meta,
+        size: u64,
+        delta_base: Option<ContentHash>,
+    ) -> io::Result<Opened> {
         // A small whole file is written to an unnamed file while the batch
-        // has room for one. A large one gets a name: its directory entries
-        // cost nothing next to its data, and the name shows a transfer under
-        // way. So does a delta's result, which replaces a file.
+        // has room for one, and a smaller one still is kept in memory until
+        // the commit makes it. A large one gets a name: its directory
+        // entries cost nothing next to its data, and the name shows a
+        // transfer under way. So does a delta's result, which replaces a file.
         let mut unnamed = None;
-        let mut held = None;
-        if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
-            if let Some(dir) = target.parent() {
-                if size <= HELD_SIZE_MAX && self.held_bytes + size <= HELD_BYTES_MAX {
-                    // Smaller still: kept in memory, made by the commit.
-                    held = Some(self.open_dir(dir)?);
-                }
-            }
-        }
-        if let Some(dir) = held {
-            self.unnamed += 1;
-            self.held_bytes += size;
-            self.incoming = Some(Incoming {
-                watch: watch.to_string(),
-                rel: rel.to_string(),
-                target: target.to_path_buf(),
-                stage: Stage::Held(dir),
-                writer: None,
-                held: Vec::with_capacity(size as usize),
-                hasher: blake3::Hasher::new(),
-                written: 0,
-                size,
-                hash,
-                meta,
-                delta: None,
-            });
-            return Ok(());
-        }
         if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
             if let Some(dir) = target.parent() {
                 let dir = self.open_dir(dir)?;
+                if size <= HELD_SIZE_MAX && self.held_bytes + size <= HELD_BYTES_MAX {
+                    self.unnamed += 1;
+                    self.held_bytes += size;
+                    return Ok(Opened {
+                        stage: Stage::Held(dir),
+                        writer: None,
+                        delta: None,
+                    });
+                }
                 // No name, so nobody can open it before the commit links it:
                 // it can have its final permissions (less the umask) at once,
-                // and `finish_file` mostly has no `fchmod` left to do.
+                // and `give_meta` mostly has no `fchmod` left to do.
                 match crate::sys::open_unnamed(&dir, meta.mode & 0o777) {
                     Ok(file) => unnamed = Some((file, dir)),
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
@@ -699,36 +721,34 @@ impl Applier {
                 (file, Stage::Named(tmp))
             }
         };
-        let mut incoming = Incoming {
-            watch: watch.to_string(),
-            rel: rel.to_string(),
-            target: target.to_path_buf(),
-            stage,
-            writer: None,
-            held: Vec::new(),
-            hasher: blake3::Hasher::new(),
-            written: 0,
-            size,
-            hash,
-            meta,
-            delta,
-        };
         // Data arrives in frames of up to 256 KiB; a small file needs no more
         // buffer than its size (a 256 KiB buffer per file would be an mmap
         // and a munmap per file).
-        let cap = if delta_base.is_some() {
-            256 * 1024
+        let writer = if delta_base.is_some() {
+            BufWriter::with_capacity(256 * 1024, Output::scratch(file))
         } else {
-            (size as usize).clamp(1, 256 * 1024)
+            BufWriter::with_capacity((size as usize).clamp(1, 256 * 1024), Output::durable(file))
         };
-        let out = if delta_base.is_some() {
-            Output::scratch(file)
-        } else {
-            Output::durable(file)
-        };
-        incoming.writer = Some(BufWriter::with_capacity(cap, out));
-        self.incoming = Some(incoming);
-        Ok(())
+        Ok(Opened {
+            stage,
+            writer: Some(writer),
+            delta,
+        })
+    }
+
+    /// Gives back what an incoming file's stage took: its temporary file,
+    /// its place among the unnamed files, its memory.
+    fn release(&mut self, stage: &Stage, size: u64) {
+        match stage {
+            Stage::Named(tmp) => {
+                let _ = fs::remove_file(tmp);
+            }
+            Stage::Unnamed(_) => self.unnamed -= 1,
+            Stage::Held(_) => {
+                self.unnamed -= 1;
+                self.held_bytes -= size;
+            }
+        }
     }
 
     fn file_data(&mut self, data: &[u8]) -> Result<(), Refused> {
@@ -770,16 +790,7 @@ impl Applier {
     fn abort_incoming(&mut self) {
         if let Some(inc) = self.incoming.take() {
             drop(inc.writer);
-            match &inc.stage {
-                Stage::Named(tmp) => {
-                    let _ = fs::remove_file(tmp);
-                }
-                Stage::Unnamed(_) => self.unnamed -= 1,
-                Stage::Held(_) => {
-                    self.unnamed -= 1;
-                    self.held_bytes -= inc.size;
-                }
-            }
+            self.release(&inc.stage, inc.size);
             if let Some((spool, _)) = inc.delta {
                 let _ = fs::remove_file(spool);
             }
@@ -794,54 +805,38 @@ impl Applier {
         let Some(mut inc) = self.incoming.take() else {
             return Err(Refused("end of a file that was not begun".into()));
         };
-        if let Stage::Held(dir) = &inc.stage {
+        let outcome = if let Stage::Held(dir) = &inc.stage {
             let dir = dir.clone();
-            match check_content(&inc) {
-                Ok(()) => {
-                    self.report.applied += 1;
-                    self.report.touched.insert(inc.watch.clone());
-                    self.note_parent(&inc.target);
-                    self.pending.push(Pending {
-                        watch: inc.watch,
-                        rel: inc.rel,
-                        staged: Staged::Held {
-                            data: inc.held,
-                            dir,
-                            meta: inc.meta,
-                        },
-                        target: inc.target,
-                        hash: inc.hash,
-                    });
-                }
-                Err(e) => {
-                    self.unnamed -= 1;
-                    self.held_bytes -= inc.size;
-                    tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
-                    self.report.failed.push((inc.rel, e));
-                }
+            check_content(&inc).map(|()| Staged::Held {
+                data: std::mem::take(&mut inc.held),
+                dir,
+                meta: inc.meta,
+            })
+        } else {
+            let result = self.finish(&mut inc);
+            if let Some((spool, _)) = &inc.delta {
+                let _ = fs::remove_file(spool);
             }
-            return Ok(());
-        }
-        let result = self.finish(&mut inc);
-        if let Some((spool, _)) = &inc.delta {
-            let _ = fs::remove_file(spool);
-        }
-        match result {
-            Ok(file) => {
+            result.map(|file| match &inc.stage {
+                Stage::Named(tmp) => Staged::Named(tmp.clone()),
+                Stage::Unnamed(dir) | Stage::Held(dir) => Staged::Unnamed { file, dir: dir.clone() },
+            })
+        };
+        match outcome {
+            Ok(staged) => {
                 self.report.applied += 1;
                 self.report.touched.insert(inc.watch.clone());
                 self.note_parent(&inc.target);
-                self.unflushed += 1;
-                if self.unflushed >= FLUSH_EVERY_FILES {
-                    self.unflushed = 0;
-                    if let Some(dir) = inc.target.parent() {
-                        self.flusher.start(dir);
+                // Held files are written by the commit, right before its sync.
+                if !matches!(staged, Staged::Held { .. }) {
+                    self.unflushed += 1;
+                    if self.unflushed >= FLUSH_EVERY_FILES {
+                        self.unflushed = 0;
+                        if let Some(dir) = inc.target.parent() {
+                            self.flusher.start(dir);
+                        }
                     }
                 }
-                let staged = match inc.stage {
-                    Stage::Named(tmp) => Staged::Named(tmp),
-                    Stage::Unnamed(dir) | Stage::Held(dir) => Staged::Unnamed { file, dir },
-                };
                 self.pending.push(Pending {
                     watch: inc.watch,
                     rel: inc.rel,
@@ -851,12 +846,7 @@ impl Applier {
                 });
             }
             Err(e) => {
-                match &inc.stage {
-                    Stage::Named(tmp) => {
-                        let _ = fs::remove_file(tmp);
-                    }
-                    Stage::Unnamed(_) | Stage::Held(_) => self.unnamed -= 1,
-                }
+                self.release(&inc.stage, inc.size);
                 tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
                 self.report.failed.push((inc.rel, e));
             }
@@ -1154,7 +1144,6 @@ impl Drop for Flusher {
     }
 }
 
-/// Moves `src` to `dest` (creating parents), copying across filesystems.
 /// Links an unnamed file into place under `target`'s name, never replacing
 /// anything; returns its metadata after the link (which changes its ctime).
 fn link_one(file: &File, dir: &File, target: &Path) -> io::Result<fs::Metadata> {
@@ -1190,7 +1179,8 @@ fn link_ahead(pending: &[Pending]) -> Vec<Option<io::Result<fs::Metadata>>> {
         .filter(|p| !seen.insert(p.target.as_path()))
         .map(|p| p.target.as_path())
         .collect();
-    let link = |part: &[Pending]| -> Vec<Option<io::Result<fs::Metadata>>> {
+    let mut items: Vec<&Pending> = pending.iter().collect();
+    on_two_threads(&mut items, |part| {
         part.iter()
             .map(|p| match &p.staged {
                 Staged::Unnamed { file, dir } if !twice.contains(p.target.as_path()) => {
@@ -1199,23 +1189,37 @@ fn link_ahead(pending: &[Pending]) -> Vec<Option<io::Result<fs::Metadata>>> {
                 _ => None,
             })
             .collect()
-    };
-    let (first, second) = pending.split_at(pending.len() / 2);
-    std::thread::scope(|scope| {
-        let other = std::thread::Builder::new()
-            .name("warmspare-link".into())
-            .spawn_scoped(scope, || link(second));
-        let mut out = link(first);
-        match other.map(|t| t.join()) {
-            Ok(Ok(rest)) => out.extend(rest),
-            // A panic there is a bug: it ends the session (nothing is
-            // acknowledged) rather than leave the walk to link files twice.
-            Ok(Err(panic)) => std::panic::resume_unwind(panic),
-            // Without a second thread the walk links the rest.
-            Err(_) => {}
-        }
-        out
     })
+}
+
+/// Runs `work` on the two halves of `items`, the second on a thread of its
+/// own (on this one when no thread can be started), and returns the
+/// results in order. A panic there is a bug, and is raised again here: it
+/// ends the session, which acknowledges nothing.
+fn on_two_threads<T: Send, R: Send>(items: &mut [T], work: impl Fn(&mut [T]) -> Vec<R> + Sync) -> Vec<R> {
+    let mid = items.len() / 2;
+    let work = &work;
+    let (mut out, second_done) = std::thread::scope(|scope| {
+        let (first, second) = items.split_at_mut(mid);
+        let other = std::thread::Builder::new()
+            .name("warmspare-commit".into())
+            .spawn_scoped(scope, move || work(second));
+        let mut out = work(first);
+        match other {
+            Ok(t) => match t.join() {
+                Ok(rest) => {
+                    out.extend(rest);
+                    (out, true)
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+            Err(_) => (out, false),
+        }
+    });
+    if !second_done {
+        out.extend(work(&mut items[mid..]));
+    }
+    out
 }
 
 /// Checks that a received file has the size and content hash it was
@@ -1283,15 +1287,21 @@ const HELD_AHEAD_MIN: usize = 64;
 /// Makes the held files of `pending` (see [`make_held`]), the two halves of
 /// the list on two threads when there are many; a file that cannot be made
 /// is taken out of the list and returned with why.
-fn make_all_held(pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(String, String)>) {
-    let make = |part: Vec<Pending>| -> Vec<Result<Pending, (String, String)>> {
-        part.into_iter()
-            .map(|p| match p.staged {
-                Staged::Held { data, dir, meta } => match make_held(&data, dir, meta, &p.target, chown) {
-                    Ok(staged) => Ok(Pending { staged, ..p }),
-                    Err(e) => Err((p.rel, e.to_string())),
-                },
-                _ => Ok(p),
+fn make_all_held(mut pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(String, String)>) {
+    // For each file, why it could not be made.
+    let make = |part: &mut [Pending]| -> Vec<Option<String>> {
+        part.iter_mut()
+            .map(|p| {
+                let Staged::Held { data, dir, meta } = &p.staged else {
+                    return None;
+                };
+                match make_held(data, dir.clone(), *meta, &p.target, chown) {
+                    Ok(staged) => {
+                        p.staged = staged;
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                }
             })
             .collect()
     };
@@ -1299,51 +1309,27 @@ fn make_all_held(pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(Stri
         .iter()
         .filter(|p| matches!(p.staged, Staged::Held { .. }))
         .count();
-    let done = if held < HELD_AHEAD_MIN {
-        make(pending)
+    let outcomes = if held < HELD_AHEAD_MIN {
+        make(&mut pending)
     } else {
-        let mut first = pending;
-        let second = first.split_off(first.len() / 2);
-        std::thread::scope(|scope| {
-            // The second half goes to the thread over a channel, so that it
-            // comes back if the thread cannot start.
-            let (work, work_rx) = std::sync::mpsc::channel::<Vec<Pending>>();
-            let (done, done_rx) = std::sync::mpsc::channel();
-            let make = &make;
-            let other = std::thread::Builder::new()
-                .name("warmspare-make".into())
-                .spawn_scoped(scope, move || {
-                    for part in work_rx {
-                        let _ = done.send(make(part));
-                    }
-                });
-            let left = match &other {
-                Ok(_) => work.send(second).err().map(|e| e.0),
-                Err(_) => Some(second),
-            };
-            drop(work);
-            let mut out = make(first);
-            match left {
-                Some(rest) => out.extend(make(rest)),
-                None => match other.map(|t| t.join()) {
-                    Ok(Ok(())) => out.extend(done_rx.recv().unwrap_or_default()),
-                    // A panic there is a bug: it ends the session, which
-                    // acknowledges nothing, rather than losing files quietly.
-                    Ok(Err(panic)) => std::panic::resume_unwind(panic),
-                    Err(_) => {}
-                },
-            }
-            out
-        })
+        on_two_threads(&mut pending, make)
     };
     let mut failed = Vec::new();
-    let pending = done
+    let made = pending
         .into_iter()
-        .filter_map(|r| r.map_err(|f| failed.push(f)).ok())
+        .zip(outcomes)
+        .filter_map(|(p, why)| match why {
+            None => Some(p),
+            Some(why) => {
+                failed.push((p.rel, why));
+                None
+            }
+        })
         .collect();
-    (pending, failed)
+    (made, failed)
 }
 
+/// Moves `src` to `dest` (creating parents), copying across filesystems.
 fn move_aside(src: &Path, dest: &Path) -> io::Result<()> {
     if let Some(p) = dest.parent() {
         fs::create_dir_all(p)?;
