@@ -613,6 +613,22 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// The path of the program `tool` (looked up on `PATH`, then in the
+/// system directories root's `PATH` has), or a panic that names the Debian
+/// package providing it: a test never passes or skips because a tool is
+/// absent. `tests/run` installs every package named here.
+pub fn require(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from));
+    for dir in dirs {
+        let candidate = dir.join(tool);
+        if fs::metadata(&candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0) {
+            return candidate;
+        }
+    }
+    panic!("{tool} is not installed: install the Debian package {package} (tests/run does it)")
+}
+
 /// A throwaway PostgreSQL server on a Unix socket, run as the `postgres`
 /// user when the tests run as root (initdb refuses root); stopped on drop.
 pub struct Postgres {
@@ -630,7 +646,7 @@ impl Postgres {
     pub fn start() -> Postgres {
         let bindir = PathBuf::from(
             String::from_utf8(
-                Command::new("pg_config")
+                Command::new(require("pg_config", "postgresql"))
                     .arg("--bindir")
                     .output()
                     .expect("pg_config")
@@ -728,7 +744,7 @@ impl Postgres {
     }
 
     fn psql(&self, db: &str, sql: &str) -> Command {
-        let mut c = Command::new("psql");
+        let mut c = Command::new(require("psql", "postgresql-client"));
         c.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.socket)
             .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql]);

@@ -366,10 +366,7 @@ impl Drop for Haproxy {
 
 #[test]
 fn haproxy_routes_clients_to_the_active_node_only() {
-    let haproxy = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
-    let haproxy = haproxy.expect("HAProxy is not installed (apt-get install haproxy; .ci/run does it)");
+    let haproxy = warmspare_tests::require("haproxy", "haproxy");
     let c = TestCluster::pair("");
     let _b = c.start("b");
     let _a = c.start("a");
@@ -389,10 +386,10 @@ fn haproxy_routes_clients_to_the_active_node_only() {
         ),
     )
     .unwrap();
-    let check = Command::new(haproxy).arg("-c").arg("-f").arg(&cfg).output().unwrap();
+    let check = Command::new(&haproxy).arg("-c").arg("-f").arg(&cfg).output().unwrap();
     assert!(check.status.success(), "haproxy -c: {}", text(&check));
     let _proxy = Haproxy(
-        Command::new(haproxy)
+        Command::new(&haproxy)
             .arg("-db")
             .arg("-f")
             .arg(&cfg)

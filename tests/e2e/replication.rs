@@ -373,7 +373,7 @@ fn a_real_ca_directory_verifies_on_the_passive() {
     )
     .unwrap();
     let openssl = || {
-        let mut c = Command::new("openssl");
+        let mut c = Command::new(warmspare_tests::require("openssl", "openssl"));
         c.env("OPENSSL_CONF", &cnf);
         c
     };
@@ -423,7 +423,7 @@ fn a_real_ca_directory_verifies_on_the_passive() {
     }
     converge(&a_root, &b_root, LIMIT);
     for host in ["agent1.example.com", "agent2.example.com", "agent3.example.com"] {
-        let out = sh(Command::new("openssl")
+        let out = sh(Command::new(warmspare_tests::require("openssl", "openssl"))
             .arg("verify")
             .arg("-CAfile")
             .arg(b_root.join("ca_crt.pem"))
@@ -450,7 +450,7 @@ fn a_real_ca_directory_verifies_on_the_passive() {
         "{inv}"
     );
     let verify_crl = |host: &str| {
-        Command::new("openssl")
+        Command::new(warmspare_tests::require("openssl", "openssl"))
             .args(["verify", "-crl_check", "-CAfile"])
             .arg(b_root.join("ca_crt.pem"))
             .arg("-CRLfile")
