@@ -52,10 +52,12 @@ async fn ping() -> &'static str {
     "ok\n"
 }
 
+/// `GET /_status`: states, timestamps and counters only (no job detail, no
+/// error text, no file names), since anyone who reaches the port reads it.
 async fn detail(State(shared): State<Arc<Shared>>) -> Response {
     let s = tokio::task::spawn_blocking(move || status::node_status(&shared)).await;
     match s {
-        Ok(s) => Json(s).into_response(),
+        Ok(s) => Json(status::PublicStatus::from(s)).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }

@@ -141,3 +141,186 @@ fn diverged(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// What the unauthenticated `GET /_status` serves: states, timestamps and
+/// counters only.
+///
+/// Anyone who can reach the `http` port reads it, so it carries nothing that
+/// can hold command output or file names: no job detail (a failed dump's
+/// stderr can hold a connection string with a password), no error text, no
+/// diverged file names. `warmsparectl status`, over SSH with an operator
+/// key, keeps all of it. The fields are listed one by one on purpose: a field
+/// added to [`NodeStatus`] stays off this endpoint until it is added here.
+#[derive(Debug, serde::Serialize)]
+pub struct PublicStatus {
+    node: String,
+    version: String,
+    protocol: u32,
+    config_hash: String,
+    role: warmspare_shared::proto::RoleState,
+    paused: bool,
+    started: i64,
+    watches: Vec<PublicWatch>,
+    links: Vec<PublicLink>,
+    diverged_files: usize,
+    jobs: Vec<PublicJob>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PublicWatch {
+    name: String,
+    files: u64,
+    bytes: u64,
+    last_applied: Option<i64>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PublicLink {
+    peer: String,
+    watch: String,
+    connected: bool,
+    pending_changes: u64,
+    lag_bytes: u64,
+    lag_seconds: f64,
+    last_success: Option<i64>,
+    /// Whether the link has an error; its text is shown by `warmsparectl status`.
+    error: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PublicJob {
+    name: String,
+    last: Option<PublicRun>,
+    next: Option<i64>,
+    runs_ok: u64,
+    runs_failed: u64,
+    generation: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PublicRun {
+    kind: warmspare_shared::proto::JobKind,
+    start_ms: i64,
+    end_ms: i64,
+    ok: bool,
+    bytes: u64,
+    generation: u64,
+}
+
+impl From<NodeStatus> for PublicStatus {
+    fn from(s: NodeStatus) -> PublicStatus {
+        PublicStatus {
+            node: s.node,
+            version: s.version,
+            protocol: s.protocol,
+            config_hash: s.config_hash,
+            role: s.role,
+            paused: s.paused,
+            started: s.started,
+            watches: s
+                .watches
+                .into_iter()
+                .map(|w| PublicWatch {
+                    name: w.name,
+                    files: w.files,
+                    bytes: w.bytes,
+                    last_applied: w.last_applied,
+                })
+                .collect(),
+            links: s
+                .links
+                .into_iter()
+                .map(|l| PublicLink {
+                    peer: l.peer,
+                    watch: l.watch,
+                    connected: l.connected,
+                    pending_changes: l.pending_changes,
+                    lag_bytes: l.lag_bytes,
+                    lag_seconds: l.lag_seconds,
+                    last_success: l.last_success,
+                    error: l.last_error.is_some(),
+                })
+                .collect(),
+            diverged_files: s.diverged.len(),
+            jobs: s
+                .jobs
+                .into_iter()
+                .map(|j| PublicJob {
+                    name: j.name,
+                    last: j.last.map(|r| PublicRun {
+                        kind: r.kind,
+                        start_ms: r.start_ms,
+                        end_ms: r.end_ms,
+                        ok: r.ok,
+                        bytes: r.bytes,
+                        generation: r.generation,
+                    }),
+                    next: j.next,
+                    runs_ok: j.runs_ok,
+                    runs_failed: j.runs_failed,
+                    generation: j.generation,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warmspare_shared::proto::{JobKind, JobRun, JobStatus, LinkStatus, RoleState};
+
+    #[test]
+    fn the_public_status_carries_no_detail() {
+        let secret = "postgres://app:hunter2@db/app";
+        let s = NodeStatus {
+            node: "a".into(),
+            version: "1".into(),
+            protocol: PROTOCOL_VERSION,
+            config_hash: "h".into(),
+            role: RoleState {
+                epoch: 3,
+                active: "a".into(),
+            },
+            paused: false,
+            watches: vec![],
+            links: vec![LinkStatus {
+                peer: "b".into(),
+                watch: "ca".into(),
+                connected: false,
+                pending_changes: 1,
+                lag_bytes: 2,
+                lag_seconds: 0.5,
+                last_success: Some(7),
+                last_error: Some(format!("hook said {secret}")),
+            }],
+            diverged: vec![format!("3-1/ca/{secret}")],
+            started: 1,
+            jobs: vec![JobStatus {
+                name: "db".into(),
+                last: Some(JobRun {
+                    job: "db".into(),
+                    kind: JobKind::Dump,
+                    start_ms: 1,
+                    end_ms: 2,
+                    ok: false,
+                    detail: format!("exit status: 3; stderr: {secret}"),
+                    bytes: 0,
+                    generation: 0,
+                }),
+                next: None,
+                runs_ok: 0,
+                runs_failed: 1,
+                generation: 0,
+            }],
+        };
+        let text = serde_json::to_string(&PublicStatus::from(s)).unwrap();
+        assert!(!text.contains("hunter2"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["jobs"][0]["runs_failed"], 1);
+        assert_eq!(v["jobs"][0]["last"]["ok"], false);
+        assert_eq!(v["links"][0]["error"], true);
+        assert_eq!(v["diverged_files"], 1);
+        assert_eq!(v["role"]["epoch"], 3);
+    }
+}

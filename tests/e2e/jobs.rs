@@ -320,3 +320,38 @@ fn restore_schedule_restores_on_its_schedule_not_on_arrival() {
     assert!(now.status.success(), "{}", String::from_utf8_lossy(&now.stderr));
     assert_eq!(read(&out).unwrap(), b"payload\n");
 }
+
+/// A failed dump's stderr can hold a secret (a connection string with a
+/// password): the unauthenticated `/_status` must not serve it, while
+/// `warmsparectl status` over SSH keeps the detail.
+#[test]
+fn job_detail_stays_off_the_unauthenticated_status_port() {
+    let secret = "postgres://app:s3cretPassw0rd@db.example/app";
+    let c = pair_with_jobs(
+        &format!("[[job]]\nname = \"leaky\"\ndump = \"echo 'cannot connect to {secret}' >&2; exit 3\"\n"),
+        vec![],
+    );
+    let _b = c.start("b");
+    let a = c.start("a");
+    wait_until("agents up", LIMIT, || c.ctl(&["status"]).status.success());
+    assert_eq!(c.ctl(&["run-job", "leaky"]).status.code(), Some(1));
+    let last = last_run(&c, "a", "leaky").expect("a recorded run");
+    assert_eq!(last["ok"], false);
+    assert!(
+        last["detail"].as_str().unwrap_or_default().contains(secret),
+        "status --json over SSH lost the detail: {last}"
+    );
+    let (code, body) = warmspare_tests::http_get(c.node("a").http_port, "/_status").expect("/_status answers");
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("s3cretPassw0rd"), "/_status leaks job detail: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("/_status is JSON");
+    let job = v["jobs"]
+        .as_array()
+        .and_then(|js| js.iter().find(|j| j["name"] == "leaky"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(job["runs_failed"], 1, "{body}");
+    assert_eq!(job["last"]["ok"], false, "{body}");
+    assert_eq!(v["role"]["active"], "a", "{body}");
+    drop(a);
+}
