@@ -633,40 +633,61 @@ impl Drop for QueueLimit {
     }
 }
 
-/// Case 5: the kernel's event queue overflows. The limit is lowered (when
-/// permitted) only while the active starts, since the kernel reads it when
-/// an inotify instance is made; otherwise the burst alone must overflow the
-/// default queue.
+/// Case 5: the kernel's event queue overflows, for certain. The limit is
+/// lowered (when permitted) only while the active starts, since the kernel
+/// reads it when an inotify instance is made. The active is then stopped
+/// (SIGSTOP, as a starved agent would be) while more files than the limit
+/// are created in a directory it watches: the kernel queues an event for
+/// each and must drop the rest. Directories are made during the overflow
+/// too, so their creation events are lost with it. The case asserts that
+/// the active noticed the loss and compared the whole tree, and that it
+/// watches those directories afterwards. `Err` only when the queue limit
+/// cannot be read.
 pub fn queue_overflow(scale: &Scale) -> Result<Report, String> {
     let mut report = Report::new("inotify queue overflow");
     let c = pair("");
     let (a_root, b_root) = (c.ca("a"), c.ca("b"));
-    fs::create_dir_all(&a_root).expect("create the active's root");
+    fs::create_dir_all(a_root.join("burst/watched")).expect("create the active's root");
     let b = c.start("b");
-    let mut files = scale.overflow_files;
-    let a = {
+    let files = scale.overflow_files;
+    let (a, limit) = {
         let lowered = QueueLimit::set(64);
+        // What the active's inotify instance gets: read while the guard holds.
+        let limit: usize = fs::read_to_string(QUEUE_SYSCTL)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| format!("cannot read {QUEUE_SYSCTL}"))?;
         let a = c.start("a");
         wait_until("the active watching", Duration::from_secs(30), || {
             a.log_text().contains("watching")
         });
         if lowered.0.is_none() {
-            report
-                .notes
-                .push("could not lower max_queued_events; relied on a burst against the default".into());
-            files = files.max(60_000);
+            report.notes.push(format!(
+                "could not lower max_queued_events; overflowed the queue of {limit}"
+            ));
         }
-        a
+        (a, limit)
     };
     converge(&a_root, &b_root, LIMIT);
+    let dirs_before = count_dirs(&a_root);
+    wait_until("every directory watched", Duration::from_secs(30), || {
+        a.inotify_watches() == Some(dirs_before)
+    });
     let t = Instant::now();
-    // A new directory every files/50 files, so that directories are made
-    // all through the overflow.
-    let per_dir = files.div_ceil(50);
-    // The active is stopped for the first half of the burst, as a starved
-    // agent would be: its queue then overflows for certain (a fast reader
-    // on an idle machine can keep even 64 events from filling).
     a.signal("-STOP");
+    // More creations in a watched directory than the queue holds, while
+    // nothing reads it: an overflow is certain.
+    let flood = limit + 100;
+    for i in 0..flood {
+        write_file(
+            &a_root.join(format!("burst/watched/{i:06}.pem")),
+            format!("{i}").as_bytes(),
+            0o644,
+        );
+    }
+    // A new directory every files/50 files, so that directories are made
+    // all through the overflow; half of them while the active is stopped.
+    let per_dir = files.div_ceil(50);
     for i in 0..files {
         if i == files / 2 {
             a.signal("-CONT");
@@ -680,11 +701,12 @@ pub fn queue_overflow(scale: &Scale) -> Result<Report, String> {
     report.faults += 1;
     converge(&a_root, &b_root, LIMIT);
     report.converge.push(t.elapsed());
-    if !a.log_text().contains("inotify lost events") {
-        return Err(format!(
-            "{files} files did not overflow the kernel queue here, so the case proved nothing"
-        ));
-    }
+    // The rescan: the active logs the loss as it renews its watches and
+    // asks for a comparison of the whole tree.
+    wait_until("the active to compare the whole tree after the overflow", LIMIT, || {
+        a.log_text()
+            .contains("inotify lost events; watching the tree again and comparing it whole")
+    });
     // Every directory is watched again, those whose creation was lost too.
     let dirs = count_dirs(&a_root);
     wait_until(
@@ -706,11 +728,12 @@ pub fn queue_overflow(scale: &Scale) -> Result<Report, String> {
     let after = converge(&a_root, &b_root, LIMIT);
     report.converge.push(t.elapsed());
     report.notes.push(format!(
-        "{files} files; the active logged the overflow and compared the whole tree; \
+        "{flood} files against a queue of {limit} while the active was stopped, then {files}; \
+         the active logged the overflow and compared the whole tree; \
          a file in each directory made during the overflow shipped {:.1} s after",
         after.as_secs_f64()
     ));
-    report.checked += files as u64 + 50;
+    report.checked += (flood + files) as u64 + 50;
     assert_no_temps(&c);
     drop(b);
     Ok(report)
