@@ -78,3 +78,25 @@ pub enum ConfigCommand {
     /// Print the SHA-256 of the canonical form.
     Hash,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[test]
+    fn every_warmspare_agent_line_in_the_docs_parses() {
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let (seen, bad) = crate::doc_commands::rejected(&workspace, "warmspare-agent", |words| {
+            super::Args::try_parse_from(words).map(|_| ())
+        });
+        assert!(
+            seen >= 5,
+            "only {seen} warmspare-agent lines found in the docs: is the extractor broken?"
+        );
+        assert!(
+            bad.is_empty(),
+            "command lines in the docs that warmspare-agent rejects:\n{}",
+            bad.join("\n")
+        );
+    }
+}

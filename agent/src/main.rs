@@ -19,6 +19,11 @@ mod ship;
 mod status;
 mod watch;
 
+/// The command lines the docs quote (see `cli`'s tests).
+#[cfg(test)]
+#[path = "../../tests/doc_commands.rs"]
+mod doc_commands;
+
 fn main() -> ExitCode {
     warmspare_shared::sys::tune_allocator();
     let args = cli::Args::parse();

@@ -148,3 +148,25 @@ pub struct DemoArgs {
     #[arg(long)]
     pub keep: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[test]
+    fn every_warmsparectl_line_in_the_docs_parses() {
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let (seen, bad) = crate::doc_commands::rejected(&workspace, "warmsparectl", |words| {
+            super::Args::try_parse_from(words).map(|_| ())
+        });
+        assert!(
+            seen >= 10,
+            "only {seen} warmsparectl lines found in the docs: is the extractor broken?"
+        );
+        assert!(
+            bad.is_empty(),
+            "command lines in the docs that warmsparectl rejects:\n{}",
+            bad.join("\n")
+        );
+    }
+}

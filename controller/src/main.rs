@@ -13,6 +13,11 @@ mod exit;
 mod roles;
 mod status;
 
+/// The command lines the docs quote (see `cli`'s tests).
+#[cfg(test)]
+#[path = "../../tests/doc_commands.rs"]
+mod doc_commands;
+
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     exit::report(run(args))

@@ -215,3 +215,99 @@ fn the_configuration_reference_documents_every_key_the_parser_accepts() {
     }
     assert!(checked > 25, "only {checked} keys checked");
 }
+
+/// The TOML blocks of the README and `docs/` (and `docs/examples/*.toml`),
+/// each with where it starts.
+fn toml_blocks() -> Vec<(String, String)> {
+    let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = vec![ws.join("README.md")];
+    let mut dirs = vec![ws.join("docs")];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut blocks = Vec::new();
+    for f in files {
+        let name = f.strip_prefix(&ws).unwrap().display().to_string();
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        match f.extension().and_then(|x| x.to_str()) {
+            Some("toml") => blocks.push((name, text)),
+            Some("md") => {
+                let mut open: Option<(usize, String)> = None;
+                for (i, line) in text.lines().enumerate() {
+                    let fence = line.trim_start().strip_prefix("```");
+                    match (&mut open, fence) {
+                        (None, Some(info)) if info.trim() == "toml" => open = Some((i + 1, String::new())),
+                        (Some(_), Some(_)) => {
+                            let (at, body) = open.take().unwrap();
+                            blocks.push((format!("{name}:{at}"), body));
+                        }
+                        (Some((_, body)), None) => {
+                            body.push_str(line);
+                            body.push('\n');
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    blocks
+}
+
+/// Gives every `public_key` a real key where the docs show a placeholder
+/// (`"ssh-ed25519 AAAA... (mastera's keygen output)"`).
+fn with_real_keys(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let t = line.trim_start();
+            if t.starts_with("public_key") && t.contains("...") {
+                format!(
+                    "public_key = \"{}\"",
+                    warmspare_shared::keys::SecretKey::generate().public().to_openssh()
+                )
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_toml_block_in_the_docs_is_read_by_the_real_parser() {
+    // A fragment (a block without `[cluster]`) is read as the tables it shows
+    // added to a minimal cluster; a whole file must validate as it stands,
+    // with real keys in place of the placeholders.
+    let minimal = "[cluster]\nname = \"docs\"\npreferred_active = \"a\"\n\n[[node]]\nname = \"a\"\nssh = \"127.0.0.1:7422\"\npublic_key = \"ssh-ed25519 AAAA...\"\n";
+    let blocks = toml_blocks();
+    assert!(
+        blocks.len() >= 3,
+        "only {} TOML blocks found: is the extractor broken?",
+        blocks.len()
+    );
+    let mut bad = Vec::new();
+    for (place, body) in &blocks {
+        let whole = if body.contains("[cluster]") {
+            body.clone()
+        } else {
+            format!("{minimal}\n{body}")
+        };
+        if let Err(e) = warmspare_shared::config::Cluster::parse(&with_real_keys(&whole), std::path::Path::new(place)) {
+            bad.push(format!("{place}: {e}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "TOML blocks in the docs that the cluster-file parser rejects (a fragment must start with its table header):\n{}",
+        bad.join("\n")
+    );
+}
