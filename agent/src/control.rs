@@ -39,6 +39,17 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
         Request::Status => Reply::Status(Box::new(status::node_status(shared))),
         Request::History => Reply::History(state::read_history(&shared.state_dir)),
         Request::SetRole { expect, next, reason } => match shared.cas_role(&expect, next, &reason, &by) {
+            Ok(now) if now.active == shared.me.name => {
+                // Promoted: answer once on_promote has run (or failed).
+                let limit = shared.cluster().cluster.hook_timeout + Duration::from_secs(30);
+                match shared.wait_promoted(now.epoch, limit).await {
+                    Ok(()) => Reply::Role(now),
+                    Err(reason) => {
+                        tracing::error!(operator, reason, "the promotion did not complete");
+                        Reply::Refused { reason }
+                    }
+                }
+            }
             Ok(now) => Reply::Role(now),
             Err(reason) => {
                 tracing::warn!(operator, reason, "refused a role change");
@@ -61,7 +72,7 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
             }
         }
         Request::Resync { watch } => {
-            if shared.role().active != shared.me.name {
+            if !shared.is_active() {
                 return Reply::Refused {
                     reason: format!("{} is not the active node", shared.me.name),
                 };
@@ -99,7 +110,7 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
 /// Compares every watch with every peer and waits until each peer has
 /// acknowledged everything asked of it before the flush began.
 async fn flush(shared: &Shared, timeout: Duration) -> Reply {
-    if shared.role().active != shared.me.name {
+    if !shared.is_active() {
         return Reply::Refused {
             reason: format!("{} is not the active node", shared.me.name),
         };
@@ -120,7 +131,7 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
     let mut progress = shared.progress.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if shared.role().active != shared.me.name {
+        if !shared.is_active() {
             return Reply::Refused {
                 reason: "the role changed during the flush".into(),
             };

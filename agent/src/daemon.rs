@@ -28,7 +28,7 @@ use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
 use crate::events::{Inbox, Work};
 use crate::ship::LocalWatch;
-use crate::{health, jobs, sd, server, ship, watch as watcher};
+use crate::{health, hooks, jobs, sd, server, ship, watch as watcher};
 
 /// What every task of the daemon shares.
 pub struct Shared {
@@ -60,6 +60,8 @@ pub struct Shared {
     pub started: SystemTime,
     /// The jobs' runtime.
     pub jobs: jobs::Jobs,
+    /// The role hooks' runtime (the promotion gate).
+    pub hooks: hooks::Hooks,
 }
 
 /// What the running tasks report.
@@ -134,6 +136,7 @@ impl Shared {
             progress,
             started: SystemTime::now(),
             jobs: jobs::Jobs::default(),
+            hooks: hooks::Hooks::default(),
         })
     }
 
@@ -196,9 +199,54 @@ impl Shared {
         self.progress.send_modify(|n| *n += 1);
     }
 
-    /// Whether this node is the active one now.
+    /// Whether this node acts as the active one now: it is named active and
+    /// its `on_promote` hook (if any) succeeded for the current epoch.
     pub fn is_active(&self) -> bool {
-        self.role.borrow().active == self.me.name
+        let role = self.role.borrow();
+        role.active == self.me.name && self.hooks.promoted(role.epoch)
+    }
+
+    /// Why this node, though named active, does not act as active; `None`
+    /// when it does or when it is passive.
+    pub fn held(&self) -> Option<String> {
+        let role = self.role();
+        if role.active != self.me.name {
+            return None;
+        }
+        self.hooks.held(role.epoch)
+    }
+
+    /// Waits (at most `limit`) until this node has acted on its promotion
+    /// to `epoch`: `Ok` once it acts as active, `Err` with the reason when
+    /// its `on_promote` failed, the role moved on, or the time ran out.
+    pub async fn wait_promoted(&self, epoch: u64, limit: Duration) -> std::result::Result<(), String> {
+        let mut rx = self.hooks.promotion.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let role = self.role();
+            if role.epoch != epoch || role.active != self.me.name {
+                return Err(format!(
+                    "the role moved on to epoch {} with {} active",
+                    role.epoch, role.active
+                ));
+            }
+            match &*rx.borrow_and_update() {
+                hooks::Promotion::Done(e) if *e == epoch => return Ok(()),
+                hooks::Promotion::Failed(e, detail) if *e == epoch => {
+                    return Err(format!(
+                        "{}: {detail}; {} holds epoch {epoch} but stays fenced until an operator retries \
+                         (`warmsparectl failover --to {} --force`) or moves the role elsewhere",
+                        warmspare_shared::proto::PROMOTE_HOOK_FAILED,
+                        self.me.name,
+                        self.me.name
+                    ))
+                }
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(format!("{} did not finish its promotion in time", self.me.name));
+            }
+        }
     }
 
     /// The receiver applied something in the job spool.
@@ -495,24 +543,66 @@ pub async fn serve(
     sd::ready(&shared);
 
     let mut roles = shared.role.subscribe();
-    let mut active: Option<CancellationToken> = None;
+    let mut active: Option<ActiveSide> = None;
+    // The last role-change task (active side, demotion): the next waits for it.
+    let mut last: Option<tokio::task::JoinHandle<()>> = None;
+    if role.active != shared.me.name {
+        let (s, epoch, now) = (shared.clone(), role.epoch, role.active.clone());
+        last = Some(tokio::spawn(
+            async move { hooks::recover_passive(&s, epoch, &now).await },
+        ));
+    }
+    // The active node before this one (WARMSPARE_FROM): from the history
+    // entry that named this node when it starts active.
+    let mut previous = if role.active == shared.me.name {
+        state::read_history(&shared.state_dir)
+            .iter()
+            .rev()
+            .find(|e| e.epoch == role.epoch && e.to == role.active)
+            .map(|e| e.from.clone())
+            .unwrap_or_default()
+    } else {
+        role.active.clone()
+    };
     loop {
-        let is_active = roles.borrow_and_update().active == shared.me.name;
-        match (is_active, &active) {
-            (true, None) => {
-                tracing::info!("this node is active: watching and shipping");
-                let token = config_token.child_token();
-                start_active(&shared, &mut tasks, &token);
-                active = Some(token);
+        let role = roles.borrow_and_update().clone();
+        let mine = role.active == shared.me.name;
+        match &active {
+            None if mine => {
+                tracing::info!(epoch = role.epoch, "this node is named active");
+                active = Some(ActiveSide::start(&shared, &config_token, &role, &previous, last.take()));
             }
-            (false, Some(token)) => {
-                tracing::warn!("this node is no longer active: stopped shipping");
-                token.cancel();
-                shared.runtime().inboxes.clear();
-                active = None;
+            Some(side) if mine && side.epoch != role.epoch => {
+                if shared.hooks.promoted(side.epoch) {
+                    // Still this node, at a higher epoch: nothing to redo.
+                    shared.hooks.promotion.send_replace(hooks::Promotion::Done(role.epoch));
+                    if let Some(side) = active.as_mut() {
+                        side.epoch = role.epoch;
+                    }
+                } else if let Some(side) = active.take() {
+                    // An operator named this held node again: a new promotion.
+                    side.token.cancel();
+                    let from = side.from.clone();
+                    active = Some(ActiveSide::start(
+                        &shared,
+                        &config_token,
+                        &role,
+                        &from,
+                        Some(side.handle),
+                    ));
+                }
+            }
+            Some(_) if !mine => {
+                if let Some(side) = active.take() {
+                    tracing::warn!("this node is no longer active: stopping shipping");
+                    side.token.cancel();
+                    shared.runtime().inboxes.clear();
+                    last = Some(side.demote(&shared, &role));
+                }
             }
             _ => {}
         }
+        previous = role.active.clone();
         tokio::select! {
             _ = cancel.cancelled() => break,
             changed = roles.changed() => if changed.is_err() { break },
@@ -525,8 +615,11 @@ pub async fn serve(
                         shared.runtime().inboxes.clear();
                         config_token = cancel.child_token();
                         tasks.spawn(jobs::run(shared.clone(), config_token.clone()));
-                        // The loop starts the active side again under the new token.
-                        active = None;
+                        // The loop starts the active side again under the new
+                        // token; a promotion already done is not redone.
+                        if let Some(side) = active.take() {
+                            last = Some(side.handle);
+                        }
                     }
                     Ok(false) => tracing::info!("cluster file unchanged"),
                     Err(e) => tracing::error!(path = %shared.cluster_path.display(), error = format!("{e:#}"), "reload refused; running on the previous cluster file"),
@@ -536,6 +629,17 @@ pub async fn serve(
         }
     }
     sd::stopping();
+    if let Some(side) = active.take() {
+        side.token.cancel();
+        last = Some(side.handle);
+    }
+    if let Some(h) = last.take() {
+        // A hook still running is cut off here (its record has no end, so it
+        // runs again at the next start); the shipper drains within 10 s.
+        if tokio::time::timeout(Duration::from_secs(10), h).await.is_err() {
+            tracing::warn!("the role change in progress did not stop in time");
+        }
+    }
     if let Err(e) = shared.ledgers.lock().unwrap_or_else(|p| p.into_inner()).save() {
         tracing::warn!(error = %e, "cannot save the sync ledger");
     }
@@ -572,6 +676,85 @@ async fn warm_send_caches(shared: Arc<Shared>) {
     .await;
     if let Err(e) = done {
         tracing::warn!(error = %e, "the scan that warms the hash caches failed");
+    }
+}
+
+/// How long a role-change task waits for the one before it: the longest a
+/// hook may run, plus the active side's drain and some slack.
+fn chain_limit(shared: &Shared) -> Duration {
+    shared.cluster().cluster.hook_timeout * 2 + Duration::from_secs(30)
+}
+
+async fn wait_previous(shared: &Shared, previous: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(h) = previous {
+        if tokio::time::timeout(chain_limit(shared), h).await.is_err() {
+            tracing::error!("the previous role change did not finish in time; going on");
+        }
+    }
+}
+
+/// The active side of this node for one epoch: `on_promote`, then the
+/// watcher and the shippers until its token is cancelled.
+struct ActiveSide {
+    /// The epoch it was started for.
+    epoch: u64,
+    /// The active node before this one.
+    from: String,
+    /// Cancelled when the role leaves this node (or on reload).
+    token: CancellationToken,
+    /// Ends once the hook has run and the shippers and watcher have stopped.
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl ActiveSide {
+    fn start(
+        shared: &Arc<Shared>,
+        parent: &CancellationToken,
+        role: &RoleState,
+        from: &str,
+        previous: Option<tokio::task::JoinHandle<()>>,
+    ) -> ActiveSide {
+        let token = parent.child_token();
+        let (s, t, epoch, prev) = (shared.clone(), token.clone(), role.epoch, from.to_string());
+        let handle = tokio::spawn(async move {
+            wait_previous(&s, previous).await;
+            if t.is_cancelled() || !hooks::promote(&s, epoch, &prev).await || t.is_cancelled() {
+                return;
+            }
+            tracing::info!("this node is active: watching and shipping");
+            let mut set = JoinSet::new();
+            start_active(&s, &mut set, &t);
+            t.cancelled().await;
+            s.runtime().inboxes.clear();
+            if tokio::time::timeout(Duration::from_secs(10), async {
+                while set.join_next().await.is_some() {}
+            })
+            .await
+            .is_err()
+            {
+                tracing::warn!("the active side did not stop in time; aborting it");
+                set.abort_all();
+            }
+            tracing::warn!("the active side has stopped");
+        });
+        ActiveSide {
+            epoch,
+            from: from.to_string(),
+            token,
+            handle,
+        }
+    }
+
+    /// After the active side has stopped: `on_demote` (the token must be
+    /// cancelled already).
+    fn demote(self, shared: &Arc<Shared>, role: &RoleState) -> tokio::task::JoinHandle<()> {
+        let (s, epoch, to) = (shared.clone(), role.epoch, role.active.clone());
+        let handle = self.handle;
+        tokio::spawn(async move {
+            wait_previous(&s, Some(handle)).await;
+            let me = s.me.name.clone();
+            let _ = hooks::run(&s, warmspare_shared::config::Hook::OnDemote, epoch, &me, &to).await;
+        })
     }
 }
 

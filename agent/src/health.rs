@@ -37,8 +37,14 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
 
 async fn check(State(shared): State<Arc<Shared>>) -> Response {
     let role = shared.role();
-    if role.active == shared.me.name {
+    if shared.is_active() {
         (StatusCode::OK, format!("active at epoch {}\n", role.epoch)).into_response()
+    } else if let Some(why) = shared.held() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("held at epoch {}: {why}\n", role.epoch),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -46,6 +52,17 @@ async fn check(State(shared): State<Arc<Shared>>) -> Response {
         )
             .into_response()
     }
+}
+
+fn hooks_counts(
+    counts: &[(warmspare_shared::config::Hook, bool, u64)],
+    hook: warmspare_shared::config::Hook,
+    ok: bool,
+) -> u64 {
+    counts
+        .iter()
+        .find(|(h, o, _)| *h == hook && *o == ok)
+        .map_or(0, |(_, _, n)| *n)
 }
 
 async fn ping() -> &'static str {
@@ -64,12 +81,17 @@ async fn detail(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let sent = shared.bytes_sent.load(Ordering::Relaxed);
+    let counts: Vec<(warmspare_shared::config::Hook, bool, u64)> = warmspare_shared::config::Hook::ALL
+        .iter()
+        .flat_map(|h| [(*h, true), (*h, false)])
+        .map(|(h, ok)| (h, ok, shared.hooks.count(h, ok)))
+        .collect();
     let s = match tokio::task::spawn_blocking(move || status::node_status(&shared)).await {
         Ok(s) => s,
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     let mut out = String::new();
-    let active = u8::from(s.role.active == s.node);
+    let active = u8::from(s.role.active == s.node && s.held.is_none());
     let _ = writeln!(out, "# HELP warmspare_is_active 1 on the active node, 0 elsewhere.\n# TYPE warmspare_is_active gauge\nwarmspare_is_active {active}");
     let _ = writeln!(
         out,
@@ -160,6 +182,22 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
                 r.end_ms / 1000
             );
         }
+    }
+    let _ = writeln!(out, "# HELP warmspare_hook_runs_total Role hook runs on this node since the agent started.\n# TYPE warmspare_hook_runs_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP warmspare_hook_failed 1 while the last run of a role hook failed.\n# TYPE warmspare_hook_failed gauge"
+    );
+    for hook in warmspare_shared::config::Hook::ALL {
+        for (ok, result) in [(true, "ok"), (false, "failed")] {
+            let _ = writeln!(
+                out,
+                "warmspare_hook_runs_total{{hook=\"{hook}\",result=\"{result}\"}} {}",
+                hooks_counts(&counts, hook, ok)
+            );
+        }
+        let failed = s.hooks.iter().any(|r| r.hook == hook && r.end_ms.is_some() && !r.ok);
+        let _ = writeln!(out, "warmspare_hook_failed{{hook=\"{hook}\"}} {}", u8::from(failed));
     }
     let _ = writeln!(out, "# HELP warmspare_diverged_files_total Files preserved under diverged/.\n# TYPE warmspare_diverged_files_total gauge\nwarmspare_diverged_files_total {}", s.diverged.len());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

@@ -13,9 +13,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -320,39 +318,23 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
     fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
     let stdout = work.join(".warmspare-tmp.stdout");
     let stderr = work.join(".warmspare-tmp.stderr");
-    let mut c = std::process::Command::new("/bin/sh");
-    c.arg("-c")
-        .arg(cmd)
-        .envs(&shared.me.env)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env("WARMSPARE_JOB", &job.name)
-        .env("WARMSPARE_NODE", &shared.me.name)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&stdout).context("cannot create the stdout file")?)
-        .stderr(fs::File::create(&stderr).context("cannot create the stderr file")?)
-        .process_group(0);
+    let mut env: Vec<(String, std::ffi::OsString)> = shared.me.env.iter().map(|(k, v)| (k.clone(), v.into())).collect();
+    env.push(("WARMSPARE_JOB".into(), job.name.clone().into()));
+    env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));
     for (k, v) in vars {
-        c.env(k, v);
+        env.push((k.to_string(), v.as_os_str().to_owned()));
     }
-    let mut child = tokio::process::Command::from(c)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    let pid = child.id();
-    let status = match tokio::time::timeout(job.timeout(), child.wait()).await {
-        Ok(s) => Some(s.context("cannot wait for the job")?),
-        Err(_) => {
-            if let Some(pid) = pid {
-                // The whole process group: pipelines and children go too.
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{pid}")])
-                    .status();
-            }
-            let _ = child.wait().await;
-            None
-        }
+    let outcome = crate::shell::run(crate::shell::Spec {
+        cmd,
+        env,
+        timeout: job.timeout(),
+        stdout: fs::File::create(&stdout).context("cannot create the stdout file")?,
+        stderr: fs::File::create(&stderr).context("cannot create the stderr file")?,
+    })
+    .await?;
+    let status = match outcome {
+        crate::shell::Outcome::Exited(s) => Some(s),
+        crate::shell::Outcome::TimedOut(_) => None,
     };
     let tail = tail_of(&stderr, 2048);
     let _ = fs::remove_file(&stderr);
@@ -364,7 +346,8 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
     Ok(Ran { ok, detail, stdout })
 }
 
-fn tail_of(path: &Path, n: u64) -> String {
+/// The last `n` bytes of the file at `path`, as text (empty when unreadable).
+pub(crate) fn tail_of(path: &Path, n: u64) -> String {
     let Ok(mut f) = fs::File::open(path) else {
         return String::new();
     };

@@ -93,6 +93,8 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         diverged: diverged(&shared.state_dir.join("diverged")),
         started: unix(shared.started),
         jobs: shared.jobs.statuses(&shared.cluster().job),
+        held: shared.held(),
+        hooks: crate::hooks::last_runs(&shared.state_dir),
     }
 }
 

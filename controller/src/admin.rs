@@ -89,6 +89,13 @@ pub async fn history(op: &Operator, json: bool) -> Result<()> {
     // or learned it; the record of the change itself (ordered by an operator,
     // or the first start) is shown rather than a node's adoption of it.
     let made = |e: &HistoryEntry| e.by.starts_with("operator ") || e.from.is_empty();
+    // Hook failures are not role changes: each is shown as recorded.
+    let is_hook = |e: &HistoryEntry| {
+        warmspare_shared::config::Hook::ALL
+            .iter()
+            .any(|h| e.reason.starts_with(&format!("{} failed", h.name())))
+    };
+    let (hook_failures, merged): (Vec<HistoryEntry>, Vec<HistoryEntry>) = merged.into_iter().partition(is_hook);
     let mut by_epoch: BTreeMap<u64, HistoryEntry> = BTreeMap::new();
     for e in merged {
         by_epoch
@@ -100,7 +107,9 @@ pub async fn history(op: &Operator, json: bool) -> Result<()> {
             })
             .or_insert(e);
     }
-    let entries: Vec<HistoryEntry> = by_epoch.into_values().collect();
+    let mut entries: Vec<HistoryEntry> = by_epoch.into_values().collect();
+    entries.extend(hook_failures);
+    entries.sort_by_key(|e| (e.epoch, e.time));
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(());

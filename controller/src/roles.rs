@@ -10,16 +10,22 @@ use std::io::{IsTerminal, Write as _};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use warmspare_shared::proto::{NodeStatus, Reply, Request, RoleState};
+use warmspare_shared::proto::{NodeStatus, Reply, Request, RoleState, PROMOTE_HOOK_FAILED};
 
 use crate::cli::{FailoverArgs, SwitchoverArgs};
 use crate::client::{NodeView, Operator, TimedOut};
-use crate::exit::{fail, REFUSED, UNKNOWN, USAGE};
+use crate::exit::{fail, FAILED, REFUSED, UNKNOWN, USAGE};
 use crate::status::NODE_TIMEOUT;
 
 /// A replication link this far behind (oldest unacknowledged change) fails
 /// the switchover preflight: the final flush would take too long to trust.
 pub const MAX_PREFLIGHT_LAG: Duration = Duration::from_secs(60);
+
+/// How long a promotion may take to be answered: the target runs its
+/// `on_promote` hook before it answers.
+fn promote_wait(op: &Operator) -> Duration {
+    op.cluster.cluster.hook_timeout + Duration::from_secs(60)
+}
 
 fn step(s: &str) {
     println!("--> {s}");
@@ -68,6 +74,12 @@ fn preflight(
         )),
         (_, None) => bad.push(format!("{to} is not reachable")),
         (Some(a), Some(t)) => {
+            if let Some(why) = &a.held {
+                bad.push(format!(
+                    "{} is named active but fenced ({why}): use `failover --to {to} --force`",
+                    a.node
+                ));
+            }
             if a.role != role || a.role.active != a.node {
                 bad.push(format!(
                     "{} does not report itself active at epoch {}",
@@ -311,16 +323,28 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
     step(&format!("promoting {} to active at epoch {}", target.name, next.epoch));
     let promoted = async {
         let mut s = op.connect(target, NODE_TIMEOUT).await?;
-        s.call(&Request::SetRole {
-            expect: role.clone(),
-            next: next.clone(),
-            reason: reason.into(),
-        })
+        s.call_with(
+            &Request::SetRole {
+                expect: role.clone(),
+                next: next.clone(),
+                reason: reason.into(),
+            },
+            promote_wait(op),
+        )
         .await
     }
     .await;
     match promoted {
         Ok(Reply::Role(r)) if r == next => {}
+        Ok(Reply::Refused { reason }) if reason.starts_with(PROMOTE_HOOK_FAILED) => {
+            return Err(fail(
+                FAILED,
+                format!(
+                    "{} was demoted, but {} could not take over: {reason}",
+                    old.name, target.name
+                ),
+            ));
+        }
         Ok(Reply::Refused { reason }) => {
             return Err(fail(UNKNOWN, format!("{} refused its promotion after {} was demoted: {reason}; no node is active: run `warmsparectl failover --to {} --force`", target.name, old.name, target.name)));
         }
@@ -394,11 +418,20 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
     }
     let views = op.gather(args.timeout).await;
     let role = current_role(&views).ok_or_else(|| fail(REFUSED, "no node could be reached"))?;
-    if role.active == args.to {
+    let retry = status_of(&views, &args.to)
+        .filter(|s| s.role.active == s.node && s.role == role)
+        .and_then(|s| s.held.clone());
+    if role.active == args.to && retry.is_none() {
         println!("{} is already active at epoch {}", args.to, role.epoch);
         return Ok(());
     }
-    if status_of(&views, &role.active).is_some_and(|s| s.role.active == s.node) {
+    if let Some(why) = &retry {
+        step(&format!(
+            "{} holds epoch {} but is fenced ({why}): promoting it again",
+            args.to, role.epoch
+        ));
+    }
+    if retry.is_none() && status_of(&views, &role.active).is_some_and(|s| s.role.active == s.node && s.held.is_none()) {
         return Err(fail(
             REFUSED,
             format!(
@@ -422,14 +455,20 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
         .ok_or_else(|| anyhow!("{} is not a node", args.to))?;
     let mut s = op.connect(node, args.timeout).await?;
     match s
-        .call(&Request::SetRole {
-            expect: target.role.clone(),
-            next: next.clone(),
-            reason: "failover".into(),
-        })
+        .call_with(
+            &Request::SetRole {
+                expect: target.role.clone(),
+                next: next.clone(),
+                reason: "failover".into(),
+            },
+            promote_wait(op),
+        )
         .await
     {
         Ok(Reply::Role(r)) if r == next => {}
+        Ok(Reply::Refused { reason }) if reason.starts_with(PROMOTE_HOOK_FAILED) => {
+            return Err(fail(FAILED, format!("{} could not take over: {reason}", args.to)))
+        }
         Ok(Reply::Refused { reason }) => return Err(fail(REFUSED, format!("{} refused: {reason}", args.to))),
         Ok(other) => return Err(fail(UNKNOWN, format!("unexpected answer: {other:?}"))),
         Err(e) => {

@@ -120,6 +120,12 @@ pub fn warnings(op: &Operator, views: &[NodeView]) -> Vec<String> {
         if s.paused {
             out.push(format!("{}: replication and jobs are paused", s.node));
         }
+        if let Some(why) = &s.held {
+            out.push(format!(
+                "{} is named active but fenced (503): {why}; retry with `warmsparectl failover --to {} --force` or move the role",
+                s.node, s.node
+            ));
+        }
     }
     out
 }
@@ -155,7 +161,11 @@ fn render(op: &Operator, views: &[NodeView]) -> String {
     for v in views {
         match &v.status {
             Ok(s) => {
-                let role = if s.role.active == s.node { "active" } else { "passive" };
+                let role = match (s.role.active == s.node, &s.held) {
+                    (true, None) => "active",
+                    (true, Some(_)) => "held",
+                    _ => "passive",
+                };
                 let cfg = if s.config_hash == hash {
                     short(&s.config_hash).to_string()
                 } else {
@@ -227,6 +237,42 @@ fn render(op: &Operator, views: &[NodeView]) -> String {
             for d in s.diverged.iter().take(20) {
                 let _ = writeln!(o, "{}: diverged {d}", s.node);
             }
+        }
+    }
+    let hooks: Vec<_> = views
+        .iter()
+        .filter_map(|v| v.status.as_ref().ok())
+        .flat_map(|s| s.hooks.iter().map(move |h| (s, h)))
+        .collect();
+    if !hooks.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{:<11} {:<14} {:>5}  {:<11} {:<14} {:>9}  DETAIL",
+            "HOOK", "NODE", "EPOCH", "RESULT", "WHEN", "DURATION"
+        );
+        for (s, h) in hooks {
+            let (result, duration) = match h.end_ms {
+                Some(end) => (
+                    if h.ok { "ok" } else { "FAILED" },
+                    format!("{:.1}s", (end - h.start_ms) as f64 / 1000.0),
+                ),
+                None => ("unfinished", "-".into()),
+            };
+            let detail: String = if h.ok {
+                String::new()
+            } else {
+                h.detail.chars().take(60).collect()
+            };
+            let _ = writeln!(
+                o,
+                "{:<11} {:<14} {:>5}  {:<11} {:<14} {:>9}  {detail}",
+                h.hook.name(),
+                s.node,
+                h.epoch,
+                result,
+                ago(Some(h.start_ms / 1000)),
+                duration
+            );
         }
     }
     let jobs: Vec<_> = views

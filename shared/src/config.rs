@@ -84,6 +84,22 @@ pub struct ClusterSection {
     pub state_dir: PathBuf,
     /// This node's ed25519 private key.
     pub key_file: PathBuf,
+    /// A shell command run on a node being promoted, before it acts as active.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_promote: Option<String>,
+    /// A shell command run on a node once its active side has stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_demote: Option<String>,
+    /// How long one run of a role hook may take.
+    #[serde(
+        serialize_with = "serialize_duration",
+        skip_serializing_if = "is_default_hook_timeout"
+    )]
+    pub hook_timeout: Duration,
+}
+
+fn is_default_hook_timeout(d: &Duration) -> bool {
+    *d == DEFAULT_HOOK_TIMEOUT
 }
 
 /// One `[[node]]`.
@@ -101,9 +117,15 @@ pub struct Node {
     /// A prefix for every local path of this node (labs, tests, containers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root: Option<PathBuf>,
-    /// Extra environment for this node's job commands.
+    /// Extra environment for this node's job and hook commands.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// This node's own `on_promote` (instead of the `[cluster]` one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_promote: Option<String>,
+    /// This node's own `on_demote` (instead of the `[cluster]` one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_demote: Option<String>,
 }
 
 /// One `[[operator]]`: a key allowed to run `warmsparectl`.
@@ -212,6 +234,9 @@ struct RawCluster {
     state_dir: Spanned<PathBuf>,
     #[serde(default = "default_key_file")]
     key_file: Spanned<PathBuf>,
+    on_promote: Option<Spanned<String>>,
+    on_demote: Option<Spanned<String>>,
+    hook_timeout: Option<Spanned<String>>,
 }
 
 fn default_state_dir() -> Spanned<PathBuf> {
@@ -232,6 +257,8 @@ struct RawNode {
     root: Option<Spanned<PathBuf>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    on_promote: Option<Spanned<String>>,
+    on_demote: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +302,37 @@ struct RawJob {
 pub const DEFAULT_KEEP: u32 = 24;
 /// The default time limit of one job run.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// The default time limit of one role hook run.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// The two role hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    /// Run on a node being promoted, before it acts as active.
+    OnPromote,
+    /// Run on a node once its active side has stopped.
+    OnDemote,
+}
+
+impl Hook {
+    /// Both hooks.
+    pub const ALL: [Hook; 2] = [Hook::OnPromote, Hook::OnDemote];
+
+    /// The key that configures it (`on_promote`, `on_demote`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::OnPromote => "on_promote",
+            Hook::OnDemote => "on_demote",
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 impl Cluster {
     /// Reads and validates the cluster file at `path`.
@@ -342,6 +400,15 @@ impl Cluster {
     /// The private key file as seen on `node` (with its `root` prefix).
     pub fn key_file(&self, node: &Node) -> PathBuf {
         node.local_path(&self.cluster.key_file)
+    }
+
+    /// The command of `hook` on `node`: the node's own, else the `[cluster]` one.
+    pub fn hook<'a>(&'a self, node: &'a Node, hook: Hook) -> Option<&'a str> {
+        let (own, shared) = match hook {
+            Hook::OnPromote => (&node.on_promote, &self.cluster.on_promote),
+            Hook::OnDemote => (&node.on_demote, &self.cluster.on_demote),
+        };
+        own.as_deref().or(shared.as_deref())
     }
 }
 
@@ -442,6 +509,15 @@ fn check_cron(loc: &Locator<'_>, expr: &Spanned<String>, key: String) -> Result<
         .map_err(|e| loc.at(expr, key, format!("invalid cron expression {:?}: {e}", expr.get_ref())))
 }
 
+fn check_command(loc: &Locator<'_>, cmd: Option<&Spanned<String>>, key: String) -> Result<Option<String>, ConfigError> {
+    match cmd {
+        Some(c) if c.get_ref().trim().is_empty() => Err(loc.at(c, key, "the command is empty".into())),
+        Some(c) if c.get_ref().contains('\0') => Err(loc.at(c, key, "the command contains a NUL byte".into())),
+        Some(c) => Ok(Some(c.get_ref().clone())),
+        None => Ok(None),
+    }
+}
+
 /// Splits `host:port` (or `[v6]:port`) and checks the port.
 pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -457,11 +533,30 @@ impl RawFile {
     fn validate(self, loc: &Locator<'_>) -> Result<Cluster, ConfigError> {
         let cluster_span = self.cluster.span();
         let c = self.cluster.into_inner();
+        let hook_timeout = match &c.hook_timeout {
+            Some(t) => {
+                let d = humantime::parse_duration(t.get_ref()).map_err(|e| {
+                    loc.at(
+                        t,
+                        "cluster.hook_timeout".into(),
+                        format!("{:?} is not a duration like \"5m\": {e}", t.get_ref()),
+                    )
+                })?;
+                if d.as_secs() == 0 {
+                    return Err(loc.at(t, "cluster.hook_timeout".into(), "must be at least one second".into()));
+                }
+                Duration::from_secs(d.as_secs())
+            }
+            None => DEFAULT_HOOK_TIMEOUT,
+        };
         let cluster = ClusterSection {
             name: check_name(loc, &c.name, "cluster.name".into())?,
             preferred_active: c.preferred_active.get_ref().clone(),
             state_dir: check_absolute(loc, &c.state_dir, "cluster.state_dir".into())?,
             key_file: check_absolute(loc, &c.key_file, "cluster.key_file".into())?,
+            on_promote: check_command(loc, c.on_promote.as_ref(), "cluster.on_promote".into())?,
+            on_demote: check_command(loc, c.on_demote.as_ref(), "cluster.on_demote".into())?,
+            hook_timeout,
         };
 
         let mut nodes: Vec<Node> = Vec::new();
@@ -511,6 +606,8 @@ impl RawFile {
                 public_key,
                 root,
                 env: n.env.clone(),
+                on_promote: check_command(loc, n.on_promote.as_ref(), format!("node[{i}].on_promote"))?,
+                on_demote: check_command(loc, n.on_demote.as_ref(), format!("node[{i}].on_demote"))?,
             });
         }
         if nodes.is_empty() {
@@ -792,6 +889,39 @@ timeout = "10m"
         assert!(err.line.is_some());
         let err = parse(&sample().replace("signed/b.pem", "signed/[b.pem")).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("watch[0].exclude[0]"), "{err}");
+    }
+
+    #[test]
+    fn hooks_parse_with_node_overrides_and_bad_values_name_key_and_line() {
+        let text = sample().replace(
+            "key_file = \"/etc/warmspare/node.key\"\n",
+            "key_file = \"/etc/warmspare/node.key\"\non_promote = \"enable-ca\"\non_demote = \"disable-ca\"\nhook_timeout = \"90s\"\n",
+        );
+        let text = text.replace(
+            "root = \"/srv/lab/b\"",
+            "root = \"/srv/lab/b\"\non_promote = \"b-promote\"",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.cluster.hook_timeout, Duration::from_secs(90));
+        let (a, b) = (c.node("a").unwrap(), c.node("b").unwrap());
+        assert_eq!(c.hook(a, Hook::OnPromote), Some("enable-ca"));
+        assert_eq!(c.hook(b, Hook::OnPromote), Some("b-promote"));
+        assert_eq!(c.hook(b, Hook::OnDemote), Some("disable-ca"));
+        assert_eq!(parse(&c.canonical()).unwrap(), c);
+        let plain = parse(&sample()).unwrap();
+        assert_eq!(plain.cluster.hook_timeout, DEFAULT_HOOK_TIMEOUT);
+        assert_eq!(plain.hook(a, Hook::OnPromote), None);
+        assert!(!plain.canonical().contains("hook_timeout"), "{}", plain.canonical());
+
+        let bad = text.replace("\"90s\"", "\"soon\"");
+        let err = parse(&bad).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("cluster.hook_timeout"), "{err}");
+        let line = bad.lines().position(|l| l.starts_with("hook_timeout")).unwrap() + 1;
+        assert_eq!(err.line, Some(line), "{err}");
+        let err = parse(&text.replace("\"b-promote\"", "\"  \"")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("node[1].on_promote"), "{err}");
+        let err = parse(&text.replace("\"90s\"", "\"0s\"")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("cluster.hook_timeout"), "{err}");
     }
 
     #[test]

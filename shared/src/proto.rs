@@ -128,6 +128,38 @@ pub struct NodeStatus {
     pub started: i64,
     /// Its jobs.
     pub jobs: Vec<JobStatus>,
+    /// Why this node, though named active, does not act as active yet (its
+    /// `on_promote` hook is running or failed); `None` otherwise.
+    #[serde(default)]
+    pub held: Option<String>,
+    /// The last run of each role hook on this node.
+    #[serde(default)]
+    pub hooks: Vec<HookRun>,
+}
+
+/// The start of a refusal that means "the role moved, but this node's
+/// `on_promote` hook failed": the node holds the epoch and stays fenced.
+pub const PROMOTE_HOOK_FAILED: &str = "on_promote failed";
+
+/// One run of a role hook (`on_promote`, `on_demote`), as recorded under the
+/// state dir when it starts and again when it ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRun {
+    /// The hook.
+    pub hook: crate::config::Hook,
+    /// The epoch the run was for.
+    pub epoch: u64,
+    /// The previous active node (`WARMSPARE_FROM`).
+    pub from: String,
+    /// Start, Unix milliseconds.
+    pub start_ms: i64,
+    /// End, Unix milliseconds; `None` while running or when the run was cut
+    /// off (the agent stopped), in which case it runs again at start-up.
+    pub end_ms: Option<i64>,
+    /// Whether it succeeded (meaningful once it ended).
+    pub ok: bool,
+    /// Exit status and the tail of its output, or why it failed.
+    pub detail: String,
 }
 
 /// What a job run did.

@@ -8,6 +8,7 @@
 mod config;
 mod controller;
 mod faults;
+mod hooks;
 mod hostile;
 mod jobs;
 mod replication;

@@ -1,0 +1,276 @@
+//! Role hooks: `on_promote` and `on_demote`.
+//!
+//! `on_promote` runs on a node that holds a new epoch naming it active,
+//! before it acts as active: until the hook has succeeded for the current
+//! epoch the node answers 503 on `/_status/check`, ships nothing and runs no
+//! active-side jobs ([`Shared::is_active`] is false). A failed run leaves the
+//! node holding the epoch but fenced until an operator retries (a new epoch
+//! naming it again) or moves the role elsewhere. `on_demote` runs once the
+//! node's active side has stopped, whatever demoted it.
+//!
+//! Each run is recorded under `state_dir/hooks/<hook>.json` when it starts
+//! and again when it ends (atomically); a run that has no end was cut off
+//! (the agent stopped) and runs again at the next start.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use warmspare_shared::config::Hook;
+use warmspare_shared::proto::{HookRun, PROMOTE_HOOK_FAILED};
+use warmspare_shared::state::{self, HistoryEntry};
+
+use crate::daemon::{unix, Shared};
+
+/// The most output of one run copied into the agent's log.
+const LOG_TAIL: u64 = 8 * 1024;
+/// The most output of a failed run kept in its record.
+const DETAIL_TAIL: u64 = 512;
+
+/// Where this node stands with `on_promote` for an epoch naming it active.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promotion {
+    /// Nothing started yet (or the node is passive).
+    Idle,
+    /// The hook is running for this epoch.
+    Running(u64),
+    /// The node may act as active at this epoch.
+    Done(u64),
+    /// The hook failed at this epoch: the node stays fenced.
+    Failed(u64, String),
+}
+
+/// The hooks' runtime state, part of [`Shared`].
+pub struct Hooks {
+    /// The promotion state; control sessions wait on it.
+    pub promotion: watch::Sender<Promotion>,
+    /// Runs since the agent started, by hook and outcome.
+    counts: Mutex<BTreeMap<(Hook, bool), u64>>,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            promotion: watch::channel(Promotion::Idle).0,
+            counts: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Hooks {
+    /// Whether this node may act as active at `epoch`.
+    pub fn promoted(&self, epoch: u64) -> bool {
+        *self.promotion.borrow() == Promotion::Done(epoch)
+    }
+
+    /// Runs of `hook` with the outcome `ok` since the agent started.
+    pub fn count(&self, hook: Hook, ok: bool) -> u64 {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(hook, ok))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Why a node named active at `epoch` does not act as active yet.
+    pub fn held(&self, epoch: u64) -> Option<String> {
+        match &*self.promotion.borrow() {
+            Promotion::Done(e) if *e == epoch => None,
+            Promotion::Running(e) if *e == epoch => Some("on_promote is running".into()),
+            Promotion::Failed(e, detail) if *e == epoch => Some(format!("{PROMOTE_HOOK_FAILED}: {detail}")),
+            _ => Some("starting its active side".into()),
+        }
+    }
+}
+
+fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("hooks")
+}
+
+fn record_path(state_dir: &Path, hook: Hook) -> PathBuf {
+    dir(state_dir).join(format!("{}.json", hook.name()))
+}
+
+/// The last recorded run of `hook` on this node.
+pub fn last_run(state_dir: &Path, hook: Hook) -> Option<HookRun> {
+    let bytes = fs::read(record_path(state_dir, hook)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The last run of each hook, for status.
+pub fn last_runs(state_dir: &Path) -> Vec<HookRun> {
+    Hook::ALL.iter().filter_map(|h| last_run(state_dir, *h)).collect()
+}
+
+fn store(state_dir: &Path, run: &HookRun) {
+    let path = record_path(state_dir, run.hook);
+    let written = serde_json::to_vec_pretty(run)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| state::write_atomic(&path, &bytes));
+    if let Err(e) = written {
+        tracing::error!(hook = %run.hook, path = %path.display(), error = %e, "cannot record the hook run");
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs `hook` for the move to `epoch` (from `from` to `to`); `None` when
+/// this node has no such hook.
+pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) -> Option<HookRun> {
+    let cluster = shared.cluster();
+    let cmd = cluster.hook(&shared.me, hook)?.to_string();
+    let timeout = cluster.cluster.hook_timeout;
+    let mut run = HookRun {
+        hook,
+        epoch,
+        from: from.to_string(),
+        start_ms: now_ms(),
+        end_ms: None,
+        ok: false,
+        detail: "running".into(),
+    };
+    store(&shared.state_dir, &run);
+    tracing::warn!(%hook, epoch, from, to, "running the role hook");
+    let log = dir(&shared.state_dir).join(format!("{}.log", hook.name()));
+    let outcome = async {
+        let out = fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let mut env: Vec<(String, OsString)> = shared.me.env.iter().map(|(k, v)| (k.clone(), v.into())).collect();
+        env.push(("WARMSPARE_HOOK".into(), hook.name().into()));
+        env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));
+        env.push(("WARMSPARE_EPOCH".into(), epoch.to_string().into()));
+        env.push(("WARMSPARE_FROM".into(), from.into()));
+        env.push(("WARMSPARE_TO".into(), to.into()));
+        crate::shell::run(crate::shell::Spec {
+            cmd: &cmd,
+            env,
+            timeout,
+            stdout: out,
+            stderr: err,
+        })
+        .await
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }
+    .await;
+    let output = crate::jobs::tail_of(&log, LOG_TAIL);
+    for line in output.lines().filter(|l| !l.trim().is_empty()) {
+        tracing::info!(%hook, "output: {line}");
+    }
+    run.end_ms = Some(now_ms());
+    match outcome {
+        Ok(o) => {
+            run.ok = o.success();
+            run.detail = o.describe();
+            if !run.ok {
+                let tail = crate::jobs::tail_of(&log, DETAIL_TAIL);
+                let tail = tail.trim();
+                if !tail.is_empty() {
+                    run.detail = format!("{}; output: {tail}", run.detail);
+                }
+            }
+        }
+        Err(e) => {
+            run.ok = false;
+            run.detail = format!("cannot run the hook: {e}");
+        }
+    }
+    store(&shared.state_dir, &run);
+    *shared
+        .hooks
+        .counts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((hook, run.ok))
+        .or_default() += 1;
+    let ms = run.end_ms.unwrap_or(run.start_ms) - run.start_ms;
+    if run.ok {
+        tracing::warn!(%hook, epoch, ms, "the role hook succeeded");
+    } else {
+        tracing::error!(%hook, epoch, ms, detail = run.detail, "the role hook failed");
+        let entry = HistoryEntry {
+            time: unix(SystemTime::now()),
+            epoch,
+            from: from.to_string(),
+            to: to.to_string(),
+            reason: format!("{hook} failed on {}: {}", shared.me.name, run.detail),
+            by: shared.me.name.clone(),
+        };
+        if let Err(e) = state::append_history(&shared.state_dir, &entry) {
+            tracing::warn!(error = %e, "cannot append the hook failure to the role history");
+        }
+    }
+    Some(run)
+}
+
+/// Runs `on_promote` for `epoch` unless it already succeeded for it (or
+/// failed for it: that waits for an operator), and publishes the outcome;
+/// true when the node may act as active.
+pub async fn promote(shared: &Shared, epoch: u64, from: &str) -> bool {
+    let set = |p: Promotion| {
+        shared.hooks.promotion.send_replace(p);
+        shared.progress.send_modify(|n| *n += 1);
+    };
+    if shared.cluster().hook(&shared.me, Hook::OnPromote).is_none() {
+        set(Promotion::Done(epoch));
+        return true;
+    }
+    if let Some(last) = last_run(&shared.state_dir, Hook::OnPromote) {
+        if last.epoch == epoch && last.end_ms.is_some() {
+            if last.ok {
+                set(Promotion::Done(epoch));
+                return true;
+            }
+            tracing::error!(
+                epoch,
+                detail = last.detail,
+                "on_promote failed for this epoch: this node stays fenced until an operator retries"
+            );
+            set(Promotion::Failed(epoch, last.detail));
+            return false;
+        }
+    }
+    set(Promotion::Running(epoch));
+    let me = shared.me.name.clone();
+    match run(shared, Hook::OnPromote, epoch, from, &me).await {
+        Some(r) if r.ok => {
+            set(Promotion::Done(epoch));
+            true
+        }
+        Some(r) => {
+            set(Promotion::Failed(epoch, r.detail));
+            false
+        }
+        None => {
+            set(Promotion::Done(epoch));
+            true
+        }
+    }
+}
+
+/// At start-up on a passive node: runs `on_demote` again when its last run
+/// was cut off, or when a promotion began here and no demotion followed it.
+pub async fn recover_passive(shared: &Shared, epoch: u64, active: &str) {
+    let demote = last_run(&shared.state_dir, Hook::OnDemote);
+    let promote = last_run(&shared.state_dir, Hook::OnPromote);
+    let again = match (&demote, &promote) {
+        (Some(d), _) if d.end_ms.is_none() => true,
+        (Some(d), Some(p)) => p.epoch > d.epoch,
+        (None, Some(_)) => true,
+        (_, None) => false,
+    };
+    if again {
+        tracing::warn!("the last role change did not finish its on_demote hook: running it again");
+        let me = shared.me.name.clone();
+        let _ = run(shared, Hook::OnDemote, epoch, &me, active).await;
+    }
+}

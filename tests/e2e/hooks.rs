@@ -1,0 +1,342 @@
+//! Role hooks (`on_promote`, `on_demote`) with real agents and `warmsparectl`.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use warmspare_tests::{bin, converge, http_get, http_status, wait_until, write_file, ClusterOptions, TestCluster};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A pair `a` (active), `b` with the `ca` watch, `cluster_keys` added to the
+/// `[cluster]` table and `b_keys` to b's `[[node]]`.
+fn pair_with_hooks(cluster_keys: &str, b_keys: &str) -> TestCluster {
+    let c = TestCluster::new(ClusterOptions {
+        nodes: vec!["a", "b"],
+        extra: format!(
+            "[[watch]]\nname = \"ca\"\npath = \"{}\"\ndebounce_ms = 5\n",
+            warmspare_tests::CA_WATCH
+        ),
+        node_extra: if b_keys.is_empty() {
+            vec![]
+        } else {
+            vec![("b", b_keys.to_string())]
+        },
+        ..Default::default()
+    });
+    let toml = fs::read_to_string(&c.file).unwrap();
+    let anchor = "key_file = \"/etc/warmspare/node.key\"\n";
+    assert!(toml.contains(anchor));
+    let toml = toml.replacen(anchor, &format!("{anchor}{cluster_keys}\n"), 1);
+    fs::write(&c.file, toml).unwrap();
+    c
+}
+
+fn node_status(c: &TestCluster, node: &str) -> serde_json::Value {
+    let st = c.status_json();
+    st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap()["status"]
+        .clone()
+}
+
+fn spawn_ctl(c: &TestCluster, args: &[&str]) -> std::process::Child {
+    Command::new(bin("warmsparectl"))
+        .arg("--cluster")
+        .arg(&c.file)
+        .arg("--key")
+        .arg(&c.operator_key)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn on_promote_runs_with_its_environment_before_the_node_reports_active_and_on_demote_after() {
+    let c = pair_with_hooks("", "");
+    let d = c.dir.path().display().to_string();
+    let toml = fs::read_to_string(&c.file).unwrap().replacen(
+        "key_file = \"/etc/warmspare/node.key\"\n",
+        &format!(
+            "key_file = \"/etc/warmspare/node.key\"\n\
+             on_promote = 'echo \"$WARMSPARE_NODE $WARMSPARE_EPOCH from=$WARMSPARE_FROM to=$WARMSPARE_TO $EXTRA\" >> {d}/promote.log; \
+             if [ \"$WARMSPARE_NODE\" = b ]; then while [ ! -e {d}/go ]; do sleep 0.05; done; fi'\n\
+             on_demote = 'echo \"$WARMSPARE_NODE $WARMSPARE_EPOCH from=$WARMSPARE_FROM to=$WARMSPARE_TO $EXTRA\" >> {d}/demote.log'\n"
+        ),
+        1,
+    );
+    let toml = toml.replace(
+        &format!("root = \"{}\"\n", c.node("b").root.display()),
+        &format!(
+            "root = \"{}\"\nenv = {{ EXTRA = \"x-b\" }}\n",
+            c.node("b").root.display()
+        ),
+    );
+    fs::write(&c.file, toml).unwrap();
+    let (ra, rb) = (c.ca("a"), c.ca("b"));
+    write_file(&ra.join("serial"), b"10\n", 0o644);
+    let _b = c.start("b");
+    let _a = c.start("a");
+    let (ha, hb) = (c.node("a").http_port, c.node("b").http_port);
+    // The preferred active runs on_promote at the first start (no previous active).
+    wait_until("a active", LIMIT, || http_status(ha, "/_status/check") == Some(200));
+    assert_eq!(lines(&c.dir.path().join("promote.log")), ["a 1 from= to=a "]);
+    converge(&ra, &rb, LIMIT);
+    c.wait_linked("a", LIMIT);
+
+    let mut sw = spawn_ctl(&c, &["switchover", "--to", "b", "--yes"]);
+    wait_until("b's on_promote to start", LIMIT, || {
+        lines(&c.dir.path().join("promote.log")).len() == 2
+    });
+    // b holds epoch 2 but its hook has not finished: it is not active yet.
+    let (code_b, body) = http_get(hb, "/_status/check").unwrap();
+    assert_eq!(code_b, 503, "{body}");
+    assert!(body.contains("on_promote is running"), "{body}");
+    assert_eq!(node_status(&c, "b")["role"]["epoch"], 2);
+    assert_eq!(node_status(&c, "b")["held"], "on_promote is running");
+    // a's active side stopped before b was promoted, and a ran on_demote.
+    wait_until("a's on_demote", LIMIT, || {
+        !lines(&c.dir.path().join("demote.log")).is_empty()
+    });
+    assert_eq!(lines(&c.dir.path().join("demote.log")), ["a 2 from=a to=b "]);
+    assert_eq!(http_status(ha, "/_status/check"), Some(503));
+    assert!(
+        sw.try_wait().unwrap().is_none(),
+        "the switchover returned before b's hook ended"
+    );
+    write_file(&rb.join("serial"), b"11\n", 0o644);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        fs::read(ra.join("serial")).unwrap(),
+        b"10\n",
+        "b shipped before its hook ended"
+    );
+
+    fs::write(c.dir.path().join("go"), b"").unwrap();
+    let out = sw.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(http_status(hb, "/_status/check"), Some(200));
+    assert_eq!(lines(&c.dir.path().join("promote.log"))[1], "b 2 from=a to=b x-b");
+    wait_until("b's serial shipped to a", LIMIT, || {
+        fs::read(ra.join("serial")).unwrap() == b"11\n"
+    });
+    let st = node_status(&c, "b");
+    let hooks = st["hooks"].as_array().unwrap();
+    let promote = hooks.iter().find(|h| h["hook"] == "on_promote").unwrap();
+    assert_eq!(promote["ok"], true, "{st}");
+    assert_eq!(promote["epoch"], 2, "{st}");
+    assert!(promote["end_ms"].as_i64().unwrap() >= promote["start_ms"].as_i64().unwrap());
+    let human = text(&c.ctl(&["status"]));
+    assert!(human.contains("on_promote") && human.contains("on_demote"), "{human}");
+}
+
+#[test]
+fn a_failing_on_promote_keeps_the_node_fenced_and_the_controller_fails_until_a_retry() {
+    let c = pair_with_hooks("", "");
+    let d = c.dir.path().display().to_string();
+    let toml = fs::read_to_string(&c.file).unwrap().replace(
+        &format!("root = \"{}\"\n", c.node("b").root.display()),
+        &format!(
+            "root = \"{}\"\non_promote = 'echo enabling the CA; test -e {d}/allow || {{ echo CA refused to start >&2; exit 3; }}'\n",
+            c.node("b").root.display()
+        ),
+    );
+    fs::write(&c.file, toml).unwrap();
+    let _b = c.start("b");
+    let _a = c.start("a");
+    let (ha, hb) = (c.node("a").http_port, c.node("b").http_port);
+    wait_until("a active", LIMIT, || http_status(ha, "/_status/check") == Some(200));
+    c.wait_linked("a", LIMIT);
+
+    let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(text(&out).contains("on_promote failed"), "{}", text(&out));
+    assert!(text(&out).contains("CA refused to start"), "{}", text(&out));
+    assert_eq!(http_status(hb, "/_status/check"), Some(503));
+    assert_eq!(http_status(ha, "/_status/check"), Some(503));
+    let st = node_status(&c, "b");
+    assert_eq!(st["role"]["active"], "b");
+    assert!(st["held"].as_str().unwrap().starts_with("on_promote failed"), "{st}");
+    let promote = st["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hook"] == "on_promote")
+        .unwrap()
+        .clone();
+    assert_eq!(promote["ok"], false, "{st}");
+    assert!(promote["detail"].as_str().unwrap().contains("exit status: 3"), "{st}");
+    let (_, metrics) = http_get(hb, "/metrics").unwrap();
+    assert!(
+        metrics.contains("warmspare_hook_failed{hook=\"on_promote\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("warmspare_hook_runs_total{hook=\"on_promote\",result=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("warmspare_is_active 0"), "{metrics}");
+    let human = text(&c.ctl(&["status"]));
+    assert!(human.contains("held") && human.contains("FAILED"), "{human}");
+    let hist = text(&c.ctl(&["history"]));
+    assert!(hist.contains("on_promote failed on b"), "{hist}");
+    // Nothing is shipped from a fenced node.
+    write_file(&c.ca("b").join("signed/x.pem"), b"x", 0o644);
+    // A switchover away from a held node is refused; a retry of the promotion is the way.
+    let out = c.ctl(&["switchover", "--to", "a", "--yes"]);
+    assert_eq!(code(&out), 3, "{}", text(&out));
+
+    // Retry still failing: still fenced, still non-zero.
+    let out = c.ctl(&["failover", "--to", "b", "--force"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert_eq!(http_status(hb, "/_status/check"), Some(503));
+    assert!(!c.ca("a").join("signed/x.pem").exists());
+
+    fs::write(c.dir.path().join("allow"), b"").unwrap();
+    let out = c.ctl(&["failover", "--to", "b", "--force"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(http_status(hb, "/_status/check"), Some(200));
+    assert_eq!(node_status(&c, "b")["role"]["epoch"], 4);
+    assert!(node_status(&c, "b")["held"].is_null());
+    wait_until("b ships again", LIMIT, || c.ca("a").join("signed/x.pem").exists());
+    let (_, metrics) = http_get(hb, "/metrics").unwrap();
+    assert!(
+        metrics.contains("warmspare_hook_failed{hook=\"on_promote\"} 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn on_demote_runs_when_a_higher_epoch_fences_the_old_active() {
+    let c = pair_with_hooks("", "");
+    let d = c.dir.path().display().to_string();
+    let toml = fs::read_to_string(&c.file).unwrap().replacen(
+        "key_file = \"/etc/warmspare/node.key\"\n",
+        &format!(
+            "key_file = \"/etc/warmspare/node.key\"\non_demote = 'echo \"$WARMSPARE_NODE $WARMSPARE_EPOCH to=$WARMSPARE_TO\" >> {d}/demote.log'\n"
+        ),
+        1,
+    );
+    fs::write(&c.file, toml).unwrap();
+    let _b = c.start("b");
+    let mut a = c.start("a");
+    let ha = c.node("a").http_port;
+    wait_until("a active", LIMIT, || http_status(ha, "/_status/check") == Some(200));
+    c.wait_linked("a", LIMIT);
+    a.kill9();
+    let out = c.ctl(&["failover", "--to", "b", "--force"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(lines(&c.dir.path().join("demote.log")).is_empty());
+    a.restart();
+    // a starts as the active of epoch 1, pushes to b, learns epoch 2 and steps down.
+    wait_until("a's on_demote after fencing", LIMIT, || {
+        lines(&c.dir.path().join("demote.log")) == ["a 2 to=b"]
+    });
+    assert_eq!(http_status(ha, "/_status/check"), Some(503));
+    let st = node_status(&c, "a");
+    let demote = st["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hook"] == "on_demote")
+        .unwrap()
+        .clone();
+    assert_eq!(demote["ok"], true, "{st}");
+}
+
+#[test]
+fn a_hook_that_hangs_is_killed_with_its_children_at_hook_timeout() {
+    let c = pair_with_hooks("hook_timeout = \"2s\"", "");
+    let d = c.dir.path().display().to_string();
+    let toml = fs::read_to_string(&c.file).unwrap().replace(
+        &format!("root = \"{}\"\n", c.node("b").root.display()),
+        &format!(
+            "root = \"{}\"\non_promote = 'sleep 600 & echo $! > {d}/child.pid; wait'\n",
+            c.node("b").root.display()
+        ),
+    );
+    fs::write(&c.file, toml).unwrap();
+    let _b = c.start("b");
+    let _a = c.start("a");
+    let (ha, hb) = (c.node("a").http_port, c.node("b").http_port);
+    wait_until("a active", LIMIT, || http_status(ha, "/_status/check") == Some(200));
+    c.wait_linked("a", LIMIT);
+    let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(text(&out).contains("timed out after 2s"), "{}", text(&out));
+    assert_eq!(http_status(hb, "/_status/check"), Some(503));
+    let pid = fs::read_to_string(c.dir.path().join("child.pid")).unwrap();
+    let pid = pid.trim();
+    wait_until("the hook's background child to be killed", LIMIT, || {
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            // A zombie waiting for its reaper is dead too.
+            Ok(stat) => stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')),
+        }
+    });
+}
+
+#[test]
+fn a_hook_cut_off_by_an_agent_kill_runs_again_after_restart() {
+    let c = pair_with_hooks("", "");
+    let d = c.dir.path().display().to_string();
+    let toml = fs::read_to_string(&c.file).unwrap().replace(
+        &format!("root = \"{}\"\n", c.node("b").root.display()),
+        &format!(
+            "root = \"{}\"\non_promote = 'echo run >> {d}/runs; while [ ! -e {d}/go ]; do sleep 0.05; done'\n",
+            c.node("b").root.display()
+        ),
+    );
+    fs::write(&c.file, toml).unwrap();
+    let mut b = c.start("b");
+    let _a = c.start("a");
+    let (ha, hb) = (c.node("a").http_port, c.node("b").http_port);
+    wait_until("a active", LIMIT, || http_status(ha, "/_status/check") == Some(200));
+    c.wait_linked("a", LIMIT);
+    let mut sw = spawn_ctl(&c, &["switchover", "--to", "b", "--yes"]);
+    wait_until("b's on_promote to start", LIMIT, || {
+        lines(&c.dir.path().join("runs")).len() == 1
+    });
+    let record = c.node("b").root.join("var/lib/warmspare/hooks/on_promote.json");
+    let rec: serde_json::Value = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+    assert!(rec["end_ms"].is_null(), "{rec}");
+    b.kill9();
+    let _ = sw.kill();
+    let _ = sw.wait();
+    fs::write(c.dir.path().join("go"), b"").unwrap();
+    b.restart();
+    wait_until("b active after its hook ran again", LIMIT, || {
+        http_status(hb, "/_status/check") == Some(200)
+    });
+    assert_eq!(lines(&c.dir.path().join("runs")), ["run", "run"]);
+    let rec: serde_json::Value = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+    assert_eq!(rec["ok"], true, "{rec}");
+    assert_eq!(rec["epoch"], 2, "{rec}");
+}
