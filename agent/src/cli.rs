@@ -62,6 +62,17 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Ask the local agent about this node's role (for scripts and systemd).
+    Role {
+        /// Exit 0 only while this node is the confirmed active (named active,
+        /// its on_promote hook done); 1 when it is passive or held; 2 when the
+        /// agent cannot be asked.
+        #[arg(long, required = true)]
+        is_active: bool,
+        /// How long to wait for the agent's answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show or hash the canonical cluster file.
     Config {
         /// What to print.

@@ -52,6 +52,7 @@ fn run(args: Args) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Role { is_active: _, timeout } => Ok(role_is_active(&args, *timeout)),
         Command::Check => {
             let shared = Shared::load(&args.cluster, args.node.as_deref())?;
             runtime()?.block_on(check(shared))
@@ -62,6 +63,85 @@ fn run(args: Args) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `role --is-active`: asks the local agent's `/_status/check` (200 only on
+/// the confirmed active). 0 active, 1 passive or held, 2 cannot tell.
+fn role_is_active(args: &Args, timeout: Duration) -> ExitCode {
+    match ask_check(args, timeout) {
+        Ok((200, body)) => {
+            println!("{}", body.trim());
+            ExitCode::SUCCESS
+        }
+        Ok((503, body)) => {
+            println!("{}", body.trim());
+            ExitCode::from(1)
+        }
+        Ok((code, body)) => {
+            eprintln!("error: the agent answered {code}: {}", body.trim());
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn ask_check(args: &Args, timeout: Duration) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    let cluster = Cluster::load(&args.cluster)?;
+    let name = match &args.node {
+        Some(n) => n.clone(),
+        None => daemon::hostname().context("cannot tell this host's name; pass --node")?,
+    };
+    let me = cluster
+        .node(&name)
+        .with_context(|| format!("node {name:?} is not in {}", args.cluster.display()))?;
+    let mut addr = me
+        .http
+        .with_context(|| format!("node {name} has no `http` listener in the cluster file to ask"))?;
+    // A wildcard listener is asked on loopback.
+    if addr.ip().is_unspecified() {
+        let ip = match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        addr = SocketAddr::new(ip, addr.port());
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let mut s =
+        TcpStream::connect_timeout(&addr, left()).with_context(|| format!("cannot reach the agent at {addr}"))?;
+    s.set_write_timeout(Some(left()))?;
+    write!(
+        s,
+        "GET /_status/check HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .context("cannot ask the agent")?;
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        s.set_read_timeout(Some(left()))?;
+        let n = s.read(&mut buf).context("no answer from the agent in time")?;
+        if n == 0 || resp.len() > 64 * 1024 {
+            break;
+        }
+        resp.extend_from_slice(&buf[..n]);
+    }
+    let resp = String::from_utf8_lossy(&resp);
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("the agent's answer is not HTTP")?;
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((code, body))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

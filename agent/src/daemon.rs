@@ -426,7 +426,8 @@ pub fn unix(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-fn hostname() -> Option<String> {
+/// This host's short name (the default node name).
+pub fn hostname() -> Option<String> {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let h = h.trim();
     (!h.is_empty()).then(|| h.split('.').next().unwrap_or(h).to_string())

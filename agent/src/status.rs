@@ -166,6 +166,18 @@ pub struct PublicStatus {
     links: Vec<PublicLink>,
     diverged_files: usize,
     jobs: Vec<PublicJob>,
+    /// Whether the node is named active but held (its on_promote running or failed).
+    held: bool,
+    hooks: Vec<PublicHook>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PublicHook {
+    hook: warmspare_shared::config::Hook,
+    epoch: u64,
+    start_ms: i64,
+    end_ms: Option<i64>,
+    ok: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -263,6 +275,18 @@ impl From<NodeStatus> for PublicStatus {
                     generation: j.generation,
                 })
                 .collect(),
+            held: s.held.is_some(),
+            hooks: s
+                .hooks
+                .into_iter()
+                .map(|h| PublicHook {
+                    hook: h.hook,
+                    epoch: h.epoch,
+                    start_ms: h.start_ms,
+                    end_ms: h.end_ms,
+                    ok: h.ok,
+                })
+                .collect(),
         }
     }
 }
@@ -315,6 +339,16 @@ mod tests {
                 runs_failed: 1,
                 generation: 0,
             }],
+            held: Some(format!("on_promote failed: {secret}")),
+            hooks: vec![warmspare_shared::proto::HookRun {
+                hook: warmspare_shared::config::Hook::OnPromote,
+                epoch: 3,
+                from: "b".into(),
+                start_ms: 1,
+                end_ms: Some(2),
+                ok: false,
+                detail: format!("exit status: 1; output: {secret}"),
+            }],
         };
         let text = serde_json::to_string(&PublicStatus::from(s)).unwrap();
         assert!(!text.contains("hunter2"), "{text}");
@@ -324,5 +358,8 @@ mod tests {
         assert_eq!(v["links"][0]["error"], true);
         assert_eq!(v["diverged_files"], 1);
         assert_eq!(v["role"]["epoch"], 3);
+        assert_eq!(v["held"], true);
+        assert_eq!(v["hooks"][0]["hook"], "on_promote");
+        assert_eq!(v["hooks"][0]["ok"], false);
     }
 }

@@ -70,6 +70,18 @@ fn spawn_ctl(c: &TestCluster, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// `warmspare-agent role --is-active` for `node`: its exit code and output.
+fn role_gate(c: &TestCluster, node: &str) -> (i32, String) {
+    let out = Command::new(bin("warmspare-agent"))
+        .arg("--cluster")
+        .arg(&c.file)
+        .args(["--node", node, "role", "--is-active", "--timeout", "5s"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (code(&out), text(&out))
+}
+
 fn lines(path: &Path) -> Vec<String> {
     fs::read_to_string(path)
         .unwrap_or_default()
@@ -203,6 +215,11 @@ fn a_failing_on_promote_keeps_the_node_fenced_and_the_controller_fails_until_a_r
         "{metrics}"
     );
     assert!(metrics.contains("warmspare_is_active 0"), "{metrics}");
+    // The role gate refuses on the held node and on the demoted one.
+    let (gate, out) = role_gate(&c, "b");
+    assert_eq!(gate, 1, "{out}");
+    assert!(out.contains("held"), "{out}");
+    assert_eq!(role_gate(&c, "a").0, 1);
     let human = text(&c.ctl(&["status"]));
     assert!(human.contains("held") && human.contains("FAILED"), "{human}");
     let hist = text(&c.ctl(&["history"]));
@@ -226,6 +243,8 @@ fn a_failing_on_promote_keeps_the_node_fenced_and_the_controller_fails_until_a_r
     assert_eq!(node_status(&c, "b")["role"]["epoch"], 4);
     assert!(node_status(&c, "b")["held"].is_null());
     wait_until("b ships again", LIMIT, || c.ca("a").join("signed/x.pem").exists());
+    let (gate, out) = role_gate(&c, "b");
+    assert_eq!(gate, 0, "{out}");
     let (_, metrics) = http_get(hb, "/metrics").unwrap();
     assert!(
         metrics.contains("warmspare_hook_failed{hook=\"on_promote\"} 0"),
@@ -250,7 +269,12 @@ fn on_demote_runs_when_a_higher_epoch_fences_the_old_active() {
     let ha = c.node("a").http_port;
     wait_until("a active", LIMIT, || http_status(ha, "/_status/check") == Some(200));
     c.wait_linked("a", LIMIT);
+    assert_eq!(role_gate(&c, "a").0, 0);
+    assert_eq!(role_gate(&c, "b").0, 1);
     a.kill9();
+    // No agent to ask: neither yes nor no.
+    let (gate, out) = role_gate(&c, "a");
+    assert_eq!(gate, 2, "{out}");
     let out = c.ctl(&["failover", "--to", "b", "--force"]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     assert!(lines(&c.dir.path().join("demote.log")).is_empty());
@@ -260,6 +284,8 @@ fn on_demote_runs_when_a_higher_epoch_fences_the_old_active() {
         lines(&c.dir.path().join("demote.log")) == ["a 2 to=b"]
     });
     assert_eq!(http_status(ha, "/_status/check"), Some(503));
+    assert_eq!(role_gate(&c, "a").0, 1);
+    assert_eq!(role_gate(&c, "b").0, 0);
     let st = node_status(&c, "a");
     let demote = st["hooks"]
         .as_array()
