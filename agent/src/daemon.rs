@@ -507,14 +507,26 @@ pub async fn serve(
     }
     for w in shared.local_watches() {
         std::fs::create_dir_all(&w.root).with_context(|| format!("cannot create watch root {}", w.root.display()))?;
-        let removed = apply::clean_temps(&w.root)
-            .with_context(|| format!("cannot clean temporary files under {}", w.root.display()))?;
-        if removed > 0 {
-            tracing::info!(
-                watch = w.name,
-                removed,
-                "removed temporary files left by an earlier run"
-            );
+        // Never fatal: a tree the walk cannot enter (too deep, unreadable,
+        // a root that is a link) is reported, and the agent starts.
+        match apply::clean_temps(&w.root) {
+            Ok(cleaned) => {
+                if cleaned.removed > 0 {
+                    tracing::info!(
+                        watch = w.name,
+                        removed = cleaned.removed,
+                        "removed temporary files left by an earlier run"
+                    );
+                }
+                if cleaned.skipped > 0 {
+                    tracing::warn!(
+                        watch = w.name,
+                        skipped = cleaned.skipped,
+                        "could not look for temporary files everywhere under the watch root"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(watch = w.name, error = %e, "cannot clean temporary files under the watch root"),
         }
     }
     let shared = Arc::new(shared);

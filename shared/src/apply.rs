@@ -2,7 +2,11 @@
 //!
 //! [`Applier`] is synchronous; the agent runs it on a blocking worker, and
 //! its only thread of its own starts write-back early (see `Flusher`).
-//! Every path from the wire goes through [`confine`] first. File content is
+//! Every path from the wire is checked ([`check_rel_path`]) and then used only
+//! beneath its watch root, through directory handles (see [`crate::beneath`]):
+//! the root is opened without following a link, each directory below it with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (or an `O_NOFOLLOW` walk),
+//! and every change is made relative to such a handle. File content is
 //! written to a temporary file in its target's directory (without a name,
 //! `O_TMPFILE`, for small files; `.warmspare-tmp.*` for large ones and where
 //! the filesystem has no unnamed files), checked against the announced
@@ -11,13 +15,16 @@
 //! durable before the commit is acknowledged. A reader therefore sees the old
 //! file or the new one, never a part of one.
 
-use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use rustix::fs::OFlags;
+
+use crate::beneath::{self, split};
 use crate::delta::{self, Mapped};
 use crate::ledger::Ledgers;
 use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta, TEMP_PREFIX};
@@ -35,70 +42,13 @@ pub fn can_chown() -> bool {
 #[error("refused: {0}")]
 pub struct Refused(pub String);
 
-/// Checks a relative path from the wire and joins it onto `root`.
-///
-/// The path must be relative, `/`-separated, without empty, `.` or `..`
-/// components, without NUL, and must not name a temporary file. No directory
-/// on the way down may be a symbolic link (the last component may be one: it
-/// is replaced, never followed).
+/// Checks a relative path from the wire ([`check_rel_path`]) and joins it
+/// onto `root`, for display and for the fuzzers. The [`Applier`] never uses
+/// such a joined path: it resolves `rel` beneath a handle on the root, with
+/// no symbolic link followed (see [`crate::beneath`]).
 pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, Refused> {
-    confine_with(root, rel, &mut KnownDirs::default())
-}
-
-/// Directories seen to be real directories (not symbolic links) by
-/// [`confine_with`], so that files in the same directory do not look again.
-///
-/// The [`Applier`] keeps one per batch and forgets it whenever something it
-/// applies could change what a path is (a symbolic link made, a path removed,
-/// a commit's renames), so what it remembers is never older than one batch.
-#[derive(Debug, Default)]
-pub struct KnownDirs(std::collections::HashSet<PathBuf>);
-
-impl KnownDirs {
-    /// Forgets everything.
-    pub fn clear(&mut self) {
-        self.0.clear();
-    }
-
-    /// Whether `dir` was seen to be a real directory.
-    pub fn contains(&self, dir: &Path) -> bool {
-        self.0.contains(dir)
-    }
-}
-
-/// [`confine`], skipping the check of directories in `known` and adding the
-/// ones it finds to be real directories.
-pub fn confine_with(root: &Path, rel: &str, known: &mut KnownDirs) -> Result<PathBuf, Refused> {
     check_rel_path(rel)?;
-    let target = root.join(rel);
-    // Ancestors from the nearest down: when the parent is known, so is every
-    // directory above it (it was reached through them).
-    let mut unknown = Vec::new();
-    let mut dir = target.parent();
-    while let Some(d) = dir {
-        if d == root || !d.starts_with(root) || known.contains(d) {
-            break;
-        }
-        unknown.push(d);
-        dir = d.parent();
-    }
-    for d in unknown.into_iter().rev() {
-        match fs::symlink_metadata(d) {
-            Ok(md) if md.file_type().is_symlink() => {
-                return Err(Refused(format!(
-                    "path {rel:?} goes through the symbolic link {}",
-                    d.display()
-                )));
-            }
-            Ok(md) if md.is_dir() => {
-                known.0.insert(d.to_path_buf());
-            }
-            // Missing (it will be created) or not a directory (the operation
-            // fails on its own): nothing to remember.
-            _ => {}
-        }
-    }
-    Ok(target)
+    Ok(root.join(rel))
 }
 
 /// The checks of [`confine`] that need no file system: relative,
@@ -142,8 +92,10 @@ pub struct WatchRoot {
 struct Incoming {
     watch: String,
     rel: String,
-    target: PathBuf,
-    /// Where the file is written.
+    /// The target's directory, open beneath the root.
+    dir: Arc<File>,
+    /// The target's name in `dir`.
+    name: String,
     stage: Stage,
     writer: Option<BufWriter<Output>>,
     /// The data of a file staged in memory ([`Stage::Held`]).
@@ -153,19 +105,21 @@ struct Incoming {
     size: u64,
     hash: ContentHash,
     meta: Meta,
-    /// For deltas: the spool file that collects the delta and the base hash.
-    delta: Option<(PathBuf, ContentHash)>,
+    /// For deltas: the spool file (its name in `dir`) that collects the
+    /// delta, and the base hash.
+    delta: Option<(String, ContentHash)>,
 }
 
-/// Where an incoming file is written (the file itself is in its writer).
+/// Where an incoming file is written (the file itself is in its writer), in
+/// the target's directory.
 enum Stage {
     /// A temporary file with this name beside the target.
-    Named(PathBuf),
-    /// A file without a name in this directory, open.
-    Unnamed(Arc<File>),
+    Named(String),
+    /// A file without a name, open.
+    Unnamed,
     /// Nothing yet: the data is kept in memory (in `Incoming::held`), and
-    /// the commit makes the file in this directory (see `Staged::Held`).
-    Held(Arc<File>),
+    /// the commit makes the file (see `Staged::Held`).
+    Held,
 }
 
 /// Where [`Applier::open_stage`] put an incoming file.
@@ -174,21 +128,27 @@ struct Opened {
     /// None for a file held in memory.
     writer: Option<BufWriter<Output>>,
     /// A delta's spool file, and the hash of its base.
-    delta: Option<(PathBuf, ContentHash)>,
+    delta: Option<(String, ContentHash)>,
 }
 
 struct Pending {
     watch: String,
     rel: String,
+    /// The target's name in its directory (which `staged` holds).
+    name: String,
     staged: Staged,
-    target: PathBuf,
     hash: ContentHash,
 }
 
 /// Where a received file waits for its commit.
 enum Staged {
     /// A temporary file with a name beside the target.
-    Named(PathBuf),
+    Named {
+        /// Its name.
+        tmp: String,
+        /// The target's directory, open.
+        dir: Arc<File>,
+    },
     /// A file without a name (`O_TMPFILE`) in the target's directory, held
     /// open until it is linked into place. New files take no temporary
     /// name, so a commit does not rename them: the directory gets one
@@ -215,11 +175,30 @@ enum Staged {
 impl Staged {
     /// Removes what is staged.
     fn discard(self) {
-        if let Staged::Named(tmp) = self {
-            let _ = fs::remove_file(tmp);
+        if let Staged::Named { tmp, dir } = self {
+            let _ = beneath::unlink(&dir, &tmp);
+        }
+    }
+
+    /// The target's directory, open.
+    fn dir(&self) -> &Arc<File> {
+        match self {
+            Staged::Named { dir, .. } | Staged::Unnamed { dir, .. } | Staged::Held { dir, .. } => dir,
         }
     }
 }
+
+/// A watch's root and the directories below it, open for one batch.
+struct Handles {
+    /// The root, opened without following a link.
+    root: Arc<File>,
+    /// Directories opened beneath it in this batch, by relative path.
+    dirs: HashMap<String, Arc<File>>,
+}
+
+/// At most this many directories are kept open per watch and batch; more,
+/// and the cache starts over (files arrive directory by directory).
+const DIR_CACHE_MAX: usize = 256;
 
 /// The outcome of one commit.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -251,14 +230,21 @@ pub struct Applier {
     /// Set while the data of a refused-but-harmless file is being skipped.
     discarding: bool,
     pending: Vec<Pending>,
-    dirs_to_sync: BTreeSet<PathBuf>,
-    dir_meta: Vec<(PathBuf, Meta)>,
+    /// Directories changed in this batch, by watch and relative path.
+    dirs_to_sync: BTreeMap<(String, String), Arc<File>>,
+    /// Directories whose times are set at the commit, open.
+    dir_meta: Vec<(Arc<File>, Meta)>,
     report: CommitReport,
     can_chown: bool,
     divergence: Option<Divergence>,
     saved_at: std::time::Instant,
-    /// Directories checked by confinement in this batch.
-    known_dirs: KnownDirs,
+    /// Per watch, its root and directories open for this batch; forgotten
+    /// whenever something applied could change what a path is (a link made,
+    /// a path removed, a commit's renames), and at every commit, so that
+    /// each batch opens its roots again.
+    handles: HashMap<String, Handles>,
+    /// This session's diverged folder, open.
+    diverged: Option<Arc<File>>,
     /// Starts write-back while a large batch still arrives.
     flusher: Flusher,
     /// Files written since the flusher was last asked to start.
@@ -270,10 +256,6 @@ pub struct Applier {
     unnamed: usize,
     /// Bytes of file content this batch holds in memory.
     held_bytes: u64,
-    /// The directory the last unnamed file was made in, open: files arrive
-    /// directory by directory, and an open directory spares each of them
-    /// two walks down its path. Forgotten whenever `known_dirs` is.
-    last_dir: Option<(PathBuf, Arc<File>)>,
 }
 
 /// How often, at most, a busy applier rewrites its caches and ledgers.
@@ -287,10 +269,16 @@ impl Applier {
     /// An applier for `watches`; it creates missing roots. With `divergence`,
     /// local files that differ from the last agreed content are preserved
     /// before they are replaced or removed, and agreement is recorded.
+    ///
+    /// A root that exists but is a symbolic link or not a directory is not
+    /// an error here: each operation on that watch fails (and its manifest
+    /// is refused) until it is a directory again.
     pub fn new(watches: Vec<WatchRoot>, divergence: Option<Divergence>) -> io::Result<Applier> {
         let mut map = HashMap::new();
         for w in watches {
-            fs::create_dir_all(&w.root)?;
+            if matches!(fs::symlink_metadata(&w.root), Err(e) if e.kind() == io::ErrorKind::NotFound) {
+                fs::create_dir_all(&w.root)?;
+            }
             map.insert(w.name.clone(), w);
         }
         // Only root can give files away; others keep their own ownership.
@@ -300,13 +288,14 @@ impl Applier {
             incoming: None,
             discarding: false,
             pending: Vec::new(),
-            dirs_to_sync: BTreeSet::new(),
+            dirs_to_sync: BTreeMap::new(),
             dir_meta: Vec::new(),
             report: CommitReport::default(),
             can_chown,
             divergence,
             saved_at: std::time::Instant::now(),
-            known_dirs: KnownDirs::default(),
+            handles: HashMap::new(),
+            diverged: None,
             flusher: Flusher::default(),
             unflushed: 0,
             // A quarter of what the process may open, and no more than a
@@ -314,7 +303,6 @@ impl Applier {
             unnamed_max: (crate::sys::open_files_limit() / 4).min(UNNAMED_MAX) as usize,
             unnamed: 0,
             held_bytes: 0,
-            last_dir: None,
         })
     }
 
@@ -329,6 +317,10 @@ impl Applier {
             .watches
             .get_mut(watch)
             .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+        // A root replaced by a link is not listed (its target would be).
+        if let Err(e) = beneath::open_root(&w.root) {
+            return Err(Refused(format!("watch {watch:?}: the root cannot be used: {e}")));
+        }
         let scan = manifest::scan(&w.root, "", &w.excludes, &mut w.cache);
         for s in &scan.skipped {
             tracing::warn!(watch, skipped = ?s, "not replicated");
@@ -351,23 +343,29 @@ impl Applier {
         rel: &str,
         block_len: u32,
     ) -> Result<Option<(ContentHash, Vec<u8>)>, Refused> {
-        let w = self
-            .watches
-            .get_mut(watch)
-            .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
-        let path = confine_with(&w.root, rel, &mut self.known_dirs)?;
-        let Ok(file) = open_nofollow(&path) else {
+        if !self.watches.contains_key(watch) {
+            return Err(Refused(format!("unknown watch {watch:?}")));
+        }
+        check_rel_path(rel)?;
+        let (dir, name) = split(rel);
+        let Ok(dir) = self.dir(watch, dir, false) else {
+            return Ok(None);
+        };
+        let Ok(file) = beneath::open_in(&dir, name, OFlags::RDONLY) else {
             return Ok(None);
         };
         let Ok(md) = file.metadata() else { return Ok(None) };
         if !md.is_file() {
             return Ok(None);
         }
-        let Ok(map) = Mapped::new(&file) else { return Ok(None) };
-        let hash = match w.cache.hash(rel, &path, &md) {
+        let Some(w) = self.watches.get_mut(watch) else {
+            return Ok(None);
+        };
+        let hash = match hash_open(&mut w.cache, rel, &file) {
             Ok(h) => h,
             Err(_) => return Ok(None),
         };
+        let Ok(map) = Mapped::new(&file) else { return Ok(None) };
         Ok(Some((hash, delta::signature(&map, block_len.clamp(64, 1 << 20)))))
     }
 
@@ -396,15 +394,16 @@ impl Applier {
                 return Err(Refused("an operation arrived out of place".into()));
             }
         };
+        check_rel_path(&rel)?;
         let w = self
             .watches
             .get(&watch)
             .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
-        let target = confine_with(&w.root, &rel, &mut self.known_dirs)?;
         if matches!(op, Op::Symlink { .. } | Op::Remove { .. }) {
-            // Either can change what a checked directory is.
-            self.known_dirs.clear();
-            self.last_dir = None;
+            // Either can change what a directory path is.
+            if let Some(h) = self.handles.get_mut(&watch) {
+                h.dirs.clear();
+            }
         }
         let is_dir_op = matches!(op, Op::Dir { .. });
         if w.excludes.is_excluded(&rel, is_dir_op) {
@@ -416,10 +415,10 @@ impl Applier {
             return Ok(());
         }
         let result = match op {
-            Op::Dir { meta, .. } => self.make_dir(&watch, &rel, &target, meta),
-            Op::Symlink { target: link, meta, .. } => self.make_symlink(&watch, &rel, &target, &link, meta),
-            Op::SetMeta { meta, .. } => self.set_meta(&target, meta),
-            Op::Remove { .. } => self.remove(&watch, &rel, &target),
+            Op::Dir { meta, .. } => self.make_dir(&watch, &rel, meta),
+            Op::Symlink { target: link, meta, .. } => self.make_symlink(&watch, &rel, &link, meta),
+            Op::SetMeta { meta, .. } => self.set_meta(&watch, &rel, meta),
+            Op::Remove { .. } => self.remove(&watch, &rel),
             Op::FileBegin {
                 meta,
                 size,
@@ -427,7 +426,7 @@ impl Applier {
                 delta_base,
                 ..
             } => {
-                match self.file_begin(&watch, &rel, &target, meta, size, hash, delta_base) {
+                match self.file_begin(&watch, &rel, meta, size, hash, delta_base) {
                     Ok(()) => return Ok(()),
                     Err(e) => {
                         // The data frames that follow are skipped.
@@ -451,140 +450,260 @@ impl Applier {
         Ok(())
     }
 
-    /// The directory `dir` (checked by confinement), open; the last one
-    /// opened is kept.
-    fn open_dir(&mut self, dir: &Path) -> io::Result<Arc<File>> {
-        if let Some((path, f)) = &self.last_dir {
-            if path == dir {
-                return Ok(f.clone());
+    /// The directory `reldir` of `watch` (`""` for the root), open beneath
+    /// the watch's root with no symbolic link followed; with `make`, missing
+    /// directories are created on the way. Handles are kept for the batch.
+    fn dir(&mut self, watch: &str, reldir: &str, make: bool) -> io::Result<Arc<File>> {
+        if let Some(d) = self.handles.get(watch).and_then(|h| h.dirs.get(reldir)) {
+            return Ok(d.clone());
+        }
+        let h = match self.handles.entry(watch.to_string()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let w = self
+                    .watches
+                    .get(watch)
+                    .ok_or_else(|| io::Error::other(format!("unknown watch {watch:?}")))?;
+                let root =
+                    beneath::open_root(&w.root).map_err(|e| io::Error::new(e.kind(), format!("watch root: {e}")))?;
+                v.insert(Handles {
+                    root: Arc::new(root),
+                    dirs: HashMap::new(),
+                })
             }
+        };
+        let d = if reldir.is_empty() {
+            h.root.clone()
+        } else if make {
+            Arc::new(beneath::make_dirs(&h.root, reldir, 0o755)?)
+        } else {
+            Arc::new(beneath::open_dir(&h.root, reldir)?)
+        };
+        if h.dirs.len() >= DIR_CACHE_MAX {
+            h.dirs.clear();
         }
-        let f = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-                .open(dir)?,
-        );
-        self.last_dir = Some((dir.to_path_buf(), f.clone()));
-        Ok(f)
+        h.dirs.insert(reldir.to_string(), d.clone());
+        Ok(d)
     }
 
-    fn note_parent(&mut self, target: &Path) {
-        if let Some(p) = target.parent() {
-            self.dirs_to_sync.insert(p.to_path_buf());
-        }
+    /// Remembers that the directory `reldir` of `watch`, open as `dir`, is
+    /// to be made durable at the commit.
+    fn note_dir(&mut self, watch: &str, reldir: &str, dir: &Arc<File>) {
+        let key = (watch.to_string(), reldir.to_string());
+        self.dirs_to_sync.entry(key).or_insert_with(|| dir.clone());
     }
 
-    fn make_dir(&mut self, watch: &str, rel: &str, target: &Path, meta: Meta) -> io::Result<()> {
-        match fs::symlink_metadata(target) {
-            Ok(md) if md.is_dir() => {}
+    fn make_dir(&mut self, watch: &str, rel: &str, meta: Meta) -> io::Result<()> {
+        let (pdir, name) = split(rel);
+        let parent = self.dir(watch, pdir, true)?;
+        match beneath::stat(&parent, name) {
+            Ok(st) if beneath::is_dir(&st) => {}
             Ok(_) => {
-                self.preserve(watch, rel, target)?;
-                if target.symlink_metadata().is_ok() {
-                    fs::remove_file(target)?;
+                self.preserve(watch, rel, &parent)?;
+                match beneath::unlink(&parent, name) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
                 }
                 self.forget(watch, rel);
-                fs::create_dir(target)?;
+                beneath::mkdir(&parent, name, 0o700)?;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(target)?;
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match beneath::mkdir(&parent, name, 0o700) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            },
             Err(e) => return Err(e),
         }
-        self.note_parent(target);
-        fs::set_permissions(target, fs::Permissions::from_mode(meta.mode))?;
-        self.chown(target, meta)?;
-        self.dir_meta.push((target.to_path_buf(), meta));
+        // Opened without following a link: what gets the mode and owner is
+        // the directory just checked or made, whatever its name is now.
+        let dir = Arc::new(beneath::open_subdir(&parent, name)?);
+        self.note_dir(watch, pdir, &parent);
+        dir.set_permissions(fs::Permissions::from_mode(meta.mode))?;
+        if self.can_chown {
+            std::os::unix::fs::fchown(&*dir, Some(meta.uid), Some(meta.gid))?;
+        }
+        self.dir_meta.push((dir.clone(), meta));
+        if let Some(h) = self.handles.get_mut(watch) {
+            if h.dirs.len() < DIR_CACHE_MAX {
+                h.dirs.insert(rel.to_string(), dir);
+            }
+        }
         Ok(())
     }
 
-    fn make_symlink(&mut self, watch: &str, rel: &str, target: &Path, link: &str, meta: Meta) -> io::Result<()> {
-        let tmp = temp_beside(target, "link")?;
-        std::os::unix::fs::symlink(link, &tmp)?;
+    fn make_symlink(&mut self, watch: &str, rel: &str, link: &str, meta: Meta) -> io::Result<()> {
+        let (pdir, name) = split(rel);
+        let parent = self.dir(watch, pdir, true)?;
+        let tmp = temp_name(name, "link");
+        beneath::symlink(link, &parent, &tmp)?;
         if self.can_chown {
-            if let Err(e) = std::os::unix::fs::lchown(&tmp, Some(meta.uid), Some(meta.gid)) {
-                let _ = fs::remove_file(&tmp);
+            if let Err(e) = beneath::lchown(&parent, &tmp, meta.uid, meta.gid) {
+                let _ = beneath::unlink(&parent, &tmp);
                 return Err(e);
             }
         }
         let replaced = (|| {
-            self.preserve(watch, rel, target)?;
-            if let Ok(md) = fs::symlink_metadata(target) {
-                if md.is_dir() {
-                    fs::remove_dir_all(target)?;
+            self.preserve(watch, rel, &parent)?;
+            if let Ok(st) = beneath::stat(&parent, name) {
+                if beneath::is_dir(&st) {
+                    beneath::remove_tree(&parent, name)?;
                 }
             }
-            fs::rename(&tmp, target)
+            beneath::rename(&parent, &tmp, &parent, name)
         })();
         if let Err(e) = replaced {
-            let _ = fs::remove_file(&tmp);
+            let _ = beneath::unlink(&parent, &tmp);
             return Err(e);
         }
         self.forget(watch, rel);
-        self.note_parent(target);
+        self.note_dir(watch, pdir, &parent);
         Ok(())
     }
 
-    fn set_meta(&mut self, target: &Path, meta: Meta) -> io::Result<()> {
-        let md = fs::symlink_metadata(target)?;
-        if md.file_type().is_symlink() {
+    fn set_meta(&mut self, watch: &str, rel: &str, meta: Meta) -> io::Result<()> {
+        let (pdir, name) = split(rel);
+        let parent = self.dir(watch, pdir, false)?;
+        let st = beneath::stat(&parent, name)?;
+        if beneath::is_symlink(&st) {
             if self.can_chown {
-                std::os::unix::fs::lchown(target, Some(meta.uid), Some(meta.gid))?;
+                beneath::lchown(&parent, name, meta.uid, meta.gid)?;
             }
             return Ok(());
         }
-        fs::set_permissions(target, fs::Permissions::from_mode(meta.mode))?;
-        self.chown(target, meta)?;
-        if md.is_dir() {
-            self.dir_meta.push((target.to_path_buf(), meta));
+        // The mode, owner and times go to an open descriptor, never to a name.
+        let file = if beneath::is_dir(&st) {
+            beneath::open_subdir(&parent, name)?
         } else {
-            set_mtime(target, meta)?;
+            beneath::open_for_meta(&parent, name)?
+        };
+        let md = file.metadata()?;
+        if !md.is_dir() && !md.is_file() {
+            return Err(io::Error::other("not a file or a directory"));
+        }
+        beneath::fchmod(&file, meta.mode)?;
+        if self.can_chown {
+            beneath::fchown(&file, meta.uid, meta.gid)?;
+        }
+        if md.is_dir() {
+            self.dir_meta.push((Arc::new(file), meta));
+        } else {
+            beneath::set_times(&file, meta.mtime, meta.mtime_nsec)?;
         }
         Ok(())
     }
 
-    fn remove(&mut self, watch: &str, rel: &str, target: &Path) -> io::Result<()> {
-        self.preserve(watch, rel, target)?;
-        match fs::symlink_metadata(target) {
-            Ok(md) if md.is_dir() => fs::remove_dir_all(target)?,
-            Ok(_) => fs::remove_file(target)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+    fn remove(&mut self, watch: &str, rel: &str) -> io::Result<()> {
+        let (pdir, name) = split(rel);
+        let parent = match self.dir(watch, pdir, false) {
+            Ok(p) => Some(p),
+            // No directory there: nothing to remove.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
+        };
+        if let Some(parent) = parent {
+            self.preserve(watch, rel, &parent)?;
+            match beneath::stat(&parent, name) {
+                Ok(_) => beneath::remove_tree(&parent, name)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            self.note_dir(watch, pdir, &parent);
         }
         if let Some(w) = self.watches.get_mut(watch) {
             w.cache.forget(rel);
         }
         self.forget(watch, rel);
-        self.note_parent(target);
         Ok(())
     }
 
-    /// Moves every local file at or under `rel` whose content is not the one
-    /// last agreed to the diverged folder.
-    fn preserve(&mut self, watch: &str, rel: &str, target: &Path) -> io::Result<()> {
+    /// Moves every local file at or under `rel` (whose directory is open as
+    /// `parent`) whose content is not the one last agreed to the diverged
+    /// folder, through handles: from below `parent` to below the diverged
+    /// folder. A file that cannot be read is an error (it is not replaced).
+    fn preserve(&mut self, watch: &str, rel: &str, parent: &Arc<File>) -> io::Result<()> {
         let Some(div) = self.divergence.clone() else {
             return Ok(());
         };
-        if fs::symlink_metadata(target).is_err() {
+        let (pdir, name) = split(rel);
+        let Ok(st) = beneath::stat(parent, name) else {
             return Ok(());
-        }
+        };
         let Some(w) = self.watches.get_mut(watch) else {
             return Ok(());
         };
-        let scan = manifest::scan(&w.root, rel, &w.excludes, &mut w.cache);
-        let mut ledgers = div.ledgers.lock().unwrap_or_else(|p| p.into_inner());
-        let ledger = ledgers.watch(watch);
-        for e in scan.entries {
-            let Some(hash) = e.hash() else { continue };
-            if ledger.get(&e.path) == Some(hash) {
-                continue;
+        // The files there, with their content hashes: a single file through
+        // its descriptor; a tree from a scan (which decides only what to
+        // keep: what is moved is found through `parent` again).
+        let found: Vec<(String, ContentHash)> = if beneath::is_dir(&st) {
+            let scan = manifest::scan(&w.root, rel, &w.excludes, &mut w.cache);
+            scan.entries
+                .into_iter()
+                .filter_map(|e| Some((e.hash()?, e.path)))
+                .map(|(h, p)| (p, h))
+                .collect()
+        } else if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile {
+            match beneath::open_in(parent, name, OFlags::RDONLY) {
+                Ok(f) => vec![(rel.to_string(), hash_open(&mut w.cache, rel, &f)?)],
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e),
             }
-            let dest = div.dir.join(watch).join(&e.path);
-            move_aside(&w.root.join(&e.path), &dest)?;
-            tracing::warn!(watch, path = e.path, to = %dest.display(), "preserved a local file that differs from the last synced content");
-            self.report.diverged.push((watch.to_string(), e.path.clone(), dest));
+        } else {
+            Vec::new()
+        };
+        let differing: Vec<String> = {
+            let mut ledgers = div.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+            let ledger = ledgers.watch(watch);
+            found
+                .into_iter()
+                .filter(|(p, h)| ledger.get(p) != Some(*h))
+                .map(|(p, _)| p)
+                .collect()
+        };
+        for path in differing {
+            // The path relative to `parent`.
+            let below = if pdir.is_empty() {
+                path.as_str()
+            } else {
+                path.get(pdir.len() + 1..).unwrap_or_default()
+            };
+            let (sub, file_name) = split(below);
+            let from = if sub.is_empty() {
+                parent.clone()
+            } else {
+                Arc::new(beneath::open_dir(parent, sub)?)
+            };
+            let to = self.diverged_dir(&div, watch, split(&path).0)?;
+            move_aside(&from, file_name, &to)?;
+            let dest = div.dir.join(watch).join(&path);
+            tracing::warn!(watch, path, to = %dest.display(), "preserved a local file that differs from the last synced content");
+            self.report.diverged.push((watch.to_string(), path, dest));
         }
         Ok(())
+    }
+
+    /// The directory of the diverged folder for `reldir` of `watch`, made
+    /// and opened through handles below the state dir's `diverged/` (the
+    /// state dir itself is configuration, and trusted).
+    fn diverged_dir(&mut self, div: &Divergence, watch: &str, reldir: &str) -> io::Result<File> {
+        let session = match &self.diverged {
+            Some(d) => d.clone(),
+            None => {
+                let (Some(base), Some(session)) = (div.dir.parent(), div.dir.file_name().and_then(|n| n.to_str()))
+                else {
+                    return Err(io::Error::other("bad diverged folder"));
+                };
+                fs::create_dir_all(base)?;
+                let base = beneath::open_root(base)?;
+                let d = Arc::new(beneath::make_dirs(&base, session, 0o700)?);
+                self.diverged = Some(d.clone());
+                d
+            }
+        };
+        let rel = if reldir.is_empty() {
+            watch.to_string()
+        } else {
+            format!("{watch}/{reldir}")
+        };
+        beneath::make_dirs(&session, &rel, 0o700)
     }
 
     fn forget(&mut self, watch: &str, rel: &str) {
@@ -627,26 +746,23 @@ impl Applier {
         &mut self,
         watch: &str,
         rel: &str,
-        target: &Path,
         meta: Meta,
         size: u64,
         hash: ContentHash,
         delta_base: Option<ContentHash>,
     ) -> io::Result<()> {
-        if let Some(parent) = target.parent() {
-            if !self.known_dirs.contains(parent) && !parent.is_dir() {
-                fs::create_dir_all(parent)?;
-            }
-        }
-        let Opened { stage, writer, delta } = self.open_stage(target, meta, size, delta_base)?;
+        let (pdir, name) = split(rel);
+        let dir = self.dir(watch, pdir, true)?;
+        let Opened { stage, writer, delta } = self.open_stage(&dir, name, meta, size, delta_base)?;
         let held = match stage {
-            Stage::Held(_) => Vec::with_capacity(size as usize),
+            Stage::Held => Vec::with_capacity(size as usize),
             _ => Vec::new(),
         };
         self.incoming = Some(Incoming {
             watch: watch.to_string(),
             rel: rel.to_string(),
-            target: target.to_path_buf(),
+            dir,
+            name: name.to_string(),
             stage,
             writer,
             held,
@@ -664,7 +780,8 @@ impl Applier {
     /// one, with its writer and, for a delta, its spool.
     fn open_stage(
         &mut self,
-        target: &Path,
+        dir: &Arc<File>,
+        name: &str,
         meta: Meta,
         size: u64,
         delta_base: Option<ContentHash>,
@@ -676,47 +793,44 @@ impl Applier {
         // transfer under way. So does a delta's result, which replaces a file.
         let mut unnamed = None;
         if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
-            if let Some(dir) = target.parent() {
-                let dir = self.open_dir(dir)?;
-                if size <= HELD_SIZE_MAX && self.held_bytes + size <= HELD_BYTES_MAX {
-                    self.unnamed += 1;
-                    self.held_bytes += size;
-                    return Ok(Opened {
-                        stage: Stage::Held(dir),
-                        writer: None,
-                        delta: None,
-                    });
+            if size <= HELD_SIZE_MAX && self.held_bytes + size <= HELD_BYTES_MAX {
+                self.unnamed += 1;
+                self.held_bytes += size;
+                return Ok(Opened {
+                    stage: Stage::Held,
+                    writer: None,
+                    delta: None,
+                });
+            }
+            // No name, so nobody can open it before the commit links it:
+            // it can have its final permissions (less the umask) at once,
+            // and `give_meta` mostly has no `fchmod` left to do.
+            match crate::sys::open_unnamed(dir, meta.mode & 0o777) {
+                Ok(file) => unnamed = Some(file),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
+                    tracing::debug!(error = %e, "no unnamed temporary files here; using named ones");
+                    self.unnamed_max = 0;
                 }
-                // No name, so nobody can open it before the commit links it:
-                // it can have its final permissions (less the umask) at once,
-                // and `give_meta` mostly has no `fchmod` left to do.
-                match crate::sys::open_unnamed(&dir, meta.mode & 0o777) {
-                    Ok(file) => unnamed = Some((file, dir)),
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
-                        tracing::debug!(error = %e, "no unnamed temporary files here; using named ones");
-                        self.unnamed_max = 0;
-                    }
-                    Err(e) => return Err(e),
-                }
+                Err(e) => return Err(e),
             }
         }
         let mut delta = None;
         let (file, stage) = match unnamed {
-            Some((file, dir)) => {
+            Some(file) => {
                 self.unnamed += 1;
-                (file, Stage::Unnamed(dir))
+                (file, Stage::Unnamed)
             }
             None => {
-                let tmp = temp_beside(target, "new")?;
+                let tmp = temp_name(name, "new");
                 let file = match delta_base {
                     // The delta is spooled; its end writes the patched file to `tmp`.
                     Some(base) => {
-                        let spool = temp_beside(target, "delta")?;
-                        let f = create_private(&spool)?;
+                        let spool = temp_name(name, "delta");
+                        let f = beneath::create_private(dir, &spool)?;
                         delta = Some((spool, base));
                         f
                     }
-                    None => create_private(&tmp)?,
+                    None => beneath::create_private(dir, &tmp)?,
                 };
                 (file, Stage::Named(tmp))
             }
@@ -738,13 +852,13 @@ impl Applier {
 
     /// Gives back what an incoming file's stage took: its temporary file,
     /// its place among the unnamed files, its memory.
-    fn release(&mut self, stage: &Stage, size: u64) {
+    fn release(&mut self, stage: &Stage, dir: &File, size: u64) {
         match stage {
             Stage::Named(tmp) => {
-                let _ = fs::remove_file(tmp);
+                let _ = beneath::unlink(dir, tmp);
             }
-            Stage::Unnamed(_) => self.unnamed -= 1,
-            Stage::Held(_) => {
+            Stage::Unnamed => self.unnamed -= 1,
+            Stage::Held => {
                 self.unnamed -= 1;
                 self.held_bytes -= size;
             }
@@ -772,7 +886,7 @@ impl Applier {
         if inc.delta.is_none() {
             inc.hasher.update(data);
         }
-        if matches!(inc.stage, Stage::Held(_)) {
+        if matches!(inc.stage, Stage::Held) {
             inc.held.extend_from_slice(data);
             return Ok(());
         }
@@ -790,9 +904,9 @@ impl Applier {
     fn abort_incoming(&mut self) {
         if let Some(inc) = self.incoming.take() {
             drop(inc.writer);
-            self.release(&inc.stage, inc.size);
+            self.release(&inc.stage, &inc.dir, inc.size);
             if let Some((spool, _)) = inc.delta {
-                let _ = fs::remove_file(spool);
+                let _ = beneath::unlink(&inc.dir, &spool);
             }
         }
     }
@@ -805,48 +919,51 @@ impl Applier {
         let Some(mut inc) = self.incoming.take() else {
             return Err(Refused("end of a file that was not begun".into()));
         };
-        let outcome = if let Stage::Held(dir) = &inc.stage {
-            let dir = dir.clone();
+        let outcome = if let Stage::Held = &inc.stage {
             check_content(&inc).map(|()| Staged::Held {
                 data: std::mem::take(&mut inc.held),
-                dir,
+                dir: inc.dir.clone(),
                 meta: inc.meta,
             })
         } else {
             let result = self.finish(&mut inc);
             if let Some((spool, _)) = &inc.delta {
-                let _ = fs::remove_file(spool);
+                let _ = beneath::unlink(&inc.dir, spool);
             }
             result.map(|file| match &inc.stage {
-                Stage::Named(tmp) => Staged::Named(tmp.clone()),
-                Stage::Unnamed(dir) | Stage::Held(dir) => Staged::Unnamed { file, dir: dir.clone() },
+                Stage::Named(tmp) => Staged::Named {
+                    tmp: tmp.clone(),
+                    dir: inc.dir.clone(),
+                },
+                Stage::Unnamed | Stage::Held => Staged::Unnamed {
+                    file,
+                    dir: inc.dir.clone(),
+                },
             })
         };
         match outcome {
             Ok(staged) => {
                 self.report.applied += 1;
                 self.report.touched.insert(inc.watch.clone());
-                self.note_parent(&inc.target);
+                self.note_dir(&inc.watch, split(&inc.rel).0, &inc.dir);
                 // Held files are written by the commit, right before its sync.
                 if !matches!(staged, Staged::Held { .. }) {
                     self.unflushed += 1;
                     if self.unflushed >= FLUSH_EVERY_FILES {
                         self.unflushed = 0;
-                        if let Some(dir) = inc.target.parent() {
-                            self.flusher.start(dir);
-                        }
+                        self.flusher.start(inc.dir.clone());
                     }
                 }
                 self.pending.push(Pending {
                     watch: inc.watch,
                     rel: inc.rel,
+                    name: inc.name,
                     staged,
-                    target: inc.target,
                     hash: inc.hash,
                 });
             }
             Err(e) => {
-                self.release(&inc.stage, inc.size);
+                self.release(&inc.stage, &inc.dir, inc.size);
                 tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
                 self.report.failed.push((inc.rel, e));
             }
@@ -862,13 +979,14 @@ impl Applier {
             // Patch: base (the current target) + delta (the spool) -> tmp.
             let delta_file = file;
             let delta_map = Mapped::new(&delta_file).map_err(|e| e.to_string())?;
-            let base_file = open_nofollow(&inc.target).map_err(|e| format!("cannot open the delta base: {e}"))?;
+            let base_file = beneath::open_in(&inc.dir, &inc.name, OFlags::RDONLY)
+                .map_err(|e| format!("cannot open the delta base: {e}"))?;
             let base_md = base_file.metadata().map_err(|e| e.to_string())?;
+            if !base_md.is_file() {
+                return Err("the delta base is not a regular file".into());
+            }
             let w = self.watches.get_mut(&inc.watch).ok_or("unknown watch")?;
-            let actual = w
-                .cache
-                .hash(&inc.rel, &inc.target, &base_md)
-                .map_err(|e| e.to_string())?;
+            let actual = hash_open(&mut w.cache, &inc.rel, &base_file).map_err(|e| e.to_string())?;
             if actual != *base_hash {
                 return Err("the delta base changed on the receiver".into());
             }
@@ -876,7 +994,7 @@ impl Applier {
             let Stage::Named(tmp) = &inc.stage else {
                 return Err("no temporary file for a delta".into());
             };
-            let out = create_private(tmp).map_err(|e| e.to_string())?;
+            let out = beneath::create_private(&inc.dir, tmp).map_err(|e| e.to_string())?;
             let mut hw = HashingWriter {
                 inner: BufWriter::with_capacity(256 * 1024, Output::durable(out)),
                 hasher: blake3::Hasher::new(),
@@ -900,13 +1018,6 @@ impl Applier {
         give_meta(file, inc.meta, self.can_chown).map_err(|e| e.to_string())
     }
 
-    fn chown(&self, path: &Path, meta: Meta) -> io::Result<()> {
-        if self.can_chown {
-            std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
-        }
-        Ok(())
-    }
-
     /// Makes everything applied since the last commit durable and visible.
     pub fn commit(&mut self) -> CommitReport {
         if self.incoming.is_some() {
@@ -914,8 +1025,7 @@ impl Applier {
         }
         self.discarding = false;
         // The renames below may replace directories.
-        self.known_dirs.clear();
-        self.last_dir = None;
+        self.handles.clear();
         self.unflushed = 0;
         self.unnamed = 0;
         let pending = std::mem::take(&mut self.pending);
@@ -942,19 +1052,19 @@ impl Applier {
                 let Pending {
                     watch,
                     rel,
+                    name,
                     staged,
-                    target,
                     hash,
                 } = p;
                 // Most targets of a large batch are new: a link or a rename
                 // that refuses to replace anything settles those in one call.
                 let placed = match (linked.next().flatten(), &staged) {
                     (Some(done), _) => done,
-                    (None, Staged::Unnamed { file, dir }) => link_one(file, dir, &target),
+                    (None, Staged::Unnamed { file, dir }) => link_one(file, dir, &name),
                     // Made by step 0; never left held.
                     (None, Staged::Held { .. }) => Err(io::Error::other("not written")),
-                    (None, Staged::Named(tmp)) => {
-                        crate::sys::rename_noreplace(tmp, &target).and_then(|()| fs::symlink_metadata(&target))
+                    (None, Staged::Named { tmp, dir }) => {
+                        beneath::rename_noreplace(dir, tmp, &name).and_then(|()| beneath::metadata(dir, &name))
                     }
                 };
                 match placed {
@@ -970,42 +1080,43 @@ impl Applier {
                     }
                 }
                 // Something is in the way. An unnamed file gets a temporary
-                // name first, to be renamed over it.
-                let tmp = match staged {
+                // name first, to be renamed over it. All of it happens in
+                // the directory the file was staged in, through its handle.
+                let (tmp, dir) = match staged {
                     Staged::Held { .. } => {
                         self.report.failed.push((rel, "not written".into()));
                         continue;
                     }
-                    Staged::Named(tmp) => tmp,
-                    Staged::Unnamed { file, dir } => match name_beside(&file, &dir, &target) {
-                        Ok(tmp) => tmp,
+                    Staged::Named { tmp, dir } => (tmp, dir),
+                    Staged::Unnamed { file, dir } => match name_beside(&file, &dir, &name) {
+                        Ok(tmp) => (tmp, dir),
                         Err(e) => {
                             self.report.failed.push((rel, e.to_string()));
                             continue;
                         }
                     },
                 };
-                let existing = fs::symlink_metadata(&target).ok();
+                let existing = beneath::stat(&dir, &name).ok();
                 if existing.is_some() {
-                    if let Err(e) = self.preserve(&watch, &rel, &target) {
-                        let _ = fs::remove_file(&tmp);
+                    if let Err(e) = self.preserve(&watch, &rel, &dir) {
+                        let _ = beneath::unlink(&dir, &tmp);
                         self.report
                             .failed
                             .push((rel, format!("cannot preserve the local version: {e}")));
                         continue;
                     }
                 }
-                if existing.is_some_and(|md| md.is_dir()) {
-                    if let Err(e) = fs::remove_dir_all(&target) {
-                        let _ = fs::remove_file(&tmp);
+                if existing.is_some_and(|st| beneath::is_dir(&st)) {
+                    if let Err(e) = beneath::remove_tree(&dir, &name) {
+                        let _ = beneath::unlink(&dir, &tmp);
                         self.report.failed.push((rel, e.to_string()));
                         continue;
                     }
                 }
-                match fs::rename(&tmp, &target).and_then(|()| fs::symlink_metadata(&target)) {
+                match beneath::rename(&dir, &tmp, &dir, &name).and_then(|()| beneath::metadata(&dir, &name)) {
                     Ok(md) => self.placed(&watch, &rel, &md, hash),
                     Err(e) => {
-                        let _ = fs::remove_file(&tmp);
+                        let _ = beneath::unlink(&dir, &tmp);
                         self.report.failed.push((rel, e.to_string()));
                     }
                 }
@@ -1013,7 +1124,7 @@ impl Applier {
         }
         // 3. Directory metadata last (renames change directory mtimes).
         for (dir, meta) in std::mem::take(&mut self.dir_meta).into_iter().rev() {
-            let _ = set_mtime(&dir, meta);
+            let _ = beneath::set_times(&dir, meta.mtime, meta.mtime_nsec);
         }
         // 4. The directories are durable before the commit is acknowledged.
         let dirs = std::mem::take(&mut self.dirs_to_sync);
@@ -1027,6 +1138,10 @@ impl Applier {
         if self.saved_at.elapsed() >= STATE_SAVE_INTERVAL {
             self.save_state();
         }
+        // The next batch opens its roots again: a root replaced meanwhile
+        // (by a link, say) is then refused.
+        self.handles.clear();
+        self.diverged = None;
         std::mem::take(&mut self.report)
     }
 
@@ -1102,21 +1217,21 @@ const FLUSH_EVERY_FILES: usize = 1000;
 /// while a sync runs is dropped. The thread starts with the first request.
 #[derive(Default)]
 struct Flusher {
-    requests: Option<std::sync::mpsc::SyncSender<PathBuf>>,
+    requests: Option<std::sync::mpsc::SyncSender<Arc<File>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Flusher {
-    /// Asks for the filesystem holding `dir` to be synced.
-    fn start(&mut self, dir: &Path) {
+    /// Asks for the filesystem holding the directory open as `dir` to be synced.
+    fn start(&mut self, dir: Arc<File>) {
         if self.requests.is_none() {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<PathBuf>(0);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<File>>(0);
             let spawned = std::thread::Builder::new()
                 .name("warmspare-flush".into())
                 .spawn(move || {
                     for dir in rx {
                         // Only a head start: the commit's sync reports failures.
-                        let _ = syncfs(&dir);
+                        let _ = crate::sys::syncfs(&dir);
                     }
                 });
             match spawned {
@@ -1130,7 +1245,7 @@ impl Flusher {
         }
         if let Some(tx) = &self.requests {
             // A rendezvous channel: this fails unless the thread is idle.
-            let _ = tx.try_send(dir.to_path_buf());
+            let _ = tx.try_send(dir);
         }
     }
 }
@@ -1144,13 +1259,10 @@ impl Drop for Flusher {
     }
 }
 
-/// Links an unnamed file into place under `target`'s name, never replacing
+/// Links an unnamed file into place as `name` in `dir`, never replacing
 /// anything; returns its metadata after the link (which changes its ctime).
-fn link_one(file: &File, dir: &File, target: &Path) -> io::Result<fs::Metadata> {
-    match target.file_name() {
-        Some(name) => crate::sys::link_unnamed(file, dir, name).and_then(|()| file.metadata()),
-        None => Err(io::Error::other("no file name")),
-    }
+fn link_one(file: &File, dir: &File, name: &str) -> io::Result<fs::Metadata> {
+    crate::sys::link_unnamed(file, dir, std::ffi::OsStr::new(name)).and_then(|()| file.metadata())
 }
 
 /// Below this many files a commit links them on its own thread.
@@ -1174,18 +1286,16 @@ fn link_ahead(pending: &[Pending]) -> Vec<Option<io::Result<fs::Metadata>>> {
         return Vec::new();
     }
     let mut seen = std::collections::HashSet::with_capacity(pending.len());
-    let twice: std::collections::HashSet<&Path> = pending
-        .iter()
-        .filter(|p| !seen.insert(p.target.as_path()))
-        .map(|p| p.target.as_path())
-        .collect();
+    fn key(p: &Pending) -> (&str, &str) {
+        (p.watch.as_str(), p.rel.as_str())
+    }
+    let twice: std::collections::HashSet<(&str, &str)> =
+        pending.iter().filter(|p| !seen.insert(key(p))).map(key).collect();
     let mut items: Vec<&Pending> = pending.iter().collect();
     on_two_threads(&mut items, |part| {
         part.iter()
             .map(|p| match &p.staged {
-                Staged::Unnamed { file, dir } if !twice.contains(p.target.as_path()) => {
-                    Some(link_one(file, dir, &p.target))
-                }
+                Staged::Unnamed { file, dir } if !twice.contains(&key(p)) => Some(link_one(file, dir, &p.name)),
                 _ => None,
             })
             .collect()
@@ -1252,29 +1362,33 @@ fn give_meta(file: &File, meta: Meta, chown: bool) -> io::Result<()> {
             file.set_permissions(fs::Permissions::from_mode(meta.mode))?;
         }
     }
-    filetime::set_file_handle_times(file, None, Some(mtime_of(meta)))
+    filetime::set_file_handle_times(
+        file,
+        None,
+        Some(filetime::FileTime::from_unix_time(meta.mtime, meta.mtime_nsec)),
+    )
 }
 
 /// Makes a file held in memory: unnamed in `dir` where the file system
-/// has such files, else with a temporary name beside `target`; writes
-/// `data` and gives it `meta`.
-fn make_held(data: &[u8], dir: Arc<File>, meta: Meta, target: &Path, chown: bool) -> io::Result<Staged> {
+/// has such files, else with a temporary name beside its target `name`;
+/// writes `data` and gives it `meta`.
+fn make_held(data: &[u8], dir: Arc<File>, meta: Meta, name: &str, chown: bool) -> io::Result<Staged> {
     let (mut file, staged_name) = match crate::sys::open_unnamed(&dir, meta.mode & 0o777) {
         Ok(file) => (file, None),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
-            let tmp = temp_beside(target, "new")?;
-            (create_private(&tmp)?, Some(tmp))
+            let tmp = temp_name(name, "new");
+            (beneath::create_private(&dir, &tmp)?, Some(tmp))
         }
         Err(e) => return Err(e),
     };
     match file.write_all(data).and_then(|()| give_meta(&file, meta, chown)) {
         Ok(()) => Ok(match staged_name {
-            Some(tmp) => Staged::Named(tmp),
+            Some(tmp) => Staged::Named { tmp, dir },
             None => Staged::Unnamed { file, dir },
         }),
         Err(e) => {
             if let Some(tmp) = staged_name {
-                let _ = fs::remove_file(tmp);
+                let _ = beneath::unlink(&dir, &tmp);
             }
             Err(e)
         }
@@ -1295,7 +1409,7 @@ fn make_all_held(mut pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(
                 let Staged::Held { data, dir, meta } = &p.staged else {
                     return None;
                 };
-                match make_held(data, dir.clone(), *meta, &p.target, chown) {
+                match make_held(data, dir.clone(), *meta, &p.name, chown) {
                     Ok(staged) => {
                         p.staged = staged;
                         None
@@ -1329,20 +1443,41 @@ fn make_all_held(mut pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(
     (made, failed)
 }
 
-/// Moves `src` to `dest` (creating parents), copying across filesystems.
-fn move_aside(src: &Path, dest: &Path) -> io::Result<()> {
-    if let Some(p) = dest.parent() {
-        fs::create_dir_all(p)?;
+/// Moves `name` from the directory open as `from` to the same name in the
+/// directory open as `to` (a diverged folder), replacing what is there.
+/// Across file systems, a regular file is copied from its open descriptor
+/// (and made durable) and a link made again, before the original is removed.
+fn move_aside(from: &File, name: &str, to: &File) -> io::Result<()> {
+    match beneath::rename(from, name, to, name) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+        done => return done,
     }
-    match fs::rename(src, dest) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            fs::copy(src, dest)?;
-            File::open(dest)?.sync_all()?;
-            fs::remove_file(src)
+    let st = beneath::stat(from, name)?;
+    if beneath::is_symlink(&st) {
+        let target = beneath::read_link(from, name)?;
+        let target = target
+            .to_str()
+            .ok_or_else(|| io::Error::other("a link target that is not UTF-8"))?;
+        match beneath::unlink(to, name) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        Err(e) => Err(e),
+        beneath::symlink(target, to, name)?;
+    } else {
+        let mut src = beneath::open_in(from, name, OFlags::RDONLY)?;
+        if !src.metadata()?.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        match beneath::unlink(to, name) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut dst = beneath::create_private(to, name)?;
+        io::copy(&mut src, &mut dst)?;
+        dst.sync_all()?;
     }
+    to.sync_all()?;
+    beneath::unlink(from, name)
 }
 
 /// Write-back of a file being received starts every this many bytes.
@@ -1414,33 +1549,26 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Creates `path`, which must not exist, readable and writable by its owner only.
-fn create_private(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-}
-
-fn open_nofollow(path: &Path) -> io::Result<File> {
-    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
-}
-
-fn temp_beside(target: &Path, what: &str) -> io::Result<PathBuf> {
-    let dir = target.parent().ok_or_else(|| io::Error::other("no parent directory"))?;
-    let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("x");
+/// A temporary name (see [`TEMP_PREFIX`]) for a file `what` beside `name`.
+fn temp_name(name: &str, what: &str) -> String {
     let short: String = name.chars().take(100).collect();
-    Ok(dir.join(format!("{TEMP_PREFIX}{short}.{what}.{:08x}", rand::random::<u32>())))
+    format!("{TEMP_PREFIX}{short}.{what}.{:08x}", rand::random::<u32>())
 }
 
-fn mtime_of(meta: Meta) -> filetime::FileTime {
-    filetime::FileTime::from_unix_time(meta.mtime, meta.mtime_nsec)
-}
-
-fn set_mtime(path: &Path, meta: Meta) -> io::Result<()> {
-    filetime::set_symlink_file_times(path, mtime_of(meta), mtime_of(meta))
+/// The content hash of the open regular file `file`, known as `rel`: from
+/// the cache when its metadata says it is unchanged, else read through the
+/// descriptor (never by name) and cached.
+fn hash_open(cache: &mut HashCache, rel: &str, file: &File) -> io::Result<ContentHash> {
+    let md = file.metadata()?;
+    if let Some(hash) = cache.cached(rel, &md) {
+        return Ok(hash);
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut reader = file;
+    hasher.update_reader(&mut reader)?;
+    let hash = ContentHash(*hasher.finalize().as_bytes());
+    cache.record(rel, &md, hash, &file.metadata()?);
+    Ok(hash)
 }
 
 /// Makes the content of `pending` durable: each file on its own when there
@@ -1452,76 +1580,53 @@ fn sync_files(pending: &[Pending]) -> io::Result<()> {
     if pending.len() <= FSYNC_EACH_MAX {
         for p in pending {
             match &p.staged {
-                Staged::Named(tmp) => File::open(tmp)?.sync_data()?,
+                Staged::Named { tmp, dir } => beneath::open_in(dir, tmp, OFlags::RDONLY)?.sync_data()?,
                 Staged::Unnamed { file, .. } => file.sync_data()?,
                 Staged::Held { .. } => {}
             }
         }
         Ok(())
     } else {
-        let dir = first
-            .target
-            .parent()
-            .ok_or_else(|| io::Error::other("no parent directory"))?;
-        syncfs(dir)
+        crate::sys::syncfs(first.staged.dir())
     }
 }
 
 /// Gives the unnamed file `file`, made in `dir`, a temporary name beside
-/// `target` (which is in `dir`).
-fn name_beside(file: &File, dir: &File, target: &Path) -> io::Result<PathBuf> {
-    let tmp = temp_beside(target, "new")?;
-    let name = tmp.file_name().ok_or_else(|| io::Error::other("no file name"))?;
-    crate::sys::link_unnamed(file, dir, name)?;
+/// its target `name`; returns that name.
+fn name_beside(file: &File, dir: &File, name: &str) -> io::Result<String> {
+    let tmp = temp_name(name, "new");
+    crate::sys::link_unnamed(file, dir, std::ffi::OsStr::new(&tmp))?;
     Ok(tmp)
 }
 
-fn sync_dirs(dirs: &BTreeSet<PathBuf>) -> io::Result<()> {
+/// Makes the directories open in `dirs` durable: each on its own when there
+/// are few, else the whole file system at once.
+fn sync_dirs(dirs: &BTreeMap<(String, String), Arc<File>>) -> io::Result<()> {
     if dirs.len() <= FSYNC_EACH_MAX {
-        for d in dirs {
-            match File::open(d) {
-                Ok(f) => f.sync_all()?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+        for d in dirs.values() {
+            d.sync_all()?;
         }
         Ok(())
     } else {
-        match dirs.iter().next() {
-            Some(d) => syncfs(d),
+        match dirs.values().next() {
+            Some(d) => crate::sys::syncfs(d),
             None => Ok(()),
         }
     }
 }
 
-/// Flushes the whole filesystem holding `path` (one call for many files).
-fn syncfs(path: &Path) -> io::Result<()> {
-    let f = File::open(path)?;
-    crate::sys::syncfs(&f)
-}
-
-/// Removes temporary files left under `root` by an interrupted run.
-pub fn clean_temps(root: &Path) -> io::Result<usize> {
-    let mut removed = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for de in rd.flatten() {
-            let name = de.file_name();
-            let Ok(ft) = de.file_type() else { continue };
-            if name.to_str().is_some_and(manifest::is_temp_name) && !ft.is_dir() {
-                fs::remove_file(de.path())?;
-                removed += 1;
-            } else if ft.is_dir() {
-                stack.push(de.path());
-            }
-        }
+/// Removes the temporary files left under the watch root `root` by an
+/// interrupted run, through directory handles (see
+/// [`beneath::clean_temps_at`]): what it cannot open or remove is skipped,
+/// logged and counted, never fatal. A missing root has nothing to clean; a
+/// root that is a symbolic link or not a directory is an error (and is not
+/// entered).
+pub fn clean_temps(root: &Path) -> io::Result<beneath::Cleaned> {
+    match beneath::open_root(root) {
+        Ok(dir) => Ok(beneath::clean_temps_at(&dir)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(beneath::Cleaned::default()),
+        Err(e) => Err(e),
     }
-    Ok(removed)
 }
 
 #[cfg(test)]
@@ -1589,10 +1694,94 @@ mod tests {
         ] {
             assert!(confine(d.path(), bad).is_err(), "{bad:?} accepted");
         }
-        std::os::unix::fs::symlink("/tmp", d.path().join("link")).unwrap();
-        assert!(confine(d.path(), "link/x").is_err());
-        assert!(confine(d.path(), "link").is_ok());
         assert_eq!(confine(d.path(), "a/b").unwrap(), d.path().join("a/b"));
+    }
+
+    /// Files, directories, metadata and removals through a link below the
+    /// root are refused, and nothing outside is touched.
+    #[test]
+    fn nothing_goes_through_a_link_below_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("victim"), b"keep").unwrap();
+        fs::set_permissions(outside.path().join("victim"), fs::Permissions::from_mode(0o600)).unwrap();
+        let before = fs::metadata(outside.path().join("victim")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap();
+        let mut a = applier(d.path());
+        send_file(&mut a, "link/new", b"x");
+        send_file(&mut a, "link/victim", b"replaced");
+        a.apply(Op::Dir {
+            watch: "w".into(),
+            path: "link/dir".into(),
+            meta: Meta { mode: 0o755, ..meta() },
+        })
+        .unwrap();
+        a.apply(Op::SetMeta {
+            watch: "w".into(),
+            path: "link/victim".into(),
+            meta: Meta { mode: 0o666, ..meta() },
+        })
+        .unwrap();
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: "link/victim".into(),
+        })
+        .unwrap();
+        let r = a.commit();
+        assert_eq!(r.failed.len(), 5, "{:?}", r.failed);
+        let names: Vec<_> = fs::read_dir(outside.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("victim")]);
+        let after = fs::metadata(outside.path().join("victim")).unwrap();
+        assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"keep");
+        assert_eq!(after.mode(), before.mode());
+        assert_eq!(after.mtime(), before.mtime());
+        // The link itself may be replaced: it is a name in the root.
+        send_file(&mut a, "link", b"now a file");
+        assert!(a.commit().failed.is_empty());
+        assert_eq!(fs::read(d.path().join("link")).unwrap(), b"now a file");
+        assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"keep");
+    }
+
+    /// A watch root replaced by a link to another directory: nothing is
+    /// written there, and the manifest is refused.
+    #[test]
+    fn a_root_replaced_by_a_link_is_not_used() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("victim"), b"keep").unwrap();
+        let root = d.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let mut a = applier(&root);
+        send_file(&mut a, "before", b"x");
+        assert!(a.commit().failed.is_empty());
+        fs::rename(&root, d.path().join("root.old")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), &root).unwrap();
+        send_file(&mut a, "victim", b"replaced");
+        send_file(&mut a, "new", b"x");
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: "victim".into(),
+        })
+        .unwrap();
+        let r = a.commit();
+        assert_eq!(r.failed.len(), 3, "{:?}", r.failed);
+        assert!(r.failed[0].1.contains("symbolic link"), "{:?}", r.failed);
+        assert!(a.manifest("w").is_err());
+        let names: Vec<_> = fs::read_dir(outside.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("victim")]);
+        assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"keep");
+        // And a fresh applier refuses it from the start.
+        drop(a);
+        let mut a = applier(&root);
+        send_file(&mut a, "new", b"x");
+        assert_eq!(a.commit().failed.len(), 1);
+        assert!(!outside.path().join("new").exists());
     }
 
     #[test]
@@ -1601,7 +1790,7 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let mut a = applier(d.path());
         fs::create_dir(d.path().join("sub")).unwrap();
-        // The first file makes `sub` a known directory.
+        // The first file makes `sub` an open directory of the batch.
         send_file(&mut a, "sub/one", b"1");
         a.apply(Op::Remove {
             watch: "w".into(),
@@ -1615,15 +1804,9 @@ mod tests {
             meta: meta(),
         })
         .unwrap();
-        let through = a.apply(Op::FileBegin {
-            watch: "w".into(),
-            path: "sub/two".into(),
-            meta: meta(),
-            size: 1,
-            hash: ContentHash::of(b"2"),
-            delta_base: None,
-        });
-        assert!(through.is_err(), "a path through the new link was accepted");
+        send_file(&mut a, "sub/two", b"2");
+        let r = a.commit();
+        assert!(r.failed.iter().any(|(rel, _)| rel == "sub/two"), "{:?}", r.failed);
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 
@@ -1640,7 +1823,7 @@ mod tests {
         let md = fs::metadata(d.path().join("f")).unwrap();
         assert_eq!(md.mode() & 0o7777, 0o640);
         assert_eq!(md.mtime(), 1_600_000_000);
-        assert_eq!(clean_temps(d.path()).unwrap(), 0);
+        assert_eq!(clean_temps(d.path()).unwrap(), beneath::Cleaned::default());
     }
 
     #[test]
@@ -1663,7 +1846,7 @@ mod tests {
             assert_eq!(got, format!("file {i}").as_bytes());
         }
         assert_eq!(fs::read(d.path().join("d3/again")).unwrap(), b"second");
-        assert_eq!(clean_temps(d.path()).unwrap(), 0);
+        assert_eq!(clean_temps(d.path()).unwrap(), beneath::Cleaned::default());
     }
 
     #[test]
@@ -1713,7 +1896,7 @@ mod tests {
         for i in 0..n {
             assert_eq!(fs::read(d.path().join(format!("f{i}"))).unwrap(), body(i));
         }
-        assert_eq!(clean_temps(d.path()).unwrap(), 0);
+        assert_eq!(clean_temps(d.path()).unwrap(), beneath::Cleaned::default());
     }
 
     #[test]
@@ -1814,7 +1997,7 @@ mod tests {
         .unwrap();
         assert!(a.apply(Op::FileData(ByteBuf::from(b"abc".to_vec()))).is_err());
         drop(a);
-        assert_eq!(clean_temps(d.path()).unwrap(), 0);
+        assert_eq!(clean_temps(d.path()).unwrap(), beneath::Cleaned::default());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`manifest`]: tree scans, content hashes and their cache, exclusions.
 //! - [`delta`]: signatures, deltas and patching, memory maps.
 //! - [`apply`]: the receiver's confined, atomic application of changes.
+//! - [`beneath`]: directory handles beneath a watch root (no path re-resolved).
 //! - [`ledger`]: the content each file had when the peers last agreed (divergence).
 //! - [`ssh`]: russh server and client glue with pinned keys.
 //! - [`state`]: the persisted role state (epoch and active node).
@@ -13,6 +14,7 @@
 //! - [`fuzzing`]: entry points for the fuzzers and their replay tests.
 
 pub mod apply;
+pub mod beneath;
 pub mod config;
 pub mod delta;
 pub mod fuzzing;

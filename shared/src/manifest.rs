@@ -332,7 +332,7 @@ impl HashCache {
     }
 
     /// The cached hash of `rel` when `md` says the file is unchanged.
-    fn cached(&self, rel: &str, md: &fs::Metadata) -> Option<ContentHash> {
+    pub fn cached(&self, rel: &str, md: &fs::Metadata) -> Option<ContentHash> {
         let (mtime_ns, ctime_ns) = times(md);
         let c = self.map.get(rel)?;
         (c.ino == md.ino() && c.size == md.size() && c.mtime_ns == mtime_ns && c.ctime_ns == ctime_ns).then_some(c.hash)
