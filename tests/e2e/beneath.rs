@@ -181,10 +181,18 @@ fn a_directory_swapped_for_a_link_during_replication_never_leads_outside() {
             .map(|e| fs::read_dir(e.path()).map(|r| r.count()).unwrap_or(0))
             .sum::<usize>()
     };
-    // (Files that meet the link fail and are sent again later, so the
-    // race slows replication down: a few hundred are enough.)
-    wait_until("files arrive on the passive during the race", LIMIT, || {
-        received(&b_root) >= 300
+    // And until the 30 MB file, whose temporary file is written for a
+    // while, has been placed on the passive during the race (files that
+    // meet the link fail and are sent again later).
+    let placed = |root: &Path, name: &str| {
+        fs::read_dir(root)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('d'))
+            .any(|e| e.path().join(name).is_file())
+    };
+    wait_until("the large file arrives on the passive during the race", LIMIT, || {
+        placed(&b_root, "big.bin") && received(&b_root) >= 1000
     });
     stop.store(true, Ordering::Relaxed);
     swapper.join().unwrap();
