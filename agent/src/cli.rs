@@ -73,6 +73,22 @@ pub enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Advance a Puppet CA's serial file past anything the previous active
+    /// could have issued unseen (run it from on_promote).
+    CaSerialGuard {
+        /// The CA directory (holding `serial`, `inventory.txt`, `signed/`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// How many serials the previous active may have issued unseen.
+        #[arg(long, default_value_t = 4096)]
+        margin: u64,
+        /// Round the next serial up to a multiple of this.
+        #[arg(long, default_value_t = 4096)]
+        block: u64,
+        /// Print what would be written, and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Show or hash the canonical cluster file.
     Config {
         /// What to print.

@@ -52,6 +52,15 @@ fn run(args: Args) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::CaSerialGuard {
+            ca_dir,
+            margin,
+            block,
+            dry_run,
+        } => {
+            crate::ca_guard::run(ca_dir, u128::from(*margin), u128::from(*block), *dry_run)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Role { is_active: _, timeout } => Ok(role_is_active(&args, *timeout)),
         Command::Check => {
             let shared = Shared::load(&args.cluster, args.node.as_deref())?;

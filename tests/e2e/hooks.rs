@@ -366,3 +366,203 @@ fn a_hook_cut_off_by_an_agent_kill_runs_again_after_restart() {
     assert_eq!(rec["ok"], true, "{rec}");
     assert_eq!(rec["epoch"], 2, "{rec}");
 }
+
+fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+}
+
+/// Signs a certificate for `name` with `serial` (hex) under `ca/signed/`.
+fn sign(ca: &Path, name: &str, serial: &str) {
+    let work = ca.parent().unwrap().join(format!("req-{name}"));
+    fs::create_dir_all(&work).unwrap();
+    let w = work.display().to_string();
+    let ca_s = ca.display().to_string();
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{w}/key.pem"),
+            "-subj",
+            &format!("/CN={name}"),
+            "-out",
+            &format!("{w}/csr.pem"),
+        ],
+        ca,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{w}/csr.pem"),
+            "-CA",
+            &format!("{ca_s}/ca_crt.pem"),
+            "-CAkey",
+            &format!("{ca_s}/ca_key.pem"),
+            "-set_serial",
+            &format!("0x{serial}"),
+            "-days",
+            "2",
+            "-out",
+            &format!("{ca_s}/signed/{name}.pem"),
+        ],
+        ca,
+    );
+}
+
+/// The serial of a PEM certificate, as openssl prints it (uppercase hex).
+fn cert_serial(path: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .trim_start_matches('0')
+        .to_string()
+}
+
+#[test]
+fn ca_serial_guard_in_on_promote_pads_past_certificates_the_old_active_signed_unseen() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let c = pair_with_hooks("", "");
+    let (ra, rb) = (c.ca("a"), c.ca("b"));
+    let guard = format!(
+        "{} ca-serial-guard --ca-dir {}",
+        bin("warmspare-agent").display(),
+        rb.display()
+    );
+    let toml = fs::read_to_string(&c.file).unwrap().replace(
+        &format!("root = \"{}\"\n", c.node("b").root.display()),
+        &format!("root = \"{}\"\non_promote = '{guard}'\n", c.node("b").root.display()),
+    );
+    fs::write(&c.file, toml).unwrap();
+    // A CA on a: serial 1 is the CA, 2 is in the inventory, 0x2FFF was signed
+    // but never made it to the inventory; the serial file lags behind both.
+    fs::create_dir_all(ra.join("signed")).unwrap();
+    let ra_s = ra.display().to_string();
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{ra_s}/ca_key.pem"),
+            "-out",
+            &format!("{ra_s}/ca_crt.pem"),
+            "-subj",
+            "/CN=Puppet CA",
+            "-days",
+            "2",
+            "-set_serial",
+            "1",
+        ],
+        &ra,
+    );
+    sign(&ra, "agent1", "2");
+    sign(&ra, "agent2", "2FFF");
+    fs::write(
+        ra.join("inventory.txt"),
+        "0x0001 2026-01-01T00:00:00UTC 2031-01-01T00:00:00UTC /CN=Puppet CA\n\
+         0x0002 2026-01-01T00:00:00UTC 2031-01-01T00:00:00UTC /CN=agent1\n",
+    )
+    .unwrap();
+    fs::write(ra.join("serial"), "0003").unwrap();
+    std::os::unix::fs::chown(ra.join("serial"), Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(ra.join("serial"), fs::Permissions::from_mode(0o644)).unwrap();
+
+    let _b = c.start("b");
+    let mut a = c.start("a");
+    converge(&ra, &rb, LIMIT);
+    c.wait_linked("a", LIMIT);
+    let certs_before: Vec<(String, Vec<u8>)> = ["agent1", "agent2"]
+        .iter()
+        .map(|n| (n.to_string(), fs::read(rb.join(format!("signed/{n}.pem"))).unwrap()))
+        .collect();
+
+    // a dies right after signing once more; b never sees serial 3.
+    a.kill9();
+    sign(&ra, "cutoff", "3");
+    fs::write(ra.join("serial"), "0004").unwrap();
+
+    let out = c.ctl(&["failover", "--to", "b", "--force"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // max(serial 3, inventory 2 + 1, certificate 0x2FFF + 1) + 0x1000, rounded up to 0x1000.
+    assert_eq!(fs::read_to_string(rb.join("serial")).unwrap(), "4000");
+    let md = fs::metadata(rb.join("serial")).unwrap();
+    assert_eq!((md.uid(), md.gid(), md.mode() & 0o777), (65534, 65534, 0o644));
+    for (n, bytes) in &certs_before {
+        assert_eq!(
+            &fs::read(rb.join(format!("signed/{n}.pem"))).unwrap(),
+            bytes,
+            "{n} was edited"
+        );
+    }
+    let st = node_status(&c, "b");
+    let promote = st["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hook"] == "on_promote")
+        .unwrap()
+        .clone();
+    assert_eq!(promote["ok"], true, "{st}");
+
+    // b signs the next certificate with the padded serial, as Puppet Server would.
+    let next = fs::read_to_string(rb.join("serial")).unwrap();
+    sign(&rb, "agent3", next.trim());
+    fs::write(rb.join("serial"), "4001").unwrap();
+
+    // a comes back, steps down, and its cut-off certificate is kept aside.
+    a.restart();
+    converge(&rb, &ra, LIMIT);
+    assert!(!ra.join("signed/cutoff.pem").exists());
+    let diverged = node_status(&c, "a")["diverged"].clone();
+    assert!(diverged.to_string().contains("signed/cutoff.pem"), "{diverged}");
+    let kept = c.node("a").root.join("var/lib/warmspare/diverged");
+    let mut serials: Vec<String> = fs::read_dir(rb.join("signed"))
+        .unwrap()
+        .map(|e| cert_serial(&e.unwrap().path()))
+        .collect();
+    let cutoff = walk_find(&kept, "cutoff.pem").expect("the cut-off certificate under diverged/");
+    serials.push(cert_serial(&cutoff));
+    serials.push(cert_serial(&rb.join("ca_crt.pem")));
+    let mut unique = serials.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), serials.len(), "duplicate serials: {serials:?}");
+    assert!(serials.contains(&"4000".to_string()), "{serials:?}");
+}
+
+fn walk_find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = walk_find(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}
