@@ -207,7 +207,7 @@ impl TestCluster {
         );
         text += &opts.extra;
         let file = dir.path().join("cluster.toml");
-        fs::write(&file, text).expect("write cluster file");
+        write_cluster_file(&file, &text);
         TestCluster {
             dir,
             file,
@@ -494,6 +494,12 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) {
     f.write_all(data).expect("write");
     drop(f);
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Writes a cluster file with mode 0600, whatever the umask: the agent and
+/// `warmsparectl` refuse one that group or others can write.
+pub fn write_cluster_file(path: &Path, text: &str) {
+    write_file(path, text.as_bytes(), 0o600);
 }
 
 /// Reads a whole file, or `None`.

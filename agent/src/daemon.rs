@@ -489,8 +489,20 @@ pub async fn serve(
     http: Option<TcpListener>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    std::fs::create_dir_all(&shared.state_dir)
+    // Private whatever the umask: the state dir holds dumps, diverged files
+    // and what the passive preserved of the CA. An existing state dir keeps
+    // its mode (a unit's StateDirectoryMode= sets it); the folders the agent
+    // keeps beneath it are made 0700.
+    warmspare_shared::perms::create_private_dir_all(&shared.state_dir)
         .with_context(|| format!("cannot create the state dir {}", shared.state_dir.display()))?;
+    for dir in [
+        shared.state_dir.join("diverged"),
+        crate::jobs::spool_dir(&shared.state_dir),
+        shared.state_dir.join("jobs"),
+    ] {
+        warmspare_shared::perms::ensure_private_dir(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let role = RoleState::load_or_init(&shared.state_dir, &shared.cluster().cluster.preferred_active)?;
     shared.role.send_replace(role.clone());
     let history = state::read_history(&shared.state_dir);

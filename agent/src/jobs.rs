@@ -24,6 +24,7 @@ use tokio::sync::{Mutex as AsyncMutex, Notify};
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::config::{Job, RunOn};
 use warmspare_shared::manifest::ContentHash;
+use warmspare_shared::perms;
 use warmspare_shared::proto::{JobKind, JobRun, JobStatus};
 use warmspare_shared::state::write_atomic;
 
@@ -134,13 +135,9 @@ fn store_persisted(state_dir: &Path, job: &str, p: &Persisted) -> io::Result<()>
 fn record(shared: &Shared, run: &JobRun) {
     let dir = job_dir(&shared.state_dir, &run.job);
     let line = serde_json::to_string(run).unwrap_or_default() + "\n";
-    let appended = fs::create_dir_all(&dir).and_then(|()| {
+    let appended = perms::ensure_private_dir(&dir).and_then(|()| {
         use std::io::Write;
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("history.jsonl"))?
-            .write_all(line.as_bytes())
+        perms::append_private_file(&dir.join("history.jsonl"))?.write_all(line.as_bytes())
     });
     if let Err(e) = appended {
         tracing::warn!(job = run.job, error = %e, "cannot append to the job history");
@@ -315,7 +312,9 @@ struct Ran {
 /// Runs `cmd` through `/bin/sh -c` in its own process group with the node's
 /// environment plus `vars`, killing the whole group at the job's timeout.
 async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], work: &Path) -> Result<Ran> {
-    fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
+    // The job's directory is private: what a command writes there (a dump
+    // with its umask's 0644) is out of other users' reach from the start.
+    perms::ensure_private_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
     let stdout = work.join(".warmspare-tmp.stdout");
     let stderr = work.join(".warmspare-tmp.stderr");
     let mut env: Vec<(String, std::ffi::OsString)> = shared.me.env.iter().map(|(k, v)| (k.clone(), v.into())).collect();
@@ -328,8 +327,8 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
         cmd,
         env,
         timeout: job.timeout(),
-        stdout: fs::File::create(&stdout).context("cannot create the stdout file")?,
-        stderr: fs::File::create(&stderr).context("cannot create the stderr file")?,
+        stdout: perms::create_private_file(&stdout).context("cannot create the stdout file")?,
+        stderr: perms::create_private_file(&stderr).context("cannot create the stderr file")?,
     })
     .await?;
     let status = match outcome {
@@ -414,6 +413,11 @@ async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
 
 /// Makes `file` the next generation: kept under `gen/`, then the spool.
 fn publish(shared: &Shared, job: &Job, file: &Path) -> std::result::Result<(u64, u64), String> {
+    // The command wrote WARMSPARE_OUTPUT with its own umask: the dump is made
+    // private before it is kept, linked into the spool and shipped.
+    fs::File::open(file)
+        .and_then(|f| perms::make_private(&f))
+        .map_err(|e| format!("cannot make the dump private: {e}"))?;
     let bytes = fs::metadata(file).map(|m| m.len()).unwrap_or(0);
     if bytes == 0 {
         return Err("the dump command succeeded but wrote nothing; nothing was shipped".into());
@@ -432,7 +436,7 @@ fn publish(shared: &Shared, job: &Job, file: &Path) -> std::result::Result<(u64,
         node: shared.me.name.clone(),
     };
     (|| -> io::Result<()> {
-        fs::create_dir_all(&spool)?;
+        perms::ensure_private_dir(&spool)?;
         let tmp = spool.join(format!(".warmspare-tmp.dump.{generation}"));
         let _ = fs::remove_file(&tmp);
         fs::hard_link(&kept, &tmp).or_else(|_| fs::copy(&kept, &tmp).map(drop))?;
@@ -451,7 +455,7 @@ fn publish(shared: &Shared, job: &Job, file: &Path) -> std::result::Result<(u64,
 /// Moves or links `file` to `gen/<generation>` and prunes to `keep` generations.
 fn keep_generation(dir: &Path, generation: u64, file: &Path, keep: u32) -> io::Result<PathBuf> {
     let gens = dir.join("gen");
-    fs::create_dir_all(&gens)?;
+    perms::ensure_private_dir(&gens)?;
     let dest = gens.join(format!("{generation:010}"));
     let _ = fs::remove_file(&dest);
     if fs::hard_link(file, &dest).is_err() {

@@ -55,7 +55,12 @@ pub fn run(opts: DemoArgs) -> Result<()> {
     );
     text += "[[watch]]\nname = \"ca\"\npath = \"/etc/puppetlabs/puppet/ssl/ca\"\nexclude = [\"signed/masterb.pem\"]\ndebounce_ms = 10\n";
     let cluster = root.join("cluster.toml");
-    fs::write(&cluster, &text).context("cannot write the cluster file")?;
+    // 0600 whatever the umask: agents refuse a cluster file others can write.
+    std::io::Write::write_all(
+        &mut warmspare_shared::perms::create_private_file(&cluster).context("cannot create the cluster file")?,
+        text.as_bytes(),
+    )
+    .context("cannot write the cluster file")?;
     say("Generated an ed25519 key per node and a cluster file pinning both (the same file on every node):");
     for line in text
         .lines()

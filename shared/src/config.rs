@@ -336,13 +336,27 @@ impl fmt::Display for Hook {
 
 impl Cluster {
     /// Reads and validates the cluster file at `path`.
+    ///
+    /// The file names commands the agent runs, so one that another user
+    /// could have written (writable by group or others, or owned by a user
+    /// other than this one or root) is refused before it is parsed.
     pub fn load(path: &Path) -> Result<Cluster, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let read = || -> Result<String, crate::perms::TrustError> {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut crate::perms::open_trusted(path, false)?, &mut text)?;
+            Ok(text)
+        };
+        let text = read().map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: None,
             column: None,
             key: None,
-            message: format!("cannot read the cluster file: {e}"),
+            message: match e {
+                crate::perms::TrustError::Unsafe(why) => {
+                    format!("the cluster file is refused: {why}; its commands run as this user")
+                }
+                crate::perms::TrustError::Io(e) => format!("cannot read the cluster file: {e}"),
+            },
         })?;
         Cluster::parse(&text, path)
     }
@@ -837,6 +851,26 @@ timeout = "10m"
         assert_eq!(c.job[0].keep, DEFAULT_KEEP);
         let b = c.node("b").unwrap();
         assert_eq!(c.state_dir(b), PathBuf::from("/srv/lab/b/var/lib/warmspare"));
+    }
+
+    #[test]
+    fn load_refuses_a_file_others_can_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("cluster.toml");
+        std::fs::write(&p, sample()).unwrap();
+        for mode in [0o666, 0o664, 0o646, 0o620] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = Cluster::load(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("cluster.toml") && e.contains(&format!("{mode:04o}")) && e.contains("refused"),
+                "{e}"
+            );
+        }
+        for mode in [0o644, 0o640, 0o600] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(Cluster::load(&p).is_ok(), "{mode:o}");
+        }
     }
 
     #[test]

@@ -84,12 +84,22 @@ impl SecretKey {
         SecretKey(PrivateKey::from(Ed25519Keypair::from_seed(&seed)))
     }
 
-    /// Reads an OpenSSH private key file (unencrypted ed25519).
+    /// Reads an OpenSSH private key file (unencrypted ed25519). A file that
+    /// group or others can read or write, or that another user owns, is
+    /// refused, as `ssh` refuses one.
     pub fn load(path: &Path) -> Result<SecretKey, KeyError> {
-        let text = fs::read_to_string(path).map_err(|source| KeyError::Io {
+        let io = |source| KeyError::Io {
             path: path.display().to_string(),
             source,
+        };
+        let mut f = crate::perms::open_trusted(path, true).map_err(|e| match e {
+            crate::perms::TrustError::Unsafe(why) => {
+                KeyError::Invalid(format!("{}: the private key is refused: {why}", path.display()))
+            }
+            crate::perms::TrustError::Io(e) => io(e),
         })?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).map_err(io)?;
         let key = PrivateKey::from_openssh(text.as_bytes())
             .map_err(|e| KeyError::Invalid(format!("{}: not an OpenSSH private key: {e}", path.display())))?;
         if key.is_encrypted() {
@@ -163,5 +173,13 @@ mod tests {
         assert_eq!(parsed, k.public());
         assert!(parsed.matches(k.ssh().public_key()));
         assert!(PublicKey::parse("ssh-rsa AAAA").is_err());
+        // A key group or others can read (or write) is refused, naming the file and mode.
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            let e = SecretKey::load(&p).err().expect("an open key was accepted").to_string();
+            assert!(e.contains(&format!("{mode:04o}")) && e.contains("node.key"), "{e}");
+        }
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(SecretKey::load(&p).is_ok());
     }
 }

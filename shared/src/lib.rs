@@ -23,6 +23,7 @@ pub mod gendocs;
 pub mod keys;
 pub mod ledger;
 pub mod manifest;
+pub mod perms;
 pub mod proto;
 pub mod ssh;
 pub mod state;

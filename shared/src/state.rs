@@ -71,10 +71,7 @@ pub const HISTORY_FILE: &str = "history.jsonl";
 pub fn append_history(state_dir: &Path, entry: &HistoryEntry) -> io::Result<()> {
     let mut line = serde_json::to_vec(entry).map_err(io::Error::other)?;
     line.push(b'\n');
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state_dir.join(HISTORY_FILE))?;
+    let mut f = crate::perms::append_private_file(&state_dir.join(HISTORY_FILE))?;
     f.write_all(&line)?;
     f.sync_data()
 }
@@ -86,10 +83,12 @@ pub fn read_history(state_dir: &Path) -> Vec<HistoryEntry> {
         .unwrap_or_default()
 }
 
-/// Writes `bytes` to `path` atomically and durably.
+/// Writes `bytes` to `path` atomically and durably, as a private file (mode
+/// 0600, missing directories 0700, whatever the umask): every caller keeps
+/// its own state under the state dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(dir)?;
+    crate::perms::create_private_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
     let tmp = dir.join(format!(
         "{}{}.{}",
@@ -98,7 +97,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         rand::random::<u32>()
     ));
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = crate::perms::create_private_file(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -169,6 +168,14 @@ mod tests {
         append_history(d.path(), &e).unwrap();
         append_history(d.path(), &e).unwrap();
         assert_eq!(read_history(d.path()), vec![e.clone(), e]);
+        use std::os::unix::fs::PermissionsExt;
+        for f in [ROLE_FILE, HISTORY_FILE] {
+            let mode = fs::metadata(d.path().join(f)).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+        write_atomic(&d.path().join("new/dir/x"), b"x").unwrap();
+        let mode = fs::metadata(d.path().join("new/dir")).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
         fs::write(d.path().join(ROLE_FILE), b"{").unwrap();
         assert!(matches!(
             RoleState::load_or_init(d.path(), "a"),

@@ -54,7 +54,7 @@ fn bad_cluster_files_fail_check_with_key_and_line() {
     ];
     for (i, (text, key, line)) in cases.into_iter().enumerate() {
         let f = c.dir.path().join(format!("bad{i}.toml"));
-        std::fs::write(&f, &text).unwrap();
+        warmspare_tests::write_cluster_file(&f, &text);
         let (code, err) = check(&f);
         assert_eq!(code, 2, "case {i}: exit code {code}, stderr: {err}");
         assert!(err.contains(key), "case {i}: {err:?} does not name {key}");
@@ -77,16 +77,15 @@ fn config_hash_is_the_same_for_the_same_cluster() {
     };
     let text = std::fs::read_to_string(&c.file).unwrap();
     let f2 = c.dir.path().join("reformatted.toml");
-    std::fs::write(
+    warmspare_tests::write_cluster_file(
         &f2,
-        format!("# the same file, laid out differently\n{}", text.replace(" = ", "=")),
-    )
-    .unwrap();
+        &format!("# the same file, laid out differently\n{}", text.replace(" = ", "=")),
+    );
     let (h1, h2) = (hash(&c.file), hash(&f2));
     assert_eq!(h1.len(), 64);
     assert_eq!(h1, h2);
     let f3 = c.dir.path().join("changed.toml");
-    std::fs::write(&f3, text.replace("debounce_ms = 5", "debounce_ms = 6")).unwrap();
+    warmspare_tests::write_cluster_file(&f3, &text.replace("debounce_ms = 5", "debounce_ms = 6"));
     assert_ne!(h1, hash(&f3));
 }
 
@@ -140,7 +139,7 @@ fn check_reports_each_peer() {
         .unwrap()
         .replace(&c.node("b").key.public().to_openssh(), &other);
     let wrong = c.dir.path().join("wrong-pin.toml");
-    std::fs::write(&wrong, text).unwrap();
+    warmspare_tests::write_cluster_file(&wrong, &text);
     let out = Command::new(bin("warmspare-agent"))
         .arg("--cluster")
         .arg(&wrong)
@@ -154,7 +153,7 @@ fn check_reports_each_peer() {
 
 /// The keys the parser accepts in a table, from its own refusal of an unknown one.
 fn accepted_keys(file: &std::path::Path, text: &str) -> Vec<String> {
-    std::fs::write(file, text).unwrap();
+    warmspare_tests::write_cluster_file(file, text);
     let out = Command::new(bin("warmspare-agent"))
         .arg("--cluster")
         .arg(file)
@@ -310,4 +309,106 @@ fn every_toml_block_in_the_docs_is_read_by_the_real_parser() {
         "TOML blocks in the docs that the cluster-file parser rejects (a fragment must start with its table header):\n{}",
         bad.join("\n")
     );
+}
+
+/// A cluster file other users can write names commands that run as this
+/// user (root, installed): `run`, `check` and `warmsparectl` refuse it, and a
+/// node key others can read, naming the file and its mode.
+#[test]
+fn files_others_can_write_or_read_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = TestCluster::pair("");
+    let agent = |cmd: &str| {
+        let out = Command::new(bin("warmspare-agent"))
+            .arg("--cluster")
+            .arg(&c.file)
+            .args(["--node", "a", cmd])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let chmod =
+        |p: &std::path::Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    chmod(&c.file, 0o666);
+    for cmd in ["run", "check"] {
+        let (code, err) = agent(cmd);
+        assert_ne!(code, Some(0), "{cmd} accepted a 0666 cluster file: {err}");
+        assert!(
+            err.contains("cluster.toml") && err.contains("0666") && err.contains("refused"),
+            "{cmd}: {err}"
+        );
+    }
+    let out = c.ctl(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "warmsparectl accepted a 0666 cluster file");
+    assert!(err.contains("cluster.toml") && err.contains("0666"), "{err}");
+    chmod(&c.file, 0o644);
+    let key = c.node("a").root.join("etc/warmspare/node.key");
+    chmod(&key, 0o644);
+    let (code, err) = agent("run");
+    assert_ne!(code, Some(0), "run accepted a 0644 private key: {err}");
+    assert!(err.contains("node.key") && err.contains("0644"), "{err}");
+    chmod(&key, 0o600);
+    chmod(&c.operator_key, 0o640);
+    let out = c.ctl(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "warmsparectl accepted a 0640 operator key");
+    assert!(err.contains("operator.key") && err.contains("0640"), "{err}");
+    chmod(&c.operator_key, 0o600);
+    // With safe modes again, the files are accepted (check then fails, if
+    // at all, only on the unreachable peer).
+    let (_, err) = agent("check");
+    assert!(!err.contains("refused"), "{err}");
+}
+
+/// Dumps, the spool and the role state are private whatever the umask the
+/// agent runs under: a dump made under umask 022 is 0600 in 0700 folders, on
+/// the active and where it arrives.
+#[test]
+fn dumps_and_state_are_private_under_a_permissive_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = TestCluster::new(warmspare_tests::ClusterOptions {
+        nodes: vec!["a", "b"],
+        extra: format!(
+            "[[watch]]\nname = \"ca\"\npath = \"{}\"\ndebounce_ms = 5\n\n\
+             [[job]]\nname = \"db\"\ndump = \"echo secret rows > \\\"$WARMSPARE_OUTPUT\\\"\"\n\
+             restore = \"cat \\\"$WARMSPARE_INPUT\\\" > /dev/null\"\n",
+            warmspare_tests::CA_WATCH
+        ),
+        ..Default::default()
+    });
+    let umask = ["sh", "-c", "umask 022; exec \"$0\" \"$@\""];
+    let _b = c.start_wrapped("b", &[], &umask);
+    let _a = c.start_wrapped("a", &[], &umask);
+    warmspare_tests::wait_until("agents up", std::time::Duration::from_secs(60), || {
+        c.ctl(&["status"]).status.success()
+    });
+    let run = c.ctl(&["run-job", "db"]);
+    assert!(run.status.success(), "{run:?}");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let a_state = c.node("a").root.join("var/lib/warmspare");
+    let b_state = c.node("b").root.join("var/lib/warmspare");
+    warmspare_tests::wait_until("the dump on b", std::time::Duration::from_secs(60), || {
+        b_state.join("spool/db/dump").exists()
+    });
+    for (p, want) in [
+        (a_state.clone(), 0o700),
+        (a_state.join("jobs/db"), 0o700),
+        (a_state.join("jobs/db/gen"), 0o700),
+        (a_state.join("jobs/db/gen/0000000001"), 0o600),
+        (a_state.join("jobs/db/history.jsonl"), 0o600),
+        (a_state.join("spool"), 0o700),
+        (a_state.join("spool/db"), 0o700),
+        (a_state.join("spool/db/dump"), 0o600),
+        (a_state.join("spool/db/meta.json"), 0o600),
+        (a_state.join("diverged"), 0o700),
+        (a_state.join("role.json"), 0o600),
+        (a_state.join("history.jsonl"), 0o600),
+        (b_state.join("spool"), 0o700),
+        (b_state.join("spool/db"), 0o700),
+        (b_state.join("spool/db/dump"), 0o600),
+    ] {
+        assert_eq!(mode(&p), want, "{} is {:04o}", p.display(), mode(&p));
+    }
 }
