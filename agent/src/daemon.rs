@@ -503,6 +503,7 @@ pub async fn serve(
         warmspare_shared::perms::ensure_private_dir(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    crate::preserved::prune(&shared, None);
     let role = RoleState::load_or_init(&shared.state_dir, &shared.cluster().cluster.preferred_active)?;
     shared.role.send_replace(role.clone());
     let history = state::read_history(&shared.state_dir);

@@ -200,5 +200,6 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         let _ = writeln!(out, "warmspare_hook_failed{{hook=\"{hook}\"}} {}", u8::from(failed));
     }
     let _ = writeln!(out, "# HELP warmspare_diverged_files_total Files preserved under diverged/.\n# TYPE warmspare_diverged_files_total gauge\nwarmspare_diverged_files_total {}", s.diverged.len());
+    let _ = writeln!(out, "# HELP warmspare_diverged_pruned_total Preserved files removed from diverged/ to keep it within diverged_max_size and diverged_max_age.\n# TYPE warmspare_diverged_pruned_total counter\nwarmspare_diverged_pruned_total {}", warmspare_shared::diverged::pruned_total());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

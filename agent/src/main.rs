@@ -14,6 +14,7 @@ mod health;
 mod hooks;
 mod jobs;
 mod logging;
+mod preserved;
 mod receive;
 mod sd;
 mod server;

@@ -322,6 +322,11 @@ fn serve_request(
             for (watch, path, to) in &report.diverged {
                 tracing::warn!(watch, path, to = %to.display(), "diverged file preserved");
             }
+            if let Some((_, _, to)) = report.diverged.last() {
+                // Bounded store: older folders go, never the one just written.
+                let keep = crate::preserved::folder_of(&shared.state_dir, to);
+                crate::preserved::prune(shared, keep.as_deref());
+            }
             for watch in &report.touched {
                 run_after_apply(shared, watch, applier.root(watch));
             }

@@ -133,7 +133,8 @@ fn diverged(dir: &Path) -> Vec<String> {
             if de.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(p);
             } else if let Ok(rel) = p.strip_prefix(dir) {
-                out.push(rel.to_string_lossy().to_string());
+                // Names are a local user's to choose: escaped, never raw.
+                out.push(warmspare_shared::text::escape_path(rel));
                 if out.len() >= DIVERGED_LIST_LIMIT {
                     return out;
                 }

@@ -119,7 +119,7 @@ pub async fn history(op: &Operator, json: bool) -> Result<()> {
         "EPOCH", "TIME (UTC)", "FROM", "TO", "REASON"
     );
     for e in entries {
-        println!(
+        let line = format!(
             "{:<6} {:<21} {:<14} {:<14} {:<28} {}",
             e.epoch,
             utc(e.time),
@@ -128,6 +128,8 @@ pub async fn history(op: &Operator, json: bool) -> Result<()> {
             e.reason,
             e.by
         );
+        // The entries come from the nodes' files: never raw to the terminal.
+        println!("{}", warmspare_shared::text::escape_controls(&line));
     }
     Ok(())
 }

@@ -43,7 +43,9 @@ pub async fn run(op: &Operator, args: &StatusArgs) -> Result<()> {
             if args.watch && std::io::stdout().is_terminal() {
                 print!("\x1b[2J\x1b[H");
             }
-            print!("{}", render(op, &views));
+            // Names and messages come from the nodes (file names from a
+            // local user's disk): never raw to the terminal.
+            print!("{}", warmspare_shared::text::escape_for_terminal(&render(op, &views)));
         }
         if !args.watch {
             if views.iter().all(|v| v.status.is_err()) {

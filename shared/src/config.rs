@@ -96,6 +96,57 @@ pub struct ClusterSection {
         skip_serializing_if = "is_default_hook_timeout"
     )]
     pub hook_timeout: Duration,
+    /// The most bytes kept under `diverged/`; older folders are pruned first.
+    #[serde(skip_serializing_if = "is_default_diverged_size", serialize_with = "serialize_size")]
+    pub diverged_max_size: u64,
+    /// How long a folder under `diverged/` is kept after its last preserved file.
+    #[serde(
+        skip_serializing_if = "is_default_diverged_age",
+        serialize_with = "serialize_duration"
+    )]
+    pub diverged_max_age: Duration,
+}
+
+/// The default of `diverged_max_size`: 1 GiB.
+pub const DEFAULT_DIVERGED_MAX_SIZE: u64 = 1 << 30;
+/// The default of `diverged_max_age`: 30 days.
+pub const DEFAULT_DIVERGED_MAX_AGE: Duration = Duration::from_secs(30 * 86_400);
+
+fn is_default_diverged_size(v: &u64) -> bool {
+    *v == DEFAULT_DIVERGED_MAX_SIZE
+}
+
+fn is_default_diverged_age(v: &Duration) -> bool {
+    *v == DEFAULT_DIVERGED_MAX_AGE
+}
+
+/// Sizes in the canonical form: a whole number of bytes.
+fn serialize_size<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v}B"))
+}
+
+/// Parses a size such as `1GiB`, `500MB`, `64 KiB` or `1048576` (bytes).
+/// Decimal units (`KB`, `MB`, `GB`, `TB`) are powers of 1000, binary ones
+/// (`KiB`, `MiB`, `GiB`, `TiB`, and the one-letter `K`, `M`, `G`, `T`)
+/// powers of 1024.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 fn is_default_hook_timeout(d: &Duration) -> bool {
@@ -237,6 +288,8 @@ struct RawCluster {
     on_promote: Option<Spanned<String>>,
     on_demote: Option<Spanned<String>>,
     hook_timeout: Option<Spanned<String>>,
+    diverged_max_size: Option<Spanned<String>>,
+    diverged_max_age: Option<Spanned<String>>,
 }
 
 fn default_state_dir() -> Spanned<PathBuf> {
@@ -571,6 +624,26 @@ impl RawFile {
             on_promote: check_command(loc, c.on_promote.as_ref(), "cluster.on_promote".into())?,
             on_demote: check_command(loc, c.on_demote.as_ref(), "cluster.on_demote".into())?,
             hook_timeout,
+            diverged_max_size: match &c.diverged_max_size {
+                Some(s) => parse_size(s.get_ref()).ok_or_else(|| {
+                    loc.at(
+                        s,
+                        "cluster.diverged_max_size".into(),
+                        format!("{:?} is not a size like \"1GiB\" or \"500MB\"", s.get_ref()),
+                    )
+                })?,
+                None => DEFAULT_DIVERGED_MAX_SIZE,
+            },
+            diverged_max_age: match &c.diverged_max_age {
+                Some(t) => humantime::parse_duration(t.get_ref()).map_err(|e| {
+                    loc.at(
+                        t,
+                        "cluster.diverged_max_age".into(),
+                        format!("{:?} is not a duration like \"30d\": {e}", t.get_ref()),
+                    )
+                })?,
+                None => DEFAULT_DIVERGED_MAX_AGE,
+            },
         };
 
         let mut nodes: Vec<Node> = Vec::new();
@@ -851,6 +924,37 @@ timeout = "10m"
         assert_eq!(c.job[0].keep, DEFAULT_KEEP);
         let b = c.node("b").unwrap();
         assert_eq!(c.state_dir(b), PathBuf::from("/srv/lab/b/var/lib/warmspare"));
+    }
+
+    #[test]
+    fn diverged_bounds_parse_with_defaults() {
+        let c = parse(&sample()).unwrap();
+        assert_eq!(c.cluster.diverged_max_size, 1 << 30);
+        assert_eq!(c.cluster.diverged_max_age, Duration::from_secs(30 * 86_400));
+        assert!(!c.canonical().contains("diverged"), "defaults change the hash");
+        for (size, want) in [
+            ("1GiB", Some(1u64 << 30)),
+            ("500MB", Some(500_000_000)),
+            ("64 KiB", Some(65_536)),
+            ("10", Some(10)),
+            ("1PB", None),
+            ("x", None),
+            ("-1", None),
+        ] {
+            assert_eq!(parse_size(size), want, "{size}");
+        }
+        let bad = sample().replacen("\n\n[[node]]", "\ndiverged_max_size = \"lots\"\n\n[[node]]", 1);
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("cluster.diverged_max_size"), "{e}");
+        let good = sample().replacen(
+            "\n\n[[node]]",
+            "\ndiverged_max_size = \"300MB\"\ndiverged_max_age = \"12h\"\n\n[[node]]",
+            1,
+        );
+        let c = parse(&good).unwrap();
+        assert_eq!(c.cluster.diverged_max_size, 300_000_000);
+        assert_eq!(c.cluster.diverged_max_age, Duration::from_secs(12 * 3600));
+        assert!(c.canonical().contains("diverged_max_size"), "{}", c.canonical());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod apply;
 pub mod beneath;
 pub mod config;
 pub mod delta;
+pub mod diverged;
 pub mod fuzzing;
 #[cfg(feature = "gendocs")]
 pub mod gendocs;
@@ -28,6 +29,7 @@ pub mod proto;
 pub mod ssh;
 pub mod state;
 pub mod sys;
+pub mod text;
 
 /// The software version, as carried in hellos and shown in status.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -412,3 +412,55 @@ fn haproxy_routes_clients_to_the_active_node_only() {
     assert_eq!(code(&out), 0, "{}", text(&out));
     wait_until("HAProxy to route to a again", LIMIT, || only("a"));
 }
+
+/// A local user on a passive can fill `diverged/` by leaving files for the
+/// receiver to preserve, and name them with terminal escapes: the store is
+/// pruned to `diverged_max_age` and `diverged_max_size` (oldest folders
+/// first, with a log line and a metric), and `status` prints names escaped.
+#[test]
+fn diverged_is_bounded_and_its_names_are_escaped() {
+    let c = TestCluster::pair("");
+    let text = fs::read_to_string(&c.file).unwrap().replace(
+        "key_file = ",
+        "diverged_max_size = \"10KiB\"\ndiverged_max_age = \"7d\"\nkey_file = ",
+    );
+    warmspare_tests::write_cluster_file(&c.file, &text);
+    let div = c.node("b").root.join("var/lib/warmspare/diverged");
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let evil = "evil\x1b]0;owned\x07.pem";
+    let folder = |name: &str, file: &str, len: usize, age: Duration| {
+        let f = div.join(name);
+        write_file(&f.join("ca").join(file), &vec![b'x'; len], 0o600);
+        for d in [f.join("ca"), f.clone()] {
+            fs::File::open(&d).unwrap().set_modified(now - age).unwrap();
+        }
+        f
+    };
+    // 20 days old: over the age limit. Then 8 KiB + 4 KiB is over 10 KiB:
+    // the older of the two goes.
+    let ancient = folder("1-20250101T000000Z", "old.pem", 100, 20 * day);
+    let big = folder("2-20250201T000000Z", "big.bin", 8 << 10, 2 * day);
+    let recent = folder("3-20250301T000000Z", evil, 4 << 10, day);
+    let _a = c.start("a");
+    let b = c.start("b");
+    wait_until("b to prune its diverged folder", LIMIT, || {
+        b.log_text().matches("pruned preserved files from diverged/").count() >= 2
+    });
+    assert!(!ancient.exists(), "a folder over the age limit stayed");
+    assert!(!big.exists(), "the oldest folder over the size limit stayed");
+    assert!(recent.join("ca").join(evil).exists(), "the newest folder was pruned");
+    let log = b.log_text();
+    assert!(log.contains("reason=\"age\"") || log.contains("reason=age"), "{log}");
+    assert!(log.contains("reason=\"size\"") || log.contains("reason=size"), "{log}");
+    let (_, metrics) = warmspare_tests::http_get(c.node("b").http_port, "/metrics").unwrap();
+    assert!(metrics.contains("warmspare_diverged_pruned_total 2"), "{metrics}");
+    wait_until("both nodes in status", LIMIT, || c.ctl(&["status"]).status.success());
+    let out = c.ctl(&["status"]);
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "status printed a raw escape: {shown:?}"
+    );
+    assert!(shown.contains("evil\\x1b]0;owned\\x07.pem"), "{shown}");
+}
