@@ -40,9 +40,10 @@ async fn check(State(shared): State<Arc<Shared>>) -> Response {
     if shared.is_active() {
         (StatusCode::OK, format!("active at epoch {}\n", role.epoch)).into_response()
     } else if let Some(why) = shared.held() {
+        // Without the detail: a failed hook's output stays behind SSH.
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("held at epoch {}: {why}\n", role.epoch),
+            format!("held at epoch {}: {}\n", role.epoch, status::public_held(&why)),
         )
             .into_response()
     } else {

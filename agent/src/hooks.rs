@@ -143,7 +143,8 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
     tracing::warn!(%hook, epoch, from, to, "running the role hook");
     let log = dir(&shared.state_dir).join(format!("{}.log", hook.name()));
     let outcome = async {
-        let out = fs::File::create(&log)?;
+        // Hook output can carry secrets: private whatever the umask.
+        let out = warmspare_shared::perms::create_private_file(&log)?;
         let err = out.try_clone()?;
         let mut env: Vec<(String, OsString)> = shared.me.env.iter().map(|(k, v)| (k.clone(), v.into())).collect();
         env.push(("WARMSPARE_HOOK".into(), hook.name().into()));

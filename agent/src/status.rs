@@ -172,6 +172,12 @@ pub struct PublicStatus {
     hooks: Vec<PublicHook>,
 }
 
+/// A hold reason as the unauthenticated port may show it: the words before
+/// the first `:`, where the detail (a failed hook's output) would follow.
+pub fn public_held(why: &str) -> String {
+    why.split(':').next().unwrap_or_default().trim().to_string()
+}
+
 #[derive(Debug, serde::Serialize)]
 struct PublicHook {
     hook: warmspare_shared::config::Hook,
@@ -362,5 +368,10 @@ mod tests {
         assert_eq!(v["held"], true);
         assert_eq!(v["hooks"][0]["hook"], "on_promote");
         assert_eq!(v["hooks"][0]["ok"], false);
+        assert_eq!(
+            public_held("on_promote failed: exit status: 1; stderr: hunter2"),
+            "on_promote failed"
+        );
+        assert_eq!(public_held("on_promote is running"), "on_promote is running");
     }
 }
