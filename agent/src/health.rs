@@ -132,7 +132,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             );
         }
     }
-    let _ = writeln!(out, "# HELP warmspare_last_success_timestamp_seconds When a watch last replicated (active: acknowledged by a peer; passive: applied).\n# TYPE warmspare_last_success_timestamp_seconds gauge");
+    let _ = writeln!(out, "# HELP warmspare_last_success_timestamp_seconds When a watch last replicated (active: acknowledged by a peer; passive: applied, or found in step by a full comparison).\n# TYPE warmspare_last_success_timestamp_seconds gauge");
     for l in &s.links {
         if let Some(t) = l.last_success {
             let _ = writeln!(

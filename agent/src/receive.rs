@@ -14,7 +14,7 @@ use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 use warmspare_shared::apply::{Applier, Divergence, WatchRoot};
 use warmspare_shared::manifest::{Entry, HashCache};
-use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Purpose, Reply, Request, MANIFEST_PART};
+use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, MANIFEST_PART};
 use warmspare_shared::ssh::{Identity, IncomingSession};
 use warmspare_shared::state::RoleState;
 
@@ -309,7 +309,23 @@ fn serve_request(
             }
             Err(e) => Err(e.to_string()),
         },
-        Request::Op(op) => applier.apply(op).map_err(|e| e.to_string()),
+        Request::Op(op) => {
+            // A full comparison that found this node in step with the active
+            // is a success too, even when nothing had to be applied: an idle
+            // passive in sync must not look stale.
+            let settled = match &op {
+                Op::Settled { watch, except } if except.is_empty() => Some(watch.clone()),
+                _ => None,
+            };
+            let applied = applier.apply(op).map_err(|e| e.to_string());
+            if let (Ok(()), Some(watch)) = (&applied, settled) {
+                shared
+                    .runtime()
+                    .last_applied
+                    .insert(watch, std::time::SystemTime::now());
+            }
+            applied
+        }
         Request::Commit { batch } => {
             let report = applier.commit();
             if !report.touched.is_empty() {

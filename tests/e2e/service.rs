@@ -172,3 +172,39 @@ fn metrics_parse_and_lag_rises_while_the_passive_is_down() {
         m[lag_s] == 0.0 && m[lag_b] == 0.0 && m["warmspare_peer_connected{peer=b}"] == 1.0
     });
 }
+
+#[test]
+fn an_idle_passive_in_sync_reports_a_recent_success_after_a_restart() {
+    // Nothing changes after the first sync: the passive's last success must
+    // still come back after its restart (from the full comparison the active
+    // makes on reconnecting), or the "not replicating" alert fires on a
+    // healthy idle pair.
+    let c = TestCluster::pair("");
+    let (ra, rb) = (c.ca("a"), c.ca("b"));
+    write_file(&ra.join("one"), b"1", 0o644);
+    let mut b = c.start("b");
+    let _a = c.start("a");
+    converge(&ra, &rb, LIMIT);
+    let hb = c.node("b").http_port;
+    let key = "warmspare_last_success_timestamp_seconds{watch=ca}";
+    wait_until("a first success on the passive", LIMIT, || scrape(hb).contains_key(key));
+    b.terminate();
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    b.restart();
+    wait_until("a success after the restart, with nothing to apply", LIMIT, || {
+        http_get(hb, "/metrics").is_some() && scrape(hb).get(key).is_some_and(|t| *t >= restarted.floor())
+    });
+    let status = c.status_json();
+    let node_b = status["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["node"] == "b"))
+        .unwrap_or_else(|| panic!("no node b in {status:#}"));
+    let text = node_b.to_string();
+    assert!(
+        text.contains("\"last_applied\":") && !text.contains("\"last_applied\":null"),
+        "{node_b:#}"
+    );
+}
