@@ -184,6 +184,16 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             );
         }
     }
+    let _ = writeln!(out, "# HELP warmspare_job_next_run_timestamp_seconds When a job is next due on this node, where it is scheduled here.\n# TYPE warmspare_job_next_run_timestamp_seconds gauge");
+    for j in &s.jobs {
+        if let Some(next) = j.next {
+            let _ = writeln!(
+                out,
+                "warmspare_job_next_run_timestamp_seconds{{job=\"{}\"}} {next}",
+                j.name
+            );
+        }
+    }
     let _ = writeln!(out, "# HELP warmspare_hook_runs_total Role hook runs on this node since the agent started.\n# TYPE warmspare_hook_runs_total counter");
     let _ = writeln!(
         out,

@@ -12,5 +12,6 @@ mod faults;
 mod hooks;
 mod hostile;
 mod jobs;
+mod monitoring;
 mod replication;
 mod service;
