@@ -165,6 +165,9 @@ impl TestCluster {
             let key = SecretKey::generate();
             let key_path = root.join("etc/warmspare/node.key");
             key.save(&key_path).expect("save key");
+            // The CA directory exists on every node, as on an installed
+            // server: an active agent never creates its watch roots.
+            fs::create_dir_all(root.join(CA_WATCH.trim_start_matches('/'))).expect("create the CA directory");
             let host = opts
                 .hosts
                 .iter()

@@ -68,7 +68,12 @@ fn run(args: Args) -> Result<ExitCode> {
         }
         Command::Run => {
             let shared = Shared::load(&args.cluster, args.node.as_deref())?;
-            runtime()?.block_on(daemon::run(shared))?;
+            let rt = runtime()?;
+            let result = rt.block_on(daemon::run(shared));
+            // A blocking thread still busy (a delta being computed) must not
+            // keep a stopping agent alive.
+            rt.shutdown_timeout(Duration::from_secs(5));
+            result?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -171,6 +176,29 @@ async fn check(shared: Shared) -> Result<ExitCode> {
     );
     println!("this node: {} (key matches the pinned public key)", shared.me.name);
     let mut all_ok = true;
+    // Watch roots: an active never ships from a root that fails this check.
+    let role = std::fs::read(shared.state_dir.join(warmspare_shared::state::ROLE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<warmspare_shared::state::RoleState>(&b).ok());
+    let passive = match &role {
+        Some(r) => r.active != shared.me.name,
+        None => shared.cluster().cluster.preferred_active != shared.me.name,
+    };
+    for w in shared.local_watches().iter().filter(|w| w.verify_root) {
+        match shared.roots.check_only(&w.name, &w.root) {
+            Ok(()) => println!("watch {}: root {} ok", w.name, w.root.display()),
+            Err(e) if passive && !w.root.exists() => {
+                println!(
+                    "watch {}: {e} (this node is passive: it is created at the first sync)",
+                    w.name
+                )
+            }
+            Err(e) => {
+                all_ok = false;
+                println!("watch {}: FAILED: {e}", w.name);
+            }
+        }
+    }
     for peer in shared.cluster().peers_of(&shared.me.name) {
         let key = peer.key()?;
         let verdict = match ssh::dial(&peer.ssh, &key, &shared.key, &shared.me.name, Duration::from_secs(5)).await {

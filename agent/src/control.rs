@@ -71,7 +71,11 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
                 },
             }
         }
-        Request::Resync { watch } => {
+        Request::Resync {
+            watch,
+            accept_root,
+            allow_deletes,
+        } => {
             if !shared.is_active() {
                 return Reply::Refused {
                     reason: format!("{} is not the active node", shared.me.name),
@@ -86,6 +90,30 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
                 Some(w) => vec![w],
                 None => shared.local_watches().into_iter().map(|w| w.name).collect(),
             };
+            if accept_root {
+                for w in shared
+                    .local_watches()
+                    .iter()
+                    .filter(|w| w.verify_root && names.contains(&w.name))
+                {
+                    if let Err(reason) = shared.roots.accept(&w.name, &w.root) {
+                        return Reply::Refused { reason };
+                    }
+                    tracing::warn!(operator, watch = w.name, "watch root accepted");
+                }
+                // The watcher watches the accepted roots anew.
+                shared.roots.recovered.notify_one();
+            }
+            if allow_deletes {
+                for w in &names {
+                    tracing::warn!(
+                        operator,
+                        watch = w,
+                        "the next comparison may remove what the deletion guard held"
+                    );
+                    shared.allow_deletes(w);
+                }
+            }
             for inbox in shared.runtime().inboxes.values() {
                 for w in &names {
                     inbox.add_full(w);
@@ -120,6 +148,9 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
             reason: "replication is paused; resume it first".into(),
         };
     }
+    if let Some(reason) = shared.held() {
+        return Reply::Refused { reason };
+    }
     let mut targets = Vec::new();
     for (peer, inbox) in shared.runtime().inboxes.iter() {
         let mut gen = 0;
@@ -145,6 +176,33 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
                 .collect()
         };
         if lagging.is_empty() {
+            // A watch whose root failed its check, or a peer that keeps files
+            // the deletion guard holds, is not a copy of this node: the
+            // operator decides first.
+            let mut held: Vec<String> = shared
+                .roots
+                .problems()
+                .into_iter()
+                .map(|(w, p)| format!("watch {w} is not shipped: {p}"))
+                .collect();
+            held.extend({
+                let rt = shared.runtime();
+                targets
+                    .iter()
+                    .filter_map(|(p, _)| rt.links.get(p).map(|l| (p, l)))
+                    .flat_map(|(p, l)| {
+                        l.deletions_held
+                            .iter()
+                            .map(move |(w, n)| format!("{p}: deletions held in {w} ({n} files; see `warmsparectl resync --watch {w} --allow-deletes`)"))
+                    })
+                    .collect::<Vec<String>>()
+            });
+            if !held.is_empty() {
+                return Reply::Flushed {
+                    caught_up: false,
+                    detail: held,
+                };
+            }
             let detail = targets.iter().map(|(p, _)| format!("{p}: caught up")).collect();
             return Reply::Flushed {
                 caught_up: true,

@@ -28,7 +28,7 @@ use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
 use crate::events::{Inbox, Work};
 use crate::ship::LocalWatch;
-use crate::{health, hooks, jobs, sd, server, ship, watch as watcher};
+use crate::{health, hooks, jobs, roots, sd, server, ship, watch as watcher};
 
 /// What every task of the daemon shares.
 pub struct Shared {
@@ -62,6 +62,14 @@ pub struct Shared {
     pub jobs: jobs::Jobs,
     /// The role hooks' runtime (the promotion gate).
     pub hooks: hooks::Hooks,
+    /// The watch roots: where each was last seen, what is wrong with them.
+    pub roots: roots::Roots,
+    /// (peer, watch) pairs whose next full comparison may remove what the
+    /// deletion guard would hold (`warmsparectl resync --allow-deletes`).
+    allow_deletes: Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// Why this node, though its role state names it active, does not act
+    /// as the active one (see [`Shared::unconfirmed`]).
+    held: Mutex<Option<String>>,
 }
 
 /// What the running tasks report.
@@ -88,6 +96,8 @@ pub struct Link {
     pub in_progress: Option<Work>,
     /// The inbox generation the peer is known to be up to.
     pub done_generation: u64,
+    /// Files the deletion guard keeps on the peer, per watch.
+    pub deletions_held: BTreeMap<String, u64>,
 }
 
 /// The file under the state dir that marks a paused agent.
@@ -128,7 +138,7 @@ impl Shared {
             paused: AtomicBool::new(state_dir.join(PAUSED_FILE).exists()),
             me,
             key,
-            state_dir,
+            state_dir: state_dir.clone(),
             role,
             role_lock: Mutex::new(()),
             bytes_sent: Arc::new(AtomicU64::new(0)),
@@ -137,6 +147,9 @@ impl Shared {
             started: SystemTime::now(),
             jobs: jobs::Jobs::default(),
             hooks: hooks::Hooks::default(),
+            roots: roots::Roots::load(&state_dir),
+            allow_deletes: Mutex::new(Default::default()),
+            held: Mutex::new(None),
         })
     }
 
@@ -203,17 +216,18 @@ impl Shared {
     /// its `on_promote` hook (if any) succeeded for the current epoch.
     pub fn is_active(&self) -> bool {
         let role = self.role.borrow();
-        role.active == self.me.name && self.hooks.promoted(role.epoch)
+        role.active == self.me.name && self.hooks.promoted(role.epoch) && !self.is_unconfirmed()
     }
 
-    /// Why this node, though named active, does not act as active; `None`
-    /// when it does or when it is passive.
+    /// Why this node, though named active, does not act as active (no
+    /// peer confirmed its epoch yet, or its `on_promote` hook); `None` when
+    /// it does or when it is passive.
     pub fn held(&self) -> Option<String> {
         let role = self.role();
         if role.active != self.me.name {
             return None;
         }
-        self.hooks.held(role.epoch)
+        self.unconfirmed().or_else(|| self.hooks.held(role.epoch))
     }
 
     /// Waits (at most `limit`) until this node has acted on its promotion
@@ -245,6 +259,45 @@ impl Shared {
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
                 return Err(format!("{} did not finish its promotion in time", self.me.name));
+            }
+        }
+    }
+
+    /// Whether this node's role state names it active but no peer has yet
+    /// confirmed that epoch since the agent started: it might be a stale
+    /// active whose peers moved on while it was down. A held node answers
+    /// 503 on health, runs no jobs and sends no changes; its shippers only
+    /// say hello, which confirms the epoch (the hold ends) or fences it.
+    pub fn is_unconfirmed(&self) -> bool {
+        self.unconfirmed().is_some()
+    }
+
+    /// Why this node is held for want of a confirmation, while it is.
+    pub fn unconfirmed(&self) -> Option<String> {
+        if self.role.borrow().active != self.me.name {
+            return None;
+        }
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_held(&self, reason: Option<String>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+        self.progress.send_modify(|n| *n += 1);
+    }
+
+    /// A peer confirmed this node's epoch (or an operator promoted it): the
+    /// hold ends and the active side goes to work.
+    pub fn confirm(&self, by: &str) {
+        let was = self.held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if was.is_some() {
+            tracing::warn!(
+                by,
+                epoch = self.role().epoch,
+                "epoch confirmed: acting as the active node"
+            );
+            self.progress.send_modify(|n| *n += 1);
+            for inbox in self.runtime().inboxes.values() {
+                inbox.interrupt();
             }
         }
     }
@@ -299,18 +352,28 @@ impl Shared {
         if next.epoch <= current.epoch {
             return Err(format!("the new epoch {} is not above {}", next.epoch, current.epoch));
         }
+        state::check_epoch_step(current.epoch, next.epoch).map_err(|e| e.to_string())?;
         if self.cluster().node(&next.active).is_none() {
             return Err(format!("{:?} is not a node of the cluster", next.active));
         }
         self.set_role(next.clone(), reason, by)
             .map_err(|e| format!("cannot record the new role: {e:#}"))?;
+        // An operator's promotion needs no peer's confirmation.
+        self.confirm(by);
         Ok(next)
     }
 
     /// Adopts `next` if its epoch is above ours (fencing); returns the state after.
     pub fn adopt(&self, next: RoleState, reason: &str, by: &str) -> Result<RoleState> {
         let _g = self.role_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if next.epoch > self.role().epoch {
+        let current = self.role().epoch;
+        if next.epoch > current {
+            // A peer or an operator cannot move this node further than a
+            // controller could have (see `MAX_EPOCH_JUMP`).
+            if let Err(e) = state::check_epoch_step(current, next.epoch) {
+                tracing::error!(epoch = next.epoch, current, by, error = %e, "refused an epoch");
+                return Err(e.into());
+            }
             self.set_role(next, reason, by)?;
         }
         Ok(self.role())
@@ -399,6 +462,8 @@ impl Shared {
                     root: self.me.local_path(&w.path),
                     excludes,
                     debounce: Duration::from_millis(w.debounce_ms),
+                    max_delete: w.max_delete,
+                    verify_root: true,
                 })
             })
             .collect();
@@ -408,9 +473,31 @@ impl Shared {
                 root: jobs::spool_dir(&self.state_dir),
                 excludes: Excludes::default(),
                 debounce: Duration::from_millis(10),
+                // Dumps replace one another: never held.
+                max_delete: warmspare_shared::config::DeleteLimit::Share(100),
+                verify_root: false,
             });
         }
         out
+    }
+
+    /// Lets the next full comparison of `watch` towards every current peer
+    /// remove what the deletion guard holds.
+    pub fn allow_deletes(&self, watch: &str) {
+        let peers: Vec<String> = self.runtime().inboxes.keys().cloned().collect();
+        let mut g = self.allow_deletes.lock().unwrap_or_else(|p| p.into_inner());
+        for p in peers {
+            g.insert((p, watch.to_string()));
+        }
+    }
+
+    /// Takes the operator's permission for a full comparison of `watch`
+    /// towards `peer` to remove what the deletion guard holds.
+    pub fn take_allow_deletes(&self, peer: &str, watch: &str) -> bool {
+        self.allow_deletes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(peer.to_string(), watch.to_string()))
     }
 
     /// Where the hash cache of `watch` for `side` ("send" or "recv") lives.
@@ -504,8 +591,20 @@ pub async fn serve(
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     crate::preserved::prune(&shared, None);
+    let persisted = shared.state_dir.join(state::ROLE_FILE).exists();
     let role = RoleState::load_or_init(&shared.state_dir, &shared.cluster().cluster.preferred_active)?;
     shared.role.send_replace(role.clone());
+    if persisted && role.active == shared.me.name && shared.cluster().peers_of(&shared.me.name).next().is_some() {
+        // A node that comes back active may be a stale primary: its peers may
+        // have moved on (a failover while it was down). It acts as the active
+        // one only once a peer confirms its epoch, or an operator promotes it.
+        let reason = format!(
+            "no peer has confirmed epoch {} since this agent started (`warmsparectl failover --to {} --force` promotes it)",
+            role.epoch, shared.me.name
+        );
+        tracing::warn!(epoch = role.epoch, "{reason}");
+        shared.set_held(Some(reason));
+    }
     let history = state::read_history(&shared.state_dir);
     if history.is_empty() {
         let first = HistoryEntry {
@@ -519,7 +618,23 @@ pub async fn serve(
         let _ = state::append_history(&shared.state_dir, &first);
     }
     for w in shared.local_watches() {
-        std::fs::create_dir_all(&w.root).with_context(|| format!("cannot create watch root {}", w.root.display()))?;
+        if w.name == jobs::SPOOL_WATCH {
+            // The job spool is the agent's own, under the state dir.
+            std::fs::create_dir_all(&w.root)
+                .with_context(|| format!("cannot create the job spool {}", w.root.display()))?;
+        } else if w.root.is_dir() {
+            shared.roots.observe(&w.name, &w.root);
+        } else {
+            // Never created here: on the active, shipping an empty root
+            // would empty the passives (see `roots`); a passive's receiver
+            // creates it at the first sync.
+            tracing::warn!(
+                watch = w.name,
+                root = %w.root.display(),
+                "watch root is missing or not a directory; not created (a passive creates it at the first sync, an active does not ship it)"
+            );
+            continue;
+        }
         // Never fatal: a tree the walk cannot enter (too deep, unreadable,
         // a root that is a link) is reported, and the agent starts.
         match apply::clean_temps(&w.root) {
@@ -785,6 +900,11 @@ impl ActiveSide {
 }
 
 fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &CancellationToken) {
+    // Roots are checked now, so that status and the log say at once when
+    // one is not fit to ship from (the shippers check again before each batch).
+    for w in shared.local_watches().iter().filter(|w| w.verify_root) {
+        let _ = shared.roots.verify(&w.name, &w.root);
+    }
     let mut inboxes = Vec::new();
     for peer in shared.cluster().peers_of(&shared.me.name) {
         let inbox = Arc::new(Inbox::default());
@@ -808,8 +928,9 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &Cancellat
         })
         .collect();
     let t = token.clone();
+    let rewatch = shared.roots.recovered.clone();
     tasks.spawn(async move {
-        if let Err(e) = watcher::run(targets, inboxes, t).await {
+        if let Err(e) = watcher::run(targets, inboxes, rewatch, t).await {
             tracing::error!(
                 error = format!("{e:#}"),
                 "the watcher stopped; changes are found only by periodic comparison"

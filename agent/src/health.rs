@@ -1,6 +1,7 @@
 //! The HTTP listener: health checks for load balancers, status and metrics.
 //!
-//! `GET|HEAD /_status/check` is 200 on the active node and 503 elsewhere, so
+//! `GET|HEAD /_status/check` is 200 on the active node and 503 elsewhere
+//! (and on an active held until a peer confirms its epoch), so
 //! a load balancer (HAProxy `option httpchk HEAD /_status/check`) sends
 //! clients to the active node only, and follows every role change.
 
@@ -99,6 +100,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         "# HELP warmspare_epoch The role epoch this node is at.\n# TYPE warmspare_epoch gauge\nwarmspare_epoch {}",
         s.role.epoch
     );
+    let _ = writeln!(out, "# HELP warmspare_active_held 1 while this node's role state names it active but no peer has confirmed its epoch.\n# TYPE warmspare_active_held gauge\nwarmspare_active_held {}", u8::from(s.held.is_some()));
     let _ = writeln!(out, "# HELP warmspare_paused 1 while replication and jobs are held.\n# TYPE warmspare_paused gauge\nwarmspare_paused {}", u8::from(s.paused));
     let _ = writeln!(out, "# HELP warmspare_build_info The software and protocol version.\n# TYPE warmspare_build_info gauge\nwarmspare_build_info{{version=\"{}\",protocol=\"{}\"}} 1", s.version, s.protocol);
     type Lag = fn(&warmspare_shared::proto::LinkStatus) -> f64;
@@ -157,6 +159,29 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     );
     for w in &s.watches {
         let _ = writeln!(out, "warmspare_watch_files{{watch=\"{}\"}} {}", w.name, w.files);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP warmspare_watch_root_ok 0 while a watch root fails its check (missing, not a directory, another file system) and nothing of it ships.\n# TYPE warmspare_watch_root_ok gauge"
+    );
+    for w in &s.watches {
+        let _ = writeln!(
+            out,
+            "warmspare_watch_root_ok{{watch=\"{}\"}} {}",
+            w.name,
+            u8::from(w.root_error.is_none())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP warmspare_deletions_held Files the deletion guard keeps on a peer until an operator allows their removal.\n# TYPE warmspare_deletions_held gauge"
+    );
+    for l in &s.links {
+        let _ = writeln!(
+            out,
+            "warmspare_deletions_held{{watch=\"{}\",peer=\"{}\"}} {}",
+            l.watch, l.peer, l.deletions_held
+        );
     }
     let _ = writeln!(out, "# HELP warmspare_bytes_sent_total Bytes sent to peers, framing included.\n# TYPE warmspare_bytes_sent_total counter\nwarmspare_bytes_sent_total {sent}");
     let _ = writeln!(out, "# HELP warmspare_job_runs_total Job runs on this node since the agent started.\n# TYPE warmspare_job_runs_total counter");

@@ -204,7 +204,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 .iter()
                 .filter(|j| j.restore.is_some() && j.restore_schedule.is_none())
             {
-                if !s.is_active() && !s.is_paused() {
+                if !s.is_active() && !s.is_paused() && !s.is_unconfirmed() {
                     let _ = restore(&s, job, false).await;
                 }
             }
@@ -254,6 +254,13 @@ async fn scheduled(shared: Arc<Shared>, job: Job, expr: String, trigger: Trigger
             tracing::info!(job = job.name, "job skipped: paused");
             continue;
         }
+        if shared.is_unconfirmed() {
+            tracing::info!(
+                job = job.name,
+                "job skipped: this node is held until a peer confirms its epoch"
+            );
+            continue;
+        }
         let active = shared.is_active();
         match trigger {
             Trigger::Restore if !active => {
@@ -286,6 +293,9 @@ pub async fn run_now(shared: &Shared, name: &str) -> Result<JobRun> {
         .iter()
         .find(|j| j.name == name)
         .with_context(|| format!("there is no job {name:?}"))?;
+    if let Some(reason) = shared.held() {
+        anyhow::bail!("{reason}");
+    }
     let active = shared.is_active();
     if job.dump.is_some() {
         if active {

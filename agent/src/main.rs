@@ -16,6 +16,7 @@ mod jobs;
 mod logging;
 mod preserved;
 mod receive;
+mod roots;
 mod sd;
 mod server;
 mod shell;

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warmspare_shared::config::Node;
+use warmspare_shared::config::{DeleteLimit, Node};
 use warmspare_shared::delta;
 use warmspare_shared::manifest::{self, ContentHash, Entry, EntryKind, Excludes, HashCache, Hashing, Meta};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, CHUNK};
@@ -36,6 +36,8 @@ const FULL_RESYNC: Duration = Duration::from_secs(600);
 /// (a full disk, say) are sent again.
 const RETRY_MIN: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often a watch root that failed its check is looked at again.
+const ROOT_RECHECK: Duration = Duration::from_secs(2);
 /// Ops per commit, and bytes per commit, before a commit is sent.
 const OPS_PER_COMMIT: usize = 4000;
 const BYTES_PER_COMMIT: u64 = 32 * 1024 * 1024;
@@ -59,6 +61,11 @@ pub struct LocalWatch {
     pub excludes: Excludes,
     /// Quiet time that ends a batch of events.
     pub debounce: Duration,
+    /// The deletion guard's limit (`max_delete`).
+    pub max_delete: DeleteLimit,
+    /// Whether the root is checked before shipping (see `roots`); the
+    /// agent's own job spool is not.
+    pub verify_root: bool,
 }
 
 /// Runs the shipper for `peer` until `cancel` fires.
@@ -160,6 +167,22 @@ async fn session(
         None => bail!("the peer closed the session before hello"),
     };
     check_peer_hello(shared, peer, &theirs)?;
+    if shared.is_unconfirmed() {
+        // The peer admitted this node as the active of its epoch: it holds
+        // the same epoch naming this node (or adopted it from our hello).
+        let mine = shared.role();
+        if theirs.epoch == mine.epoch && theirs.active == shared.me.name {
+            shared.confirm(&peer.name);
+        } else {
+            bail!(
+                "{} answers at epoch {} with {} active, which does not confirm epoch {}: still held",
+                peer.name,
+                theirs.epoch,
+                theirs.active,
+                mine.epoch
+            );
+        }
+    }
     let owners = theirs.owners;
 
     let (frame_tx, mut frame_rx) = mpsc::channel::<Vec<Bytes>>(GROUPS_QUEUED);
@@ -397,9 +420,15 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
         backoff: RETRY_MIN,
     };
     let mut next_full = Instant::now() + FULL_RESYNC;
+    // Watches whose root failed its check: nothing of theirs ships until it
+    // passes again (looked at every ROOT_RECHECK), then they are compared whole.
+    let mut bad_roots: BTreeSet<String> = BTreeSet::new();
+    let mut root_recheck: Option<Instant> = None;
+    // Removals the deletion guard holds, per watch: path, files under it.
+    let mut held: HashMap<String, BTreeMap<String, u64>> = HashMap::new();
     loop {
         if shared.is_paused() {
-            inbox.wait_interrupt(FULL_RESYNC);
+            inbox.wait_interrupt(Duration::from_secs(1));
             if io.frames.is_closed() {
                 return Err(Closed.into());
             }
@@ -411,8 +440,34 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                 inbox.add_paths(&watch, [path]);
             }
         }
+        if root_recheck.is_some_and(|at| Instant::now() >= at) {
+            root_recheck = None;
+            bad_roots.retain(|name| {
+                let Some(w) = watches.iter().find(|w| &w.name == name) else {
+                    return false;
+                };
+                if shared.roots.verify(&w.name, &w.root).is_ok() {
+                    inbox.add_full(&w.name);
+                    return false;
+                }
+                true
+            });
+            if !bad_roots.is_empty() {
+                root_recheck = Some(Instant::now() + ROOT_RECHECK);
+            }
+        }
         let wake = retry.at.map_or(next_full, |at| at.min(next_full));
-        let work = match inbox.take(wake.saturating_duration_since(Instant::now())) {
+        let wake = root_recheck.map_or(wake, |at| at.min(wake));
+        // At most a second at a time: an interrupt that came while the
+        // worker was busy is not seen by `take`, and a closed connection
+        // must end the worker (or the agent could not stop).
+        if io.frames.is_closed() {
+            return Err(Closed.into());
+        }
+        let wait = wake
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        let work = match inbox.take(wait) {
             Some(w) => w,
             None if io.frames.is_closed() => return Err(Closed.into()),
             None if shared.is_paused() || Instant::now() < next_full => continue,
@@ -430,11 +485,21 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
         let started = Instant::now();
         let mut stats = BatchStats::default();
         let mut settled: Vec<(String, Vec<(String, ContentHash)>)> = Vec::new();
+        // Files a full comparison left on the peer because the guard held their removal.
+        let mut held_except: Vec<(String, Vec<String>)> = Vec::new();
         let result = (|| -> Result<()> {
             for w in &watches {
                 let full = work.full.contains(&w.name);
                 let paths = work.paths.get(&w.name);
                 if !full && paths.is_none() {
+                    continue;
+                }
+                if w.verify_root && shared.roots.verify(&w.name, &w.root).is_err() {
+                    // Never ship a tree from a root that failed its check:
+                    // it would look empty and empty the peer. The error is
+                    // logged, and shown in status, metrics and `check`.
+                    bad_roots.insert(w.name.clone());
+                    root_recheck.get_or_insert_with(|| Instant::now() + ROOT_RECHECK);
                     continue;
                 }
                 let cache = caches.entry(w.name.clone()).or_default();
@@ -462,12 +527,77 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                     top_most(paths.into_iter().flatten())
                 };
                 let remote = model.entry(w.name.clone()).or_default();
-                for prefix in prefixes {
-                    let local = ship_prefix(&mut io, w, &prefix, cache, remote, &mut stats, owners)?;
+                let plans: Vec<Plan> = prefixes.iter().map(|p| plan_prefix(w, p, cache, remote)).collect();
+                // The deletion guard: counted against the peer's files in
+                // this watch, over the whole batch.
+                let deleting: u64 = plans
+                    .iter()
+                    .flat_map(|p| &p.removals)
+                    .filter(|r| r.deletion)
+                    .map(|r| r.files)
+                    .sum();
+                let peer_files = remote
+                    .values()
+                    .filter(|h| matches!(h.kind, EntryKind::File { .. }))
+                    .count() as u64;
+                let allowed = full && shared.take_allow_deletes(peer, &w.name);
+                let hold = !allowed && deleting > 0 && w.max_delete.holds(deleting, peer_files);
+                let held_here = held.entry(w.name.clone()).or_default();
+                if full {
+                    held_here.clear();
+                } else {
+                    held_here.retain(|path, _| !prefixes.iter().any(|p| manifest::is_under(path, p)));
+                }
+                if hold {
+                    tracing::error!(
+                        peer,
+                        watch = w.name,
+                        files = deleting,
+                        of = peer_files,
+                        limit = %w.max_delete,
+                        "deletions held: this would remove more of the peer's files than max_delete allows; \
+                         nothing is removed until `warmsparectl resync --watch {} --allow-deletes`",
+                        w.name
+                    );
+                } else if allowed && deleting > 0 {
+                    tracing::warn!(
+                        peer,
+                        watch = w.name,
+                        files = deleting,
+                        "removing what the deletion guard held, as the operator allowed"
+                    );
+                }
+                let mut except: Vec<String> = Vec::new();
+                for mut plan in plans {
+                    if hold {
+                        plan.removals.retain(|r| {
+                            if r.deletion {
+                                held_here.insert(r.path.clone(), r.files);
+                                except.extend(
+                                    manifest::subtree(remote, &r.path)
+                                        .filter(|(_, h)| matches!(h.kind, EntryKind::File { .. }))
+                                        .map(|(p, _)| p.to_string()),
+                                );
+                            }
+                            !r.deletion
+                        });
+                    }
+                    let local = ship_prefix(&mut io, w, plan, cache, remote, &mut stats, owners)?;
                     if full {
                         settled.push((w.name.clone(), local));
                     }
                 }
+                if full {
+                    held_except.push((w.name.clone(), except));
+                }
+                let count: u64 = held_here.values().sum();
+                shared.link(peer, |l| {
+                    if count == 0 {
+                        l.deletions_held.remove(&w.name);
+                    } else {
+                        l.deletions_held.insert(w.name.clone(), count);
+                    }
+                });
                 flush_commit(&mut io, &mut stats, &w.name)?;
             }
             while !io.outstanding.is_empty() {
@@ -480,6 +610,12 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                     .iter()
                     .filter(|(w, _)| w == watch)
                     .map(|(_, p)| p.clone())
+                    .chain(
+                        held_except
+                            .iter()
+                            .filter(|(w, _)| w == watch)
+                            .flat_map(|(_, e)| e.iter().cloned()),
+                    )
                     .collect();
                 io.send(&Request::Op(Op::Settled {
                     watch: watch.clone(),
@@ -563,7 +699,10 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
             l.last_error = unapplied;
             l.done_generation = l.done_generation.max(work.generation);
             for w in work.full.iter().chain(work.paths.keys()) {
-                l.last_success.insert(w.clone(), now);
+                // A watch whose root failed its check shipped nothing.
+                if !bad_roots.contains(w) {
+                    l.last_success.insert(w.clone(), now);
+                }
             }
         });
     }
@@ -644,15 +783,25 @@ fn top_most<'a>(paths: impl Iterator<Item = &'a String>) -> Vec<String> {
     out
 }
 
-fn ship_prefix(
-    io: &mut SessionIo,
-    w: &LocalWatch,
-    prefix: &str,
-    cache: &mut HashCache,
-    remote: &mut Remote,
-    stats: &mut BatchStats,
-    owners: bool,
-) -> Result<Vec<(String, ContentHash)>> {
+/// One prefix of a batch, scanned and compared, before anything is sent.
+struct Plan {
+    scan: manifest::Scan,
+    /// What the peer has there that must go, top-most only.
+    removals: Vec<Removal>,
+}
+
+/// One path the peer must remove.
+struct Removal {
+    path: String,
+    /// Nothing is there locally (a deletion, which the guard counts), as
+    /// opposed to something of another type taking its place.
+    deletion: bool,
+    /// Regular files the peer holds at or under it.
+    files: u64,
+}
+
+/// Scans `prefix` locally and lists what the peer must remove under it.
+fn plan_prefix(w: &LocalWatch, prefix: &str, cache: &mut HashCache, remote: &Remote) -> Plan {
     // A file is read before it is sent only when the peer has a file of the
     // same size there (the hashes decide whether to send it); the others are
     // sent anyway, and hashed as they are read to be sent.
@@ -666,24 +815,48 @@ fn ship_prefix(
         tracing::warn!(watch = w.name, skipped = ?s, "not replicated");
     }
     let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
-    let remote_under: Vec<(&str, &Held)> = manifest::subtree(remote, prefix).map(|(p, h)| (&**p, h)).collect();
 
-    // 1. Removals: what the peer has that we do not, or of another type.
-    let mut removals: Vec<String> = Vec::new();
-    for (path, r) in &remote_under {
-        let gone = match local.get(path) {
-            None => true,
-            Some(l) => {
-                kind_tag(&l.kind) != kind_tag(&r.kind)
-                    && !(matches!(l.kind, EntryKind::File { .. }) && matches!(r.kind, EntryKind::File { .. }))
-            }
+    // What the peer has that we do not, or of another type.
+    let mut removals: Vec<Removal> = Vec::new();
+    for (path, r) in manifest::subtree(remote, prefix) {
+        let path: &str = path;
+        let is_file = matches!(r.kind, EntryKind::File { .. });
+        if let Some(last) = removals.last_mut().filter(|last| manifest::is_under(path, &last.path)) {
+            last.files += u64::from(is_file);
+            continue;
+        }
+        let (gone, deletion) = match local.get(path) {
+            None => (true, true),
+            Some(l) => (
+                kind_tag(&l.kind) != kind_tag(&r.kind) && !(matches!(l.kind, EntryKind::File { .. }) && is_file),
+                false,
+            ),
         };
-        if gone && !removals.last().is_some_and(|last| manifest::is_under(path, last)) {
-            removals.push(path.to_string());
+        if gone {
+            removals.push(Removal {
+                path: path.to_string(),
+                deletion,
+                files: u64::from(is_file),
+            });
         }
     }
+    drop(local);
+    Plan { scan, removals }
+}
+
+fn ship_prefix(
+    io: &mut SessionIo,
+    w: &LocalWatch,
+    plan: Plan,
+    cache: &mut HashCache,
+    remote: &mut Remote,
+    stats: &mut BatchStats,
+    owners: bool,
+) -> Result<Vec<(String, ContentHash)>> {
+    let Plan { scan, removals } = plan;
+    let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let mut changed_parents: BTreeSet<String> = BTreeSet::new();
-    for path in removals {
+    for Removal { path, .. } in removals {
         stats.touched.push((w.name.clone(), path.clone(), None));
         emit(
             io,

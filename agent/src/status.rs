@@ -18,6 +18,7 @@ const DIVERGED_LIST_LIMIT: usize = 1_000;
 /// This node's status now.
 pub fn node_status(shared: &Shared) -> NodeStatus {
     let now = SystemTime::now();
+    let root_problems = shared.roots.problems();
     let rt = shared.runtime();
     let watches: Vec<WatchStatus> = shared
         .local_watches()
@@ -29,6 +30,7 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
                 files,
                 bytes,
                 last_applied: rt.last_applied.get(&w.name).map(|t| unix(*t)),
+                root_error: root_problems.get(&w.name).cloned(),
             }
         })
         .collect();
@@ -77,6 +79,7 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
                 lag_seconds,
                 last_success: link.last_success.get(&w.name).map(|t| unix(*t)),
                 last_error: link.last_error.clone(),
+                deletions_held: link.deletions_held.get(&w.name).copied().unwrap_or(0),
             });
         }
     }

@@ -48,8 +48,17 @@ enum Raw {
     Rescan(Option<PathBuf>),
 }
 
-/// Watches `targets` until `cancel` fires, feeding `inboxes`.
-pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: CancellationToken) -> Result<()> {
+/// How often a root that is not a directory is looked at again.
+const UNWATCHED_POLL: Duration = Duration::from_secs(2);
+
+/// Watches `targets` until `cancel` fires, feeding `inboxes`; `rewatch`
+/// renews every root's watch.
+pub async fn run(
+    targets: Vec<Target>,
+    inboxes: Vec<Arc<Inbox>>,
+    rewatch: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) -> Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Raw>();
     let handler_tx = tx.clone();
     let handler = move |res: notify::Result<notify::Event>| {
@@ -74,8 +83,16 @@ pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: Cancell
         .with_follow_symlinks(false)
         .with_event_kinds(notify::EventKindMask::CORE | notify::EventKindMask::ACCESS_CLOSE);
     let mut watcher = notify::RecommendedWatcher::new(handler, config).context("cannot start inotify")?;
-    for t in &targets {
-        std::fs::create_dir_all(&t.root).with_context(|| format!("cannot create watch root {}", t.root.display()))?;
+    // Roots are never created here (see `roots`): a root that is not a
+    // directory now is watched once it is one, and once the shipper finds it
+    // fine again (`rewatch`).
+    let mut unwatched: Vec<bool> = vec![false; targets.len()];
+    for (i, t) in targets.iter().enumerate() {
+        if !t.root.is_dir() {
+            tracing::warn!(watch = t.name, root = %t.root.display(), "watch root is not a directory; not watching it until it is");
+            unwatched[i] = true;
+            continue;
+        }
         if let Err(e) = watcher.watch(&t.root, RecursiveMode::Recursive) {
             report_watch_error(&e);
             // Without a complete watch, periodic and reconnect comparisons still converge.
@@ -87,14 +104,38 @@ pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: Cancell
     // Watches that lost events, and when to renew them.
     let mut lost: Vec<bool> = vec![false; targets.len()];
     let mut rescan_at: Option<Instant> = None;
+    let mut unwatched_at = unwatched.contains(&true).then(|| Instant::now() + UNWATCHED_POLL);
     loop {
         let next = pending
             .values()
             .map(|(_, quiet, hold)| (*quiet).min(*hold))
             .chain(rescan_at)
+            .chain(unwatched_at)
             .min();
         tokio::select! {
             _ = cancel.cancelled() => break,
+            _ = rewatch.notified() => {
+                // A root came back (remounted, recreated, accepted): watch
+                // every root anew; the shipper compares it whole.
+                for (i, t) in targets.iter().enumerate() {
+                    if !t.root.is_dir() {
+                        continue;
+                    }
+                    let renewed = tokio::task::block_in_place(|| {
+                        let _ = watcher.unwatch(&t.root);
+                        watcher.watch(&t.root, RecursiveMode::Recursive)
+                    });
+                    match renewed {
+                        Ok(()) => unwatched[i] = false,
+                        Err(e) => report_watch_error(&e),
+                    }
+                }
+                for i in &inboxes {
+                    for t in &targets {
+                        i.add_full(&t.name);
+                    }
+                }
+            }
             raw = rx.recv() => {
                 let Some(raw) = raw else { break };
                 match raw {
@@ -119,6 +160,27 @@ pub async fn run(targets: Vec<Target>, inboxes: Vec<Arc<Inbox>>, cancel: Cancell
             }
             _ = sleep_until(next) => {
                 let now = Instant::now();
+                if unwatched_at.is_some_and(|at| at <= now) {
+                    unwatched_at = None;
+                    for (i, t) in targets.iter().enumerate() {
+                        if !unwatched[i] || !t.root.is_dir() {
+                            continue;
+                        }
+                        match tokio::task::block_in_place(|| watcher.watch(&t.root, RecursiveMode::Recursive)) {
+                            Ok(()) => {
+                                unwatched[i] = false;
+                                tracing::info!(watch = t.name, root = %t.root.display(), "watching");
+                                for i in &inboxes {
+                                    i.add_full(&t.name);
+                                }
+                            }
+                            Err(e) => report_watch_error(&e),
+                        }
+                    }
+                    if unwatched.contains(&true) {
+                        unwatched_at = Some(now + UNWATCHED_POLL);
+                    }
+                }
                 if rescan_at.is_some_and(|at| at <= now) {
                     rescan_at = None;
                     for (i, t) in targets.iter().enumerate() {

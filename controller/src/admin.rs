@@ -52,16 +52,28 @@ async fn active_node(op: &Operator) -> Result<&warmspare_shared::config::Node> {
 }
 
 /// Runs `resync` on the active node.
-pub async fn resync(op: &Operator, watch: Option<String>) -> Result<()> {
+pub async fn resync(op: &Operator, args: &crate::cli::ResyncArgs) -> Result<()> {
     let node = active_node(op).await?;
     let mut s = op.connect(node, NODE_TIMEOUT).await?;
-    match s.call(&Request::Resync { watch: watch.clone() }).await? {
+    let watch = args.watch.clone();
+    let req = Request::Resync {
+        watch: watch.clone(),
+        accept_root: args.accept_root,
+        allow_deletes: args.allow_deletes,
+    };
+    match s.call(&req).await? {
         Reply::Done => {
-            println!(
-                "{}: comparing {} with every peer now",
-                node.name,
-                watch.as_deref().unwrap_or("every watch")
-            );
+            let what = watch.as_deref().unwrap_or("every watch");
+            if args.accept_root {
+                println!("{}: accepted the root of {what} as it is now", node.name);
+            }
+            if args.allow_deletes {
+                println!(
+                    "{}: this comparison of {what} may remove what the deletion guard held",
+                    node.name
+                );
+            }
+            println!("{}: comparing {what} with every peer now", node.name);
             Ok(())
         }
         Reply::Refused { reason } => Err(fail(FAILED, format!("{} refused: {reason}", node.name))),

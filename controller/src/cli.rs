@@ -128,6 +128,16 @@ pub struct ResyncArgs {
     /// Only this watch (default: every watch).
     #[arg(long)]
     pub watch: Option<String>,
+    /// Accept the watch root as it is now after its check stopped shipping
+    /// (missing: created empty; on another file system: recorded). Look
+    /// first: an empty or wrong root empties the passives (the deletion
+    /// guard still holds mass removals).
+    #[arg(long)]
+    pub accept_root: bool,
+    /// Let this comparison remove on the passives what the deletion guard
+    /// held (`max_delete`), after you have checked that the removals are wanted.
+    #[arg(long)]
+    pub allow_deletes: bool,
 }
 
 /// Options of `history`.

@@ -57,7 +57,7 @@ fn run(args: cli::Args) -> Result<()> {
             }
             Command::Pause => admin::everywhere(&op, warmspare_shared::proto::Request::Pause, "paused").await,
             Command::Resume => admin::everywhere(&op, warmspare_shared::proto::Request::Resume, "resumed").await,
-            Command::Resync(a) => admin::resync(&op, a.watch.clone()).await,
+            Command::Resync(a) => admin::resync(&op, a).await,
             Command::RunJob(a) => admin::run_job(&op, &a.name, a.on.as_deref()).await,
             Command::History(a) => admin::history(&op, a.json).await,
             Command::Demo(_) | Command::Generate { .. } => Ok(()),

@@ -167,12 +167,11 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
     for g in &good {
         println!("preflight: ok: {g}");
     }
+    let new_epoch = next_epoch(role.epoch)?;
     if args.dry_run {
         println!(
             "dry run: the switchover from {} to {} at epoch {} would go ahead",
-            role.active,
-            args.to,
-            role.epoch + 1
+            role.active, args.to, new_epoch
         );
         return Ok(());
     }
@@ -181,7 +180,7 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
         args.yes,
     )?;
     let next = RoleState {
-        epoch: role.epoch + 1,
+        epoch: new_epoch,
         active: args.to.clone(),
     };
     let old = op
@@ -431,7 +430,10 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
             args.to, role.epoch
         ));
     }
-    if retry.is_none() && status_of(&views, &role.active).is_some_and(|s| s.role.active == s.node && s.held.is_none()) {
+    if retry.is_none()
+        && role.active != args.to
+        && status_of(&views, &role.active).is_some_and(|s| s.role.active == s.node && s.held.is_none())
+    {
         return Err(fail(
             REFUSED,
             format!(
@@ -441,14 +443,28 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
         ));
     }
     let target = status_of(&views, &args.to).ok_or_else(|| fail(REFUSED, format!("{} is not reachable", args.to)))?;
+    // A held target with a peer unreachable: that peer may have moved on
+    // while the target was down (a failover to it), so the epoch skips
+    // ahead and a peer returning at any epoch it may have reached adopts
+    // this one and follows, rather than meeting a second active at its own.
+    let someone_unreachable = views.iter().any(|v| v.status.is_err());
+    let step_up = if retry.is_some() && someone_unreachable {
+        HELD_EPOCH_STEP
+    } else {
+        1
+    };
     let next = RoleState {
-        epoch: role.epoch + 1,
+        epoch: advance_epoch(role.epoch, step_up)?,
         active: args.to.clone(),
     };
-    step(&format!(
-        "promoting {} to active at epoch {} ({} is unreachable)",
-        args.to, next.epoch, role.active
-    ));
+    if role.active == args.to {
+        step(&format!("promoting {} to active at epoch {}", args.to, next.epoch));
+    } else {
+        step(&format!(
+            "promoting {} to active at epoch {} ({} is unreachable)",
+            args.to, next.epoch, role.active
+        ));
+    }
     let node = op
         .cluster
         .node(&args.to)
@@ -491,11 +507,38 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
             }
         }
     }
-    println!(
-        "done: {} is active at epoch {}. When {} comes back it steps down at once, and files it changed after the last sync are kept under its diverged/ folder.",
-        args.to, next.epoch, role.active
-    );
+    if role.active == args.to {
+        println!(
+            "done: {} is active at epoch {}. A peer that comes back at a lower epoch adopts this one.",
+            args.to, next.epoch
+        );
+    } else {
+        println!(
+            "done: {} is active at epoch {}. When {} comes back it steps down at once, and files it changed after the last sync are kept under its diverged/ folder.",
+            args.to, next.epoch, role.active
+        );
+    }
     Ok(())
+}
+
+/// The epoch after `current`, or a refusal saying why there is none.
+fn next_epoch(current: u64) -> Result<u64> {
+    advance_epoch(current, 1)
+}
+
+/// How far a failover that promotes a held node moves the epoch (well
+/// within what an agent accepts in one step, `state::MAX_EPOCH_JUMP`).
+pub const HELD_EPOCH_STEP: u64 = 100;
+
+/// `current + by`, with checked arithmetic, or a refusal saying why not.
+fn advance_epoch(current: u64, by: u64) -> Result<u64> {
+    use warmspare_shared::state::{EpochError, MAX_EPOCH};
+    current.checked_add(by).filter(|e| *e <= MAX_EPOCH).ok_or_else(|| {
+        fail(
+            REFUSED,
+            format!("cannot change the role: {}", EpochError::Exhausted { current }),
+        )
+    })
 }
 
 /// Waits until `node` has restored each `(job, generation)`; a failed restore

@@ -128,6 +128,17 @@ pub fn warnings(op: &Operator, views: &[NodeView]) -> Vec<String> {
                 s.node, s.node
             ));
         }
+        for w in &s.watches {
+            if let Some(e) = &w.root_error {
+                out.push(format!("{}: watch {} is not shipped: {e}", s.node, w.name));
+            }
+        }
+        for l in s.links.iter().filter(|l| l.deletions_held > 0) {
+            out.push(format!(
+                "{}: deletions held: {} file(s) of watch {} stay on {} (max_delete); after checking, `warmsparectl resync --watch {} --allow-deletes`",
+                s.node, l.deletions_held, l.watch, l.peer, l.watch
+            ));
+        }
     }
     out
 }
@@ -219,6 +230,11 @@ fn render(op: &Operator, views: &[NodeView]) -> String {
                     .filter(|_| !l.connected)
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default()
+                    + &if l.deletions_held > 0 {
+                        format!(" (deletions held: {})", l.deletions_held)
+                    } else {
+                        String::new()
+                    }
             );
         }
     }

@@ -203,6 +203,78 @@ pub struct Watch {
     /// A shell command run on the receiver once per applied batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after_apply: Option<String>,
+    /// The deletion guard: the most of a peer's files one comparison may
+    /// remove before its removals are held for an operator.
+    #[serde(skip_serializing_if = "DeleteLimit::is_default")]
+    pub max_delete: DeleteLimit,
+}
+
+/// A watch's `max_delete`: how much of a peer's copy one comparison may
+/// remove before the removals are held (see docs/operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteLimit {
+    /// `"N%"`: more than this share of the peer's files (and at least
+    /// [`DeleteLimit::MIN_HELD`] files) is held.
+    Share(u8),
+    /// `N`: more than this many files is held.
+    Count(u64),
+}
+
+impl DeleteLimit {
+    /// The default: half of the peer's files.
+    pub const DEFAULT: DeleteLimit = DeleteLimit::Share(50);
+    /// Removals of fewer files than this are never held by a share.
+    pub const MIN_HELD: u64 = 10;
+
+    /// Whether removing `removed` of the `peer_files` files a peer holds
+    /// must wait for an operator.
+    pub fn holds(&self, removed: u64, peer_files: u64) -> bool {
+        match *self {
+            DeleteLimit::Share(p) => {
+                removed >= Self::MIN_HELD && u128::from(removed) * 100 > u128::from(p) * u128::from(peer_files)
+            }
+            DeleteLimit::Count(n) => removed > n,
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == Self::DEFAULT
+    }
+
+    fn parse(text: &str) -> Result<DeleteLimit, String> {
+        let t = text.trim();
+        let bad = || format!("{text:?} is not a share (\"50%\") or a number of files (\"200\")");
+        if let Some(p) = t.strip_suffix('%') {
+            let p: u8 = p.trim().parse().map_err(|_| bad())?;
+            if p > 100 {
+                return Err(format!("{text:?}: a share is at most 100%"));
+            }
+            Ok(DeleteLimit::Share(p))
+        } else {
+            t.parse().map(DeleteLimit::Count).map_err(|_| bad())
+        }
+    }
+}
+
+impl Default for DeleteLimit {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl fmt::Display for DeleteLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeleteLimit::Share(p) => write!(f, "{p}%"),
+            DeleteLimit::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for DeleteLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
 }
 
 /// Where a `run` job runs.
@@ -331,6 +403,15 @@ struct RawWatch {
     #[serde(default = "default_debounce")]
     debounce_ms: u64,
     after_apply: Option<String>,
+    max_delete: Option<Spanned<RawLimit>>,
+}
+
+/// `max_delete` as written: `"50%"`, `"200"` or `200`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawLimit {
+    Count(u64),
+    Text(String),
 }
 
 fn default_debounce() -> u64 {
@@ -762,12 +843,22 @@ impl RawFile {
                     .map_err(|e| loc.at(g, format!("watch[{i}].exclude[{j}]"), e))?;
                 exclude.push(g.get_ref().clone());
             }
+            let max_delete = match &w.max_delete {
+                None => DeleteLimit::DEFAULT,
+                Some(v) => match v.get_ref() {
+                    RawLimit::Count(n) => DeleteLimit::Count(*n),
+                    RawLimit::Text(t) => {
+                        DeleteLimit::parse(t).map_err(|e| loc.at(v, format!("watch[{i}].max_delete"), e))?
+                    }
+                },
+            };
             watches.push(Watch {
                 name,
                 path,
                 exclude,
                 debounce_ms: w.debounce_ms,
                 after_apply: w.after_apply.clone(),
+                max_delete,
             });
         }
 
@@ -913,6 +1004,29 @@ timeout = "10m"
 
     fn parse(text: &str) -> Result<Cluster, ConfigError> {
         Cluster::parse(text, Path::new("cluster.toml"))
+    }
+
+    #[test]
+    fn max_delete_parses_shares_and_counts() {
+        let with = |v: &str| parse(&sample().replace("exclude = [", &format!("max_delete = {v}\nexclude = [")));
+        assert_eq!(parse(&sample()).unwrap().watch[0].max_delete, DeleteLimit::Share(50));
+        assert_eq!(with("\"25%\"").unwrap().watch[0].max_delete, DeleteLimit::Share(25));
+        assert_eq!(with("\"200\"").unwrap().watch[0].max_delete, DeleteLimit::Count(200));
+        assert_eq!(with("7").unwrap().watch[0].max_delete, DeleteLimit::Count(7));
+        assert!(with("\"101%\"").is_err());
+        assert!(with("\"half\"").is_err());
+        assert!(with("-3").is_err());
+        // The default is not written in the canonical form (hashes stay as they were).
+        assert!(!parse(&sample()).unwrap().canonical().contains("max_delete"));
+        assert!(with("\"25%\"").unwrap().canonical().contains("max_delete = \"25%\""));
+        let d = DeleteLimit::DEFAULT;
+        assert!(!d.holds(9, 10), "fewer than ten files are never held by a share");
+        assert!(d.holds(10, 10));
+        assert!(!d.holds(50, 100));
+        assert!(d.holds(51, 100));
+        assert!(!DeleteLimit::Share(100).holds(1000, 1000));
+        assert!(DeleteLimit::Count(3).holds(4, 1_000_000));
+        assert!(!DeleteLimit::Count(3).holds(3, 3));
     }
 
     #[test]

@@ -88,6 +88,10 @@ pub struct LinkStatus {
     pub last_success: Option<i64>,
     /// The last error towards this peer, if the link is not healthy.
     pub last_error: Option<String>,
+    /// Files the last comparison would have removed on the peer and the
+    /// deletion guard held (`max_delete`); 0 when none are held.
+    #[serde(default)]
+    pub deletions_held: u64,
 }
 
 /// One watch on one node.
@@ -101,6 +105,11 @@ pub struct WatchStatus {
     pub bytes: u64,
     /// On a passive: when a batch was last applied (Unix seconds).
     pub last_applied: Option<i64>,
+    /// Why the watch root cannot be shipped from (missing, not a directory,
+    /// another file system than last seen); nothing ships for the watch
+    /// until it is fixed or accepted.
+    #[serde(default)]
+    pub root_error: Option<String>,
 }
 
 /// A node's own account of itself, for `warmsparectl status`.
@@ -128,8 +137,9 @@ pub struct NodeStatus {
     pub started: i64,
     /// Its jobs.
     pub jobs: Vec<JobStatus>,
-    /// Why this node, though named active, does not act as active yet (its
-    /// `on_promote` hook is running or failed); `None` otherwise.
+    /// Why this node, though named active, does not act as active: no peer
+    /// has confirmed its epoch since it started, or its `on_promote` hook is
+    /// running or failed; `None` otherwise.
     #[serde(default)]
     pub held: Option<String>,
     /// The last run of each role hook on this node.
@@ -365,6 +375,11 @@ pub enum Request {
     Resync {
         /// The watch, or every watch.
         watch: Option<String>,
+        /// Accept the watch root as it is now (create it when missing, and
+        /// record its file system) after a root check stopped shipping.
+        accept_root: bool,
+        /// Let the comparison remove what the deletion guard held.
+        allow_deletes: bool,
     },
     /// Control: answered with [`Reply::History`].
     History,

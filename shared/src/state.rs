@@ -64,6 +64,61 @@ impl RoleState {
     }
 }
 
+/// The most an epoch may rise in one step that an agent learns from a peer
+/// or an operator. The controller raises the epoch by one per role change; a
+/// node that was down through many changes may be this far behind and still
+/// catch up in one step. A claim beyond it (a hostile or broken peer claiming
+/// `u64::MAX`) is refused: adopting it would leave no epoch for the next change.
+pub const MAX_EPOCH_JUMP: u64 = 1000;
+
+/// The highest epoch an agent accepts; far below `u64::MAX`, so that the
+/// controller can always make the next one.
+pub const MAX_EPOCH: u64 = u64::MAX / 2;
+
+/// Why an epoch cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EpochError {
+    /// The next epoch would pass [`MAX_EPOCH`].
+    #[error(
+        "epoch {current} is the highest allowed; no further role change can be recorded (edit role.json on every node)"
+    )]
+    Exhausted {
+        /// The epoch there is no successor for.
+        current: u64,
+    },
+    /// A claimed epoch is further above this node's than any controller could have made.
+    #[error("epoch {claimed} is more than {MAX_EPOCH_JUMP} above this node's epoch {current} (or above {MAX_EPOCH}): refused")]
+    TooFar {
+        /// This node's epoch.
+        current: u64,
+        /// The epoch claimed.
+        claimed: u64,
+    },
+}
+
+/// The epoch after `current`, with checked arithmetic.
+pub fn next_epoch(current: u64) -> Result<u64, EpochError> {
+    current
+        .checked_add(1)
+        .filter(|n| *n <= MAX_EPOCH)
+        .ok_or(EpochError::Exhausted { current })
+}
+
+/// Checks that `claimed` (from a peer or an operator) is a step up from
+/// `current` that a controller could have made: at most [`MAX_EPOCH_JUMP`]
+/// above it and at most [`MAX_EPOCH`]. A claim at or below `current` is not
+/// a step up and passes (the callers compare epochs themselves).
+pub fn check_epoch_step(current: u64, claimed: u64) -> Result<(), EpochError> {
+    if claimed <= current {
+        return Ok(());
+    }
+    let limit = current.saturating_add(MAX_EPOCH_JUMP).min(MAX_EPOCH);
+    if claimed > limit {
+        return Err(EpochError::TooFar { current, claimed });
+    }
+    Ok(())
+}
+
 /// The file, under the state dir, that holds the role history (JSON lines).
 pub const HISTORY_FILE: &str = "history.jsonl";
 
@@ -136,6 +191,21 @@ pub(crate) fn decode_persisted<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_are_checked() {
+        assert_eq!(next_epoch(1), Ok(2));
+        assert_eq!(next_epoch(MAX_EPOCH - 1), Ok(MAX_EPOCH));
+        assert_eq!(next_epoch(MAX_EPOCH), Err(EpochError::Exhausted { current: MAX_EPOCH }));
+        assert_eq!(next_epoch(u64::MAX), Err(EpochError::Exhausted { current: u64::MAX }));
+        assert_eq!(check_epoch_step(5, 3), Ok(()));
+        assert_eq!(check_epoch_step(5, 6), Ok(()));
+        assert_eq!(check_epoch_step(5, 5 + MAX_EPOCH_JUMP), Ok(()));
+        assert!(check_epoch_step(5, 6 + MAX_EPOCH_JUMP).is_err());
+        assert!(check_epoch_step(1, u64::MAX).is_err());
+        assert!(check_epoch_step(u64::MAX - 3, u64::MAX).is_err());
+        assert!(check_epoch_step(MAX_EPOCH, MAX_EPOCH + 1).is_err());
+    }
 
     #[test]
     fn init_store_and_reload() {

@@ -204,6 +204,47 @@ async fn a_stale_epoch_and_a_future_protocol_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_no_controller_could_have_made_is_refused() {
+    let c = TestCluster::pair("");
+    let _b = c.start("b");
+    let role_file = c.node("b").root.join("var/lib/warmspare/role.json");
+    wait_until("b's role file", Duration::from_secs(30), || role_file.exists());
+    let before = std::fs::read(&role_file).unwrap();
+    // A node key claims the highest epoch there is: adopting it would leave
+    // no epoch for the next failover.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (_, reply) = loop {
+        match push_session(&c, "a", "b", u64::MAX).await {
+            Ok(x) => break x,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "b never answered: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+        }
+    };
+    assert!(
+        matches!(&reply, Reply::Refused { reason } if reason.contains("epoch")),
+        "{reply:?}"
+    );
+    // A jump far beyond what any controller made is refused too.
+    let ((_, _, _), reply) = push_session(&c, "a", "b", 1 + 1_000_000).await.unwrap();
+    assert!(matches!(&reply, Reply::Refused { .. }), "{reply:?}");
+    assert_eq!(std::fs::read(&role_file).unwrap(), before, "b's role state changed");
+    // b still knows a as the active of epoch 1, and a failover still works.
+    let out = c.ctl(&["failover", "--to", "b", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = c.status_json();
+    let b = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "b")
+        .unwrap();
+    assert_eq!(b["status"]["role"]["epoch"], 2, "{v}");
+    assert_eq!(b["status"]["role"]["active"], "b", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_not_in_the_cluster_file_is_refused_at_the_ssh_layer() {
     let c = TestCluster::pair("");
     let _b = c.start("b");

@@ -14,4 +14,5 @@ mod hostile;
 mod jobs;
 mod monitoring;
 mod replication;
+mod safety;
 mod service;
