@@ -100,7 +100,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         "# HELP warmspare_epoch The role epoch this node is at.\n# TYPE warmspare_epoch gauge\nwarmspare_epoch {}",
         s.role.epoch
     );
-    let _ = writeln!(out, "# HELP warmspare_active_held 1 while this node's role state names it active but no peer has confirmed its epoch.\n# TYPE warmspare_active_held gauge\nwarmspare_active_held {}", u8::from(s.held.is_some()));
+    let _ = writeln!(out, "# HELP warmspare_active_held 1 while this node's role state names it active but it does not act as active (no peer has confirmed its epoch, or on_promote is running or failed).\n# TYPE warmspare_active_held gauge\nwarmspare_active_held {}", u8::from(s.held.is_some()));
     let _ = writeln!(out, "# HELP warmspare_paused 1 while replication and jobs are held.\n# TYPE warmspare_paused gauge\nwarmspare_paused {}", u8::from(s.paused));
     let _ = writeln!(out, "# HELP warmspare_build_info The software and protocol version.\n# TYPE warmspare_build_info gauge\nwarmspare_build_info{{version=\"{}\",protocol=\"{}\"}} 1", s.version, s.protocol);
     type Lag = fn(&warmspare_shared::proto::LinkStatus) -> f64;

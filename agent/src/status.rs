@@ -170,7 +170,8 @@ pub struct PublicStatus {
     links: Vec<PublicLink>,
     diverged_files: usize,
     jobs: Vec<PublicJob>,
-    /// Whether the node is named active but held (its on_promote running or failed).
+    /// Whether the node is named active but held (no peer has confirmed its
+    /// epoch, or its on_promote is running or failed).
     held: bool,
     hooks: Vec<PublicHook>,
 }
@@ -196,6 +197,9 @@ struct PublicWatch {
     files: u64,
     bytes: u64,
     last_applied: Option<i64>,
+    /// Whether the watch root passed its check; the reason is shown by
+    /// `warmsparectl status` (it names a path).
+    root_ok: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -209,6 +213,8 @@ struct PublicLink {
     last_success: Option<i64>,
     /// Whether the link has an error; its text is shown by `warmsparectl status`.
     error: bool,
+    /// Files the deletion guard keeps on the peer.
+    deletions_held: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -249,6 +255,7 @@ impl From<NodeStatus> for PublicStatus {
                     files: w.files,
                     bytes: w.bytes,
                     last_applied: w.last_applied,
+                    root_ok: w.root_error.is_none(),
                 })
                 .collect(),
             links: s
@@ -263,6 +270,7 @@ impl From<NodeStatus> for PublicStatus {
                     lag_seconds: l.lag_seconds,
                     last_success: l.last_success,
                     error: l.last_error.is_some(),
+                    deletions_held: l.deletions_held,
                 })
                 .collect(),
             diverged_files: s.diverged.len(),
@@ -304,7 +312,7 @@ impl From<NodeStatus> for PublicStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warmspare_shared::proto::{JobKind, JobRun, JobStatus, LinkStatus, RoleState};
+    use warmspare_shared::proto::{JobKind, JobRun, JobStatus, LinkStatus, RoleState, WatchStatus};
 
     #[test]
     fn the_public_status_carries_no_detail() {
@@ -319,7 +327,13 @@ mod tests {
                 active: "a".into(),
             },
             paused: false,
-            watches: vec![],
+            watches: vec![WatchStatus {
+                name: "ca".into(),
+                files: 1,
+                bytes: 1,
+                last_applied: None,
+                root_error: Some(format!("watch root /{secret} is missing")),
+            }],
             links: vec![LinkStatus {
                 peer: "b".into(),
                 watch: "ca".into(),
@@ -329,6 +343,7 @@ mod tests {
                 lag_seconds: 0.5,
                 last_success: Some(7),
                 last_error: Some(format!("hook said {secret}")),
+                deletions_held: 12,
             }],
             diverged: vec![format!("3-1/ca/{secret}")],
             started: 1,
@@ -366,6 +381,8 @@ mod tests {
         assert_eq!(v["jobs"][0]["runs_failed"], 1);
         assert_eq!(v["jobs"][0]["last"]["ok"], false);
         assert_eq!(v["links"][0]["error"], true);
+        assert_eq!(v["links"][0]["deletions_held"], 12);
+        assert_eq!(v["watches"][0]["root_ok"], false);
         assert_eq!(v["diverged_files"], 1);
         assert_eq!(v["role"]["epoch"], 3);
         assert_eq!(v["held"], true);
