@@ -36,6 +36,8 @@ const FULL_RESYNC: Duration = Duration::from_secs(600);
 /// (a full disk, say) are sent again.
 const RETRY_MIN: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// The deletion guard counts the removals of this long together.
+const DELETE_WINDOW: Duration = Duration::from_secs(60);
 /// How often a watch root that failed its check is looked at again.
 const ROOT_RECHECK: Duration = Duration::from_secs(2);
 /// Ops per commit, and bytes per commit, before a commit is sent.
@@ -426,6 +428,10 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
     let mut root_recheck: Option<Instant> = None;
     // Removals the deletion guard holds, per watch: path, files under it.
     let mut held: HashMap<String, BTreeMap<String, u64>> = HashMap::new();
+    // Files removed on the peer per watch in the last DELETE_WINDOW: an `rm
+    // -r` slower than the debounce arrives in several batches, and the guard
+    // counts them together.
+    let mut removed_lately: HashMap<String, Vec<(Instant, u64)>> = HashMap::new();
     loop {
         if shared.is_paused() {
             inbox.wait_interrupt(Duration::from_secs(1));
@@ -541,7 +547,13 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                     .filter(|h| matches!(h.kind, EntryKind::File { .. }))
                     .count() as u64;
                 let allowed = full && shared.take_allow_deletes(peer, &w.name);
-                let hold = !allowed && deleting > 0 && w.max_delete.holds(deleting, peer_files);
+                let lately = removed_lately.entry(w.name.clone()).or_default();
+                lately.retain(|(at, _)| at.elapsed() < DELETE_WINDOW);
+                let before: u64 = lately.iter().map(|(_, n)| n).sum();
+                let hold = !allowed && deleting > 0 && w.max_delete.holds(before + deleting, peer_files + before);
+                if !hold && deleting > 0 {
+                    lately.push((Instant::now(), deleting));
+                }
                 let held_here = held.entry(w.name.clone()).or_default();
                 if full {
                     held_here.clear();

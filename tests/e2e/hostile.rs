@@ -44,6 +44,15 @@ async fn push_session(c: &TestCluster, me: &str, to: &str, epoch: u64) -> Result
     Ok(((r, w, d.handle), reply))
 }
 
+/// Waits until node `name`'s agent accepts connections (its watch roots
+/// exist before it starts, so they say nothing about it).
+fn wait_listening(c: &TestCluster, name: &str) {
+    let port = c.node(name).port;
+    wait_until(&format!("{name} listening"), Duration::from_secs(60), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+}
+
 fn file_op(path: &str, data: &[u8]) -> Vec<Request> {
     vec![
         Request::Op(Op::FileBegin {
@@ -93,7 +102,7 @@ async fn path_escapes_are_refused_and_the_agent_keeps_serving() {
     let b_root = c.ca("b");
     let outside = c.dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
-    wait_until("b's ca root", Duration::from_secs(30), || b_root.is_dir());
+    wait_listening(&c, "b");
     std::os::unix::fs::symlink(&outside, b_root.join("evil")).unwrap();
 
     for bad in [
@@ -362,7 +371,7 @@ async fn oversized_and_truncated_frames_drop_only_their_session() {
     let c = TestCluster::pair("");
     let b = c.start("b");
     let b_root = c.ca("b");
-    wait_until("b's ca root", Duration::from_secs(30), || b_root.is_dir());
+    wait_listening(&c, "b");
     let rss_before = b.rss_kib().unwrap();
 
     // A length prefix of 4 GiB, then a megabyte of junk: refused on the prefix.
@@ -438,7 +447,7 @@ async fn deltas_past_their_size_or_on_the_wrong_base_are_refused() {
     let c = TestCluster::pair("");
     let mut b = c.start("b");
     let b_root = c.ca("b");
-    wait_until("b's ca root", Duration::from_secs(30), || b_root.is_dir());
+    wait_listening(&c, "b");
     let base = warmspare_tests::noise(200_000, 11);
     let (mut conn, _) = push_session(&c, "a", "b", 1).await.unwrap();
     let (reply, _) = send_all(&mut conn, file_op("base.bin", &base)).await;
