@@ -11,6 +11,8 @@ use warmspare_shared::keys::SecretKey;
 use warmspare_shared::proto::{FrameReader, FrameWriter, Hello, NodeStatus, Purpose, Reply, Request, PROTOCOL_VERSION};
 use warmspare_shared::ssh;
 
+use crate::exit;
+
 type Stream = ChannelStream<russh::client::Msg>;
 
 /// The cluster as the operator sees it: the file and the operator's key.
@@ -27,14 +29,26 @@ impl Operator {
     /// Loads the cluster file and the operator key, and checks the key is listed.
     pub fn load(cluster: &Path, key: &Path) -> Result<Operator> {
         let cluster = Cluster::load(cluster)?;
-        let key = SecretKey::load(key).with_context(|| format!("cannot load the operator key {}", key.display()))?;
+        // A missing, unreadable or unlisted key is a configuration error
+        // (exit 2), like a bad cluster file.
+        let key = SecretKey::load(key).map_err(|e| {
+            exit::fail(
+                exit::USAGE,
+                format!("cannot load the operator key {}: {e}", key.display()),
+            )
+        })?;
         let public = key.public().to_openssh();
         let name = cluster
             .operator
             .iter()
             .find(|o| o.public_key == public)
             .map(|o| o.name.clone())
-            .ok_or_else(|| anyhow!("the operator key is not listed under [[operator]] in the cluster file"))?;
+            .ok_or_else(|| {
+                exit::fail(
+                    exit::USAGE,
+                    "the operator key is not listed under [[operator]] in the cluster file",
+                )
+            })?;
         Ok(Operator { cluster, key, name })
     }
 
@@ -126,9 +140,17 @@ impl Session {
 pub struct TimedOut;
 
 /// The default operator key: `~/.config/warmspare/operator.key`.
-pub fn default_key() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default()
-        .join(".config/warmspare/operator.key")
+///
+/// Without a `HOME` (a cron job, a bare systemd unit) there is no default:
+/// the key would otherwise be looked up relative to the current directory.
+pub fn default_key() -> Result<PathBuf> {
+    match std::env::var_os("HOME") {
+        Some(home) if !home.is_empty() && Path::new(&home).is_absolute() => {
+            Ok(PathBuf::from(home).join(".config/warmspare/operator.key"))
+        }
+        _ => Err(exit::fail(
+            exit::USAGE,
+            "HOME is not set to an absolute path, so there is no default operator key: pass --key PATH",
+        )),
+    }
 }

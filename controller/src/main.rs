@@ -33,7 +33,10 @@ fn run(args: cli::Args) -> Result<()> {
         }
         _ => {}
     }
-    let key = args.key.clone().unwrap_or_else(client::default_key);
+    let key = match args.key.clone() {
+        Some(key) => key,
+        None => client::default_key()?,
+    };
     let op = client::Operator::load(&args.cluster, &key)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use serde::Serialize;
 use warmspare_shared::proto::NodeStatus;
 
@@ -37,23 +37,64 @@ struct NodeJson<'a> {
 pub async fn run(op: &Operator, args: &StatusArgs) -> Result<()> {
     loop {
         let views = op.gather(NODE_TIMEOUT).await;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&to_json(op, &views))?);
+        let text = if args.json {
+            format!("{}\n", serde_json::to_string_pretty(&to_json(op, &views))?)
         } else {
-            if args.watch && std::io::stdout().is_terminal() {
-                print!("\x1b[2J\x1b[H");
-            }
+            let clear = if args.watch && std::io::stdout().is_terminal() {
+                "\x1b[2J\x1b[H"
+            } else {
+                ""
+            };
             // Names and messages come from the nodes (file names from a
             // local user's disk): never raw to the terminal.
-            print!("{}", warmspare_shared::text::escape_for_terminal(&render(op, &views)));
-        }
-        if !args.watch {
-            if views.iter().all(|v| v.status.is_err()) {
-                return Err(exit::fail(exit::FAILED, "no node could be reached"));
-            }
+            format!(
+                "{clear}{}",
+                warmspare_shared::text::escape_for_terminal(&render(op, &views))
+            )
+        };
+        if !emit(&text)? {
+            // The reader went away (`status --watch | head`): done.
             return Ok(());
         }
+        if !args.watch {
+            return verdict(&views);
+        }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Writes `text` to standard output: `Ok(false)` when the reader has gone
+/// (a closed pipe), which is no error for a status display.
+fn emit(text: &str) -> Result<bool> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("cannot write to standard output"),
+    }
+}
+
+/// The exit status of a one-shot `status`, for scripts and monitoring:
+/// exit 1 when no node answered, when no reachable node acts as the active
+/// one, or when more than one does.
+fn verdict(views: &[NodeView]) -> Result<()> {
+    let up: Vec<&NodeStatus> = views.iter().filter_map(|v| v.status.as_ref().ok()).collect();
+    if up.is_empty() {
+        return Err(exit::fail(exit::FAILED, "no node could be reached"));
+    }
+    let acting: Vec<&str> = up
+        .iter()
+        .filter(|s| s.role.active == s.node && s.held.is_none())
+        .map(|s| s.node.as_str())
+        .collect();
+    match acting.len() {
+        1 => Ok(()),
+        0 => Err(exit::fail(exit::FAILED, "no reachable node acts as the active node")),
+        _ => Err(exit::fail(
+            exit::FAILED,
+            format!("more than one node acts as the active node: {}", acting.join(", ")),
+        )),
     }
 }
 

@@ -464,3 +464,80 @@ fn diverged_is_bounded_and_its_names_are_escaped() {
     );
     assert!(shown.contains("evil\\x1b]0;owned\\x07.pem"), "{shown}");
 }
+
+#[test]
+fn status_exit_codes_and_output_suit_scripts() {
+    let c = TestCluster::pair("");
+    let _b = c.start("b");
+    // Only the passive answers: no node acts as the active one.
+    wait_until("b in status", LIMIT, || {
+        text(&c.ctl(&["status"])).contains("no reachable node acts as the active node")
+    });
+    let out = c.ctl(&["status", "--json"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON even when exiting 1");
+    assert_eq!(node_json(&st, "b")["reachable"], true);
+
+    let _a = c.start("a");
+    wait_until("a healthy pair", LIMIT, || code(&c.ctl(&["status"])) == 0);
+
+    // A reader that goes away (`status --watch | head -1`) ends the command
+    // quietly, without a panic.
+    let mut child = Command::new(bin("warmsparectl"))
+        .arg("--cluster")
+        .arg(&c.file)
+        .arg("--key")
+        .arg(&c.operator_key)
+        .args(["status", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead as _;
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+    }
+    let deadline = std::time::Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status --watch kept running after its reader left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+
+    // Without HOME there is no default key: a usage error, not a lookup
+    // relative to the current directory.
+    let out = Command::new(bin("warmsparectl"))
+        .arg("--cluster")
+        .arg(&c.file)
+        .arg("status")
+        .env_remove("HOME")
+        .current_dir(c.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("--key"), "{}", text(&out));
+
+    // A missing operator key is a configuration error too (exit 2).
+    let out = Command::new(bin("warmsparectl"))
+        .arg("--cluster")
+        .arg(&c.file)
+        .arg("--key")
+        .arg(c.dir.path().join("no-such.key"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out));
+}
