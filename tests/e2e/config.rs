@@ -318,15 +318,34 @@ fn every_toml_block_in_the_docs_is_read_by_the_real_parser() {
 fn files_others_can_write_or_read_are_refused() {
     use std::os::unix::fs::PermissionsExt;
     let c = TestCluster::pair("");
+    // A refused file must stop `run` at once: an agent that starts instead
+    // is killed at a deadline and the test fails, rather than waiting on it.
     let agent = |cmd: &str| {
-        let out = Command::new(bin("warmspare-agent"))
+        let err_file = c.dir.path().join(format!("{cmd}.stderr"));
+        let mut child = Command::new(bin("warmspare-agent"))
             .arg("--cluster")
             .arg(&c.file)
             .args(["--node", "a", cmd])
             .stdin(std::process::Stdio::null())
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err_file).unwrap())
+            .spawn()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let err = std::fs::read_to_string(&err_file).unwrap_or_default();
+        let status = status.unwrap_or_else(|| panic!("{cmd} was still running after 60 s: {err}"));
+        (status.code(), err)
     };
     let chmod =
         |p: &std::path::Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
