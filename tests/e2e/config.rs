@@ -284,8 +284,9 @@ fn with_real_keys(text: &str) -> String {
 #[test]
 fn every_toml_block_in_the_docs_is_read_by_the_real_parser() {
     // A fragment (a block without `[cluster]`) is read as the tables it shows
-    // added to a minimal cluster; a whole file must validate as it stands,
-    // with real keys in place of the placeholders.
+    // added to a minimal cluster, a `[cluster]` table alone with the node it
+    // prefers added; a whole file must validate as it stands, with real keys
+    // in place of the placeholders.
     let minimal = "[cluster]\nname = \"docs\"\npreferred_active = \"a\"\n\n[[node]]\nname = \"a\"\nssh = \"127.0.0.1:7422\"\npublic_key = \"ssh-ed25519 AAAA...\"\n";
     let blocks = toml_blocks();
     assert!(
@@ -295,8 +296,16 @@ fn every_toml_block_in_the_docs_is_read_by_the_real_parser() {
     );
     let mut bad = Vec::new();
     for (place, body) in &blocks {
-        let whole = if body.contains("[cluster]") {
+        let whole = if body.contains("[cluster]") && body.contains("[[node]]") {
             body.clone()
+        } else if body.contains("[cluster]") {
+            // The cluster table alone: add the node it names as preferred.
+            let preferred = body
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("preferred_active"))
+                .and_then(|v| v.split('"').nth(1))
+                .unwrap_or("a");
+            format!("{body}\n[[node]]\nname = \"{preferred}\"\nssh = \"127.0.0.1:7422\"\npublic_key = \"ssh-ed25519 AAAA...\"\n")
         } else {
             format!("{minimal}\n{body}")
         };
