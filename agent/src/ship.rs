@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -1140,18 +1140,44 @@ fn learn(file: &fs::File, rel: &str, cache: &mut HashCache) -> io::Result<Learne
     }
     let learned = match learned {
         Some(l) => l,
-        // Large, or it grew past a chunk while read.
+        // Large, or it grew past a chunk while read: hashed as it is read
+        // (never mapped: another process may truncate it meanwhile).
         None => {
-            let map = delta::Mapped::new(file)?;
+            let mut counted = Counted {
+                inner: rewound(file)?,
+                n: 0,
+            };
+            let hash = ContentHash::of_reader(&mut counted)?;
             Learned {
-                size: map.len() as u64,
-                hash: ContentHash::of(&map),
+                size: counted.n,
+                hash,
                 content: None,
             }
         }
     };
     cache.record(rel, &before, learned.hash, &file.metadata()?);
     Ok(learned)
+}
+
+/// `file`, positioned at its start.
+fn rewound(file: &fs::File) -> io::Result<&fs::File> {
+    let mut f = file;
+    f.seek(io::SeekFrom::Start(0))?;
+    Ok(file)
+}
+
+/// A reader that counts the bytes it yields.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
 }
 
 /// Sends one file whole or as a delta. Returns the size and hash it was
@@ -1213,9 +1239,15 @@ fn ship_file(
             }
         }
         if let Some(base) = base {
-            let map = delta::Mapped::new(&file).with_context(|| format!("cannot map {}", abs.display()))?;
-            let worth =
-                map.len() as u64 == size && delta::worth_diffing(&sig, &map).map_err(|e| anyhow!("{}: {e}", l.path))?;
+            // Read, never mapped: another process may truncate the file
+            // while it is diffed. A file that changed size since its hash
+            // was learned goes whole (the receiver's checks refuse a stale
+            // announcement either way).
+            use std::os::unix::fs::FileExt;
+            let now = file.metadata().with_context(|| format!("cannot stat {}", abs.display()))?;
+            let worth = now.len() == size
+                && delta::worth_diffing_at(&sig, size, |at, buf| file.read_exact_at(buf, at))
+                    .map_err(|e| anyhow!("{}: {e}", l.path))?;
             if !worth {
                 tracing::debug!(
                     watch = w.name,
@@ -1236,7 +1268,8 @@ fn ship_file(
                     buf: Vec::with_capacity(CHUNK),
                     sent: 0,
                 };
-                delta::diff(&sig, &map, &mut sink).map_err(|e| anyhow!("{}: {e}", l.path))?;
+                let reader = rewound(&file).with_context(|| format!("cannot read {}", abs.display()))?;
+                delta::diff_reader(&sig, reader, size, &mut sink).map_err(|e| anyhow!("{}: {e}", l.path))?;
                 sink.flush_chunk()?;
                 stats.wire_bytes += sink.sent;
                 stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
@@ -1267,7 +1300,7 @@ fn ship_file(
                     sent: 0,
                 };
                 let mut left = size;
-                let mut reader = &file;
+                let mut reader = rewound(&file).with_context(|| format!("cannot read {}", abs.display()))?;
                 let mut buf = vec![0u8; CHUNK.min(size.max(1) as usize)];
                 while left > 0 {
                     let want = buf.len().min(left as usize);

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use rustix::fs::OFlags;
 
 use crate::beneath::{self, split};
-use crate::delta::{self, Mapped};
+use crate::delta;
 use crate::ledger::Ledgers;
 use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta, TEMP_PREFIX};
 use crate::proto::Op;
@@ -365,8 +365,14 @@ impl Applier {
             Ok(h) => h,
             Err(_) => return Ok(None),
         };
-        let Ok(map) = Mapped::new(&file) else { return Ok(None) };
-        Ok(Some((hash, delta::signature(&map, block_len.clamp(64, 1 << 20)))))
+        // Read, never mapped: a local writer may truncate it meanwhile.
+        if std::io::Seek::rewind(&mut &file).is_err() {
+            return Ok(None);
+        }
+        let Ok(sig) = delta::signature_of_reader(&file, md.len(), block_len.clamp(64, 1 << 20)) else {
+            return Ok(None);
+        };
+        Ok(Some((hash, sig)))
     }
 
     /// Applies one operation. An `Err` means the session must end; ordinary
@@ -977,8 +983,8 @@ impl Applier {
         let file = writer.into_inner().map_err(|e| e.error().to_string())?.file;
         if let Some((spool, base_hash)) = &inc.delta {
             // Patch: base (the current target) + delta (the spool) -> tmp.
-            let delta_file = file;
-            let delta_map = Mapped::new(&delta_file).map_err(|e| e.to_string())?;
+            let mut delta_file = file;
+            std::io::Seek::rewind(&mut delta_file).map_err(|e| e.to_string())?;
             let base_file = beneath::open_in(&inc.dir, &inc.name, OFlags::RDONLY)
                 .map_err(|e| format!("cannot open the delta base: {e}"))?;
             let base_md = base_file.metadata().map_err(|e| e.to_string())?;
@@ -990,7 +996,6 @@ impl Applier {
             if actual != *base_hash {
                 return Err("the delta base changed on the receiver".into());
             }
-            let base_map = Mapped::new(&base_file).map_err(|e| e.to_string())?;
             let Stage::Named(tmp) = &inc.stage else {
                 return Err("no temporary file for a delta".into());
             };
@@ -1000,7 +1005,10 @@ impl Applier {
                 hasher: blake3::Hasher::new(),
                 written: 0,
             };
-            delta::apply(&base_map, &delta_map, &mut hw, inc.size as usize).map_err(|e| e.to_string())?;
+            // The base is read as the delta asks for it, never mapped: a
+            // local writer may truncate it meanwhile.
+            let spooled = std::io::BufReader::with_capacity(256 * 1024, &delta_file);
+            delta::apply_file(&base_file, spooled, &mut hw, inc.size as usize).map_err(|e| e.to_string())?;
             let _ = spool;
             inc.hasher = hw.hasher;
             inc.written = hw.written;

@@ -1,12 +1,19 @@
-//! Signatures, deltas and patching, on top of `fast_rsync`, plus memory maps.
+//! Signatures, deltas and patching, on top of `fast_rsync`.
 //!
 //! fast_rsync's signatures use MD4; callers always check the patched result
 //! against the sender's BLAKE3 hash, and patching is limited to the size the
 //! sender announced, because a delta from the wire is untrusted input.
+//!
+//! Files are never memory-mapped: a watched file can be truncated by another
+//! process at any moment, and touching a mapped page past the new end kills
+//! the process with `SIGBUS`. Large files are read instead, in rounds of at
+//! most [`Split::round_len`] bytes (signatures, diffs), in probes (the
+//! rewrite check), or with positioned reads of the base as a delta asks for
+//! it ([`apply_file`]); a file that shrinks while read is only a short read.
 
 use std::fs::File;
-use std::io::{self, Write};
-use std::ops::Deref;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 
 use fast_rsync::{Signature, SignatureOptions};
 
@@ -81,6 +88,62 @@ impl Split {
         let share = len.div_ceil(self.threads.max(1)).min(self.piece_max).max(1);
         share.div_ceil(block) * block
     }
+
+    /// The most bytes of an input of `len` bytes that are held in memory at
+    /// once when it is read in rounds: one piece per thread, a whole number
+    /// of blocks of `block` bytes (at most four pieces of 32 MiB).
+    pub fn round_len(self, len: usize, block: usize) -> usize {
+        self.piece_len(len, block.max(1)).saturating_mul(self.threads.max(1))
+    }
+}
+
+/// Reads from `r` until `buf` is full or the input ends; returns how many
+/// bytes were read.
+pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The serialized signature of the first `len` bytes read from `r` (fewer
+/// if it ends sooner), read in rounds of whole blocks: the same bytes as
+/// [`signature`] of the whole input, with at most [`Split::round_len`] bytes
+/// in memory.
+pub fn signature_of_reader(r: impl Read, len: u64, block_len: u32) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    signature_of_reader_with(r, len, block_len, Split::for_len(len))
+}
+
+/// [`signature_of_reader`], split as given.
+fn signature_of_reader_with(mut r: impl Read, len: usize, block_len: u32, split: Split) -> io::Result<Vec<u8>> {
+    let block = block_len.max(1);
+    let round = split.round_len(len, block as usize).min(len).max(1);
+    let mut buf = vec![0u8; round];
+    let mut out: Vec<u8> = Vec::new();
+    let mut left = len;
+    loop {
+        let want = round.min(left);
+        let n = read_full(&mut r, &mut buf[..want])?;
+        // The first round gives the header (an empty input too).
+        if n == 0 && !out.is_empty() {
+            break;
+        }
+        let part = signature_with(&buf[..n], block, split);
+        let body = if out.is_empty() { 0 } else { SIGNATURE_HEADER };
+        out.extend_from_slice(part.get(body..).unwrap_or_default());
+        left -= n;
+        if n < want || left == 0 {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// The serialized signature of `base`.
@@ -187,6 +250,51 @@ pub fn diff_with(signature_bytes: &[u8], data: &[u8], mut out: impl Write, split
     out.write_all(&[DELTA_END]).map_err(io)
 }
 
+/// Writes to `out` the delta that turns the signed file into the first `len`
+/// bytes read from `r` (fewer if it ends sooner). Inputs larger than one
+/// round ([`Split::round_len`]) are read and diffed a round at a time and
+/// the rounds' commands joined, so at most one round is held in memory.
+pub fn diff_reader(signature_bytes: &[u8], r: impl Read, len: u64, out: impl Write) -> Result<(), DeltaError> {
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    diff_reader_with(signature_bytes, r, len, out, Split::for_len(len))
+}
+
+/// [`diff_reader`], split as given.
+fn diff_reader_with(
+    signature_bytes: &[u8],
+    mut r: impl Read,
+    len: usize,
+    mut out: impl Write,
+    split: Split,
+) -> Result<(), DeltaError> {
+    let (_, block) = parse_signature(signature_bytes)?;
+    let round = split.round_len(len, block).min(len).max(1);
+    let read_err = |e: io::Error| DeltaError::Diff(format!("cannot read the new content: {e}"));
+    let mut buf = vec![0u8; round];
+    if len <= round {
+        let n = read_full(&mut r, &mut buf[..len]).map_err(read_err)?;
+        return diff_with(signature_bytes, &buf[..n], out, split);
+    }
+    let io = |e: io::Error| DeltaError::Diff(e.to_string());
+    out.write_all(&DELTA_MAGIC).map_err(io)?;
+    let mut left = len;
+    while left > 0 {
+        let want = round.min(left);
+        let n = read_full(&mut r, &mut buf[..want]).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        let mut part = Commands::new(&mut out);
+        diff_with(signature_bytes, &buf[..n], &mut part, split)?;
+        part.finish()?;
+        left -= n;
+        if n < want {
+            break;
+        }
+    }
+    out.write_all(&[DELTA_END]).map_err(io)
+}
+
 /// Passes on the commands of one complete delta: drops its magic and holds
 /// back its last byte, which must be the end command.
 struct Commands<W> {
@@ -237,16 +345,36 @@ impl<W: Write> Write for Commands<W> {
 /// three probes (start, middle, end) are diffed first; when every probe comes
 /// out almost all literal data, the content was rewritten and goes whole.
 pub fn worth_diffing(signature_bytes: &[u8], data: &[u8]) -> Result<bool, DeltaError> {
+    worth_diffing_at(signature_bytes, data.len() as u64, |at, buf| {
+        let at = usize::try_from(at).map_err(io::Error::other)?;
+        let src = data
+            .get(at..at + buf.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    })
+}
+
+/// [`worth_diffing`] for an input of `len` bytes that `read_at(offset, buf)`
+/// fills in, probe by probe (a file read with `pread`: only the three
+/// probes are read). A probe that cannot be read is an error.
+pub fn worth_diffing_at(
+    signature_bytes: &[u8],
+    len: u64,
+    mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+) -> Result<bool, DeltaError> {
     const PROBE: usize = 256 * 1024;
-    if data.len() < 16 * PROBE {
+    if len < 16 * PROBE as u64 {
         return Ok(true);
     }
     let (sig, _) = parse_signature(signature_bytes)?;
     let index = sig.index();
-    let mid = data.len() / 2 - PROBE / 2;
-    for at in [0, mid, data.len() - PROBE] {
+    let mid = len / 2 - PROBE as u64 / 2;
+    let mut probe = vec![0u8; PROBE];
+    for at in [0, mid, len - PROBE as u64] {
+        read_at(at, &mut probe).map_err(|e| DeltaError::Diff(format!("cannot read the new content: {e}")))?;
         let mut out = Vec::with_capacity(PROBE + 1024);
-        fast_rsync::diff(&index, &data[at..at + PROBE], &mut out).map_err(|e| DeltaError::Diff(e.to_string()))?;
+        fast_rsync::diff(&index, &probe, &mut out).map_err(|e| DeltaError::Diff(e.to_string()))?;
         if out.len() < PROBE / 10 * 9 {
             return Ok(true);
         }
@@ -275,33 +403,115 @@ pub fn apply(base: &[u8], delta: &[u8], out: &mut impl Write, limit: usize) -> R
     fast_rsync::apply_limited(base, delta, out, limit).map_err(|e| DeltaError::Apply(e.to_string()))
 }
 
-/// A read-only view of a whole file: memory-mapped, or empty for an empty file.
-pub struct Mapped {
-    map: Option<memmap2::Mmap>,
-}
-
-impl Mapped {
-    /// Maps `file` read-only.
-    pub fn new(file: &File) -> io::Result<Mapped> {
-        if file.metadata()?.len() == 0 {
-            return Ok(Mapped { map: None });
+/// Applies `delta` (read from a reader: the receiver's spool) to the file
+/// `base`, writing at most `limit` bytes to `out`. The base is read with
+/// positioned reads as the delta's copy commands ask for it, never mapped
+/// nor read whole: a base that shrinks meanwhile fails the apply (the
+/// result's hash check would refuse it anyway), it cannot harm the process.
+/// The same format and checks as [`apply`].
+pub fn apply_file(base: &File, mut delta: impl Read, out: &mut impl Write, limit: usize) -> Result<(), DeltaError> {
+    let err = |m: String| DeltaError::Apply(m);
+    let base_len = base
+        .metadata()
+        .map_err(|e| err(format!("cannot stat the base: {e}")))?
+        .len();
+    let mut left = limit as u64;
+    let mut magic = [0u8; 4];
+    delta
+        .read_exact(&mut magic)
+        .map_err(|e| err(format!("no delta magic: {e}")))?;
+    if magic != DELTA_MAGIC {
+        return Err(err(format!("incorrect magic: {}", hex::encode(magic))));
+    }
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut spend = |n: u64, what: &str| -> Result<(), DeltaError> {
+        if n > left {
+            return Err(err(format!("the {what} of {n} bytes exceeds the announced size")));
         }
-        // SAFETY: the map is read-only. The files mapped are the agent's own
-        // temporary files, or files of a watched tree whose content is checked
-        // against a BLAKE3 hash after use, so a concurrent writer can at worst
-        // make that check fail; it cannot make us read outside the mapping.
-        #[allow(unsafe_code)]
-        let map = unsafe { memmap2::Mmap::map(file)? };
-        Ok(Mapped { map: Some(map) })
+        left -= n;
+        Ok(())
+    };
+    loop {
+        let mut cmd = [0u8; 1];
+        delta
+            .read_exact(&mut cmd)
+            .map_err(|e| err(format!("unexpected end of the delta reading a command: {e}")))?;
+        let cmd = cmd[0];
+        match cmd {
+            DELTA_END => break,
+            OP_LITERAL_1..=OP_LITERAL_N8 => {
+                let n = if cmd <= OP_LITERAL_64 {
+                    u64::from(cmd - OP_LITERAL_1 + 1)
+                } else {
+                    read_be(&mut delta, 1 << (cmd - OP_LITERAL_N1), "a literal length")?
+                };
+                spend(n, "literal")?;
+                let mut rest = n;
+                while rest > 0 {
+                    let k = (buf.len() as u64).min(rest) as usize;
+                    delta
+                        .read_exact(&mut buf[..k])
+                        .map_err(|e| err(format!("unexpected end of the delta reading a literal: {e}")))?;
+                    out.write_all(&buf[..k]).map_err(|e| err(e.to_string()))?;
+                    rest -= k as u64;
+                }
+            }
+            OP_COPY_N1_N1..=OP_COPY_N8_N8 => {
+                let mode = cmd - OP_COPY_N1_N1;
+                let offset = read_be(&mut delta, 1 << (mode / 4), "a copy offset")?;
+                let len = read_be(&mut delta, 1 << (mode % 4), "a copy length")?;
+                if len == 0 {
+                    return Err(err("copy length is empty".into()));
+                }
+                match offset.checked_add(len) {
+                    Some(end) if end <= base_len => {}
+                    _ => {
+                        return Err(err(format!(
+                            "requested copy is out of bounds (offset={offset}, len={len}, data_len={base_len})"
+                        )))
+                    }
+                }
+                spend(len, "copy")?;
+                let (mut at, mut rest) = (offset, len);
+                while rest > 0 {
+                    let k = (buf.len() as u64).min(rest) as usize;
+                    base.read_exact_at(&mut buf[..k], at)
+                        .map_err(|e| err(format!("cannot read the base (it changed?): {e}")))?;
+                    out.write_all(&buf[..k]).map_err(|e| err(e.to_string()))?;
+                    at += k as u64;
+                    rest -= k as u64;
+                }
+            }
+            _ => return Err(err(format!("unexpected command byte: 0x{cmd:02x}"))),
+        }
+    }
+    let mut trailing = [0u8; 1];
+    match delta.read(&mut trailing) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(err("unexpected data after end command".into())),
+        Err(e) => Err(err(format!("cannot read the delta: {e}"))),
     }
 }
 
-impl Deref for Mapped {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
-    }
+/// Reads a big-endian integer of `width` bytes (1 to 8) from a delta.
+fn read_be(delta: &mut impl Read, width: usize, what: &str) -> Result<u64, DeltaError> {
+    let mut b = [0u8; 8];
+    delta
+        .read_exact(&mut b[8 - width.min(8)..])
+        .map_err(|e| DeltaError::Apply(format!("unexpected end of the delta reading {what}: {e}")))?;
+    Ok(u64::from_be_bytes(b))
 }
+
+/// Delta commands (librsync's format, as fast_rsync writes it): literals of
+/// 1 to 64 bytes whose length is the command, literals whose length follows
+/// in 1, 2, 4 or 8 bytes, and copies whose offset and length follow in 1,
+/// 2, 4 or 8 bytes each.
+const OP_LITERAL_1: u8 = 0x01;
+const OP_LITERAL_64: u8 = 0x40;
+const OP_LITERAL_N1: u8 = 0x41;
+const OP_LITERAL_N8: u8 = 0x44;
+const OP_COPY_N1_N1: u8 = 0x45;
+const OP_COPY_N8_N8: u8 = 0x54;
 
 #[cfg(test)]
 mod tests {
@@ -376,6 +586,94 @@ mod tests {
             pieces.len(),
             whole.len()
         );
+    }
+
+    #[test]
+    fn reading_in_rounds_gives_the_same_signature_and_a_correct_delta() {
+        let base: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let block = block_len(base.len() as u64);
+        let small = Split {
+            threads: 2,
+            piece_max: 200_000,
+        };
+        let sig = signature(&base, block);
+        let read = signature_of_reader_with(&base[..], base.len(), block, small).unwrap();
+        assert_eq!(read, sig);
+        assert_eq!(signature_of_reader(&base[..], base.len() as u64, block).unwrap(), sig);
+        // An empty input, and an input that ends before its announced length.
+        assert_eq!(signature_of_reader(&[][..], 0, block).unwrap(), signature(&[], block));
+        assert_eq!(
+            signature_of_reader_with(&base[..1_000_000], base.len(), block, small).unwrap(),
+            signature(&base[..1_000_000], block)
+        );
+        let mut new = base.clone();
+        new[1_234_567..1_234_600].copy_from_slice(&[3; 33]);
+        new.splice(2_000_000..2_000_000, [5u8; 777]);
+        let mut delta = Vec::new();
+        diff_reader_with(&sig, &new[..], new.len(), &mut delta, small).unwrap();
+        // 8 rounds, each a few blocks of literal data at most.
+        assert!(
+            delta.len() < 12 * block as usize + 2_000,
+            "delta of {} bytes",
+            delta.len()
+        );
+        let mut out = Vec::new();
+        apply(&base, &delta, &mut out, new.len()).unwrap();
+        assert_eq!(out, new);
+        // A shorter input than announced (a file truncated while read).
+        let mut short = Vec::new();
+        diff_reader_with(&sig, &new[..1_500_000], new.len(), &mut short, small).unwrap();
+        let mut out = Vec::new();
+        apply(&base, &short, &mut out, new.len()).unwrap();
+        assert_eq!(out, new[..1_500_000]);
+    }
+
+    #[test]
+    fn applying_to_a_file_matches_applying_to_memory() {
+        use std::io::Write as _;
+        let base: Vec<u8> = (0..700_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&base).unwrap();
+        let mut new = base.clone();
+        new[10..20].copy_from_slice(b"0123456789");
+        new.extend_from_slice(&[1u8; 100_000]);
+        new.drain(300_000..301_000);
+        let sig = signature(&base, 700);
+        let mut delta = Vec::new();
+        diff(&sig, &new, &mut delta).unwrap();
+        let mut mem = Vec::new();
+        apply(&base, &delta, &mut mem, new.len()).unwrap();
+        let mut from_file = Vec::new();
+        apply_file(&f, &delta[..], &mut from_file, new.len()).unwrap();
+        assert_eq!(from_file, new);
+        assert_eq!(mem, from_file);
+        // The same refusals: over the limit, truncated, trailing data, bad magic.
+        assert!(apply_file(&f, &delta[..], &mut Vec::new(), new.len() - 1).is_err());
+        assert!(apply_file(&f, &delta[..delta.len() - 1], &mut Vec::new(), new.len()).is_err());
+        let mut trailing = delta.clone();
+        trailing.push(0);
+        assert!(apply_file(&f, &trailing[..], &mut Vec::new(), new.len()).is_err());
+        assert!(apply_file(&f, &b"nope"[..], &mut Vec::new(), new.len()).is_err());
+        // A base truncated by someone else: an error, never a crash.
+        f.set_len(1000).unwrap();
+        assert!(apply_file(&f, &delta[..], &mut Vec::new(), new.len()).is_err());
+        // Every corruption of the delta that fast_rsync refuses, this refuses too.
+        for at in (4..delta.len()).step_by(97) {
+            let mut bad = delta.clone();
+            bad[at] ^= 0x55;
+            let mut a = Vec::new();
+            let mem_ok = apply(&base, &bad, &mut a, new.len()).is_ok();
+            f.set_len(0).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &base, 0).unwrap();
+            let mut b = Vec::new();
+            let file_ok = apply_file(&f, &bad[..], &mut b, new.len()).is_ok();
+            assert_eq!(mem_ok, file_ok, "corruption at {at}");
+            if mem_ok {
+                assert_eq!(a, b);
+            }
+        }
     }
 
     #[test]

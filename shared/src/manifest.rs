@@ -34,25 +34,32 @@ impl ContentHash {
         ContentHash(*blake3::hash(data).as_bytes())
     }
 
-    /// Hashes the file at `path`, memory-mapping large files.
+    /// Hashes the file at `path`.
     pub fn of_file(path: &Path) -> io::Result<ContentHash> {
-        // Most replicated files (certificates, keys, CRLs) are small: read
-        // them in one go, and map only what does not fit.
-        let mut file = crate::sys::open_for_reading(path, 0)?;
-        let mut buf = [0u8; 32 * 1024];
-        let mut n = 0;
-        while n < buf.len() {
-            match file.read(&mut buf[n..]) {
-                Ok(0) => return Ok(ContentHash::of(&buf[..n])),
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+        let file = crate::sys::open_for_reading(path, 0)?;
+        ContentHash::of_reader(&file)
+    }
+
+    /// Hashes what `r` yields up to its end. Small inputs (most replicated
+    /// files: certificates, keys, CRLs) are read in one go; larger ones are
+    /// read and hashed a buffer at a time, never mapped (a file truncated
+    /// by another process while mapped kills the reader with `SIGBUS`).
+    pub fn of_reader(mut r: impl Read) -> io::Result<ContentHash> {
+        let mut small = [0u8; 32 * 1024];
+        let n = crate::delta::read_full(&mut r, &mut small)?;
+        if n < small.len() {
+            return Ok(ContentHash::of(&small[..n]));
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&small);
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = crate::delta::read_full(&mut r, &mut buf)?;
+            hasher.update(&buf[..n]);
+            if n < buf.len() {
+                return Ok(ContentHash(*hasher.finalize().as_bytes()));
             }
         }
-        // The file already open: mapping it by its path again would open it
-        // without `O_NOATIME`.
-        let map = crate::delta::Mapped::new(&file)?;
-        Ok(ContentHash::of(&map))
     }
 }
 

@@ -15,4 +15,5 @@ mod jobs;
 mod monitoring;
 mod replication;
 mod safety;
+mod sender;
 mod service;
