@@ -52,6 +52,13 @@ const COMMITS_IN_FLIGHT: usize = 4;
 const GROUP_BYTES: usize = 64 * 1024;
 /// Groups queued for the writer before the worker waits for it.
 const GROUPS_QUEUED: usize = 32;
+/// The longest the worker waits for the peer: a reply (a manifest part, a
+/// signature), an acknowledgement, or room in the writer's queue. A peer
+/// that is connected but answers nothing for this long (a stopped process,
+/// a hung disk) ends the session with an error in status, and the shipper
+/// dials again. Generous: the slowest honest answer is a commit of 32 MiB
+/// made durable, or the signature of a large file, on a loaded disk.
+const PEER_DEADLINE: Duration = Duration::from_secs(120);
 
 /// One watch as the shipper sees it on the active node.
 pub struct LocalWatch {
@@ -240,6 +247,8 @@ async fn session(
     let worker_inbox = inbox.clone();
     let peer_name = peer.name.clone();
     let io = SessionIo {
+        rt: tokio::runtime::Handle::current(),
+        deadline: peer_deadline(),
         frames: frame_tx,
         group: Vec::new(),
         group_bytes: 0,
@@ -297,8 +306,22 @@ fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> Result<()> 
     Ok(())
 }
 
+/// [`PEER_DEADLINE`], or `WARMSPARE_PEER_DEADLINE_MS` from the environment
+/// (for tests that stop a peer).
+fn peer_deadline() -> Duration {
+    std::env::var("WARMSPARE_PEER_DEADLINE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(PEER_DEADLINE, Duration::from_millis)
+}
+
 /// The blocking worker's handles on the connection.
 struct SessionIo {
+    /// The runtime the connection's tasks run on (the worker waits on its
+    /// channels with a deadline).
+    rt: tokio::runtime::Handle,
+    /// How long the worker waits for the peer (see [`PEER_DEADLINE`]).
+    deadline: Duration,
     frames: mpsc::Sender<Vec<Bytes>>,
     /// Frames encoded and not yet handed to the writer (see [`GROUP_BYTES`]).
     group: Vec<Bytes>,
@@ -326,6 +349,11 @@ struct Retry {
 #[error("the connection closed")]
 struct Closed;
 
+/// The peer answered nothing within the deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer did not answer within {} s while the shipper waited for {what}", .1.as_secs(), what = .0)]
+struct Unanswered(&'static str, Duration);
+
 impl SessionIo {
     /// Queues a request; it reaches the peer at the next [`SessionIo::flush`]
     /// at the latest.
@@ -347,20 +375,31 @@ impl SessionIo {
             return Ok(());
         }
         self.group_bytes = 0;
-        self.frames
-            .blocking_send(std::mem::take(&mut self.group))
-            .map_err(|_| Closed)?;
-        Ok(())
+        let group = std::mem::take(&mut self.group);
+        let (frames, limit) = (&self.frames, self.deadline);
+        match self.rt.block_on(tokio::time::timeout(limit, frames.send(group))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Closed.into()),
+            Err(_) => Err(Unanswered("room to send", limit).into()),
+        }
     }
 
     fn reply(&mut self) -> Result<Reply> {
         self.flush()?;
-        Ok(self.replies.blocking_recv().ok_or(Closed)?)
+        let (replies, limit) = (&mut self.replies, self.deadline);
+        match self.rt.block_on(tokio::time::timeout(limit, replies.recv())) {
+            Ok(r) => Ok(r.ok_or(Closed)?),
+            Err(_) => Err(Unanswered("a reply", limit).into()),
+        }
     }
 
     fn ack(&mut self) -> Result<Reply> {
         self.flush()?;
-        Ok(self.acks.blocking_recv().ok_or(Closed)?)
+        let (acks, limit) = (&mut self.acks, self.deadline);
+        match self.rt.block_on(tokio::time::timeout(limit, acks.recv())) {
+            Ok(r) => Ok(r.ok_or(Closed)?),
+            Err(_) => Err(Unanswered("an acknowledgement", limit).into()),
+        }
     }
 }
 
@@ -432,6 +471,7 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
     // -r` slower than the debounce arrives in several batches, and the guard
     // counts them together.
     let mut removed_lately: HashMap<String, Vec<(Instant, u64)>> = HashMap::new();
+    let mut unreadable = Unreadable::default();
     loop {
         if shared.is_paused() {
             inbox.wait_interrupt(Duration::from_secs(1));
@@ -615,7 +655,8 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
             while !io.outstanding.is_empty() {
                 wait_ack(&mut io, peer)?;
             }
-            // Full comparisons applied: both sides agree on every file but the failures.
+            // Full comparisons applied: both sides agree on every file but
+            // the failures and what this node could not read.
             for (watch, _) in &settled {
                 let except: Vec<String> = io
                     .failures
@@ -627,6 +668,13 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                             .iter()
                             .filter(|(w, _)| w == watch)
                             .flat_map(|(_, e)| e.iter().cloned()),
+                    )
+                    .chain(
+                        stats
+                            .unreadable
+                            .iter()
+                            .filter(|(w, _, _)| w == watch)
+                            .map(|(_, p, _)| p.clone()),
                     )
                     .collect();
                 io.send(&Request::Op(Op::Settled {
@@ -658,7 +706,13 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
             shared.link(peer, |l| l.in_progress = None);
             return Err(e);
         }
-        record_agreement(shared, &stats.touched, &settled, &failures);
+        unreadable.update(&stats);
+        let unread: Vec<(String, String)> = stats
+            .unreadable
+            .iter()
+            .map(|(w, p, _)| (w.clone(), p.clone()))
+            .collect();
+        record_agreement(shared, &stats.touched, &settled, &[&failures[..], &unread[..]].concat());
         if !work.full.is_empty() {
             // A full comparison's scans and manifests are gone: give the memory back.
             drop(settled);
@@ -691,7 +745,7 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
         }
         let unapplied = if failures.is_empty() {
             retry.backoff = RETRY_MIN;
-            None
+            unreadable.summary()
         } else {
             let wait = retry.backoff;
             retry.paths.extend(failures.iter().cloned());
@@ -757,6 +811,42 @@ struct BatchStats {
     pending_bytes: u64,
     /// Files shipped (with their hash) and paths removed, per watch.
     touched: Vec<(String, String, Option<ContentHash>)>,
+    /// Prefixes compared, per watch (what [`Unreadable`] learnt anew).
+    scanned: Vec<(String, String)>,
+    /// Paths this node could not read (or that are not regular files any
+    /// more when opened), with why, per watch: the peer's copies there are
+    /// left alone.
+    unreadable: Vec<(String, String, String)>,
+}
+
+/// The paths of this node that could not be read, as last seen, per watch
+/// and path: reported in the link's status until a comparison reads them.
+#[derive(Default)]
+struct Unreadable {
+    paths: BTreeMap<(String, String), String>,
+}
+
+impl Unreadable {
+    /// Takes in a batch's findings: what it compared is replaced by what it
+    /// found there.
+    fn update(&mut self, stats: &BatchStats) {
+        for (watch, prefix) in &stats.scanned {
+            self.paths
+                .retain(|(w, p), _| w != watch || !manifest::is_under(p, prefix));
+        }
+        for (watch, path, why) in &stats.unreadable {
+            self.paths.insert((watch.clone(), path.clone()), why.clone());
+        }
+    }
+
+    /// A line for the link's `last_error`, when anything is unreadable.
+    fn summary(&self) -> Option<String> {
+        let ((watch, path), why) = self.paths.iter().next()?;
+        Some(format!(
+            "{} path(s) cannot be read on this node, first {watch}/{path}: {why}; the peer's copies are kept",
+            self.paths.len()
+        ))
+    }
 }
 
 fn fetch_manifest(io: &mut SessionIo, watch: &str) -> Result<Vec<Entry>> {
@@ -797,7 +887,11 @@ fn top_most<'a>(paths: impl Iterator<Item = &'a String>) -> Vec<String> {
 
 /// One prefix of a batch, scanned and compared, before anything is sent.
 struct Plan {
+    /// The prefix compared.
+    prefix: String,
     scan: manifest::Scan,
+    /// What this node could not read there (path, why): kept on the peer.
+    unreadable: Vec<(String, String)>,
     /// What the peer has there that must go, top-most only.
     removals: Vec<Removal>,
 }
@@ -823,8 +917,20 @@ fn plan_prefix(w: &LocalWatch, prefix: &str, cache: &mut HashCache, remote: &Rem
             .is_some_and(|r| matches!(r.kind, EntryKind::File { size: s, .. } if s == size))
     };
     let scan = manifest::scan_with(&w.root, prefix, &w.excludes, cache, Hashing::Only(&same_size_there));
+    // What could not be read is unknown, not gone: the peer's copies at and
+    // below those paths are left alone (no removal, no replacement).
+    let mut unknown: Vec<&str> = Vec::new();
+    let mut unreadable: Vec<(String, String)> = Vec::new();
     for s in &scan.skipped {
         tracing::warn!(watch = w.name, skipped = ?s, "not replicated");
+        if let Some(p) = s.unknown_path() {
+            unknown.push(p);
+            let why = match s {
+                manifest::Skipped::Unreadable(_, why) => why.clone(),
+                _ => "not a regular file, directory or link".to_string(),
+            };
+            unreadable.push((p.to_string(), why));
+        }
     }
     let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
 
@@ -844,6 +950,10 @@ fn plan_prefix(w: &LocalWatch, prefix: &str, cache: &mut HashCache, remote: &Rem
                 false,
             ),
         };
+        if unknown.iter().any(|u| manifest::is_under(path, u)) {
+            tracing::debug!(watch = w.name, path, "kept on the peer: this node cannot read it");
+            continue;
+        }
         if gone {
             removals.push(Removal {
                 path: path.to_string(),
@@ -853,7 +963,13 @@ fn plan_prefix(w: &LocalWatch, prefix: &str, cache: &mut HashCache, remote: &Rem
         }
     }
     drop(local);
-    Plan { scan, removals }
+    drop(unknown);
+    Plan {
+        prefix: prefix.to_string(),
+        scan,
+        removals,
+        unreadable,
+    }
 }
 
 fn ship_prefix(
@@ -865,7 +981,16 @@ fn ship_prefix(
     stats: &mut BatchStats,
     owners: bool,
 ) -> Result<Vec<(String, ContentHash)>> {
-    let Plan { scan, removals } = plan;
+    let Plan {
+        prefix,
+        scan,
+        removals,
+        unreadable,
+    } = plan;
+    stats.scanned.push((w.name.clone(), prefix));
+    for (path, why) in unreadable {
+        stats.unreadable.push((w.name.clone(), path, why));
+    }
     let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let mut changed_parents: BTreeSet<String> = BTreeSet::new();
     for Removal { path, .. } in removals {
@@ -955,7 +1080,7 @@ fn ship_prefix(
                         hash: known,
                         remote_size: base,
                     };
-                    let Some((size, hash)) = ship_file(io, w, cache, out, stats)? else {
+                    let Some((size, hash, meta)) = ship_file(io, w, cache, out, stats)? else {
                         continue; // Gone since the scan, or unreadable.
                     };
                     if known.is_none() {
@@ -966,7 +1091,7 @@ fn ship_prefix(
                         l.path.as_str().into(),
                         Held {
                             kind: EntryKind::File { size, hash },
-                            meta: l.meta,
+                            meta,
                         },
                     );
                     stats.files += 1;
@@ -1180,30 +1305,48 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// Sends one file whole or as a delta. Returns the size and hash it was
-/// announced with, or `None` when the file is gone or cannot be read.
+/// Sends one file whole or as a delta. Returns the size, hash and metadata
+/// it was announced with, or `None` when the file is gone or cannot be read
+/// (recorded in `stats.unreadable`: the peer's copy stays).
+///
+/// The file is opened beneath the watch root with no symbolic link followed
+/// anywhere on the way, without blocking, and only a regular file is read;
+/// the metadata sent (mode, owner, mtime) and the size come from `fstat` of
+/// that descriptor, never from the earlier scan, so what arrives is always
+/// what was read with the metadata it had (a file moved in, or a directory
+/// swapped for a link, after the scan cannot borrow another's metadata).
 fn ship_file(
     io: &mut SessionIo,
     w: &LocalWatch,
     cache: &mut HashCache,
     out: Outgoing<'_>,
     stats: &mut BatchStats,
-) -> Result<Option<(u64, ContentHash)>> {
+) -> Result<Option<(u64, ContentHash, Meta)>> {
     let l = out.entry;
     let abs = w.root.join(&l.path);
-    let file = match warmspare_shared::sys::open_for_reading(&abs, libc::O_NOFOLLOW) {
+    let (file, md) = match warmspare_shared::sys::open_file_beneath(&w.root, &l.path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot open {}", abs.display())),
+        Err(e) => {
+            tracing::warn!(watch = w.name, path = l.path, error = %e, "not replicated: cannot open it; the peer's copy is kept");
+            stats.unreadable.push((w.name.clone(), l.path.clone(), e.to_string()));
+            return Ok(None);
+        }
     };
-    let (mut size, mut hash, mut content) = (out.size, out.hash, None);
+    let meta = Meta::from_metadata(&md);
+    // The scan's hash is of the file the scan saw: trusted only while the
+    // open file has its size and mtime (the receiver's hash check catches
+    // the rest), otherwise learned again from this descriptor.
+    let seen = md.len() == out.size && meta.mtime == l.meta.mtime && meta.mtime_nsec == l.meta.mtime_nsec;
+    let (mut size, mut hash, mut content) = (md.len(), out.hash.filter(|_| seen), None);
     if hash.is_none() {
         match learn(&file, &l.path, cache) {
             Ok(learned) => (size, hash, content) = (learned.size, Some(learned.hash), learned.content),
             // As when a scan cannot read a file: it is left out, and the
             // next comparison tries again; the rest of the batch goes on.
             Err(e) => {
-                tracing::warn!(watch = w.name, path = l.path, error = %e, "not replicated: cannot read it");
+                tracing::warn!(watch = w.name, path = l.path, error = %e, "not replicated: cannot read it; the peer's copy is kept");
+                stats.unreadable.push((w.name.clone(), l.path.clone(), e.to_string()));
                 return Ok(None);
             }
         }
@@ -1244,10 +1387,19 @@ fn ship_file(
             // was learned goes whole (the receiver's checks refuse a stale
             // announcement either way).
             use std::os::unix::fs::FileExt;
-            let now = file.metadata().with_context(|| format!("cannot stat {}", abs.display()))?;
+            let now = file
+                .metadata()
+                .with_context(|| format!("cannot stat {}", abs.display()))?;
             let worth = now.len() == size
-                && delta::worth_diffing_at(&sig, size, |at, buf| file.read_exact_at(buf, at))
-                    .map_err(|e| anyhow!("{}: {e}", l.path))?;
+                && match delta::worth_diffing_at(&sig, size, |at, buf| file.read_exact_at(buf, at)) {
+                    Ok(worth) => worth,
+                    // Cut short under the probes, or a signature that does
+                    // not parse: sent whole (the receiver checks it).
+                    Err(e) => {
+                        tracing::debug!(watch = w.name, path = l.path, error = %e, "no delta");
+                        false
+                    }
+                };
             if !worth {
                 tracing::debug!(
                     watch = w.name,
@@ -1258,7 +1410,7 @@ fn ship_file(
                 stats.wire_bytes += io.send(&Request::Op(Op::FileBegin {
                     watch: w.name.clone(),
                     path: l.path.clone(),
-                    meta: l.meta,
+                    meta,
                     size,
                     hash,
                     delta_base: Some(base),
@@ -1281,7 +1433,7 @@ fn ship_file(
         stats.wire_bytes += io.send(&Request::Op(Op::FileBegin {
             watch: w.name.clone(),
             path: l.path.clone(),
-            meta: l.meta,
+            meta,
             size,
             hash,
             delta_base: None,
@@ -1341,7 +1493,7 @@ fn ship_file(
             "file shipped"
         );
     }
-    Ok(Some((size, hash)))
+    Ok(Some((size, hash, meta)))
 }
 
 /// Writes bytes as [`Op::FileData`] frames of at most [`CHUNK`] bytes.

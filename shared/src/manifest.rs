@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -333,7 +334,8 @@ impl HashCache {
         if let Some(hash) = self.cached(rel, md) {
             return Ok(hash);
         }
-        let (hash, after) = hash_and_restat(abs)?;
+        let hash = ContentHash::of_file(abs)?;
+        let after = fs::symlink_metadata(abs)?;
         self.record(rel, md, hash, &after);
         Ok(hash)
     }
@@ -400,8 +402,23 @@ pub enum Skipped {
     Special(String),
     /// A name that is not UTF-8.
     NotUtf8(PathBuf),
-    /// An entry that vanished or could not be read while scanning.
+    /// An entry that could not be read while scanning (with why): a file
+    /// whose content, or a directory whose listing, is unknown. Nothing at
+    /// or below that path may be taken as gone. (Entries that vanished are
+    /// simply left out.)
     Unreadable(String, String),
+}
+
+impl Skipped {
+    /// The path at and below which the scan does not know what the tree
+    /// holds: a special file or an unreadable entry. A sender must leave
+    /// its peer's copies there alone (a read error is never a deletion).
+    pub fn unknown_path(&self) -> Option<&str> {
+        match self {
+            Skipped::Special(p) | Skipped::Unreadable(p, _) => Some(p),
+            Skipped::NotUtf8(_) => None,
+        }
+    }
 }
 
 /// The result of scanning (part of) a tree.
@@ -460,20 +477,35 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
     let mut out = Scan::default();
     let mut stack: Vec<String> = Vec::new();
     let mut misses: Vec<Miss> = Vec::new();
+    // Every directory is opened beneath the root with no symbolic link
+    // followed on the way, and listed and stat'ed through that descriptor:
+    // a directory swapped for a link to elsewhere is never listed.
+    let root_dir = match open_dir(root) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return out,
+        Err(e) => {
+            out.skipped.push(Skipped::Unreadable(prefix.to_string(), e.to_string()));
+            return out;
+        }
+    };
     if prefix.is_empty() {
         stack.push(String::new());
     } else {
-        let abs = join(root, prefix);
-        match fs::symlink_metadata(&abs) {
-            Ok(md) => {
+        let (parent, name) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let found = dir_beneath(&root_dir, parent).and_then(|d| {
+            let md = fs::symlink_metadata(by_fd(&d, &join(root, parent)).join(name))?;
+            Ok((d, md))
+        });
+        match found {
+            Ok((parent_dir, md)) => {
                 if excludes.is_excluded(prefix, md.is_dir()) {
                     return out;
                 }
-                if let Some((e, unhashed)) = entry_for(prefix, &abs, &md, cache, &mut out.skipped) {
+                if let Some((e, unhashed)) = entry_for(prefix, (&parent_dir, name), &md, cache, &mut out.skipped) {
                     if e.kind == EntryKind::Dir {
                         stack.push(prefix.to_string());
                     }
-                    push_entry(&mut out, &mut misses, e, unhashed.then_some((abs, md)));
+                    push_entry(&mut out, &mut misses, e, unhashed.then_some(md));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return out,
@@ -485,7 +517,16 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
     }
     while let Some(dir_rel) = stack.pop() {
         let dir_abs = join(root, &dir_rel);
-        let rd = match fs::read_dir(&dir_abs) {
+        let dir = match dir_beneath(&root_dir, &dir_rel) {
+            Ok(d) => d,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    out.skipped.push(Skipped::Unreadable(dir_rel.clone(), e.to_string()));
+                }
+                continue;
+            }
+        };
+        let rd = match fs::read_dir(by_fd(&dir, &dir_abs)) {
             Ok(rd) => rd,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -494,7 +535,16 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
                 continue;
             }
         };
-        for de in rd.flatten() {
+        for de in rd {
+            // An entry the listing could not give (an I/O error part way)
+            // leaves the rest of the directory unknown, not absent.
+            let de = match de {
+                Ok(de) => de,
+                Err(e) => {
+                    out.skipped.push(Skipped::Unreadable(dir_rel.clone(), e.to_string()));
+                    break;
+                }
+            };
             let name = de.file_name();
             let Some(name) = name.to_str() else {
                 out.skipped.push(Skipped::NotUtf8(dir_abs.join(&name)));
@@ -508,8 +558,8 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
             } else {
                 format!("{dir_rel}/{name}")
             };
-            let abs = dir_abs.join(name);
-            let md = match fs::symlink_metadata(&abs) {
+            // `fstatat` of the name in the directory read, never following it.
+            let md = match de.metadata() {
                 Ok(md) => md,
                 Err(e) => {
                     if e.kind() != io::ErrorKind::NotFound {
@@ -521,11 +571,11 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
             if excludes.is_excluded(&rel, md.is_dir()) {
                 continue;
             }
-            if let Some((e, unhashed)) = entry_for(&rel, &abs, &md, cache, &mut out.skipped) {
+            if let Some((e, unhashed)) = entry_for(&rel, (&dir, name), &md, cache, &mut out.skipped) {
                 if e.kind == EntryKind::Dir {
                     stack.push(rel);
                 }
-                push_entry(&mut out, &mut misses, e, unhashed.then_some((abs, md)));
+                push_entry(&mut out, &mut misses, e, unhashed.then_some(md));
             }
         }
     }
@@ -540,7 +590,7 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
             want
         });
     }
-    hash_misses(&mut out, misses, cache);
+    hash_misses(root, &mut out, misses, cache);
     out.entries.sort_by(|a, b| a.path.cmp(&b.path));
     out.unhashed = unread
         .iter()
@@ -552,11 +602,10 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
 
 /// Adds `e` to the scan; `unhashed` (its path and metadata) when its hash is
 /// still to be read.
-fn push_entry(out: &mut Scan, misses: &mut Vec<Miss>, e: Entry, unhashed: Option<(PathBuf, fs::Metadata)>) {
-    if let Some((abs, md)) = unhashed {
+fn push_entry(out: &mut Scan, misses: &mut Vec<Miss>, e: Entry, unhashed: Option<fs::Metadata>) {
+    if let Some(md) = unhashed {
         misses.push(Miss {
             index: out.entries.len(),
-            abs,
             md,
         });
     }
@@ -567,7 +616,6 @@ fn push_entry(out: &mut Scan, misses: &mut Vec<Miss>, e: Entry, unhashed: Option
 struct Miss {
     /// Its entry in the scan.
     index: usize,
-    abs: PathBuf,
     /// Its metadata when the walk saw it.
     md: fs::Metadata,
 }
@@ -579,17 +627,22 @@ const PARALLEL_HASH_MIN: usize = 64;
 /// A file's content hash and its metadata after the read.
 type Hashed = io::Result<(ContentHash, fs::Metadata)>;
 
-/// Reads a file's content hash, then its metadata again (to notice a change
-/// during the read).
-fn hash_and_restat(abs: &Path) -> Hashed {
-    let hash = ContentHash::of_file(abs)?;
-    Ok((hash, fs::symlink_metadata(abs)?))
+/// Reads the content hash of the file `rel` beneath `root`, then its
+/// metadata again (to notice a change during the read). The file is opened
+/// beneath the root with no symbolic link followed on the way, without
+/// blocking, and read only when it is a regular file (a directory swapped
+/// for a link, or a fifo swapped in, between the walk and the read is an
+/// error, never an outside file read nor a reader blocked for good).
+fn hash_and_restat(root: &Path, rel: &str) -> Hashed {
+    let (file, _) = crate::sys::open_file_beneath(root, rel)?;
+    let hash = ContentHash::of_reader(&file)?;
+    Ok((hash, file.metadata()?))
 }
 
 /// Hashes the files the cache could not answer for, on up to four threads
 /// when there are many, and fills in their entries. A file that cannot be
 /// read leaves the scan (and is listed as skipped unless it is gone).
-fn hash_misses(out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
+fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
     if misses.is_empty() {
         return;
     }
@@ -604,7 +657,7 @@ fn hash_misses(out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(m) = misses.get(i) else { break };
-                            done.push((i, hash_and_restat(&m.abs)));
+                            done.push((i, hash_and_restat(root, &out.entries[m.index].path)));
                         }
                         done
                     })
@@ -619,7 +672,10 @@ fn hash_misses(out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
         all.sort_unstable_by_key(|(i, _)| *i);
         all.into_iter().map(|(_, r)| r).collect()
     } else {
-        misses.iter().map(|m| hash_and_restat(&m.abs)).collect()
+        misses
+            .iter()
+            .map(|m| hash_and_restat(root, &out.entries[m.index].path))
+            .collect()
     };
     let mut failed = vec![false; out.entries.len()];
     for (m, r) in misses.iter().zip(results) {
@@ -648,9 +704,45 @@ fn hash_misses(out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
     }
 }
 
+/// Opens the directory `path` (the watch root) for a walk beneath it.
+fn open_dir(path: &Path) -> io::Result<fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(fs::File::from(rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?))
+}
+
+/// Opens the directory `rel` beneath the watch root open as `root`, with
+/// no symbolic link followed on the way (the root itself for `""`).
+fn dir_beneath(root: &fs::File, rel: &str) -> io::Result<fs::File> {
+    if rel.is_empty() {
+        return root.try_clone();
+    }
+    crate::sys::open_beneath(root, rel, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY)
+}
+
+/// A path that names the directory open as `dir` itself, not whatever its
+/// path names by now: `/proc/self/fd/N`, a link to the open directory
+/// (std lists and stats entries only by path). Where `/proc` is missing,
+/// `fallback`, its path.
+fn by_fd(dir: &fs::File, fallback: &Path) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    static PROC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *PROC.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+        PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+    } else {
+        fallback.to_path_buf()
+    }
+}
+
+/// The entry for `rel`, whose name is `at.1` in the directory open as
+/// `at.0`, with metadata `md`; `true` with it when its hash is still to be
+/// read.
 fn entry_for(
     rel: &str,
-    abs: &Path,
+    at: (&fs::File, &str),
     md: &fs::Metadata,
     cache: &mut HashCache,
     skipped: &mut Vec<Skipped>,
@@ -661,11 +753,13 @@ fn entry_for(
     let kind = if ft.is_dir() {
         EntryKind::Dir
     } else if ft.is_symlink() {
-        match fs::read_link(abs) {
-            Ok(t) => match t.into_os_string().into_string() {
+        match rustix::fs::readlinkat(at.0, at.1, Vec::new()) {
+            Ok(t) => match t.into_string() {
                 Ok(target) => EntryKind::Symlink { target },
-                Err(t) => {
-                    skipped.push(Skipped::NotUtf8(PathBuf::from(t)));
+                Err(e) => {
+                    skipped.push(Skipped::NotUtf8(PathBuf::from(std::ffi::OsString::from_vec(
+                        e.into_cstring().into_bytes(),
+                    ))));
                     return None;
                 }
             },
@@ -782,6 +876,50 @@ mod tests {
         let sub = scan(root, "a/b", &ex, &mut cache);
         assert_eq!(sub.entries.len(), 2);
         assert!(scan(root, "nope", &ex, &mut cache).entries.is_empty());
+    }
+
+    #[test]
+    fn a_scan_never_lists_through_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, outside) = (d.path().join("root"), d.path().join("outside"));
+        fs::create_dir_all(root.join("real")).unwrap();
+        fs::create_dir_all(outside.join("deeper")).unwrap();
+        fs::write(outside.join("secret"), b"outside").unwrap();
+        fs::write(root.join("real/f"), b"inside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("sub")).unwrap();
+        let mut cache = HashCache::default();
+        // A path below a link (a directory swapped for one since the event).
+        for prefix in ["sub/secret", "sub/deeper"] {
+            let s = scan(&root, prefix, &Excludes::default(), &mut cache);
+            assert!(s.entries.is_empty(), "{prefix}: {:?}", s.entries);
+            assert_eq!(s.skipped.len(), 1, "{prefix}: {:?}", s.skipped);
+            assert_eq!(s.skipped[0].unknown_path(), Some(prefix));
+        }
+        let all = scan(&root, "", &Excludes::default(), &mut cache);
+        let paths: Vec<_> = all.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["real", "real/f", "sub"]);
+        assert_eq!(all.entries[1].hash(), Some(ContentHash::of(b"inside")));
+        // A fifo is passed over, and known to be there.
+        let made = std::process::Command::new("mkfifo")
+            .arg(root.join("real/fifo"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let s = scan(&root, "real", &Excludes::default(), &mut cache);
+        assert_eq!(s.entries.len(), 2);
+        assert_eq!(s.skipped, [Skipped::Special("real/fifo".into())]);
+        assert_eq!(s.skipped[0].unknown_path(), Some("real/fifo"));
+    }
+
+    #[test]
+    fn large_files_hash_as_in_one_piece() {
+        let d = tempfile::tempdir().unwrap();
+        for len in [0, 1, 32 * 1024 - 1, 32 * 1024, 32 * 1024 + 1, 300_000, 1 << 20] {
+            let data: Vec<u8> = (0..len as u32).map(|i| (i * 31 % 255) as u8).collect();
+            let p = d.path().join(format!("f{len}"));
+            fs::write(&p, &data).unwrap();
+            assert_eq!(ContentHash::of_file(&p).unwrap(), ContentHash::of(&data), "{len}");
+        }
     }
 
     #[test]

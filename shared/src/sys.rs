@@ -217,3 +217,122 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// Whether `openat2` is known to be missing (Linux before 5.6): the walk of
+/// [`open_beneath`] then opens one component at a time instead.
+static NO_OPENAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Opens `rel` (a relative, `/`-separated path) beneath the directory open
+/// as `dir` with `flags`, following no symbolic link anywhere on the way
+/// (the last component included) and never leaving `dir`: `openat2` with
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, or where the kernel lacks it,
+/// an `openat` walk with `O_NOFOLLOW` on every component. A symbolic link
+/// on the way fails with `ELOOP` (or `ENOTDIR`), a way out with `EXDEV`.
+pub fn open_beneath(dir: &File, rel: &str, flags: rustix::fs::OFlags) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::sync::atomic::Ordering;
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+    if rel.is_empty() || rel.starts_with('/') {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a relative path"));
+    }
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        match rustix::fs::openat2(dir, rel, flags, Mode::empty(), resolve) {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(rustix::io::Errno::NOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut parts = rel.split('/').peekable();
+    let mut cur: Option<File> = None;
+    while let Some(part) = parts.next() {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a normalised path"));
+        }
+        let at = cur.as_ref().unwrap_or(dir);
+        let f = if parts.peek().is_some() {
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+        } else {
+            flags
+        };
+        cur = Some(File::from(rustix::fs::openat(at, part, f, Mode::empty())?));
+    }
+    cur.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "an empty path"))
+}
+
+/// A file that is not a regular file where one was expected (a fifo, a
+/// socket or a device swapped in): never read, since reading one can block
+/// for ever or never end.
+#[derive(Debug, thiserror::Error)]
+#[error("not a regular file")]
+pub struct NotRegular;
+
+/// Opens the regular file `rel` beneath the directory `root` for reading:
+/// [`open_beneath`] with `O_NONBLOCK` (opening a fifo swapped in must not
+/// block) and `O_NOATIME` where allowed, then `fstat` of that descriptor,
+/// which must be a regular file ([`NotRegular`] otherwise). The metadata
+/// returned is that of the file the descriptor reads, whatever the path
+/// names by now.
+pub fn open_file_beneath(root: &Path, rel: &str) -> io::Result<(File, std::fs::Metadata)> {
+    use rustix::fs::{Mode, OFlags};
+    let dir = File::from(rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?);
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK;
+    let file = match open_beneath(&dir, rel, flags | OFlags::NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open_beneath(&dir, rel, flags)?,
+        done => done?,
+    };
+    let md = file.metadata()?;
+    if !md.is_file() {
+        return Err(io::Error::other(NotRegular));
+    }
+    // O_NONBLOCK means nothing to a regular file's reads; it is cleared all
+    // the same, so that nothing later relies on it.
+    rustix::fs::fcntl_setfl(&file, rustix::fs::fcntl_getfl(&file)? - OFlags::NONBLOCK)?;
+    Ok((file, md))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_beneath_follows_no_link_and_reads_only_regular_files() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, outside) = (d.path().join("root"), d.path().join("outside"));
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("sub/f"), b"inside").unwrap();
+        std::fs::write(outside.join("f"), b"outside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        std::os::unix::fs::symlink("sub/f", root.join("flink")).unwrap();
+        let (f, md) = open_file_beneath(&root, "sub/f").unwrap();
+        assert_eq!(md.len(), 6);
+        assert_eq!(std::io::read_to_string(f).unwrap(), "inside");
+        // A link anywhere on the way, a way out, a directory: refused.
+        assert!(open_file_beneath(&root, "link/f").is_err());
+        assert!(open_file_beneath(&root, "flink").is_err());
+        assert!(open_file_beneath(&root, "../outside/f").is_err());
+        assert!(open_file_beneath(&root, "sub").is_err());
+        // A fifo: refused at once, not waited on for a writer.
+        let fifo = root.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let err = open_file_beneath(&root, "fifo").unwrap_err();
+        assert!(err.get_ref().is_some_and(|e| e.is::<NotRegular>()), "{err}");
+        // The walk used without openat2 refuses the same.
+        let dir = File::open(&root).unwrap();
+        NO_OPENAT2.store(true, std::sync::atomic::Ordering::Relaxed);
+        let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK;
+        let walked = open_beneath(&dir, "sub/f", flags);
+        let through_link = open_beneath(&dir, "link/f", flags);
+        let last_link = open_beneath(&dir, "flink", flags);
+        let up = open_beneath(&dir, "../outside/f", flags);
+        NO_OPENAT2.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(std::io::read_to_string(walked.unwrap()).unwrap(), "inside");
+        assert!(through_link.is_err() && last_link.is_err() && up.is_err());
+    }
+}
