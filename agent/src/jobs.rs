@@ -308,6 +308,20 @@ pub async fn run_now(shared: &Shared, name: &str) -> Result<JobRun> {
             anyhow::bail!("{name} has no restore command, and this node is not active")
         }
     } else {
+        // A `run` command runs only where its `on` says, whoever asks.
+        let on = job.on.unwrap_or(RunOn::Active);
+        let fits = match on {
+            RunOn::Active => active,
+            RunOn::Passive => !active,
+            RunOn::All => true,
+        };
+        if !fits {
+            anyhow::bail!(
+                "{name} runs on {} nodes only, and this node is {}",
+                if on == RunOn::Active { "the active" } else { "passive" },
+                if active { "active" } else { "passive" }
+            );
+        }
         run_command(shared, job).await
     }
 }

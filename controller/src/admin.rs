@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Result};
+use warmspare_shared::config::{Job, Node, RunOn};
 use warmspare_shared::proto::{HistoryEntry, Reply, Request};
 
 use crate::client::Operator;
-use crate::exit::{fail, FAILED};
+use crate::exit::{fail, FAILED, REFUSED};
 use crate::status::NODE_TIMEOUT;
 
 /// Sends `req` to every node; fails if any node could not be reached or refused.
@@ -166,7 +167,10 @@ fn utc(secs: i64) -> String {
     )
 }
 
-/// Runs `run-job`: on `on`, or on the active node.
+/// Runs `run-job`. A dump job runs on the active node (its restore, when
+/// `--on` names a passive). A `run` job runs where its `on` says: the active
+/// node, every reachable passive, or every reachable node; `--on NODE` picks
+/// one of those, and a node outside them refuses.
 pub async fn run_job(op: &Operator, name: &str, on: Option<&str>) -> Result<()> {
     let job = op
         .cluster
@@ -174,13 +178,57 @@ pub async fn run_job(op: &Operator, name: &str, on: Option<&str>) -> Result<()> 
         .iter()
         .find(|j| j.name == name)
         .ok_or_else(|| fail(crate::exit::USAGE, format!("there is no job {name:?}")))?;
-    let target = match on {
-        Some(n) => op
+    let targets: Vec<&Node> = match on {
+        Some(n) => vec![op
             .cluster
             .node(n)
-            .ok_or_else(|| fail(crate::exit::USAGE, format!("there is no node {n:?}")))?,
-        None => active_node(op).await?,
+            .ok_or_else(|| fail(crate::exit::USAGE, format!("there is no node {n:?}")))?],
+        None if job.run.is_some() && job.on.is_some_and(|o| o != RunOn::Active) => {
+            let views = op.gather(NODE_TIMEOUT).await;
+            let mut out = Vec::new();
+            for v in &views {
+                match &v.status {
+                    Ok(s) if job.on == Some(RunOn::All) || s.role.active != s.node => {
+                        out.extend(op.cluster.node(&v.node.name));
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("{}: not reached, {name} not run there: {e}", v.node.name),
+                }
+            }
+            if out.is_empty() {
+                return Err(fail(FAILED, format!("no reachable node to run {name} on")));
+            }
+            out
+        }
+        None => vec![active_node(op).await?],
     };
+    let mut failed = Vec::new();
+    let mut refused = Vec::new();
+    for target in targets {
+        match run_job_on(op, job, target).await {
+            Ok(()) => {}
+            Err(e) if e.downcast_ref::<crate::exit::Exit>().is_some_and(|x| x.code == REFUSED) => {
+                eprintln!("{e:#}");
+                refused.push(target.name.clone());
+            }
+            Err(e) => {
+                eprintln!("{e:#}");
+                failed.push(target.name.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        Err(fail(FAILED, format!("{name} failed on {}", failed.join(", "))))
+    } else if !refused.is_empty() {
+        Err(fail(REFUSED, format!("{name} was refused by {}", refused.join(", "))))
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs job `job` on `target` and prints the outcome.
+async fn run_job_on(op: &Operator, job: &Job, target: &Node) -> Result<()> {
+    let name = &job.name;
     let mut s = op.connect(target, NODE_TIMEOUT).await?;
     let wait = job.timeout() + std::time::Duration::from_secs(30);
     match s.call_with(&Request::RunJob { name: name.to_string() }, wait).await? {
@@ -203,7 +251,7 @@ pub async fn run_job(op: &Operator, name: &str, on: Option<&str>) -> Result<()> 
                 ))
             }
         }
-        Reply::Refused { reason } => Err(fail(FAILED, format!("{} refused: {reason}", target.name))),
+        Reply::Refused { reason } => Err(fail(REFUSED, format!("{} refused: {reason}", target.name))),
         other => Err(anyhow!("unexpected answer {other:?}")),
     }
 }

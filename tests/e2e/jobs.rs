@@ -355,3 +355,54 @@ fn job_detail_stays_off_the_unauthenticated_status_port() {
     assert_eq!(v["role"]["active"], "a", "{body}");
     drop(a);
 }
+
+#[test]
+fn run_job_honours_on_and_on_node() {
+    // Jobs without schedules: only `run-job` starts them. Each command
+    // appends its node to a file named after the job.
+    let dir = tempfile::tempdir().unwrap();
+    let mut jobs = String::new();
+    for (name, on) in [("act", "active"), ("pas", "passive"), ("every", "all")] {
+        jobs.push_str(&format!(
+            "[[job]]\nname = \"{name}\"\nrun = \"echo $WARMSPARE_NODE >> {}/{name}\"\non = \"{on}\"\n\n",
+            dir.path().display()
+        ));
+    }
+    let c = pair_with_jobs(&jobs, vec![]);
+    let _b = c.start("b");
+    let _a = c.start("a");
+    wait_until("a healthy pair", LIMIT, || c.ctl(&["status"]).status.success());
+    let ran = |name: &str| {
+        let mut nodes: Vec<String> = fs::read_to_string(dir.path().join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let run = |args: &[&str]| c.ctl(&[&["run-job"], args].concat());
+    let code = |o: &std::process::Output| o.status.code().unwrap_or(-1);
+
+    let out = run(&["act"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert_eq!(ran("act"), ["a"]);
+    let out = run(&["pas"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert_eq!(ran("pas"), ["b"], "on = \"passive\" must run on the passive only");
+    let out = run(&["every"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert_eq!(ran("every"), ["a", "b"], "on = \"all\" must run on every node");
+
+    // --on picks a node among those `on` allows; another node refuses
+    // (exit 3) and runs nothing.
+    let out = run(&["pas", "--on", "a"]);
+    assert_eq!(code(&out), 3, "{out:?}");
+    assert_eq!(ran("pas"), ["b"]);
+    let out = run(&["act", "--on", "b"]);
+    assert_eq!(code(&out), 3, "{out:?}");
+    assert_eq!(ran("act"), ["a"]);
+    let out = run(&["every", "--on", "b"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert_eq!(ran("every"), ["a", "b", "b"]);
+}
