@@ -54,6 +54,11 @@ async fn active_node(op: &Operator) -> Result<&warmspare_shared::config::Node> {
 
 /// Runs `resync` on the active node.
 pub async fn resync(op: &Operator, args: &crate::cli::ResyncArgs) -> Result<()> {
+    if let Some(w) = &args.watch {
+        if op.cluster.watch(w).is_none() {
+            return Err(fail(crate::exit::USAGE, format!("there is no watch {w:?}")));
+        }
+    }
     let node = active_node(op).await?;
     let mut s = op.connect(node, NODE_TIMEOUT).await?;
     let watch = args.watch.clone();

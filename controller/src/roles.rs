@@ -151,7 +151,22 @@ fn confirm(question: &str, yes: bool) -> Result<()> {
 /// Runs `switchover`.
 pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> Result<()> {
     let deadline = Instant::now() + args.timeout;
+    // A name that is not in the cluster file is a usage error, as for
+    // failover.
+    if op.cluster.node(&args.to).is_none() {
+        return Err(fail(USAGE, format!("{:?} is not a node of the cluster", args.to)));
+    }
     let views = op.gather(NODE_TIMEOUT).await;
+    // Already there (and acting as active): nothing to do, as for failover.
+    if let Some(s) = status_of(&views, &args.to) {
+        if s.role.active == s.node && s.held.is_none() && current_role(&views).is_some_and(|r| r.active == args.to) {
+            println!(
+                "{} is already the active node at epoch {}: nothing to do",
+                args.to, s.role.epoch
+            );
+            return Ok(());
+        }
+    }
     let (role, good) = match preflight(op, &views, &args.to) {
         Ok(r) => r,
         Err(bad) => {

@@ -541,3 +541,36 @@ fn status_exit_codes_and_output_suit_scripts() {
         .unwrap();
     assert_eq!(code(&out), 2, "{}", text(&out));
 }
+
+#[test]
+fn exit_codes_agree_for_unknown_names_and_moves_already_made() {
+    let c = TestCluster::pair("");
+    let _b = c.start("b");
+    let _a = c.start("a");
+    wait_until("a healthy pair", LIMIT, || code(&c.ctl(&["status"])) == 0);
+    // Names the cluster file does not have: usage errors (2), alike.
+    for args in [
+        &["switchover", "--to", "zz", "--yes"][..],
+        &["failover", "--to", "zz", "--force"][..],
+        &["resync", "--watch", "nope"][..],
+        &["run-job", "nope"][..],
+    ] {
+        let out = c.ctl(args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", text(&out));
+    }
+    // Moving the role where it already is: nothing to do (0), alike.
+    for args in [
+        &["switchover", "--to", "a", "--yes"][..],
+        &["failback", "--yes"][..],
+        &["failover", "--to", "a", "--force"][..],
+    ] {
+        let out = c.ctl(args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", text(&out));
+    }
+    let st = c.status_json();
+    assert_eq!(
+        node_json(&st, "a")["status"]["role"]["epoch"],
+        1,
+        "a no-op changed the epoch"
+    );
+}
