@@ -231,7 +231,9 @@ async fn check(shared: Shared) -> Result<ExitCode> {
             }
             Err(e) => {
                 all_ok = false;
-                format!("unreachable: {e}")
+                // The error says what failed ("unreachable: ...", "timed
+                // out", "our key was refused"): no prefix of our own.
+                e.to_string()
             }
         };
         println!("peer {} ({}): {verdict}", peer.name, peer.ssh);

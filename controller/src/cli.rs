@@ -44,6 +44,13 @@ pub enum Command {
     History(HistoryArgs),
     /// Run a whole pair on loopback in a temporary directory, narrated.
     Demo(DemoArgs),
+    /// Generate an operator key (mode 0600) and print its public line for
+    /// `[[operator]]` in the cluster file.
+    Keygen {
+        /// Where to write the private key (default: ~/.config/warmspare/operator.key).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write man pages and shell completions for packaging.
     #[command(hide = true)]
     Generate {

@@ -27,6 +27,17 @@ fn run(args: cli::Args) -> Result<()> {
     use cli::Command;
     match &args.command {
         Command::Demo(opts) => return demo::run(opts.clone()),
+        Command::Keygen { out } => {
+            let out = match out.clone().or_else(|| args.key.clone()) {
+                Some(path) => path,
+                None => client::default_key()?,
+            };
+            let key = warmspare_shared::keys::SecretKey::generate();
+            key.save(&out)
+                .with_context(|| format!("cannot write the key to {}", out.display()))?;
+            println!("{}", key.public().to_openssh());
+            return Ok(());
+        }
         Command::Generate { out } => {
             return warmspare_shared::gendocs::generate::<cli::Args>("warmsparectl", out)
                 .with_context(|| format!("cannot write to {}", out.display()));
@@ -63,7 +74,7 @@ fn run(args: cli::Args) -> Result<()> {
             Command::Resync(a) => admin::resync(&op, a).await,
             Command::RunJob(a) => admin::run_job(&op, &a.name, a.on.as_deref()).await,
             Command::History(a) => admin::history(&op, a.json).await,
-            Command::Demo(_) | Command::Generate { .. } => Ok(()),
+            Command::Demo(_) | Command::Generate { .. } | Command::Keygen { .. } => Ok(()),
         }
     })
 }

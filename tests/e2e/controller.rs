@@ -574,3 +574,36 @@ fn exit_codes_agree_for_unknown_names_and_moves_already_made() {
         "a no-op changed the epoch"
     );
 }
+
+#[test]
+fn warmsparectl_keygen_writes_an_operator_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = |args: &[&str], home: &std::path::Path| {
+        Command::new(bin("warmsparectl"))
+            .arg("keygen")
+            .args(args)
+            .env("HOME", home)
+            .output()
+            .unwrap()
+    };
+    // The default place is the one every other command reads.
+    let out = keygen(&[], dir.path());
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let path = dir.path().join(".config/warmspare/operator.key");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(line.starts_with("ssh-ed25519 "), "{line}");
+    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let key = warmspare_shared::keys::SecretKey::load(&path).unwrap();
+    assert_eq!(key.public().to_openssh(), line);
+    // An existing key is never overwritten.
+    let before = fs::read(&path).unwrap();
+    let out = keygen(&[], dir.path());
+    assert_ne!(code(&out), 0, "{}", text(&out));
+    assert_eq!(fs::read(&path).unwrap(), before);
+    // --out writes elsewhere.
+    let other = dir.path().join("ops/second.key");
+    let out = keygen(&["--out", other.to_str().unwrap()], dir.path());
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(other.is_file());
+}
