@@ -126,7 +126,10 @@ fn check_reports_each_peer() {
     let (code, text) = run_check();
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("peer b") && text.contains("unreachable"), "{text}");
-    assert!(!text.contains("unreachable: unreachable"), "a message repeats itself: {text}");
+    assert!(
+        !text.contains("unreachable: unreachable"),
+        "a message repeats itself: {text}"
+    );
     let _b = c.start("b");
     warmspare_tests::wait_until("check to reach b", std::time::Duration::from_secs(20), || {
         run_check().0 == Some(0)
