@@ -1324,7 +1324,7 @@ fn ship_file(
 ) -> Result<Option<(u64, ContentHash, Meta)>> {
     let l = out.entry;
     let abs = w.root.join(&l.path);
-    let (file, md) = match warmspare_shared::sys::open_file_beneath(&w.root, &l.path) {
+    let (file, md) = match warmspare_shared::beneath::open_file_beneath(&w.root, &l.path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {

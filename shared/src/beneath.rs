@@ -78,12 +78,24 @@ pub fn open_dir(root: &File, rel: &str) -> io::Result<File> {
     if rel.is_empty() {
         return Ok(File::from(rfs::openat(root, c".", DIR_FLAGS, Mode::empty())?));
     }
+    open_beneath(root, rel, DIR_FLAGS)
+}
+
+/// Opens `rel` (relative, `/`-separated, not empty) beneath the directory
+/// open as `root` with `flags`, following no symbolic link anywhere on the
+/// way (the last component included) and never leaving `root`:
+/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or where the kernel
+/// lacks it (or the lookup must be retried), an `openat` walk with
+/// `O_NOFOLLOW` on every component. A symbolic link on the way fails with
+/// `ELOOP` (or `ENOTDIR`).
+pub fn open_beneath(root: &File, rel: &str, flags: OFlags) -> io::Result<File> {
     for c in rel.split('/') {
         check_component(c.as_bytes())?;
     }
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
     if !NO_OPENAT2.load(Ordering::Relaxed) {
         let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        match rfs::openat2(root, rel, DIR_FLAGS, Mode::empty(), how) {
+        match rfs::openat2(root, rel, flags, Mode::empty(), how) {
             Ok(fd) => return Ok(File::from(fd)),
             Err(Errno::NOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
             // A rename somewhere on the system during the lookup, or a
@@ -93,7 +105,47 @@ pub fn open_dir(root: &File, rel: &str) -> io::Result<File> {
             Err(e) => return Err(e.into()),
         }
     }
-    walk(root, rel, None)
+    let (dir, name) = split(rel);
+    let parent = if dir.is_empty() {
+        File::from(rfs::openat(root, c".", DIR_FLAGS, Mode::empty())?)
+    } else {
+        walk(root, dir, None)?
+    };
+    Ok(File::from(rfs::openat(&parent, name, flags, Mode::empty())?))
+}
+
+/// A file that is not a regular file where one was expected (a fifo, a
+/// socket or a device swapped in): never read, since reading one can block
+/// for ever or never end.
+#[derive(Debug, thiserror::Error)]
+#[error("not a regular file")]
+pub struct NotRegular;
+
+/// Opens the regular file `rel` beneath the directory `root` for reading
+/// (the sender's side): [`open_beneath`] with `O_NONBLOCK` (opening a fifo
+/// swapped in must not block) and `O_NOATIME` where allowed, then `fstat`
+/// of that descriptor, which must be a regular file ([`NotRegular`]
+/// otherwise). The metadata returned is that of the file the descriptor
+/// reads, whatever the path names by now.
+pub fn open_file_beneath(root: &Path, rel: &str) -> io::Result<(File, std::fs::Metadata)> {
+    let dir = File::from(rfs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?);
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK;
+    let file = match open_beneath(&dir, rel, flags | OFlags::NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open_beneath(&dir, rel, flags)?,
+        done => done?,
+    };
+    let md = file.metadata()?;
+    if !md.is_file() {
+        return Err(io::Error::other(NotRegular));
+    }
+    // O_NONBLOCK means nothing to a regular file's reads; it is cleared all
+    // the same, so that nothing later relies on it.
+    rfs::fcntl_setfl(&file, rfs::fcntl_getfl(&file)? - OFlags::NONBLOCK)?;
+    Ok((file, md))
 }
 
 /// Opens `rel` beneath `root` one component at a time, each with
@@ -535,5 +587,42 @@ mod tests {
         assert_eq!(done, Cleaned { removed: 1, skipped: 0 });
         assert!(stat(&deep, "kept").is_ok());
         assert!(stat(&deep, ".warmspare-tmp.x.new.00000000").is_err());
+    }
+
+    #[test]
+    fn opening_beneath_follows_no_link_and_reads_only_regular_files() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, outside) = (d.path().join("root"), d.path().join("outside"));
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("sub/f"), b"inside").unwrap();
+        std::fs::write(outside.join("f"), b"outside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        std::os::unix::fs::symlink("sub/f", root.join("flink")).unwrap();
+        let (f, md) = open_file_beneath(&root, "sub/f").unwrap();
+        assert_eq!(md.len(), 6);
+        assert_eq!(std::io::read_to_string(f).unwrap(), "inside");
+        // A link anywhere on the way, a way out, a directory: refused.
+        assert!(open_file_beneath(&root, "link/f").is_err());
+        assert!(open_file_beneath(&root, "flink").is_err());
+        assert!(open_file_beneath(&root, "../outside/f").is_err());
+        assert!(open_file_beneath(&root, "sub").is_err());
+        // A fifo: refused at once, not waited on for a writer.
+        let fifo = root.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let err = open_file_beneath(&root, "fifo").unwrap_err();
+        assert!(err.get_ref().is_some_and(|e| e.is::<NotRegular>()), "{err}");
+        // The walk used without openat2 refuses the same.
+        let dir = File::open(&root).unwrap();
+        NO_OPENAT2.store(true, Ordering::Relaxed);
+        let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK;
+        let walked = open_beneath(&dir, "sub/f", flags);
+        let through_link = open_beneath(&dir, "link/f", flags);
+        let last_link = open_beneath(&dir, "flink", flags);
+        let up = open_beneath(&dir, "../outside/f", flags);
+        NO_OPENAT2.store(false, Ordering::Relaxed);
+        assert_eq!(std::io::read_to_string(walked.unwrap()).unwrap(), "inside");
+        assert!(through_link.is_err() && last_link.is_err() && up.is_err());
     }
 }

@@ -634,7 +634,7 @@ type Hashed = io::Result<(ContentHash, fs::Metadata)>;
 /// for a link, or a fifo swapped in, between the walk and the read is an
 /// error, never an outside file read nor a reader blocked for good).
 fn hash_and_restat(root: &Path, rel: &str) -> Hashed {
-    let (file, _) = crate::sys::open_file_beneath(root, rel)?;
+    let (file, _) = crate::beneath::open_file_beneath(root, rel)?;
     let hash = ContentHash::of_reader(&file)?;
     Ok((hash, file.metadata()?))
 }
@@ -720,7 +720,7 @@ fn dir_beneath(root: &fs::File, rel: &str) -> io::Result<fs::File> {
     if rel.is_empty() {
         return root.try_clone();
     }
-    crate::sys::open_beneath(root, rel, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY)
+    crate::beneath::open_beneath(root, rel, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY)
 }
 
 /// A path that names the directory open as `dir` itself, not whatever its
