@@ -147,26 +147,6 @@ pub fn open_files_limit() -> u64 {
     }
 }
 
-/// Renames `from` to `to` unless `to` exists (`renameat2` with
-/// `RENAME_NOREPLACE`). Fails with `EEXIST` when it exists, and with `EINVAL`
-/// on a filesystem that cannot do it.
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let from = CString::new(from.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let to = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: both strings are NUL-terminated and live across the call.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    check(rc)
-}
-
 /// How many malloc arenas the agent uses (glibc's default is eight per core).
 const MALLOC_ARENAS: i32 = 2;
 
