@@ -603,6 +603,27 @@ impl TestCluster {
     }
 }
 
+/// The processes whose environment contains `needle` (a test's temporary
+/// directory, say: every command an agent of that test starts inherits a
+/// path under it), by process id. The agents themselves are left out
+/// only if their environment lacks it.
+pub fn processes_with_env(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// The HTTP status code of `GET path` on 127.0.0.1:`port`, or `None` when
 /// nothing answers.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {

@@ -62,6 +62,8 @@ pub struct Shared {
     pub jobs: jobs::Jobs,
     /// The role hooks' runtime (the promotion gate).
     pub hooks: hooks::Hooks,
+    /// The `after_apply` hooks' runtime (runs, counters, last outcomes).
+    pub after: crate::after::AfterApply,
     /// The watch roots: where each was last seen, what is wrong with them.
     pub roots: roots::Roots,
     /// (peer, watch) pairs whose next full comparison may remove what the
@@ -147,6 +149,7 @@ impl Shared {
             started: SystemTime::now(),
             jobs: jobs::Jobs::default(),
             hooks: hooks::Hooks::default(),
+            after: crate::after::AfterApply::default(),
             roots: roots::Roots::load(&state_dir),
             allow_deletes: Mutex::new(Default::default()),
             held: Mutex::new(None),
@@ -781,6 +784,8 @@ pub async fn serve(
             tracing::warn!("the role change in progress did not stop in time");
         }
     }
+    // after_apply runs are cut off: their process groups are killed.
+    shared.after.shutdown(Duration::from_secs(5)).await;
     if let Err(e) = shared.ledgers.lock().unwrap_or_else(|p| p.into_inner()).save() {
         tracing::warn!(error = %e, "cannot save the sync ledger");
     }

@@ -183,6 +183,39 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             l.watch, l.peer, l.deletions_held
         );
     }
+    let _ = writeln!(out, "# HELP warmspare_after_apply_runs_total Runs of a watch's after_apply hook on this node since the agent started.\n# TYPE warmspare_after_apply_runs_total counter");
+    for w in &s.watches {
+        if let Some(a) = &w.after_apply {
+            let _ = writeln!(
+                out,
+                "warmspare_after_apply_runs_total{{watch=\"{}\",result=\"ok\"}} {}\nwarmspare_after_apply_runs_total{{watch=\"{}\",result=\"failed\"}} {}",
+                w.name, a.runs_ok, w.name, a.runs_failed
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP warmspare_after_apply_failed 1 while the last run of a watch's after_apply hook failed or timed out.\n# TYPE warmspare_after_apply_failed gauge");
+    for w in &s.watches {
+        if let Some(a) = &w.after_apply {
+            let failed = a.last.as_ref().is_some_and(|r| !r.ok);
+            let _ = writeln!(
+                out,
+                "warmspare_after_apply_failed{{watch=\"{}\"}} {}",
+                w.name,
+                u8::from(failed)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP warmspare_after_apply_running 1 while a watch's after_apply hook runs.\n# TYPE warmspare_after_apply_running gauge");
+    for w in &s.watches {
+        if let Some(a) = &w.after_apply {
+            let _ = writeln!(
+                out,
+                "warmspare_after_apply_running{{watch=\"{}\"}} {}",
+                w.name,
+                u8::from(a.running)
+            );
+        }
+    }
     let _ = writeln!(out, "# HELP warmspare_bytes_sent_total Bytes sent to peers, framing included.\n# TYPE warmspare_bytes_sent_total counter\nwarmspare_bytes_sent_total {sent}");
     let _ = writeln!(out, "# HELP warmspare_job_runs_total Job runs on this node since the agent started.\n# TYPE warmspare_job_runs_total counter");
     for j in &s.jobs {

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod after;
 mod ca_guard;
 mod cli;
 mod commands;

@@ -86,7 +86,9 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         epoch: hello.epoch,
         active: hello.node.clone(),
     };
-    let worker = tokio::task::spawn_blocking(move || apply_loop(&worker_shared, &session_role, req_rx, reply_tx));
+    let runtime = tokio::runtime::Handle::current();
+    let worker =
+        tokio::task::spawn_blocking(move || apply_loop(&worker_shared, &runtime, &session_role, req_rx, reply_tx));
     let write_task = async move {
         while let Some(reply) = reply_rx.recv().await {
             let refused = matches!(reply, Reply::Refused { .. } | Reply::Stale(_));
@@ -217,7 +219,8 @@ const BATCH_MAX: usize = 1024;
 const BATCH_MAX_BYTES: usize = 1024 * 1024;
 
 fn apply_loop(
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    runtime: &tokio::runtime::Handle,
     session: &RoleState,
     mut requests: mpsc::Receiver<Vec<Request>>,
     replies: mpsc::Sender<Reply>,
@@ -237,7 +240,7 @@ fn apply_loop(
     };
     while let Some(batch) = requests.blocking_recv() {
         for req in batch {
-            serve_request(shared, session, &mut applier, &send, req)?;
+            serve_request(shared, runtime, session, &mut applier, &send, req)?;
         }
     }
     Ok(())
@@ -245,7 +248,8 @@ fn apply_loop(
 
 /// Serves one request of a replication session; an error ends the session.
 fn serve_request(
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    runtime: &tokio::runtime::Handle,
     session: &RoleState,
     applier: &mut Applier,
     send: &impl Fn(Reply) -> Result<()>,
@@ -343,8 +347,13 @@ fn serve_request(
                 let keep = crate::preserved::folder_of(&shared.state_dir, to);
                 crate::preserved::prune(shared, keep.as_deref());
             }
+            // Hooks run beside replication, never before the acknowledgement.
             for watch in &report.touched {
-                run_after_apply(shared, watch, applier.root(watch));
+                if watch == crate::jobs::SPOOL_WATCH {
+                    shared.jobs_arrived();
+                } else {
+                    crate::after::request(shared, runtime, watch);
+                }
             }
             send(Reply::Committed {
                 batch,
@@ -388,39 +397,6 @@ fn manifest_parts(entries: Vec<Entry>) -> Vec<(Vec<Entry>, bool)> {
     }
     parts.push((cur, true));
     parts
-}
-
-fn run_after_apply(shared: &Shared, watch: &str, root: Option<&std::path::Path>) {
-    if watch == crate::jobs::SPOOL_WATCH {
-        shared.jobs_arrived();
-        return;
-    }
-    let Some(cmd) = shared.cluster().watch(watch).and_then(|w| w.after_apply.clone()) else {
-        return;
-    };
-    let Some(root) = root else { return };
-    let result = std::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(cmd)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env("WARMSPARE_WATCH", watch)
-        .env("WARMSPARE_PATH", root)
-        .env("WARMSPARE_NODE", &shared.me.name)
-        .envs(&shared.me.env)
-        .stdin(std::process::Stdio::null())
-        .output();
-    match result {
-        Ok(out) if out.status.success() => tracing::debug!(watch, "after_apply ran"),
-        Ok(out) => tracing::warn!(
-            watch,
-            status = %out.status,
-            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-            "after_apply failed"
-        ),
-        Err(e) => tracing::warn!(watch, error = %e, "cannot run after_apply"),
-    }
 }
 
 /// A UTC timestamp for folder names: `20261122T031500Z`.

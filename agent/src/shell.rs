@@ -58,13 +58,11 @@ struct Group(Option<u32>);
 impl Group {
     fn kill(&mut self) {
         if let Some(pid) = self.0.take() {
-            // The whole process group: `kill -KILL -- -PGID`.
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            // The whole process group (`kill -KILL -- -PGID`), as one system
+            // call: nothing to wait for, safe from async code and from `drop`.
+            if let Some(pgid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            }
         }
     }
 }

@@ -31,6 +31,7 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
                 bytes,
                 last_applied: rt.last_applied.get(&w.name).map(|t| unix(*t)),
                 root_error: root_problems.get(&w.name).cloned(),
+                after_apply: shared.after.status(&w.name, has_after_apply(shared, &w.name)),
             }
         })
         .collect();
@@ -99,6 +100,11 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         held: shared.held(),
         hooks: crate::hooks::last_runs(&shared.state_dir),
     }
+}
+
+/// Whether `watch` has an `after_apply` command in the cluster file in force.
+fn has_after_apply(shared: &Shared, watch: &str) -> bool {
+    shared.cluster().watch(watch).is_some_and(|w| w.after_apply.is_some())
 }
 
 /// Regular files under `root` and their total size (links are not followed).
@@ -200,6 +206,18 @@ struct PublicWatch {
     /// Whether the watch root passed its check; the reason is shown by
     /// `warmsparectl status` (it names a path).
     root_ok: bool,
+    /// The `after_apply` hook's counters (its output stays behind SSH).
+    after_apply: Option<PublicAfterApply>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PublicAfterApply {
+    running: bool,
+    runs_ok: u64,
+    runs_failed: u64,
+    /// Whether the last run that ended succeeded.
+    last_ok: Option<bool>,
+    last_end_ms: Option<i64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -256,6 +274,13 @@ impl From<NodeStatus> for PublicStatus {
                     bytes: w.bytes,
                     last_applied: w.last_applied,
                     root_ok: w.root_error.is_none(),
+                    after_apply: w.after_apply.map(|a| PublicAfterApply {
+                        running: a.running,
+                        runs_ok: a.runs_ok,
+                        runs_failed: a.runs_failed,
+                        last_ok: a.last.as_ref().map(|r| r.ok),
+                        last_end_ms: a.last.as_ref().map(|r| r.end_ms),
+                    }),
                 })
                 .collect(),
             links: s
@@ -333,6 +358,18 @@ mod tests {
                 bytes: 1,
                 last_applied: None,
                 root_error: Some(format!("watch root /{secret} is missing")),
+                after_apply: Some(warmspare_shared::proto::AfterApplyStatus {
+                    running: false,
+                    queued: false,
+                    runs_ok: 2,
+                    runs_failed: 1,
+                    last: Some(warmspare_shared::proto::AfterApplyRun {
+                        start_ms: 1,
+                        end_ms: 2,
+                        ok: false,
+                        detail: format!("exit status: 1; output: {secret}"),
+                    }),
+                }),
             }],
             links: vec![LinkStatus {
                 peer: "b".into(),
@@ -383,6 +420,8 @@ mod tests {
         assert_eq!(v["links"][0]["error"], true);
         assert_eq!(v["links"][0]["deletions_held"], 12);
         assert_eq!(v["watches"][0]["root_ok"], false);
+        assert_eq!(v["watches"][0]["after_apply"]["runs_failed"], 1);
+        assert_eq!(v["watches"][0]["after_apply"]["last_ok"], false);
         assert_eq!(v["diverged_files"], 1);
         assert_eq!(v["role"]["epoch"], 3);
         assert_eq!(v["held"], true);

@@ -173,6 +173,12 @@ pub fn warnings(op: &Operator, views: &[NodeView]) -> Vec<String> {
             if let Some(e) = &w.root_error {
                 out.push(format!("{}: watch {} is not shipped: {e}", s.node, w.name));
             }
+            if let Some(run) = w.after_apply.as_ref().and_then(|a| a.last.as_ref()).filter(|r| !r.ok) {
+                out.push(format!(
+                    "{}: the last after_apply of watch {} failed: {}",
+                    s.node, w.name, run.detail
+                ));
+            }
         }
         for l in s.links.iter().filter(|l| l.deletions_held > 0) {
             out.push(format!(

@@ -153,6 +153,10 @@ fn is_default_hook_timeout(d: &Duration) -> bool {
     *d == DEFAULT_HOOK_TIMEOUT
 }
 
+fn is_default_after_apply_timeout(d: &Duration) -> bool {
+    *d == DEFAULT_AFTER_APPLY_TIMEOUT
+}
+
 /// One `[[node]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
@@ -200,9 +204,17 @@ pub struct Watch {
     pub exclude: Vec<String>,
     /// Changes closer together than this ship as one batch.
     pub debounce_ms: u64,
-    /// A shell command run on the receiver once per applied batch.
+    /// A shell command run on the receiver after applied batches (one run
+    /// at a time per watch, off the acknowledgement path).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after_apply: Option<String>,
+    /// How long one run of `after_apply` may take before its process group
+    /// is killed.
+    #[serde(
+        serialize_with = "serialize_duration",
+        skip_serializing_if = "is_default_after_apply_timeout"
+    )]
+    pub after_apply_timeout: Duration,
     /// The deletion guard: the most of a peer's files one comparison may
     /// remove before its removals are held for an operator.
     #[serde(skip_serializing_if = "DeleteLimit::is_default")]
@@ -403,6 +415,7 @@ struct RawWatch {
     #[serde(default = "default_debounce")]
     debounce_ms: u64,
     after_apply: Option<String>,
+    after_apply_timeout: Option<Spanned<String>>,
     max_delete: Option<Spanned<RawLimit>>,
 }
 
@@ -438,6 +451,9 @@ pub const DEFAULT_KEEP: u32 = 24;
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The default time limit of one role hook run.
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// The default of a watch's `after_apply_timeout`: five minutes.
+pub const DEFAULT_AFTER_APPLY_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// The two role hooks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -852,12 +868,30 @@ impl RawFile {
                     }
                 },
             };
+            let after_apply_timeout = match &w.after_apply_timeout {
+                Some(t) => {
+                    let key = format!("watch[{i}].after_apply_timeout");
+                    let d = humantime::parse_duration(t.get_ref()).map_err(|e| {
+                        loc.at(
+                            t,
+                            key.clone(),
+                            format!("{:?} is not a duration like \"5m\": {e}", t.get_ref()),
+                        )
+                    })?;
+                    if d.as_secs() == 0 {
+                        return Err(loc.at(t, key, "must be at least one second".into()));
+                    }
+                    Duration::from_secs(d.as_secs())
+                }
+                None => DEFAULT_AFTER_APPLY_TIMEOUT,
+            };
             watches.push(Watch {
                 name,
                 path,
                 exclude,
                 debounce_ms: w.debounce_ms,
                 after_apply: w.after_apply.clone(),
+                after_apply_timeout,
                 max_delete,
             });
         }
@@ -1174,6 +1208,29 @@ timeout = "10m"
         assert_eq!(err.key.as_deref(), Some("node[1].on_promote"), "{err}");
         let err = parse(&text.replace("\"90s\"", "\"0s\"")).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("cluster.hook_timeout"), "{err}");
+    }
+
+    #[test]
+    fn after_apply_timeout_defaults_to_five_minutes_and_bad_values_name_the_key() {
+        let plain = parse(&sample()).unwrap();
+        assert_eq!(plain.watch[0].after_apply_timeout, DEFAULT_AFTER_APPLY_TIMEOUT);
+        assert!(
+            !plain.canonical().contains("after_apply_timeout"),
+            "{}",
+            plain.canonical()
+        );
+        let text = sample().replace(
+            "exclude = [\"signed/b.pem\"]",
+            "exclude = [\"signed/b.pem\"]\nafter_apply_timeout = \"90s\"",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.watch[0].after_apply_timeout, Duration::from_secs(90));
+        assert_eq!(parse(&c.canonical()).unwrap(), c);
+        for bad in ["\"soon\"", "\"0s\""] {
+            let err = parse(&text.replace("\"90s\"", bad)).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some("watch[0].after_apply_timeout"), "{err}");
+            assert!(err.line.is_some(), "{err}");
+        }
     }
 
     #[test]

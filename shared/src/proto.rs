@@ -17,7 +17,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::manifest::{ContentHash, Entry, Meta};
 
 /// The protocol version; peers with another one are refused at hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The SSH subsystem name the agents speak.
 pub const SUBSYSTEM: &str = "warmspare";
@@ -110,6 +110,39 @@ pub struct WatchStatus {
     /// until it is fixed or accepted.
     #[serde(default)]
     pub root_error: Option<String>,
+    /// On a receiver: the watch's `after_apply` hook, when it has one.
+    #[serde(default)]
+    pub after_apply: Option<AfterApplyStatus>,
+}
+
+/// A watch's `after_apply` hook on a receiving node, since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AfterApplyStatus {
+    /// Whether a run is under way now.
+    pub running: bool,
+    /// Whether another run is due once the current one ends (batches
+    /// arrived while it ran).
+    pub queued: bool,
+    /// Runs that succeeded.
+    pub runs_ok: u64,
+    /// Runs that failed, timed out or could not start.
+    pub runs_failed: u64,
+    /// The last run that ended.
+    pub last: Option<AfterApplyRun>,
+}
+
+/// One ended run of an `after_apply` hook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AfterApplyRun {
+    /// Start, Unix milliseconds.
+    pub start_ms: i64,
+    /// End, Unix milliseconds.
+    pub end_ms: i64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Exit status (or `timed out after ...; killed`) and, for a failure,
+    /// the tail of its output.
+    pub detail: String,
 }
 
 /// A node's own account of itself, for `warmsparectl status`.

@@ -469,8 +469,10 @@ fn a_real_ca_directory_verifies_on_the_passive() {
         String::from_utf8_lossy(&revoked.stdout).contains("revoked")
             || String::from_utf8_lossy(&revoked.stderr).contains("revoked")
     );
-    // after_apply ran on the receiver with the watch's variables.
-    assert!(c.node("b").root.join("ssl/applied-ca").exists());
+    // after_apply ran on the receiver with the watch's variables (beside
+    // replication, so perhaps a moment after the files arrived).
+    let applied = c.node("b").root.join("ssl/applied-ca");
+    wait_until("after_apply ran on b", LIMIT, || applied.exists());
 }
 
 #[test]
