@@ -12,6 +12,7 @@ mod control;
 mod daemon;
 mod events;
 mod health;
+mod heartbeat;
 mod hooks;
 mod jobs;
 mod logging;

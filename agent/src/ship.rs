@@ -29,6 +29,7 @@ use warmspare_shared::ssh;
 
 use crate::daemon::Shared;
 use crate::events::{Inbox, Work};
+use crate::heartbeat;
 
 /// How often a connected shipper compares whole trees even without events.
 const FULL_RESYNC: Duration = Duration::from_secs(600);
@@ -77,9 +78,17 @@ pub struct LocalWatch {
     pub verify_root: bool,
 }
 
+/// The first and the longest wait before dialing a peer again after a
+/// failure (each with a jitter of a quarter either way). A peer coming back
+/// is dialed sooner: its probe wakes the shipper (see [`crate::heartbeat`]).
+const REDIAL_MIN: Duration = Duration::from_millis(100);
+const REDIAL_MAX: Duration = Duration::from_secs(5);
+/// The longest a dial of the replication session may take.
+const DIAL_LIMIT: Duration = Duration::from_secs(10);
+
 /// Runs the shipper for `peer` until `cancel` fires.
 pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = REDIAL_MIN;
     let server_key = match peer.key() {
         Ok(k) => k,
         Err(e) => {
@@ -87,14 +96,34 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
             return;
         }
     };
+    // The probe beside the replication session: it tells a dead or hung
+    // peer from a busy one, and a peer that answers again.
+    let live = Arc::new(heartbeat::Liveness::new(&peer));
+    let probe = tokio::spawn(heartbeat::run(
+        shared.clone(),
+        peer.clone(),
+        server_key.clone(),
+        live.clone(),
+        cancel.child_token(),
+    ));
+    let _probe = AbortOnDrop(probe);
     let mut quiet = false;
     loop {
         let started = Instant::now();
         let mut progressed = false;
+        let seen = live.now();
         let dialed = tokio::select! {
             _ = cancel.cancelled() => return,
-            d = ssh::dial(&peer.ssh, &server_key, &shared.key, &shared.me.name, Duration::from_secs(10)) => d,
+            d = ssh::dial(&peer.ssh, &server_key, &shared.key, &shared.me.name, DIAL_LIMIT) => Some(d),
+            // The probe got through and this dial still has not, 2 s later
+            // (the link came back while its SYNs were being retried): dial
+            // again now rather than at TCP's next retransmission.
+            _ = async {
+                live.answered_after(seen.ups).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            } => None,
         };
+        let Some(dialed) = dialed else { continue };
         match dialed {
             Ok(d) => {
                 tracing::info!(peer = peer.name, addr = peer.ssh, "connected");
@@ -103,7 +132,7 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
                     l.connected = true;
                     before = l.last_success.values().max().copied();
                 });
-                let result = session(&shared, &peer, d, &inbox, &cancel).await;
+                let result = session(&shared, &peer, d, &inbox, &live, &cancel).await;
                 shared.link(&peer.name, |l| {
                     progressed = l.last_success.values().max().copied() != before;
                     l.connected = false;
@@ -135,13 +164,25 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
         // a reason of its own (a restart, a cut): redial soon. Only repeated
         // failures to get anywhere back off further.
         if progressed || started.elapsed() > Duration::from_secs(5) {
-            backoff = Duration::from_millis(100);
+            backoff = REDIAL_MIN;
         }
+        let seen_ups = live.now().ups;
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(heartbeat::jitter(backoff)) => {}
+            // The peer answers its probe again: dial now.
+            _ = live.answered_after(seen_ups) => backoff = REDIAL_MIN,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).min(REDIAL_MAX);
+    }
+}
+
+/// Aborts a task when dropped (the shipper's probe ends with the shipper).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -151,8 +192,10 @@ async fn session(
     peer: &Node,
     dialed: ssh::Dialed,
     inbox: &Arc<Inbox>,
+    live: &heartbeat::Liveness,
     cancel: &CancellationToken,
 ) -> Result<()> {
+    let started = tokio::time::Instant::now();
     let ssh::Dialed { handle, stream } = dialed;
     let (rd, wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd);
@@ -266,6 +309,16 @@ async fn session(
         _ = cancel.cancelled() => Ok(()),
         r = write_task => r.map_err(|e| anyhow!("cannot write to the peer: {e}")),
         r = read_task => r.and_then(|()| Err(anyhow!("the peer closed the connection"))),
+        // The peer's probe has had no answer for a while: the peer is
+        // stopped, hung or cut off, and this session waits on it in vain
+        // (see `heartbeat`).
+        reason = live.silent(started) => {
+            shared.link(&peer.name, |l| {
+                l.connected = false;
+                l.last_error = Some(reason.clone());
+            });
+            Err(anyhow!("{reason}"))
+        }
     };
     // Whatever ended the session, stop the worker. Its channels are closed, so
     // it stops at its next send or receive; one busy computing a delta is left

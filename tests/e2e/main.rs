@@ -14,6 +14,7 @@ mod hooks;
 mod hostile;
 mod jobs;
 mod monitoring;
+mod peers;
 mod replication;
 mod safety;
 mod sender;
