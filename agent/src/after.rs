@@ -147,7 +147,7 @@ async fn run_once(shared: &Shared, watch: &str, cmd: &str, timeout: Duration, ro
         // Hook output can carry secrets: private whatever the umask.
         let out = warmspare_shared::perms::create_private_file(&log)?;
         let err = out.try_clone()?;
-        let mut env: Vec<(String, OsString)> = shared.me.env.iter().map(|(k, v)| (k.clone(), v.into())).collect();
+        let mut env: Vec<(String, OsString)> = shared.env().into_iter().map(|(k, v)| (k, v.into())).collect();
         env.push(("WARMSPARE_WATCH".into(), watch.into()));
         env.push(("WARMSPARE_PATH".into(), root.into_os_string()));
         env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));

@@ -36,7 +36,8 @@ pub struct Shared {
     config: std::sync::RwLock<(Arc<Cluster>, String)>,
     /// Where the cluster file is read from (SIGHUP reads it again).
     pub cluster_path: PathBuf,
-    /// This node's entry.
+    /// This node's entry as the agent started. A reload may change its
+    /// `env` only (see [`Shared::reload`]): read that with [`Shared::env`].
     pub me: Node,
     /// This node's private key.
     pub key: SecretKey,
@@ -72,6 +73,9 @@ pub struct Shared {
     /// Why this node, though its role state names it active, does not act
     /// as the active one (see [`Shared::unconfirmed`]).
     held: Mutex<Option<String>>,
+    /// Bumped by every accepted reload: open sessions check that their key
+    /// is still trusted (see `receive`).
+    pub reloads: watch::Sender<u64>,
 }
 
 /// What the running tasks report.
@@ -153,6 +157,7 @@ impl Shared {
             roots: roots::Roots::load(&state_dir),
             allow_deletes: Mutex::new(Default::default()),
             held: Mutex::new(None),
+            reloads: watch::channel(0).0,
         })
     }
 
@@ -192,7 +197,29 @@ impl Shared {
         }
         let hash = next.hash();
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(next), hash);
+        self.reloads.send_modify(|n| *n += 1);
         Ok(true)
+    }
+
+    /// This node's `env` in the cluster file in force (a reload may change it).
+    pub fn env(&self) -> BTreeMap<String, String> {
+        self.cluster()
+            .node(&self.me.name)
+            .map_or_else(|| self.me.env.clone(), |n| n.env.clone())
+    }
+
+    /// Resolves once a reload leaves `key` no longer trusted as `who`
+    /// (an operator removed or given another key); never otherwise.
+    pub async fn revoked(&self, who: &Identity, key: &warmspare_shared::keys::PublicKey) {
+        let mut rx = self.reloads.subscribe();
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.trust().identify_key(key).as_ref() != Some(who) {
+                return;
+            }
+        }
     }
 
     /// Warns when a peer's cluster file (by its hash) is not ours: replication

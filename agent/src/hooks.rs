@@ -146,7 +146,7 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
         // Hook output can carry secrets: private whatever the umask.
         let out = warmspare_shared::perms::create_private_file(&log)?;
         let err = out.try_clone()?;
-        let mut env: Vec<(String, OsString)> = shared.me.env.iter().map(|(k, v)| (k.clone(), v.into())).collect();
+        let mut env: Vec<(String, OsString)> = shared.env().into_iter().map(|(k, v)| (k, v.into())).collect();
         env.push(("WARMSPARE_HOOK".into(), hook.name().into()));
         env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));
         env.push(("WARMSPARE_EPOCH".into(), epoch.to_string().into()));

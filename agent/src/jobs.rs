@@ -341,7 +341,7 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
     perms::ensure_private_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
     let stdout = work.join(".warmspare-tmp.stdout");
     let stderr = work.join(".warmspare-tmp.stderr");
-    let mut env: Vec<(String, std::ffi::OsString)> = shared.me.env.iter().map(|(k, v)| (k.clone(), v.into())).collect();
+    let mut env: Vec<(String, std::ffi::OsString)> = shared.env().into_iter().map(|(k, v)| (k, v.into())).collect();
     env.push(("WARMSPARE_JOB".into(), job.name.clone().into()));
     env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));
     for (k, v) in vars {

@@ -71,7 +71,15 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             return Ok(());
         }
         (Purpose::Control, Identity::Operator(name)) => {
-            return crate::control::serve(&shared, name, &mut reader, &mut writer).await;
+            // A reload that removes the operator's key ends the session.
+            return tokio::select! {
+                r = crate::control::serve(&shared, name, &mut reader, &mut writer) => r,
+                () = shared.revoked(&session.identity, &session.key) => {
+                    tracing::warn!(who = %session.identity, "the cluster file no longer trusts this key: closing its session");
+                    let _ = writer.close().await;
+                    bail!("the key is no longer trusted")
+                }
+            };
         }
         (Purpose::Control, _) | (Purpose::Replicate, _) => {}
     }

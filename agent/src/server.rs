@@ -14,7 +14,6 @@ use crate::receive;
 /// Serves `listener` until `cancel` fires.
 pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
     let config = ssh::server_config(&shared.key);
-    let trust = Arc::new(shared.trust());
     let (tx, mut rx) = mpsc::channel::<IncomingSession>(16);
     let mut connections = JoinSet::new();
     let mut sessions = JoinSet::new();
@@ -24,7 +23,10 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     tracing::debug!(%peer, "connection");
-                    let (config, trust, tx) = (config.clone(), trust.clone(), tx.clone());
+                    // Each connection takes the trust of the cluster file in
+                    // force: a reload applies to every connection after it.
+                    let trust = Arc::new(shared.trust());
+                    let (config, tx) = (config.clone(), tx.clone());
                     connections.spawn(async move {
                         if let Err(e) = ssh::serve_connection(config, tcp, trust, tx).await {
                             tracing::debug!(%peer, error = %e, "ssh connection ended");

@@ -60,6 +60,14 @@ impl Trust {
             .find(|(k, _)| k.matches(key))
             .map(|(_, who)| who.clone())
     }
+
+    /// The identity of `key`, if it is trusted.
+    pub fn identify_key(&self, key: &PublicKey) -> Option<Identity> {
+        self.keys
+            .iter()
+            .find(|(k, _)| k.matches(key.ssh()))
+            .map(|(_, who)| who.clone())
+    }
 }
 
 /// SSH window and packet sizes shared by both sides (see docs/benchmarks.md).
@@ -96,6 +104,8 @@ pub fn server_config(key: &SecretKey) -> Arc<russh::server::Config> {
 pub struct IncomingSession {
     /// Who authenticated.
     pub identity: Identity,
+    /// The key it authenticated with.
+    pub key: PublicKey,
     /// The TCP peer address.
     pub peer: Option<SocketAddr>,
     /// The subsystem's byte stream.
@@ -104,7 +114,7 @@ pub struct IncomingSession {
 
 struct ServerHandler {
     trust: Arc<Trust>,
-    identity: Option<Identity>,
+    identity: Option<(Identity, PublicKey)>,
     peer: Option<SocketAddr>,
     channels: HashMap<ChannelId, Channel<Msg>>,
     sessions: mpsc::Sender<IncomingSession>,
@@ -129,7 +139,7 @@ impl russh::server::Handler for ServerHandler {
     async fn auth_publickey(&mut self, _user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         match self.trust.identify(key.public_key) {
             Some(who) => {
-                self.identity = Some(who);
+                self.identity = Some((who, PublicKey::from_ssh(key.public_key)));
                 Ok(Auth::Accept)
             }
             None => Ok(Auth::reject()),
@@ -159,7 +169,7 @@ impl russh::server::Handler for ServerHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Some(identity), true) = (self.identity.clone(), name == SUBSYSTEM) else {
+        let (Some((identity, key)), true) = (self.identity.clone(), name == SUBSYSTEM) else {
             tracing::warn!(peer = ?self.peer, subsystem = name, "refused an unknown subsystem");
             session.channel_failure(channel)?;
             return Ok(());
@@ -171,6 +181,7 @@ impl russh::server::Handler for ServerHandler {
         session.channel_success(channel)?;
         let incoming = IncomingSession {
             identity,
+            key,
             peer: self.peer,
             stream: ch.into_stream(),
         };

@@ -15,6 +15,7 @@ mod hostile;
 mod jobs;
 mod monitoring;
 mod peers;
+mod reload;
 mod replication;
 mod safety;
 mod sender;
