@@ -339,7 +339,16 @@ fn serve_request(
             applied
         }
         Request::Commit { batch } => {
-            let report = applier.commit();
+            // Nothing is acknowledged that is not durable: the session ends
+            // with the error, and the sender reconnects and compares again.
+            let report = match applier.commit() {
+                Ok(report) => report,
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    let _ = send(Reply::Refused { reason: reason.clone() });
+                    bail!("{reason}");
+                }
+            };
             if !report.touched.is_empty() {
                 let now = std::time::SystemTime::now();
                 let mut rt = shared.runtime();

@@ -149,7 +149,7 @@ fn applying(c: &mut Criterion) {
                     applier.apply(Op::FileData(ByteBuf::from(data.clone()))).unwrap();
                     applier.apply(Op::FileEnd).unwrap();
                 }
-                let report = applier.commit();
+                let report = applier.commit().expect("commit");
                 assert!(report.failed.is_empty());
                 drop(dir);
             },

@@ -36,6 +36,12 @@ pub fn can_chown() -> bool {
     crate::sys::geteuid() == 0
 }
 
+/// A commit whose changes could not be made durable: it must not be
+/// acknowledged (the changes may be visible now and gone after a crash).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot make the batch durable: {0}")]
+pub struct NotDurable(pub io::Error);
+
 /// An [`Op`] that must end the session: the peer broke the protocol or tried
 /// to leave its root.
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +262,32 @@ pub struct Applier {
     unnamed: usize,
     /// Bytes of file content this batch holds in memory.
     held_bytes: u64,
+    /// The sync step of the commit: the system calls (tests put a failing
+    /// one in its place).
+    sync: SyncFn,
+}
+
+/// One durability call of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncCall {
+    /// `fdatasync` of a staged file.
+    FileData,
+    /// `fsync` of a directory.
+    Dir,
+    /// `syncfs` of the file system holding the handle.
+    FileSystem,
+}
+
+/// The sync step of a commit: makes `file` durable as `call` says.
+type SyncFn = fn(SyncCall, &File) -> io::Result<()>;
+
+/// The real sync step.
+fn system_sync(call: SyncCall, file: &File) -> io::Result<()> {
+    match call {
+        SyncCall::FileData => file.sync_data(),
+        SyncCall::Dir => file.sync_all(),
+        SyncCall::FileSystem => crate::sys::syncfs(file),
+    }
 }
 
 /// How often, at most, a busy applier rewrites its caches and ledgers.
@@ -303,6 +335,7 @@ impl Applier {
             unnamed_max: (crate::sys::open_files_limit() / 4).min(UNNAMED_MAX) as usize,
             unnamed: 0,
             held_bytes: 0,
+            sync: system_sync,
         })
     }
 
@@ -478,10 +511,18 @@ impl Applier {
                 })
             }
         };
+        let mut created = false;
         let d = if reldir.is_empty() {
             h.root.clone()
         } else if make {
-            Arc::new(beneath::make_dirs(&h.root, reldir, 0o755)?)
+            match beneath::open_dir(&h.root, reldir) {
+                Ok(d) => Arc::new(d),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENAMETOOLONG)) => {
+                    created = true;
+                    Arc::new(beneath::make_dirs(&h.root, reldir, 0o755)?)
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             Arc::new(beneath::open_dir(&h.root, reldir)?)
         };
@@ -489,6 +530,19 @@ impl Applier {
             h.dirs.clear();
         }
         h.dirs.insert(reldir.to_string(), d.clone());
+        if created {
+            // A directory made on the way exists for good only once the
+            // directory holding its entry is durable: every ancestor joins
+            // the commit's sync (those that existed already cost one fsync).
+            let mut at = reldir;
+            while let Some((parent, _)) = at.rsplit_once('/') {
+                let pd = self.dir(watch, parent, false)?;
+                self.note_dir(watch, parent, &pd);
+                at = parent;
+            }
+            let root = self.dir(watch, "", false)?;
+            self.note_dir(watch, "", &root);
+        }
         Ok(d)
     }
 
@@ -1027,7 +1081,11 @@ impl Applier {
     }
 
     /// Makes everything applied since the last commit durable and visible.
-    pub fn commit(&mut self) -> CommitReport {
+    ///
+    /// `Err` when the directories could not be made durable: the changes
+    /// may be visible but lost at a crash, so the batch must not be
+    /// acknowledged (the receiver ends the session with the error).
+    pub fn commit(&mut self) -> Result<CommitReport, NotDurable> {
         if self.incoming.is_some() {
             self.abort_incoming();
         }
@@ -1046,7 +1104,7 @@ impl Applier {
             self.report.failed.push((rel, why));
         }
         // 1. The new contents are durable before any of them is placed.
-        if let Err(e) = sync_files(&pending) {
+        if let Err(e) = sync_files(self.sync, &pending) {
             for p in pending {
                 self.report
                     .failed
@@ -1136,9 +1194,7 @@ impl Applier {
         }
         // 4. The directories are durable before the commit is acknowledged.
         let dirs = std::mem::take(&mut self.dirs_to_sync);
-        if let Err(e) = sync_dirs(&dirs) {
-            tracing::warn!(error = %e, "cannot make directories durable");
-        }
+        let synced = sync_dirs(self.sync, &dirs);
         // Caches and ledgers are rewritten whole, so not at every commit of a
         // long burst: at most every few seconds, and when the session ends.
         // Losing the last seconds of them to a crash is safe: hashes are
@@ -1150,7 +1206,14 @@ impl Applier {
         // (by a link, say) is then refused.
         self.handles.clear();
         self.diverged = None;
-        std::mem::take(&mut self.report)
+        let report = std::mem::take(&mut self.report);
+        match synced {
+            Ok(()) => Ok(report),
+            Err(e) => {
+                tracing::error!(error = %e, applied = report.applied, "cannot make the directories of a batch durable; it is not acknowledged");
+                Err(NotDurable(e))
+            }
+        }
     }
 
     /// Records a file just placed, with metadata `md` (read after it was
@@ -1580,23 +1643,41 @@ fn hash_open(cache: &mut HashCache, rel: &str, file: &File) -> io::Result<Conten
 }
 
 /// Makes the content of `pending` durable: each file on its own when there
-/// are few, else the whole filesystem at once.
-fn sync_files(pending: &[Pending]) -> io::Result<()> {
-    let Some(first) = pending.first() else {
-        return Ok(());
-    };
+/// are few, else every file system they are on at once.
+fn sync_files(sync: SyncFn, pending: &[Pending]) -> io::Result<()> {
     if pending.len() <= FSYNC_EACH_MAX {
         for p in pending {
             match &p.staged {
-                Staged::Named { tmp, dir } => beneath::open_in(dir, tmp, OFlags::RDONLY)?.sync_data()?,
-                Staged::Unnamed { file, .. } => file.sync_data()?,
+                Staged::Named { tmp, dir } => sync(SyncCall::FileData, &beneath::open_in(dir, tmp, OFlags::RDONLY)?)?,
+                Staged::Unnamed { file, .. } => sync(SyncCall::FileData, file)?,
                 Staged::Held { .. } => {}
             }
         }
         Ok(())
     } else {
-        crate::sys::syncfs(first.staged.dir())
+        sync_file_systems(sync, pending.iter().map(|p| &**p.staged.dir()))
     }
+}
+
+/// One handle on each file system the handles `dirs` are on, in order of
+/// first appearance (watch roots may be on different file systems).
+fn one_per_file_system<'a>(dirs: impl Iterator<Item = &'a File>) -> io::Result<Vec<&'a File>> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for d in dirs {
+        if seen.insert(d.metadata()?.dev()) {
+            out.push(d);
+        }
+    }
+    Ok(out)
+}
+
+/// `syncfs` of every file system the handles `dirs` are on.
+fn sync_file_systems<'a>(sync: SyncFn, dirs: impl Iterator<Item = &'a File>) -> io::Result<()> {
+    for d in one_per_file_system(dirs)? {
+        sync(SyncCall::FileSystem, d)?;
+    }
+    Ok(())
 }
 
 /// Gives the unnamed file `file`, made in `dir`, a temporary name beside
@@ -1608,18 +1689,15 @@ fn name_beside(file: &File, dir: &File, name: &str) -> io::Result<String> {
 }
 
 /// Makes the directories open in `dirs` durable: each on its own when there
-/// are few, else the whole file system at once.
-fn sync_dirs(dirs: &BTreeMap<(String, String), Arc<File>>) -> io::Result<()> {
+/// are few, else every file system they are on at once.
+fn sync_dirs(sync: SyncFn, dirs: &BTreeMap<(String, String), Arc<File>>) -> io::Result<()> {
     if dirs.len() <= FSYNC_EACH_MAX {
         for d in dirs.values() {
-            d.sync_all()?;
+            sync(SyncCall::Dir, d)?;
         }
         Ok(())
     } else {
-        match dirs.values().next() {
-            Some(d) => crate::sys::syncfs(d),
-            None => Ok(()),
-        }
+        sync_file_systems(sync, dirs.values().map(|d| &**d))
     }
 }
 
@@ -1735,7 +1813,7 @@ mod tests {
             path: "link/victim".into(),
         })
         .unwrap();
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert_eq!(r.failed.len(), 5, "{:?}", r.failed);
         let names: Vec<_> = fs::read_dir(outside.path())
             .unwrap()
@@ -1748,7 +1826,7 @@ mod tests {
         assert_eq!(after.mtime(), before.mtime());
         // The link itself may be replaced: it is a name in the root.
         send_file(&mut a, "link", b"now a file");
-        assert!(a.commit().failed.is_empty());
+        assert!(a.commit().unwrap().failed.is_empty());
         assert_eq!(fs::read(d.path().join("link")).unwrap(), b"now a file");
         assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"keep");
     }
@@ -1764,7 +1842,7 @@ mod tests {
         fs::create_dir(&root).unwrap();
         let mut a = applier(&root);
         send_file(&mut a, "before", b"x");
-        assert!(a.commit().failed.is_empty());
+        assert!(a.commit().unwrap().failed.is_empty());
         fs::rename(&root, d.path().join("root.old")).unwrap();
         std::os::unix::fs::symlink(outside.path(), &root).unwrap();
         send_file(&mut a, "victim", b"replaced");
@@ -1774,7 +1852,7 @@ mod tests {
             path: "victim".into(),
         })
         .unwrap();
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert_eq!(r.failed.len(), 3, "{:?}", r.failed);
         assert!(r.failed[0].1.contains("symbolic link"), "{:?}", r.failed);
         assert!(a.manifest("w").is_err());
@@ -1788,7 +1866,7 @@ mod tests {
         drop(a);
         let mut a = applier(&root);
         send_file(&mut a, "new", b"x");
-        assert_eq!(a.commit().failed.len(), 1);
+        assert_eq!(a.commit().unwrap().failed.len(), 1);
         assert!(!outside.path().join("new").exists());
     }
 
@@ -1813,7 +1891,7 @@ mod tests {
         })
         .unwrap();
         send_file(&mut a, "sub/two", b"2");
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert!(r.failed.iter().any(|(rel, _)| rel == "sub/two"), "{:?}", r.failed);
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
     }
@@ -1824,7 +1902,7 @@ mod tests {
         let mut a = applier(d.path());
         send_file(&mut a, "f", b"hello world");
         assert!(!d.path().join("f").exists());
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert_eq!(r.applied, 1);
         assert!(r.failed.is_empty());
         assert_eq!(fs::read(d.path().join("f")).unwrap(), b"hello world");
@@ -1846,7 +1924,7 @@ mod tests {
             send_file(&mut a, &format!("d{}/f{i}", i % 7), format!("file {i}").as_bytes());
         }
         send_file(&mut a, "d3/again", b"second");
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert!(r.failed.is_empty(), "{:?}", r.failed);
         assert!(r.diverged.is_empty(), "{:?}", r.diverged);
         for i in 0..n {
@@ -1869,7 +1947,7 @@ mod tests {
             send_file(&mut a, &format!("{dir}/f{i}"), format!("file {i}").as_bytes());
         }
         fs::remove_dir(d.path().join("gone")).unwrap();
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert_eq!(r.failed.len(), n / 2, "{:?}", r.failed);
         assert!(r.failed.iter().all(|(rel, _)| rel.starts_with("gone/")));
         assert_eq!(r.applied, (n / 2) as u64);
@@ -1898,7 +1976,7 @@ mod tests {
         }
         assert!(a.flusher.thread.is_some(), "the flusher was never asked to start");
         assert!(!d.path().join("f0").exists());
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert_eq!(r.applied, n as u64);
         assert!(r.failed.is_empty());
         for i in 0..n {
@@ -1933,7 +2011,7 @@ mod tests {
                 },
             );
         }
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert!(r.failed.is_empty(), "{:?}", r.failed);
         for (name, mode, uid, gid) in wanted {
             let md = fs::metadata(d.path().join(name)).unwrap();
@@ -1965,7 +2043,7 @@ mod tests {
         let big = vec![7u8; (UNNAMED_SIZE_MAX + 1) as usize];
         send_file(&mut a, "big", &big);
         assert_eq!(temps(), 1, "a large file is staged under a temporary name");
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert!(r.failed.is_empty(), "{:?}", r.failed);
         assert_eq!(fs::read(d.path().join("new")).unwrap(), b"small and new");
         assert_eq!(fs::read(d.path().join("old")).unwrap(), b"small, replacing");
@@ -1991,7 +2069,7 @@ mod tests {
         .unwrap();
         a.apply(Op::FileData(ByteBuf::from(b"abd".to_vec()))).unwrap();
         a.apply(Op::FileEnd).unwrap();
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert_eq!(r.failed.len(), 1);
         assert!(!d.path().join("f").exists());
         a.apply(Op::FileBegin {
@@ -2014,7 +2092,7 @@ mod tests {
         let mut a = applier(d.path());
         let old: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
         send_file(&mut a, "big", &old);
-        a.commit();
+        a.commit().unwrap();
         let mut new = old.clone();
         new[1000..1010].copy_from_slice(b"ABCDEFGHIJ");
         let (base, sig) = a.signature("w", "big", 700).unwrap().unwrap();
@@ -2032,7 +2110,7 @@ mod tests {
         .unwrap();
         a.apply(Op::FileData(ByteBuf::from(dl))).unwrap();
         a.apply(Op::FileEnd).unwrap();
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert!(r.failed.is_empty(), "{:?}", r.failed);
         assert_eq!(fs::read(d.path().join("big")).unwrap(), new);
     }
@@ -2064,14 +2142,14 @@ mod tests {
             path: "gone".into(),
         })
         .unwrap();
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert_eq!(r.diverged.len(), 2, "{:?}", r.diverged);
         assert_eq!(fs::read(div.dir.join("w/f")).unwrap(), b"signed while cut off");
         assert_eq!(fs::read(div.dir.join("w/gone")).unwrap(), b"local only");
         assert_eq!(fs::read(root.join("f")).unwrap(), b"from the active");
         // What the active shipped is agreed: replacing it again preserves nothing.
         send_file(&mut a, "f", b"newer");
-        assert!(a.commit().diverged.is_empty());
+        assert!(a.commit().unwrap().diverged.is_empty());
         // After a settled full comparison, files present are agreed too.
         fs::write(root.join("other"), b"same on both").unwrap();
         a.apply(Op::Settled {
@@ -2084,7 +2162,7 @@ mod tests {
             path: "other".into(),
         })
         .unwrap();
-        assert!(a.commit().diverged.is_empty());
+        assert!(a.commit().unwrap().diverged.is_empty());
     }
 
     #[test]
@@ -2106,7 +2184,7 @@ mod tests {
             meta: meta(),
         })
         .unwrap();
-        let r = a.commit();
+        let r = a.commit().unwrap();
         assert_eq!(r.failed.len(), 1);
         assert!(!d.path().join("ex/secret").exists());
         assert_eq!(fs::read_link(d.path().join("l")).unwrap(), PathBuf::from("dir/f"));
@@ -2115,7 +2193,7 @@ mod tests {
             path: "dir".into(),
         })
         .unwrap();
-        a.commit();
+        a.commit().unwrap();
         assert!(!d.path().join("dir").exists());
         assert!(a
             .apply(Op::Remove {
@@ -2123,5 +2201,114 @@ mod tests {
                 path: "dir".into()
             })
             .is_err());
+    }
+
+    /// A sync step whose directory and file-system syncs fail, as a disk
+    /// that reports a write-back error would.
+    fn failing_sync(call: SyncCall, file: &File) -> io::Result<()> {
+        match call {
+            SyncCall::FileData => system_sync(call, file),
+            SyncCall::Dir | SyncCall::FileSystem => Err(io::Error::from_raw_os_error(libc::EIO)),
+        }
+    }
+
+    #[test]
+    fn a_failed_directory_sync_fails_the_commit() {
+        // A few files: each directory is fsynced on its own.
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        a.sync = failing_sync;
+        send_file(&mut a, "signed/a.pem", b"a");
+        let err = a.commit().expect_err("a commit whose directory sync failed");
+        let text = format!("{err}");
+        assert!(text.contains("cannot make the batch durable"), "{text}");
+        assert_eq!(err.0.raw_os_error(), Some(libc::EIO), "{err:?}");
+        // Many directories: one syncfs per file system, which fails too.
+        let mut a = applier(d.path());
+        a.sync = failing_sync;
+        for i in 0..(FSYNC_EACH_MAX + 2) {
+            send_file(&mut a, &format!("d{i}/x.pem"), b"x");
+        }
+        assert!(a.commit().is_err(), "a failed syncfs must fail the commit");
+        // The same batch with a working disk commits.
+        let mut a = applier(d.path());
+        send_file(&mut a, "signed/b.pem", b"b");
+        assert!(a.commit().unwrap().failed.is_empty());
+    }
+
+    #[test]
+    fn directories_made_on_the_way_put_their_parents_in_the_sync_set() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("old")).unwrap();
+        let mut a = applier(d.path());
+        send_file(&mut a, "old/new/deeper/f.pem", b"f");
+        let set: Vec<&str> = a.dirs_to_sync.keys().map(|(_, rel)| rel.as_str()).collect();
+        // Each new directory's entry lives in its parent: the root's and
+        // old's entries for the new ones, and the file's own directory.
+        for want in ["", "old", "old/new", "old/new/deeper"] {
+            assert!(set.contains(&want), "{want:?} missing from {set:?}");
+        }
+        // A file in a directory that exists adds only that directory.
+        a.commit().unwrap();
+        send_file(&mut a, "old/g.pem", b"g");
+        let set: Vec<&str> = a.dirs_to_sync.keys().map(|(_, rel)| rel.as_str()).collect();
+        assert_eq!(set, vec!["old"]);
+        a.commit().unwrap();
+    }
+
+    thread_local! {
+        /// The devices the recording sync step was asked to `syncfs`.
+        static SYNCED_FS: std::cell::RefCell<BTreeSet<u64>> = const { std::cell::RefCell::new(BTreeSet::new()) };
+    }
+
+    fn recording_sync(call: SyncCall, file: &File) -> io::Result<()> {
+        if call == SyncCall::FileSystem {
+            SYNCED_FS.with(|s| s.borrow_mut().insert(file.metadata().unwrap().dev()));
+        }
+        system_sync(call, file)
+    }
+
+    #[test]
+    fn a_large_commit_syncs_every_file_system_it_touched() {
+        // Two watches on two file systems (a temp dir and /dev/shm).
+        let disk = tempfile::tempdir().unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) for a second file system");
+        let devs: BTreeSet<u64> = [disk.path(), shm.path()]
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().dev())
+            .collect();
+        assert_eq!(devs.len(), 2, "the two roots must be on different file systems");
+        let root = |name: &str, path: &Path| WatchRoot {
+            name: name.into(),
+            root: path.to_path_buf(),
+            excludes: Excludes::default(),
+            cache: HashCache::default(),
+            cache_path: None,
+        };
+        // Named so that the files and the directories of the batch list the
+        // disk first: a sync of the first file system alone misses /dev/shm.
+        let mut a = Applier::new(vec![root("a", disk.path()), root("b", shm.path())], None).unwrap();
+        a.sync = recording_sync;
+        for watch in ["a", "b"] {
+            for i in 0..(FSYNC_EACH_MAX + 2) {
+                let data = format!("{watch}{i}").into_bytes();
+                a.apply(Op::FileBegin {
+                    watch: watch.into(),
+                    path: format!("d{i}/f"),
+                    meta: meta(),
+                    size: data.len() as u64,
+                    hash: ContentHash::of(&data),
+                    delta_base: None,
+                })
+                .unwrap();
+                a.apply(Op::FileData(ByteBuf::from(data))).unwrap();
+                a.apply(Op::FileEnd).unwrap();
+            }
+        }
+        SYNCED_FS.with(|s| s.borrow_mut().clear());
+        let r = a.commit().unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert_eq!(SYNCED_FS.with(|s| s.borrow().clone()), devs);
+        assert_eq!(fs::read(shm.path().join("d0/f")).unwrap(), b"b0");
     }
 }
