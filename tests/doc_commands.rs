@@ -87,10 +87,12 @@ pub fn quoted_commands(workspace: &Path, program: &str) -> Vec<Quoted> {
                         if k > 0 {
                             match span.take() {
                                 Some((text, at)) => {
-                                    if text == program || text.starts_with(&format!("{program} ")) {
+                                    // A span may hold a shell list
+                                    // (`... check --local && systemctl ...`).
+                                    for words in commands_in(&text, program) {
                                         found.push(Quoted {
-                                            place: at,
-                                            words: words_of(&text),
+                                            place: at.clone(),
+                                            words,
                                             in_block: false,
                                         });
                                     }

@@ -53,8 +53,15 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Validate the cluster file and this node's key, and reach every peer.
-    Check,
+    /// Validate the cluster file, this node's key, state dir, listen
+    /// addresses and watch roots, then reach every peer. Exits 0 when all is
+    /// well, 1 when this node is not ready, 2 on a bad cluster file, 3 when
+    /// this node is ready but a peer is not.
+    Check {
+        /// Check only this node, not its peers (the first node installed).
+        #[arg(long)]
+        local: bool,
+    },
     /// Write man pages and shell completions for packaging.
     #[command(hide = true)]
     Generate {

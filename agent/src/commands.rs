@@ -62,9 +62,9 @@ fn run(args: Args) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Role { is_active: _, timeout } => Ok(role_is_active(&args, *timeout)),
-        Command::Check => {
+        Command::Check { local } => {
             let shared = Shared::load(&args.cluster, args.node.as_deref())?;
-            runtime()?.block_on(check(shared))
+            runtime()?.block_on(check(shared, *local))
         }
         Command::Run => {
             let shared = Shared::load(&args.cluster, args.node.as_deref())?;
@@ -165,8 +165,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the runtime")
 }
 
-/// `check`: the file and key are already validated by [`Shared::load`]; reach every peer.
-async fn check(shared: Shared) -> Result<ExitCode> {
+/// Exit code of `check` when this node is ready but a peer is not.
+const EXIT_PEERS: u8 = 3;
+
+/// `check`: the file and key are already validated by [`Shared::load`].
+/// First this node's own readiness (state dir, listen addresses, watch
+/// roots), then, unless `local`, every peer. Exits 0 when all is well, 1
+/// when this node is not ready, 3 when it is but a peer is not.
+async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
     println!(
         "cluster file ok: {} nodes, {} watches, {} jobs; hash {}",
         shared.cluster().node.len(),
@@ -175,7 +181,38 @@ async fn check(shared: Shared) -> Result<ExitCode> {
         shared.config_hash()
     );
     println!("this node: {} (key matches the pinned public key)", shared.me.name);
-    let mut all_ok = true;
+    let mut node_ok = true;
+    let mut fail = |what: String| {
+        node_ok = false;
+        println!("  FAILED: {what}");
+    };
+    match state_dir_writable(&shared.state_dir) {
+        Ok(note) => println!("  state dir {}: {note}", shared.state_dir.display()),
+        Err(e) => fail(format!("state dir {}: {e:#}", shared.state_dir.display())),
+    }
+    let own_agent = own_agent_answers(&shared).await;
+    let mut listeners = vec![("ssh", shared.me.listen_addr())];
+    listeners.extend(shared.me.http.map(|a| ("http", a)));
+    for (what, addr) in listeners {
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => println!("  {what} listen address {addr}: free"),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && own_agent => {
+                println!("  {what} listen address {addr}: in use by this node's running agent")
+            }
+            Err(e) => fail(format!("{what} listen address {addr}: {e}")),
+        }
+    }
+    let warning = tokio::task::spawn_blocking({
+        let cluster = shared.cluster().clone();
+        let me = shared.me.name.clone();
+        move || daemon::loopback_warning(&cluster, &me)
+    })
+    .await
+    .ok()
+    .flatten();
+    if let Some(w) = warning {
+        println!("  warning: {w}");
+    }
     // Watch roots: an active never ships from a root that fails this check.
     let role = std::fs::read(shared.state_dir.join(warmspare_shared::state::ROLE_FILE))
         .ok()
@@ -186,19 +223,35 @@ async fn check(shared: Shared) -> Result<ExitCode> {
     };
     for w in shared.local_watches().iter().filter(|w| w.verify_root) {
         match shared.roots.check_only(&w.name, &w.root) {
-            Ok(()) => println!("watch {}: root {} ok", w.name, w.root.display()),
+            Ok(()) => println!("  watch {}: root {} ok", w.name, w.root.display()),
             Err(e) if passive && !w.root.exists() => {
                 println!(
-                    "watch {}: {e} (this node is passive: it is created at the first sync)",
+                    "  watch {}: {e} (this node is passive: it is created at the first sync)",
                     w.name
                 )
             }
-            Err(e) => {
-                all_ok = false;
-                println!("watch {}: FAILED: {e}", w.name);
-            }
+            Err(e) => fail(format!("watch {}: {e}", w.name)),
         }
     }
+    for job in &shared.cluster().job {
+        if let Some(next) = job
+            .schedule
+            .as_deref()
+            .and_then(|s| s.parse::<cron::Schedule>().ok())
+            .and_then(|s| s.upcoming(chrono::Local).next())
+        {
+            println!(
+                "  job {}: next run {} (this host's local time)",
+                job.name,
+                next.format("%Y-%m-%d %H:%M:%S %:z")
+            );
+        }
+    }
+    println!("this node is {}", if node_ok { "ready" } else { "NOT ready" });
+    if local {
+        return Ok(if node_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    let mut peers_ok = true;
     for peer in shared.cluster().peers_of(&shared.me.name) {
         let key = peer.key()?;
         let verdict = match ssh::dial(&peer.ssh, &key, &shared.key, &shared.me.name, Duration::from_secs(5)).await {
@@ -212,25 +265,25 @@ async fn check(shared: Shared) -> Result<ExitCode> {
                         format!("ok (epoch {}, active {}, version {})", h.epoch, h.active, h.version)
                     }
                     Ok(Some(Reply::Hello(h))) => {
-                        all_ok = false;
+                        peers_ok = false;
                         format!("reachable, but its cluster file differs (hash {})", h.config_hash)
                     }
                     Ok(other) => {
-                        all_ok = false;
+                        peers_ok = false;
                         format!("refused: {other:?}")
                     }
                     Err(e) => {
-                        all_ok = false;
+                        peers_ok = false;
                         format!("protocol error: {e}")
                     }
                 }
             }
             Err(ssh::DialError::KeyMismatch) => {
-                all_ok = false;
+                peers_ok = false;
                 "key mismatch: the peer's host key is not the one pinned in the cluster file".into()
             }
             Err(e) => {
-                all_ok = false;
+                peers_ok = false;
                 // The error says what failed ("unreachable: ...", "timed
                 // out", "our key was refused"): no prefix of our own.
                 e.to_string()
@@ -238,5 +291,57 @@ async fn check(shared: Shared) -> Result<ExitCode> {
         };
         println!("peer {} ({}): {verdict}", peer.name, peer.ssh);
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(match (node_ok, peers_ok) {
+        (false, _) => ExitCode::FAILURE,
+        (true, false) => {
+            println!("this node is ready; a peer is not (on a first install that is expected: use `check --local`)");
+            ExitCode::from(EXIT_PEERS)
+        }
+        (true, true) => ExitCode::SUCCESS,
+    })
+}
+
+/// Whether the state dir can be written: it exists as a directory the agent
+/// can create files in, or it is missing and its nearest existing ancestor
+/// can take it.
+fn state_dir_writable(dir: &std::path::Path) -> Result<&'static str> {
+    match std::fs::metadata(dir) {
+        Ok(md) if md.is_dir() => {
+            // An unnamed temporary file: nothing is left behind.
+            tempfile::tempfile_in(dir).context("cannot create a file in it")?;
+            Ok("writable")
+        }
+        Ok(_) => anyhow::bail!("not a directory"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // The agent makes the missing levels: the nearest existing
+            // ancestor must take them.
+            let existing = dir
+                .ancestors()
+                .skip(1)
+                .find(|a| a.is_dir())
+                .context("missing, and no ancestor of it exists")?;
+            tempfile::tempfile_in(existing)
+                .with_context(|| format!("missing, and {} cannot be written", existing.display()))?;
+            Ok("missing; the agent creates it at start")
+        }
+        Err(e) => Err(e).context("cannot stat it"),
+    }
+}
+
+/// Whether this node's own agent answers on its SSH address: its host key is
+/// this node's key (a refusal of our key still proves who answered).
+async fn own_agent_answers(shared: &Shared) -> bool {
+    let own = shared.key.public();
+    match ssh::dial(
+        &shared.me.ssh,
+        &own,
+        &shared.key,
+        &shared.me.name,
+        Duration::from_secs(3),
+    )
+    .await
+    {
+        Ok(_) | Err(ssh::DialError::AuthRefused) | Err(ssh::DialError::SubsystemRefused) => true,
+        Err(_) => false,
+    }
 }

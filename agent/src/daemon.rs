@@ -559,12 +559,46 @@ fn warn_if_readable(path: &Path) {
     }
 }
 
-/// Binds the SSH endpoint of this node.
+/// Binds the SSH endpoint of this node: its `listen` address, by default
+/// every IPv4 address on the port of its `ssh` address.
 pub async fn bind(shared: &Shared) -> Result<TcpListener> {
-    let addr = &shared.me.ssh;
+    let addr = shared.me.listen_addr();
+    if let Some(warning) = tokio::task::spawn_blocking({
+        let cluster = shared.cluster().clone();
+        let me = shared.me.name.clone();
+        move || loopback_warning(&cluster, &me)
+    })
+    .await
+    .ok()
+    .flatten()
+    {
+        tracing::warn!("{warning}");
+    }
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// A warning when this node's `ssh` name resolves only to loopback while a
+/// peer's does not: peers on other hosts would then dial themselves (Debian
+/// maps a host's own name to 127.0.1.1 in /etc/hosts). Resolves names, so it
+/// blocks; a cluster all on loopback (a lab) gets no warning.
+pub fn loopback_warning(cluster: &warmspare_shared::config::Cluster, me: &str) -> Option<String> {
+    use std::net::ToSocketAddrs as _;
+    let loopback_only = |addr: &str| -> Option<bool> {
+        let ips: Vec<_> = addr.to_socket_addrs().ok()?.map(|a| a.ip()).collect();
+        (!ips.is_empty()).then(|| ips.iter().all(|ip| ip.is_loopback()))
+    };
+    let node = cluster.node(me)?;
+    if loopback_only(&node.ssh) != Some(true) {
+        return None;
+    }
+    let remote_peer = cluster.peers_of(me).find(|p| loopback_only(&p.ssh) != Some(true))?;
+    Some(format!(
+        "this node's ssh address {} resolves to loopback here, but peer {}'s ({}) does not: \
+         peers dial {} by that name, so make it resolve to an address they can reach",
+        node.ssh, remote_peer.name, remote_peer.ssh, node.ssh
+    ))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

@@ -162,8 +162,12 @@ fn is_default_after_apply_timeout(d: &Duration) -> bool {
 pub struct Node {
     /// The node's name; `--node` selects it.
     pub name: String,
-    /// The agent's SSH endpoint, `host:port`: it listens here and peers dial it.
+    /// The agent's SSH endpoint, `host:port`: peers and operators dial it.
     pub ssh: String,
+    /// The address the agent's SSH server binds; none means every IPv4
+    /// address on the port of `ssh` (see [`Node::listen_addr`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
     /// The health and metrics listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
@@ -389,6 +393,7 @@ fn default_key_file() -> Spanned<PathBuf> {
 struct RawNode {
     name: Spanned<String>,
     ssh: Spanned<String>,
+    listen: Option<Spanned<String>>,
     http: Option<Spanned<String>>,
     public_key: Spanned<String>,
     root: Option<Spanned<PathBuf>>,
@@ -523,7 +528,7 @@ impl Cluster {
                 file: file.to_path_buf(),
                 line,
                 column,
-                key: None,
+                key: e.span().and_then(|s| key_on_line(text, s.start)),
                 message: e.message().trim().to_string(),
             }
         })?;
@@ -577,6 +582,16 @@ impl Cluster {
 }
 
 impl Node {
+    /// The address the agent's SSH server binds: `listen` when set, else
+    /// `0.0.0.0` on the port of `ssh` (the name in `ssh` is for dialing: on
+    /// Debian a host's own name often resolves to 127.0.1.1).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.unwrap_or_else(|| {
+            let port = split_host_port(&self.ssh).map_or(0, |(_, p)| p);
+            SocketAddr::from(([0, 0, 0, 0], port))
+        })
+    }
+
     /// `path` as seen on this node: under its `root` when one is set.
     pub fn local_path(&self, path: &Path) -> PathBuf {
         match &self.root {
@@ -625,6 +640,25 @@ impl Locator<'_> {
     }
 }
 
+/// The key a `key = value` line assigns, when byte offset `pos` is in that
+/// line's value: a wrong type (`keep = "3"`) is then reported with its key.
+fn key_on_line(text: &str, pos: usize) -> Option<String> {
+    let pos = pos.min(text.len());
+    let start = text[..pos].rfind('\n').map_or(0, |nl| nl + 1);
+    let line = &text[start..];
+    let line = line.split('\n').next().unwrap_or(line);
+    let (key, _) = line.split_once('=')?;
+    if start + key.len() >= pos {
+        return None;
+    }
+    let key = key.trim().trim_matches('"');
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    bare.then(|| key.to_string())
+}
+
 /// 1-based line and column of byte offset `pos` in `text`.
 fn line_col(text: &str, pos: usize) -> (usize, usize) {
     let pos = pos.min(text.len());
@@ -668,9 +702,26 @@ fn check_key(loc: &Locator<'_>, key_text: &Spanned<String>, key: String) -> Resu
 }
 
 fn check_cron(loc: &Locator<'_>, expr: &Spanned<String>, key: String) -> Result<String, ConfigError> {
-    cron::Schedule::from_str(expr.get_ref())
-        .map(|_| expr.get_ref().clone())
-        .map_err(|e| loc.at(expr, key, format!("invalid cron expression {:?}: {e}", expr.get_ref())))
+    let text = expr.get_ref();
+    let fields = text.split_whitespace().count();
+    if fields == 5 {
+        return Err(loc.at(
+            expr,
+            key,
+            format!(
+                "cron expression {text:?} has 5 fields; warmspare's have 6 or 7, seconds first \
+                 (for example \"0 {}\")",
+                text.trim()
+            ),
+        ));
+    }
+    cron::Schedule::from_str(text).map(|_| text.clone()).map_err(|e| {
+        loc.at(
+            expr,
+            key,
+            format!("invalid cron expression {text:?} (6 or 7 fields, seconds first): {e}"),
+        )
+    })
 }
 
 fn check_command(loc: &Locator<'_>, cmd: Option<&Spanned<String>>, key: String) -> Result<Option<String>, ConfigError> {
@@ -761,6 +812,16 @@ impl RawFile {
                     format!("{:?} is not a host:port address", n.ssh.get_ref()),
                 ));
             }
+            let listen = match &n.listen {
+                Some(l) => Some(l.get_ref().parse::<SocketAddr>().map_err(|e| {
+                    loc.at(
+                        l,
+                        format!("node[{i}].listen"),
+                        format!("{:?} is not an ip:port address: {e}", l.get_ref()),
+                    )
+                })?),
+                None => None,
+            };
             let http = match &n.http {
                 Some(h) => Some(h.get_ref().parse::<SocketAddr>().map_err(|e| {
                     loc.at(
@@ -786,6 +847,7 @@ impl RawFile {
             nodes.push(Node {
                 name,
                 ssh: n.ssh.get_ref().clone(),
+                listen,
                 http,
                 public_key,
                 root,

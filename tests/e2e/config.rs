@@ -47,6 +47,18 @@ fn bad_cluster_files_fail_check_with_key_and_line() {
             (t, "job[0].schedule", format!(":{l}:"))
         },
         {
+            // A crontab line: the message says how many fields, seconds first.
+            let t = format!("{good}\n[[job]]\nname = \"rbac\"\nschedule = \"0 3 * * *\"\ndump = \"true\"\n");
+            let l = line_of(&t, "0 3 * * *", 0);
+            (t, "seconds first", format!(":{l}:"))
+        },
+        {
+            // A wrong type names its key.
+            let t = format!("{good}\n[[job]]\nname = \"rbac\"\ndump = \"true\"\nkeep = \"3\"\n");
+            let l = line_of(&t, "keep", 0);
+            (t, "key `keep`", format!(":{l}:"))
+        },
+        {
             let t = good.replace("debounce_ms = 5", "debounce_ms = 5\nexclude = [\"signed/[b.pem\"]");
             let l = line_of(&t, "exclude", 0);
             (t, "watch[0].exclude[0]", format!(":{l}:"))
@@ -114,28 +126,66 @@ fn keygen_writes_a_private_key_and_prints_the_public_line() {
 #[test]
 fn check_reports_each_peer() {
     let c = TestCluster::pair("");
-    let run_check = || {
+    let run_check = |extra: &[&str]| {
         let out = Command::new(bin("warmspare-agent"))
             .arg("--cluster")
             .arg(&c.file)
             .args(["--node", "a", "check"])
+            .args(extra)
             .output()
             .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
     };
-    let (code, text) = run_check();
-    assert_eq!(code, Some(1), "{text}");
+    let (code, text) = run_check(&[]);
+    // This node is ready, its peer is not: 3, and it says which.
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("this node is ready"), "{text}");
+    assert!(text.contains("ssh listen address") && text.contains("free"), "{text}");
     assert!(text.contains("peer b") && text.contains("unreachable"), "{text}");
     assert!(
         !text.contains("unreachable: unreachable"),
         "a message repeats itself: {text}"
     );
+    // The first node installed checks itself only.
+    let (code, text) = run_check(&["--local"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("peer b"), "{text}");
     let _b = c.start("b");
+    let _a = c.start("a");
     warmspare_tests::wait_until("check to reach b", std::time::Duration::from_secs(20), || {
-        run_check().0 == Some(0)
+        run_check(&[]).0 == Some(0)
     });
-    let (_, text) = run_check();
+    let (_, text) = run_check(&[]);
     assert!(text.contains("peer b") && text.contains("ok"), "{text}");
+    // Its own running agent holds the listen address: that is no failure.
+    assert!(text.contains("in use by this node's running agent"), "{text}");
+    drop(_a);
+
+    // A listen address another program holds: this node is not ready.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&c.file).unwrap();
+    let a_ssh = format!("ssh = \"127.0.0.1:{}\"", c.node("a").port);
+    assert!(text.contains(&a_ssh), "{text}");
+    let busy = c.dir.path().join("busy.toml");
+    warmspare_tests::write_cluster_file(
+        &busy,
+        &text.replacen(&a_ssh, &format!("{a_ssh}\nlisten = \"127.0.0.1:{port}\""), 1),
+    );
+    let out = Command::new(bin("warmspare-agent"))
+        .arg("--cluster")
+        .arg(&busy)
+        .args(["--node", "a", "check", "--local"])
+        .output()
+        .unwrap();
+    let out_text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out_text}");
+    assert!(
+        out_text.contains(&format!("FAILED: ssh listen address 127.0.0.1:{port}")),
+        "{out_text}"
+    );
+    assert!(out_text.contains("this node is NOT ready"), "{out_text}");
+    drop(squatter);
 
     // A cluster file on `a` that pins another key for `b`: key mismatch.
     let other = warmspare_shared::keys::SecretKey::generate().public().to_openssh();
@@ -151,7 +201,7 @@ fn check_reports_each_peer() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(out.status.code(), Some(3), "{text}");
     assert!(text.contains("key mismatch"), "{text}");
 }
 

@@ -86,7 +86,7 @@ fn a_missing_watch_root_stops_shipping_and_the_passive_keeps_everything() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("watch ca: FAILED"), "{}", text(&out));
+    assert!(text(&out).contains("FAILED: watch ca"), "{}", text(&out));
 
     // The operator accepts an empty root: the guard still keeps the
     // passive's files, which would all go.
