@@ -4,7 +4,10 @@
 //! file for `mastera` and `masterb` on free loopback ports, starts two real
 //! `warmspare-agent` processes, signs certificates with `openssl` into the
 //! active's CA directory (or writes PEM-like files when `openssl` is
-//! missing), shows them arriving on the passive, and cleans up.
+//! missing), shows them arriving on the passive, then kills the active, fails
+//! over to the spare, brings the old active back (it steps down, and what it
+//! wrote while cut off is preserved under `diverged/`), fails back, and
+//! cleans up.
 
 use std::fs;
 use std::net::TcpListener;
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use warmspare_shared::keys::SecretKey;
 
-use crate::cli::{DemoArgs, StatusArgs, SwitchoverArgs};
+use crate::cli::{DemoArgs, FailoverArgs, StatusArgs, SwitchoverArgs};
 use crate::client::Operator;
 use crate::{admin, roles, status};
 
@@ -53,7 +56,7 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         "[[operator]]\nname = \"demo\"\npublic_key = \"{}\"\n\n",
         operator.public().to_openssh()
     );
-    text += "[[watch]]\nname = \"ca\"\npath = \"/etc/puppetlabs/puppet/ssl/ca\"\nexclude = [\"signed/masterb.pem\"]\ndebounce_ms = 10\n";
+    text += "[[watch]]\nname = \"ca\"\npath = \"/etc/puppetlabs/puppetserver/ca\"\nexclude = [\"*.bak\"]\ndebounce_ms = 10\n";
     let cluster = root.join("cluster.toml");
     // 0600 whatever the umask: agents refuse a cluster file others can write.
     std::io::Write::write_all(
@@ -61,15 +64,16 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         text.as_bytes(),
     )
     .context("cannot write the cluster file")?;
-    say("Generated an ed25519 key per node and a cluster file pinning both (the same file on every node):");
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("name") || l.starts_with("ssh") || l.starts_with("path"))
-    {
+    say(&format!(
+        "Generated an ed25519 key per node and this cluster file, {} (the same file on every node):",
+        cluster.display()
+    ));
+    for line in text.lines() {
         println!("    {line}");
     }
+    say("`root` puts each node's paths under its own folder, so both fit on one machine; on real servers it is left out.");
 
-    let ca = |n: &str| root.join(n).join("etc/puppetlabs/puppet/ssl/ca");
+    let ca = |n: &str| root.join(n).join("etc/puppetlabs/puppetserver/ca");
     fs::create_dir_all(ca("mastera").join("signed")).context("cannot create the CA directory")?;
 
     let mut agents = Agents::default();
@@ -164,7 +168,7 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         );
         names.push(host);
     }
-    fs::write(a_ca.join("signed/masterb.pem"), pem("masterb")).context("cannot write masterb's certificate")?;
+    fs::write(a_ca.join("inventory.txt.bak"), b"an admin's backup copy\n").context("cannot write a backup file")?;
     if openssl {
         let b_ca = ca("masterb");
         for host in &names {
@@ -189,10 +193,13 @@ pub fn run(opts: DemoArgs) -> Result<()> {
     fs::write(&marker, b"done\n").context("cannot write a marker file")?;
     wait_for(Duration::from_secs(30), || ca("masterb").join("serial.demo").exists())
         .context("the marker did not reach masterb")?;
-    if ca("masterb").join("signed/masterb.pem").exists() {
-        bail!("signed/masterb.pem is excluded but reached masterb");
+    if ca("masterb").join("inventory.txt.bak").exists() {
+        bail!("inventory.txt.bak is excluded but reached masterb");
     }
-    say("signed/masterb.pem (the passive's own certificate) is excluded and stayed on mastera only.");
+    say(
+        "inventory.txt.bak matches `exclude = [\"*.bak\"]`: it stayed on mastera only. \
+         (A real CA directory needs no excludes: see docs/puppet-enterprise.md.)",
+    );
 
     // Status, a switchover and a failback, through the same code as the CLI.
     let op = Operator::load(&cluster, &operator_key)?;
@@ -208,28 +215,55 @@ pub fn run(opts: DemoArgs) -> Result<()> {
             watch: false,
         },
     ))?;
-    say("`warmsparectl switchover --to masterb`: flush, demote mastera, promote masterb at epoch 2:");
-    let to_b = SwitchoverArgs {
-        to: "masterb".into(),
-        yes: true,
-        dry_run: false,
-        skip_jobs: false,
-        timeout: Duration::from_secs(60),
-    };
-    rt.block_on(roles::switchover(&op, &to_b, "switchover"))?;
+    say("Killing mastera's agent with SIGKILL, as a crash would.");
+    agents.kill("mastera");
+    let cutoff = "signed/cutoff.example.com.pem";
+    fs::write(a_ca.join(cutoff), pem("cutoff.example.com")).context("cannot write a certificate")?;
+    say(&format!(
+        "While its agent is down, something on mastera still writes {cutoff}: it cannot reach masterb."
+    ));
+    say("`warmsparectl failover --to masterb --force`: promote the spare without the active's agreement:");
+    rt.block_on(roles::failover(
+        &op,
+        &FailoverArgs {
+            to: "masterb".into(),
+            force: true,
+            timeout: Duration::from_secs(10),
+        },
+    ))?;
+    say("masterb is active at epoch 2.");
     let b_ca = ca("masterb");
     fs::write(b_ca.join("signed/agent9.example.com.pem"), pem("agent9.example.com"))
         .context("cannot write a certificate")?;
+    say("masterb signs signed/agent9.example.com.pem as the new CA.");
+    say("Restarting mastera's agent: it still believes it is active at epoch 1, so it holds (health 503, no shipping) until a peer answers.");
+    agents.start(&agent, &cluster, "mastera", &root.join("mastera.log"))?;
     let t = Instant::now();
-    wait_for(Duration::from_secs(30), || {
-        ca("mastera").join("signed/agent9.example.com.pem").exists()
+    wait_for(Duration::from_secs(60), || {
+        ca("mastera").join("signed/agent9.example.com.pem").exists() && !a_ca.join(cutoff).exists()
     })
-    .context("a certificate signed on the new active did not reach mastera")?;
+    .context("mastera did not step down and follow masterb")?;
+    let preserved = find_file(
+        &root.join("mastera/var/lib/warmspare/diverged"),
+        "cutoff.example.com.pem",
+    )
+    .context("mastera's cut-off certificate is not under diverged/")?;
     say(&format!(
-        "masterb is active now: signed/agent9.example.com.pem, written on masterb, reached mastera {:.0} ms later.",
+        "mastera met masterb at epoch 2 and stepped down within {:.0} ms: it now holds masterb's agent9 certificate, \
+         and its cut-off {cutoff} was moved aside, not lost:",
         t.elapsed().as_secs_f64() * 1000.0
     ));
-    say("`warmsparectl failback`: the same switchover, back to the preferred active mastera:");
+    println!("    {}", preserved.display());
+    say("(In a real CA, revoke a cut-off certificate's serial and sign that host again: see docs/operations.md.)");
+    say("`warmsparectl status`:");
+    rt.block_on(status::run(
+        &op,
+        &StatusArgs {
+            json: false,
+            watch: false,
+        },
+    ))?;
+    say("`warmsparectl failback`: a switchover back to the preferred active mastera (flush, demote masterb, promote mastera at epoch 3):");
     let to_a = SwitchoverArgs {
         to: "mastera".into(),
         yes: true,
@@ -238,6 +272,7 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         timeout: Duration::from_secs(60),
     };
     rt.block_on(roles::switchover(&op, &to_a, "failback"))?;
+    say("mastera is active at epoch 3.");
     say("`warmsparectl history`:");
     rt.block_on(admin::history(&op, false))?;
 
@@ -248,8 +283,14 @@ pub fn run(opts: DemoArgs) -> Result<()> {
     ));
     if opts.keep {
         let kept = dir.keep();
-        say(&format!("Kept {} (logs: mastera.log, masterb.log).", kept.display()));
+        say(&format!(
+            "Kept {}: the cluster file, both nodes' trees (mastera/, masterb/, with their state under var/lib/warmspare) and their logs (mastera.log, masterb.log).",
+            kept.display()
+        ));
+    } else {
+        say("Everything was removed; `warmsparectl demo --keep` keeps the directory to look around in.");
     }
+    say("Next steps: docs/install.md sets up a real pair; docs/puppet-enterprise.md is the guide for a Puppet CA; docs/operations.md covers switchover, failover and what to do with diverged files.");
     Ok(())
 }
 
@@ -283,6 +324,22 @@ fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
     Ok(())
 }
 
+/// The first file named `name` below `dir`, depth first.
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let kind = entry.file_type().ok()?;
+        if kind.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if entry.file_name() == name {
+            return Some(path);
+        }
+    }
+    None
+}
+
 fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
     Ok(l.local_addr().context("no local address")?.port())
@@ -311,7 +368,12 @@ struct Agents {
 
 impl Agents {
     fn start(&mut self, bin: &Path, cluster: &Path, node: &str, log: &Path) -> Result<()> {
-        let log = fs::File::create(log).context("cannot create a log file")?;
+        // Appended to: a restarted agent keeps its earlier lines.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .context("cannot open a log file")?;
         let child = Command::new(bin)
             .arg("--cluster")
             .arg(cluster)
@@ -323,6 +385,15 @@ impl Agents {
             .with_context(|| format!("cannot start {}", bin.display()))?;
         self.children.push((node.to_string(), child));
         Ok(())
+    }
+
+    /// Kills one agent with SIGKILL and forgets it.
+    fn kill(&mut self, node: &str) {
+        if let Some(i) = self.children.iter().position(|(n, _)| n == node) {
+            let (_, mut c) = self.children.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn stop_all(&mut self) {

@@ -38,11 +38,26 @@ fn demo_runs_a_pair_and_exits_zero() {
     let t = text(&out);
     assert!(out.status.success(), "demo failed: {t}");
     assert_eq!(t.matches("identical on masterb").count(), 2, "{t}");
-    assert!(t.contains("excluded"), "{t}");
+    assert!(t.contains("stayed on mastera only"), "{t}");
+    // The whole cluster file is printed, section headers included.
+    assert!(t.contains("[cluster]") && t.matches("[[node]]").count() == 2, "{t}");
+    // A failover after a crash, the old active stepping down with its
+    // cut-off write preserved, and a failback.
+    assert!(
+        t.contains("promoting masterb to active at epoch 2 (mastera is unreachable)"),
+        "{t}"
+    );
+    assert!(t.contains("stepped down"), "{t}");
+    assert!(
+        t.lines()
+            .any(|l| l.contains("/diverged/") && l.ends_with("signed/cutoff.example.com.pem")),
+        "{t}"
+    );
     assert!(
         t.contains("masterb is active at epoch 2") && t.contains("mastera is active at epoch 3"),
         "{t}"
     );
+    assert!(t.contains("Next steps"), "{t}");
 }
 
 #[test]
