@@ -3,6 +3,32 @@
 use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use warmspare_shared::gendocs::Sections;
+
+/// The man pages' sections that clap cannot know about.
+pub const MAN_SECTIONS: Sections = Sections {
+    exit_status: &[
+        ("0", "Done; for `check`, this node and every peer are ready; for `role --is-active`, this node is the confirmed active."),
+        ("1", "Failed; for `check`, this node is not ready; for `role --is-active`, this node is passive or held."),
+        ("2", "A usage or cluster-file error (the message names the key and line); for `role --is-active`, the local agent cannot be asked."),
+        ("3", "`check` only: this node is ready but a peer is not (expected on the first node installed; see `check --local`)."),
+    ],
+    environment: &[
+        ("RUST_LOG", "Log filter (tracing's syntax), unless --log-level is given."),
+        ("NOTIFY_SOCKET, WATCHDOG_USEC", "Set by systemd: readiness, status and watchdog notifications."),
+        ("HOME", "Not read: every path comes from the cluster file."),
+    ],
+    files: &[
+        ("/etc/warmspare/cluster.toml", "The cluster file (--cluster); refused when a user other than its owner or root can write it."),
+        ("/etc/warmspare/node.key", "This node's private key (`key_file`), mode 0600."),
+        ("/var/lib/warmspare", "The state dir (`state_dir`): role.json, history.jsonl, roots.json, hooks/, the job spool, and diverged/, where local files are preserved before replication replaces them."),
+    ],
+    signals: &[
+        ("SIGTERM, SIGINT", "Stop cleanly: the tasks drain, then the process exits 0."),
+        ("SIGHUP", "Reload the cluster file (systemctl reload)."),
+    ],
+    see_also: &["warmsparectl(1)", "systemd.service(5)"],
+};
 
 /// Keeps a warm spare in step with the active node.
 #[derive(Debug, Parser)]

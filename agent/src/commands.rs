@@ -40,7 +40,7 @@ fn run(args: Args) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate { out } => {
-            warmspare_shared::gendocs::generate::<Args>("warmspare-agent", out)
+            warmspare_shared::gendocs::generate::<Args>("warmspare-agent", &crate::cli::MAN_SECTIONS, out)
                 .with_context(|| format!("cannot write to {}", out.display()))?;
             Ok(ExitCode::SUCCESS)
         }

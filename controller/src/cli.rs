@@ -4,6 +4,31 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
+use warmspare_shared::gendocs::Sections;
+
+/// The man pages' sections that clap cannot know about.
+pub const MAN_SECTIONS: Sections = Sections {
+    exit_status: &[
+        ("0", "Done, or nothing to do (moving the role where it already is); for `status`, exactly one reachable node is active."),
+        ("1", "Failed; for `status`, no reachable active node or more than one; for a role change, the target holds the new epoch but its on_promote hook failed."),
+        ("2", "A usage or configuration error: a bad cluster file, a missing operator key, an unknown node, watch or job name."),
+        ("3", "Refused by a safety check; nothing was changed."),
+        ("4", "Outcome unknown: timed out in the middle of a change. Run `warmsparectl status` before anything else."),
+    ],
+    environment: &[(
+        "HOME",
+        "Finds the default operator key, ~/.config/warmspare/operator.key; without it, pass --key.",
+    )],
+    files: &[
+        ("/etc/warmspare/cluster.toml", "The cluster file (--cluster)."),
+        ("~/.config/warmspare/operator.key", "The operator's private key (--key), mode 0600."),
+    ],
+    signals: &[
+        ("SIGINT", "Stops `status --watch`; Ctrl-C on `demo` reaches its agents too (they share its process group)."),
+        ("SIGPIPE", "Output closed (`status --watch | head`): the command ends quietly."),
+    ],
+    see_also: &["warmspare-agent(1)"],
+};
 
 /// Operate a warmspare cluster: status, switchover, failover, failback.
 #[derive(Debug, Parser)]

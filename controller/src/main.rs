@@ -39,7 +39,7 @@ fn run(args: cli::Args) -> Result<()> {
             return Ok(());
         }
         Command::Generate { out } => {
-            return warmspare_shared::gendocs::generate::<cli::Args>("warmsparectl", out)
+            return warmspare_shared::gendocs::generate::<cli::Args>("warmsparectl", &cli::MAN_SECTIONS, out)
                 .with_context(|| format!("cannot write to {}", out.display()));
         }
         _ => {}
