@@ -4,6 +4,7 @@
 //! compare-and-swaps on the persisted role state; everything else reads
 //! status or nudges the shippers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -16,7 +17,7 @@ use crate::status;
 
 /// Serves one operator session until the operator closes it.
 pub async fn serve<R, W>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     operator: &str,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
@@ -32,13 +33,35 @@ where
     Ok(())
 }
 
-async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
+/// What a blocking task's failure becomes for the operator.
+fn failed(e: anyhow::Error) -> Reply {
+    Reply::Refused {
+        reason: format!("{e:#}"),
+    }
+}
+
+async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
     let by = format!("operator {operator}");
+    // Whatever reads or writes files runs on a blocking thread
+    // (`off_runtime`): role changes persist and fsync before they publish.
     match req {
         Request::Ping => Reply::Pong,
-        Request::Status => Reply::Status(Box::new(status::node_status(shared))),
-        Request::History => Reply::History(state::read_history(&shared.state_dir)),
-        Request::SetRole { expect, next, reason } => match shared.cas_role(&expect, next, &reason, &by) {
+        Request::Status => match status::node_status_off_runtime(shared).await {
+            Ok(s) => Reply::Status(Box::new(s)),
+            Err(e) => failed(e),
+        },
+        Request::History => match shared.off_runtime(|s| state::read_history(&s.state_dir)).await {
+            Ok(h) => Reply::History(h),
+            Err(e) => failed(e),
+        },
+        Request::SetRole { expect, next, reason } => match shared
+            .off_runtime({
+                let by = by.clone();
+                move |s| s.cas_role(&expect, next, &reason, &by)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("{e:#}")))
+        {
             Ok(now) if now.active == shared.me.name => {
                 // Promoted: answer once on_promote has run (or failed).
                 let limit = shared.cluster().cluster.hook_timeout + Duration::from_secs(30);
@@ -56,7 +79,11 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
                 Reply::Refused { reason }
             }
         },
-        Request::Adopt { state, reason } => match shared.adopt(state, &reason, &by) {
+        Request::Adopt { state, reason } => match shared
+            .off_runtime(move |s| s.adopt(state, &reason, &by))
+            .await
+            .and_then(|r| r)
+        {
             Ok(now) => Reply::Role(now),
             Err(e) => Reply::Refused {
                 reason: format!("{e:#}"),
@@ -64,7 +91,7 @@ async fn handle(shared: &Shared, operator: &str, req: Request) -> Reply {
         },
         Request::Pause | Request::Resume => {
             let pause = matches!(req, Request::Pause);
-            match shared.set_paused(pause) {
+            match shared.off_runtime(move |s| s.set_paused(pause)).await.and_then(|r| r) {
                 Ok(()) => Reply::Done,
                 Err(e) => Reply::Refused {
                     reason: format!("cannot record the pause: {e:#}"),

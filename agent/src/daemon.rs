@@ -65,6 +65,8 @@ pub struct Shared {
     pub hooks: hooks::Hooks,
     /// The `after_apply` hooks' runtime (runs, counters, last outcomes).
     pub after: crate::after::AfterApply,
+    /// The watches' file counts for status, shared by concurrent requests.
+    pub tree_counts: crate::status::TreeCounts,
     /// The watch roots: where each was last seen, what is wrong with them.
     pub roots: roots::Roots,
     /// (peer, watch) pairs whose next full comparison may remove what the
@@ -154,6 +156,7 @@ impl Shared {
             jobs: jobs::Jobs::default(),
             hooks: hooks::Hooks::default(),
             after: crate::after::AfterApply::default(),
+            tree_counts: crate::status::TreeCounts::default(),
             roots: roots::Roots::load(&state_dir),
             allow_deletes: Mutex::new(Default::default()),
             held: Mutex::new(None),
@@ -407,6 +410,18 @@ impl Shared {
             self.set_role(next, reason, by)?;
         }
         Ok(self.role())
+    }
+
+    /// Runs `f` with this `Shared` on a blocking thread: for what writes
+    /// and syncs files (role changes, the pause marker) from async code.
+    pub async fn off_runtime<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Shared) -> T + Send + 'static,
+    ) -> Result<T> {
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || f(&s))
+            .await
+            .map_err(|e| anyhow::anyhow!("a blocking task failed: {e}"))
     }
 
     /// The current role state.

@@ -415,7 +415,11 @@ async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
             } else {
                 ran.stdout.clone()
             };
-            let result = publish(shared, job, &file);
+            // Hashing and linking a dump of gigabytes is blocking work.
+            let (state_dir, node, j) = (shared.state_dir.clone(), shared.me.name.clone(), job.clone());
+            let result = tokio::task::spawn_blocking(move || publish(&state_dir, &node, &j, &file))
+                .await
+                .unwrap_or_else(|e| Err(format!("the task publishing the dump failed: {e}")));
             let _ = fs::remove_file(&ran.stdout);
             result
         }
@@ -436,7 +440,7 @@ async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
 }
 
 /// Makes `file` the next generation: kept under `gen/`, then the spool.
-fn publish(shared: &Shared, job: &Job, file: &Path) -> std::result::Result<(u64, u64), String> {
+fn publish(state_dir: &Path, node: &str, job: &Job, file: &Path) -> std::result::Result<(u64, u64), String> {
     // The command wrote WARMSPARE_OUTPUT with its own umask: the dump is made
     // private before it is kept, linked into the spool and shipped.
     fs::File::open(file)
@@ -447,17 +451,17 @@ fn publish(shared: &Shared, job: &Job, file: &Path) -> std::result::Result<(u64,
         return Err("the dump command succeeded but wrote nothing; nothing was shipped".into());
     }
     let hash = ContentHash::of_file(file).map_err(|e| format!("cannot hash the dump: {e}"))?;
-    let mut p = load_persisted(&shared.state_dir, &job.name);
+    let mut p = load_persisted(state_dir, &job.name);
     let generation = p.generation + 1;
-    let dir = job_dir(&shared.state_dir, &job.name);
+    let dir = job_dir(state_dir, &job.name);
     let kept = keep_generation(&dir, generation, file, job.keep).map_err(|e| format!("cannot keep the dump: {e}"))?;
-    let spool = spool_dir(&shared.state_dir).join(&job.name);
+    let spool = spool_dir(state_dir).join(&job.name);
     let meta = Meta {
         generation,
         hash,
         bytes,
         time_ms: now_ms(),
-        node: shared.me.name.clone(),
+        node: node.to_string(),
     };
     (|| -> io::Result<()> {
         perms::ensure_private_dir(&spool)?;
@@ -472,7 +476,7 @@ fn publish(shared: &Shared, job: &Job, file: &Path) -> std::result::Result<(u64,
     })()
     .map_err(|e| format!("cannot publish the dump: {e}"))?;
     p.generation = generation;
-    store_persisted(&shared.state_dir, &job.name, &p).map_err(|e| format!("cannot record the generation: {e}"))?;
+    store_persisted(state_dir, &job.name, &p).map_err(|e| format!("cannot record the generation: {e}"))?;
     Ok((generation, bytes))
 }
 
@@ -520,12 +524,23 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
         return Ok(None);
     }
     // The dump and its metadata arrive separately: wait for both to match.
+    // Hashing a dump and keeping it are blocking work.
     let dump = spool.join("dump");
-    if ContentHash::of_file(&dump).ok() != Some(meta.hash) {
-        return Ok(None);
-    }
     let dir = job_dir(&shared.state_dir, &job.name);
-    let kept = keep_generation(&dir, meta.generation, &dump, job.keep).context("cannot keep the arrived dump")?;
+    let (generation, keep, expected) = (meta.generation, job.keep, meta.hash);
+    let kept = tokio::task::spawn_blocking(move || {
+        if ContentHash::of_file(&dump).ok() != Some(expected) {
+            return Ok(None);
+        }
+        keep_generation(&dir, generation, &dump, keep).map(Some)
+    })
+    .await
+    .context("the task keeping the arrived dump failed")?
+    .context("cannot keep the arrived dump")?;
+    let Some(kept) = kept else {
+        return Ok(None);
+    };
+    let dir = job_dir(&shared.state_dir, &job.name);
     p.generation = p.generation.max(meta.generation);
     let start_ms = now_ms();
     let ran = shell(shared, job, cmd, &[("WARMSPARE_INPUT", &kept)], &dir).await?;

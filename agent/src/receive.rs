@@ -44,8 +44,23 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             None => return Ok(()),
         },
     };
-    match admit(&shared, &session.identity, &hello) {
-        Admission::Accept => {}
+    let admission = match admit(&shared, &session.identity, &hello) {
+        // The new epoch is persisted (written and synced) on a blocking thread.
+        Admission::Adopt(next) => {
+            let node = hello.node.clone();
+            match shared
+                .off_runtime(move |s| s.adopt(next, "a peer pushed at a higher epoch", &node))
+                .await
+                .and_then(|r| r)
+            {
+                Ok(_) => Admission::Accept,
+                Err(e) => Admission::Refuse(format!("cannot record the new epoch: {e:#}")),
+            }
+        }
+        other => other,
+    };
+    match admission {
+        Admission::Accept | Admission::Adopt(_) => {}
         Admission::Stale(role) => {
             tracing::warn!(who = %session.identity, epoch = hello.epoch, current = role.epoch, active = role.active, "refused a push at a stale epoch");
             let _ = writer.send(&Reply::Stale(role)).await;
@@ -142,6 +157,8 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
 /// What to do with a new session.
 enum Admission {
     Accept,
+    /// Accept once this higher epoch is adopted (persisted).
+    Adopt(RoleState),
     /// A push from an older epoch: tell the sender who is active now.
     Stale(RoleState),
     Refuse(String),
@@ -181,13 +198,10 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> Admission {
         ));
     }
     if hello.epoch > mine.epoch {
-        let next = RoleState {
+        return Admission::Adopt(RoleState {
             epoch: hello.epoch,
             active: hello.active.clone(),
-        };
-        if let Err(e) = shared.adopt(next, "a peer pushed at a higher epoch", &hello.node) {
-            return Admission::Refuse(format!("cannot record the new epoch: {e:#}"));
-        }
+        });
     }
     Admission::Accept
 }

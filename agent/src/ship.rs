@@ -207,7 +207,10 @@ async fn session(
         Some(Reply::Refused { reason }) => bail!("the peer refused replication: {reason}"),
         Some(Reply::Stale(role)) => {
             // Fencing: the peer knows a newer epoch, so this node is not active any more.
-            shared.adopt(role.clone(), "a peer has a newer epoch", &peer.name)?;
+            let (r, by) = (role.clone(), peer.name.clone());
+            shared
+                .off_runtime(move |s| s.adopt(r, "a peer has a newer epoch", &by))
+                .await??;
             bail!(
                 "{} reports epoch {} with {} active: this node stepped down",
                 peer.name,
@@ -270,7 +273,10 @@ async fn session(
                 }
                 Some(Reply::Refused { reason }) => bail!("the peer refused: {reason}"),
                 Some(Reply::Stale(role)) => {
-                    adopt_shared.adopt(role.clone(), "a peer has a newer epoch", &adopt_peer)?;
+                    let (r, by) = (role.clone(), adopt_peer.clone());
+                    adopt_shared
+                        .off_runtime(move |s| s.adopt(r, "a peer has a newer epoch", &by))
+                        .await??;
                     bail!(
                         "{adopt_peer} reports epoch {} with {} active: this node stepped down",
                         role.epoch,

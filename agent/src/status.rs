@@ -1,45 +1,98 @@
 //! What an agent reports about itself to `warmsparectl status` and `/_status`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use warmspare_shared::manifest::join;
 use warmspare_shared::proto::{LinkStatus, NodeStatus, WatchStatus, PROTOCOL_VERSION};
 
 use crate::daemon::{unix, Shared};
+use crate::ship::LocalWatch;
 
 /// The most pending paths whose sizes are added up for the byte lag.
 const LAG_STAT_LIMIT: usize = 10_000;
 /// The most diverged files listed.
 const DIVERGED_LIST_LIMIT: usize = 1_000;
 
-/// This node's status now.
+/// How old the file counts of the watches in a status may be: a walk of a
+/// large tree is shared by every status and metrics request for this long.
+const COUNT_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// Files and bytes per watch.
+type Counts = BTreeMap<String, (u64, u64)>;
+
+/// The files and bytes of each watch, counted at most once per
+/// [`COUNT_MAX_AGE`] whatever the number of pollers, part of [`Shared`].
+#[derive(Default)]
+pub struct TreeCounts {
+    /// The last counts and when they were taken.
+    last: Mutex<Option<(Instant, Counts)>>,
+    /// Held by the walk under way (on a blocking thread): requests that find
+    /// the counts stale meanwhile wait for its result instead of walking too.
+    /// Only status requests ever take it.
+    walk: Mutex<()>,
+}
+
+impl TreeCounts {
+    fn fresh(&self, watches: &[LocalWatch]) -> Option<Counts> {
+        let g = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, counts) = g.as_ref()?;
+        (at.elapsed() < COUNT_MAX_AGE && watches.iter().all(|w| counts.contains_key(&w.name))).then(|| counts.clone())
+    }
+
+    /// The counts of `watches`, walking their trees when the last counts
+    /// are stale. Blocking: call it from a blocking thread.
+    fn get(&self, watches: &[LocalWatch]) -> Counts {
+        if let Some(c) = self.fresh(watches) {
+            return c;
+        }
+        let _walk = self.walk.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = self.fresh(watches) {
+            return c;
+        }
+        let counts: Counts = watches.iter().map(|w| (w.name.clone(), count(&w.root))).collect();
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), counts.clone()));
+        counts
+    }
+}
+
+/// This node's status now. Blocking (it reads the disk): call it from a
+/// blocking thread, never from async code.
+///
+/// The runtime reports are copied under their lock and the lock released
+/// before anything touches the disk: shippers and receivers take that lock
+/// on every batch, and a status request must never make them wait.
 pub fn node_status(shared: &Shared) -> NodeStatus {
     let now = SystemTime::now();
     let root_problems = shared.roots.problems();
-    let rt = shared.runtime();
-    let watches: Vec<WatchStatus> = shared
-        .local_watches()
+    let local = shared.local_watches();
+    let (inboxes, links_now, last_applied) = {
+        let rt = shared.runtime();
+        (rt.inboxes.clone(), rt.links.clone(), rt.last_applied.clone())
+    };
+    let counts = shared.tree_counts.get(&local);
+    let watches: Vec<WatchStatus> = local
         .iter()
         .map(|w| {
-            let (files, bytes) = count(&w.root);
+            let (files, bytes) = counts.get(&w.name).copied().unwrap_or_default();
             WatchStatus {
                 name: w.name.clone(),
                 files,
                 bytes,
-                last_applied: rt.last_applied.get(&w.name).map(|t| unix(*t)),
+                last_applied: last_applied.get(&w.name).map(|t| unix(*t)),
                 root_error: root_problems.get(&w.name).cloned(),
                 after_apply: shared.after.status(&w.name, has_after_apply(shared, &w.name)),
             }
         })
         .collect();
     let mut links = Vec::new();
-    for (peer, inbox) in &rt.inboxes {
+    for (peer, inbox) in &inboxes {
         let waiting = inbox.peek();
-        let link = rt.links.get(peer).cloned().unwrap_or_default();
-        for w in shared.local_watches() {
+        let link = links_now.get(peer).cloned().unwrap_or_default();
+        for w in &local {
             let mut paths: BTreeSet<&String> = BTreeSet::new();
             let mut full = waiting.full.contains(&w.name);
             let mut since = waiting.since.get(&w.name).copied();
@@ -84,7 +137,6 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
             });
         }
     }
-    drop(rt);
     NodeStatus {
         node: shared.me.name.clone(),
         version: warmspare_shared::VERSION.to_string(),
@@ -100,6 +152,14 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         held: shared.held(),
         hooks: crate::hooks::last_runs(&shared.state_dir),
     }
+}
+
+/// [`node_status`] on a blocking thread, for async code.
+pub async fn node_status_off_runtime(shared: &Arc<Shared>) -> anyhow::Result<NodeStatus> {
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || node_status(&s))
+        .await
+        .map_err(|e| anyhow::anyhow!("the status task failed: {e}"))
 }
 
 /// Whether `watch` has an `after_apply` command in the cluster file in force.

@@ -20,3 +20,4 @@ mod replication;
 mod safety;
 mod sender;
 mod service;
+mod status_load;
