@@ -15,6 +15,7 @@ mod hostile;
 mod jobs;
 mod monitoring;
 mod peers;
+mod puppet_module;
 mod reload;
 mod replication;
 mod safety;
