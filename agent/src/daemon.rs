@@ -67,6 +67,14 @@ pub struct Shared {
     pub after: crate::after::AfterApply,
     /// The watches' file counts for status, shared by concurrent requests.
     pub tree_counts: crate::status::TreeCounts,
+    /// Cancelled when a task the agent cannot do without stopped: the
+    /// supervisor then shuts down and the agent exits non-zero.
+    fatal: CancellationToken,
+    /// Why (the first task that stopped).
+    fatal_reason: Mutex<Option<String>>,
+    /// When the supervisor's loop last went round (milliseconds since the
+    /// agent started); the watchdog is fed only while it is recent.
+    heartbeat: AtomicU64,
     /// The watch roots: where each was last seen, what is wrong with them.
     pub roots: roots::Roots,
     /// (peer, watch) pairs whose next full comparison may remove what the
@@ -157,6 +165,9 @@ impl Shared {
             hooks: hooks::Hooks::default(),
             after: crate::after::AfterApply::default(),
             tree_counts: crate::status::TreeCounts::default(),
+            fatal: CancellationToken::new(),
+            fatal_reason: Mutex::new(None),
+            heartbeat: AtomicU64::new(0),
             roots: roots::Roots::load(&state_dir),
             allow_deletes: Mutex::new(Default::default()),
             held: Mutex::new(None),
@@ -231,6 +242,43 @@ impl Shared {
         let ours = self.config_hash();
         if theirs != ours {
             tracing::warn!(peer, theirs, ours, "the peer's cluster file differs from ours");
+        }
+    }
+
+    /// A task the agent cannot do without stopped (returned or panicked)
+    /// outside a shutdown: the agent stops and exits non-zero, so that the
+    /// service manager starts it again whole (`Restart=on-failure`).
+    pub fn fail(&self, why: String) {
+        tracing::error!(
+            reason = why,
+            "a task the agent needs stopped; exiting so that it is restarted"
+        );
+        self.fatal_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why);
+        self.fatal.cancel();
+    }
+
+    /// Records that the supervisor's loop went round.
+    fn beat(&self) {
+        let ms = self.started.elapsed().map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.heartbeat.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the supervisor's loop went round within `limit`.
+    pub fn heartbeat_within(&self, limit: Duration) -> bool {
+        let now = self.started.elapsed().map(|d| d.as_millis() as u64).unwrap_or(0);
+        now.saturating_sub(self.heartbeat.load(Ordering::Relaxed)) <= limit.as_millis() as u64
+    }
+
+    /// The runtime reports, if nobody holds their lock right now (never
+    /// waits: for the watchdog, which must not hang on a stuck lock).
+    pub fn try_runtime(&self) -> Option<MutexGuard<'_, Runtime>> {
+        match self.runtime.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
         }
     }
 
@@ -746,18 +794,37 @@ pub async fn serve(
         "agent started"
     );
 
-    let mut tasks = JoinSet::new();
-    tasks.spawn(server::run(shared.clone(), listener, cancel.clone()));
+    // Every task says what it was when it ends; the supervisor reaps each
+    // as it ends (see the loop below). Only the cache warm-up may end on
+    // its own; jobs end when a reload cancels their token.
+    let mut tasks: JoinSet<&'static str> = JoinSet::new();
+    let (s, c) = (shared.clone(), cancel.clone());
+    tasks.spawn(async move {
+        server::run(s, listener, c).await;
+        "the SSH server"
+    });
     if role.active != shared.me.name {
-        tasks.spawn(warm_send_caches(shared.clone()));
+        let s = shared.clone();
+        tasks.spawn(async move {
+            warm_send_caches(s).await;
+            WARM_CACHES
+        });
     }
     if let Some(http) = http {
-        tasks.spawn(health::run(shared.clone(), http, cancel.clone()));
+        let (s, c) = (shared.clone(), cancel.clone());
+        tasks.spawn(async move {
+            health::run(s, http, c).await;
+            "the HTTP listener"
+        });
     }
-    tasks.spawn(sd::run(shared.clone(), cancel.clone()));
+    let (s, c) = (shared.clone(), cancel.clone());
+    tasks.spawn(async move {
+        sd::run(s, c).await;
+        "the watchdog"
+    });
     // Jobs and the active side restart on every accepted reload.
     let mut config_token = cancel.child_token();
-    tasks.spawn(jobs::run(shared.clone(), config_token.clone()));
+    tasks.spawn(run_jobs(shared.clone(), config_token.clone()));
     let mut hangups =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot handle SIGHUP")?;
     sd::ready(&shared);
@@ -823,8 +890,17 @@ pub async fn serve(
             _ => {}
         }
         previous = role.active.clone();
+        shared.beat();
         tokio::select! {
             _ = cancel.cancelled() => break,
+            _ = shared.fatal.cancelled() => break,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            Some(ended) = tasks.join_next() => match ended {
+                Ok(WARM_CACHES) | Ok(JOBS) => {}
+                Ok(what) => shared.fail(format!("{what} stopped")),
+                Err(e) if e.is_panic() => shared.fail(format!("a task panicked: {e}")),
+                Err(_) => {}
+            },
             changed = roles.changed() => if changed.is_err() { break },
             _ = hangups.recv() => {
                 sd::reloading();
@@ -834,7 +910,7 @@ pub async fn serve(
                         config_token.cancel();
                         shared.runtime().inboxes.clear();
                         config_token = cancel.child_token();
-                        tasks.spawn(jobs::run(shared.clone(), config_token.clone()));
+                        tasks.spawn(run_jobs(shared.clone(), config_token.clone()));
                         // The loop starts the active side again under the new
                         // token; a promotion already done is not redone.
                         if let Some(side) = active.take() {
@@ -874,8 +950,27 @@ pub async fn serve(
         tracing::warn!("some tasks did not stop in time");
         tasks.abort_all();
     }
+    let failed = shared.fatal_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(why) = failed {
+        tracing::error!(reason = why, "stopped after a failure");
+        bail!("stopped because {why}");
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the supervisor's loop goes round when nothing happens (its
+/// heartbeat, which the watchdog checks).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// What the cache warm-up task says when it ends (it may).
+const WARM_CACHES: &str = "the cache warm-up";
+/// What the jobs task says when it ends (a reload cancels it).
+const JOBS: &str = "the jobs";
+
+async fn run_jobs(shared: Arc<Shared>, token: CancellationToken) -> &'static str {
+    jobs::run(shared, token).await;
+    JOBS
 }
 
 /// Scans the local watches once to fill their send-side hash caches, so that
@@ -946,7 +1041,24 @@ impl ActiveSide {
             tracing::info!("this node is active: watching and shipping");
             let mut set = JoinSet::new();
             start_active(&s, &mut set, &t);
-            t.cancelled().await;
+            // Every task of the active side runs until the token is
+            // cancelled: one that returns or panics before is a failure of
+            // the agent (it exits non-zero and systemd restarts it), never
+            // a node that says "active" while nothing ships.
+            loop {
+                tokio::select! {
+                    _ = t.cancelled() => break,
+                    Some(ended) = set.join_next() => {
+                        if t.is_cancelled() {
+                            break;
+                        }
+                        s.fail(match ended {
+                            Ok(what) => format!("{what} of the active side stopped"),
+                            Err(e) => format!("a task of the active side failed: {e}"),
+                        });
+                    }
+                }
+            }
             s.runtime().inboxes.clear();
             if tokio::time::timeout(Duration::from_secs(10), async {
                 while set.join_next().await.is_some() {}
@@ -980,7 +1092,7 @@ impl ActiveSide {
     }
 }
 
-fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &CancellationToken) {
+fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<&'static str>, token: &CancellationToken) {
     // Roots are checked now, so that status and the log say at once when
     // one is not fit to ship from (the shippers check again before each batch).
     for w in shared.local_watches().iter().filter(|w| w.verify_root) {
@@ -996,8 +1108,13 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &Cancellat
         tasks.spawn(async move {
             t.cancelled().await;
             stop.interrupt();
+            "an interrupt relay"
         });
-        tasks.spawn(ship::run(shared.clone(), peer.clone(), inbox, token.clone()));
+        let (s, p, t) = (shared.clone(), peer.clone(), token.clone());
+        tasks.spawn(async move {
+            ship::run(s, p, inbox, t).await;
+            "a shipper"
+        });
     }
     let targets = shared
         .local_watches()
@@ -1011,11 +1128,16 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, token: &Cancellat
     let t = token.clone();
     let rewatch = shared.roots.recovered.clone();
     tasks.spawn(async move {
-        if let Err(e) = watcher::run(targets, inboxes, rewatch, t).await {
-            tracing::error!(
-                error = format!("{e:#}"),
-                "the watcher stopped; changes are found only by periodic comparison"
-            );
+        // A hidden switch for the tests of this supervision: a watcher that
+        // fails at once, as one whose inotify instance cannot be made.
+        let result = if std::env::var_os("WARMSPARE_TEST_BREAK_WATCHER").is_some() {
+            Err(anyhow::anyhow!("broken on purpose (WARMSPARE_TEST_BREAK_WATCHER)"))
+        } else {
+            watcher::run(targets, inboxes, rewatch, t).await
+        };
+        if let Err(e) = result {
+            tracing::error!(error = format!("{e:#}"), "the watcher failed");
         }
+        "the watcher"
     });
 }

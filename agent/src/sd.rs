@@ -41,7 +41,9 @@ pub fn summary(shared: &Shared) -> String {
     if role.active != shared.me.name {
         return format!("passive at epoch {} ({} is active)", role.epoch, role.active);
     }
-    let rt = shared.runtime();
+    let Some(rt) = shared.try_runtime() else {
+        return format!("active at epoch {}", role.epoch);
+    };
     let links: Vec<String> = rt
         .links
         .iter()
@@ -70,6 +72,13 @@ pub fn summary(shared: &Shared) -> String {
 
 /// Sends `WATCHDOG=1` at half the watchdog interval (when systemd set one)
 /// and refreshes the status line, until `cancel` fires.
+///
+/// The watchdog is fed only while the agent makes progress: the
+/// supervisor's loop went round within the interval (it goes round every
+/// second; it stalls when the async runtime is blocked), and the runtime
+/// reports, which every shipper and receiver updates, were not found
+/// locked at two ticks in a row (they are never held over I/O). Otherwise
+/// systemd's watchdog restarts the agent.
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let watchdog = sd_notify::watchdog_enabled();
     let every = watchdog
@@ -77,16 +86,28 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         .unwrap_or(Duration::from_secs(10))
         .max(Duration::from_millis(50));
     let mut tick = tokio::time::interval(every);
+    let mut was_locked = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let locked = shared.try_runtime().is_none();
+        let stuck = locked && was_locked;
+        was_locked = locked;
+        let beating = shared.heartbeat_within(every.max(Duration::from_secs(3)));
         let status = summary(&shared);
-        if watchdog.is_some() {
-            send(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
-        } else {
-            send(&[NotifyState::Status(&status)]);
+        match watchdog {
+            Some(_) if beating && !stuck => send(&[NotifyState::Watchdog, NotifyState::Status(&status)]),
+            Some(_) => {
+                tracing::error!(
+                    supervisor_beating = beating,
+                    runtime_locked = stuck,
+                    "the agent is not making progress: the watchdog is not fed"
+                );
+                send(&[NotifyState::Status("not making progress")]);
+            }
+            None => send(&[NotifyState::Status(&status)]),
         }
     }
 }

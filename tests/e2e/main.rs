@@ -22,3 +22,4 @@ mod safety;
 mod sender;
 mod service;
 mod status_load;
+mod supervise;
