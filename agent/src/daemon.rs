@@ -86,6 +86,9 @@ pub struct Shared {
     /// Bumped by every accepted reload: open sessions check that their key
     /// is still trusted (see `receive`).
     pub reloads: watch::Sender<u64>,
+    /// The receiver's record of its own writes and, on a passive, the
+    /// local changes flagged under the watch roots (see `passive`).
+    pub local: Arc<warmspare_shared::local::Tracker>,
 }
 
 /// What the running tasks report.
@@ -172,6 +175,7 @@ impl Shared {
             allow_deletes: Mutex::new(Default::default()),
             held: Mutex::new(None),
             reloads: watch::channel(0).0,
+            local: Arc::new(Default::default()),
         })
     }
 
@@ -831,6 +835,8 @@ pub async fn serve(
 
     let mut roles = shared.role.subscribe();
     let mut active: Option<ActiveSide> = None;
+    // While this node is passive: the watcher of local changes.
+    let mut passive: Option<CancellationToken> = None;
     // The last role-change task (active side, demotion): the next waits for it.
     let mut last: Option<tokio::task::JoinHandle<()>> = None;
     if role.active != shared.me.name {
@@ -854,6 +860,20 @@ pub async fn serve(
     loop {
         let role = roles.borrow_and_update().clone();
         let mine = role.active == shared.me.name;
+        match &passive {
+            None if !mine => {
+                let token = config_token.child_token();
+                tasks.spawn(crate::passive::run(shared.clone(), token.clone()));
+                passive = Some(token);
+            }
+            Some(token) if mine => {
+                // This node's tree is now the one that counts.
+                token.cancel();
+                passive = None;
+                shared.local.clear_pending();
+            }
+            _ => {}
+        }
         match &active {
             None if mine => {
                 tracing::info!(epoch = role.epoch, "this node is named active");
@@ -909,6 +929,8 @@ pub async fn serve(
                         tracing::warn!(path = %shared.cluster_path.display(), hash = shared.config_hash(), "cluster file reloaded; restarting jobs and the active side");
                         config_token.cancel();
                         shared.runtime().inboxes.clear();
+                        // The loop starts the passive watcher again, on the new watches.
+                        passive = None;
                         config_token = cancel.child_token();
                         tasks.spawn(run_jobs(shared.clone(), config_token.clone()));
                         // The loop starts the active side again under the new
@@ -1095,6 +1117,8 @@ impl ActiveSide {
 fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<&'static str>, token: &CancellationToken) {
     // Roots are checked now, so that status and the log say at once when
     // one is not fit to ship from (the shippers check again before each batch).
+    // Local changes flagged while passive are this node's own tree now.
+    shared.local.clear_pending();
     for w in shared.local_watches().iter().filter(|w| w.verify_root) {
         let _ = shared.roots.verify(&w.name, &w.root);
     }

@@ -174,6 +174,28 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     }
     let _ = writeln!(
         out,
+        "# HELP warmspare_passive_local_changes On a passive: paths under a watch changed by anything but the receiver, waiting to be replaced by the active's version.\n# TYPE warmspare_passive_local_changes gauge"
+    );
+    for w in &s.watches {
+        let _ = writeln!(
+            out,
+            "warmspare_passive_local_changes{{watch=\"{}\"}} {}",
+            w.name, w.local_changes.pending
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP warmspare_passive_local_changes_total On a passive: local changes flagged under a watch since the agent started.\n# TYPE warmspare_passive_local_changes_total counter"
+    );
+    for w in &s.watches {
+        let _ = writeln!(
+            out,
+            "warmspare_passive_local_changes_total{{watch=\"{}\"}} {}",
+            w.name, w.local_changes.total
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP warmspare_deletions_held Files the deletion guard keeps on a peer until an operator allows their removal.\n# TYPE warmspare_deletions_held gauge"
     );
     for l in &s.links {

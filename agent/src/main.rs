@@ -16,6 +16,7 @@ mod heartbeat;
 mod hooks;
 mod jobs;
 mod logging;
+mod passive;
 mod preserved;
 mod receive;
 mod roots;

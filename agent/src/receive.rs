@@ -254,7 +254,9 @@ fn apply_loop(
             .join("diverged")
             .join(format!("{}-{}", session.epoch, timestamp())),
     };
-    let mut applier = Applier::new(watch_roots(shared)?, Some(divergence)).context("cannot open the watch roots")?;
+    let mut applier = Applier::new(watch_roots(shared)?, Some(divergence))
+        .context("cannot open the watch roots")?
+        .with_tracker(shared.local.clone());
     let send = |r: Reply| {
         replies
             .blocking_send(r)

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use warmspare_shared::manifest::join;
-use warmspare_shared::proto::{LinkStatus, NodeStatus, WatchStatus, PROTOCOL_VERSION};
+use warmspare_shared::proto::{LinkStatus, LocalChange, LocalChanges, NodeStatus, WatchStatus, PROTOCOL_VERSION};
 
 use crate::daemon::{unix, Shared};
 use crate::ship::LocalWatch;
@@ -68,6 +68,7 @@ impl TreeCounts {
 pub fn node_status(shared: &Shared) -> NodeStatus {
     let now = SystemTime::now();
     let root_problems = shared.roots.problems();
+    let flags = shared.local.flags();
     let local = shared.local_watches();
     let (inboxes, links_now, last_applied) = {
         let rt = shared.runtime();
@@ -85,6 +86,10 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
                 last_applied: last_applied.get(&w.name).map(|t| unix(*t)),
                 root_error: root_problems.get(&w.name).cloned(),
                 after_apply: shared.after.status(&w.name, has_after_apply(shared, &w.name)),
+                local_changes: flags
+                    .get(&w.name)
+                    .map(|(f, untracked)| local_changes(f, *untracked))
+                    .unwrap_or_default(),
             }
         })
         .collect();
@@ -165,6 +170,25 @@ pub async fn node_status_off_runtime(shared: &Arc<Shared>) -> anyhow::Result<Nod
 /// Whether `watch` has an `after_apply` command in the cluster file in force.
 fn has_after_apply(shared: &Shared, watch: &str) -> bool {
     shared.cluster().watch(watch).is_some_and(|w| w.after_apply.is_some())
+}
+
+/// A watch's local changes as status shows them: counts, and the latest
+/// paths with control characters escaped (names are a local user's to choose).
+fn local_changes(f: &warmspare_shared::local::WatchFlags, untracked: u64) -> LocalChanges {
+    LocalChanges {
+        pending: f.pending.len() as u64 + untracked,
+        total: f.total,
+        latest: f
+            .latest
+            .iter()
+            .map(|c| LocalChange {
+                path: warmspare_shared::text::escape_controls(&c.path).into_owned(),
+                change: c.change.name().to_string(),
+                at: unix(c.at),
+                pending: f.pending.contains_key(&c.path),
+            })
+            .collect(),
+    }
 }
 
 /// Regular files under `root` and their total size (links are not followed).
@@ -268,6 +292,11 @@ struct PublicWatch {
     root_ok: bool,
     /// The `after_apply` hook's counters (its output stays behind SSH).
     after_apply: Option<PublicAfterApply>,
+    /// On a passive: local changes waiting to be replaced (counts only: the
+    /// paths are shown by `warmsparectl status`).
+    local_changes: u64,
+    /// Local changes flagged since the agent started.
+    local_changes_total: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -341,6 +370,8 @@ impl From<NodeStatus> for PublicStatus {
                         last_ok: a.last.as_ref().map(|r| r.ok),
                         last_end_ms: a.last.as_ref().map(|r| r.end_ms),
                     }),
+                    local_changes: w.local_changes.pending,
+                    local_changes_total: w.local_changes.total,
                 })
                 .collect(),
             links: s
@@ -430,6 +461,16 @@ mod tests {
                         detail: format!("exit status: 1; output: {secret}"),
                     }),
                 }),
+                local_changes: warmspare_shared::proto::LocalChanges {
+                    pending: 1,
+                    total: 2,
+                    latest: vec![warmspare_shared::proto::LocalChange {
+                        path: format!("{secret}.pem"),
+                        change: "created".into(),
+                        at: 1,
+                        pending: true,
+                    }],
+                },
             }],
             links: vec![LinkStatus {
                 peer: "b".into(),
@@ -482,6 +523,8 @@ mod tests {
         assert_eq!(v["watches"][0]["root_ok"], false);
         assert_eq!(v["watches"][0]["after_apply"]["runs_failed"], 1);
         assert_eq!(v["watches"][0]["after_apply"]["last_ok"], false);
+        assert_eq!(v["watches"][0]["local_changes"], 1);
+        assert_eq!(v["watches"][0]["local_changes_total"], 2);
         assert_eq!(v["diverged_files"], 1);
         assert_eq!(v["role"]["epoch"], 3);
         assert_eq!(v["held"], true);

@@ -179,6 +179,25 @@ pub fn warnings(op: &Operator, views: &[NodeView]) -> Vec<String> {
                     s.node, w.name, run.detail
                 ));
             }
+            let lc = &w.local_changes;
+            if lc.pending > 0 {
+                let latest: Vec<String> = lc
+                    .latest
+                    .iter()
+                    .rev()
+                    .filter(|c| c.pending)
+                    .take(5)
+                    .map(|c| format!("{} {}", c.change, c.path))
+                    .collect();
+                out.push(format!(
+                    "{}: local change on a passive, will be replaced: {} path(s) of watch {} (latest: {}); the active's next full comparison replaces them and keeps what it replaces under state_dir/diverged (`warmsparectl resync --watch {}` does it now)",
+                    s.node,
+                    lc.pending,
+                    w.name,
+                    latest.join(", "),
+                    w.name
+                ));
+            }
         }
         for l in s.links.iter().filter(|l| l.deletions_held > 0) {
             out.push(format!(

@@ -27,6 +27,7 @@ use rustix::fs::OFlags;
 use crate::beneath::{self, split};
 use crate::delta;
 use crate::ledger::Ledgers;
+use crate::local::{self, Stamp, Tracker};
 use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta, TEMP_PREFIX};
 use crate::proto::Op;
 
@@ -265,6 +266,11 @@ pub struct Applier {
     /// The sync step of the commit: the system calls (tests put a failing
     /// one in its place).
     sync: SyncFn,
+    /// Where this receiver records what it changes, for the passive
+    /// watcher (see [`crate::local`]).
+    tracker: Option<Arc<Tracker>>,
+    /// The state of the files the current commit placed, for the tracker.
+    placed_now: HashMap<(String, String), Stamp>,
 }
 
 /// One durability call of a commit.
@@ -336,7 +342,18 @@ impl Applier {
             unnamed: 0,
             held_bytes: 0,
             sync: system_sync,
+            tracker: None,
+            placed_now: HashMap::new(),
         })
+    }
+
+    /// Records every path this applier changes, and what it left there, in
+    /// `tracker`, so that the passive watcher can tell the receiver's own
+    /// writes from local changes; a full comparison's settlement asks it
+    /// which local changes the active has not seen.
+    pub fn with_tracker(mut self, tracker: Arc<Tracker>) -> Applier {
+        self.tracker = Some(tracker);
+        self
     }
 
     /// Whether owners are replicated (the receiver runs as root).
@@ -350,6 +367,9 @@ impl Applier {
             .watches
             .get_mut(watch)
             .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+        if let Some(t) = &self.tracker {
+            t.listed(watch);
+        }
         // A root replaced by a link is not listed (its target would be).
         if let Err(e) = beneath::open_root(&w.root) {
             return Err(Refused(format!("watch {watch:?}: the root cannot be used: {e}")));
@@ -453,6 +473,16 @@ impl Applier {
             self.report.failed.push((rel, "excluded on the receiver".into()));
             return Ok(());
         }
+        // The passive watcher waits while the path changes, then finds what
+        // this operation left there (see `local`).
+        let tracked = match (&self.tracker, &op) {
+            (Some(t), Op::Dir { .. } | Op::Symlink { .. } | Op::SetMeta { .. } | Op::Remove { .. }) => {
+                t.begin(&watch, &rel);
+                Some(self.stamp(&watch, &rel).is_some_and(|s| s.is_dir()))
+            }
+            _ => None,
+        };
+        let removes = matches!(op, Op::Remove { .. });
         let result = match op {
             Op::Dir { meta, .. } => self.make_dir(&watch, &rel, meta),
             Op::Symlink { target: link, meta, .. } => self.make_symlink(&watch, &rel, &link, meta),
@@ -476,6 +506,11 @@ impl Applier {
             }
             Op::FileData(_) | Op::FileEnd | Op::Settled { .. } => Ok(()),
         };
+        if let (Some(was_dir), Some(t)) = (tracked, self.tracker.clone()) {
+            let now = self.stamp(&watch, &rel);
+            let tree = removes || (was_dir && !now.is_some_and(|s| s.is_dir()));
+            t.end(&watch, &rel, now, tree);
+        }
         match result {
             Ok(()) => {
                 self.report.applied += 1;
@@ -514,6 +549,23 @@ impl Applier {
         let mut created = false;
         let d = if reldir.is_empty() {
             h.root.clone()
+        } else if let (true, Some(t)) = (make, &self.tracker) {
+            // Directories made on the way are the receiver's own: recorded
+            // for the passive watcher, each as it is once made.
+            match beneath::open_dir(&h.root, reldir) {
+                Ok(d) => Arc::new(d),
+                Err(_) => {
+                    t.begin(watch, reldir);
+                    let made = beneath::make_dirs(&h.root, reldir, 0o755);
+                    let mut up: Vec<&str> = local_ancestors(reldir).collect();
+                    up.reverse();
+                    for a in up {
+                        let st = local::stamp_at(&h.root, a).ok().flatten();
+                        t.end(watch, a, st, false);
+                    }
+                    Arc::new(made?)
+                }
+            }
         } else if make {
             match beneath::open_dir(&h.root, reldir) {
                 Ok(d) => Arc::new(d),
@@ -544,6 +596,14 @@ impl Applier {
             self.note_dir(watch, "", &root);
         }
         Ok(d)
+    }
+
+    /// The state of `rel` of `watch` now, for the tracker (`None`: nothing
+    /// there, or it cannot be told).
+    fn stamp(&mut self, watch: &str, rel: &str) -> Option<Stamp> {
+        let (pdir, name) = split(rel);
+        let parent = self.dir(watch, pdir, false).ok()?;
+        beneath::stat(&parent, name).ok().map(|st| Stamp::of_stat(&st))
     }
 
     /// Remembers that the directory `reldir` of `watch`, open as `dir`, is
@@ -779,6 +839,12 @@ impl Applier {
     /// After a full comparison: everything under `watch` but `except` now
     /// holds the agreed content.
     fn settled(&mut self, watch: &str, except: &[String]) -> Result<(), Refused> {
+        // Local changes flagged after the tree was listed for this
+        // comparison were never seen by the active: not agreed on.
+        let (unseen, listed) = match &self.tracker {
+            Some(t) => (t.settled(watch, except), t.listed_at(watch)),
+            None => (Vec::new(), None),
+        };
         let Some(div) = self.divergence.clone() else {
             return Ok(());
         };
@@ -787,14 +853,47 @@ impl Applier {
             .get_mut(watch)
             .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
         let scan = manifest::scan(&w.root, "", &w.excludes, &mut w.cache);
-        let skip: std::collections::HashSet<&str> = except.iter().map(String::as_str).collect();
-        let entries = scan
+        let skip: std::collections::HashSet<&str> = except.iter().chain(&unseen).map(String::as_str).collect();
+        let entries: Vec<(String, ContentHash)> = scan
             .entries
             .into_iter()
             .filter(|e| !skip.contains(e.path.as_str()))
-            .filter_map(|e| Some((e.path.clone(), e.hash()?)));
+            .filter_map(|e| Some((e.path.clone(), e.hash()?)))
+            .collect();
         let mut ledgers = div.ledgers.lock().unwrap_or_else(|p| p.into_inner());
-        ledgers.watch(watch).reset(entries);
+        let ledger = ledgers.watch(watch);
+        // A file not agreed before that changed after the tree was listed
+        // for this comparison (its ctime says so, whether or not the
+        // passive watcher has flagged it yet) was never seen by the
+        // active: it is not agreed on either.
+        let listed_ns = listed
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128);
+        let root = listed_ns.and_then(|_| beneath::open_root(&w.root).ok());
+        let mut later: Vec<String> = unseen.clone();
+        let entries: Vec<(String, ContentHash)> = entries
+            .into_iter()
+            .filter(|(p, h)| {
+                let (Some(listed), Some(root)) = (listed_ns, &root) else {
+                    return true;
+                };
+                if ledger.get(p) == Some(*h) {
+                    return true;
+                }
+                // Timestamps may be a clock tick coarse: a second of slack.
+                let fresh = local::stamp_at(root, p)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|st| st.ctime_ns >= listed - 1_000_000_000);
+                if fresh {
+                    later.push(p.clone());
+                }
+                !fresh
+            })
+            .collect();
+        // What was agreed for those paths stays agreed.
+        let kept: Vec<(String, ContentHash)> = later.iter().filter_map(|p| Some((p.clone(), ledger.get(p)?))).collect();
+        ledger.reset(entries.into_iter().chain(kept));
         if let Err(e) = ledgers.save() {
             tracing::warn!(error = %e, "cannot save the sync ledger");
         }
@@ -1096,6 +1195,18 @@ impl Applier {
         self.unnamed = 0;
         let pending = std::mem::take(&mut self.pending);
         self.held_bytes = 0;
+        // The passive watcher waits for these paths until the commit is done.
+        let tracked: Vec<(String, String, Arc<File>, String)> = match &self.tracker {
+            Some(t) => pending
+                .iter()
+                .map(|p| {
+                    t.begin(&p.watch, &p.rel);
+                    (p.watch.clone(), p.rel.clone(), p.staged.dir().clone(), p.name.clone())
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut trees: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
         // 0. The files held in memory are made and written.
         let (pending, failed) = make_all_held(pending, self.can_chown);
         for (rel, why) in failed {
@@ -1173,6 +1284,7 @@ impl Applier {
                     }
                 }
                 if existing.is_some_and(|st| beneath::is_dir(&st)) {
+                    trees.insert((watch.clone(), rel.clone()));
                     if let Err(e) = beneath::remove_tree(&dir, &name) {
                         let _ = beneath::unlink(&dir, &tmp);
                         self.report.failed.push((rel, e.to_string()));
@@ -1202,6 +1314,17 @@ impl Applier {
         if self.saved_at.elapsed() >= STATE_SAVE_INTERVAL {
             self.save_state();
         }
+        if let Some(t) = self.tracker.clone() {
+            for (watch, rel, dir, name) in tracked {
+                let key = (watch, rel);
+                let stamp = self
+                    .placed_now
+                    .remove(&key)
+                    .or_else(|| beneath::stat(&dir, &name).ok().map(|st| Stamp::of_stat(&st)));
+                t.end(&key.0, &key.1, stamp, trees.contains(&key));
+            }
+            self.placed_now.clear();
+        }
         // The next batch opens its roots again: a root replaced meanwhile
         // (by a link, say) is then refused.
         self.handles.clear();
@@ -1219,6 +1342,10 @@ impl Applier {
     /// Records a file just placed, with metadata `md` (read after it was
     /// placed: placing changes its ctime), in the hash cache and the ledger.
     fn placed(&mut self, watch: &str, rel: &str, md: &fs::Metadata, hash: ContentHash) {
+        if self.tracker.is_some() {
+            self.placed_now
+                .insert((watch.to_string(), rel.to_string()), Stamp::of_metadata(md));
+        }
         if let Some(w) = self.watches.get_mut(watch) {
             w.cache.insert(rel, md, hash);
         }
@@ -1618,6 +1745,16 @@ impl<W: Write> Write for HashingWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// `rel` and its ancestors, deepest first (`a/b/c`, `a/b`, `a`).
+fn local_ancestors(rel: &str) -> impl Iterator<Item = &str> {
+    let mut next = Some(rel);
+    std::iter::from_fn(move || {
+        let cur = next?;
+        next = cur.rfind('/').map(|i| &cur[..i]);
+        Some(cur)
+    })
 }
 
 /// A temporary name (see [`TEMP_PREFIX`]) for a file `what` beside `name`.

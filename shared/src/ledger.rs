@@ -53,6 +53,11 @@ impl Ledger {
         self.map.get(rel).copied()
     }
 
+    /// Every agreed path with its content.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, ContentHash)> {
+        self.map.iter().map(|(p, h)| (&**p, *h))
+    }
+
     /// Records that `rel` is agreed to hold `hash`.
     pub fn set(&mut self, rel: &str, hash: ContentHash) {
         if self.map.get(rel) != Some(&hash) {

@@ -8,6 +8,7 @@
 //! - [`apply`]: the receiver's confined, atomic application of changes.
 //! - [`beneath`]: directory handles beneath a watch root (no path re-resolved).
 //! - [`ledger`]: the content each file had when the peers last agreed (divergence).
+//! - [`local`]: the receiver's record of its own writes, and local changes flagged on a passive.
 //! - [`ssh`]: russh server and client glue with pinned keys.
 //! - [`state`]: the persisted role state (epoch and active node).
 //! - [`sys`]: the few system calls std does not wrap.
@@ -23,6 +24,7 @@ pub mod fuzzing;
 pub mod gendocs;
 pub mod keys;
 pub mod ledger;
+pub mod local;
 pub mod manifest;
 pub mod perms;
 pub mod proto;

@@ -17,7 +17,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::manifest::{ContentHash, Entry, Meta};
 
 /// The protocol version; peers with another one are refused at hello.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The SSH subsystem name the agents speak.
 pub const SUBSYSTEM: &str = "warmspare";
@@ -113,6 +113,10 @@ pub struct WatchStatus {
     /// On a receiver: the watch's `after_apply` hook, when it has one.
     #[serde(default)]
     pub after_apply: Option<AfterApplyStatus>,
+    /// On a passive: changes made under the root by anything but the
+    /// receiver, which the active's version will replace.
+    #[serde(default)]
+    pub local_changes: LocalChanges,
 }
 
 /// A watch's `after_apply` hook on a receiving node, since the agent started.
@@ -143,6 +147,32 @@ pub struct AfterApplyRun {
     /// Exit status (or `timed out after ...; killed`) and, for a failure,
     /// the tail of its output.
     pub detail: String,
+}
+
+/// Local changes on a passive under one watch: written, removed or
+/// chmod'ed by anything but the receiver; the active's next full comparison
+/// replaces them (and preserves what it replaces under `diverged/`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalChanges {
+    /// Changed paths not yet replaced by the active's version.
+    pub pending: u64,
+    /// Local changes flagged since the agent started.
+    pub total: u64,
+    /// The latest ones (at most 20), newest last.
+    pub latest: Vec<LocalChange>,
+}
+
+/// One local change on a passive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalChange {
+    /// The path under the watch root (control characters escaped).
+    pub path: String,
+    /// `created`, `modified`, `removed` or `metadata`.
+    pub change: String,
+    /// When it was seen (Unix seconds).
+    pub at: i64,
+    /// Whether it is still waiting to be replaced.
+    pub pending: bool,
 }
 
 /// A node's own account of itself, for `warmsparectl status`.

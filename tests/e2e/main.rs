@@ -14,6 +14,7 @@ mod hooks;
 mod hostile;
 mod jobs;
 mod monitoring;
+mod passive;
 mod peers;
 mod puppet_module;
 mod reload;
