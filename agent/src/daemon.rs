@@ -863,7 +863,11 @@ pub async fn serve(
         match &passive {
             None if !mine => {
                 let token = config_token.child_token();
-                tasks.spawn(crate::passive::run(shared.clone(), token.clone()));
+                let (s, t) = (shared.clone(), token.clone());
+                tasks.spawn(async move {
+                    crate::passive::run(s, t).await;
+                    PASSIVE_WATCHER
+                });
                 passive = Some(token);
             }
             Some(token) if mine => {
@@ -916,7 +920,7 @@ pub async fn serve(
             _ = shared.fatal.cancelled() => break,
             _ = tokio::time::sleep(HEARTBEAT) => {}
             Some(ended) = tasks.join_next() => match ended {
-                Ok(WARM_CACHES) | Ok(JOBS) => {}
+                Ok(WARM_CACHES) | Ok(JOBS) | Ok(PASSIVE_WATCHER) => {}
                 Ok(what) => shared.fail(format!("{what} stopped")),
                 Err(e) if e.is_panic() => shared.fail(format!("a task panicked: {e}")),
                 Err(_) => {}
@@ -989,6 +993,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const WARM_CACHES: &str = "the cache warm-up";
 /// What the jobs task says when it ends (a reload cancels it).
 const JOBS: &str = "the jobs";
+/// The passive watcher's name as a task: it ends when the node becomes
+/// active or a reload restarts it (and, on an inotify failure, it logs why).
+const PASSIVE_WATCHER: &str = "the passive watcher";
 
 async fn run_jobs(shared: Arc<Shared>, token: CancellationToken) -> &'static str {
     jobs::run(shared, token).await;
