@@ -102,6 +102,11 @@ pub enum Command {
         /// agent cannot be asked.
         #[arg(long, required = true)]
         is_active: bool,
+        /// Exit 0 also while this node, named active and confirmed, runs its
+        /// on_promote hook: for a service gate (`ExecStartPre=`) that the
+        /// hook itself passes when it restarts the service.
+        #[arg(long, requires = "is_active")]
+        or_promoting: bool,
         /// How long to wait for the agent's answer.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,

@@ -61,7 +61,11 @@ fn run(args: Args) -> Result<ExitCode> {
             crate::ca_guard::run(ca_dir, u128::from(*margin), u128::from(*block), *dry_run)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Role { is_active: _, timeout } => Ok(role_is_active(&args, *timeout)),
+        Command::Role {
+            is_active: _,
+            or_promoting,
+            timeout,
+        } => Ok(role_is_active(&args, *or_promoting, *timeout)),
         Command::Check { local } => {
             let shared = Shared::load(&args.cluster, args.node.as_deref())?;
             runtime()?.block_on(check(shared, *local))
@@ -80,10 +84,16 @@ fn run(args: Args) -> Result<ExitCode> {
 }
 
 /// `role --is-active`: asks the local agent's `/_status/check` (200 only on
-/// the confirmed active). 0 active, 1 passive or held, 2 cannot tell.
-fn role_is_active(args: &Args, timeout: Duration) -> ExitCode {
+/// the confirmed active). 0 active, 1 passive or held, 2 cannot tell. With
+/// `or_promoting`, 0 also while the node's `on_promote` runs (the check
+/// answers 503 `held at epoch N: on_promote is running`).
+fn role_is_active(args: &Args, or_promoting: bool, timeout: Duration) -> ExitCode {
     match ask_check(args, timeout) {
         Ok((200, body)) => {
+            println!("{}", body.trim());
+            ExitCode::SUCCESS
+        }
+        Ok((503, body)) if or_promoting && is_promoting(&body) => {
             println!("{}", body.trim());
             ExitCode::SUCCESS
         }
@@ -100,6 +110,13 @@ fn role_is_active(args: &Args, timeout: Duration) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// Whether a `/_status/check` answer says the node's `on_promote` is running.
+fn is_promoting(body: &str) -> bool {
+    body.trim_end()
+        .split_once(": ")
+        .is_some_and(|(head, why)| head.starts_with("held at epoch ") && why == crate::hooks::PROMOTING)
 }
 
 fn ask_check(args: &Args, timeout: Duration) -> Result<(u16, String)> {
@@ -343,5 +360,22 @@ async fn own_agent_answers(shared: &Shared) -> bool {
     {
         Ok(_) | Err(ssh::DialError::AuthRefused) | Err(ssh::DialError::SubsystemRefused) => true,
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_promoting;
+
+    #[test]
+    fn only_a_running_on_promote_counts_as_promoting() {
+        assert!(is_promoting("held at epoch 2: on_promote is running\n"));
+        assert!(!is_promoting("held at epoch 2: on_promote failed\n"));
+        assert!(!is_promoting("held at epoch 2: starting its active side\n"));
+        assert!(!is_promoting(
+            "held at epoch 1: no peer has confirmed epoch 1 since this agent started\n"
+        ));
+        assert!(!is_promoting("passive at epoch 2 (a is active)\n"));
+        assert!(!is_promoting("on_promote is running"));
     }
 }

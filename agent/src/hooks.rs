@@ -26,6 +26,11 @@ use warmspare_shared::state::{self, HistoryEntry};
 
 use crate::daemon::{unix, Shared};
 
+/// Why a node is held while its `on_promote` hook runs (the health check
+/// says `held at epoch N: on_promote is running`; `role --is-active
+/// --or-promoting` looks for it).
+pub const PROMOTING: &str = "on_promote is running";
+
 /// The most output of one run copied into the agent's log.
 const LOG_TAIL: u64 = 8 * 1024;
 /// The most output of a failed run kept in its record.
@@ -81,7 +86,7 @@ impl Hooks {
     pub fn held(&self, epoch: u64) -> Option<String> {
         match &*self.promotion.borrow() {
             Promotion::Done(e) if *e == epoch => None,
-            Promotion::Running(e) if *e == epoch => Some("on_promote is running".into()),
+            Promotion::Running(e) if *e == epoch => Some(PROMOTING.into()),
             Promotion::Failed(e, detail) if *e == epoch => Some(format!("{PROMOTE_HOOK_FAILED}: {detail}")),
             _ => Some("starting its active side".into()),
         }

@@ -72,10 +72,16 @@ fn spawn_ctl(c: &TestCluster, args: &[&str]) -> std::process::Child {
 
 /// `warmspare-agent role --is-active` for `node`: its exit code and output.
 fn role_gate(c: &TestCluster, node: &str) -> (i32, String) {
+    role_gate_with(c, node, &[])
+}
+
+/// `role --is-active` for `node` with `extra` arguments (`--or-promoting`).
+fn role_gate_with(c: &TestCluster, node: &str, extra: &[&str]) -> (i32, String) {
     let out = Command::new(bin("warmspare-agent"))
         .arg("--cluster")
         .arg(&c.file)
         .args(["--node", node, "role", "--is-active", "--timeout", "5s"])
+        .args(extra)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -133,6 +139,13 @@ fn on_promote_runs_with_its_environment_before_the_node_reports_active_and_on_de
     assert!(body.contains("on_promote is running"), "{body}");
     assert_eq!(node_status(&c, "b")["role"]["epoch"], 2);
     assert_eq!(node_status(&c, "b")["held"], "on_promote is running");
+    // The role gate: not active yet, but a service its hook restarts may
+    // start (`--or-promoting`); the demoted a may not, with or without it.
+    assert_eq!(role_gate(&c, "b").0, 1);
+    let (gate_b, out_b) = role_gate_with(&c, "b", &["--or-promoting"]);
+    assert_eq!(gate_b, 0, "{out_b}");
+    wait_until("a passive", LIMIT, || http_status(ha, "/_status/check") == Some(503));
+    assert_eq!(role_gate_with(&c, "a", &["--or-promoting"]).0, 1);
     // a's active side stopped before b was promoted, and a ran on_demote.
     wait_until("a's on_demote", LIMIT, || {
         !lines(&c.dir.path().join("demote.log")).is_empty()
@@ -220,6 +233,8 @@ fn a_failing_on_promote_keeps_the_node_fenced_and_the_controller_fails_until_a_r
     assert_eq!(gate, 1, "{out}");
     assert!(out.contains("held"), "{out}");
     assert_eq!(role_gate(&c, "a").0, 1);
+    // A failed promotion is no promotion in progress.
+    assert_eq!(role_gate_with(&c, "b", &["--or-promoting"]).0, 1);
     let human = text(&c.ctl(&["status"]));
     assert!(human.contains("held") && human.contains("FAILED"), "{human}");
     let hist = text(&c.ctl(&["history"]));
