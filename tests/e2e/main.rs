@@ -16,6 +16,7 @@ mod jobs;
 mod monitoring;
 mod passive;
 mod peers;
+mod puppet;
 mod puppet_module;
 mod reload;
 mod replication;
