@@ -151,13 +151,16 @@ async fn run_once(shared: &Shared, watch: &str, cmd: &str, timeout: Duration, ro
         env.push(("WARMSPARE_WATCH".into(), watch.into()));
         env.push(("WARMSPARE_PATH".into(), root.into_os_string()));
         env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));
-        crate::shell::run(crate::shell::Spec {
-            cmd,
-            env,
-            timeout,
-            stdout: out,
-            stderr: err,
-        })
+        crate::shell::run_capped(
+            crate::shell::Spec {
+                cmd,
+                env,
+                timeout,
+                stdout: out,
+                stderr: err,
+            },
+            crate::shell::HOOK_OUTPUT_KEEP,
+        )
         .await
         .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }

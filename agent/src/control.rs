@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use tokio::io::{AsyncRead, AsyncWrite};
-use warmspare_shared::proto::{FrameReader, FrameWriter, Reply, Request};
+use warmspare_shared::proto::{self, FrameReader, FrameWriter, JobRun, Reply, Request};
 use warmspare_shared::state;
 
 use crate::daemon::Shared;
@@ -27,7 +27,15 @@ where
     W: AsyncWrite + Unpin,
 {
     while let Some(req) = reader.recv::<Request>().await? {
-        let reply = handle(shared, operator, req).await;
+        let mut reply = handle(shared, operator, req).await;
+        if let Err(e) = proto::encode(&reply) {
+            // Too large for a frame (a status with a huge diverged list):
+            // say so, and keep the session.
+            tracing::warn!(operator, error = %e, "a reply does not fit a frame");
+            reply = Reply::Refused {
+                reason: format!("the reply does not fit a frame: {e}"),
+            };
+        }
         writer.send(&reply).await?;
     }
     Ok(())
@@ -51,7 +59,17 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
             Err(e) => failed(e),
         },
         Request::History => match shared.off_runtime(|s| state::read_history(&s.state_dir)).await {
-            Ok(h) => Reply::History(h),
+            Ok(h) => Reply::History(proto::newest_that_fit(h, |n| state::HistoryEntry {
+                time: 0,
+                epoch: 0,
+                from: String::new(),
+                to: String::new(),
+                reason: format!(
+                    "{n} older entries left out (the reply is limited to the newest that fit); \
+                     the whole history is in history.jsonl under the state dir"
+                ),
+                by: shared.me.name.clone(),
+            })),
             Err(e) => failed(e),
         },
         Request::SetRole { expect, next, reason } => match shared
@@ -149,7 +167,20 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
             Reply::Done
         }
         Request::Flush { timeout_ms } => flush(shared, Duration::from_millis(timeout_ms)).await,
-        Request::JobHistory { name } => Reply::JobHistory(crate::jobs::history(&shared.state_dir, &name)),
+        Request::JobHistory { name } => {
+            let runs = crate::jobs::history(&shared.state_dir, &name);
+            let Some(first) = runs.first().cloned() else {
+                return Reply::JobHistory(runs);
+            };
+            Reply::JobHistory(proto::newest_that_fit(runs, |n| JobRun {
+                ok: false,
+                end_ms: first.start_ms,
+                bytes: 0,
+                generation: 0,
+                detail: format!("{n} older runs left out (the reply is limited to the newest that fit)"),
+                ..first
+            }))
+        }
         Request::RunJob { name } => match crate::jobs::run_now(shared, &name).await {
             Ok(run) => Reply::JobDone(run),
             Err(e) => Reply::Refused {

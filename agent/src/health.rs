@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -15,12 +16,27 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Shared;
 use crate::status;
 
+/// The most HTTP connections served at once; more are closed as soon as
+/// they are accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send a request's headers.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(5);
+/// The longest one connection may last (one request each: no keep-alive).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Serves health, status and metrics on `listener` until `cancel` fires.
+///
+/// Each connection carries one request, which must arrive within
+/// [`HEADER_DEADLINE`] and be answered within [`CONNECTION_DEADLINE`]; at most
+/// [`MAX_CONNECTIONS`] are served at once. Half-sent requests (600 of them
+/// once took every descriptor the agent had) are closed at their deadline.
 pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
     let app = Router::new()
         .route("/_status/check", get(check))
@@ -28,12 +44,47 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
         .route("/_status", get(detail))
         .route("/metrics", get(metrics))
         .with_state(shared);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "the HTTP listener failed");
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    let (mut crowded, mut failing) = (crate::server::Complaint::default(), crate::server::Complaint::default());
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        if let Some(n) = crowded.due() {
+                            tracing::warn!(%peer, closed = n, "{MAX_CONNECTIONS} HTTP connections are open: closing new ones at once");
+                        }
+                        drop(tcp);
+                        continue;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                    connections.spawn(async move {
+                        let _permit = permit;
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(HEADER_DEADLINE)
+                            .keep_alive(false)
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                        match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http connection ended"),
+                            Err(_) => tracing::debug!(%peer, "http connection cut at its deadline"),
+                            Ok(Ok(())) => {}
+                        }
+                    });
+                }
+                Err(e) => {
+                    if let Some(n) = failing.due() {
+                        tracing::warn!(error = %e, times = n, "the HTTP listener cannot accept a connection");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
     }
+    connections.shutdown().await;
 }
 
 async fn check(State(shared): State<Arc<Shared>>) -> Response {

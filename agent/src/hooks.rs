@@ -157,13 +157,16 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
         env.push(("WARMSPARE_EPOCH".into(), epoch.to_string().into()));
         env.push(("WARMSPARE_FROM".into(), from.into()));
         env.push(("WARMSPARE_TO".into(), to.into()));
-        crate::shell::run(crate::shell::Spec {
-            cmd: &cmd,
-            env,
-            timeout,
-            stdout: out,
-            stderr: err,
-        })
+        crate::shell::run_capped(
+            crate::shell::Spec {
+                cmd: &cmd,
+                env,
+                timeout,
+                stdout: out,
+                stderr: err,
+            },
+            crate::shell::HOOK_OUTPUT_KEEP,
+        )
         .await
         .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }

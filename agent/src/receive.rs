@@ -391,7 +391,9 @@ fn serve_request(
             send(Reply::Committed {
                 batch,
                 applied: report.applied,
-                failed: report.failed,
+                // Bounded to fit a frame; what is left out is asked for
+                // again as a comparison of the whole watch.
+                failed: proto::bound_failures(report.failed),
             })?;
             Ok(())
         }

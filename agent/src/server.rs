@@ -1,9 +1,15 @@
 //! The SSH listener: accepts connections and hands sessions to the receiver.
+//!
+//! At most [`ssh::MAX_UNAUTHENTICATED`] connections are in their handshake at
+//! once, each for at most [`ssh::AUTH_DEADLINE`]: connections past that are
+//! closed as soon as they are accepted, so half-open connections cannot take
+//! every descriptor (and with them the operators' and peers' way in).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::ssh::{self, IncomingSession};
@@ -11,31 +17,66 @@ use warmspare_shared::ssh::{self, IncomingSession};
 use crate::daemon::Shared;
 use crate::receive;
 
+/// How often a repeated listener complaint is logged.
+const COMPLAINT_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs a repeated complaint once per [`COMPLAINT_EVERY`], with how many
+/// times it happened since.
+#[derive(Default)]
+pub struct Complaint {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Complaint {
+    /// Counts one occurrence; true when it is time to log (then `since` says
+    /// how many there were, this one included).
+    pub fn due(&mut self) -> Option<u64> {
+        self.since += 1;
+        if self.last.is_some_and(|t| t.elapsed() < COMPLAINT_EVERY) {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
 /// Serves `listener` until `cancel` fires.
 pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
     let config = ssh::server_config(&shared.key);
     let (tx, mut rx) = mpsc::channel::<IncomingSession>(16);
+    let preauth = Arc::new(Semaphore::new(ssh::MAX_UNAUTHENTICATED));
     let mut connections = JoinSet::new();
     let mut sessions = JoinSet::new();
+    let (mut crowded, mut failing) = (Complaint::default(), Complaint::default());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    let Ok(permit) = preauth.clone().try_acquire_owned() else {
+                        if let Some(n) = crowded.due() {
+                            tracing::warn!(%peer, closed = n, "{} connections are still authenticating: closing new ones at once", ssh::MAX_UNAUTHENTICATED);
+                        }
+                        drop(tcp);
+                        continue;
+                    };
                     tracing::debug!(%peer, "connection");
                     // Each connection takes the trust of the cluster file in
                     // force: a reload applies to every connection after it.
                     let trust = Arc::new(shared.trust());
                     let (config, tx) = (config.clone(), tx.clone());
                     connections.spawn(async move {
-                        if let Err(e) = ssh::serve_connection(config, tcp, trust, tx).await {
+                        if let Err(e) = ssh::serve_connection(config, tcp, trust, tx, permit).await {
                             tracing::debug!(%peer, error = %e, "ssh connection ended");
                         }
                     });
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait a moment rather than spin.
-                    tracing::warn!(error = %e, "cannot accept a connection");
+                    if let Some(n) = failing.due() {
+                        tracing::warn!(error = %e, times = n, "cannot accept a connection");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },

@@ -73,25 +73,99 @@ impl Drop for Group {
     }
 }
 
-/// Runs `spec` to its end or its time limit.
-pub async fn run(spec: Spec<'_>) -> Result<Outcome> {
+/// Bytes of a hook's standard output and of its standard error kept at the
+/// start and at the end of its log by [`run_capped`].
+pub const HOOK_OUTPUT_KEEP: usize = 64 * 1024;
+
+/// How long the output of a command that exited is still read: what it left
+/// running in the background may hold its output open for ever.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+/// Runs `spec` like [`run`], but its output passes through the agent on its
+/// way to the files: each stream keeps its first `keep` bytes and its last
+/// `keep`, with a line saying how many bytes between them were left out. A
+/// hook that writes without end costs neither memory nor disk.
+pub async fn run_capped(spec: Spec<'_>, keep: usize) -> Result<Outcome> {
+    let (stdout, stderr) = (spec.stdout, spec.stderr);
+    let mut child = spawn(spec.cmd, &spec.env, Stdio::piped(), Stdio::piped())?;
+    let mut group = Group(child.id());
+    let copies = [
+        child.stdout.take().map(|p| tokio::spawn(copy_capped(p, stdout, keep))),
+        child.stderr.take().map(|p| tokio::spawn(copy_capped(p, stderr, keep))),
+    ];
+    let outcome = wait(&mut child, &mut group, spec.timeout).await;
+    for copy in copies.into_iter().flatten() {
+        let abort = copy.abort_handle();
+        if tokio::time::timeout(OUTPUT_DRAIN, copy).await.is_err() {
+            // A background process kept the pipe: stop reading it.
+            abort.abort();
+        }
+    }
+    outcome
+}
+
+/// Copies `from` into `to`: the first `keep` bytes as they come, then only
+/// the last `keep` in memory, written at the end after a marker line.
+async fn copy_capped(mut from: impl tokio::io::AsyncRead + Unpin, to: File, keep: usize) {
+    use std::io::Write as _;
+    use tokio::io::AsyncReadExt as _;
+    let mut to = std::io::BufWriter::new(to);
+    let mut head = 0usize;
+    let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
+    let mut dropped = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut chunk = &buf[..n];
+        if head < keep {
+            let take = chunk.len().min(keep - head);
+            let _ = to.write_all(&chunk[..take]);
+            head += take;
+            chunk = &chunk[take..];
+        }
+        if chunk.len() >= keep {
+            // Only this chunk's end can stay.
+            dropped += (tail.len() + chunk.len() - keep) as u64;
+            tail.clear();
+            chunk = &chunk[chunk.len() - keep..];
+        }
+        tail.extend(chunk);
+        if tail.len() > keep {
+            let excess = tail.len() - keep;
+            tail.drain(..excess);
+            dropped += excess as u64;
+        }
+    }
+    if dropped > 0 {
+        let _ = write!(to, "\n[warmspare: {dropped} bytes of output left out]\n");
+    }
+    let (a, b) = tail.as_slices();
+    let _ = to.write_all(a).and_then(|()| to.write_all(b)).and_then(|()| to.flush());
+}
+
+fn spawn(cmd: &str, env: &[(String, OsString)], stdout: Stdio, stderr: Stdio) -> Result<tokio::process::Child> {
     let mut c = std::process::Command::new("/bin/sh");
     c.arg("-c")
-        .arg(spec.cmd)
+        .arg(cmd)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(spec.stdout)
-        .stderr(spec.stderr)
+        .stdout(stdout)
+        .stderr(stderr)
         .process_group(0);
-    let mut child = tokio::process::Command::from(c)
+    tokio::process::Command::from(c)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {:?}", spec.cmd))?;
-    let mut group = Group(child.id());
-    match tokio::time::timeout(spec.timeout, child.wait()).await {
+        .with_context(|| format!("cannot start {cmd:?}"))
+}
+
+async fn wait(child: &mut tokio::process::Child, group: &mut Group, timeout: Duration) -> Result<Outcome> {
+    match tokio::time::timeout(timeout, child.wait()).await {
         Ok(s) => {
             let status = s.context("cannot wait for the command")?;
             // The shell is done; what it started in the background on
@@ -103,7 +177,14 @@ pub async fn run(spec: Spec<'_>) -> Result<Outcome> {
             group.kill();
             // SIGKILL cannot be ignored: the shell ends now; still bounded.
             let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-            Ok(Outcome::TimedOut(spec.timeout))
+            Ok(Outcome::TimedOut(timeout))
         }
     }
+}
+
+/// Runs `spec` to its end or its time limit.
+pub async fn run(spec: Spec<'_>) -> Result<Outcome> {
+    let mut child = spawn(spec.cmd, &spec.env, spec.stdout.into(), spec.stderr.into())?;
+    let mut group = Group(child.id());
+    wait(&mut child, &mut group, spec.timeout).await
 }

@@ -242,7 +242,9 @@ async fn session(
 
     let (frame_tx, mut frame_rx) = mpsc::channel::<Vec<Bytes>>(GROUPS_QUEUED);
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>(64);
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Reply>();
+    // A peer owes at most COMMITS_IN_FLIGHT acknowledgements; one that sends
+    // more than this waits (and the worker's deadline ends the session).
+    let (ack_tx, ack_rx) = mpsc::channel::<Reply>(COMMITS_IN_FLIGHT * 4);
     let bytes_sent = shared.bytes_sent.clone();
 
     let write_task = async move {
@@ -267,7 +269,7 @@ async fn session(
             match reader.recv::<Reply>().await? {
                 None => return Ok::<(), anyhow::Error>(()),
                 Some(r @ Reply::Committed { .. }) => {
-                    if ack_tx.send(r).is_err() {
+                    if ack_tx.send(r).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -386,7 +388,7 @@ struct SessionIo {
     group: Vec<Bytes>,
     group_bytes: usize,
     replies: mpsc::Receiver<Reply>,
-    acks: mpsc::UnboundedReceiver<Reply>,
+    acks: mpsc::Receiver<Reply>,
     next_batch: u64,
     /// Commits sent and not yet acknowledged.
     outstanding: Vec<Outstanding>,
@@ -542,7 +544,14 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
         if retry.at.is_some_and(|at| Instant::now() >= at) {
             retry.at = None;
             for (watch, path) in std::mem::take(&mut retry.paths) {
-                inbox.add_paths(&watch, [path]);
+                if path.is_empty() {
+                    // The peer left failures out of an acknowledgement (see
+                    // `proto::bound_failures`): compare the whole watch,
+                    // with a fresh manifest of the peer.
+                    inbox.add_full(&watch);
+                } else {
+                    inbox.add_paths(&watch, [path]);
+                }
             }
         }
         if root_recheck.is_some_and(|at| Instant::now() >= at) {

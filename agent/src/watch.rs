@@ -48,6 +48,42 @@ enum Raw {
     Rescan(Option<PathBuf>),
 }
 
+/// Events from notify's thread waiting for the watcher task.
+const RAW_QUEUE: usize = 8192;
+/// Distinct paths one watch's batch gathers before it becomes "compare the
+/// whole watch" (the inbox has the same limit).
+const MAX_PENDING: usize = 50_000;
+
+/// The bounded hand-off from notify's thread to the watcher task: an event
+/// that finds it full is dropped and the overflow flagged, which the task
+/// answers like a kernel queue overflow (watch again, compare everything).
+/// Nothing is lost, and memory stays bounded when the task falls behind.
+struct RawQueue {
+    tx: mpsc::Sender<Raw>,
+    overflow: Arc<tokio::sync::Notify>,
+}
+
+impl RawQueue {
+    fn new(capacity: usize) -> (RawQueue, mpsc::Receiver<Raw>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            RawQueue {
+                tx,
+                overflow: Arc::new(tokio::sync::Notify::new()),
+            },
+            rx,
+        )
+    }
+
+    /// Never blocks (notify's thread calls it).
+    fn push(&self, raw: Raw) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(raw) {
+            // A stored permit: the task sees it even if it is busy now.
+            self.overflow.notify_one();
+        }
+    }
+}
+
 /// How often a root that is not a directory is looked at again.
 const UNWATCHED_POLL: Duration = Duration::from_secs(2);
 
@@ -59,8 +95,8 @@ pub async fn run(
     rewatch: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Raw>();
-    let handler_tx = tx.clone();
+    let (queue, mut rx) = RawQueue::new(RAW_QUEUE);
+    let overflow = queue.overflow.clone();
     let handler = move |res: notify::Result<notify::Event>| {
         let raw = match res {
             Ok(ev) if ev.need_rescan() => Raw::Rescan(None),
@@ -72,7 +108,7 @@ pub async fn run(
                 Raw::Rescan(e.paths.first().cloned())
             }
         };
-        let _ = handler_tx.send(raw);
+        queue.push(raw);
     };
     // Links are replicated as links, never followed: following them would
     // also make notify stat every file of a tree when it adds its watches.
@@ -136,6 +172,13 @@ pub async fn run(
                     }
                 }
             }
+            () = overflow.notified() => {
+                // The watcher fell behind the kernel's events and some were
+                // dropped here: the same as a kernel queue overflow.
+                tracing::warn!("the watcher fell behind its events; watching every tree again and comparing it whole");
+                lost.iter_mut().for_each(|l| *l = true);
+                rescan_at.get_or_insert_with(|| Instant::now() + RESCAN_GATHER);
+            }
             raw = rx.recv() => {
                 let Some(raw) = raw else { break };
                 match raw {
@@ -152,7 +195,15 @@ pub async fn run(
                         for p in paths {
                             let Some((idx, rel)) = locate(&targets, &p) else { continue };
                             let entry = pending.entry(idx).or_insert_with(|| (Vec::new(), now, now + MAX_HOLD));
-                            entry.0.push(rel);
+                            if entry.0.first().is_some_and(String::is_empty) {
+                                // The whole watch is asked for already.
+                            } else if entry.0.len() >= MAX_PENDING {
+                                // More than a batch should hold: the root
+                                // ("") instead, which compares the whole watch.
+                                entry.0 = vec![String::new()];
+                            } else {
+                                entry.0.push(rel);
+                            }
                             entry.1 = now + targets[idx].debounce;
                         }
                     }
@@ -263,5 +314,25 @@ fn report_watch_error(e: &notify::Error) {
         );
     } else {
         tracing::warn!(error = %e, "inotify error; comparing the whole tree");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_flags_an_overflow_and_never_blocks() {
+        let (q, mut rx) = RawQueue::new(2);
+        for i in 0..10 {
+            q.push(Raw::Paths(vec![PathBuf::from(format!("/w/{i}"))]));
+        }
+        // The first two wait; the rest were dropped and flagged.
+        assert!(matches!(rx.try_recv(), Ok(Raw::Paths(_))));
+        assert!(matches!(rx.try_recv(), Ok(Raw::Paths(_))));
+        assert!(rx.try_recv().is_err());
+        tokio::time::timeout(Duration::from_secs(1), q.overflow.notified())
+            .await
+            .expect("the overflow was not flagged");
     }
 }

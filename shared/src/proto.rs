@@ -554,6 +554,57 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME>()
 }
 
+/// The most bytes of one reply's list (failures, history) before the rest
+/// is left out with a marker: a quarter of [`MAX_FRAME`].
+pub const REPLY_LIST_BUDGET: usize = MAX_FRAME / 4;
+
+/// Bounds the failures of a [`Reply::Committed`] so that the reply fits a
+/// frame: what does not fit becomes one last entry with the empty path (the
+/// watch's root), which the sender takes as "compare the whole watch"
+/// (never as a success).
+pub fn bound_failures(failed: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut used = 0usize;
+    let mut kept = Vec::new();
+    let total = failed.len();
+    for (path, why) in failed {
+        used += path.len() + why.len() + 16;
+        if used > REPLY_LIST_BUDGET {
+            break;
+        }
+        kept.push((path, why));
+    }
+    let left = total - kept.len();
+    if left > 0 {
+        kept.push((
+            String::new(),
+            format!("{left} more change(s) failed and were left out of this acknowledgement; the whole watch is compared again"),
+        ));
+    }
+    kept
+}
+
+/// Keeps the newest entries of `items` (oldest first) whose encodings fit
+/// [`REPLY_LIST_BUDGET`]; when some are left out, `marker(n)` goes first.
+pub fn newest_that_fit<T: Serialize>(items: Vec<T>, marker: impl FnOnce(usize) -> T) -> Vec<T> {
+    let mut used = 0usize;
+    let mut keep_from = items.len();
+    for (i, item) in items.iter().enumerate().rev() {
+        let n = bincode::serde::encode_to_vec(item, bincode_config()).map_or(MAX_FRAME, |v| v.len());
+        if used + n > REPLY_LIST_BUDGET {
+            break;
+        }
+        used += n;
+        keep_from = i;
+    }
+    if keep_from == 0 {
+        return items;
+    }
+    let mut out = Vec::with_capacity(items.len() - keep_from + 1);
+    out.push(marker(keep_from));
+    out.extend(items.into_iter().skip(keep_from));
+    out
+}
+
 /// Encodes one message as a frame body.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
     let v = bincode::serde::encode_to_vec(msg, bincode_config())?;
@@ -691,6 +742,62 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_long_failures_fit_a_frame_and_ask_for_the_whole_watch() {
+        // 4,000 failed ops (a whole commit) with 4 KiB paths: 16 MiB, four
+        // times the frame cap, which ended the session and so replication.
+        let failed: Vec<(String, String)> = (0..4000)
+            .map(|i| {
+                (
+                    format!("{i}/{}", "p".repeat(4096)),
+                    "No space left on device (os error 28)".to_string(),
+                )
+            })
+            .collect();
+        assert!(encode(&Reply::Committed {
+            batch: 1,
+            applied: 0,
+            failed: failed.clone()
+        })
+        .is_err());
+        let bounded = bound_failures(failed);
+        let reply = Reply::Committed {
+            batch: 1,
+            applied: 0,
+            failed: bounded.clone(),
+        };
+        assert!(encode(&reply).is_ok());
+        let (root, why) = bounded.last().unwrap();
+        assert!(root.is_empty() && why.contains("more change(s) failed"), "{why}");
+        assert!(bounded.len() > 100);
+        // Few failures pass as they are.
+        let few = vec![("a".to_string(), "x".to_string())];
+        assert_eq!(bound_failures(few.clone()), few);
+    }
+
+    #[test]
+    fn long_histories_keep_their_newest_entries() {
+        let entry = |i: i64| HistoryEntry {
+            time: i,
+            epoch: i as u64,
+            from: "a".into(),
+            to: "b".into(),
+            reason: "r".repeat(1000),
+            by: "operator".into(),
+        };
+        let all: Vec<HistoryEntry> = (0..10_000).map(entry).collect();
+        assert!(encode(&Reply::History(all.clone())).is_err());
+        let kept = newest_that_fit(all, |n| HistoryEntry {
+            reason: format!("{n} older entries left out"),
+            ..entry(0)
+        });
+        assert!(encode(&Reply::History(kept.clone())).is_ok());
+        assert!(kept[0].reason.ends_with("older entries left out"), "{}", kept[0].reason);
+        assert_eq!(kept.last().unwrap().time, 9_999);
+        let short: Vec<HistoryEntry> = (0..3).map(entry).collect();
+        assert_eq!(newest_that_fit(short.clone(), |_| entry(-1)), short);
+    }
 
     #[test]
     fn roundtrip_and_trailing_bytes() {

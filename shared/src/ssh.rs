@@ -9,16 +9,20 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use russh::keys::PrivateKeyWithHashAlg;
 use russh::server::{Auth, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelStream, MethodKind, MethodSet, Preferred};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::keys::{PublicKey, SecretKey};
 use crate::proto::SUBSYSTEM;
@@ -100,6 +104,14 @@ pub fn server_config(key: &SecretKey) -> Arc<russh::server::Config> {
     })
 }
 
+/// The most connections a server keeps in their handshake (not yet
+/// authenticated) at once; more are closed as soon as they are accepted.
+pub const MAX_UNAUTHENTICATED: usize = 32;
+/// How long a connection has to authenticate before it is closed.
+pub const AUTH_DEADLINE: Duration = Duration::from_secs(10);
+/// The most sessions (channels) one connection may hold open at once.
+pub const MAX_SESSIONS: usize = 8;
+
 /// An authenticated session that asked for the warmspare subsystem.
 pub struct IncomingSession {
     /// Who authenticated.
@@ -110,6 +122,9 @@ pub struct IncomingSession {
     pub peer: Option<SocketAddr>,
     /// The subsystem's byte stream.
     pub stream: ChannelStream<Msg>,
+    /// This session's place among the [`MAX_SESSIONS`] of its connection,
+    /// given back when the session (and so this) is dropped.
+    pub slot: OwnedSemaphorePermit,
 }
 
 struct ServerHandler {
@@ -118,6 +133,13 @@ struct ServerHandler {
     peer: Option<SocketAddr>,
     channels: HashMap<ChannelId, Channel<Msg>>,
     sessions: mpsc::Sender<IncomingSession>,
+    /// The connection's place among the unauthenticated ones, given back
+    /// once it authenticates.
+    preauth: Option<OwnedSemaphorePermit>,
+    /// Set once it authenticated (ends the [`AUTH_DEADLINE`]).
+    authed: Arc<AtomicBool>,
+    /// The connection's sessions (see [`MAX_SESSIONS`]).
+    slots: Arc<Semaphore>,
 }
 
 impl russh::server::Handler for ServerHandler {
@@ -140,6 +162,8 @@ impl russh::server::Handler for ServerHandler {
         match self.trust.identify(key.public_key) {
             Some(who) => {
                 self.identity = Some((who, PublicKey::from_ssh(key.public_key)));
+                self.authed.store(true, Ordering::SeqCst);
+                self.preauth = None;
                 Ok(Auth::Accept)
             }
             None => Ok(Auth::reject()),
@@ -152,7 +176,11 @@ impl russh::server::Handler for ServerHandler {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.identity.is_some() && self.channels.len() < 8 {
+        // Channels waiting for their subsystem and sessions being served
+        // count alike: a channel forgotten once it got its subsystem let one
+        // connection open 200 sessions.
+        let serving = MAX_SESSIONS - self.slots.available_permits();
+        if self.identity.is_some() && self.channels.len() + serving < MAX_SESSIONS {
             self.channels.insert(channel.id(), channel);
             reply.accept().await;
         } else {
@@ -178,12 +206,18 @@ impl russh::server::Handler for ServerHandler {
             session.channel_failure(channel)?;
             return Ok(());
         };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = ?self.peer, who = %identity, "refused a session: the connection already has {MAX_SESSIONS}");
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
         session.channel_success(channel)?;
         let incoming = IncomingSession {
             identity,
             key,
             peer: self.peer,
             stream: ch.into_stream(),
+            slot,
         };
         if self.sessions.send(incoming).await.is_err() {
             return Err(russh::Error::Disconnect);
@@ -210,24 +244,95 @@ impl russh::server::Handler for ServerHandler {
 }
 
 /// Runs the SSH protocol on one accepted TCP connection until it ends,
-/// handing every subsystem session to `sessions`.
+/// handing every subsystem session to `sessions`. `preauth` is the
+/// connection's place among the unauthenticated ones (see
+/// [`MAX_UNAUTHENTICATED`]): kept until it authenticates, which it must do
+/// within [`AUTH_DEADLINE`].
 pub async fn serve_connection(
     config: Arc<russh::server::Config>,
     tcp: TcpStream,
     trust: Arc<Trust>,
     sessions: mpsc::Sender<IncomingSession>,
+    preauth: OwnedSemaphorePermit,
 ) -> Result<(), russh::Error> {
     let peer = tcp.peer_addr().ok();
     let _ = tcp.set_nodelay(true);
+    let authed = Arc::new(AtomicBool::new(false));
+    let stream = AuthDeadline {
+        inner: tcp,
+        authed: authed.clone(),
+        timer: Box::pin(tokio::time::sleep(AUTH_DEADLINE)),
+    };
     let handler = ServerHandler {
         trust,
         identity: None,
         peer,
         channels: HashMap::new(),
         sessions,
+        preauth: Some(preauth),
+        authed,
+        slots: Arc::new(Semaphore::new(MAX_SESSIONS)),
     };
-    let running = russh::server::run_stream(config, tcp, handler).await?;
+    let running = russh::server::run_stream(config, stream, handler).await?;
     running.await
+}
+
+/// A connection that fails every read and write once [`AUTH_DEADLINE`]
+/// has passed without authentication: a client that connects and says
+/// nothing, or stalls in the handshake, is closed then (russh's own
+/// inactivity timeout is 120 s).
+struct AuthDeadline<S> {
+    inner: S,
+    authed: Arc<AtomicBool>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> AuthDeadline<S> {
+    /// The error to fail with once the deadline has passed unauthenticated
+    /// (polling the timer registers the waker that ends a pending read).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        if self.authed.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.timer.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not authenticated within {} s", AUTH_DEADLINE.as_secs()),
+            )
+        })
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthDeadline<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthDeadline<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Why dialing a peer failed.

@@ -13,6 +13,7 @@ mod faults;
 mod hooks;
 mod hostile;
 mod jobs;
+mod limits;
 mod monitoring;
 mod passive;
 mod peers;
