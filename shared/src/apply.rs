@@ -29,7 +29,7 @@ use crate::delta;
 use crate::ledger::Ledgers;
 use crate::local::{self, Stamp, Tracker};
 use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta, TEMP_PREFIX};
-use crate::proto::Op;
+use crate::proto::{Op, UndoWhy};
 
 /// Whether this process can give files away (it runs as root), and so
 /// replicates owners.
@@ -219,6 +219,8 @@ pub struct CommitReport {
     /// Local files that differed from the last agreed content and were moved
     /// to the diverged folder before being replaced: `(watch, path, moved to)`.
     pub diverged: Vec<(String, String, PathBuf)>,
+    /// Files kept in the undo store and recorded by this commit.
+    pub undo_kept: usize,
 }
 
 /// Where a receiver keeps what it must not lose.
@@ -252,6 +254,8 @@ pub struct Applier {
     handles: HashMap<String, Handles>,
     /// This session's diverged folder, open.
     diverged: Option<Arc<File>>,
+    /// Keeps what is removed or replaced and agreed (see [`crate::undo`]).
+    undo: Option<crate::undo::Recorder>,
     /// Starts write-back while a large batch still arrives.
     flusher: Flusher,
     /// Files written since the flusher was last asked to start.
@@ -334,6 +338,7 @@ impl Applier {
             saved_at: std::time::Instant::now(),
             handles: HashMap::new(),
             diverged: None,
+            undo: None,
             flusher: Flusher::default(),
             unflushed: 0,
             // A quarter of what the process may open, and no more than a
@@ -353,6 +358,13 @@ impl Applier {
     /// which local changes the active has not seen.
     pub fn with_tracker(mut self, tracker: Arc<Tracker>) -> Applier {
         self.tracker = Some(tracker);
+        self
+    }
+
+    /// Keeps every file this applier removes or replaces (and does not
+    /// move to the diverged folder) in an undo store, through `recorder`.
+    pub fn with_undo(mut self, recorder: crate::undo::Recorder) -> Applier {
+        self.undo = Some(recorder);
         self
     }
 
@@ -619,7 +631,7 @@ impl Applier {
         match beneath::stat(&parent, name) {
             Ok(st) if beneath::is_dir(&st) => {}
             Ok(_) => {
-                self.preserve(watch, rel, &parent)?;
+                self.preserve(watch, rel, &parent, UndoWhy::Replaced)?;
                 match beneath::unlink(&parent, name) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                     _ => {}
@@ -662,7 +674,7 @@ impl Applier {
             }
         }
         let replaced = (|| {
-            self.preserve(watch, rel, &parent)?;
+            self.preserve(watch, rel, &parent, UndoWhy::Replaced)?;
             if let Ok(st) = beneath::stat(&parent, name) {
                 if beneath::is_dir(&st) {
                     beneath::remove_tree(&parent, name)?;
@@ -720,7 +732,7 @@ impl Applier {
             Err(e) => return Err(e),
         };
         if let Some(parent) = parent {
-            self.preserve(watch, rel, &parent)?;
+            self.preserve(watch, rel, &parent, UndoWhy::Removed)?;
             match beneath::stat(&parent, name) {
                 Ok(_) => beneath::remove_tree(&parent, name)?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -739,8 +751,14 @@ impl Applier {
     /// `parent`) whose content is not the one last agreed to the diverged
     /// folder, through handles: from below `parent` to below the diverged
     /// folder. A file that cannot be read is an error (it is not replaced).
-    fn preserve(&mut self, watch: &str, rel: &str, parent: &Arc<File>) -> io::Result<()> {
+    /// Every other file and link there is kept in the undo store (see
+    /// [`Applier::keep_undo`]), which never fails the change.
+    fn preserve(&mut self, watch: &str, rel: &str, parent: &Arc<File>, why: UndoWhy) -> io::Result<()> {
+        let undo = self.undo.as_ref().is_some_and(|u| u.wants(watch));
         let Some(div) = self.divergence.clone() else {
+            if undo {
+                self.keep_undo(watch, rel, parent, why, &[])?;
+            }
             return Ok(());
         };
         let (pdir, name) = split(rel);
@@ -778,7 +796,7 @@ impl Applier {
                 .map(|(p, _)| p)
                 .collect()
         };
-        for path in differing {
+        for path in differing.iter().cloned() {
             // The path relative to `parent`.
             let below = if pdir.is_empty() {
                 path.as_str()
@@ -796,6 +814,75 @@ impl Applier {
             let dest = div.dir.join(watch).join(&path);
             tracing::warn!(watch, path, to = %dest.display(), "preserved a local file that differs from the last synced content");
             self.report.diverged.push((watch.to_string(), path, dest));
+        }
+        if undo {
+            self.keep_undo(watch, rel, parent, why, &differing)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps every file and link at or under `rel` (whose directory is open
+    /// as `parent`) in the undo store, but the paths in `moved` (gone to
+    /// the diverged folder), through handles: each one's directory is
+    /// opened beneath `parent`, the entry without following it. The content
+    /// hash recorded is the cached one of that very inode, when known.
+    fn keep_undo(
+        &mut self,
+        watch: &str,
+        rel: &str,
+        parent: &Arc<File>,
+        why: UndoWhy,
+        moved: &[String],
+    ) -> io::Result<()> {
+        let (pdir, name) = split(rel);
+        let Ok(st) = beneath::stat(parent, name) else {
+            return Ok(());
+        };
+        let Some(w) = self.watches.get_mut(watch) else {
+            return Ok(());
+        };
+        let Some(undo) = self.undo.as_mut() else {
+            return Ok(());
+        };
+        let paths: Vec<String> = if beneath::is_dir(&st) {
+            let scan = manifest::scan(&w.root, rel, &w.excludes, &mut w.cache);
+            scan.entries
+                .into_iter()
+                .filter(|e| !matches!(e.kind, manifest::EntryKind::Dir))
+                .map(|e| e.path)
+                .filter(|p| !moved.contains(p))
+                .collect()
+        } else if moved.iter().any(|m| m == rel) {
+            Vec::new()
+        } else {
+            vec![rel.to_string()]
+        };
+        // The directories of a tree, opened once each.
+        let mut dirs: HashMap<String, Arc<File>> = HashMap::new();
+        for path in paths {
+            let below = if pdir.is_empty() {
+                path.as_str()
+            } else {
+                path.get(pdir.len() + 1..).unwrap_or_default()
+            };
+            let (sub, file_name) = split(below);
+            let from = if sub.is_empty() {
+                parent.clone()
+            } else if let Some(d) = dirs.get(sub) {
+                d.clone()
+            } else {
+                match beneath::open_dir(parent, sub) {
+                    Ok(d) => {
+                        let d = Arc::new(d);
+                        dirs.insert(sub.to_string(), d.clone());
+                        d
+                    }
+                    // Gone meanwhile: nothing there to keep.
+                    Err(_) => continue,
+                }
+            };
+            let cache = &w.cache;
+            undo.keep(&from, file_name, watch, &path, why, |md| cache.cached(&path, md));
         }
         Ok(())
     }
@@ -1275,7 +1362,7 @@ impl Applier {
                 };
                 let existing = beneath::stat(&dir, &name).ok();
                 if existing.is_some() {
-                    if let Err(e) = self.preserve(&watch, &rel, &dir) {
+                    if let Err(e) = self.preserve(&watch, &rel, &dir, UndoWhy::Replaced) {
                         let _ = beneath::unlink(&dir, &tmp);
                         self.report
                             .failed
@@ -1304,9 +1391,13 @@ impl Applier {
         for (dir, meta) in std::mem::take(&mut self.dir_meta).into_iter().rev() {
             let _ = beneath::set_times(&dir, meta.mtime, meta.mtime_nsec);
         }
-        // 4. The directories are durable before the commit is acknowledged.
+        // 4. The directories are durable before the commit is acknowledged,
+        // and so is what the undo store kept.
         let dirs = std::mem::take(&mut self.dirs_to_sync);
         let synced = sync_dirs(self.sync, &dirs);
+        if let Some(u) = self.undo.as_mut() {
+            self.report.undo_kept = u.commit();
+        }
         // Caches and ledgers are rewritten whole, so not at every commit of a
         // long burst: at most every few seconds, and when the session ends.
         // Losing the last seconds of them to a crash is safe: hashes are
@@ -2300,6 +2391,160 @@ mod tests {
         })
         .unwrap();
         assert!(a.commit().unwrap().diverged.is_empty());
+    }
+
+    #[test]
+    fn agreed_files_removed_or_replaced_are_kept_in_the_undo_store_and_diverged_ones_are_not() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let div = Divergence {
+            ledgers: Arc::new(Mutex::new(Ledgers::new(d.path().join("ledger")))),
+            dir: d.path().join("diverged/2-now"),
+        };
+        let store = Arc::new(crate::undo::Store::new(d.path().join("undo")));
+        let mut a = Applier::new(
+            vec![WatchRoot {
+                name: "w".into(),
+                root: root.clone(),
+                excludes: Excludes::new(&[]).unwrap(),
+                cache: HashCache::default(),
+                cache_path: None,
+            }],
+            Some(div.clone()),
+        )
+        .unwrap()
+        .with_undo(crate::undo::Recorder::new(store.clone(), 2, 1 << 20));
+        // Agreed content: shipped by the active.
+        send_file(&mut a, "f", b"version 1");
+        send_file(&mut a, "tree/x", b"x1");
+        send_file(&mut a, "tree/sub/y", b"y1");
+        a.apply(Op::Symlink {
+            watch: "w".into(),
+            path: "l".into(),
+            target: "f".into(),
+            meta: meta(),
+        })
+        .unwrap();
+        let r = a.commit().unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert_eq!(r.undo_kept, 0, "new files replace nothing");
+        // A local change the ledger does not know: diverged, not undo.
+        fs::write(root.join("tree/x"), b"local edit").unwrap();
+        send_file(&mut a, "f", b"version 2");
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: "tree".into(),
+        })
+        .unwrap();
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: "l".into(),
+        })
+        .unwrap();
+        let r = a.commit().unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert_eq!(r.diverged.len(), 1, "{:?}", r.diverged);
+        assert_eq!(fs::read(div.dir.join("w/tree/x")).unwrap(), b"local edit");
+        assert_eq!(r.undo_kept, 3);
+        let list = store.list(Some("w")).unwrap();
+        let got: Vec<(&str, UndoWhy, crate::proto::UndoKind)> =
+            list.iter().map(|e| (e.path.as_str(), e.why, e.kind)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("tree/sub/y", UndoWhy::Removed, crate::proto::UndoKind::File),
+                ("l", UndoWhy::Removed, crate::proto::UndoKind::Symlink),
+                ("f", UndoWhy::Replaced, crate::proto::UndoKind::File),
+            ]
+        );
+        for e in &list {
+            assert_eq!(e.epoch, 2);
+        }
+        let f = list.iter().find(|e| e.path == "f").unwrap();
+        assert_eq!(f.hash, Some(ContentHash::of(b"version 1")));
+        assert_eq!((f.meta.mode, f.meta.mtime), (0o640, 1_600_000_000));
+        assert_eq!(store.read(f.id, 0, 100).unwrap().1, b"version 1");
+        let y = list.iter().find(|e| e.path == "tree/sub/y").unwrap();
+        assert_eq!(store.read(y.id, 0, 100).unwrap().1, b"y1");
+        assert_eq!(fs::read(root.join("f")).unwrap(), b"version 2");
+        assert!(!root.join("tree").exists());
+    }
+
+    /// A measurement, not a check: the undo store's cost when a commit
+    /// replaces or removes many small files.
+    #[test]
+    #[ignore = "a measurement: cargo test --release -p warmspare-shared --lib -- --ignored undo_cost --nocapture"]
+    fn undo_cost_of_replacing_and_removing_20000_small_files() {
+        const N: usize = 20_000;
+        let send = |a: &mut Applier, rel: &str, data: &[u8]| {
+            a.apply(Op::FileBegin {
+                watch: "w".into(),
+                path: rel.into(),
+                meta: meta(),
+                size: data.len() as u64,
+                hash: ContentHash::of(data),
+                delta_base: None,
+            })
+            .unwrap();
+            a.apply(Op::FileData(ByteBuf::from(data.to_vec()))).unwrap();
+            a.apply(Op::FileEnd).unwrap();
+        };
+        for with_undo in [false, true, false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path().join("root");
+            let div = Divergence {
+                ledgers: Arc::new(Mutex::new(Ledgers::new(d.path().join("ledger")))),
+                dir: d.path().join("diverged/1-now"),
+            };
+            let mut a = Applier::new(
+                vec![WatchRoot {
+                    name: "w".into(),
+                    root: root.clone(),
+                    excludes: Excludes::new(&[]).unwrap(),
+                    cache: HashCache::default(),
+                    cache_path: None,
+                }],
+                Some(div),
+            )
+            .unwrap();
+            let store = Arc::new(crate::undo::Store::new(d.path().join("undo")));
+            if with_undo {
+                a = a.with_undo(crate::undo::Recorder::new(store.clone(), 1, 1 << 30));
+            }
+            let path = |i: usize| format!("d{:03}/cert{i:05}.pem", i % 100);
+            let body = |i: usize, v: u8| format!("certificate {i} version {v} {}", "x".repeat(1500)).into_bytes();
+            for i in 0..N {
+                send(&mut a, &path(i), &body(i, 1));
+                if i % 4000 == 3999 {
+                    assert!(a.commit().unwrap().failed.is_empty());
+                }
+            }
+            a.commit().unwrap();
+            let t = std::time::Instant::now();
+            for i in 0..N {
+                send(&mut a, &path(i), &body(i, 2));
+                if i % 4000 == 3999 {
+                    assert!(a.commit().unwrap().failed.is_empty());
+                }
+            }
+            a.commit().unwrap();
+            let replaced = t.elapsed();
+            let t = std::time::Instant::now();
+            for dir in 0..100 {
+                a.apply(Op::Remove {
+                    watch: "w".into(),
+                    path: format!("d{dir:03}"),
+                })
+                .unwrap();
+            }
+            assert!(a.commit().unwrap().failed.is_empty());
+            let removed = t.elapsed();
+            let kept = store.totals().unwrap().0;
+            eprintln!(
+                "undo {}: {N} files replaced in {replaced:.2?}, then removed (100 trees) in {removed:.2?}; {kept} kept",
+                if with_undo { "on " } else { "off" }
+            );
+        }
     }
 
     #[test]

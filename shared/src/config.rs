@@ -105,6 +105,26 @@ pub struct ClusterSection {
         serialize_with = "serialize_duration"
     )]
     pub diverged_max_age: Duration,
+    /// The most bytes a node keeps under `undo/` (files replication removed
+    /// or replaced there); the oldest are pruned first.
+    #[serde(skip_serializing_if = "is_default_undo_size", serialize_with = "serialize_size")]
+    pub undo_max_size: u64,
+    /// How long a file is kept under `undo/`.
+    #[serde(skip_serializing_if = "is_default_undo_age", serialize_with = "serialize_duration")]
+    pub undo_max_age: Duration,
+}
+
+/// The default of `undo_max_size`: 1 GiB.
+pub const DEFAULT_UNDO_MAX_SIZE: u64 = 1 << 30;
+/// The default of `undo_max_age`: 7 days.
+pub const DEFAULT_UNDO_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
+
+fn is_default_undo_size(v: &u64) -> bool {
+    *v == DEFAULT_UNDO_MAX_SIZE
+}
+
+fn is_default_undo_age(v: &Duration) -> bool {
+    *v == DEFAULT_UNDO_MAX_AGE
 }
 
 /// The default of `diverged_max_size`: 1 GiB.
@@ -378,6 +398,8 @@ struct RawCluster {
     hook_timeout: Option<Spanned<String>>,
     diverged_max_size: Option<Spanned<String>>,
     diverged_max_age: Option<Spanned<String>>,
+    undo_max_size: Option<Spanned<String>>,
+    undo_max_age: Option<Spanned<String>>,
 }
 
 fn default_state_dir() -> Spanned<PathBuf> {
@@ -792,6 +814,26 @@ impl RawFile {
                 })?,
                 None => DEFAULT_DIVERGED_MAX_AGE,
             },
+            undo_max_size: match &c.undo_max_size {
+                Some(s) => parse_size(s.get_ref()).ok_or_else(|| {
+                    loc.at(
+                        s,
+                        "cluster.undo_max_size".into(),
+                        format!("{:?} is not a size like \"1GiB\" or \"500MB\"", s.get_ref()),
+                    )
+                })?,
+                None => DEFAULT_UNDO_MAX_SIZE,
+            },
+            undo_max_age: match &c.undo_max_age {
+                Some(t) => humantime::parse_duration(t.get_ref()).map_err(|e| {
+                    loc.at(
+                        t,
+                        "cluster.undo_max_age".into(),
+                        format!("{:?} is not a duration like \"7d\": {e}", t.get_ref()),
+                    )
+                })?,
+                None => DEFAULT_UNDO_MAX_AGE,
+            },
         };
 
         let mut nodes: Vec<Node> = Vec::new();
@@ -1165,6 +1207,30 @@ timeout = "10m"
         assert_eq!(c.cluster.diverged_max_size, 300_000_000);
         assert_eq!(c.cluster.diverged_max_age, Duration::from_secs(12 * 3600));
         assert!(c.canonical().contains("diverged_max_size"), "{}", c.canonical());
+    }
+
+    #[test]
+    fn undo_bounds_parse_with_defaults_and_spanned_errors() {
+        let c = parse(&sample()).unwrap();
+        assert_eq!(c.cluster.undo_max_size, 1 << 30);
+        assert_eq!(c.cluster.undo_max_age, Duration::from_secs(7 * 86_400));
+        assert!(!c.canonical().contains("undo"), "defaults change the hash");
+        let bad = sample().replacen("\n\n[[node]]", "\nundo_max_size = \"lots\"\n\n[[node]]", 1);
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("cluster.undo_max_size"), "{e}");
+        assert!(e.line.is_some_and(|l| l > 0), "{e}");
+        let bad = sample().replacen("\n\n[[node]]", "\nundo_max_age = \"soon\"\n\n[[node]]", 1);
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("cluster.undo_max_age"), "{e}");
+        let good = sample().replacen(
+            "\n\n[[node]]",
+            "\nundo_max_size = \"64MiB\"\nundo_max_age = \"2d\"\n\n[[node]]",
+            1,
+        );
+        let c = parse(&good).unwrap();
+        assert_eq!(c.cluster.undo_max_size, 64 << 20);
+        assert_eq!(c.cluster.undo_max_age, Duration::from_secs(2 * 86_400));
+        assert!(c.canonical().contains("undo_max_size"), "{}", c.canonical());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`state`]: the persisted role state (epoch and active node).
 //! - [`sys`]: the few system calls std does not wrap.
 //! - [`fuzzing`]: entry points for the fuzzers and their replay tests.
+//! - [`undo`]: the undo store of files replication removed or replaced.
 
 pub mod apply;
 pub mod beneath;
@@ -32,6 +33,7 @@ pub mod ssh;
 pub mod state;
 pub mod sys;
 pub mod text;
+pub mod undo;
 
 /// The software version, as carried in hellos and shown in status.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -208,6 +208,86 @@ pub struct NodeStatus {
     /// The last run of each role hook on this node.
     #[serde(default)]
     pub hooks: Vec<HookRun>,
+    /// The undo store: what it holds and its bounds.
+    #[serde(default)]
+    pub undo: UndoStatus,
+}
+
+/// A node's undo store (`state_dir/undo/`) at a glance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoStatus {
+    /// Files kept.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// `undo_max_size`.
+    pub max_size: u64,
+    /// `undo_max_age`, in seconds.
+    pub max_age_s: u64,
+    /// Files pruned since the agent started.
+    pub pruned: u64,
+    /// Files that could not be kept (larger than the store, an error) since
+    /// the agent started.
+    pub skipped: u64,
+}
+
+/// Why a node kept a file in its undo store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UndoWhy {
+    /// Replication removed it (a removal, or the removal of a tree).
+    Removed,
+    /// Replication replaced it (new content, a delta, another type).
+    Replaced,
+    /// Found in the store with no index entry (the agent stopped between
+    /// keeping it and recording it): where it came from is not known.
+    Unindexed,
+}
+
+impl UndoWhy {
+    /// The reason as a word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UndoWhy::Removed => "removed",
+            UndoWhy::Replaced => "replaced",
+            UndoWhy::Unindexed => "unindexed",
+        }
+    }
+}
+
+/// What an undo entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UndoKind {
+    /// A regular file.
+    File,
+    /// A symbolic link (its target is its content).
+    Symlink,
+}
+
+/// One file kept in a node's undo store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoEntry {
+    /// Its number in the store (the name of its copy there).
+    pub id: u64,
+    /// The watch it was in (empty when unknown).
+    pub watch: String,
+    /// Its path relative to the watch root (empty when unknown).
+    pub path: String,
+    /// When it was kept, Unix seconds.
+    pub time: i64,
+    /// The epoch of the replication session that removed or replaced it.
+    pub epoch: u64,
+    /// Its size in bytes (a link: the length of its target).
+    pub size: u64,
+    /// Why it was kept.
+    pub why: UndoWhy,
+    /// A file or a link.
+    pub kind: UndoKind,
+    /// Its BLAKE3 content hash, when it was known.
+    pub hash: Option<ContentHash>,
+    /// Its mode, owner and modification time.
+    pub meta: Meta,
 }
 
 /// The start of a refusal that means "the role moved, but this node's
@@ -458,6 +538,36 @@ pub enum Request {
         /// The job.
         name: String,
     },
+    /// Control: the entries of this node's undo store (one watch or all);
+    /// answered with [`Reply::UndoListPart`]s, the last one marked.
+    UndoList {
+        /// Only this watch.
+        watch: Option<String>,
+    },
+    /// Control: up to [`CHUNK`] bytes of the undo entry `id` from `offset`;
+    /// answered with [`Reply::UndoChunk`].
+    UndoRead {
+        /// The entry.
+        id: u64,
+        /// Where to read from.
+        offset: u64,
+    },
+    /// Control, on the active: put a file back beneath a watch root (its
+    /// content follows in [`Request::UndoPutData`], then
+    /// [`Request::UndoPutEnd`]); answered with [`Reply::Done`].
+    UndoPutBegin {
+        /// The entry, as the node that kept it lists it.
+        entry: UndoEntry,
+        /// Replace a file that is there (it is kept in this node's undo
+        /// store first).
+        force: bool,
+    },
+    /// Control: a chunk of the file being put back (at most [`CHUNK`]
+    /// bytes); answered with [`Reply::Done`].
+    UndoPutData(ByteBuf),
+    /// Control: the end of the file being put back; answered with
+    /// [`Reply::UndoRestored`] once it is in place.
+    UndoPutEnd,
 }
 
 /// What the receiving side answers.
@@ -527,6 +637,28 @@ pub enum Reply {
     JobDone(JobRun),
     /// Answer to [`Request::JobHistory`], oldest first.
     JobHistory(Vec<JobRun>),
+    /// Part of the answer to [`Request::UndoList`], oldest first.
+    UndoListPart {
+        /// Entries.
+        entries: Vec<UndoEntry>,
+        /// Whether this is the last part.
+        last: bool,
+    },
+    /// Answer to [`Request::UndoRead`].
+    UndoChunk {
+        /// The entry.
+        entry: UndoEntry,
+        /// Its bytes from the offset asked for.
+        data: ByteBuf,
+        /// Whether they reach its end.
+        last: bool,
+    },
+    /// Answer to [`Request::UndoPutEnd`]: the file is back in place.
+    UndoRestored {
+        /// The undo entry (on this node) that now holds the file that was
+        /// replaced, with `force`.
+        replaced: Option<u64>,
+    },
 }
 
 /// A framing or decoding failure.
