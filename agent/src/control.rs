@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use serde_bytes::ByteBuf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, JobRun, Reply, Request};
-use warmspare_shared::state;
+use warmspare_shared::{state, text};
 
 use crate::daemon::Shared;
 use crate::status;
@@ -26,8 +27,108 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // A file being put back (`warmsparectl undo restore`), between its
+    // first and last request.
+    let mut restore: Option<crate::undo::Restore> = None;
     while let Some(req) = reader.recv::<Request>().await? {
-        let mut reply = handle(shared, operator, req).await;
+        let mut reply = match req {
+            // The undo store's files are read and written on blocking
+            // threads (`off_runtime`), like everything else that does I/O.
+            Request::UndoList { watch } => match shared
+                .off_runtime(move |s| s.undo.list(watch.as_deref()))
+                .await
+                .and_then(|r| r.map_err(anyhow::Error::from))
+            {
+                Ok(entries) => {
+                    let mut parts = entries.chunks(UNDO_LIST_PART).peekable();
+                    if parts.peek().is_none() {
+                        writer
+                            .send(&Reply::UndoListPart {
+                                entries: Vec::new(),
+                                last: true,
+                            })
+                            .await?;
+                    }
+                    while let Some(p) = parts.next() {
+                        let last = parts.peek().is_none();
+                        writer
+                            .send(&Reply::UndoListPart {
+                                entries: p.to_vec(),
+                                last,
+                            })
+                            .await?;
+                    }
+                    continue;
+                }
+                Err(e) => Reply::Refused {
+                    reason: format!("cannot read the undo store: {e:#}"),
+                },
+            },
+            Request::UndoRead { id, offset } => match shared
+                .off_runtime(move |s| s.undo.read(id, offset, proto::CHUNK))
+                .await
+                .and_then(|r| r.map_err(anyhow::Error::from))
+            {
+                Ok((entry, data, last)) => Reply::UndoChunk {
+                    entry,
+                    data: ByteBuf::from(data),
+                    last,
+                },
+                Err(e) => Reply::Refused {
+                    reason: format!("cannot read undo entry {id}: {e:#}"),
+                },
+            },
+            Request::UndoPutBegin { entry, force } => {
+                let (watch, path) = (entry.watch.clone(), entry.path.clone());
+                let begun = shared
+                    .off_runtime(move |s| crate::undo::Restore::begin(s, entry, force))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("{e:#}")));
+                match begun {
+                    Ok(r) => {
+                        tracing::warn!(operator, watch, path = %text::escape_controls(&path), force, "putting a file back from an undo store");
+                        restore = Some(r);
+                        Reply::Done
+                    }
+                    Err(reason) => {
+                        restore = None;
+                        Reply::Refused { reason }
+                    }
+                }
+            }
+            Request::UndoPutData(chunk) => match restore.take() {
+                Some(mut r) => {
+                    let done = shared
+                        .off_runtime(move |_| {
+                            let result = r.data(&chunk);
+                            (r, result)
+                        })
+                        .await;
+                    match done {
+                        Ok((r, Ok(()))) => {
+                            restore = Some(r);
+                            Reply::Done
+                        }
+                        Ok((_, Err(reason))) => Reply::Refused { reason },
+                        Err(e) => failed(e),
+                    }
+                }
+                None => Reply::Refused {
+                    reason: "no file is being put back".into(),
+                },
+            },
+            Request::UndoPutEnd => match restore.take() {
+                Some(r) => match shared.off_runtime(move |s| r.end(s)).await {
+                    Ok(Ok(replaced)) => Reply::UndoRestored { replaced },
+                    Ok(Err(reason)) => Reply::Refused { reason },
+                    Err(e) => failed(e),
+                },
+                None => Reply::Refused {
+                    reason: "no file is being put back".into(),
+                },
+            },
+            req => handle(shared, operator, req).await,
+        };
         if let Err(e) = proto::encode(&reply) {
             // Too large for a frame (a status with a huge diverged list):
             // say so, and keep the session.
@@ -40,6 +141,10 @@ where
     }
     Ok(())
 }
+
+/// The most undo entries in one [`Reply::UndoListPart`] (each well under
+/// 8 KiB: paths are at most 4 KiB).
+const UNDO_LIST_PART: usize = 256;
 
 /// What a blocking task's failure becomes for the operator.
 fn failed(e: anyhow::Error) -> Reply {

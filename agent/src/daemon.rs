@@ -89,6 +89,9 @@ pub struct Shared {
     /// The receiver's record of its own writes and, on a passive, the
     /// local changes flagged under the watch roots (see `passive`).
     pub local: Arc<warmspare_shared::local::Tracker>,
+    /// The undo store (`state_dir/undo`): what this node's receiver removed
+    /// or replaced.
+    pub undo: Arc<warmspare_shared::undo::Store>,
 }
 
 /// What the running tasks report.
@@ -176,6 +179,7 @@ impl Shared {
             held: Mutex::new(None),
             reloads: watch::channel(0).0,
             local: Arc::new(Default::default()),
+            undo: crate::undo::store(&state_dir),
         })
     }
 
@@ -715,6 +719,7 @@ pub async fn serve(
         .with_context(|| format!("cannot create the state dir {}", shared.state_dir.display()))?;
     for dir in [
         shared.state_dir.join("diverged"),
+        shared.state_dir.join("undo"),
         crate::jobs::spool_dir(&shared.state_dir),
         shared.state_dir.join("jobs"),
     ] {
@@ -722,6 +727,7 @@ pub async fn serve(
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     crate::preserved::prune(&shared, None);
+    crate::undo::prune(&shared);
     let persisted = shared.state_dir.join(state::ROLE_FILE).exists();
     let role = RoleState::load_or_init(&shared.state_dir, &shared.cluster().cluster.preferred_active)?;
     shared.role.send_replace(role.clone());

@@ -343,5 +343,9 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     }
     let _ = writeln!(out, "# HELP warmspare_diverged_files_total Files preserved under diverged/.\n# TYPE warmspare_diverged_files_total gauge\nwarmspare_diverged_files_total {}", s.diverged.len());
     let _ = writeln!(out, "# HELP warmspare_diverged_pruned_total Preserved files removed from diverged/ to keep it within diverged_max_size and diverged_max_age.\n# TYPE warmspare_diverged_pruned_total counter\nwarmspare_diverged_pruned_total {}", warmspare_shared::diverged::pruned_total());
+    let _ = writeln!(out, "# HELP warmspare_undo_files Files kept in the undo store (files replication removed or replaced on this node).\n# TYPE warmspare_undo_files gauge\nwarmspare_undo_files {}", s.undo.files);
+    let _ = writeln!(out, "# HELP warmspare_undo_bytes Bytes kept in the undo store.\n# TYPE warmspare_undo_bytes gauge\nwarmspare_undo_bytes {}", s.undo.bytes);
+    let _ = writeln!(out, "# HELP warmspare_undo_pruned_total Files removed from the undo store to keep it within undo_max_size and undo_max_age.\n# TYPE warmspare_undo_pruned_total counter\nwarmspare_undo_pruned_total {}", s.undo.pruned);
+    let _ = writeln!(out, "# HELP warmspare_undo_skipped_total Files removed or replaced without a copy in the undo store (larger than undo_max_size, or an error).\n# TYPE warmspare_undo_skipped_total counter\nwarmspare_undo_skipped_total {}", s.undo.skipped);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

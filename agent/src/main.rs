@@ -25,6 +25,7 @@ mod server;
 mod shell;
 mod ship;
 mod status;
+mod undo;
 mod watch;
 
 /// The command lines the docs quote (see `cli`'s tests).

@@ -256,7 +256,8 @@ fn apply_loop(
     };
     let mut applier = Applier::new(watch_roots(shared)?, Some(divergence))
         .context("cannot open the watch roots")?
-        .with_tracker(shared.local.clone());
+        .with_tracker(shared.local.clone())
+        .with_undo(crate::undo::recorder(shared, session.epoch));
     let send = |r: Reply| {
         replies
             .blocking_send(r)
@@ -379,6 +380,9 @@ fn serve_request(
                 // Bounded store: older folders go, never the one just written.
                 let keep = crate::preserved::folder_of(&shared.state_dir, to);
                 crate::preserved::prune(shared, keep.as_deref());
+            }
+            if report.undo_kept > 0 {
+                crate::undo::prune(shared);
             }
             // Hooks run beside replication, never before the acknowledgement.
             for watch in &report.touched {

@@ -156,6 +156,7 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         jobs: shared.jobs.statuses(&shared.cluster().job),
         held: shared.held(),
         hooks: crate::hooks::last_runs(&shared.state_dir),
+        undo: crate::undo::status(shared),
     }
 }
 
@@ -512,6 +513,7 @@ mod tests {
                 ok: false,
                 detail: format!("exit status: 1; output: {secret}"),
             }],
+            undo: Default::default(),
         };
         let text = serde_json::to_string(&PublicStatus::from(s)).unwrap();
         assert!(!text.contains("hunter2"), "{text}");

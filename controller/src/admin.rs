@@ -39,7 +39,7 @@ pub async fn everywhere(op: &Operator, req: Request, what: &str) -> Result<()> {
 }
 
 /// The reachable node that reports itself active at the highest epoch.
-async fn active_node(op: &Operator) -> Result<&warmspare_shared::config::Node> {
+pub async fn active_node(op: &Operator) -> Result<&warmspare_shared::config::Node> {
     let views = op.gather(NODE_TIMEOUT).await;
     let active = views
         .iter()
@@ -152,7 +152,8 @@ pub async fn history(op: &Operator, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn utc(secs: i64) -> String {
+/// Unix seconds as a UTC date and time, `2026-11-22 03:15:00`.
+pub fn utc(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let z = days + 719_468;

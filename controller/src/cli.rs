@@ -67,6 +67,10 @@ pub enum Command {
     Resync(ResyncArgs),
     /// List every role change: time, epoch, from, to, reason, who.
     History(HistoryArgs),
+    /// Files replication removed or replaced on a node, kept in its undo
+    /// store: list them, or put one back on the active node.
+    #[command(subcommand)]
+    Undo(UndoCommand),
     /// Run a whole pair on loopback in a temporary directory, narrated.
     Demo(DemoArgs),
     /// Generate an operator key (mode 0600) and print its public line for
@@ -178,6 +182,49 @@ pub struct HistoryArgs {
     /// Print JSON for machines.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The `undo` commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum UndoCommand {
+    /// List what every node's undo store holds (id, time, watch, path,
+    /// size, why), oldest first.
+    List(UndoListArgs),
+    /// Put a kept file back: onto the active node's watch root (from which
+    /// it replicates to the passives), or with --output into a local file.
+    Restore(UndoRestoreArgs),
+}
+
+/// Options of `undo list`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct UndoListArgs {
+    /// Only this node's store.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Only files of this watch.
+    #[arg(long)]
+    pub watch: Option<String>,
+    /// Print JSON for machines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `undo restore`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct UndoRestoreArgs {
+    /// The entry's id, as `undo list` shows it.
+    pub id: u64,
+    /// The node whose store holds the entry.
+    #[arg(long)]
+    pub node: String,
+    /// Replace a file that exists at that path on the active node (it is
+    /// kept in the active node's own undo store first).
+    #[arg(long)]
+    pub force: bool,
+    /// Write the content to this new local file instead (a link: its
+    /// target); nothing changes on any node.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
 }
 
 /// Options of `demo`.

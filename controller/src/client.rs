@@ -122,6 +122,16 @@ impl Session {
         self.call_with(req, self.timeout).await
     }
 
+    /// Waits for one more reply (a request answered in parts).
+    pub async fn recv(&mut self) -> Result<Reply> {
+        match tokio::time::timeout(self.timeout, self.reader.recv::<Reply>()).await {
+            Err(_) => Err(anyhow!(TimedOut)),
+            Ok(r) => r
+                .context("cannot read the reply")?
+                .ok_or_else(|| anyhow!("the agent closed the session")),
+        }
+    }
+
     /// Sends one request and waits at most `timeout` for its reply.
     pub async fn call_with(&mut self, req: &Request, timeout: Duration) -> Result<Reply> {
         self.writer.send(req).await.context("cannot send the request")?;

@@ -12,6 +12,7 @@ mod demo;
 mod exit;
 mod roles;
 mod status;
+mod undo;
 
 /// The command lines the docs quote (see `cli`'s tests).
 #[cfg(test)]
@@ -74,6 +75,8 @@ fn run(args: cli::Args) -> Result<()> {
             Command::Resync(a) => admin::resync(&op, a).await,
             Command::RunJob(a) => admin::run_job(&op, &a.name, a.on.as_deref()).await,
             Command::History(a) => admin::history(&op, a.json).await,
+            Command::Undo(cli::UndoCommand::List(a)) => undo::list(&op, a).await,
+            Command::Undo(cli::UndoCommand::Restore(a)) => undo::restore(&op, a).await,
             Command::Demo(_) | Command::Generate { .. } | Command::Keygen { .. } => Ok(()),
         }
     })
