@@ -26,3 +26,4 @@ mod sender;
 mod service;
 mod status_load;
 mod supervise;
+mod undo;
