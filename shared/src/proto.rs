@@ -17,7 +17,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::manifest::{ContentHash, Entry, Meta};
 
 /// The protocol version; peers with another one are refused at hello.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The SSH subsystem name the agents speak.
 pub const SUBSYSTEM: &str = "warmspare";
