@@ -219,15 +219,7 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
             Err(e) => fail(format!("{what} listen address {addr}: {e}")),
         }
     }
-    let warning = tokio::task::spawn_blocking({
-        let cluster = shared.cluster().clone();
-        let me = shared.me.name.clone();
-        move || daemon::loopback_warning(&cluster, &me)
-    })
-    .await
-    .ok()
-    .flatten();
-    if let Some(w) = warning {
+    if let Some(w) = daemon::loopback_warning_of(&shared).await {
         println!("  warning: {w}");
     }
     // Watch roots: an active never ships from a root that fails this check.

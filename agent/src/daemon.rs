@@ -634,20 +634,32 @@ fn warn_if_readable(path: &Path) {
 /// every IPv4 address on the port of its `ssh` address.
 pub async fn bind(shared: &Shared) -> Result<TcpListener> {
     let addr = shared.me.listen_addr();
-    if let Some(warning) = tokio::task::spawn_blocking({
-        let cluster = shared.cluster().clone();
-        let me = shared.me.name.clone();
-        move || loopback_warning(&cluster, &me)
-    })
-    .await
-    .ok()
-    .flatten()
-    {
+    if let Some(warning) = loopback_warning_of(shared).await {
         tracing::warn!("{warning}");
     }
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// How long name lookups for [`loopback_warning`] may take before the
+/// warning is given up (a resolver can hang; start-up must not).
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// [`loopback_warning`] for this node, on a blocking thread and within
+/// [`LOOKUP_DEADLINE`]: no warning when the lookups take longer.
+pub async fn loopback_warning_of(shared: &Shared) -> Option<String> {
+    let cluster = shared.cluster().clone();
+    let me = shared.me.name.clone();
+    let lookup = tokio::task::spawn_blocking(move || loopback_warning(&cluster, &me));
+    match tokio::time::timeout(LOOKUP_DEADLINE, lookup).await {
+        Ok(Ok(warning)) => warning,
+        Ok(Err(_)) => None,
+        Err(_) => {
+            tracing::debug!("name lookups for the loopback check took too long; skipped");
+            None
+        }
+    }
 }
 
 /// A warning when this node's `ssh` name resolves only to loopback while a

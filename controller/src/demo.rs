@@ -207,14 +207,7 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    say("`warmsparectl status`:");
-    rt.block_on(status::run(
-        &op,
-        &StatusArgs {
-            json: false,
-            watch: false,
-        },
-    ))?;
+    show_status(&rt, &op)?;
     say("Killing mastera's agent with SIGKILL, as a crash would.");
     agents.kill("mastera");
     let cutoff = "signed/cutoff.example.com.pem";
@@ -255,14 +248,7 @@ pub fn run(opts: DemoArgs) -> Result<()> {
     ));
     println!("    {}", preserved.display());
     say("(In a real CA, revoke a cut-off certificate's serial and sign that host again: see docs/operations.md.)");
-    say("`warmsparectl status`:");
-    rt.block_on(status::run(
-        &op,
-        &StatusArgs {
-            json: false,
-            watch: false,
-        },
-    ))?;
+    show_status(&rt, &op)?;
     say("`warmsparectl failback`: a switchover back to the preferred active mastera (flush, demote masterb, promote mastera at epoch 3):");
     let to_a = SwitchoverArgs {
         to: "mastera".into(),
@@ -292,6 +278,18 @@ pub fn run(opts: DemoArgs) -> Result<()> {
     }
     say("Next steps: docs/install.md sets up a real pair; docs/puppet-enterprise.md is the guide for a Puppet CA; docs/operations.md covers switchover, failover and what to do with diverged files.");
     Ok(())
+}
+
+/// `warmsparectl status`, through the CLI's own code.
+fn show_status(rt: &tokio::runtime::Runtime, op: &Operator) -> Result<()> {
+    say("`warmsparectl status`:");
+    rt.block_on(status::run(
+        op,
+        &StatusArgs {
+            json: false,
+            watch: false,
+        },
+    ))
 }
 
 fn say(s: &str) {
