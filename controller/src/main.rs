@@ -14,6 +14,10 @@ mod roles;
 mod status;
 mod undo;
 
+/// In-memory clusters and node reports for the modules' table tests.
+#[cfg(test)]
+mod fixtures;
+
 /// The command lines the docs quote (see `cli`'s tests).
 #[cfg(test)]
 #[path = "../../tests/doc_commands.rs"]

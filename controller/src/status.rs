@@ -113,13 +113,13 @@ fn to_json<'a>(op: &'a Operator, views: &'a [NodeView]) -> ClusterJson<'a> {
                 status: v.status.as_ref().ok(),
             })
             .collect(),
-        warnings: warnings(op, views),
+        warnings: warnings(&hash, views),
     }
 }
 
-/// What an operator must notice: differing files, disagreeing epochs, two actives.
-pub fn warnings(op: &Operator, views: &[NodeView]) -> Vec<String> {
-    let hash = op.cluster.hash();
+/// What an operator must notice: differing files (against `hash`, this
+/// cluster file's), disagreeing epochs, two actives.
+pub fn warnings(hash: &str, views: &[NodeView]) -> Vec<String> {
     let mut out = Vec::new();
     let up: Vec<&NodeStatus> = views.iter().filter_map(|v| v.status.as_ref().ok()).collect();
     for s in &up {
@@ -395,7 +395,7 @@ fn render(op: &Operator, views: &[NodeView]) -> String {
             );
         }
     }
-    let warn = warnings(op, views);
+    let warn = warnings(&hash, views);
     if !warn.is_empty() {
         let _ = writeln!(o);
         for w in warn {
@@ -403,4 +403,155 @@ fn render(op: &Operator, views: &[NodeView]) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{cluster, code, link, role, status, views, watch};
+
+    #[test]
+    fn verdict_wants_exactly_one_acting_active() {
+        let c = cluster();
+        let a = status(&c, "a", role(7, "a"));
+        let b = status(&c, "b", role(7, "a"));
+        let mut held = a.clone();
+        held.held = Some("unconfirmed".into());
+        let b_active = status(&c, "b", role(7, "b"));
+        let cases: Vec<(&str, Vec<NodeStatus>, Option<&str>)> = vec![
+            ("one active, one passive", vec![a.clone(), b.clone()], None),
+            ("the active alone", vec![a.clone()], None),
+            ("nobody answers", vec![], Some("no node could be reached")),
+            (
+                "the passive alone",
+                vec![b.clone()],
+                Some("no reachable node acts as the active node"),
+            ),
+            (
+                "the active fenced",
+                vec![held, b.clone()],
+                Some("no reachable node acts as the active node"),
+            ),
+            (
+                "two actives",
+                vec![a, b_active],
+                Some("more than one node acts as the active node: a, b"),
+            ),
+        ];
+        for (what, reports, want) in cases {
+            match (verdict(&views(&c, reports)), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(m)) => assert!(code(&e) == exit::FAILED && e.to_string() == m, "{what}: {e:#}"),
+                (got, _) => panic!("{what}: {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn warnings_name_what_an_operator_must_notice() {
+        type Change = fn(&mut NodeStatus, &mut NodeStatus);
+        // What is changed from a healthy pair (a active, b passive) and the
+        // one warning it must cause.
+        let cases: &[(&str, Change, &str)] = &[
+            (
+                "cluster file differs",
+                |_, b| b.config_hash = "f".repeat(64),
+                "b: its cluster file differs from this one (hash ffffffffffff)",
+            ),
+            (
+                "two actives",
+                |_, b| b.role = role(7, "b"),
+                "more than one node believes it is active: a, b",
+            ),
+            ("no active", |a, _| a.role = role(7, "b"), "no reachable node is active"),
+            (
+                "epochs disagree",
+                |_, b| b.role = role(6, "a"),
+                "nodes disagree on the epoch: {6, 7}",
+            ),
+            (
+                "diverged files",
+                |_, b| b.diverged = vec!["ca/x".into(), "ca/y".into()],
+                "b: 2 diverged file(s)",
+            ),
+            ("paused", |a, _| a.paused = true, "a: replication and jobs are paused"),
+            (
+                "fenced",
+                |a, _| a.held = Some("unconfirmed".into()),
+                "a is named active but fenced (503): unconfirmed",
+            ),
+            (
+                "root error",
+                |a, _| a.watches[0].root_error = Some("missing".into()),
+                "a: watch ca is not shipped: missing",
+            ),
+            (
+                "deletions held",
+                |a, _| a.links[0].deletions_held = 3,
+                "a: deletions held: 3 file(s) of watch ca stay on b",
+            ),
+            (
+                "after_apply failed",
+                |_, b| {
+                    b.watches[0].after_apply = Some(warmspare_shared::proto::AfterApplyStatus {
+                        last: Some(warmspare_shared::proto::AfterApplyRun {
+                            start_ms: 0,
+                            end_ms: 1,
+                            ok: false,
+                            detail: "exit 1".into(),
+                        }),
+                        ..Default::default()
+                    })
+                },
+                "b: the last after_apply of watch ca failed: exit 1",
+            ),
+            (
+                "local change on the passive",
+                |_, b| {
+                    b.watches[0].local_changes.pending = 1;
+                    b.watches[0]
+                        .local_changes
+                        .latest
+                        .push(warmspare_shared::proto::LocalChange {
+                            path: "serial".into(),
+                            change: "modified".into(),
+                            at: 0,
+                            pending: true,
+                        });
+                },
+                "b: local change on a passive, will be replaced: 1 path(s) of watch ca (latest: modified serial)",
+            ),
+        ];
+        let c = cluster();
+        let healthy = || {
+            let mut a = status(&c, "a", role(7, "a"));
+            a.links.push(link("b", 0.0));
+            a.watches.push(watch());
+            let mut b = status(&c, "b", role(7, "a"));
+            b.watches.push(watch());
+            (a, b)
+        };
+        let (a, b) = healthy();
+        assert_eq!(warnings(&c.hash(), &views(&c, vec![a, b])), Vec::<String>::new());
+        for (what, change, want) in cases {
+            let (mut a, mut b) = healthy();
+            change(&mut a, &mut b);
+            let got = warnings(&c.hash(), &views(&c, vec![a, b]));
+            assert!(
+                got.len() == 1 && got[0].starts_with(want),
+                "{what}: {want:?} is not {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unreachable_nodes_are_not_warned_about_as_inactive() {
+        let c = cluster();
+        assert_eq!(warnings(&c.hash(), &views(&c, vec![])), Vec::<String>::new());
+        let b = status(&c, "b", role(7, "a"));
+        assert_eq!(
+            warnings(&c.hash(), &views(&c, vec![b])),
+            vec!["no reachable node is active".to_string()]
+        );
+    }
 }
