@@ -4,8 +4,8 @@
 //! On this machine's disk (ext4 without a journal) the inode allocator
 //! passes over every inode freed in the last 60-360 s, on every allocation,
 //! so the same build measured 0.5x to 0.9x rsync's time on the initial sync
-//! depending on what had run in the minutes before (benchmarks.md, "The
-//! command"). A full run therefore makes its own: a sparse image beside the
+//! depending on what had run in the minutes before (benchmarks.md,
+//! "Method"). A full run therefore makes its own: a sparse image beside the
 //! temporary directory, formatted as ext4 with a journal (what production
 //! servers run; with a journal the allocator does not look at deletion
 //! times), attached to a loop device with direct I/O (so that data written
