@@ -1,0 +1,33 @@
+//! The warmspare agent as a library: the daemon (watch, ship, receive,
+//! apply, jobs, health) and the maintenance commands. The binary
+//! `warmspare-agent` (`main.rs`) only parses its command line and calls
+//! [`commands::dispatch`].
+
+mod after;
+mod ca_guard;
+pub mod cli;
+pub mod commands;
+mod control;
+mod daemon;
+mod events;
+mod health;
+mod heartbeat;
+mod hooks;
+mod jobs;
+pub mod logging;
+mod passive;
+mod preserved;
+mod receive;
+mod roots;
+mod sd;
+mod server;
+mod shell;
+mod ship;
+mod status;
+mod undo;
+mod watch;
+
+/// The command lines the docs quote (see `cli`'s tests).
+#[cfg(test)]
+#[path = "../../tests/doc_commands.rs"]
+mod doc_commands;
