@@ -99,6 +99,30 @@ impl Jobs {
             .collect()
     }
 
+    /// Takes each job's last run from its persisted history when this
+    /// agent has not seen a run of it yet (after a restart), so status and
+    /// metrics keep showing it. The run counters stay counts since start.
+    fn recall(&self, state_dir: &Path, jobs: &[Job]) {
+        for job in jobs {
+            let known = self
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&job.name)
+                .is_some_and(|s| s.last.is_some());
+            if known {
+                continue;
+            }
+            if let Some(run) = last_recorded(state_dir, &job.name) {
+                self.update(&job.name, |s| {
+                    if s.last.is_none() {
+                        s.last = Some(run);
+                    }
+                });
+            }
+        }
+    }
+
     fn update(&self, job: &str, f: impl FnOnce(&mut JobStatus)) {
         let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let s = g.entry(job.to_string()).or_insert_with(|| JobStatus {
@@ -167,9 +191,33 @@ pub fn history(state_dir: &Path, job: &str) -> Vec<JobRun> {
         .unwrap_or_default()
 }
 
+/// How much of the end of a job's history is read for its last run: a
+/// record is a few KiB at most (the detail keeps 2 KiB of stderr).
+const LAST_RUN_TAIL: u64 = 64 * 1024;
+
+/// The newest run of `job` in its persisted history, read from the end of
+/// the file (the history itself is never read whole for this).
+fn last_recorded(state_dir: &Path, job: &str) -> Option<JobRun> {
+    let mut f = fs::File::open(job_dir(state_dir, job).join("history.jsonl")).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(LAST_RUN_TAIL))).ok()?;
+    let mut bytes = Vec::new();
+    f.take(LAST_RUN_TAIL).read_to_end(&mut bytes).ok()?;
+    // The first line may be cut mid-character: it is skipped as unparsable.
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<JobRun>(l).ok())
+        .filter(|r| r.job == job)
+}
+
 /// Runs every job's schedule until `cancel` fires.
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
+    // Reading the histories' ends is file I/O: off the runtime.
+    let s = shared.clone();
+    let jobs = shared.cluster().job.clone();
+    let _ = tokio::task::spawn_blocking(move || s.jobs.recall(&s.state_dir, &jobs)).await;
     for job in shared.cluster().job.clone() {
         let g = load_persisted(&shared.state_dir, &job.name);
         shared.jobs.update(&job.name, |s| s.generation = g.generation);

@@ -406,3 +406,66 @@ fn run_job_honours_on_and_on_node() {
     assert_eq!(code(&out), 0, "{out:?}");
     assert_eq!(ran("every"), ["a", "b", "b"]);
 }
+
+#[test]
+fn the_last_run_of_a_job_survives_a_restart() {
+    // One job that succeeds and one that fails, each run once by `run-job`;
+    // after b restarts, status (table and JSON) and the metrics still show
+    // each job's last run from the persisted history.
+    let jobs = "[[job]]\nname = \"good\"\nrun = \"true\"\non = \"all\"\n\n\
+                [[job]]\nname = \"bad\"\nrun = \"echo broken >&2; exit 7\"\non = \"all\"\n";
+    let c = pair_with_jobs(jobs, vec![]);
+    let mut b = c.start("b");
+    let _a = c.start("a");
+    wait_until("a healthy pair", LIMIT, || c.ctl(&["status"]).status.success());
+    for job in ["good", "bad"] {
+        let out = c.ctl(&["run-job", job, "--on", "b"]);
+        assert!(out.status.code().is_some(), "{out:?}");
+    }
+    let before = (last_run(&c, "b", "good"), last_run(&c, "b", "bad"));
+    let (Some(good), Some(bad)) = before.clone() else {
+        panic!("run-job left no last run in status: {before:?}");
+    };
+    assert_eq!(good["ok"], true, "{good}");
+    assert_eq!(bad["ok"], false, "{bad}");
+
+    b.terminate();
+    b.restart();
+    wait_until("b answering status again", LIMIT, || {
+        let st = c.status_json();
+        st["nodes"]
+            .as_array()
+            .is_some_and(|ns| ns.iter().any(|n| n["node"] == "b" && n["status"].is_object()))
+    });
+    assert_eq!(
+        last_run(&c, "b", "good"),
+        Some(good.clone()),
+        "the good run was forgotten"
+    );
+    assert_eq!(
+        last_run(&c, "b", "bad"),
+        Some(bad.clone()),
+        "the failed run was forgotten"
+    );
+
+    let table = String::from_utf8_lossy(&c.ctl(&["status"]).stdout).into_owned();
+    let row = |job: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq([job, "b"]))
+            .unwrap_or_else(|| panic!("no row for {job} on b in:\n{table}"))
+            .to_string()
+    };
+    assert!(row("good").contains(" run ") && row("good").contains(" ok "), "{table}");
+    assert!(row("bad").contains(" FAILED "), "{table}");
+
+    let (code, metrics) = warmspare_tests::http_get(c.node("b").http_port, "/metrics").expect("b's metrics");
+    assert_eq!(code, 200);
+    for (job, result, run) in [("good", "ok", &good), ("bad", "failed", &bad)] {
+        let line = format!(
+            "warmspare_job_last_run_timestamp_seconds{{job=\"{job}\",result=\"{result}\"}} {}",
+            run["end_ms"].as_i64().unwrap_or_default() / 1000
+        );
+        assert!(metrics.contains(&line), "no {line:?} in the metrics:\n{metrics}");
+    }
+}
