@@ -19,14 +19,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::proto::{AfterApplyRun, AfterApplyStatus};
 
-use crate::daemon::Shared;
+use crate::live::Live;
 
 /// The most output of a failed run kept in its record.
 const DETAIL_TAIL: u64 = 512;
 
-/// The `after_apply` runtime of every watch, part of [`Shared`].
-#[derive(Default)]
+/// The `after_apply` runtime of every watch.
 pub struct AfterApply {
+    /// The configuration in force (the hooks' commands, the node's env).
+    live: Arc<Live>,
     /// Per watch: running, queued, counters and the last run.
     state: Mutex<BTreeMap<String, AfterApplyStatus>>,
     /// The runs under way (one task per watch at most).
@@ -37,6 +38,16 @@ pub struct AfterApply {
 }
 
 impl AfterApply {
+    /// No run yet, for the configuration `live`.
+    pub fn new(live: Arc<Live>) -> AfterApply {
+        AfterApply {
+            live,
+            state: Mutex::default(),
+            tasks: Mutex::default(),
+            stop: CancellationToken::new(),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, BTreeMap<String, AfterApplyStatus>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -70,12 +81,12 @@ impl AfterApply {
 /// started now on `runtime` when none runs, else queued behind the one
 /// that runs (any number of requests meanwhile make one more run). Never
 /// blocks: the receiver calls it from its apply thread.
-pub fn request(shared: &Arc<Shared>, runtime: &tokio::runtime::Handle, watch: &str) {
-    if shared.after.stop.is_cancelled() || command(shared, watch).is_none() {
+pub fn request(after: &Arc<AfterApply>, runtime: &tokio::runtime::Handle, watch: &str) {
+    if after.stop.is_cancelled() || command(&after.live, watch).is_none() {
         return;
     }
     {
-        let mut g = shared.after.state();
+        let mut g = after.state();
         let s = g.entry(watch.to_string()).or_default();
         if s.running {
             s.queued = true;
@@ -83,34 +94,34 @@ pub fn request(shared: &Arc<Shared>, runtime: &tokio::runtime::Handle, watch: &s
         }
         s.running = true;
     }
-    let mut tasks = shared.after.tasks.lock().unwrap_or_else(|p| p.into_inner());
+    let mut tasks = after.tasks.lock().unwrap_or_else(|p| p.into_inner());
     // Runs that ended are let go of here (their results are in `state`).
     while tasks.try_join_next().is_some() {}
-    tasks.spawn_on(runs(shared.clone(), watch.to_string()), runtime);
+    tasks.spawn_on(runs(after.clone(), watch.to_string()), runtime);
 }
 
 /// The command, timeout and root of `watch`'s hook in the cluster file in force.
-fn command(shared: &Shared, watch: &str) -> Option<(String, Duration, PathBuf)> {
-    let cluster = shared.cluster();
+fn command(live: &Live, watch: &str) -> Option<(String, Duration, PathBuf)> {
+    let cluster = live.cluster();
     let w = cluster.watch(watch)?;
     let cmd = w.after_apply.clone()?;
-    Some((cmd, w.after_apply_timeout, shared.me.local_path(&w.path)))
+    Some((cmd, w.after_apply_timeout, live.me.local_path(&w.path)))
 }
 
 /// Runs the hook of `watch` until no run is queued.
-async fn runs(shared: Arc<Shared>, watch: String) {
+async fn runs(after: Arc<AfterApply>, watch: String) {
     loop {
-        let run = match command(&shared, &watch) {
+        let run = match command(&after.live, &watch) {
             // The watch lost its hook in a reload: nothing more to run.
             None => None,
             Some((cmd, timeout, root)) => {
                 tokio::select! {
-                    _ = shared.after.stop.cancelled() => None,
-                    r = run_once(&shared, &watch, &cmd, timeout, root) => Some(r),
+                    _ = after.stop.cancelled() => None,
+                    r = run_once(&after.live, &watch, &cmd, timeout, root) => Some(r),
                 }
             }
         };
-        let mut g = shared.after.state();
+        let mut g = after.state();
         let s = g.entry(watch.clone()).or_default();
         if let Some(run) = run {
             if run.ok {
@@ -120,7 +131,7 @@ async fn runs(shared: Arc<Shared>, watch: String) {
             }
             s.last = Some(run);
         }
-        if s.queued && !shared.after.stop.is_cancelled() && command(&shared, &watch).is_some() {
+        if s.queued && !after.stop.is_cancelled() && command(&after.live, &watch).is_some() {
             s.queued = false;
             continue;
         }
@@ -138,19 +149,19 @@ fn now_ms() -> i64 {
 }
 
 /// One run of the hook, to its end or its time limit.
-async fn run_once(shared: &Shared, watch: &str, cmd: &str, timeout: Duration, root: PathBuf) -> AfterApplyRun {
+async fn run_once(live: &Live, watch: &str, cmd: &str, timeout: Duration, root: PathBuf) -> AfterApplyRun {
     let start_ms = now_ms();
-    let dir = shared.state_dir.join("hooks");
+    let dir = live.state_dir.join("hooks");
     let log = dir.join(format!("after_apply.{watch}.log"));
     let outcome = async {
         warmspare_shared::perms::ensure_private_dir(&dir)?;
         // Hook output can carry secrets: private whatever the umask.
         let out = warmspare_shared::perms::create_private_file(&log)?;
         let err = out.try_clone()?;
-        let mut env: Vec<(String, OsString)> = shared.env().into_iter().map(|(k, v)| (k, v.into())).collect();
+        let mut env: Vec<(String, OsString)> = live.env().into_iter().map(|(k, v)| (k, v.into())).collect();
         env.push(("WARMSPARE_WATCH".into(), watch.into()));
         env.push(("WARMSPARE_PATH".into(), root.into_os_string()));
-        env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));
+        env.push(("WARMSPARE_NODE".into(), live.me.name.clone().into()));
         crate::shell::run_capped(
             crate::shell::Spec {
                 cmd,
@@ -176,7 +187,7 @@ async fn run_once(shared: &Shared, watch: &str, cmd: &str, timeout: Duration, ro
             run.ok = o.success();
             run.detail = o.describe();
             if !run.ok {
-                let tail = crate::jobs::tail_of(&log, DETAIL_TAIL);
+                let tail = crate::shell::tail_of(&log, DETAIL_TAIL);
                 let tail = tail.trim();
                 if !tail.is_empty() {
                     run.detail = format!("{}; output: {tail}", run.detail);

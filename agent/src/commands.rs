@@ -10,7 +10,8 @@ use warmspare_shared::proto::{FrameReader, FrameWriter, Purpose, Reply, Request}
 use warmspare_shared::ssh;
 
 use crate::cli::{Args, Command, ConfigCommand};
-use crate::daemon::{self, Shared};
+use crate::daemon;
+use crate::node::Shared;
 
 /// Exit code for a usage or configuration error.
 const EXIT_CONFIG: u8 = 2;
@@ -125,7 +126,7 @@ fn ask_check(args: &Args, timeout: Duration) -> Result<(u16, String)> {
     let cluster = Cluster::load(&args.cluster)?;
     let name = match &args.node {
         Some(n) => n.clone(),
-        None => daemon::hostname().context("cannot tell this host's name; pass --node")?,
+        None => crate::live::hostname().context("cannot tell this host's name; pass --node")?,
     };
     let me = cluster
         .node(&name)
@@ -192,24 +193,24 @@ const EXIT_PEERS: u8 = 3;
 async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
     println!(
         "cluster file ok: {} nodes, {} watches, {} jobs; hash {}",
-        shared.cluster().node.len(),
-        shared.cluster().watch.len(),
-        shared.cluster().job.len(),
-        shared.config_hash()
+        shared.live.cluster().node.len(),
+        shared.live.cluster().watch.len(),
+        shared.live.cluster().job.len(),
+        shared.live.config_hash()
     );
-    println!("this node: {} (key matches the pinned public key)", shared.me.name);
+    println!("this node: {} (key matches the pinned public key)", shared.live.me.name);
     let mut node_ok = true;
     let mut fail = |what: String| {
         node_ok = false;
         println!("  FAILED: {what}");
     };
-    match state_dir_writable(&shared.state_dir) {
-        Ok(note) => println!("  state dir {}: {note}", shared.state_dir.display()),
-        Err(e) => fail(format!("state dir {}: {e:#}", shared.state_dir.display())),
+    match state_dir_writable(&shared.live.state_dir) {
+        Ok(note) => println!("  state dir {}: {note}", shared.live.state_dir.display()),
+        Err(e) => fail(format!("state dir {}: {e:#}", shared.live.state_dir.display())),
     }
     let own_agent = own_agent_answers(&shared).await;
-    let mut listeners = vec![("ssh", shared.me.listen_addr())];
-    listeners.extend(shared.me.http.map(|a| ("http", a)));
+    let mut listeners = vec![("ssh", shared.live.me.listen_addr())];
+    listeners.extend(shared.live.me.http.map(|a| ("http", a)));
     for (what, addr) in listeners {
         match std::net::TcpListener::bind(addr) {
             Ok(_) => println!("  {what} listen address {addr}: free"),
@@ -223,14 +224,14 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
         println!("  warning: {w}");
     }
     // Watch roots: an active never ships from a root that fails this check.
-    let role = std::fs::read(shared.state_dir.join(warmspare_shared::state::ROLE_FILE))
+    let role = std::fs::read(shared.live.state_dir.join(warmspare_shared::state::ROLE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<warmspare_shared::state::RoleState>(&b).ok());
     let passive = match &role {
-        Some(r) => r.active != shared.me.name,
-        None => shared.cluster().cluster.preferred_active != shared.me.name,
+        Some(r) => r.active != shared.live.me.name,
+        None => shared.live.cluster().cluster.preferred_active != shared.live.me.name,
     };
-    for w in shared.local_watches().iter().filter(|w| w.verify_root) {
+    for w in shared.live.local_watches().iter().filter(|w| w.verify_root) {
         match shared.roots.check_only(&w.name, &w.root) {
             Ok(()) => println!("  watch {}: root {} ok", w.name, w.root.display()),
             Err(e) if passive && !w.root.exists() => {
@@ -242,7 +243,7 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
             Err(e) => fail(format!("watch {}: {e}", w.name)),
         }
     }
-    for job in &shared.cluster().job {
+    for job in &shared.live.cluster().job {
         if let Some(next) = job
             .schedule
             .as_deref()
@@ -261,16 +262,24 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
         return Ok(if node_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     let mut peers_ok = true;
-    for peer in shared.cluster().peers_of(&shared.me.name) {
+    for peer in shared.live.cluster().peers_of(&shared.live.me.name) {
         let key = peer.key()?;
-        let verdict = match ssh::dial(&peer.ssh, &key, &shared.key, &shared.me.name, Duration::from_secs(5)).await {
+        let verdict = match ssh::dial(
+            &peer.ssh,
+            &key,
+            &shared.live.key,
+            &shared.live.me.name,
+            Duration::from_secs(5),
+        )
+        .await
+        {
             Ok(d) => {
                 let (rd, wr) = tokio::io::split(d.stream);
                 let mut r = FrameReader::new(rd);
                 let mut w = FrameWriter::new(wr);
                 w.send(&Request::Hello(shared.hello(Purpose::Probe))).await?;
                 match r.recv::<Reply>().await {
-                    Ok(Some(Reply::Hello(h))) if h.config_hash == shared.config_hash() => {
+                    Ok(Some(Reply::Hello(h))) if h.config_hash == shared.live.config_hash() => {
                         format!("ok (epoch {}, active {}, version {})", h.epoch, h.active, h.version)
                     }
                     Ok(Some(Reply::Hello(h))) => {
@@ -340,12 +349,12 @@ fn state_dir_writable(dir: &std::path::Path) -> Result<&'static str> {
 /// Whether this node's own agent answers on its SSH address: its host key is
 /// this node's key (a refusal of our key still proves who answered).
 async fn own_agent_answers(shared: &Shared) -> bool {
-    let own = shared.key.public();
+    let own = shared.live.key.public();
     match ssh::dial(
-        &shared.me.ssh,
+        &shared.live.me.ssh,
         &own,
-        &shared.key,
-        &shared.me.name,
+        &shared.live.key,
+        &shared.live.me.name,
         Duration::from_secs(3),
     )
     .await

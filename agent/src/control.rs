@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, JobRun, Reply, Request};
 use warmspare_shared::{state, text};
 
-use crate::daemon::Shared;
+use crate::node::Shared;
 use crate::status;
 
 /// Serves one operator session until the operator closes it.
@@ -163,7 +163,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
             Ok(s) => Reply::Status(Box::new(s)),
             Err(e) => failed(e),
         },
-        Request::History => match shared.off_runtime(|s| state::read_history(&s.state_dir)).await {
+        Request::History => match shared.off_runtime(|s| state::read_history(&s.live.state_dir)).await {
             Ok(h) => Reply::History(proto::newest_that_fit(h, |n| state::HistoryEntry {
                 time: 0,
                 epoch: 0,
@@ -173,7 +173,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
                     "{n} older entries left out (the reply is limited to the newest that fit); \
                      the whole history is in history.jsonl under the state dir"
                 ),
-                by: shared.me.name.clone(),
+                by: shared.live.me.name.clone(),
             })),
             Err(e) => failed(e),
         },
@@ -185,9 +185,9 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
             .await
             .unwrap_or_else(|e| Err(format!("{e:#}")))
         {
-            Ok(now) if now.active == shared.me.name => {
+            Ok(now) if now.active == shared.live.me.name => {
                 // Promoted: answer once on_promote has run (or failed).
-                let limit = shared.cluster().cluster.hook_timeout + Duration::from_secs(30);
+                let limit = shared.live.cluster().cluster.hook_timeout + Duration::from_secs(30);
                 match shared.wait_promoted(now.epoch, limit).await {
                     Ok(()) => Reply::Role(now),
                     Err(reason) => {
@@ -228,20 +228,21 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
         } => {
             if !shared.is_active() {
                 return Reply::Refused {
-                    reason: format!("{} is not the active node", shared.me.name),
+                    reason: format!("{} is not the active node", shared.live.me.name),
                 };
             }
             let names: Vec<String> = match watch {
-                Some(w) if !shared.local_watches().iter().any(|l| l.name == w) => {
+                Some(w) if !shared.live.local_watches().iter().any(|l| l.name == w) => {
                     return Reply::Refused {
                         reason: format!("there is no watch {w:?}"),
                     };
                 }
                 Some(w) => vec![w],
-                None => shared.local_watches().into_iter().map(|w| w.name).collect(),
+                None => shared.live.local_watches().into_iter().map(|w| w.name).collect(),
             };
             if accept_root {
                 for w in shared
+                    .live
                     .local_watches()
                     .iter()
                     .filter(|w| w.verify_root && names.contains(&w.name))
@@ -273,7 +274,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
         }
         Request::Flush { timeout_ms } => flush(shared, Duration::from_millis(timeout_ms)).await,
         Request::JobHistory { name } => {
-            let runs = crate::jobs::history(&shared.state_dir, &name);
+            let runs = crate::jobs::history(&shared.live.state_dir, &name);
             let Some(first) = runs.first().cloned() else {
                 return Reply::JobHistory(runs);
             };
@@ -303,7 +304,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
 async fn flush(shared: &Shared, timeout: Duration) -> Reply {
     if !shared.is_active() {
         return Reply::Refused {
-            reason: format!("{} is not the active node", shared.me.name),
+            reason: format!("{} is not the active node", shared.live.me.name),
         };
     }
     if shared.is_paused() {
@@ -317,7 +318,7 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
     let mut targets = Vec::new();
     for (peer, inbox) in shared.runtime().inboxes.iter() {
         let mut gen = 0;
-        for w in shared.local_watches() {
+        for w in shared.live.local_watches() {
             gen = inbox.add_full(&w.name);
         }
         targets.push((peer.clone(), gen));

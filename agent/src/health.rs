@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Shared;
+use crate::node::Shared;
 use crate::status;
 
 /// The most HTTP connections served at once; more are closed as soon as

@@ -29,7 +29,7 @@ use warmspare_shared::keys::PublicKey;
 use warmspare_shared::proto::{FrameReader, FrameWriter, Purpose, Reply, Request};
 use warmspare_shared::ssh;
 
-use crate::daemon::Shared;
+use crate::node::Shared;
 
 /// How often the probe pings a connected peer, and dials a peer that is down.
 pub const PING_EVERY: Duration = Duration::from_secs(1);
@@ -160,7 +160,14 @@ pub async fn run(
 /// an answer is late; returns why it ended.
 async fn probe(shared: &Shared, peer: &Node, server_key: &PublicKey, live: &Liveness) -> String {
     let dialed = tokio::time::timeout(DIAL_LIMIT, async {
-        let d = ssh::dial(&peer.ssh, server_key, &shared.key, &shared.me.name, DIAL_LIMIT).await?;
+        let d = ssh::dial(
+            &peer.ssh,
+            server_key,
+            &shared.live.key,
+            &shared.live.me.name,
+            DIAL_LIMIT,
+        )
+        .await?;
         let (rd, wr) = tokio::io::split(d.stream);
         let (mut reader, mut writer) = (FrameReader::new(rd), FrameWriter::new(wr));
         writer.send(&Request::Hello(shared.hello(Purpose::Probe))).await?;

@@ -24,7 +24,7 @@ use warmspare_shared::config::Hook;
 use warmspare_shared::proto::{HookRun, PROMOTE_HOOK_FAILED};
 use warmspare_shared::state::{self, HistoryEntry};
 
-use crate::daemon::{unix, Shared};
+use crate::node::{unix, Shared};
 
 /// Why a node is held while its `on_promote` hook runs (the health check
 /// says `held at epoch N: on_promote is running`; `role --is-active
@@ -132,8 +132,8 @@ fn now_ms() -> i64 {
 /// Runs `hook` for the move to `epoch` (from `from` to `to`); `None` when
 /// this node has no such hook.
 pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) -> Option<HookRun> {
-    let cluster = shared.cluster();
-    let cmd = cluster.hook(&shared.me, hook)?.to_string();
+    let cluster = shared.live.cluster();
+    let cmd = cluster.hook(&shared.live.me, hook)?.to_string();
     let timeout = cluster.cluster.hook_timeout;
     let mut run = HookRun {
         hook,
@@ -144,16 +144,16 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
         ok: false,
         detail: "running".into(),
     };
-    store(&shared.state_dir, &run);
+    store(&shared.live.state_dir, &run);
     tracing::warn!(%hook, epoch, from, to, "running the role hook");
-    let log = dir(&shared.state_dir).join(format!("{}.log", hook.name()));
+    let log = dir(&shared.live.state_dir).join(format!("{}.log", hook.name()));
     let outcome = async {
         // Hook output can carry secrets: private whatever the umask.
         let out = warmspare_shared::perms::create_private_file(&log)?;
         let err = out.try_clone()?;
-        let mut env: Vec<(String, OsString)> = shared.env().into_iter().map(|(k, v)| (k, v.into())).collect();
+        let mut env: Vec<(String, OsString)> = shared.live.env().into_iter().map(|(k, v)| (k, v.into())).collect();
         env.push(("WARMSPARE_HOOK".into(), hook.name().into()));
-        env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));
+        env.push(("WARMSPARE_NODE".into(), shared.live.me.name.clone().into()));
         env.push(("WARMSPARE_EPOCH".into(), epoch.to_string().into()));
         env.push(("WARMSPARE_FROM".into(), from.into()));
         env.push(("WARMSPARE_TO".into(), to.into()));
@@ -171,7 +171,7 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
         .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }
     .await;
-    let output = crate::jobs::tail_of(&log, LOG_TAIL);
+    let output = crate::shell::tail_of(&log, LOG_TAIL);
     for line in output.lines().filter(|l| !l.trim().is_empty()) {
         tracing::info!(%hook, "output: {line}");
     }
@@ -181,7 +181,7 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
             run.ok = o.success();
             run.detail = o.describe();
             if !run.ok {
-                let tail = crate::jobs::tail_of(&log, DETAIL_TAIL);
+                let tail = crate::shell::tail_of(&log, DETAIL_TAIL);
                 let tail = tail.trim();
                 if !tail.is_empty() {
                     run.detail = format!("{}; output: {tail}", run.detail);
@@ -193,7 +193,7 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
             run.detail = format!("cannot run the hook: {e}");
         }
     }
-    store(&shared.state_dir, &run);
+    store(&shared.live.state_dir, &run);
     *shared
         .hooks
         .counts
@@ -211,10 +211,10 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
             epoch,
             from: from.to_string(),
             to: to.to_string(),
-            reason: format!("{hook} failed on {}: {}", shared.me.name, run.detail),
-            by: shared.me.name.clone(),
+            reason: format!("{hook} failed on {}: {}", shared.live.me.name, run.detail),
+            by: shared.live.me.name.clone(),
         };
-        if let Err(e) = state::append_history(&shared.state_dir, &entry) {
+        if let Err(e) = state::append_history(&shared.live.state_dir, &entry) {
             tracing::warn!(error = %e, "cannot append the hook failure to the role history");
         }
     }
@@ -229,11 +229,11 @@ pub async fn promote(shared: &Shared, epoch: u64, from: &str) -> bool {
         shared.hooks.promotion.send_replace(p);
         shared.progress.send_modify(|n| *n += 1);
     };
-    if shared.cluster().hook(&shared.me, Hook::OnPromote).is_none() {
+    if shared.live.cluster().hook(&shared.live.me, Hook::OnPromote).is_none() {
         set(Promotion::Done(epoch));
         return true;
     }
-    if let Some(last) = last_run(&shared.state_dir, Hook::OnPromote) {
+    if let Some(last) = last_run(&shared.live.state_dir, Hook::OnPromote) {
         if last.epoch == epoch && last.end_ms.is_some() {
             if last.ok {
                 set(Promotion::Done(epoch));
@@ -249,7 +249,7 @@ pub async fn promote(shared: &Shared, epoch: u64, from: &str) -> bool {
         }
     }
     set(Promotion::Running(epoch));
-    let me = shared.me.name.clone();
+    let me = shared.live.me.name.clone();
     match run(shared, Hook::OnPromote, epoch, from, &me).await {
         Some(r) if r.ok => {
             set(Promotion::Done(epoch));
@@ -269,8 +269,8 @@ pub async fn promote(shared: &Shared, epoch: u64, from: &str) -> bool {
 /// At start-up on a passive node: runs `on_demote` again when its last run
 /// was cut off, or when a promotion began here and no demotion followed it.
 pub async fn recover_passive(shared: &Shared, epoch: u64, active: &str) {
-    let demote = last_run(&shared.state_dir, Hook::OnDemote);
-    let promote = last_run(&shared.state_dir, Hook::OnPromote);
+    let demote = last_run(&shared.live.state_dir, Hook::OnDemote);
+    let promote = last_run(&shared.live.state_dir, Hook::OnPromote);
     let again = match (&demote, &promote) {
         (Some(d), _) if d.end_ms.is_none() => true,
         (Some(d), Some(p)) => p.epoch > d.epoch,
@@ -279,7 +279,7 @@ pub async fn recover_passive(shared: &Shared, epoch: u64, active: &str) {
     };
     if again {
         tracing::warn!("the last role change did not finish its on_demote hook: running it again");
-        let me = shared.me.name.clone();
+        let me = shared.live.me.name.clone();
         let _ = run(shared, Hook::OnDemote, epoch, &me, active).await;
     }
 }

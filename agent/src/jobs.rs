@@ -28,15 +28,8 @@ use warmspare_shared::perms;
 use warmspare_shared::proto::{JobKind, JobRun, JobStatus};
 use warmspare_shared::state::write_atomic;
 
-use crate::daemon::Shared;
-
-/// The internal watch that carries dumps.
-pub const SPOOL_WATCH: &str = "_jobs";
-
-/// The job spool under `state_dir`.
-pub fn spool_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("spool")
-}
+use crate::live::spool_dir;
+use crate::node::Shared;
 
 fn job_dir(state_dir: &Path, job: &str) -> PathBuf {
     state_dir.join("jobs").join(job)
@@ -157,7 +150,7 @@ fn store_persisted(state_dir: &Path, job: &str, p: &Persisted) -> io::Result<()>
 }
 
 fn record(shared: &Shared, run: &JobRun) {
-    let dir = job_dir(&shared.state_dir, &run.job);
+    let dir = job_dir(&shared.live.state_dir, &run.job);
     let line = serde_json::to_string(run).unwrap_or_default() + "\n";
     let appended = perms::ensure_private_dir(&dir).and_then(|()| {
         use std::io::Write;
@@ -216,10 +209,10 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     // Reading the histories' ends is file I/O: off the runtime.
     let s = shared.clone();
-    let jobs = shared.cluster().job.clone();
-    let _ = tokio::task::spawn_blocking(move || s.jobs.recall(&s.state_dir, &jobs)).await;
-    for job in shared.cluster().job.clone() {
-        let g = load_persisted(&shared.state_dir, &job.name);
+    let jobs = shared.live.cluster().job.clone();
+    let _ = tokio::task::spawn_blocking(move || s.jobs.recall(&s.live.state_dir, &jobs)).await;
+    for job in shared.live.cluster().job.clone() {
+        let g = load_persisted(&shared.live.state_dir, &job.name);
         shared.jobs.update(&job.name, |s| s.generation = g.generation);
         if let Some(expr) = &job.schedule {
             tasks.spawn(scheduled(
@@ -247,6 +240,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         loop {
             // A passive that restarts restores what arrived while it was down.
             for job in s
+                .live
                 .cluster()
                 .job
                 .iter()
@@ -335,7 +329,7 @@ fn runs_here(job: &Job, active: bool) -> bool {
 
 /// Runs `name` now, as this node's role says; for `warmsparectl run-job`.
 pub async fn run_now(shared: &Shared, name: &str) -> Result<JobRun> {
-    let cluster = shared.cluster();
+    let cluster = shared.live.cluster();
     let job = cluster
         .job
         .iter()
@@ -389,9 +383,10 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
     perms::ensure_private_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
     let stdout = work.join(".warmspare-tmp.stdout");
     let stderr = work.join(".warmspare-tmp.stderr");
-    let mut env: Vec<(String, std::ffi::OsString)> = shared.env().into_iter().map(|(k, v)| (k, v.into())).collect();
+    let mut env: Vec<(String, std::ffi::OsString)> =
+        shared.live.env().into_iter().map(|(k, v)| (k, v.into())).collect();
     env.push(("WARMSPARE_JOB".into(), job.name.clone().into()));
-    env.push(("WARMSPARE_NODE".into(), shared.me.name.clone().into()));
+    env.push(("WARMSPARE_NODE".into(), shared.live.me.name.clone().into()));
     for (k, v) in vars {
         env.push((k.to_string(), v.as_os_str().to_owned()));
     }
@@ -407,7 +402,7 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
         crate::shell::Outcome::Exited(s) => Some(s),
         crate::shell::Outcome::TimedOut(_) => None,
     };
-    let tail = tail_of(&stderr, 2048);
+    let tail = crate::shell::tail_of(&stderr, 2048);
     let _ = fs::remove_file(&stderr);
     let (ok, detail) = match status {
         None => (false, format!("timed out after {}s; killed", job.timeout().as_secs())),
@@ -417,24 +412,12 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
     Ok(Ran { ok, detail, stdout })
 }
 
-/// The last `n` bytes of the file at `path`, as text (empty when unreadable).
-pub(crate) fn tail_of(path: &Path, n: u64) -> String {
-    let Ok(mut f) = fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(n)));
-    let mut s = String::new();
-    let _ = f.read_to_string(&mut s);
-    s
-}
-
 /// Runs the dump; a good one becomes the next generation and is published.
 async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
     let lock = shared.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
     let start_ms = now_ms();
-    let dir = job_dir(&shared.state_dir, &job.name);
+    let dir = job_dir(&shared.live.state_dir, &job.name);
     let output = dir.join(".warmspare-tmp.output");
     let _ = fs::remove_file(&output);
     let cmd = job.dump.as_deref().unwrap_or_default();
@@ -464,7 +447,7 @@ async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
                 ran.stdout.clone()
             };
             // Hashing and linking a dump of gigabytes is blocking work.
-            let (state_dir, node, j) = (shared.state_dir.clone(), shared.me.name.clone(), job.clone());
+            let (state_dir, node, j) = (shared.live.state_dir.clone(), shared.live.me.name.clone(), job.clone());
             let result = tokio::task::spawn_blocking(move || publish(&state_dir, &node, &j, &file))
                 .await
                 .unwrap_or_else(|e| Err(format!("the task publishing the dump failed: {e}")));
@@ -554,15 +537,15 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
     };
     let lock = shared.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
-    let spool = spool_dir(&shared.state_dir).join(&job.name);
+    let spool = spool_dir(&shared.live.state_dir).join(&job.name);
     let Some(meta) = fs::read(spool.join("meta.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
     else {
         return Ok(None);
     };
-    let mut p = load_persisted(&shared.state_dir, &job.name);
-    let failed_before = shared.jobs.statuses(&shared.cluster().job).iter().any(|s| {
+    let mut p = load_persisted(&shared.live.state_dir, &job.name);
+    let failed_before = shared.jobs.statuses(&shared.live.cluster().job).iter().any(|s| {
         s.name == job.name
             && s.last
                 .as_ref()
@@ -574,7 +557,7 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
     // The dump and its metadata arrive separately: wait for both to match.
     // Hashing a dump and keeping it are blocking work.
     let dump = spool.join("dump");
-    let dir = job_dir(&shared.state_dir, &job.name);
+    let dir = job_dir(&shared.live.state_dir, &job.name);
     let (generation, keep, expected) = (meta.generation, job.keep, meta.hash);
     let kept = tokio::task::spawn_blocking(move || {
         if ContentHash::of_file(&dump).ok() != Some(expected) {
@@ -588,7 +571,7 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
     let Some(kept) = kept else {
         return Ok(None);
     };
-    let dir = job_dir(&shared.state_dir, &job.name);
+    let dir = job_dir(&shared.live.state_dir, &job.name);
     p.generation = p.generation.max(meta.generation);
     let start_ms = now_ms();
     let ran = shell(shared, job, cmd, &[("WARMSPARE_INPUT", &kept)], &dir).await?;
@@ -606,7 +589,7 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
     if run.ok {
         p.restored = meta.generation;
     }
-    store_persisted(&shared.state_dir, &job.name, &p).context("cannot record the restore")?;
+    store_persisted(&shared.live.state_dir, &job.name, &p).context("cannot record the restore")?;
     record(shared, &run);
     Ok(Some(run))
 }
@@ -616,7 +599,7 @@ async fn run_command(shared: &Shared, job: &Job) -> Result<JobRun> {
     let lock = shared.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
     let start_ms = now_ms();
-    let dir = job_dir(&shared.state_dir, &job.name);
+    let dir = job_dir(&shared.live.state_dir, &job.name);
     let ran = shell(shared, job, job.run.as_deref().unwrap_or_default(), &[], &dir).await?;
     let _ = fs::remove_file(&ran.stdout);
     let run = JobRun {

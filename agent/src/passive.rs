@@ -39,7 +39,7 @@ use warmspare_shared::local::{self, Change, Flagged, Own, Stamp};
 use warmspare_shared::manifest::{self, ContentHash, Excludes, HashCache};
 use warmspare_shared::text::escape_controls;
 
-use crate::daemon::Shared;
+use crate::node::Shared;
 
 /// How long a path must be quiet before it is looked at.
 const QUIET: Duration = Duration::from_millis(100);
@@ -103,12 +103,13 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
 
 fn watch_loop(shared: &Shared, cancel: &CancellationToken) -> Result<()> {
     let mut targets: Vec<Target> = shared
+        .live
         .local_watches()
         .into_iter()
         // The job spool is the agent's own.
-        .filter(|w| w.name != crate::jobs::SPOOL_WATCH)
+        .filter(|w| w.name != crate::live::SPOOL_WATCH)
         .map(|w| Target {
-            cache: HashCache::load(&shared.cache_path(&w.name, "recv")),
+            cache: HashCache::load(&shared.live.cache_path(&w.name, "recv")),
             name: w.name,
             root: w.root,
             excludes: w.excludes,

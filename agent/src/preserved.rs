@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use warmspare_shared::diverged::{self, Limits};
 
-use crate::daemon::Shared;
+use crate::live::Live;
 
 /// The preserved store under the state dir.
 pub fn dir(state_dir: &Path) -> PathBuf {
@@ -26,13 +26,13 @@ pub fn folder_of(state_dir: &Path, to: &Path) -> Option<PathBuf> {
 
 /// Prunes the store to the configured bounds, never removing `keep` (the
 /// folder just written into), and logs each folder removed.
-pub fn prune(shared: &Shared, keep: Option<&Path>) {
-    let c = shared.cluster();
+pub fn prune(live: &Live, keep: Option<&Path>) {
+    let c = live.cluster();
     let limits = Limits {
         max_size: c.cluster.diverged_max_size,
         max_age: c.cluster.diverged_max_age,
     };
-    match diverged::prune(&dir(&shared.state_dir), &limits, keep, SystemTime::now()) {
+    match diverged::prune(&dir(&live.state_dir), &limits, keep, SystemTime::now()) {
         Ok(report) => {
             for p in &report.pruned {
                 tracing::warn!(

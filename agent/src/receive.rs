@@ -18,7 +18,7 @@ use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose
 use warmspare_shared::ssh::{Identity, IncomingSession};
 use warmspare_shared::state::RoleState;
 
-use crate::daemon::Shared;
+use crate::node::Shared;
 
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,7 +89,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             // A reload that removes the operator's key ends the session.
             return tokio::select! {
                 r = crate::control::serve(&shared, name, &mut reader, &mut writer) => r,
-                () = shared.revoked(&session.identity, &session.key) => {
+                () = shared.live.revoked(&session.identity, &session.key) => {
                     tracing::warn!(who = %session.identity, "the cluster file no longer trusts this key: closing its session");
                     let _ = writer.close().await;
                     bail!("the key is no longer trusted")
@@ -180,7 +180,7 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> Admission {
         (Purpose::Replicate, Identity::Node(n)) if *n == hello.node => {}
         (Purpose::Replicate, _) => return Admission::Refuse(format!("{who} may not push as node {:?}", hello.node)),
     }
-    shared.compare_config(&hello.node, &hello.config_hash);
+    shared.live.compare_config(&hello.node, &hello.config_hash);
     let mine = shared.role();
     if hello.epoch < mine.epoch {
         return Admission::Stale(mine);
@@ -221,8 +221,8 @@ fn request_name(r: &Request) -> &'static str {
 /// The receiver's watch roots, with their caches.
 fn watch_roots(shared: &Shared) -> Result<Vec<WatchRoot>> {
     let mut out = Vec::new();
-    for w in shared.local_watches() {
-        let cache_path = shared.cache_path(&w.name, "recv");
+    for w in shared.live.local_watches() {
+        let cache_path = shared.live.cache_path(&w.name, "recv");
         out.push(WatchRoot {
             name: w.name,
             root: w.root,
@@ -250,6 +250,7 @@ fn apply_loop(
     let divergence = Divergence {
         ledgers: shared.ledgers.clone(),
         dir: shared
+            .live
             .state_dir
             .join("diverged")
             .join(format!("{}-{}", session.epoch, timestamp())),
@@ -378,18 +379,18 @@ fn serve_request(
             }
             if let Some((_, _, to)) = report.diverged.last() {
                 // Bounded store: older folders go, never the one just written.
-                let keep = crate::preserved::folder_of(&shared.state_dir, to);
-                crate::preserved::prune(shared, keep.as_deref());
+                let keep = crate::preserved::folder_of(&shared.live.state_dir, to);
+                crate::preserved::prune(&shared.live, keep.as_deref());
             }
             if report.undo_kept > 0 {
                 crate::undo::prune(shared);
             }
             // Hooks run beside replication, never before the acknowledgement.
             for watch in &report.touched {
-                if watch == crate::jobs::SPOOL_WATCH {
+                if watch == crate::live::SPOOL_WATCH {
                     shared.jobs_arrived();
                 } else {
-                    crate::after::request(shared, runtime, watch);
+                    crate::after::request(&shared.after, runtime, watch);
                 }
             }
             send(Reply::Committed {
@@ -440,7 +441,7 @@ fn manifest_parts(entries: Vec<Entry>) -> Vec<(Vec<Entry>, bool)> {
 
 /// A UTC timestamp for folder names: `20261122T031500Z`.
 pub fn timestamp() -> String {
-    let secs = crate::daemon::unix(std::time::SystemTime::now());
+    let secs = crate::node::unix(std::time::SystemTime::now());
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Shared;
+use crate::node::Shared;
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -38,7 +38,7 @@ pub fn reloading() {
 /// A one-line status: role, epoch, and each peer's link.
 pub fn summary(shared: &Shared) -> String {
     let role = shared.role();
-    if role.active != shared.me.name {
+    if role.active != shared.live.me.name {
         return format!("passive at epoch {} ({} is active)", role.epoch, role.active);
     }
     let Some(rt) = shared.try_runtime() else {

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::ssh::{self, IncomingSession};
 
-use crate::daemon::Shared;
+use crate::node::Shared;
 use crate::receive;
 
 /// How often a repeated listener complaint is logged.
@@ -43,7 +43,7 @@ impl Complaint {
 
 /// Serves `listener` until `cancel` fires.
 pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
-    let config = ssh::server_config(&shared.key);
+    let config = ssh::server_config(&shared.live.key);
     let (tx, mut rx) = mpsc::channel::<IncomingSession>(16);
     let preauth = Arc::new(Semaphore::new(ssh::MAX_UNAUTHENTICATED));
     let mut connections = JoinSet::new();
@@ -64,7 +64,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
                     tracing::debug!(%peer, "connection");
                     // Each connection takes the trust of the cluster file in
                     // force: a reload applies to every connection after it.
-                    let trust = Arc::new(shared.trust());
+                    let trust = Arc::new(shared.live.trust());
                     let (config, tx) = (config.clone(), tx.clone());
                     connections.spawn(async move {
                         if let Err(e) = ssh::serve_connection(config, tcp, trust, tx, permit).await {

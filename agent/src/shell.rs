@@ -8,7 +8,9 @@
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::io::{Read as _, Seek as _, SeekFrom};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -187,4 +189,16 @@ pub async fn run(spec: Spec<'_>) -> Result<Outcome> {
     let mut child = spawn(spec.cmd, &spec.env, spec.stdout.into(), spec.stderr.into())?;
     let mut group = Group(child.id());
     wait(&mut child, &mut group, spec.timeout).await
+}
+
+/// The last `n` bytes of the file at `path`, as text (empty when unreadable).
+pub fn tail_of(path: &Path, n: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(n)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    s
 }

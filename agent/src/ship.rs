@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,15 +21,16 @@ use bytes::Bytes;
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warmspare_shared::config::{DeleteLimit, Node};
+use warmspare_shared::config::Node;
 use warmspare_shared::delta;
-use warmspare_shared::manifest::{self, ContentHash, Entry, EntryKind, Excludes, HashCache, Hashing, Meta};
+use warmspare_shared::manifest::{self, ContentHash, Entry, EntryKind, HashCache, Hashing, Meta};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, CHUNK};
 use warmspare_shared::ssh;
 
-use crate::daemon::Shared;
 use crate::events::{Inbox, Work};
 use crate::heartbeat;
+use crate::live::LocalWatch;
+use crate::node::Shared;
 
 /// How often a connected shipper compares whole trees even without events.
 const FULL_RESYNC: Duration = Duration::from_secs(600);
@@ -60,23 +61,6 @@ const GROUPS_QUEUED: usize = 32;
 /// dials again. Generous: the slowest honest answer is a commit of 32 MiB
 /// made durable, or the signature of a large file, on a loaded disk.
 const PEER_DEADLINE: Duration = Duration::from_secs(120);
-
-/// One watch as the shipper sees it on the active node.
-pub struct LocalWatch {
-    /// The watch's name.
-    pub name: String,
-    /// Its local root.
-    pub root: PathBuf,
-    /// Its exclusions.
-    pub excludes: Excludes,
-    /// Quiet time that ends a batch of events.
-    pub debounce: Duration,
-    /// The deletion guard's limit (`max_delete`).
-    pub max_delete: DeleteLimit,
-    /// Whether the root is checked before shipping (see `roots`); the
-    /// agent's own job spool is not.
-    pub verify_root: bool,
-}
 
 /// The first and the longest wait before dialing a peer again after a
 /// failure (each with a jitter of a quarter either way). A peer coming back
@@ -114,7 +98,7 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
         let seen = live.now();
         let dialed = tokio::select! {
             _ = cancel.cancelled() => return,
-            d = ssh::dial(&peer.ssh, &server_key, &shared.key, &shared.me.name, DIAL_LIMIT) => Some(d),
+            d = ssh::dial(&peer.ssh, &server_key, &shared.live.key, &shared.live.me.name, DIAL_LIMIT) => Some(d),
             // The probe got through and this dial still has not, 2 s later
             // (the link came back while its SYNs were being retried): dial
             // again now rather than at TCP's next retransmission.
@@ -226,7 +210,7 @@ async fn session(
         // The peer admitted this node as the active of its epoch: it holds
         // the same epoch naming this node (or adopted it from our hello).
         let mine = shared.role();
-        if theirs.epoch == mine.epoch && theirs.active == shared.me.name {
+        if theirs.epoch == mine.epoch && theirs.active == shared.live.me.name {
             shared.confirm(&peer.name);
         } else {
             bail!(
@@ -363,7 +347,7 @@ fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> Result<()> 
     if theirs.node != peer.name {
         bail!("the peer says it is {:?}, expected {:?}", theirs.node, peer.name);
     }
-    shared.compare_config(&peer.name, &theirs.config_hash);
+    shared.live.compare_config(&peer.name, &theirs.config_hash);
     Ok(())
 }
 
@@ -504,10 +488,15 @@ fn compact(remote: &mut Remote) {
 }
 
 fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owners: bool) -> Result<()> {
-    let watches = shared.local_watches();
+    let watches = shared.live.local_watches();
     let mut caches: HashMap<String, HashCache> = watches
         .iter()
-        .map(|w| (w.name.clone(), HashCache::load(&shared.cache_path(&w.name, "send"))))
+        .map(|w| {
+            (
+                w.name.clone(),
+                HashCache::load(&shared.live.cache_path(&w.name, "send")),
+            )
+        })
         .collect();
     let mut model: Model = HashMap::new();
     // Watches whose hash cache waits on disk between full comparisons (see
@@ -619,7 +608,7 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
                 let cache = caches.entry(w.name.clone()).or_default();
                 if full && on_disk.remove(&w.name) {
                     let since = std::mem::take(cache);
-                    *cache = HashCache::load(&shared.cache_path(&w.name, "send"));
+                    *cache = HashCache::load(&shared.live.cache_path(&w.name, "send"));
                     cache.absorb(since);
                 }
                 if full || !model.contains_key(&w.name) {
@@ -758,7 +747,7 @@ fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owne
             if on_disk.contains(name) {
                 continue;
             }
-            if let Err(e) = cache.save(&shared.cache_path(name, "send")) {
+            if let Err(e) = cache.save(&shared.live.cache_path(name, "send")) {
                 tracing::warn!(watch = name, error = %e, "cannot save the hash cache");
             }
         }

@@ -1,63 +1,20 @@
 //! What an agent reports about itself to `warmsparectl status` and `/_status`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use warmspare_shared::manifest::join;
 use warmspare_shared::proto::{LinkStatus, LocalChange, LocalChanges, NodeStatus, WatchStatus, PROTOCOL_VERSION};
 
-use crate::daemon::{unix, Shared};
-use crate::ship::LocalWatch;
+use crate::node::{unix, Shared};
 
 /// The most pending paths whose sizes are added up for the byte lag.
 const LAG_STAT_LIMIT: usize = 10_000;
 /// The most diverged files listed.
 const DIVERGED_LIST_LIMIT: usize = 1_000;
-
-/// How old the file counts of the watches in a status may be: a walk of a
-/// large tree is shared by every status and metrics request for this long.
-const COUNT_MAX_AGE: Duration = Duration::from_secs(5);
-
-/// Files and bytes per watch.
-type Counts = BTreeMap<String, (u64, u64)>;
-
-/// The files and bytes of each watch, counted at most once per
-/// [`COUNT_MAX_AGE`] whatever the number of pollers, part of [`Shared`].
-#[derive(Default)]
-pub struct TreeCounts {
-    /// The last counts and when they were taken.
-    last: Mutex<Option<(Instant, Counts)>>,
-    /// Held by the walk under way (on a blocking thread): requests that find
-    /// the counts stale meanwhile wait for its result instead of walking too.
-    /// Only status requests ever take it.
-    walk: Mutex<()>,
-}
-
-impl TreeCounts {
-    fn fresh(&self, watches: &[LocalWatch]) -> Option<Counts> {
-        let g = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, counts) = g.as_ref()?;
-        (at.elapsed() < COUNT_MAX_AGE && watches.iter().all(|w| counts.contains_key(&w.name))).then(|| counts.clone())
-    }
-
-    /// The counts of `watches`, walking their trees when the last counts
-    /// are stale. Blocking: call it from a blocking thread.
-    fn get(&self, watches: &[LocalWatch]) -> Counts {
-        if let Some(c) = self.fresh(watches) {
-            return c;
-        }
-        let _walk = self.walk.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = self.fresh(watches) {
-            return c;
-        }
-        let counts: Counts = watches.iter().map(|w| (w.name.clone(), count(&w.root))).collect();
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), counts.clone()));
-        counts
-    }
-}
 
 /// This node's status now. Blocking (it reads the disk): call it from a
 /// blocking thread, never from async code.
@@ -69,7 +26,7 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
     let now = SystemTime::now();
     let root_problems = shared.roots.problems();
     let flags = shared.local.flags();
-    let local = shared.local_watches();
+    let local = shared.live.local_watches();
     let (inboxes, links_now, last_applied) = {
         let rt = shared.runtime();
         (rt.inboxes.clone(), rt.links.clone(), rt.last_applied.clone())
@@ -143,19 +100,19 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         }
     }
     NodeStatus {
-        node: shared.me.name.clone(),
+        node: shared.live.me.name.clone(),
         version: warmspare_shared::VERSION.to_string(),
         protocol: PROTOCOL_VERSION,
-        config_hash: shared.config_hash().clone(),
+        config_hash: shared.live.config_hash().clone(),
         role: shared.role(),
         paused: shared.is_paused(),
         watches,
         links,
-        diverged: diverged(&shared.state_dir.join("diverged")),
+        diverged: diverged(&shared.live.state_dir.join("diverged")),
         started: unix(shared.started),
-        jobs: shared.jobs.statuses(&shared.cluster().job),
+        jobs: shared.jobs.statuses(&shared.live.cluster().job),
         held: shared.held(),
-        hooks: crate::hooks::last_runs(&shared.state_dir),
+        hooks: crate::hooks::last_runs(&shared.live.state_dir),
         undo: crate::undo::status(shared),
     }
 }
@@ -170,7 +127,11 @@ pub async fn node_status_off_runtime(shared: &Arc<Shared>) -> anyhow::Result<Nod
 
 /// Whether `watch` has an `after_apply` command in the cluster file in force.
 fn has_after_apply(shared: &Shared, watch: &str) -> bool {
-    shared.cluster().watch(watch).is_some_and(|w| w.after_apply.is_some())
+    shared
+        .live
+        .cluster()
+        .watch(watch)
+        .is_some_and(|w| w.after_apply.is_some())
 }
 
 /// A watch's local changes as status shows them: counts, and the latest
@@ -190,30 +151,6 @@ fn local_changes(f: &warmspare_shared::local::WatchFlags, untracked: u64) -> Loc
             })
             .collect(),
     }
-}
-
-/// Regular files under `root` and their total size (links are not followed).
-fn count(root: &Path) -> (u64, u64) {
-    let (mut files, mut bytes) = (0, 0);
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
-        for de in rd.flatten() {
-            let Ok(ft) = de.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(de.path());
-            } else if ft.is_file()
-                && !de
-                    .file_name()
-                    .to_str()
-                    .is_some_and(warmspare_shared::manifest::is_temp_name)
-            {
-                files += 1;
-                bytes += de.metadata().map(|m| m.len()).unwrap_or(0);
-            }
-        }
-    }
-    (files, bytes)
 }
 
 /// Files preserved under the diverged folder, relative to it.

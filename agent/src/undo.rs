@@ -14,7 +14,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use warmspare_shared::apply::check_rel_path;
@@ -23,11 +22,11 @@ use warmspare_shared::manifest::ContentHash;
 use warmspare_shared::proto::{UndoEntry, UndoKind, UndoStatus, UndoWhy};
 use warmspare_shared::undo::{self, Kept, Limits, Recorder};
 
-use crate::daemon::Shared;
+use crate::node::Shared;
 
 /// The bounds in force.
 pub fn limits(shared: &Shared) -> Limits {
-    let c = shared.cluster();
+    let c = shared.live.cluster();
     Limits {
         max_size: c.cluster.undo_max_size,
         max_age: c.cluster.undo_max_age,
@@ -37,7 +36,7 @@ pub fn limits(shared: &Shared) -> Limits {
 /// A recorder for a session at `epoch` (nothing of the internal job spool
 /// is kept: its dumps keep their own generations).
 pub fn recorder(shared: &Shared, epoch: u64) -> Recorder {
-    Recorder::new(shared.undo.clone(), epoch, limits(shared).max_size).skip_watch(crate::jobs::SPOOL_WATCH)
+    Recorder::new(shared.undo.clone(), epoch, limits(shared).max_size).skip_watch(crate::live::SPOOL_WATCH)
 }
 
 /// Prunes the store to its bounds, with a log line for what went.
@@ -113,13 +112,13 @@ impl Restore {
         if !shared.is_active() {
             return Err(format!(
                 "{} is not the active node: restore onto the active one, from which the file replicates",
-                shared.me.name
+                shared.live.me.name
             ));
         }
-        if entry.watch == crate::jobs::SPOOL_WATCH {
+        if entry.watch == crate::live::SPOOL_WATCH {
             return Err("the job spool is not restored by hand".into());
         }
-        let Some(w) = shared.local_watches().into_iter().find(|w| w.name == entry.watch) else {
+        let Some(w) = shared.live.local_watches().into_iter().find(|w| w.name == entry.watch) else {
             return Err(format!("there is no watch {:?} here", entry.watch));
         };
         check_rel_path(&entry.path).map_err(|e| format!("{e}"))?;
@@ -283,9 +282,4 @@ fn unique() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() as u64);
     (nanos << 16) ^ N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) ^ u64::from(std::process::id())
-}
-
-/// The store of this node, shared.
-pub fn store(state_dir: &std::path::Path) -> Arc<undo::Store> {
-    Arc::new(undo::Store::new(state_dir.join("undo")))
 }
