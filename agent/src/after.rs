@@ -10,19 +10,15 @@
 //! `state_dir/hooks/after_apply.<watch>.log`.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::proto::{AfterApplyRun, AfterApplyStatus};
 
 use crate::live::Live;
-
-/// The most output of a failed run kept in its record.
-const DETAIL_TAIL: u64 = 512;
 
 /// The `after_apply` runtime of every watch.
 pub struct AfterApply {
@@ -141,59 +137,36 @@ async fn runs(after: Arc<AfterApply>, watch: String) {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// One run of the hook, to its end or its time limit.
 async fn run_once(live: &Live, watch: &str, cmd: &str, timeout: Duration, root: PathBuf) -> AfterApplyRun {
-    let start_ms = now_ms();
+    let start_ms = crate::clock::now_ms();
     let dir = live.state_dir.join("hooks");
     let log = dir.join(format!("after_apply.{watch}.log"));
-    let outcome = async {
-        warmspare_shared::perms::ensure_private_dir(&dir)?;
-        // Hook output can carry secrets: private whatever the umask.
-        let out = warmspare_shared::perms::create_private_file(&log)?;
-        let err = out.try_clone()?;
-        let mut env: Vec<(String, OsString)> = live.env().into_iter().map(|(k, v)| (k, v.into())).collect();
-        env.push(("WARMSPARE_WATCH".into(), watch.into()));
-        env.push(("WARMSPARE_PATH".into(), root.into_os_string()));
-        env.push(("WARMSPARE_NODE".into(), live.me.name.clone().into()));
-        crate::shell::run_capped(
-            crate::shell::Spec {
+    let outcome = match warmspare_shared::perms::ensure_private_dir(&dir) {
+        Ok(()) => {
+            crate::shell::run_hook(crate::shell::Hook {
                 cmd,
-                env,
+                node_env: live.env(),
+                node: &live.me.name,
+                vars: vec![
+                    ("WARMSPARE_WATCH", watch.into()),
+                    ("WARMSPARE_PATH", root.into_os_string()),
+                ],
                 timeout,
-                stdout: out,
-                stderr: err,
-            },
-            crate::shell::HOOK_OUTPUT_KEEP,
-        )
-        .await
-        .map_err(|e| std::io::Error::other(format!("{e:#}")))
-    }
-    .await;
+                log: &log,
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
     let mut run = AfterApplyRun {
         start_ms,
-        end_ms: now_ms(),
+        end_ms: crate::clock::now_ms(),
         ok: false,
         detail: String::new(),
     };
     match outcome {
-        Ok(o) => {
-            run.ok = o.success();
-            run.detail = o.describe();
-            if !run.ok {
-                let tail = crate::shell::tail_of(&log, DETAIL_TAIL);
-                let tail = tail.trim();
-                if !tail.is_empty() {
-                    run.detail = format!("{}; output: {tail}", run.detail);
-                }
-            }
-        }
+        Ok(end) => (run.ok, run.detail) = (end.ok, end.detail),
         Err(e) => run.detail = format!("cannot run after_apply: {e}"),
     }
     let ms = run.end_ms - run.start_ms;

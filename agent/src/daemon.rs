@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use warmspare_shared::apply;
 use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
+use crate::clock::unix;
 use crate::events::Inbox;
-use crate::node::{unix, Shared};
+use crate::node::Shared;
 use crate::{health, hooks, jobs, sd, server, ship, watch as watcher};
 
 /// Binds the SSH endpoint of this node: its `listen` address, by default

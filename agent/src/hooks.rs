@@ -13,7 +13,6 @@
 //! (the agent stopped) and runs again at the next start.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -24,7 +23,8 @@ use warmspare_shared::config::Hook;
 use warmspare_shared::proto::{HookRun, PROMOTE_HOOK_FAILED};
 use warmspare_shared::state::{self, HistoryEntry};
 
-use crate::node::{unix, Shared};
+use crate::clock::unix;
+use crate::node::Shared;
 
 /// Why a node is held while its `on_promote` hook runs (the health check
 /// says `held at epoch N: on_promote is running`; `role --is-active
@@ -33,8 +33,6 @@ pub const PROMOTING: &str = "on_promote is running";
 
 /// The most output of one run copied into the agent's log.
 const LOG_TAIL: u64 = 8 * 1024;
-/// The most output of a failed run kept in its record.
-const DETAIL_TAIL: u64 = 512;
 
 /// Where this node stands with `on_promote` for an epoch naming it active.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,13 +120,6 @@ fn store(state_dir: &Path, run: &HookRun) {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Runs `hook` for the move to `epoch` (from `from` to `to`); `None` when
 /// this node has no such hook.
 pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) -> Option<HookRun> {
@@ -139,7 +130,7 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
         hook,
         epoch,
         from: from.to_string(),
-        start_ms: now_ms(),
+        start_ms: crate::clock::now_ms(),
         end_ms: None,
         ok: false,
         detail: "running".into(),
@@ -147,47 +138,27 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
     store(&shared.live.state_dir, &run);
     tracing::warn!(%hook, epoch, from, to, "running the role hook");
     let log = dir(&shared.live.state_dir).join(format!("{}.log", hook.name()));
-    let outcome = async {
-        // Hook output can carry secrets: private whatever the umask.
-        let out = warmspare_shared::perms::create_private_file(&log)?;
-        let err = out.try_clone()?;
-        let mut env: Vec<(String, OsString)> = shared.live.env().into_iter().map(|(k, v)| (k, v.into())).collect();
-        env.push(("WARMSPARE_HOOK".into(), hook.name().into()));
-        env.push(("WARMSPARE_NODE".into(), shared.live.me.name.clone().into()));
-        env.push(("WARMSPARE_EPOCH".into(), epoch.to_string().into()));
-        env.push(("WARMSPARE_FROM".into(), from.into()));
-        env.push(("WARMSPARE_TO".into(), to.into()));
-        crate::shell::run_capped(
-            crate::shell::Spec {
-                cmd: &cmd,
-                env,
-                timeout,
-                stdout: out,
-                stderr: err,
-            },
-            crate::shell::HOOK_OUTPUT_KEEP,
-        )
-        .await
-        .map_err(|e| std::io::Error::other(format!("{e:#}")))
-    }
+    let outcome = crate::shell::run_hook(crate::shell::Hook {
+        cmd: &cmd,
+        node_env: shared.live.env(),
+        node: &shared.live.me.name,
+        vars: vec![
+            ("WARMSPARE_HOOK", hook.name().into()),
+            ("WARMSPARE_EPOCH", epoch.to_string().into()),
+            ("WARMSPARE_FROM", from.into()),
+            ("WARMSPARE_TO", to.into()),
+        ],
+        timeout,
+        log: &log,
+    })
     .await;
     let output = crate::shell::tail_of(&log, LOG_TAIL);
     for line in output.lines().filter(|l| !l.trim().is_empty()) {
         tracing::info!(%hook, "output: {line}");
     }
-    run.end_ms = Some(now_ms());
+    run.end_ms = Some(crate::clock::now_ms());
     match outcome {
-        Ok(o) => {
-            run.ok = o.success();
-            run.detail = o.describe();
-            if !run.ok {
-                let tail = crate::shell::tail_of(&log, DETAIL_TAIL);
-                let tail = tail.trim();
-                if !tail.is_empty() {
-                    run.detail = format!("{}; output: {tail}", run.detail);
-                }
-            }
-        }
+        Ok(end) => (run.ok, run.detail) = (end.ok, end.detail),
         Err(e) => {
             run.ok = false;
             run.detail = format!("cannot run the hook: {e}");

@@ -16,7 +16,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -128,13 +128,6 @@ impl Jobs {
         });
         f(s);
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn load_persisted(state_dir: &Path, job: &str) -> Persisted {
@@ -416,7 +409,7 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
 async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
     let lock = shared.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
-    let start_ms = now_ms();
+    let start_ms = crate::clock::now_ms();
     let dir = job_dir(&shared.live.state_dir, &job.name);
     let output = dir.join(".warmspare-tmp.output");
     let _ = fs::remove_file(&output);
@@ -465,7 +458,7 @@ async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
         }
         Err(detail) => run.detail = detail,
     }
-    run.end_ms = now_ms();
+    run.end_ms = crate::clock::now_ms();
     record(shared, &run);
     Ok(run)
 }
@@ -491,7 +484,7 @@ fn publish(state_dir: &Path, node: &str, job: &Job, file: &Path) -> std::result:
         generation,
         hash,
         bytes,
-        time_ms: now_ms(),
+        time_ms: crate::clock::now_ms(),
         node: node.to_string(),
     };
     (|| -> io::Result<()> {
@@ -573,14 +566,14 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
     };
     let dir = job_dir(&shared.live.state_dir, &job.name);
     p.generation = p.generation.max(meta.generation);
-    let start_ms = now_ms();
+    let start_ms = crate::clock::now_ms();
     let ran = shell(shared, job, cmd, &[("WARMSPARE_INPUT", &kept)], &dir).await?;
     let _ = fs::remove_file(&ran.stdout);
     let run = JobRun {
         job: job.name.clone(),
         kind: JobKind::Restore,
         start_ms,
-        end_ms: now_ms(),
+        end_ms: crate::clock::now_ms(),
         ok: ran.ok,
         detail: ran.detail,
         bytes: meta.bytes,
@@ -598,7 +591,7 @@ async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRu
 async fn run_command(shared: &Shared, job: &Job) -> Result<JobRun> {
     let lock = shared.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
-    let start_ms = now_ms();
+    let start_ms = crate::clock::now_ms();
     let dir = job_dir(&shared.live.state_dir, &job.name);
     let ran = shell(shared, job, job.run.as_deref().unwrap_or_default(), &[], &dir).await?;
     let _ = fs::remove_file(&ran.stdout);
@@ -606,7 +599,7 @@ async fn run_command(shared: &Shared, job: &Job) -> Result<JobRun> {
         job: job.name.clone(),
         kind: JobKind::Run,
         start_ms,
-        end_ms: now_ms(),
+        end_ms: crate::clock::now_ms(),
         ok: ran.ok,
         detail: ran.detail,
         bytes: 0,

@@ -6,6 +6,7 @@
 mod after;
 mod ca_guard;
 pub mod cli;
+mod clock;
 pub mod commands;
 mod control;
 mod counts;

@@ -16,6 +16,7 @@ use warmspare_shared::ledger::Ledgers;
 use warmspare_shared::proto::{Hello, Purpose, PROTOCOL_VERSION};
 use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
+use crate::clock::unix;
 use crate::events::{Inbox, Work};
 use crate::live::Live;
 use crate::{hooks, jobs, roots};
@@ -457,11 +458,4 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(peer.to_string(), watch.to_string()))
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

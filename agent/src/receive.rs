@@ -441,7 +441,7 @@ fn manifest_parts(entries: Vec<Entry>) -> Vec<(Vec<Entry>, bool)> {
 
 /// A UTC timestamp for folder names: `20261122T031500Z`.
 pub fn timestamp() -> String {
-    let secs = crate::node::unix(std::time::SystemTime::now());
+    let secs = crate::clock::unix(std::time::SystemTime::now());
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);

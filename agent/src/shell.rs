@@ -6,6 +6,7 @@
 //! killed, so pipelines and children go too. The wait runs on the async
 //! runtime without holding a thread (tokio's child reaper).
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read as _, Seek as _, SeekFrom};
@@ -104,6 +105,67 @@ pub async fn run_capped(spec: Spec<'_>, keep: usize) -> Result<Outcome> {
         }
     }
     outcome
+}
+
+/// The most output of a failed hook quoted in its outcome.
+const DETAIL_TAIL: u64 = 512;
+
+/// A hook to run: a role hook or a watch's `after_apply`.
+pub struct Hook<'a> {
+    /// The shell command line.
+    pub cmd: &'a str,
+    /// This node's `env` from the cluster file in force.
+    pub node_env: BTreeMap<String, String>,
+    /// This node's name (`WARMSPARE_NODE`).
+    pub node: &'a str,
+    /// The hook's own `WARMSPARE_*` variables.
+    pub vars: Vec<(&'static str, OsString)>,
+    /// How long it may run.
+    pub timeout: Duration,
+    /// Where its output is kept (made private whatever the umask, since
+    /// hook output can carry secrets; the directory must exist).
+    pub log: &'a Path,
+}
+
+/// How a hook ended.
+pub struct HookEnd {
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// The outcome in words; for a failure, with the tail of its output.
+    pub detail: String,
+}
+
+/// Runs a hook with the node's environment and its variables, its output
+/// kept in its log ([`run_capped`] with [`HOOK_OUTPUT_KEEP`]); `Err` when
+/// it could not be started.
+pub async fn run_hook(hook: Hook<'_>) -> std::io::Result<HookEnd> {
+    let out = warmspare_shared::perms::create_private_file(hook.log)?;
+    let err = out.try_clone()?;
+    let mut env: Vec<(String, OsString)> = hook.node_env.into_iter().map(|(k, v)| (k, v.into())).collect();
+    env.extend(hook.vars.into_iter().map(|(k, v)| (k.to_string(), v)));
+    env.push(("WARMSPARE_NODE".into(), hook.node.into()));
+    let outcome = run_capped(
+        Spec {
+            cmd: hook.cmd,
+            env,
+            timeout: hook.timeout,
+            stdout: out,
+            stderr: err,
+        },
+        HOOK_OUTPUT_KEEP,
+    )
+    .await
+    .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let ok = outcome.success();
+    let mut detail = outcome.describe();
+    if !ok {
+        let tail = tail_of(hook.log, DETAIL_TAIL);
+        let tail = tail.trim();
+        if !tail.is_empty() {
+            detail = format!("{detail}; output: {tail}");
+        }
+    }
+    Ok(HookEnd { ok, detail })
 }
 
 /// Copies `from` into `to`: the first `keep` bytes as they come, then only

@@ -9,7 +9,8 @@ use std::time::SystemTime;
 use warmspare_shared::manifest::join;
 use warmspare_shared::proto::{LinkStatus, LocalChange, LocalChanges, NodeStatus, WatchStatus, PROTOCOL_VERSION};
 
-use crate::node::{unix, Shared};
+use crate::clock::unix;
+use crate::node::Shared;
 
 /// The most pending paths whose sizes are added up for the byte lag.
 const LAG_STAT_LIMIT: usize = 10_000;
