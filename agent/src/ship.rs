@@ -1323,15 +1323,12 @@ fn learn(file: &fs::File, rel: &str, cache: &mut HashCache) -> io::Result<Learne
     let learned = match learned {
         Some(l) => l,
         // Large, or it grew past a chunk while read: hashed as it is read
-        // (never mapped: another process may truncate it meanwhile).
+        // (never mapped: another process may truncate it meanwhile), its
+        // holes without reading them.
         None => {
-            let mut counted = Counted {
-                inner: rewound(file)?,
-                n: 0,
-            };
-            let hash = ContentHash::of_reader(&mut counted)?;
+            let (size, hash) = warmspare_shared::sparse::hash_file(file)?;
             Learned {
-                size: counted.n,
+                size,
                 hash,
                 content: None,
             }
@@ -1346,20 +1343,6 @@ fn rewound(file: &fs::File) -> io::Result<&fs::File> {
     let mut f = file;
     f.seek(io::SeekFrom::Start(0))?;
     Ok(file)
-}
-
-/// A reader that counts the bytes it yields.
-struct Counted<R> {
-    inner: R,
-    n: u64,
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let k = self.inner.read(buf)?;
-        self.n += k as u64;
-        Ok(k)
-    }
 }
 
 /// Sends one file whole or as a delta. Returns the size, hash and metadata
@@ -1411,7 +1394,12 @@ fn ship_file(
     let hash = hash.ok_or_else(|| anyhow!("{}: no content hash", l.path))?;
     let before = stats.wire_bytes;
     let mut sent_as_delta = false;
-    if let Some(rsize) = out.remote_size {
+    // A file mostly of holes goes whole, its holes as holes: cheaper than
+    // reading its zeros on both sides for a delta.
+    let sparse = content.is_none()
+        && out.remote_size.is_some()
+        && warmspare_shared::sparse::data_len(&file, size).is_ok_and(|d| d < size / 2);
+    if let Some(rsize) = out.remote_size.filter(|_| !sparse) {
         io.send(&Request::GetSignature {
             id: 0,
             watch: w.name.clone(),
@@ -1502,26 +1490,17 @@ fn ship_file(
                     stats.wire_bytes += io.send(&Request::Op(Op::FileData(ByteBuf::from(data))))?;
                 }
             }
+            // Read in order, holes and runs of zeros sent as holes (a file
+            // that shrinks meanwhile ends short: the receiver's size check
+            // refuses it).
             None => {
                 let mut sink = FrameSink {
                     io,
                     buf: Vec::with_capacity(CHUNK.min(size as usize + 1)),
                     sent: 0,
                 };
-                let mut left = size;
-                let mut reader = rewound(&file).with_context(|| format!("cannot read {}", abs.display()))?;
-                let mut buf = vec![0u8; CHUNK.min(size.max(1) as usize)];
-                while left > 0 {
-                    let want = buf.len().min(left as usize);
-                    let n = reader
-                        .read(&mut buf[..want])
-                        .with_context(|| format!("cannot read {}", abs.display()))?;
-                    if n == 0 {
-                        break; // The file shrank; the receiver's size check refuses it.
-                    }
-                    sink.write_all(&buf[..n])?;
-                    left -= n as u64;
-                }
+                warmspare_shared::sparse::walk(&file, size, CHUNK, &mut sink)
+                    .with_context(|| format!("cannot read {}", abs.display()))?;
                 sink.flush_chunk()?;
                 stats.wire_bytes += sink.sent;
             }
@@ -1570,6 +1549,21 @@ impl FrameSink<'_> {
         // cost an mmap and munmap per file.
         let data = std::mem::take(&mut self.buf);
         self.sent += self.io.send(&Request::Op(Op::FileData(ByteBuf::from(data))))?;
+        Ok(())
+    }
+}
+
+impl warmspare_shared::sparse::Pieces for FrameSink<'_> {
+    fn data(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data)
+    }
+
+    fn hole(&mut self, len: u64) -> io::Result<()> {
+        self.flush_chunk().map_err(io::Error::other)?;
+        self.sent += self
+            .io
+            .send(&Request::Op(Op::FileHole(len)))
+            .map_err(io::Error::other)?;
         Ok(())
     }
 }

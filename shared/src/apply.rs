@@ -446,6 +446,7 @@ impl Applier {
     pub fn apply(&mut self, op: Op) -> Result<(), Refused> {
         match op {
             Op::FileData(data) => return self.file_data(&data),
+            Op::FileHole(len) => return self.file_hole(len),
             Op::FileEnd => return self.file_end(),
             _ if self.incoming.is_some() || self.discarding => {
                 return Err(Refused("an operation arrived in the middle of a file".into()));
@@ -461,7 +462,7 @@ impl Applier {
             | Op::SetMeta { watch, path, .. }
             | Op::Remove { watch, path }
             | Op::FileBegin { watch, path, .. } => (watch.clone(), path.clone()),
-            Op::FileData(_) | Op::FileEnd | Op::Settled { .. } => {
+            Op::FileData(_) | Op::FileHole(_) | Op::FileEnd | Op::Settled { .. } => {
                 return Err(Refused("an operation arrived out of place".into()));
             }
         };
@@ -516,7 +517,7 @@ impl Applier {
                     }
                 }
             }
-            Op::FileData(_) | Op::FileEnd | Op::Settled { .. } => Ok(()),
+            Op::FileData(_) | Op::FileHole(_) | Op::FileEnd | Op::Settled { .. } => Ok(()),
         };
         if let (Some(was_dir), Some(t)) = (tracked, self.tracker.clone()) {
             let now = self.stamp(&watch, &rel);
@@ -1147,6 +1148,43 @@ impl Applier {
         Ok(())
     }
 
+    /// A hole of `len` bytes in the current whole file: counted and hashed
+    /// as zeros, and stepped over in the file instead of written.
+    fn file_hole(&mut self, len: u64) -> Result<(), Refused> {
+        if self.discarding {
+            return Ok(());
+        }
+        let Some(inc) = self.incoming.as_mut() else {
+            return Err(Refused("a hole outside a file".into()));
+        };
+        let (w, r) = (inc.watch.clone(), inc.rel.clone());
+        if inc.delta.is_some() {
+            self.abort_incoming();
+            return Err(Refused(format!("{w}/{r}: a hole in a delta")));
+        }
+        match inc.written.checked_add(len) {
+            Some(n) if n <= inc.size => inc.written = n,
+            _ => {
+                self.abort_incoming();
+                return Err(Refused(format!("{w}/{r}: more data than the announced size")));
+            }
+        }
+        crate::sparse::hash_zeros(&mut inc.hasher, len);
+        if matches!(inc.stage, Stage::Held) {
+            // Held files are small: the zeros are kept as they are.
+            inc.held.resize(inc.held.len() + len as usize, 0);
+            return Ok(());
+        }
+        let result = inc.writer.as_mut().map(|w| w.flush().map(|()| w.get_mut().skip(len)));
+        if let Some(Err(e)) = result {
+            tracing::warn!(path = r, error = %e, "cannot write a received file");
+            self.report.failed.push((r, e.to_string()));
+            self.abort_incoming();
+            self.discarding = true;
+        }
+        Ok(())
+    }
+
     fn abort_incoming(&mut self) {
         if let Some(inc) = self.incoming.take() {
             drop(inc.writer);
@@ -1220,7 +1258,11 @@ impl Applier {
     /// Checks a received file and sets its metadata; returns it, open.
     fn finish(&mut self, inc: &mut Incoming) -> Result<File, String> {
         let writer = inc.writer.take().ok_or("no open file")?;
-        let file = writer.into_inner().map_err(|e| e.error().to_string())?.file;
+        let file = writer
+            .into_inner()
+            .map_err(|e| e.error().to_string())?
+            .end()
+            .map_err(|e| e.to_string())?;
         if let Some((spool, base_hash)) = &inc.delta {
             // Patch: base (the current target) + delta (the spool) -> tmp.
             let mut delta_file = file;
@@ -1252,7 +1294,12 @@ impl Applier {
             let _ = spool;
             inc.hasher = hw.hasher;
             inc.written = hw.written;
-            let out = hw.inner.into_inner().map_err(|e| e.error().to_string())?.file;
+            let out = hw
+                .inner
+                .into_inner()
+                .map_err(|e| e.error().to_string())?
+                .end()
+                .map_err(|e| e.to_string())?;
             self.finish_file(inc, &out)?;
             Ok(out)
         } else {
@@ -1772,13 +1819,19 @@ fn move_aside(from: &File, name: &str, to: &File) -> io::Result<()> {
 /// Write-back of a file being received starts every this many bytes.
 const WRITEBACK_STEP: u64 = 8 << 20;
 
-/// A temporary file being written. One that will be made durable starts
-/// the kernel writing back each [`WRITEBACK_STEP`] bytes as they arrive,
-/// without waiting, so that the commit's fsync finds little left to write;
-/// otherwise a large file is written back only at that fsync, after the
-/// last byte has arrived.
+/// A new temporary file being written, at its own position. One that will
+/// be made durable starts the kernel writing back each [`WRITEBACK_STEP`]
+/// bytes as they arrive, without waiting, so that the commit's fsync finds
+/// little left to write; otherwise a large file is written back only at
+/// that fsync, after the last byte has arrived.
+///
+/// A durable file is written sparse, as `rsync --sparse` does: a whole
+/// aligned block of zeros ([`crate::sparse::ZERO_BLOCK`]) is stepped over
+/// instead of written, and so is a hole ([`Output::skip`]); [`Output::end`]
+/// gives the file its full length when it ends in a hole.
 struct Output {
     file: File,
+    /// Where the next byte goes (the bytes written and stepped over).
     written: u64,
     /// Where write-back has been started up to; `None` for scratch files
     /// (spooled deltas), which are never made durable.
@@ -1801,11 +1854,40 @@ impl Output {
             started: None,
         }
     }
+
+    /// Steps over `len` bytes of zeros, leaving a hole.
+    fn skip(&mut self, len: u64) -> io::Result<()> {
+        self.written = self
+            .written
+            .checked_add(len)
+            .ok_or_else(|| io::Error::other("a file longer than 2^64 bytes"))?;
+        Ok(())
+    }
+
+    /// The file, as long as everything written and stepped over (a hole at
+    /// the end has no block to give the file its length).
+    fn end(self) -> io::Result<File> {
+        if self.file.metadata()?.len() < self.written {
+            self.file.set_len(self.written)?;
+        }
+        Ok(self.file)
+    }
 }
 
 impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
+        use std::os::unix::fs::FileExt;
+        let n = if self.started.is_some() {
+            let zeros = crate::sparse::zero_run(buf, self.written);
+            if zeros > 0 {
+                self.skip(zeros as u64)?;
+                return Ok(zeros);
+            }
+            let data = crate::sparse::before_zeros(buf, self.written);
+            self.file.write_at(&buf[..data], self.written)?
+        } else {
+            self.file.write_at(buf, self.written)?
+        };
         self.written += n as u64;
         if let Some(started) = self.started.filter(|s| self.written - s >= WRITEBACK_STEP) {
             // Only a hint: the commit's fsync reports any real failure.
@@ -1862,10 +1944,8 @@ fn hash_open(cache: &mut HashCache, rel: &str, file: &File) -> io::Result<Conten
     if let Some(hash) = cache.cached(rel, &md) {
         return Ok(hash);
     }
-    let mut hasher = blake3::Hasher::new();
-    let mut reader = file;
-    hasher.update_reader(&mut reader)?;
-    let hash = ContentHash(*hasher.finalize().as_bytes());
+    // Holes are hashed without being read.
+    let (_, hash) = crate::sparse::hash_file(file)?;
     cache.record(rel, &md, hash, &file.metadata()?);
     Ok(hash)
 }
@@ -2312,6 +2392,98 @@ mod tests {
         assert!(a.apply(Op::FileData(ByteBuf::from(b"abc".to_vec()))).is_err());
         drop(a);
         assert_eq!(clean_temps(d.path()).unwrap(), beneath::Cleaned::default());
+    }
+
+    /// Bytes allocated to the file at `p`.
+    fn allocated(p: &Path) -> u64 {
+        fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn holes_and_blocks_of_zeros_are_not_written() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        let mib = 1 << 20;
+        // 16 MiB: 10 bytes, a 6 MiB hole, 1 MiB of zeros sent as data with a
+        // byte at its end, then a trailing hole.
+        let mut content = vec![0u8; 16 * mib];
+        content[..10].copy_from_slice(b"0123456789");
+        content[7 * mib + 10 - 1] = 1;
+        a.apply(Op::FileBegin {
+            watch: "w".into(),
+            path: "sparse".into(),
+            meta: meta(),
+            size: content.len() as u64,
+            hash: ContentHash::of(&content),
+            delta_base: None,
+        })
+        .unwrap();
+        a.apply(Op::FileData(ByteBuf::from(content[..10].to_vec()))).unwrap();
+        a.apply(Op::FileHole(6 * mib as u64)).unwrap();
+        for part in content[6 * mib + 10..7 * mib + 10].chunks(crate::proto::CHUNK) {
+            a.apply(Op::FileData(ByteBuf::from(part.to_vec()))).unwrap();
+        }
+        a.apply(Op::FileHole((9 * mib - 10) as u64)).unwrap();
+        a.apply(Op::FileEnd).unwrap();
+        let r = a.commit().unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let path = d.path().join("sparse");
+        assert!(fs::read(&path).unwrap() == content, "the content differs");
+        // A block or two for each end of data, however the file system counts.
+        assert!(allocated(&path) <= 64 * 1024, "{} bytes allocated", allocated(&path));
+
+        // A delta against that file whose copies are mostly zeros: written sparse too.
+        let mut new = content.clone();
+        new[12 * mib..12 * mib + 5].copy_from_slice(b"hello");
+        let (base, sig) = a.signature("w", "sparse", 64 * 1024).unwrap().unwrap();
+        let mut dl = Vec::new();
+        delta::diff(&sig, &new, &mut dl).unwrap();
+        a.apply(Op::FileBegin {
+            watch: "w".into(),
+            path: "sparse".into(),
+            meta: meta(),
+            size: new.len() as u64,
+            hash: ContentHash::of(&new),
+            delta_base: Some(base),
+        })
+        .unwrap();
+        a.apply(Op::FileData(ByteBuf::from(dl))).unwrap();
+        a.apply(Op::FileEnd).unwrap();
+        let r = a.commit().unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert!(fs::read(&path).unwrap() == new, "the delta's result differs");
+        assert!(allocated(&path) <= 256 * 1024, "{} bytes allocated", allocated(&path));
+    }
+
+    #[test]
+    fn holes_past_the_announced_size_or_in_a_delta_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = applier(d.path());
+        let begin = |size: u64, delta_base| Op::FileBegin {
+            watch: "w".into(),
+            path: "f".into(),
+            meta: meta(),
+            size,
+            hash: ContentHash::of(&vec![0u8; size as usize]),
+            delta_base,
+        };
+        assert!(a.apply(Op::FileHole(1)).is_err(), "a hole outside a file");
+        a.apply(begin(100, None)).unwrap();
+        a.apply(Op::FileHole(60)).unwrap();
+        assert!(a.apply(Op::FileHole(41)).is_err());
+        a.commit().unwrap();
+        a.apply(begin(100, None)).unwrap();
+        assert!(a.apply(Op::FileHole(u64::MAX)).is_err());
+        a.commit().unwrap();
+        send_file(&mut a, "f", &[0u8; 100_000]);
+        a.commit().unwrap();
+        let (base, _) = a.signature("w", "f", 700).unwrap().unwrap();
+        a.apply(begin(100_000, Some(base))).unwrap();
+        assert!(a.apply(Op::FileHole(10)).is_err());
+        a.commit().unwrap();
+        drop(a);
+        assert_eq!(clean_temps(d.path()).unwrap(), beneath::Cleaned::default());
+        assert_eq!(fs::read(d.path().join("f")).unwrap(), vec![0u8; 100_000]);
     }
 
     #[test]

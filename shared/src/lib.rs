@@ -29,6 +29,7 @@ pub mod local;
 pub mod manifest;
 pub mod perms;
 pub mod proto;
+pub mod sparse;
 pub mod ssh;
 pub mod state;
 pub mod sys;

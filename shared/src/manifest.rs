@@ -35,10 +35,10 @@ impl ContentHash {
         ContentHash(*blake3::hash(data).as_bytes())
     }
 
-    /// Hashes the file at `path`.
+    /// Hashes the file at `path` (its holes without reading them).
     pub fn of_file(path: &Path) -> io::Result<ContentHash> {
         let file = crate::sys::open_for_reading(path, 0)?;
-        ContentHash::of_reader(&file)
+        Ok(crate::sparse::hash_file(&file)?.1)
     }
 
     /// Hashes what `r` yields up to its end. Small inputs (most replicated

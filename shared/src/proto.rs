@@ -17,7 +17,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::manifest::{ContentHash, Entry, Meta};
 
 /// The protocol version; peers with another one are refused at hello.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The SSH subsystem name the agents speak.
 pub const SUBSYSTEM: &str = "warmspare";
@@ -453,6 +453,11 @@ pub enum Op {
         /// Paths whose operations failed.
         except: Vec<String>,
     },
+    /// Within the current whole file (not a delta): this many bytes of
+    /// zeros, which the receiver leaves as a hole instead of writing them
+    /// (a sparse file stays sparse; see `sparse`). Counts toward the
+    /// announced size and is hashed as zeros.
+    FileHole(u64),
 }
 
 /// What the dialing side sends.

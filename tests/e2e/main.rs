@@ -24,6 +24,7 @@ mod replication;
 mod safety;
 mod sender;
 mod service;
+mod sparse;
 mod status_load;
 mod supervise;
 mod undo;
