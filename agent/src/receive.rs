@@ -6,12 +6,15 @@
 //! broken protocol) ends that session with a log line; the daemon and every
 //! other session carry on.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use serde_bytes::ByteBuf;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio_util::sync::CancellationToken;
 use warmspare_shared::apply::{Applier, Divergence, WatchRoot};
 use warmspare_shared::manifest::{Entry, HashCache};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, MANIFEST_PART};
@@ -22,6 +25,101 @@ use crate::node::Shared;
 
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a new replication session waits for the older session of the
+/// same node to let go of the watch roots before it is refused (the sender
+/// then dials again after its backoff).
+const REPLACE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long the receiver waits to hand the peer one reply: a peer that
+/// reads none of its replies (acknowledgements) for this long has its
+/// session dropped, its queues and apply worker with it. The same as the
+/// sender's own wait on its peer.
+const REPLY_DEADLINE: Duration = Duration::from_secs(120);
+
+/// [`REPLY_DEADLINE`], or `WARMSPARE_PEER_DEADLINE_MS` from the environment
+/// (for tests of peers that stop reading).
+fn reply_deadline() -> Duration {
+    std::env::var("WARMSPARE_PEER_DEADLINE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(REPLY_DEADLINE, Duration::from_millis)
+}
+
+/// The replication sessions being served, one per sending node and state
+/// directory (one agent). A sender that lost its link dials again while
+/// the receiver may still be serving its old session (a cut link is noticed
+/// late on this side): the newer session ends the older one, and applies
+/// nothing until the older one's worker has let go of the watch roots.
+static SESSIONS: LazyLock<Mutex<HashMap<(PathBuf, String), Slot>>> = LazyLock::new(Mutex::default);
+
+/// One node's place in [`SESSIONS`].
+struct Slot {
+    /// The session now serving the node.
+    id: u64,
+    /// Ends that session.
+    end: CancellationToken,
+    /// Held by a session's apply worker for as long as it runs.
+    gate: Arc<AsyncMutex<()>>,
+}
+
+/// A replication session's registration; dropping it takes the session
+/// out of [`SESSIONS`] unless a newer one took its place.
+struct Turn {
+    key: (PathBuf, String),
+    id: u64,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut g = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
+        if g.get(&self.key).is_some_and(|s| s.id == self.id) {
+            g.remove(&self.key);
+        }
+    }
+}
+
+/// Registers a replication session of `node`: ends the older session of
+/// the same node, if any, and waits (at most [`REPLACE_DEADLINE`]) for its
+/// apply worker to end. Returns the registration, the token a newer
+/// session cancels, and the gate the apply worker holds while it runs.
+async fn take_turn(shared: &Shared, node: &str) -> Result<(Turn, CancellationToken, OwnedMutexGuard<()>)> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let key = (shared.live.state_dir.clone(), node.to_string());
+    let end = CancellationToken::new();
+    let gate = {
+        let mut g = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
+        let gate = g.get(&key).map(|s| s.gate.clone()).unwrap_or_default();
+        if let Some(old) = g.insert(
+            key.clone(),
+            Slot {
+                id,
+                end: end.clone(),
+                gate: gate.clone(),
+            },
+        ) {
+            tracing::warn!(
+                from = node,
+                "a new replication session from this node: ending its older session"
+            );
+            old.end.cancel();
+        }
+        gate
+    };
+    match tokio::time::timeout(REPLACE_DEADLINE, gate.lock_owned()).await {
+        Ok(gate) => Ok((Turn { key, id }, end, gate)),
+        Err(_) => {
+            // Leave the slot to the older session (still ending) unless
+            // another one took it meanwhile.
+            let mut g = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
+            if g.get(&key).is_some_and(|s| s.id == id) {
+                g.remove(&key);
+            }
+            bail!("the older session of {node} did not end within {REPLACE_DEADLINE:?}")
+        }
+    }
+}
 
 /// Serves one incoming session until it ends.
 pub async fn handle(shared: Arc<Shared>, session: IncomingSession) {
@@ -98,6 +196,15 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         }
         (Purpose::Control, _) | (Purpose::Replicate, _) => {}
     }
+    let (_turn, end, gate) = match take_turn(&shared, &hello.node).await {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            let _ = writer.send(&Reply::Refused { reason: reason.clone() }).await;
+            let _ = writer.close().await;
+            bail!("refused: {reason}");
+        }
+    };
     tracing::info!(from = hello.node, epoch = hello.epoch, "replication session opened");
 
     // Requests travel to the worker in batches of what has already arrived
@@ -110,19 +217,32 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         active: hello.node.clone(),
     };
     let runtime = tokio::runtime::Handle::current();
-    let worker =
-        tokio::task::spawn_blocking(move || apply_loop(&worker_shared, &runtime, &session_role, req_rx, reply_tx));
+    let worker_end = end.clone();
+    let worker = tokio::task::spawn_blocking(move || {
+        // The gate is let go of only when the applier is gone (its temp
+        // files removed): a newer session of this node applies nothing
+        // before that.
+        let _gate = gate;
+        apply_loop(&worker_shared, &runtime, &session_role, &worker_end, req_rx, reply_tx)
+    });
+    let deadline = reply_deadline();
     let write_task = async move {
         while let Some(reply) = reply_rx.recv().await {
             let refused = matches!(reply, Reply::Refused { .. } | Reply::Stale(_));
-            writer.send(&reply).await?;
+            // A peer that reads no replies (its acknowledgements) has its
+            // session dropped rather than held open for ever: the queues
+            // behind this writer are bounded, so the worker stops too.
+            match tokio::time::timeout(deadline, writer.send(&reply)).await {
+                Ok(sent) => sent?,
+                Err(_) => return Ok(Sent::Stuck),
+            }
             if refused {
                 // End our side cleanly so the refusal reaches the peer before the close.
                 writer.close().await?;
-                return Ok(true);
+                return Ok(Sent::Refused);
             }
         }
-        Ok::<bool, proto::FrameError>(false)
+        Ok::<Sent, proto::FrameError>(Sent::Done)
     };
     let read_task = async move {
         let mut forwarding = true;
@@ -138,10 +258,14 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
     };
     let mut read_task = Box::pin(read_task);
     let result = tokio::select! {
-        r = write_task => r.context("cannot write to the peer"),
-        r = &mut read_task => r.map(|()| false).context("cannot read from the peer"),
+        r = write_task => match r.context("cannot write to the peer") {
+            Ok(Sent::Stuck) => Err(anyhow::anyhow!("the peer read no reply within {deadline:?}; dropping the session")),
+            other => other,
+        },
+        r = &mut read_task => r.map(|()| Sent::Done).context("cannot read from the peer"),
+        () = end.cancelled() => Err(anyhow::anyhow!("a newer replication session from {} replaced this one", hello.node)),
     };
-    if matches!(result, Ok(true)) {
+    if matches!(result, Ok(Sent::Refused)) {
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut read_task).await;
     }
     // The reader holds the request queue: dropping it (even when the writer
@@ -150,8 +274,20 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
     // still alive would wait forever.
     drop(read_task);
     let worker_result = worker.await.context("the apply worker panicked")?;
-    worker_result?;
-    result.map(drop)
+    // When the connection ended first, its reason explains the worker's
+    // ("the session closed").
+    result?;
+    worker_result
+}
+
+/// How the writer of a replication session ended.
+enum Sent {
+    /// The worker ended and every reply was sent.
+    Done,
+    /// A refusal was sent and the writer closed.
+    Refused,
+    /// The peer read no reply within the deadline.
+    Stuck,
 }
 
 /// What to do with a new session.
@@ -244,6 +380,7 @@ fn apply_loop(
     shared: &Arc<Shared>,
     runtime: &tokio::runtime::Handle,
     session: &RoleState,
+    end: &CancellationToken,
     mut requests: mpsc::Receiver<Vec<Request>>,
     replies: mpsc::Sender<Reply>,
 ) -> Result<()> {
@@ -266,6 +403,12 @@ fn apply_loop(
     };
     while let Some(batch) = requests.blocking_recv() {
         for req in batch {
+            // A newer session of the same node ends this one between
+            // requests; what was not committed is not acknowledged, and the
+            // applier removes its temp files as it is dropped.
+            if end.is_cancelled() {
+                bail!("replaced by a newer session of the same node");
+            }
             serve_request(shared, runtime, session, &mut applier, &send, req)?;
         }
     }

@@ -534,3 +534,124 @@ async fn deltas_past_their_size_or_on_the_wrong_base_are_refused() {
         "no log line for the refused deltas:\n{log}"
     );
 }
+
+/// Reads replies until the session ends; `None` when it is still open after
+/// `limit`.
+async fn read_to_end(conn: &mut Conn, limit: Duration) -> Option<usize> {
+    tokio::time::timeout(limit, async {
+        let mut n = 0;
+        while let Ok(Some(_)) = conn.0.recv::<Reply>().await {
+            n += 1;
+        }
+        n
+    })
+    .await
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_of_a_node_ends_its_older_one() {
+    // A sender whose link was cut dials again while the receiver still
+    // serves its old session: the old one must end (its half-sent file
+    // cleaned up, nothing of it applied), and the new one must work.
+    let c = TestCluster::pair("");
+    let b = c.start("b");
+    let b_root = c.ca("b");
+    wait_listening(&c, "b");
+    let (mut old, hello) = push_session(&c, "a", "b", 1).await.unwrap();
+    assert!(matches!(hello, Reply::Hello(_)), "{hello:?}");
+    let data = warmspare_tests::noise(1 << 20, 7);
+    let half = file_op("half", &data);
+    old.1.send(&half[0]).await.unwrap();
+    old.1
+        .send(&Request::Op(Op::FileData(ByteBuf::from(data[..64 * 1024].to_vec()))))
+        .await
+        .unwrap();
+    // Its answer to a ping says the partial data has been taken in.
+    old.1.send(&Request::Ping).await.unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(60), old.0.recv::<Reply>()).await;
+    assert!(matches!(pong, Ok(Ok(Some(Reply::Pong)))), "{pong:?}");
+
+    let (mut new, hello) = push_session(&c, "a", "b", 1).await.unwrap();
+    assert!(matches!(hello, Reply::Hello(_)), "{hello:?}");
+    assert!(
+        read_to_end(&mut old, Duration::from_secs(60)).await.is_some(),
+        "the older session of node a is still open"
+    );
+    assert!(
+        b.log_text().contains("ending its older session"),
+        "no log line for the replaced session"
+    );
+    let (reply, _) = send_all(&mut new, file_op("whole", b"whole")).await;
+    assert!(matches!(reply, Some(Reply::Committed { .. })), "{reply:?}");
+    assert_eq!(read(&b_root.join("whole")).as_deref(), Some(&b"whole"[..]));
+    assert_eq!(
+        temp_files(&b_root),
+        Vec::<String>::new(),
+        "the older session left temp files"
+    );
+    assert!(!b_root.join("half").exists(), "the half-sent file was applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reads_no_acknowledgements_loses_its_session_not_the_daemon() {
+    // A node-key peer floods requests whose replies are large (signatures
+    // of a 1 MiB file) and never reads one. The receiver's queues are
+    // bounded, so it stops reading and its memory stays put (the replies
+    // asked for add up to gigabytes); after the reply deadline (2 s here)
+    // it drops the session, and the daemon serves on.
+    let c = TestCluster::pair("");
+    write_file(&c.ca("b").join("big"), &warmspare_tests::noise(1 << 20, 3), 0o644);
+    let mut b = c.start_with_env("b", &[("WARMSPARE_PEER_DEADLINE_MS", "2000")]);
+    wait_listening(&c, "b");
+    still_serves(&c, "b").await;
+    let rss_before = b.rss_kib().expect("b's resident size");
+    let (conn, hello) = push_session(&c, "a", "b", 1).await.unwrap();
+    assert!(matches!(hello, Reply::Hello(_)), "{hello:?}");
+    let (mut r, mut w, _handle) = conn;
+    // Far more than any queue holds: the writes block long before.
+    const FLOOD: u64 = 10_000_000;
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while sent < FLOOD {
+            let req = Request::GetSignature {
+                id: sent,
+                watch: "ca".into(),
+                path: "big".into(),
+                block_len: 256,
+            };
+            if w.send(&req).await.is_err() {
+                return;
+            }
+            sent += 1;
+        }
+    });
+    let mut rss_max = 0;
+    wait_until(
+        "b dropping the session that reads nothing",
+        Duration::from_secs(120),
+        || {
+            rss_max = rss_max.max(b.rss_kib().unwrap_or(0));
+            b.log_text().contains("read no reply within")
+        },
+    );
+    assert!(b.is_running(), "the daemon died");
+    assert!(
+        rss_max < rss_before + 128 * 1024,
+        "b grew from {rss_before} KiB to {rss_max} KiB under the flood"
+    );
+    // Reading now drains what was in flight, then meets the session's end.
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut n = 0u64;
+        while let Ok(Some(_)) = r.recv::<Reply>().await {
+            n += 1;
+        }
+        n
+    })
+    .await;
+    assert!(read.is_ok(), "the session that read nothing is still open");
+    // The test's own writer may stay blocked in its SSH client: it is no
+    // part of what is tested.
+    flood.abort();
+    still_serves(&c, "b").await;
+}
