@@ -500,6 +500,14 @@ fn serve_request(
             applied
         }
         Request::Commit { batch } => {
+            // A hidden switch for the tests of peer liveness: a passive whose
+            // apply thread is busy (a slow disk) for this long per commit.
+            if let Some(ms) = std::env::var("WARMSPARE_TEST_SLOW_COMMIT_MS")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             // Nothing is acknowledged that is not durable: the session ends
             // with the error, and the sender reconnects and compares again.
             let report = match applier.commit() {

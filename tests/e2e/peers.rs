@@ -106,3 +106,36 @@ fn a_stopped_or_restarted_passive_is_seen_down_and_reconnected() {
     summary("stopped passive reconnected (SIGCONT to link up)", &back);
     summary("restarted passive reconnected (start to link up)", &restart);
 }
+
+#[test]
+fn a_busy_passive_is_not_taken_for_dead() {
+    // b's apply thread spends 8 s in every commit (a slow disk), longer
+    // than the 5 s after which a peer that answers nothing is down. Its
+    // async runtime still answers the probe, so a never shows the link
+    // down and the files arrive over the same session.
+    let c = TestCluster::pair("");
+    let (ca, cb) = (c.ca("a"), c.ca("b"));
+    let b = c.start_with_env("b", &[("WARMSPARE_TEST_SLOW_COMMIT_MS", "8000")]);
+    let a = c.start("a");
+    wait_link(&c, true, Duration::from_secs(60));
+    let mut seen_down = false;
+    for i in 0..2 {
+        let name = format!("busy-{i}.pem");
+        write_file(&ca.join(&name), name.as_bytes(), 0o644);
+        wait_until(&format!("{name} on b"), Duration::from_secs(120), || {
+            seen_down |= links_up(&c, "a") == Some(false);
+            cb.join(&name).exists()
+        });
+    }
+    let log = a.log_text();
+    assert!(!seen_down, "a showed its link to the busy b down:\n{log}");
+    for said in ["answered no ping", "did not answer"] {
+        assert!(!log.contains(said), "a took the busy b for dead ({said:?}):\n{log}");
+    }
+    let b_log = b.log_text();
+    assert_eq!(
+        b_log.matches("replication session opened").count(),
+        1,
+        "a dialed b again while b was busy:\n{b_log}"
+    );
+}
