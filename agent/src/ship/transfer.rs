@@ -1,0 +1,473 @@
+//! Sending one planned prefix: removals, directories, links and files
+//! (whole, sparse or as deltas, read through a descriptor opened beneath
+//! the root), metadata fixes, and the metadata of every parent touched.
+
+use super::*;
+
+pub(super) fn ship_prefix(
+    io: &mut SessionIo,
+    w: &LocalWatch,
+    plan: Plan,
+    cache: &mut HashCache,
+    remote: &mut Remote,
+    stats: &mut BatchStats,
+    owners: bool,
+) -> Result<Vec<(String, ContentHash)>> {
+    let Plan {
+        prefix,
+        scan,
+        removals,
+        unreadable,
+    } = plan;
+    stats.scanned.push((w.name.clone(), prefix));
+    for (path, why) in unreadable {
+        stats.unreadable.push((w.name.clone(), path, why));
+    }
+    let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let mut changed_parents: BTreeSet<String> = BTreeSet::new();
+    for Removal { path, .. } in removals {
+        stats.touched.push((w.name.clone(), path.clone(), None));
+        emit(
+            io,
+            stats,
+            &w.name,
+            Op::Remove {
+                watch: w.name.clone(),
+                path: path.clone(),
+            },
+        )?;
+        remote_remove_tree(remote, &path);
+        changed_parents.insert(parent_of(&path));
+    }
+
+    // 2. Directories, links and files, parents first (the scan is sorted).
+    // The hashes of files sent without being read first, by position.
+    let mut learned: HashMap<usize, ContentHash> = HashMap::new();
+    for (i, l) in scan.entries.iter().enumerate() {
+        let r = remote.get(l.path.as_str());
+        match &l.kind {
+            EntryKind::Dir => {
+                if r.is_none_or(|r| !l.meta.same_as(&r.meta, &l.kind, owners)) {
+                    if r.is_none() {
+                        changed_parents.insert(parent_of(&l.path));
+                    }
+                    emit(
+                        io,
+                        stats,
+                        &w.name,
+                        Op::Dir {
+                            watch: w.name.clone(),
+                            path: l.path.clone(),
+                            meta: l.meta,
+                        },
+                    )?;
+                    remote.insert(l.path.as_str().into(), Held::of(l));
+                }
+            }
+            EntryKind::Symlink { target } => {
+                if r.is_none_or(|r| r.kind != l.kind || !l.meta.same_as(&r.meta, &l.kind, owners)) {
+                    changed_parents.insert(parent_of(&l.path));
+                    emit(
+                        io,
+                        stats,
+                        &w.name,
+                        Op::Symlink {
+                            watch: w.name.clone(),
+                            path: l.path.clone(),
+                            target: target.clone(),
+                            meta: l.meta,
+                        },
+                    )?;
+                    remote.insert(l.path.as_str().into(), Held::of(l));
+                }
+            }
+            EntryKind::File { size, hash } => match r {
+                Some(r) if r.kind == l.kind => {
+                    if !l.meta.same_as(&r.meta, &l.kind, owners) {
+                        emit(
+                            io,
+                            stats,
+                            &w.name,
+                            Op::SetMeta {
+                                watch: w.name.clone(),
+                                path: l.path.clone(),
+                                meta: l.meta,
+                            },
+                        )?;
+                        remote.insert(l.path.as_str().into(), Held::of(l));
+                    }
+                }
+                _ => {
+                    changed_parents.insert(parent_of(&l.path));
+                    let base = match r.map(|r| &r.kind) {
+                        Some(EntryKind::File { size: rsize, .. }) if delta::worth_a_delta(*rsize, *size) => {
+                            Some(*rsize)
+                        }
+                        _ => None,
+                    };
+                    let known = (!scan.is_unhashed(i)).then_some(*hash);
+                    let out = Outgoing {
+                        entry: l,
+                        size: *size,
+                        hash: known,
+                        remote_size: base,
+                    };
+                    let Some((size, hash, meta)) = ship_file(io, w, cache, out, stats)? else {
+                        continue; // Gone since the scan, or unreadable.
+                    };
+                    if known.is_none() {
+                        learned.insert(i, hash);
+                    }
+                    stats.touched.push((w.name.clone(), l.path.clone(), Some(hash)));
+                    remote.insert(
+                        l.path.as_str().into(),
+                        Held {
+                            kind: EntryKind::File { size, hash },
+                            meta,
+                        },
+                    );
+                    stats.files += 1;
+                    maybe_commit(io, stats, &w.name)?;
+                }
+            },
+        }
+    }
+
+    // 3. Parent directories get their metadata (and mtime) back after the changes.
+    for dir in changed_parents {
+        if dir.is_empty() {
+            continue;
+        }
+        if let Some(l) = local
+            .get(dir.as_str())
+            .copied()
+            .cloned()
+            .or_else(|| stat_dir(&w.root, &dir))
+        {
+            emit(
+                io,
+                stats,
+                &w.name,
+                Op::Dir {
+                    watch: w.name.clone(),
+                    path: dir.clone(),
+                    meta: l.meta,
+                },
+            )?;
+            remote.insert(dir.as_str().into(), Held::of(&l));
+        }
+    }
+    Ok(scan
+        .entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let hash = if scan.is_unhashed(i) {
+                *learned.get(&i)?
+            } else {
+                e.hash()?
+            };
+            Some((e.path.clone(), hash))
+        })
+        .collect())
+}
+
+/// A file to send, as the scan saw it.
+pub(super) struct Outgoing<'a> {
+    pub(super) entry: &'a Entry,
+    pub(super) size: u64,
+    /// Its hash, unless the scan left it unread (it is learned here).
+    pub(super) hash: Option<ContentHash>,
+    /// The size of the peer's file there, when a delta against it may pay.
+    pub(super) remote_size: Option<u64>,
+}
+
+/// A file's size and content hash as read now, and its content when it is
+/// small enough to keep for sending.
+pub(super) struct Learned {
+    pub(super) size: u64,
+    pub(super) hash: ContentHash,
+    pub(super) content: Option<Vec<u8>>,
+}
+
+/// Reads `file` to learn its hash (and, for one chunk or less, keeps its
+/// content), and caches the hash unless the file changed during the read.
+pub(super) fn learn(file: &fs::File, rel: &str, cache: &mut HashCache) -> io::Result<Learned> {
+    let before = file.metadata()?;
+    let mut learned = None;
+    if before.len() <= CHUNK as u64 {
+        let mut buf = Vec::with_capacity(before.len() as usize);
+        file.take(CHUNK as u64 + 1).read_to_end(&mut buf)?;
+        if buf.len() <= CHUNK {
+            learned = Some(Learned {
+                size: buf.len() as u64,
+                hash: ContentHash::of(&buf),
+                content: Some(buf),
+            });
+        }
+    }
+    let learned = match learned {
+        Some(l) => l,
+        // Large, or it grew past a chunk while read: hashed as it is read
+        // (never mapped: another process may truncate it meanwhile), its
+        // holes without reading them.
+        None => {
+            let (size, hash) = warmspare_shared::sparse::hash_file(file)?;
+            Learned {
+                size,
+                hash,
+                content: None,
+            }
+        }
+    };
+    cache.record(rel, &before, learned.hash, &file.metadata()?);
+    Ok(learned)
+}
+
+/// `file`, positioned at its start.
+pub(super) fn rewound(file: &fs::File) -> io::Result<&fs::File> {
+    let mut f = file;
+    f.seek(io::SeekFrom::Start(0))?;
+    Ok(file)
+}
+
+/// Sends one file whole or as a delta. Returns the size, hash and metadata
+/// it was announced with, or `None` when the file is gone or cannot be read
+/// (recorded in `stats.unreadable`: the peer's copy stays).
+///
+/// The file is opened beneath the watch root with no symbolic link followed
+/// anywhere on the way, without blocking, and only a regular file is read;
+/// the metadata sent (mode, owner, mtime) and the size come from `fstat` of
+/// that descriptor, never from the earlier scan, so what arrives is always
+/// what was read with the metadata it had (a file moved in, or a directory
+/// swapped for a link, after the scan cannot borrow another's metadata).
+pub(super) fn ship_file(
+    io: &mut SessionIo,
+    w: &LocalWatch,
+    cache: &mut HashCache,
+    out: Outgoing<'_>,
+    stats: &mut BatchStats,
+) -> Result<Option<(u64, ContentHash, Meta)>> {
+    let l = out.entry;
+    let abs = w.root.join(&l.path);
+    let (file, md) = match warmspare_shared::beneath::open_file_beneath(&w.root, &l.path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            tracing::warn!(watch = w.name, path = l.path, error = %e, "not replicated: cannot open it; the peer's copy is kept");
+            stats.unreadable.push((w.name.clone(), l.path.clone(), e.to_string()));
+            return Ok(None);
+        }
+    };
+    let meta = Meta::from_metadata(&md);
+    // The scan's hash is of the file the scan saw: trusted only while the
+    // open file has its size and mtime (the receiver's hash check catches
+    // the rest), otherwise learned again from this descriptor.
+    let seen = md.len() == out.size && meta.mtime == l.meta.mtime && meta.mtime_nsec == l.meta.mtime_nsec;
+    let (mut size, mut hash, mut content) = (md.len(), out.hash.filter(|_| seen), None);
+    if hash.is_none() {
+        match learn(&file, &l.path, cache) {
+            Ok(learned) => (size, hash, content) = (learned.size, Some(learned.hash), learned.content),
+            // As when a scan cannot read a file: it is left out, and the
+            // next comparison tries again; the rest of the batch goes on.
+            Err(e) => {
+                tracing::warn!(watch = w.name, path = l.path, error = %e, "not replicated: cannot read it; the peer's copy is kept");
+                stats.unreadable.push((w.name.clone(), l.path.clone(), e.to_string()));
+                return Ok(None);
+            }
+        }
+    }
+    let hash = hash.ok_or_else(|| anyhow!("{}: no content hash", l.path))?;
+    let before = stats.wire_bytes;
+    let mut sent_as_delta = false;
+    // A file mostly of holes goes whole, its holes as holes: cheaper than
+    // reading its zeros on both sides for a delta.
+    let sparse = content.is_none()
+        && out.remote_size.is_some()
+        && warmspare_shared::sparse::data_len(&file, size).is_ok_and(|d| d < size / 2);
+    if let Some(rsize) = out.remote_size.filter(|_| !sparse) {
+        io.send(&Request::GetSignature {
+            id: 0,
+            watch: w.name.clone(),
+            path: l.path.clone(),
+            block_len: delta::block_len(rsize),
+        })?;
+        let mut sig = Vec::new();
+        let mut base = None;
+        loop {
+            match io.reply()? {
+                Reply::SignaturePart {
+                    data, last, base: b, ..
+                } => {
+                    sig.extend_from_slice(&data);
+                    if sig.len() > 64 * 1024 * 1024 {
+                        bail!("the peer's signature of {} is too large", l.path);
+                    }
+                    base = Some(b);
+                    if last {
+                        break;
+                    }
+                }
+                Reply::NoSignature { .. } => break,
+                other => bail!("expected a signature, got {other:?}"),
+            }
+        }
+        if let Some(base) = base {
+            // Read, never mapped: another process may truncate the file
+            // while it is diffed. A file that changed size since its hash
+            // was learned goes whole (the receiver's checks refuse a stale
+            // announcement either way).
+            use std::os::unix::fs::FileExt;
+            let now = file
+                .metadata()
+                .with_context(|| format!("cannot stat {}", abs.display()))?;
+            let worth = now.len() == size
+                && match delta::worth_diffing_at(&sig, size, |at, buf| file.read_exact_at(buf, at)) {
+                    Ok(worth) => worth,
+                    // Cut short under the probes, or a signature that does
+                    // not parse: sent whole (the receiver checks it).
+                    Err(e) => {
+                        tracing::debug!(watch = w.name, path = l.path, error = %e, "no delta");
+                        false
+                    }
+                };
+            if !worth {
+                tracing::debug!(
+                    watch = w.name,
+                    path = l.path,
+                    "no delta worth computing (rewritten, or changed while read); sending it whole"
+                );
+            } else {
+                stats.wire_bytes += io.send(&Request::Op(Op::FileBegin {
+                    watch: w.name.clone(),
+                    path: l.path.clone(),
+                    meta,
+                    size,
+                    hash,
+                    delta_base: Some(base),
+                }))?;
+                let mut sink = FrameSink {
+                    io,
+                    buf: Vec::with_capacity(CHUNK),
+                    sent: 0,
+                };
+                let reader = rewound(&file).with_context(|| format!("cannot read {}", abs.display()))?;
+                delta::diff_reader(&sig, reader, size, &mut sink).map_err(|e| anyhow!("{}: {e}", l.path))?;
+                sink.flush_chunk()?;
+                stats.wire_bytes += sink.sent;
+                stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
+                sent_as_delta = true;
+            }
+        }
+    }
+    if !sent_as_delta {
+        stats.wire_bytes += io.send(&Request::Op(Op::FileBegin {
+            watch: w.name.clone(),
+            path: l.path.clone(),
+            meta,
+            size,
+            hash,
+            delta_base: None,
+        }))?;
+        match content {
+            // Read already, to learn its hash: one frame.
+            Some(data) => {
+                if !data.is_empty() {
+                    stats.wire_bytes += io.send(&Request::Op(Op::FileData(ByteBuf::from(data))))?;
+                }
+            }
+            // Read in order, holes and runs of zeros sent as holes (a file
+            // that shrinks meanwhile ends short: the receiver's size check
+            // refuses it).
+            None => {
+                let mut sink = FrameSink {
+                    io,
+                    buf: Vec::with_capacity(CHUNK.min(size as usize + 1)),
+                    sent: 0,
+                };
+                warmspare_shared::sparse::walk(&file, size, CHUNK, &mut sink)
+                    .with_context(|| format!("cannot read {}", abs.display()))?;
+                sink.flush_chunk()?;
+                stats.wire_bytes += sink.sent;
+            }
+        }
+        stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
+    }
+    stats.pending_bytes += stats.wire_bytes - before;
+    let wire_bytes = stats.wire_bytes - before;
+    // Large files get a line at info (their cost is worth seeing), the rest at debug.
+    if size >= delta::DELTA_MIN_SIZE {
+        tracing::info!(
+            watch = w.name,
+            path = l.path,
+            size,
+            wire_bytes,
+            delta = sent_as_delta,
+            "large file shipped"
+        );
+    } else {
+        tracing::debug!(
+            watch = w.name,
+            path = l.path,
+            size,
+            wire_bytes,
+            delta = sent_as_delta,
+            "file shipped"
+        );
+    }
+    Ok(Some((size, hash, meta)))
+}
+
+/// Writes bytes as [`Op::FileData`] frames of at most [`CHUNK`] bytes.
+pub(super) struct FrameSink<'a> {
+    pub(super) io: &'a mut SessionIo,
+    pub(super) buf: Vec<u8>,
+    pub(super) sent: u64,
+}
+
+impl FrameSink<'_> {
+    pub(super) fn flush_chunk(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        // The next chunk's buffer is allocated when it is first written: a
+        // fresh 256 KiB buffer after the last chunk of every small file would
+        // cost an mmap and munmap per file.
+        let data = std::mem::take(&mut self.buf);
+        self.sent += self.io.send(&Request::Op(Op::FileData(ByteBuf::from(data))))?;
+        Ok(())
+    }
+}
+
+impl warmspare_shared::sparse::Pieces for FrameSink<'_> {
+    fn data(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data)
+    }
+
+    fn hole(&mut self, len: u64) -> io::Result<()> {
+        self.flush_chunk().map_err(io::Error::other)?;
+        self.sent += self
+            .io
+            .send(&Request::Op(Op::FileHole(len)))
+            .map_err(io::Error::other)?;
+        Ok(())
+    }
+}
+
+impl Write for FrameSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(CHUNK);
+        }
+        let room = CHUNK - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK {
+            self.flush_chunk().map_err(io::Error::other)?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
