@@ -28,8 +28,10 @@ use crate::beneath::{self, split};
 use crate::delta;
 use crate::ledger::Ledgers;
 use crate::local::{self, Stamp, Tracker};
-use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta, TEMP_PREFIX};
+use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta};
 use crate::proto::{Op, UndoWhy};
+use crate::relpath::TEMP_PREFIX;
+pub use crate::relpath::{check_rel_path, confine, Refused};
 
 /// Whether this process can give files away (it runs as root), and so
 /// replicates owners.
@@ -42,45 +44,6 @@ pub fn can_chown() -> bool {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot make the batch durable: {0}")]
 pub struct NotDurable(pub io::Error);
-
-/// An [`Op`] that must end the session: the peer broke the protocol or tried
-/// to leave its root.
-#[derive(Debug, thiserror::Error)]
-#[error("refused: {0}")]
-pub struct Refused(pub String);
-
-/// Checks a relative path from the wire ([`check_rel_path`]) and joins it
-/// onto `root`, for display and for the fuzzers. The [`Applier`] never uses
-/// such a joined path: it resolves `rel` beneath a handle on the root, with
-/// no symbolic link followed (see [`crate::beneath`]).
-pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, Refused> {
-    check_rel_path(rel)?;
-    Ok(root.join(rel))
-}
-
-/// The checks of [`confine`] that need no file system: relative,
-/// `/`-separated, no empty, `.` or `..` components, no NUL, no temporary name.
-pub fn check_rel_path(rel: &str) -> Result<(), Refused> {
-    if rel.is_empty() || rel.len() > 4096 {
-        return Err(Refused(format!("bad path length {}", rel.len())));
-    }
-    if rel.starts_with('/') {
-        return Err(Refused(format!("absolute path {rel:?}")));
-    }
-    if rel.contains('\0') {
-        return Err(Refused("path with a NUL byte".into()));
-    }
-    let parts: Vec<&str> = rel.split('/').collect();
-    for p in &parts {
-        if p.is_empty() || *p == "." || *p == ".." {
-            return Err(Refused(format!("path {rel:?} is not normalised or leaves its root")));
-        }
-        if manifest::is_temp_name(p) {
-            return Err(Refused(format!("path {rel:?} names a temporary file")));
-        }
-    }
-    Ok(())
-}
 
 /// One replicated directory as the receiver sees it.
 pub struct WatchRoot {
@@ -2072,23 +2035,6 @@ mod tests {
             a.apply(Op::FileData(ByteBuf::from(c.to_vec()))).unwrap();
         }
         a.apply(Op::FileEnd).unwrap();
-    }
-
-    #[test]
-    fn confine_refuses_escapes() {
-        let d = tempfile::tempdir().unwrap();
-        for bad in [
-            "",
-            "/etc/passwd",
-            "../x",
-            "a/../../x",
-            "a//b",
-            "./a",
-            "a/.warmspare-tmp.x",
-        ] {
-            assert!(confine(d.path(), bad).is_err(), "{bad:?} accepted");
-        }
-        assert_eq!(confine(d.path(), "a/b").unwrap(), d.path().join("a/b"));
     }
 
     /// Files, directories, metadata and removals through a link below the

@@ -416,7 +416,7 @@ pub struct Cleaned {
     pub skipped: usize,
 }
 
-/// Removes the temporary files (see [`crate::manifest::is_temp_name`]) left
+/// Removes the temporary files (see [`crate::relpath::is_temp_name`]) left
 /// under the directory open as `root` by an interrupted run, walking through
 /// handles (one `openat` per level, so a tree deeper than `PATH_MAX` is no
 /// obstacle). What it cannot open or remove is skipped, logged and counted,
@@ -460,7 +460,7 @@ pub fn clean_temps_at(root: &File) -> Cleaned {
             }
             if ft == rfs::FileType::Directory {
                 subdirs.push(name.to_bytes().to_vec());
-            } else if std::str::from_utf8(name.to_bytes()).is_ok_and(crate::manifest::is_temp_name) {
+            } else if std::str::from_utf8(name.to_bytes()).is_ok_and(crate::relpath::is_temp_name) {
                 match rfs::unlinkat(dir, name, AtFlags::empty()) {
                     Ok(()) | Err(Errno::NOENT) => done.removed += 1,
                     Err(e) => {

@@ -13,7 +13,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::manifest::{is_under, ContentHash};
+use crate::manifest::ContentHash;
+use crate::relpath::is_under;
 
 /// The ledger of one watch, persisted in one file.
 #[derive(Debug)]
@@ -45,7 +46,7 @@ impl Ledger {
 
     /// Decodes persisted ledger bytes; bytes that do not decode give an empty map.
     pub fn decode(bytes: &[u8]) -> HashMap<Box<str>, ContentHash> {
-        crate::state::decode_persisted(bytes).unwrap_or_default()
+        crate::persist::decode_persisted(bytes).unwrap_or_default()
     }
 
     /// The agreed content of `rel`, if any.
@@ -88,7 +89,7 @@ impl Ledger {
             return Ok(());
         }
         let bytes = bincode::serde::encode_to_vec(&self.map, bincode::config::standard()).map_err(io::Error::other)?;
-        crate::state::write_atomic(&self.path, &bytes)?;
+        crate::persist::write_atomic(&self.path, &bytes)?;
         self.dirty = false;
         Ok(())
     }

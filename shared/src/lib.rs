@@ -10,7 +10,9 @@
 //! - [`ledger`]: the content each file had when the peers last agreed (divergence).
 //! - [`local`]: the receiver's record of its own writes, and local changes flagged on a passive.
 //! - [`ssh`]: russh server and client glue with pinned keys.
-//! - [`state`]: the persisted role state (epoch and active node).
+//! - [`state`]: the persisted role state (epoch and active node) and the role history.
+//! - [`persist`]: atomic private writes and the bounded decoder for the agent's own files.
+//! - [`relpath`]: the rules for relative paths (wire checks, temporary names, prefixes).
 //! - [`sys`]: the few system calls std does not wrap.
 //! - [`fuzzing`]: entry points for the fuzzers and their replay tests.
 //! - [`undo`]: the undo store of files replication removed or replaced.
@@ -28,7 +30,9 @@ pub mod ledger;
 pub mod local;
 pub mod manifest;
 pub mod perms;
+pub mod persist;
 pub mod proto;
+pub mod relpath;
 pub mod sparse;
 pub mod ssh;
 pub mod state;

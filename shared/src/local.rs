@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::beneath;
-use crate::manifest::is_under;
+use crate::relpath::is_under;
 
 /// What a path looked like: enough to tell whether anybody changed it since.
 /// A change of content, mode, owner or times changes the ctime, and a file

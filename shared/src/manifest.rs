@@ -6,7 +6,7 @@
 //! cache is persisted) re-reads only what changed. Temporary files of the
 //! applier and excluded paths never enter a manifest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
@@ -17,13 +17,8 @@ use std::path::{Path, PathBuf};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde::{Deserialize, Serialize};
 
-/// The prefix of every temporary file the applier writes.
-pub const TEMP_PREFIX: &str = ".warmspare-tmp.";
-
-/// Whether a file name is one of the applier's temporary files.
-pub fn is_temp_name(name: &str) -> bool {
-    name.starts_with(TEMP_PREFIX)
-}
+use crate::relpath::{check_rel_path, Refused};
+pub use crate::relpath::{is_temp_name, is_under, subtree, TEMP_PREFIX};
 
 /// A BLAKE3 content hash.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -164,11 +159,11 @@ impl Entry {
 }
 
 /// Checks a manifest received from a peer: every path must be one the peer
-/// itself would accept on the wire (see [`crate::apply::check_rel_path`]).
+/// itself would accept on the wire (see [`check_rel_path`]).
 /// A manifest that fails ends the session.
-pub fn check_peer_entries(entries: &[Entry]) -> Result<(), crate::apply::Refused> {
+pub fn check_peer_entries(entries: &[Entry]) -> Result<(), Refused> {
     for e in entries {
-        crate::apply::check_rel_path(&e.path)?;
+        check_rel_path(&e.path)?;
     }
     Ok(())
 }
@@ -287,7 +282,7 @@ impl HashCache {
 
     /// Decodes a persisted cache; bytes that do not decode give an empty cache.
     pub fn from_bytes(bytes: &[u8]) -> HashCache {
-        let map = crate::state::decode_persisted::<HashMap<Box<str>, Cached>>(bytes).unwrap_or_default();
+        let map = crate::persist::decode_persisted::<HashMap<Box<str>, Cached>>(bytes).unwrap_or_default();
         HashCache {
             map,
             ..HashCache::default()
@@ -323,7 +318,7 @@ impl HashCache {
             return Ok(());
         }
         let bytes = bincode::serde::encode_to_vec(&self.map, bincode::config::standard()).map_err(io::Error::other)?;
-        crate::state::write_atomic(path, &bytes)?;
+        crate::persist::write_atomic(path, &bytes)?;
         self.dirty = false;
         Ok(())
     }
@@ -790,61 +785,9 @@ fn entry_for(
     ))
 }
 
-/// Whether `path` is `prefix` or lies below it (an empty prefix holds everything).
-pub fn is_under(path: &str, prefix: &str) -> bool {
-    prefix.is_empty()
-        || path == prefix
-        || (path.len() > prefix.len() && path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
-}
-
-/// The entries of `map` at `prefix` and below it, in order; all of them for
-/// the empty prefix.
-///
-/// A subtree is not one contiguous range of the map's byte order: names
-/// such as `certs-2` and `certs.old` sort between `certs` and `certs/a`. So
-/// the entry itself is looked up, and its descendants are the range from
-/// `certs/` up to `certs0` (`0` follows `/`).
-pub fn subtree<'a, K, V>(map: &'a BTreeMap<K, V>, prefix: &str) -> Box<dyn Iterator<Item = (&'a K, &'a V)> + 'a>
-where
-    K: std::borrow::Borrow<str> + Ord,
-{
-    if prefix.is_empty() {
-        return Box::new(map.iter());
-    }
-    let below = map.range::<str, _>((
-        std::ops::Bound::Included(format!("{prefix}/").as_str()),
-        std::ops::Bound::Excluded(format!("{prefix}0").as_str()),
-    ));
-    Box::new(map.get_key_value(prefix).into_iter().chain(below))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subtree_skips_names_that_sort_inside_it() {
-        let map: BTreeMap<String, ()> = [
-            "a",
-            "certs",
-            "certs-2",
-            "certs-2/x",
-            "certs.old",
-            "certs/a",
-            "certs/sub/b",
-            "certs0",
-            "d",
-        ]
-        .into_iter()
-        .map(|k| (k.to_string(), ()))
-        .collect();
-        let keys = |p: &str| subtree(&map, p).map(|(k, _)| k.as_str()).collect::<Vec<_>>();
-        assert_eq!(keys("certs"), ["certs", "certs/a", "certs/sub/b"]);
-        assert_eq!(keys("certs/sub"), ["certs/sub/b"]);
-        assert_eq!(keys("certs-2"), ["certs-2", "certs-2/x"]);
-        assert_eq!(keys("").len(), map.len());
-        assert!(keys("nope").is_empty());
-    }
 
     #[test]
     fn excludes_match_gitignore_style() {
@@ -1025,13 +968,5 @@ mod tests {
         let md = fs::symlink_metadata(&f).unwrap();
         cache.hash("f.pem", &f, &md).unwrap();
         assert_eq!(cache.len(), 1);
-    }
-
-    #[test]
-    fn is_under_respects_components() {
-        assert!(is_under("a/b", "a"));
-        assert!(is_under("a", "a"));
-        assert!(!is_under("ab", "a"));
-        assert!(is_under("x", ""));
     }
 }

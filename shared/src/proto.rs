@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::manifest::{ContentHash, Entry, Meta};
+pub use crate::state::{HistoryEntry, RoleState};
 
 /// The protocol version; peers with another one are refused at hello.
 pub const PROTOCOL_VERSION: u32 = 5;
@@ -40,32 +41,6 @@ pub enum Purpose {
     Probe,
     /// An operator's `warmsparectl`: status and role changes.
     Control,
-}
-
-/// Who is active, in which epoch. Persisted by every agent (see `state`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoleState {
-    /// Increases by one at every role change.
-    pub epoch: u64,
-    /// The node that is active in `epoch`.
-    pub active: String,
-}
-
-/// One role change, as recorded in every agent's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    /// When, in seconds since the Unix epoch.
-    pub time: i64,
-    /// The new epoch.
-    pub epoch: u64,
-    /// The active node before.
-    pub from: String,
-    /// The active node after.
-    pub to: String,
-    /// Why (switchover, failover, failback, fencing, ...).
-    pub reason: String,
-    /// Who ordered it (an operator, or the node that pushed a higher epoch).
-    pub by: String,
 }
 
 /// Replication towards one peer, for one watch, as the active sees it.

@@ -8,7 +8,9 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-pub use crate::proto::{HistoryEntry, RoleState};
+use serde::{Deserialize, Serialize};
+
+pub use crate::persist::write_atomic;
 
 /// Why the role state could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,32 @@ pub enum StateError {
         /// The parse error.
         source: serde_json::Error,
     },
+}
+
+/// Who is active, in which epoch. Persisted by every agent, and sent on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleState {
+    /// Increases by one at every role change.
+    pub epoch: u64,
+    /// The node that is active in `epoch`.
+    pub active: String,
+}
+
+/// One role change, as recorded in every agent's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When, in seconds since the Unix epoch.
+    pub time: i64,
+    /// The new epoch.
+    pub epoch: u64,
+    /// The active node before.
+    pub from: String,
+    /// The active node after.
+    pub to: String,
+    /// Why (switchover, failover, failback, fencing, ...).
+    pub reason: String,
+    /// Who ordered it (an operator, or the node that pushed a higher epoch).
+    pub by: String,
 }
 
 /// The file, under the state dir, that holds the role state.
@@ -138,56 +166,6 @@ pub fn read_history(state_dir: &Path) -> Vec<HistoryEntry> {
         .unwrap_or_default()
 }
 
-/// Writes `bytes` to `path` atomically and durably, as a private file (mode
-/// 0600, missing directories 0700, whatever the umask): every caller keeps
-/// its own state under the state dir.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    crate::perms::create_private_dir_all(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let tmp = dir.join(format!(
-        "{}{}.{}",
-        crate::manifest::TEMP_PREFIX,
-        name,
-        rand::random::<u32>()
-    ));
-    let result = (|| {
-        let mut f = crate::perms::create_private_file(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Decodes a bincode file the agent wrote itself (hash caches, ledgers).
-///
-/// A damaged file must not make the agent allocate what a length field
-/// claims: bincode allocates a string or a map before it reads it, so the
-/// decoder's claim limit is set to a few times the file's size (a decoded map
-/// takes more memory than its encoding, never an order of magnitude more).
-/// `None` when the bytes do not decode.
-pub(crate) fn decode_persisted<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
-    fn with<T: serde::de::DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Option<T> {
-        let config = bincode::config::standard().with_limit::<LIMIT>();
-        bincode::serde::decode_from_slice(bytes, config).ok().map(|(v, _)| v)
-    }
-    let need = bytes.len().saturating_mul(8);
-    if need <= 1 << 20 {
-        with::<T, { 1 << 20 }>(bytes)
-    } else if need <= 64 << 20 {
-        with::<T, { 64 << 20 }>(bytes)
-    } else if need <= 1 << 30 {
-        with::<T, { 1 << 30 }>(bytes)
-    } else {
-        with::<T, { 16 << 30 }>(bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,9 +221,6 @@ mod tests {
             let mode = fs::metadata(d.path().join(f)).unwrap().permissions().mode() & 0o7777;
             assert_eq!(mode, 0o600, "{f}");
         }
-        write_atomic(&d.path().join("new/dir/x"), b"x").unwrap();
-        let mode = fs::metadata(d.path().join("new/dir")).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode, 0o700);
         fs::write(d.path().join(ROLE_FILE), b"{").unwrap();
         assert!(matches!(
             RoleState::load_or_init(d.path(), "a"),

@@ -347,7 +347,7 @@ impl Store {
             dirty = true;
         }
         if dirty {
-            crate::state::write_atomic(&index_path, &index_bytes(entries.values())?)?;
+            crate::persist::write_atomic(&index_path, &index_bytes(entries.values())?)?;
         }
         let mut live = BTreeMap::new();
         let mut bytes = 0u64;
@@ -453,7 +453,7 @@ impl Store {
                 let index_path = self.dir.join(INDEX);
                 let mut entries = read_index(&index_path)?;
                 entries.retain(|id, _| i.live.contains_key(id));
-                crate::state::write_atomic(&index_path, &index_bytes(entries.values())?)?;
+                crate::persist::write_atomic(&index_path, &index_bytes(entries.values())?)?;
                 if i.last.as_ref().is_some_and(|e| !i.live.contains_key(&e.id)) {
                     i.last = None;
                 }
