@@ -31,7 +31,7 @@ use crate::local::{self, Stamp, Tracker};
 use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta};
 use crate::proto::{Op, UndoWhy};
 use crate::relpath::TEMP_PREFIX;
-pub use crate::relpath::{check_rel_path, confine, Refused};
+pub use crate::relpath::{check_rel_path, confine, BadPath};
 
 /// Whether this process can give files away (it runs as root), and so
 /// replicates owners.
@@ -44,6 +44,58 @@ pub fn can_chown() -> bool {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot make the batch durable: {0}")]
 pub struct NotDurable(pub io::Error);
+
+/// An [`Op`] or a request that must end the session: the peer broke the
+/// protocol or tried to leave its root.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// A path breaks the rules of [`check_rel_path`].
+    #[error(transparent)]
+    Path(#[from] BadPath),
+    /// The request names a watch this node does not have.
+    #[error("refused: unknown watch {0:?}")]
+    UnknownWatch(String),
+    /// The watch's root cannot be opened as a directory (it was replaced by
+    /// a link, or is gone).
+    #[error("refused: watch {watch:?}: the root cannot be used: {source}")]
+    RootUnusable {
+        /// The watch.
+        watch: String,
+        /// Why the root cannot be opened.
+        source: io::Error,
+    },
+    /// An operation other than file data arrived while a file was open.
+    #[error("refused: an operation arrived in the middle of a file")]
+    InMiddleOfFile,
+    /// File data or a file's end arrived where no file was begun.
+    #[error("refused: an operation arrived out of place")]
+    OutOfPlace,
+    /// File data arrived while no file was open.
+    #[error("refused: file data outside a file")]
+    DataOutsideFile,
+    /// A file sent more data than it announced.
+    #[error("refused: {watch}/{path}: more data than the announced size")]
+    TooMuchData {
+        /// The watch.
+        watch: String,
+        /// The file's path in the watch.
+        path: String,
+    },
+    /// A hole arrived while no file was open.
+    #[error("refused: a hole outside a file")]
+    HoleOutsideFile,
+    /// A hole arrived in a delta (deltas carry no holes).
+    #[error("refused: {watch}/{path}: a hole in a delta")]
+    HoleInDelta {
+        /// The watch.
+        watch: String,
+        /// The file's path in the watch.
+        path: String,
+    },
+    /// A file's end arrived while no file was open.
+    #[error("refused: end of a file that was not begun")]
+    EndNotBegun,
+}
 
 /// One replicated directory as the receiver sees it.
 pub struct WatchRoot {
@@ -341,13 +393,16 @@ impl Applier {
         let w = self
             .watches
             .get_mut(watch)
-            .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+            .ok_or_else(|| Refused::UnknownWatch(watch.to_string()))?;
         if let Some(t) = &self.tracker {
             t.listed(watch);
         }
         // A root replaced by a link is not listed (its target would be).
         if let Err(e) = beneath::open_root(&w.root) {
-            return Err(Refused(format!("watch {watch:?}: the root cannot be used: {e}")));
+            return Err(Refused::RootUnusable {
+                watch: watch.into(),
+                source: e,
+            });
         }
         let scan = manifest::scan(&w.root, "", &w.excludes, &mut w.cache);
         for s in &scan.skipped {
@@ -372,7 +427,7 @@ impl Applier {
         block_len: u32,
     ) -> Result<Option<(ContentHash, Vec<u8>)>, Refused> {
         if !self.watches.contains_key(watch) {
-            return Err(Refused(format!("unknown watch {watch:?}")));
+            return Err(Refused::UnknownWatch(watch.to_string()));
         }
         check_rel_path(rel)?;
         let (dir, name) = split(rel);
@@ -412,7 +467,7 @@ impl Applier {
             Op::FileHole(len) => return self.file_hole(len),
             Op::FileEnd => return self.file_end(),
             _ if self.incoming.is_some() || self.discarding => {
-                return Err(Refused("an operation arrived in the middle of a file".into()));
+                return Err(Refused::InMiddleOfFile);
             }
             _ => {}
         }
@@ -426,14 +481,14 @@ impl Applier {
             | Op::Remove { watch, path }
             | Op::FileBegin { watch, path, .. } => (watch.clone(), path.clone()),
             Op::FileData(_) | Op::FileHole(_) | Op::FileEnd | Op::Settled { .. } => {
-                return Err(Refused("an operation arrived out of place".into()));
+                return Err(Refused::OutOfPlace);
             }
         };
         check_rel_path(&rel)?;
         let w = self
             .watches
             .get(&watch)
-            .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+            .ok_or_else(|| Refused::UnknownWatch(watch.to_string()))?;
         if matches!(op, Op::Symlink { .. } | Op::Remove { .. }) {
             // Either can change what a directory path is.
             if let Some(h) = self.handles.get_mut(&watch) {
@@ -902,7 +957,7 @@ impl Applier {
         let w = self
             .watches
             .get_mut(watch)
-            .ok_or_else(|| Refused(format!("unknown watch {watch:?}")))?;
+            .ok_or_else(|| Refused::UnknownWatch(watch.to_string()))?;
         let scan = manifest::scan(&w.root, "", &w.excludes, &mut w.cache);
         let skip: std::collections::HashSet<&str> = except.iter().chain(&unseen).map(String::as_str).collect();
         let entries: Vec<(String, ContentHash)> = scan
@@ -1080,7 +1135,7 @@ impl Applier {
             return Ok(());
         }
         let Some(inc) = self.incoming.as_mut() else {
-            return Err(Refused("file data outside a file".into()));
+            return Err(Refused::DataOutsideFile);
         };
         inc.written += data.len() as u64;
         let cap = match inc.delta {
@@ -1089,9 +1144,9 @@ impl Applier {
             Some(_) => inc.size + inc.size / 8 + 64 * 1024,
         };
         if inc.written > cap {
-            let (w, r) = (inc.watch.clone(), inc.rel.clone());
+            let (watch, path) = (inc.watch.clone(), inc.rel.clone());
             self.abort_incoming();
-            return Err(Refused(format!("{w}/{r}: more data than the announced size")));
+            return Err(Refused::TooMuchData { watch, path });
         }
         if inc.delta.is_none() {
             inc.hasher.update(data);
@@ -1118,18 +1173,18 @@ impl Applier {
             return Ok(());
         }
         let Some(inc) = self.incoming.as_mut() else {
-            return Err(Refused("a hole outside a file".into()));
+            return Err(Refused::HoleOutsideFile);
         };
-        let (w, r) = (inc.watch.clone(), inc.rel.clone());
+        let (watch, path) = (inc.watch.clone(), inc.rel.clone());
         if inc.delta.is_some() {
             self.abort_incoming();
-            return Err(Refused(format!("{w}/{r}: a hole in a delta")));
+            return Err(Refused::HoleInDelta { watch, path });
         }
         match inc.written.checked_add(len) {
             Some(n) if n <= inc.size => inc.written = n,
             _ => {
                 self.abort_incoming();
-                return Err(Refused(format!("{w}/{r}: more data than the announced size")));
+                return Err(Refused::TooMuchData { watch, path });
             }
         }
         crate::sparse::hash_zeros(&mut inc.hasher, len);
@@ -1140,8 +1195,8 @@ impl Applier {
         }
         let result = inc.writer.as_mut().map(|w| w.flush().map(|()| w.get_mut().skip(len)));
         if let Some(Err(e)) = result {
-            tracing::warn!(path = r, error = %e, "cannot write a received file");
-            self.report.failed.push((r, e.to_string()));
+            tracing::warn!(path = path, error = %e, "cannot write a received file");
+            self.report.failed.push((path, e.to_string()));
             self.abort_incoming();
             self.discarding = true;
         }
@@ -1164,7 +1219,7 @@ impl Applier {
             return Ok(());
         }
         let Some(mut inc) = self.incoming.take() else {
-            return Err(Refused("end of a file that was not begun".into()));
+            return Err(Refused::EndNotBegun);
         };
         let outcome = if let Stage::Held = &inc.stage {
             check_content(&inc).map(|()| Staged::Held {

@@ -1,5 +1,5 @@
 //! The rules for relative paths: what a path from the wire or a manifest may
-//! look like ([`check_rel_path`]), the applier's temporary names
+//! look like ([`check_rel_path`], [`BadPath`]), the applier's temporary names
 //! ([`TEMP_PREFIX`]), and prefix arithmetic on `/`-separated paths
 //! ([`is_under`], [`subtree`]).
 //!
@@ -17,40 +17,55 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
-/// A request that must end the session: the peer broke the protocol or tried
-/// to leave its root (a wire operation, or a path of a peer's manifest).
-#[derive(Debug, thiserror::Error)]
-#[error("refused: {0}")]
-pub struct Refused(pub String);
+/// Why a relative path from the wire or a peer's manifest is refused (see
+/// [`check_rel_path`]). A refused path ends the session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadPath {
+    /// Empty, or longer than 4096 bytes.
+    #[error("refused: bad path length {0}")]
+    Length(usize),
+    /// Starts with `/`.
+    #[error("refused: absolute path {0:?}")]
+    Absolute(String),
+    /// Holds a NUL byte.
+    #[error("refused: path with a NUL byte")]
+    Nul,
+    /// Has an empty, `.` or `..` component.
+    #[error("refused: path {0:?} is not normalised or leaves its root")]
+    NotNormalised(String),
+    /// Has a component that is one of the applier's temporary names.
+    #[error("refused: path {0:?} names a temporary file")]
+    TemporaryName(String),
+}
 
 /// Checks a relative path from the wire ([`check_rel_path`]) and joins it
 /// onto `root`, for display and for the fuzzers. The receiver never uses
 /// such a joined path: it resolves `rel` beneath a handle on the root, with
 /// no symbolic link followed (the `beneath` module).
-pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, Refused> {
+pub fn confine(root: &Path, rel: &str) -> Result<PathBuf, BadPath> {
     check_rel_path(rel)?;
     Ok(root.join(rel))
 }
 
 /// The checks of [`confine`] that need no file system: relative,
 /// `/`-separated, no empty, `.` or `..` components, no NUL, no temporary name.
-pub fn check_rel_path(rel: &str) -> Result<(), Refused> {
+pub fn check_rel_path(rel: &str) -> Result<(), BadPath> {
     if rel.is_empty() || rel.len() > 4096 {
-        return Err(Refused(format!("bad path length {}", rel.len())));
+        return Err(BadPath::Length(rel.len()));
     }
     if rel.starts_with('/') {
-        return Err(Refused(format!("absolute path {rel:?}")));
+        return Err(BadPath::Absolute(rel.into()));
     }
     if rel.contains('\0') {
-        return Err(Refused("path with a NUL byte".into()));
+        return Err(BadPath::Nul);
     }
     let parts: Vec<&str> = rel.split('/').collect();
     for p in &parts {
         if p.is_empty() || *p == "." || *p == ".." {
-            return Err(Refused(format!("path {rel:?} is not normalised or leaves its root")));
+            return Err(BadPath::NotNormalised(rel.into()));
         }
         if is_temp_name(p) {
-            return Err(Refused(format!("path {rel:?} names a temporary file")));
+            return Err(BadPath::TemporaryName(rel.into()));
         }
     }
     Ok(())
@@ -135,5 +150,10 @@ mod tests {
             assert!(confine(d.path(), bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(confine(d.path(), "a/b").unwrap(), d.path().join("a/b"));
+        assert_eq!(check_rel_path("../x"), Err(BadPath::NotNormalised("../x".into())));
+        assert_eq!(
+            check_rel_path("/etc/passwd").unwrap_err().to_string(),
+            "refused: absolute path \"/etc/passwd\""
+        );
     }
 }

@@ -192,7 +192,7 @@ fn watches(raw: &[Spanned<RawWatch>], loc: &Locator<'_>) -> Result<Vec<Watch>, C
         let mut exclude = Vec::new();
         for (j, g) in w.exclude.iter().enumerate() {
             crate::manifest::Excludes::check_glob(g.get_ref())
-                .map_err(|e| loc.at(g, format!("watch[{i}].exclude[{j}]"), e))?;
+                .map_err(|e| loc.at(g, format!("watch[{i}].exclude[{j}]"), e.to_string()))?;
             exclude.push(g.get_ref().clone());
         }
         let max_delete = match &w.max_delete {

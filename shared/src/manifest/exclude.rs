@@ -26,24 +26,54 @@ impl Default for Excludes {
     }
 }
 
+/// An `exclude` glob that does not compile.
+#[derive(Debug, thiserror::Error)]
+pub enum ExcludeError {
+    /// The glob itself is not valid.
+    #[error("invalid glob {glob:?}: {source}")]
+    Glob {
+        /// The glob as written.
+        glob: String,
+        /// Why it is not valid.
+        source: globset::Error,
+    },
+    /// The gitignore matcher refused the glob.
+    #[error("invalid glob {glob:?}: {source}")]
+    Line {
+        /// The glob as written.
+        glob: String,
+        /// Why it was refused.
+        source: ignore::Error,
+    },
+    /// The globs together could not be compiled.
+    #[error("invalid exclude globs: {0}")]
+    Build(ignore::Error),
+}
+
 impl Excludes {
     /// Compiles `globs`; an invalid glob is an error naming it.
-    pub fn new(globs: &[String]) -> Result<Excludes, String> {
+    pub fn new(globs: &[String]) -> Result<Excludes, ExcludeError> {
         let mut b = GitignoreBuilder::new("/");
         for g in globs {
             Excludes::check_glob(g)?;
-            b.add_line(None, g).map_err(|e| format!("invalid glob {g:?}: {e}"))?;
+            b.add_line(None, g).map_err(|source| ExcludeError::Line {
+                glob: g.clone(),
+                source,
+            })?;
         }
-        let matcher = b.build().map_err(|e| format!("invalid exclude globs: {e}"))?;
+        let matcher = b.build().map_err(ExcludeError::Build)?;
         Ok(Excludes { matcher })
     }
 
     /// Checks one glob.
-    pub fn check_glob(glob: &str) -> Result<(), String> {
+    pub fn check_glob(glob: &str) -> Result<(), ExcludeError> {
         let pattern = glob.trim_start_matches('!').trim_end_matches('/');
         globset::Glob::new(pattern)
             .map(|_| ())
-            .map_err(|e| format!("invalid glob {glob:?}: {e}"))
+            .map_err(|source| ExcludeError::Glob {
+                glob: glob.into(),
+                source,
+            })
     }
 
     /// Whether the relative path `rel` (or a directory above it) is excluded.
@@ -69,6 +99,10 @@ mod tests {
         assert!(ex.is_excluded("tmp", true));
         assert!(ex.is_excluded("tmp/x/y", false));
         assert!(ex.is_excluded("deep/x.bak", false));
-        assert!(Excludes::check_glob("a[").is_err());
+        assert!(matches!(Excludes::check_glob("a["), Err(ExcludeError::Glob { .. })));
+        assert!(Excludes::new(&["a[".into()])
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid glob \"a[\": "));
     }
 }

@@ -14,14 +14,14 @@ use std::os::unix::fs::MetadataExt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::relpath::{check_rel_path, Refused};
+use crate::relpath::{check_rel_path, BadPath};
 
 mod exclude;
 mod hash;
 mod scan;
 
 pub use crate::relpath::{is_temp_name, is_under, subtree, TEMP_PREFIX};
-pub use exclude::Excludes;
+pub use exclude::{ExcludeError, Excludes};
 pub use hash::{ContentHash, HashCache};
 pub use scan::{join, scan, scan_with, Hashing, Scan, Skipped};
 
@@ -115,7 +115,7 @@ impl Entry {
 /// Checks a manifest received from a peer: every path must be one the peer
 /// itself would accept on the wire (see [`check_rel_path`]).
 /// A manifest that fails ends the session.
-pub fn check_peer_entries(entries: &[Entry]) -> Result<(), Refused> {
+pub fn check_peer_entries(entries: &[Entry]) -> Result<(), BadPath> {
     for e in entries {
         check_rel_path(&e.path)?;
     }
