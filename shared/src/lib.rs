@@ -14,7 +14,7 @@
 //! - [`persist`]: atomic private writes and the bounded decoder for the agent's own files.
 //! - [`relpath`]: the rules for relative paths (wire checks, temporary names, prefixes).
 //! - [`sys`]: the few system calls std does not wrap.
-//! - [`fuzzing`]: entry points for the fuzzers and their replay tests.
+//! - `fuzzing` (feature `fuzzing`, and in the crate's tests): entry points for the fuzzers and their replay tests.
 //! - [`undo`]: the undo store of files replication removed or replaced.
 
 pub mod apply;
@@ -22,6 +22,7 @@ pub mod beneath;
 pub mod config;
 pub mod delta;
 pub mod diverged;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 #[cfg(feature = "gendocs")]
 pub mod gendocs;
