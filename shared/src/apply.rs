@@ -120,8 +120,8 @@ struct Incoming {
     name: String,
     stage: Stage,
     writer: Option<BufWriter<Output>>,
-    /// The data of a file staged in memory ([`Stage::Held`]).
-    held: Vec<u8>,
+    /// The data of a file staged in memory ([`Stage::InMemory`]).
+    in_memory: Vec<u8>,
     hasher: blake3::Hasher,
     written: u64,
     size: u64,
@@ -139,15 +139,15 @@ enum Stage {
     Named(String),
     /// A file without a name, open.
     Unnamed,
-    /// Nothing yet: the data is kept in memory (in `Incoming::held`), and
-    /// the commit makes the file (see `Staged::Held`).
-    Held,
+    /// Nothing yet: the data is kept in memory (in `Incoming::in_memory`), and
+    /// the commit makes the file (see `Staged::InMemory`).
+    InMemory,
 }
 
 /// Where [`Applier::open_stage`] put an incoming file.
 struct Opened {
     stage: Stage,
-    /// None for a file held in memory.
+    /// None for a file kept in memory.
     writer: Option<BufWriter<Output>>,
     /// A delta's spool file, and the hash of its base.
     delta: Option<(String, ContentHash)>,
@@ -183,8 +183,8 @@ enum Staged {
     },
     /// A small file whose content is checked and kept in memory: the commit
     /// makes it (unnamed, in `dir`), writes it and gives it `meta`, for many
-    /// files on two threads, before it syncs (see [`make_all_held`]).
-    Held {
+    /// files on two threads, before it syncs (see [`make_all_in_memory`]).
+    InMemory {
         /// The content.
         data: Vec<u8>,
         /// The target's directory, open.
@@ -205,7 +205,7 @@ impl Staged {
     /// The target's directory, open.
     fn dir(&self) -> &Arc<File> {
         match self {
-            Staged::Named { dir, .. } | Staged::Unnamed { dir, .. } | Staged::Held { dir, .. } => dir,
+            Staged::Named { dir, .. } | Staged::Unnamed { dir, .. } | Staged::InMemory { dir, .. } => dir,
         }
     }
 }
@@ -281,7 +281,7 @@ pub struct Applier {
     /// Unnamed files held open by this batch, or to be made at its commit.
     unnamed: usize,
     /// Bytes of file content this batch holds in memory.
-    held_bytes: u64,
+    in_memory_bytes: u64,
     /// The sync step of the commit: the system calls (tests put a failing
     /// one in its place).
     sync: SyncFn,
@@ -360,7 +360,7 @@ impl Applier {
             // large batch holds; the rest of a batch gets named files.
             unnamed_max: (crate::sys::open_files_limit() / 4).min(UNNAMED_MAX) as usize,
             unnamed: 0,
-            held_bytes: 0,
+            in_memory_bytes: 0,
             sync: system_sync,
             tracker: None,
             placed_now: HashMap::new(),
@@ -1019,8 +1019,8 @@ impl Applier {
         let (pdir, name) = split(rel);
         let dir = self.dir(watch, pdir, true)?;
         let Opened { stage, writer, delta } = self.open_stage(&dir, name, meta, size, delta_base)?;
-        let held = match stage {
-            Stage::Held => Vec::with_capacity(size as usize),
+        let in_memory = match stage {
+            Stage::InMemory => Vec::with_capacity(size as usize),
             _ => Vec::new(),
         };
         self.incoming = Some(Incoming {
@@ -1030,7 +1030,7 @@ impl Applier {
             name: name.to_string(),
             stage,
             writer,
-            held,
+            in_memory,
             hasher: blake3::Hasher::new(),
             written: 0,
             size,
@@ -1058,11 +1058,11 @@ impl Applier {
         // transfer under way. So does a delta's result, which replaces a file.
         let mut unnamed = None;
         if delta_base.is_none() && size <= UNNAMED_SIZE_MAX && self.unnamed < self.unnamed_max {
-            if size <= HELD_SIZE_MAX && self.held_bytes + size <= HELD_BYTES_MAX {
+            if size <= IN_MEMORY_SIZE_MAX && self.in_memory_bytes + size <= IN_MEMORY_BYTES_MAX {
                 self.unnamed += 1;
-                self.held_bytes += size;
+                self.in_memory_bytes += size;
                 return Ok(Opened {
-                    stage: Stage::Held,
+                    stage: Stage::InMemory,
                     writer: None,
                     delta: None,
                 });
@@ -1123,9 +1123,9 @@ impl Applier {
                 let _ = beneath::unlink(dir, tmp);
             }
             Stage::Unnamed => self.unnamed -= 1,
-            Stage::Held => {
+            Stage::InMemory => {
                 self.unnamed -= 1;
-                self.held_bytes -= size;
+                self.in_memory_bytes -= size;
             }
         }
     }
@@ -1151,8 +1151,8 @@ impl Applier {
         if inc.delta.is_none() {
             inc.hasher.update(data);
         }
-        if matches!(inc.stage, Stage::Held) {
-            inc.held.extend_from_slice(data);
+        if matches!(inc.stage, Stage::InMemory) {
+            inc.in_memory.extend_from_slice(data);
             return Ok(());
         }
         let result = inc.writer.as_mut().map(|w| w.write_all(data));
@@ -1188,9 +1188,9 @@ impl Applier {
             }
         }
         crate::sparse::hash_zeros(&mut inc.hasher, len);
-        if matches!(inc.stage, Stage::Held) {
-            // Held files are small: the zeros are kept as they are.
-            inc.held.resize(inc.held.len() + len as usize, 0);
+        if matches!(inc.stage, Stage::InMemory) {
+            // In-memory files are small: the zeros are kept as they are.
+            inc.in_memory.resize(inc.in_memory.len() + len as usize, 0);
             return Ok(());
         }
         let result = inc.writer.as_mut().map(|w| w.flush().map(|()| w.get_mut().skip(len)));
@@ -1221,9 +1221,9 @@ impl Applier {
         let Some(mut inc) = self.incoming.take() else {
             return Err(Refused::EndNotBegun);
         };
-        let outcome = if let Stage::Held = &inc.stage {
-            check_content(&inc).map(|()| Staged::Held {
-                data: std::mem::take(&mut inc.held),
+        let outcome = if let Stage::InMemory = &inc.stage {
+            check_content(&inc).map(|()| Staged::InMemory {
+                data: std::mem::take(&mut inc.in_memory),
                 dir: inc.dir.clone(),
                 meta: inc.meta,
             })
@@ -1237,7 +1237,7 @@ impl Applier {
                     tmp: tmp.clone(),
                     dir: inc.dir.clone(),
                 },
-                Stage::Unnamed | Stage::Held => Staged::Unnamed {
+                Stage::Unnamed | Stage::InMemory => Staged::Unnamed {
                     file,
                     dir: inc.dir.clone(),
                 },
@@ -1248,8 +1248,8 @@ impl Applier {
                 self.report.applied += 1;
                 self.report.touched.insert(inc.watch.clone());
                 self.note_dir(&inc.watch, split(&inc.rel).0, &inc.dir);
-                // Held files are written by the commit, right before its sync.
-                if !matches!(staged, Staged::Held { .. }) {
+                // In-memory files are written by the commit, right before its sync.
+                if !matches!(staged, Staged::InMemory { .. }) {
                     self.unflushed += 1;
                     if self.unflushed >= FLUSH_EVERY_FILES {
                         self.unflushed = 0;
@@ -1346,7 +1346,7 @@ impl Applier {
         self.unflushed = 0;
         self.unnamed = 0;
         let pending = std::mem::take(&mut self.pending);
-        self.held_bytes = 0;
+        self.in_memory_bytes = 0;
         // The passive watcher waits for these paths until the commit is done.
         let tracked: Vec<(String, String, Arc<File>, String)> = match &self.tracker {
             Some(t) => pending
@@ -1359,8 +1359,8 @@ impl Applier {
             None => Vec::new(),
         };
         let mut trees: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
-        // 0. The files held in memory are made and written.
-        let (pending, failed) = make_all_held(pending, self.can_chown);
+        // 0. The files kept in memory are made and written.
+        let (pending, failed) = make_all_in_memory(pending, self.can_chown);
         for (rel, why) in failed {
             tracing::warn!(path = rel, error = why, "cannot write a received file");
             self.report.applied = self.report.applied.saturating_sub(1);
@@ -1390,8 +1390,8 @@ impl Applier {
                 let placed = match (linked.next().flatten(), &staged) {
                     (Some(done), _) => done,
                     (None, Staged::Unnamed { file, dir }) => link_one(file, dir, &name),
-                    // Made by step 0; never left held.
-                    (None, Staged::Held { .. }) => Err(io::Error::other("not written")),
+                    // Made by step 0; never left in memory.
+                    (None, Staged::InMemory { .. }) => Err(io::Error::other("not written")),
                     (None, Staged::Named { tmp, dir }) => {
                         beneath::rename_noreplace(dir, tmp, &name).and_then(|()| beneath::metadata(dir, &name))
                     }
@@ -1412,7 +1412,7 @@ impl Applier {
                 // name first, to be renamed over it. All of it happens in
                 // the directory the file was staged in, through its handle.
                 let (tmp, dir) = match staged {
-                    Staged::Held { .. } => {
+                    Staged::InMemory { .. } => {
                         self.report.failed.push((rel, "not written".into()));
                         continue;
                     }
@@ -1553,12 +1553,12 @@ const UNNAMED_MAX: u64 = 4096;
 /// Files up to this size are received into unnamed files.
 const UNNAMED_SIZE_MAX: u64 = 1 << 20;
 
-/// Files up to this size are held in memory until their commit, which makes
-/// them (see [`Staged::Held`]) ...
-const HELD_SIZE_MAX: u64 = 64 << 10;
+/// Files up to this size are kept in memory until their commit, which makes
+/// them (see [`Staged::InMemory`]) ...
+const IN_MEMORY_SIZE_MAX: u64 = 64 << 10;
 
 /// ... while the batch holds no more than this in all.
-const HELD_BYTES_MAX: u64 = 16 << 20;
+const IN_MEMORY_BYTES_MAX: u64 = 16 << 20;
 
 /// How many files a batch writes before the [`Flusher`] is asked to start
 /// writing them back.
@@ -1723,10 +1723,10 @@ fn give_meta(file: &File, meta: Meta, chown: bool) -> io::Result<()> {
     )
 }
 
-/// Makes a file held in memory: unnamed in `dir` where the file system
+/// Makes a file kept in memory: unnamed in `dir` where the file system
 /// has such files, else with a temporary name beside its target `name`;
 /// writes `data` and gives it `meta`.
-fn make_held(data: &[u8], dir: Arc<File>, meta: Meta, name: &str, chown: bool) -> io::Result<Staged> {
+fn make_in_memory(data: &[u8], dir: Arc<File>, meta: Meta, name: &str, chown: bool) -> io::Result<Staged> {
     let (mut file, staged_name) = match crate::sys::open_unnamed(&dir, meta.mode & 0o777) {
         Ok(file) => (file, None),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
@@ -1749,21 +1749,21 @@ fn make_held(data: &[u8], dir: Arc<File>, meta: Meta, name: &str, chown: bool) -
     }
 }
 
-/// Below this many held files a commit makes them on its own thread.
-const HELD_AHEAD_MIN: usize = 64;
+/// Below this many in-memory files a commit makes them on its own thread.
+const IN_MEMORY_AHEAD_MIN: usize = 64;
 
-/// Makes the held files of `pending` (see [`make_held`]), the two halves of
+/// Makes the in-memory files of `pending` (see [`make_in_memory`]), the two halves of
 /// the list on two threads when there are many; a file that cannot be made
 /// is taken out of the list and returned with why.
-fn make_all_held(mut pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(String, String)>) {
+fn make_all_in_memory(mut pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(String, String)>) {
     // For each file, why it could not be made.
     let make = |part: &mut [Pending]| -> Vec<Option<String>> {
         part.iter_mut()
             .map(|p| {
-                let Staged::Held { data, dir, meta } = &p.staged else {
+                let Staged::InMemory { data, dir, meta } = &p.staged else {
                     return None;
                 };
-                match make_held(data, dir.clone(), *meta, &p.name, chown) {
+                match make_in_memory(data, dir.clone(), *meta, &p.name, chown) {
                     Ok(staged) => {
                         p.staged = staged;
                         None
@@ -1773,11 +1773,11 @@ fn make_all_held(mut pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(
             })
             .collect()
     };
-    let held = pending
+    let in_memory = pending
         .iter()
-        .filter(|p| matches!(p.staged, Staged::Held { .. }))
+        .filter(|p| matches!(p.staged, Staged::InMemory { .. }))
         .count();
-    let outcomes = if held < HELD_AHEAD_MIN {
+    let outcomes = if in_memory < IN_MEMORY_AHEAD_MIN {
         make(&mut pending)
     } else {
         on_two_threads(&mut pending, make)
@@ -1976,7 +1976,7 @@ fn sync_files(sync: SyncFn, pending: &[Pending]) -> io::Result<()> {
             match &p.staged {
                 Staged::Named { tmp, dir } => sync(SyncCall::FileData, &beneath::open_in(dir, tmp, OFlags::RDONLY)?)?,
                 Staged::Unnamed { file, .. } => sync(SyncCall::FileData, file)?,
-                Staged::Held { .. } => {}
+                Staged::InMemory { .. } => {}
             }
         }
         Ok(())
@@ -2245,12 +2245,12 @@ mod tests {
     }
 
     #[test]
-    fn held_files_that_cannot_be_made_at_commit_are_reported_and_the_rest_placed() {
+    fn in_memory_files_that_cannot_be_made_at_commit_are_reported_and_the_rest_placed() {
         let d = tempfile::tempdir().unwrap();
         let mut a = applier(d.path());
-        // Enough held files for two threads; the second half's directory
+        // Enough in-memory files for two threads; the second half's directory
         // disappears before the commit makes them.
-        let n = HELD_AHEAD_MIN * 2;
+        let n = IN_MEMORY_AHEAD_MIN * 2;
         for i in 0..n {
             let dir = if i < n / 2 { "kept" } else { "gone" };
             send_file(&mut a, &format!("{dir}/f{i}"), format!("file {i}").as_bytes());
@@ -2273,11 +2273,11 @@ mod tests {
     fn a_batch_flushed_early_still_appears_only_at_commit() {
         let d = tempfile::tempdir().unwrap();
         let mut a = applier(d.path());
-        // Files too large to be held in memory are written as they arrive.
+        // Files too large to be kept in memory are written as they arrive.
         let n = FLUSH_EVERY_FILES + 3;
         let body = |i: usize| {
             let mut b = format!("content {i}").into_bytes();
-            b.resize(HELD_SIZE_MAX as usize + 1, b'.');
+            b.resize(IN_MEMORY_SIZE_MAX as usize + 1, b'.');
             b
         };
         for i in 0..n {
