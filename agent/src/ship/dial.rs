@@ -1,8 +1,26 @@
 //! Dialing a peer: the shipper's loop, which connects with jittered,
-//! capped backoff (cut short when the peer's probe answers) and runs one
-//! session per connection.
+//! capped backoff (cut short when the peer's probe answers), and, per
+//! connection, the hello that confirms a held active's epoch, the async
+//! reader and writer, and the worker on a blocking thread.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use warmspare_shared::config::Node;
+use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Purpose, Reply, Request};
+use warmspare_shared::ssh;
+
+use crate::events::Inbox;
+use crate::heartbeat;
+use crate::node::Shared;
+
+use super::session::{SessionIo, COMMITS_IN_FLIGHT, GROUPS_QUEUED, PEER_DEADLINE};
+use super::worker::sync_loop;
 
 /// The first and the longest wait before dialing a peer again after a
 /// failure (each with a jitter of a quarter either way). A peer coming back
@@ -110,4 +128,194 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// One connected session: hello, then the sync loop on a blocking thread.
+pub(super) async fn session(
+    shared: &Arc<Shared>,
+    peer: &Node,
+    dialed: ssh::Dialed,
+    inbox: &Arc<Inbox>,
+    live: &heartbeat::Liveness,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let started = tokio::time::Instant::now();
+    let ssh::Dialed { handle, stream } = dialed;
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+    let hello = shared.hello(Purpose::Replicate);
+    writer.send(&Request::Hello(hello)).await.context("cannot send hello")?;
+    let theirs = match reader.recv::<Reply>().await.context("no hello from the peer")? {
+        Some(Reply::Hello(h)) => h,
+        Some(Reply::Refused { reason }) => bail!("the peer refused replication: {reason}"),
+        Some(Reply::Stale(role)) => {
+            // Fencing: the peer knows a newer epoch, so this node is not active any more.
+            let (r, by) = (role.clone(), peer.name.clone());
+            shared
+                .off_runtime(move |s| s.adopt(r, "a peer has a newer epoch", &by))
+                .await??;
+            bail!(
+                "{} reports epoch {} with {} active: this node stepped down",
+                peer.name,
+                role.epoch,
+                role.active
+            );
+        }
+        Some(other) => bail!("unexpected first reply {other:?}"),
+        None => bail!("the peer closed the session before hello"),
+    };
+    check_peer_hello(shared, peer, &theirs)?;
+    if shared.is_unconfirmed() {
+        // The peer admitted this node as the active of its epoch: it holds
+        // the same epoch naming this node (or adopted it from our hello).
+        let mine = shared.role();
+        if theirs.epoch == mine.epoch && theirs.active == shared.live.me.name {
+            shared.confirm(&peer.name);
+        } else {
+            bail!(
+                "{} answers at epoch {} with {} active, which does not confirm epoch {}: still held",
+                peer.name,
+                theirs.epoch,
+                theirs.active,
+                mine.epoch
+            );
+        }
+    }
+    let owners = theirs.owners;
+
+    let (frame_tx, mut frame_rx) = mpsc::channel::<Vec<Bytes>>(GROUPS_QUEUED);
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(64);
+    // A peer owes at most COMMITS_IN_FLIGHT acknowledgements; one that sends
+    // more than this waits (and the worker's deadline ends the session).
+    let (ack_tx, ack_rx) = mpsc::channel::<Reply>(COMMITS_IN_FLIGHT * 4);
+    let bytes_sent = shared.bytes_sent.clone();
+
+    let write_task = async move {
+        while let Some(group) = frame_rx.recv().await {
+            let mut n = 0;
+            for frame in group
+                .into_iter()
+                .chain(std::iter::from_fn(|| frame_rx.try_recv().ok()).flatten())
+            {
+                n += frame.len() as u64 + 4;
+                writer.feed(frame).await?;
+            }
+            writer.flush().await?;
+            bytes_sent.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok::<(), proto::FrameError>(())
+    };
+    let adopt_shared = shared.clone();
+    let adopt_peer = peer.name.clone();
+    let read_task = async move {
+        loop {
+            match reader.recv::<Reply>().await? {
+                None => return Ok::<(), anyhow::Error>(()),
+                Some(r @ Reply::Committed { .. }) => {
+                    if ack_tx.send(r).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Reply::Refused { reason }) => bail!("the peer refused: {reason}"),
+                Some(Reply::Stale(role)) => {
+                    let (r, by) = (role.clone(), adopt_peer.clone());
+                    adopt_shared
+                        .off_runtime(move |s| s.adopt(r, "a peer has a newer epoch", &by))
+                        .await??;
+                    bail!(
+                        "{adopt_peer} reports epoch {} with {} active: this node stepped down",
+                        role.epoch,
+                        role.active
+                    );
+                }
+                Some(r) => {
+                    if reply_tx.send(r).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+
+    let worker_shared = shared.clone();
+    let worker_inbox = inbox.clone();
+    let peer_name = peer.name.clone();
+    let io = SessionIo {
+        rt: tokio::runtime::Handle::current(),
+        deadline: peer_deadline(),
+        frames: frame_tx,
+        group: Vec::new(),
+        group_bytes: 0,
+        replies: reply_rx,
+        acks: ack_rx,
+        next_batch: 0,
+        outstanding: Vec::new(),
+        failures: Vec::new(),
+        failure_reason: None,
+    };
+    let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_shared, &peer_name, io, &worker_inbox, owners));
+
+    let interrupt = inbox.clone();
+    let result = tokio::select! {
+        _ = cancel.cancelled() => Ok(()),
+        r = write_task => r.map_err(|e| anyhow!("cannot write to the peer: {e}")),
+        r = read_task => r.and_then(|()| Err(anyhow!("the peer closed the connection"))),
+        // The peer's probe has had no answer for a while: the peer is
+        // stopped, hung or cut off, and this session waits on it in vain
+        // (see `heartbeat`).
+        reason = live.silent(started) => {
+            shared.link(&peer.name, |l| {
+                l.connected = false;
+                l.last_error = Some(reason.clone());
+            });
+            Err(anyhow!("{reason}"))
+        }
+    };
+    // Whatever ended the session, stop the worker. Its channels are closed, so
+    // it stops at its next send or receive; one busy computing a delta is left
+    // to finish on its own rather than hold up the reconnection.
+    interrupt.interrupt();
+    drop(handle);
+    let worker_result = match tokio::time::timeout(Duration::from_secs(1), worker).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::debug!(
+                peer = peer.name,
+                "the previous worker is still busy; reconnecting without it"
+            );
+            Ok(Err(anyhow!("the replication worker was still busy")))
+        }
+    };
+    match (result, worker_result) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Ok(Err(e))) if !cancel.is_cancelled() => Err(e),
+        (Ok(()), _) if cancel.is_cancelled() => Ok(()),
+        (Ok(()), Ok(_)) => Err(anyhow!("the replication worker stopped")),
+        (Ok(()), Err(e)) => Err(anyhow!("the replication worker failed: {e}")),
+    }
+}
+
+pub(super) fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> Result<()> {
+    if theirs.protocol != proto::PROTOCOL_VERSION {
+        bail!(
+            "the peer speaks protocol {}, this agent {}",
+            theirs.protocol,
+            proto::PROTOCOL_VERSION
+        );
+    }
+    if theirs.node != peer.name {
+        bail!("the peer says it is {:?}, expected {:?}", theirs.node, peer.name);
+    }
+    shared.live.compare_config(&peer.name, &theirs.config_hash);
+    Ok(())
+}
+
+/// [`PEER_DEADLINE`], or `WARMSPARE_PEER_DEADLINE_MS` from the environment
+/// (for tests that stop a peer).
+pub(super) fn peer_deadline() -> Duration {
+    std::env::var("WARMSPARE_PEER_DEADLINE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(PEER_DEADLINE, Duration::from_millis)
 }

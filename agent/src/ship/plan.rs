@@ -2,7 +2,13 @@
 //! the peer holds ([`Held`] per path, [`Remote`] per watch), and, from a
 //! local scan, what the peer must remove ([`removals`], pure).
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::path::Path;
+
+use warmspare_shared::manifest::{self, Entry, EntryKind, HashCache, Hashing, Meta};
+
+use crate::live::LocalWatch;
 
 /// What the shipper believes the peer holds at one path (the path is the
 /// key it is stored under: an [`Entry`] would keep it twice, and with 100,000
@@ -181,6 +187,7 @@ pub(super) fn remote_remove_tree(remote: &mut Remote, path: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warmspare_shared::manifest::ContentHash;
 
     #[test]
     fn top_most_drops_descendants() {

@@ -2,7 +2,20 @@
 //! (whole, sparse or as deltas, read through a descriptor opened beneath
 //! the root), metadata fixes, and the metadata of every parent touched.
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io::{self, Read, Seek, Write};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_bytes::ByteBuf;
+use warmspare_shared::delta;
+use warmspare_shared::manifest::{ContentHash, Entry, EntryKind, HashCache, Meta};
+use warmspare_shared::proto::{Op, Reply, Request, CHUNK};
+
+use crate::live::LocalWatch;
+
+use super::plan::{parent_of, remote_remove_tree, stat_dir, Held, Plan, Remote, Removal};
+use super::session::{emit, maybe_commit, BatchStats, SessionIo};
 
 pub(super) fn ship_prefix(
     io: &mut SessionIo,
