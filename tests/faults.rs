@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use rand::{Rng, SeedableRng};
+use rand::{RngExt as _, SeedableRng};
 use warmspare_shared::manifest::is_temp_name;
 
 use crate::{converge, noise, snapshot, temp_files, wait_until, write_file, ClusterOptions, TestCluster};
@@ -171,7 +171,7 @@ pub fn kill_during_large_file(scale: &Scale, victim: Victim) -> Report {
     let c = pair("");
     let a_path = c.ca("a").join("big.bin");
     let b_path = c.ca("b").join("big.bin");
-    let mut content = noise(scale.big_file, rng.gen());
+    let mut content = noise(scale.big_file, rng.random());
     write_file(&a_path, &content, 0o644);
     let mut a = c.start("a");
     let mut b = c.start("b");
@@ -183,18 +183,18 @@ pub fn kill_during_large_file(scale: &Scale, victim: Victim) -> Report {
         let old = hash(&content);
         if i % 2 == 0 {
             // A full rewrite: shipped whole.
-            content = noise(scale.big_file, rng.gen());
+            content = noise(scale.big_file, rng.random());
         } else {
             // 1% of the bytes in 100 places: shipped as a delta.
             let chunk = (scale.big_file / 100 / 100).max(1);
             for _ in 0..100 {
-                let at = rng.gen_range(0..scale.big_file - chunk);
+                let at = rng.random_range(0..scale.big_file - chunk);
                 rng.fill(&mut content[at..at + chunk]);
             }
         }
         let new = hash(&content);
         replace_file(&a_path, &content);
-        std::thread::sleep(span.mul_f64(rng.gen_range(0.0..1.0)));
+        std::thread::sleep(span.mul_f64(rng.random_range(0.0..1.0)));
         let agent = match victim {
             Victim::Receiver => &mut b,
             Victim::Sender => &mut a,
@@ -292,7 +292,7 @@ pub fn kill_during_many_files(scale: &Scale, victim: Victim) -> Report {
             assert!(resumed.status.success(), "resume failed: {resumed:?}");
         }
         let mut marks: Vec<usize> = (0..per_round.min(scale.kills - kills))
-            .map(|_| rng.gen_range(scale.files / 20..scale.files * 19 / 20))
+            .map(|_| rng.random_range(scale.files / 20..scale.files * 19 / 20))
             .collect();
         marks.sort();
         for mark in marks {

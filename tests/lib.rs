@@ -71,13 +71,13 @@ pub fn bin(name: &str) -> PathBuf {
 /// reserved across the test processes nextest runs side by side by a lock on
 /// a file named after it, held until this process exits.
 pub fn free_port() -> u16 {
-    use rand::Rng;
+    use rand::RngExt as _;
     static HELD: std::sync::Mutex<Vec<fs::File>> = std::sync::Mutex::new(Vec::new());
     let dir = std::env::temp_dir().join("warmspare-test-ports");
     fs::create_dir_all(&dir).expect("create the port reservation directory");
-    let mut rng = rand::thread_rng();
+    let mut rng = rand::rng();
     for _ in 0..10_000 {
-        let port: u16 = rng.gen_range(20_000..32_768);
+        let port: u16 = rng.random_range(20_000..32_768);
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
