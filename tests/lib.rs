@@ -601,6 +601,75 @@ impl TestCluster {
             )
         })
     }
+
+    /// Node `node`'s own status, as `status --json` reports it.
+    pub fn node_status(&self, node: &str) -> serde_json::Value {
+        let st = self.status_json();
+        st["nodes"]
+            .as_array()
+            .expect("status --json lists nodes")
+            .iter()
+            .find(|n| n["node"] == node)
+            .unwrap_or_else(|| panic!("status --json does not list {node}: {st}"))["status"]
+            .clone()
+    }
+}
+
+/// The workspace's root (the README, `docs/`, `packaging/`).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A finished command's standard output followed by its standard error.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A finished command's exit code (-1 when a signal ended it).
+pub fn exit_code(o: &std::process::Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// A protocol session to an agent over SSH: the frame reader and writer,
+/// and the connection's handle (dropping it hangs up).
+pub type Session = (
+    warmspare_shared::proto::FrameReader<tokio::io::ReadHalf<russh::ChannelStream<russh::client::Msg>>>,
+    warmspare_shared::proto::FrameWriter<tokio::io::WriteHalf<russh::ChannelStream<russh::client::Msg>>>,
+    russh::client::Handle<warmspare_shared::ssh::PinnedHost>,
+);
+
+/// Dials node `to` of `c` on loopback with `key` as `user`, sends `hello`,
+/// and returns the session with the agent's answer to it.
+pub async fn hello_session(
+    c: &TestCluster,
+    to: &str,
+    key: &SecretKey,
+    user: &str,
+    hello: warmspare_shared::proto::Hello,
+) -> Result<(Session, warmspare_shared::proto::Reply), warmspare_shared::ssh::DialError> {
+    use warmspare_shared::proto::{FrameReader, FrameWriter, Reply, Request};
+    let target = c.node(to);
+    let d = warmspare_shared::ssh::dial(
+        &format!("127.0.0.1:{}", target.port),
+        &target.key.public(),
+        key,
+        user,
+        Duration::from_secs(10),
+    )
+    .await?;
+    let (rd, wr) = tokio::io::split(d.stream);
+    let (mut r, mut w) = (FrameReader::new(rd), FrameWriter::new(wr));
+    w.send(&Request::Hello(hello)).await.expect("send the hello");
+    let reply = r
+        .recv::<Reply>()
+        .await
+        .expect("read the answer to the hello")
+        .expect("an answer to the hello");
+    Ok(((r, w, d.handle), reply))
 }
 
 /// The processes whose environment contains `needle` (a test's temporary

@@ -1,24 +1,14 @@
 //! `warmsparectl`, as an operator runs it, against real agents.
 
 use std::fs;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use warmspare_tests::{bin, converge, http_status, read, snapshot, wait_until, write_file, TestCluster};
+use warmspare_tests::{
+    bin, converge, exit_code, http_status, output_text, read, snapshot, wait_until, write_file, TestCluster,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn node_json<'a>(status: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
     status["nodes"]
@@ -35,7 +25,7 @@ fn demo_runs_a_pair_and_exits_zero() {
         .args(["demo", "--certs", "2"])
         .output()
         .unwrap();
-    let t = text(&out);
+    let t = output_text(&out);
     assert!(out.status.success(), "demo failed: {t}");
     assert_eq!(t.matches("identical on masterb").count(), 2, "{t}");
     assert!(t.contains("stayed on mastera only"), "{t}");
@@ -75,7 +65,7 @@ fn switchover_swaps_roles_health_and_direction() {
     assert_eq!(http_status(ha, "/_status/ping"), Some(200));
 
     let dry = c.ctl(&["switchover", "--to", "b", "--dry-run"]);
-    assert_eq!(code(&dry), 0, "{}", text(&dry));
+    assert_eq!(exit_code(&dry), 0, "{}", output_text(&dry));
     assert_eq!(
         http_status(ha, "/_status/check"),
         Some(200),
@@ -83,14 +73,14 @@ fn switchover_swaps_roles_health_and_direction() {
     );
     let no_tty = c.ctl(&["switchover", "--to", "b"]);
     assert_eq!(
-        code(&no_tty),
+        exit_code(&no_tty),
         2,
         "without a terminal, --yes is required: {}",
-        text(&no_tty)
+        output_text(&no_tty)
     );
 
     let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     assert_eq!(http_status(ha, "/_status/check"), Some(503));
     assert_eq!(http_status(hb, "/_status/check"), Some(200));
     let st = c.status_json();
@@ -106,7 +96,7 @@ fn switchover_swaps_roles_health_and_direction() {
     // the next comparison from b preserves it under a's diverged/ folder.
     write_file(&ra.join("signed/stray.pem"), b"written on the passive", 0o644);
     let out = c.ctl(&["resync"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     wait_until("the stray file to be preserved on a", LIMIT, || {
         !ra.join("signed/stray.pem").exists()
     });
@@ -135,9 +125,9 @@ fn failover_fences_the_old_primary_preserves_its_changes_and_failback_returns() 
 
     a.kill9();
     let refused = c.ctl(&["failover", "--to", "b"]);
-    assert_eq!(code(&refused), 3, "{}", text(&refused));
+    assert_eq!(exit_code(&refused), 3, "{}", output_text(&refused));
     let out = c.ctl(&["failover", "--to", "b", "--force"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     assert_eq!(http_status(hb, "/_status/check"), Some(200));
     let st = c.status_json();
     assert_eq!(node_json(&st, "b")["status"]["role"]["epoch"], 2);
@@ -178,14 +168,14 @@ fn failover_fences_the_old_primary_preserves_its_changes_and_failback_returns() 
         .join("var/lib/warmspare/diverged")
         .join(diverged.iter().find(|d| d.ends_with("cutoff.pem")).unwrap());
     assert_eq!(read(&kept).unwrap(), b"signed by the stale primary");
-    let human = text(&c.ctl(&["status"]));
+    let human = output_text(&c.ctl(&["status"]));
     assert!(human.contains("diverged"), "{human}");
     // The shipping side never lost a step: nothing of a's stale state reached b.
     assert!(!rb.join("signed/cutoff.pem").exists());
     assert_eq!(read(&rb.join("serial")).unwrap(), b"2000\n");
 
     let out = c.ctl(&["failback", "--yes"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     assert_eq!(http_status(ha, "/_status/check"), Some(200));
     assert_eq!(http_status(hb, "/_status/check"), Some(503));
     assert_eq!(snapshot(&ra), snapshot(&rb));
@@ -193,7 +183,7 @@ fn failover_fences_the_old_primary_preserves_its_changes_and_failback_returns() 
     wait_until("a's new file on b", LIMIT, || rb.join("signed/after.pem").exists());
 
     let hist = c.ctl(&["history", "--json"]);
-    assert_eq!(code(&hist), 0, "{}", text(&hist));
+    assert_eq!(exit_code(&hist), 0, "{}", output_text(&hist));
     let entries: serde_json::Value = serde_json::from_slice(&hist.stdout).unwrap();
     let entries = entries.as_array().unwrap();
     let epochs: Vec<u64> = entries.iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
@@ -232,9 +222,15 @@ fn two_concurrent_switchovers_cannot_both_win() {
         let h2 = s.spawn(|| run(&c));
         (h1.join().unwrap(), h2.join().unwrap())
     });
-    let mut codes = [code(&one), code(&two)];
+    let mut codes = [exit_code(&one), exit_code(&two)];
     codes.sort();
-    assert_eq!(codes, [0, 3], "one:\n{}\ntwo:\n{}", text(&one), text(&two));
+    assert_eq!(
+        codes,
+        [0, 3],
+        "one:\n{}\ntwo:\n{}",
+        output_text(&one),
+        output_text(&two)
+    );
     let st = c.status_json();
     assert_eq!(
         node_json(&st, "b")["status"]["role"]["epoch"],
@@ -247,7 +243,7 @@ fn two_concurrent_switchovers_cannot_both_win() {
 fn an_operator_key_not_in_the_cluster_file_is_refused() {
     let c = TestCluster::pair("");
     let _a = c.start("a");
-    wait_until("a up", LIMIT, || code(&c.ctl(&["status"])) == 0);
+    wait_until("a up", LIMIT, || exit_code(&c.ctl(&["status"])) == 0);
     // A controller whose own copy of the file lists a stranger's key.
     let stranger = warmspare_shared::keys::SecretKey::generate();
     let key = c.dir.path().join("stranger.key");
@@ -281,7 +277,7 @@ fn an_operator_key_not_in_the_cluster_file_is_refused() {
         .args(["switchover", "--to", "b", "--yes"])
         .output()
         .unwrap();
-    assert_ne!(code(&out), 0);
+    assert_ne!(exit_code(&out), 0);
 }
 
 #[test]
@@ -333,7 +329,7 @@ fn status_json_carries_every_field() {
     }
     assert_eq!(link["connected"], true);
     // Pause shows in status and holds replication; resume releases it.
-    assert_eq!(code(&c.ctl(&["pause"])), 0);
+    assert_eq!(exit_code(&c.ctl(&["pause"])), 0);
     let st = c.status_json();
     assert_eq!(node_json(&st, "a")["status"]["paused"], true);
     write_file(&c.ca("a").join("held"), b"held", 0o644);
@@ -345,7 +341,7 @@ fn status_json_carries_every_field() {
             >= 1
     });
     assert!(!c.ca("b").join("held").exists());
-    assert_eq!(code(&c.ctl(&["resume"])), 0);
+    assert_eq!(exit_code(&c.ctl(&["resume"])), 0);
     wait_until("the held change to arrive", LIMIT, || c.ca("b").join("held").exists());
 }
 
@@ -402,7 +398,7 @@ fn haproxy_routes_clients_to_the_active_node_only() {
     )
     .unwrap();
     let check = Command::new(&haproxy).arg("-c").arg("-f").arg(&cfg).output().unwrap();
-    assert!(check.status.success(), "haproxy -c: {}", text(&check));
+    assert!(check.status.success(), "haproxy -c: {}", output_text(&check));
     let _proxy = Haproxy(
         Command::new(&haproxy)
             .arg("-db")
@@ -421,10 +417,10 @@ fn haproxy_routes_clients_to_the_active_node_only() {
     };
     wait_until("HAProxy to route to a only", LIMIT, || only("a"));
     let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     wait_until("HAProxy to route to b only", LIMIT, || only("b"));
     let out = c.ctl(&["failback", "--yes"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     wait_until("HAProxy to route to a again", LIMIT, || only("a"));
 }
 
@@ -486,15 +482,15 @@ fn status_exit_codes_and_output_suit_scripts() {
     let _b = c.start("b");
     // Only the passive answers: no node acts as the active one.
     wait_until("b in status", LIMIT, || {
-        text(&c.ctl(&["status"])).contains("no reachable node acts as the active node")
+        output_text(&c.ctl(&["status"])).contains("no reachable node acts as the active node")
     });
     let out = c.ctl(&["status", "--json"]);
-    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert_eq!(exit_code(&out), 1, "{}", output_text(&out));
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON even when exiting 1");
     assert_eq!(node_json(&st, "b")["reachable"], true);
 
     let _a = c.start("a");
-    wait_until("a healthy pair", LIMIT, || code(&c.ctl(&["status"])) == 0);
+    wait_until("a healthy pair", LIMIT, || exit_code(&c.ctl(&["status"])) == 0);
 
     // A reader that goes away (`status --watch | head -1`) ends the command
     // quietly, without a panic.
@@ -542,8 +538,8 @@ fn status_exit_codes_and_output_suit_scripts() {
         .current_dir(c.dir.path())
         .output()
         .unwrap();
-    assert_eq!(code(&out), 2, "{}", text(&out));
-    assert!(text(&out).contains("--key"), "{}", text(&out));
+    assert_eq!(exit_code(&out), 2, "{}", output_text(&out));
+    assert!(output_text(&out).contains("--key"), "{}", output_text(&out));
 
     // A missing operator key is a configuration error too (exit 2).
     let out = Command::new(bin("warmsparectl"))
@@ -554,7 +550,7 @@ fn status_exit_codes_and_output_suit_scripts() {
         .arg("status")
         .output()
         .unwrap();
-    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert_eq!(exit_code(&out), 2, "{}", output_text(&out));
 }
 
 #[test]
@@ -562,7 +558,7 @@ fn exit_codes_agree_for_unknown_names_and_moves_already_made() {
     let c = TestCluster::pair("");
     let _b = c.start("b");
     let _a = c.start("a");
-    wait_until("a healthy pair", LIMIT, || code(&c.ctl(&["status"])) == 0);
+    wait_until("a healthy pair", LIMIT, || exit_code(&c.ctl(&["status"])) == 0);
     // Names the cluster file does not have: usage errors (2), alike.
     for args in [
         &["switchover", "--to", "zz", "--yes"][..],
@@ -571,7 +567,7 @@ fn exit_codes_agree_for_unknown_names_and_moves_already_made() {
         &["run-job", "nope"][..],
     ] {
         let out = c.ctl(args);
-        assert_eq!(code(&out), 2, "{args:?}: {}", text(&out));
+        assert_eq!(exit_code(&out), 2, "{args:?}: {}", output_text(&out));
     }
     // Moving the role where it already is: nothing to do (0), alike.
     for args in [
@@ -580,7 +576,7 @@ fn exit_codes_agree_for_unknown_names_and_moves_already_made() {
         &["failover", "--to", "a", "--force"][..],
     ] {
         let out = c.ctl(args);
-        assert_eq!(code(&out), 0, "{args:?}: {}", text(&out));
+        assert_eq!(exit_code(&out), 0, "{args:?}: {}", output_text(&out));
     }
     let st = c.status_json();
     assert_eq!(
@@ -604,7 +600,7 @@ fn warmsparectl_keygen_writes_an_operator_key() {
     };
     // The default place is the one every other command reads.
     let out = keygen(&[], dir.path());
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     let path = dir.path().join(".config/warmspare/operator.key");
     let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(line.starts_with("ssh-ed25519 "), "{line}");
@@ -614,11 +610,11 @@ fn warmsparectl_keygen_writes_an_operator_key() {
     // An existing key is never overwritten.
     let before = fs::read(&path).unwrap();
     let out = keygen(&[], dir.path());
-    assert_ne!(code(&out), 0, "{}", text(&out));
+    assert_ne!(exit_code(&out), 0, "{}", output_text(&out));
     assert_eq!(fs::read(&path).unwrap(), before);
     // --out writes elsewhere.
     let other = dir.path().join("ops/second.key");
     let out = keygen(&["--out", other.to_str().unwrap()], dir.path());
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     assert!(other.is_file());
 }

@@ -2,24 +2,14 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use warmspare_tests::{bin, converge, http_get, http_status, wait_until, write_file, ClusterOptions, TestCluster};
+use warmspare_tests::{
+    bin, converge, exit_code, http_get, http_status, output_text, wait_until, write_file, ClusterOptions, TestCluster,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A pair `a` (active), `b` with the `ca` watch, `cluster_keys` added to the
 /// `[cluster]` table and `b_keys` to b's `[[node]]`.
@@ -43,17 +33,6 @@ fn pair_with_hooks(cluster_keys: &str, b_keys: &str) -> TestCluster {
     let toml = toml.replacen(anchor, &format!("{anchor}{cluster_keys}\n"), 1);
     fs::write(&c.file, toml).unwrap();
     c
-}
-
-fn node_status(c: &TestCluster, node: &str) -> serde_json::Value {
-    let st = c.status_json();
-    st["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .unwrap()["status"]
-        .clone()
 }
 
 fn spawn_ctl(c: &TestCluster, args: &[&str]) -> std::process::Child {
@@ -85,7 +64,7 @@ fn role_gate_with(c: &TestCluster, node: &str, extra: &[&str]) -> (i32, String) 
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    (code(&out), text(&out))
+    (exit_code(&out), output_text(&out))
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -137,8 +116,8 @@ fn on_promote_runs_with_its_environment_before_the_node_reports_active_and_on_de
     let (code_b, body) = http_get(hb, "/_status/check").unwrap();
     assert_eq!(code_b, 503, "{body}");
     assert!(body.contains("on_promote is running"), "{body}");
-    assert_eq!(node_status(&c, "b")["role"]["epoch"], 2);
-    assert_eq!(node_status(&c, "b")["held"], "on_promote is running");
+    assert_eq!(c.node_status("b")["role"]["epoch"], 2);
+    assert_eq!(c.node_status("b")["held"], "on_promote is running");
     // The role gate: not active yet, but a service its hook restarts may
     // start (`--or-promoting`); the demoted a may not, with or without it.
     assert_eq!(role_gate(&c, "b").0, 1);
@@ -166,19 +145,19 @@ fn on_promote_runs_with_its_environment_before_the_node_reports_active_and_on_de
 
     fs::write(c.dir.path().join("go"), b"").unwrap();
     let out = sw.wait_with_output().unwrap();
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     assert_eq!(http_status(hb, "/_status/check"), Some(200));
     assert_eq!(lines(&c.dir.path().join("promote.log"))[1], "b 2 from=a to=b x-b");
     wait_until("b's serial shipped to a", LIMIT, || {
         fs::read(ra.join("serial")).unwrap() == b"11\n"
     });
-    let st = node_status(&c, "b");
+    let st = c.node_status("b");
     let hooks = st["hooks"].as_array().unwrap();
     let promote = hooks.iter().find(|h| h["hook"] == "on_promote").unwrap();
     assert_eq!(promote["ok"], true, "{st}");
     assert_eq!(promote["epoch"], 2, "{st}");
     assert!(promote["end_ms"].as_i64().unwrap() >= promote["start_ms"].as_i64().unwrap());
-    let human = text(&c.ctl(&["status"]));
+    let human = output_text(&c.ctl(&["status"]));
     assert!(human.contains("on_promote") && human.contains("on_demote"), "{human}");
 }
 
@@ -201,12 +180,16 @@ fn a_failing_on_promote_keeps_the_node_fenced_and_the_controller_fails_until_a_r
     c.wait_linked("a", LIMIT);
 
     let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
-    assert_eq!(code(&out), 1, "{}", text(&out));
-    assert!(text(&out).contains("on_promote failed"), "{}", text(&out));
-    assert!(text(&out).contains("CA refused to start"), "{}", text(&out));
+    assert_eq!(exit_code(&out), 1, "{}", output_text(&out));
+    assert!(output_text(&out).contains("on_promote failed"), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("CA refused to start"),
+        "{}",
+        output_text(&out)
+    );
     assert_eq!(http_status(hb, "/_status/check"), Some(503));
     assert_eq!(http_status(ha, "/_status/check"), Some(503));
-    let st = node_status(&c, "b");
+    let st = c.node_status("b");
     assert_eq!(st["role"]["active"], "b");
     assert!(st["held"].as_str().unwrap().starts_with("on_promote failed"), "{st}");
     let promote = st["hooks"]
@@ -235,28 +218,28 @@ fn a_failing_on_promote_keeps_the_node_fenced_and_the_controller_fails_until_a_r
     assert_eq!(role_gate(&c, "a").0, 1);
     // A failed promotion is no promotion in progress.
     assert_eq!(role_gate_with(&c, "b", &["--or-promoting"]).0, 1);
-    let human = text(&c.ctl(&["status"]));
+    let human = output_text(&c.ctl(&["status"]));
     assert!(human.contains("held") && human.contains("FAILED"), "{human}");
-    let hist = text(&c.ctl(&["history"]));
+    let hist = output_text(&c.ctl(&["history"]));
     assert!(hist.contains("on_promote failed on b"), "{hist}");
     // Nothing is shipped from a fenced node.
     write_file(&c.ca("b").join("signed/x.pem"), b"x", 0o644);
     // A switchover away from a held node is refused; a retry of the promotion is the way.
     let out = c.ctl(&["switchover", "--to", "a", "--yes"]);
-    assert_eq!(code(&out), 3, "{}", text(&out));
+    assert_eq!(exit_code(&out), 3, "{}", output_text(&out));
 
     // Retry still failing: still fenced, still non-zero.
     let out = c.ctl(&["failover", "--to", "b", "--force"]);
-    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert_eq!(exit_code(&out), 1, "{}", output_text(&out));
     assert_eq!(http_status(hb, "/_status/check"), Some(503));
     assert!(!c.ca("a").join("signed/x.pem").exists());
 
     fs::write(c.dir.path().join("allow"), b"").unwrap();
     let out = c.ctl(&["failover", "--to", "b", "--force"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     assert_eq!(http_status(hb, "/_status/check"), Some(200));
-    assert_eq!(node_status(&c, "b")["role"]["epoch"], 4);
-    assert!(node_status(&c, "b")["held"].is_null());
+    assert_eq!(c.node_status("b")["role"]["epoch"], 4);
+    assert!(c.node_status("b")["held"].is_null());
     wait_until("b ships again", LIMIT, || c.ca("a").join("signed/x.pem").exists());
     let (gate, out) = role_gate(&c, "b");
     assert_eq!(gate, 0, "{out}");
@@ -291,7 +274,7 @@ fn on_demote_runs_when_a_higher_epoch_fences_the_old_active() {
     let (gate, out) = role_gate(&c, "a");
     assert_eq!(gate, 2, "{out}");
     let out = c.ctl(&["failover", "--to", "b", "--force"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     assert!(lines(&c.dir.path().join("demote.log")).is_empty());
     a.restart();
     // a starts as the active of epoch 1, pushes to b, learns epoch 2 and steps down.
@@ -301,7 +284,7 @@ fn on_demote_runs_when_a_higher_epoch_fences_the_old_active() {
     assert_eq!(http_status(ha, "/_status/check"), Some(503));
     assert_eq!(role_gate(&c, "a").0, 1);
     assert_eq!(role_gate(&c, "b").0, 0);
-    let st = node_status(&c, "a");
+    let st = c.node_status("a");
     let demote = st["hooks"]
         .as_array()
         .unwrap()
@@ -330,8 +313,12 @@ fn a_hook_that_hangs_is_killed_with_its_children_at_hook_timeout() {
     wait_until("a active", LIMIT, || http_status(ha, "/_status/check") == Some(200));
     c.wait_linked("a", LIMIT);
     let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
-    assert_eq!(code(&out), 1, "{}", text(&out));
-    assert!(text(&out).contains("timed out after 2s"), "{}", text(&out));
+    assert_eq!(exit_code(&out), 1, "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("timed out after 2s"),
+        "{}",
+        output_text(&out)
+    );
     assert_eq!(http_status(hb, "/_status/check"), Some(503));
     let pid = fs::read_to_string(c.dir.path().join("child.pid")).unwrap();
     let pid = pid.trim();
@@ -389,7 +376,7 @@ fn openssl(args: &[&str], dir: &Path) {
         .stdin(Stdio::null())
         .output()
         .expect("openssl is installed");
-    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    assert!(out.status.success(), "openssl {args:?}: {}", output_text(&out));
 }
 
 /// Signs a certificate for `name` with `serial` (hex) under `ca/signed/`.
@@ -444,7 +431,7 @@ fn cert_serial(path: &Path) -> String {
         .arg(path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     String::from_utf8_lossy(&out.stdout)
         .trim()
         .trim_start_matches("serial=")
@@ -520,7 +507,7 @@ fn ca_serial_guard_in_on_promote_pads_past_certificates_the_old_active_signed_un
     fs::write(ra.join("serial"), "0004").unwrap();
 
     let out = c.ctl(&["failover", "--to", "b", "--force"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(exit_code(&out), 0, "{}", output_text(&out));
     // max(serial 3, inventory 2 + 1, certificate 0x2FFF + 1) + 0x1000, rounded up to 0x1000.
     assert_eq!(fs::read_to_string(rb.join("serial")).unwrap(), "4000");
     let md = fs::metadata(rb.join("serial")).unwrap();
@@ -532,7 +519,7 @@ fn ca_serial_guard_in_on_promote_pads_past_certificates_the_old_active_signed_un
             "{n} was edited"
         );
     }
-    let st = node_status(&c, "b");
+    let st = c.node_status("b");
     let promote = st["hooks"]
         .as_array()
         .unwrap()
@@ -551,7 +538,7 @@ fn ca_serial_guard_in_on_promote_pads_past_certificates_the_old_active_signed_un
     a.restart();
     converge(&rb, &ra, LIMIT);
     assert!(!ra.join("signed/cutoff.pem").exists());
-    let diverged = node_status(&c, "a")["diverged"].clone();
+    let diverged = c.node_status("a")["diverged"].clone();
     assert!(diverged.to_string().contains("signed/cutoff.pem"), "{diverged}");
     let kept = c.node("a").root.join("var/lib/warmspare/diverged");
     let mut serials: Vec<String> = fs::read_dir(rb.join("signed"))

@@ -5,30 +5,14 @@ use std::time::Duration;
 use serde_bytes::ByteBuf;
 use warmspare_shared::keys::SecretKey;
 use warmspare_shared::manifest::{ContentHash, Meta};
-use warmspare_shared::proto::{FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, PROTOCOL_VERSION};
+use warmspare_shared::proto::{FrameReader, Hello, Op, Purpose, Reply, Request, PROTOCOL_VERSION};
 use warmspare_shared::ssh::{self, DialError};
-use warmspare_tests::{converge, read, temp_files, wait_until, write_file, TestCluster};
+use warmspare_tests::{converge, hello_session, read, temp_files, wait_until, write_file, TestCluster};
 
-type Conn = (
-    FrameReader<tokio::io::ReadHalf<russh::ChannelStream<russh::client::Msg>>>,
-    FrameWriter<tokio::io::WriteHalf<russh::ChannelStream<russh::client::Msg>>>,
-    russh::client::Handle<ssh::PinnedHost>,
-);
+type Conn = warmspare_tests::Session;
 
 /// Dials node `to` as node `me` and says hello as the active of `epoch`.
 async fn push_session(c: &TestCluster, me: &str, to: &str, epoch: u64) -> Result<(Conn, Reply), DialError> {
-    let target = c.node(to);
-    let addr = format!("127.0.0.1:{}", target.port);
-    let d = ssh::dial(
-        &addr,
-        &target.key.public(),
-        &c.node(me).key,
-        me,
-        Duration::from_secs(10),
-    )
-    .await?;
-    let (rd, wr) = tokio::io::split(d.stream);
-    let (mut r, mut w) = (FrameReader::new(rd), FrameWriter::new(wr));
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         version: "test".into(),
@@ -39,9 +23,7 @@ async fn push_session(c: &TestCluster, me: &str, to: &str, epoch: u64) -> Result
         purpose: Purpose::Replicate,
         owners: false,
     };
-    w.send(&Request::Hello(hello)).await.unwrap();
-    let reply = r.recv::<Reply>().await.unwrap().unwrap();
-    Ok(((r, w, d.handle), reply))
+    hello_session(c, to, &c.node(me).key, me, hello).await
 }
 
 /// Waits until node `name`'s agent accepts connections (its watch roots
@@ -182,18 +164,6 @@ async fn a_stale_epoch_and_a_future_protocol_are_refused() {
         "{reply:?}"
     );
     // A hello from a future protocol version.
-    let target = c.node("b");
-    let d = ssh::dial(
-        &format!("127.0.0.1:{}", target.port),
-        &target.key.public(),
-        &c.node("a").key,
-        "a",
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    let (rd, wr) = tokio::io::split(d.stream);
-    let (mut r, mut w) = (FrameReader::new(rd), FrameWriter::new(wr));
     let hello = Hello {
         protocol: PROTOCOL_VERSION + 1,
         version: "future".into(),
@@ -204,8 +174,7 @@ async fn a_stale_epoch_and_a_future_protocol_are_refused() {
         purpose: Purpose::Replicate,
         owners: false,
     };
-    w.send(&Request::Hello(hello)).await.unwrap();
-    let reply = r.recv::<Reply>().await.unwrap().unwrap();
+    let (_session, reply) = hello_session(&c, "b", &c.node("a").key, "a", hello).await.unwrap();
     assert!(
         matches!(&reply, Reply::Refused { reason } if reason.contains("protocol")),
         "{reply:?}"

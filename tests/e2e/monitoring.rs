@@ -3,15 +3,11 @@
 //! only metrics a live agent exports.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
 use std::time::Duration;
 
-use warmspare_tests::{converge, http_get, require, wait_until, write_file, TestCluster};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use warmspare_tests::{converge, http_get, require, wait_until, workspace, write_file, TestCluster};
 
 /// Every `warmspare_*` metric name in `text`.
 fn metric_names(text: &str) -> BTreeSet<String> {

@@ -9,20 +9,9 @@ use warmspare_tests::{converge, http_get, noise, wait_until, write_file, TestClu
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn node_status(c: &TestCluster, node: &str) -> serde_json::Value {
-    let v = c.status_json();
-    v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .map(|n| n["status"].clone())
-        .unwrap()
-}
-
 /// The `ca` watch's local changes as `node` reports them.
 fn local_changes(c: &TestCluster, node: &str) -> serde_json::Value {
-    let s = node_status(c, node);
+    let s = c.node_status(node);
     s["watches"]
         .as_array()
         .unwrap()
@@ -49,7 +38,7 @@ fn latest(lc: &serde_json::Value) -> Vec<(String, String, bool)> {
 }
 
 fn diverged(c: &TestCluster, node: &str) -> Vec<String> {
-    node_status(c, node)["diverged"]
+    c.node_status(node)["diverged"]
         .as_array()
         .unwrap()
         .iter()

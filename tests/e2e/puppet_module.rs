@@ -3,24 +3,12 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use warmspare_tests::{bin, require};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use warmspare_tests::{bin, output_text, require, workspace};
 
 fn module_dir() -> PathBuf {
     workspace().join("packaging/puppet/warmspare")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Every file below `dir` whose name ends in `.ext`.
@@ -47,7 +35,7 @@ fn the_module_validates() {
         .args(&manifests)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let templates = files_with(&module_dir(), "epp");
     assert!(templates.len() >= 2, "{templates:?}");
     let out = Command::new(&puppet)
@@ -55,7 +43,7 @@ fn the_module_validates() {
         .args(&templates)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 }
 
 /// `puppet apply` of the class, with its paths under a temporary directory
@@ -73,7 +61,7 @@ fn puppet_apply_writes_a_cluster_file_the_agent_accepts() {
             .arg(t.join(name))
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", output_text(&out));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
     let (a_pub, b_pub) = (keygen("a.key"), keygen("b.key"));
@@ -128,7 +116,7 @@ fn puppet_apply_writes_a_cluster_file_the_agent_accepts() {
     };
     // --detailed-exitcodes: 2 means changes were made and nothing failed.
     let first = apply();
-    assert_eq!(first.status.code(), Some(2), "{}", text(&first));
+    assert_eq!(first.status.code(), Some(2), "{}", output_text(&first));
 
     let cluster = t.join("etc/cluster.toml");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -146,14 +134,14 @@ fn puppet_apply_writes_a_cluster_file_the_agent_accepts() {
         .args(["--node", "a", "check", "--local"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let out = Command::new(bin("warmspare-agent"))
         .arg("--cluster")
         .arg(&cluster)
         .args(["config", "show"])
         .output()
         .unwrap();
-    let shown = text(&out);
+    let shown = output_text(&out);
     assert!(out.status.success(), "{shown}");
     assert!(
         shown.contains(r#"NOTE = 'a "quoted" \ value'"#) || shown.contains(r#"NOTE = "a \"quoted\" \\ value""#),
@@ -174,5 +162,5 @@ fn puppet_apply_writes_a_cluster_file_the_agent_accepts() {
 
     // Idempotent: a second run changes nothing.
     let second = apply();
-    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_eq!(second.status.code(), Some(0), "{}", output_text(&second));
 }

@@ -4,31 +4,14 @@ use std::fs;
 use std::time::Duration;
 
 use warmspare_shared::keys::SecretKey;
-use warmspare_shared::proto::{FrameReader, FrameWriter, Hello, Purpose, Reply, Request, PROTOCOL_VERSION};
-use warmspare_shared::ssh::{self, DialError};
-use warmspare_tests::{wait_until, write_cluster_file, ClusterOptions, TestCluster};
+use warmspare_shared::proto::{Hello, Purpose, Reply, Request, PROTOCOL_VERSION};
+use warmspare_shared::ssh::DialError;
+use warmspare_tests::{hello_session, wait_until, write_cluster_file, ClusterOptions, Session, TestCluster};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-type Control = (
-    FrameReader<tokio::io::ReadHalf<russh::ChannelStream<russh::client::Msg>>>,
-    FrameWriter<tokio::io::WriteHalf<russh::ChannelStream<russh::client::Msg>>>,
-    russh::client::Handle<ssh::PinnedHost>,
-);
-
 /// An operator session to node `to` with `key`, past its hello.
-async fn control(c: &TestCluster, to: &str, key: &SecretKey) -> Result<Control, DialError> {
-    let target = c.node(to);
-    let d = ssh::dial(
-        &format!("127.0.0.1:{}", target.port),
-        &target.key.public(),
-        key,
-        "second",
-        Duration::from_secs(10),
-    )
-    .await?;
-    let (rd, wr) = tokio::io::split(d.stream);
-    let (mut r, mut w) = (FrameReader::new(rd), FrameWriter::new(wr));
+async fn control(c: &TestCluster, to: &str, key: &SecretKey) -> Result<Session, DialError> {
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         version: "test".into(),
@@ -39,10 +22,9 @@ async fn control(c: &TestCluster, to: &str, key: &SecretKey) -> Result<Control, 
         purpose: Purpose::Control,
         owners: false,
     };
-    w.send(&Request::Hello(hello)).await.unwrap();
-    let reply = r.recv::<Reply>().await.unwrap();
-    assert!(matches!(reply, Some(Reply::Hello(_))), "{reply:?}");
-    Ok((r, w, d.handle))
+    let (session, reply) = hello_session(c, to, key, "second", hello).await?;
+    assert!(matches!(reply, Reply::Hello(_)), "{reply:?}");
+    Ok(session)
 }
 
 fn reloads(log: &str) -> usize {

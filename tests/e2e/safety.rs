@@ -2,31 +2,14 @@
 //! a mass deletion, a stale active restarted alone.
 
 use std::fs;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use warmspare_tests::{bin, converge, http_get, http_status, read, snapshot, wait_until, write_file, TestCluster};
+use warmspare_tests::{
+    bin, converge, http_get, http_status, output_text, read, snapshot, wait_until, write_file, TestCluster,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn node_status(c: &TestCluster, node: &str) -> serde_json::Value {
-    let v = c.status_json();
-    v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .map(|n| n["status"].clone())
-        .unwrap()
-}
 
 fn files(c: &TestCluster, node: &str, n: usize) {
     for i in 0..n {
@@ -39,7 +22,7 @@ fn files(c: &TestCluster, node: &str, n: usize) {
 }
 
 fn held_deletions(c: &TestCluster) -> Option<u64> {
-    let s = node_status(c, "a");
+    let s = c.node_status("a");
     s["links"]
         .as_array()?
         .iter()
@@ -64,7 +47,7 @@ fn a_missing_watch_root_stops_shipping_and_the_passive_keeps_everything() {
     a.restart();
     c.wait_linked("a", LIMIT);
     wait_until("a reports the missing root", LIMIT, || {
-        node_status(&c, "a")["watches"][0]["root_error"]
+        c.node_status("a")["watches"][0]["root_error"]
             .as_str()
             .is_some_and(|e| e.contains("missing"))
     });
@@ -76,7 +59,7 @@ fn a_missing_watch_root_stops_shipping_and_the_passive_keeps_everything() {
     assert!(metrics.contains("warmspare_watch_root_ok{watch=\"ca\"} 0"), "{metrics}");
     let (_, detail) = http_get(port, "/_status").unwrap();
     assert!(detail.contains("\"root_ok\":false"), "{detail}");
-    let table = text(&c.ctl(&["status"]));
+    let table = output_text(&c.ctl(&["status"]));
     assert!(table.contains("watch ca is not shipped"), "{table}");
     // `check` fails, naming the watch.
     let out = Command::new(bin("warmspare-agent"))
@@ -85,24 +68,24 @@ fn a_missing_watch_root_stops_shipping_and_the_passive_keeps_everything() {
         .args(["--node", "a", "check"])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("FAILED: watch ca"), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(output_text(&out).contains("FAILED: watch ca"), "{}", output_text(&out));
 
     // The operator accepts an empty root: the guard still keeps the
     // passive's files, which would all go.
     let out = c.ctl(&["resync", "--watch", "ca", "--accept-root"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(c.ca("a").is_dir());
     wait_until("the removals held", LIMIT, || held_deletions(&c) == Some(20));
     assert_eq!(snapshot(&c.ca("b")), before, "the passive lost files");
-    assert!(node_status(&c, "a")["watches"][0]["root_error"].is_null());
+    assert!(c.node_status("a")["watches"][0]["root_error"].is_null());
 
     // The real CA comes back, with one more certificate: shipping resumes.
     fs::remove_dir(c.ca("a")).unwrap();
     fs::rename(&moved, c.ca("a")).unwrap();
     write_file(&c.ca("a").join("signed/late.pem"), b"late", 0o644);
     let out = c.ctl(&["resync", "--watch", "ca"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     converge(&c.ca("a"), &c.ca("b"), LIMIT);
     wait_until("nothing held", LIMIT, || held_deletions(&c) == Some(0));
 }
@@ -125,7 +108,7 @@ fn a_root_on_another_file_system_is_not_shipped_until_accepted() {
     a.restart();
     c.wait_linked("a", LIMIT);
     wait_until("a reports the file system change", LIMIT, || {
-        node_status(&c, "a")["watches"][0]["root_error"]
+        c.node_status("a")["watches"][0]["root_error"]
             .as_str()
             .is_some_and(|e| e.contains("another file system"))
     });
@@ -134,7 +117,7 @@ fn a_root_on_another_file_system_is_not_shipped_until_accepted() {
         "shipped from an unverified root"
     );
     let out = c.ctl(&["resync", "--watch", "ca", "--accept-root"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     converge(&c.ca("a"), &c.ca("b"), LIMIT);
 }
 
@@ -172,7 +155,7 @@ fn mass_deletions_are_held_until_the_operator_allows_them() {
     wait_until("the removals held", LIMIT, || held_deletions(&c) == Some(15));
     // A full comparison holds them too.
     let out = c.ctl(&["resync", "--watch", "ca"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     std::thread::sleep(Duration::from_millis(500));
     wait_until("the removals still held", LIMIT, || held_deletions(&c) == Some(15));
     for i in 0..15 {
@@ -181,7 +164,7 @@ fn mass_deletions_are_held_until_the_operator_allows_them() {
             "old/host{i:02}.pem was removed on the passive"
         );
     }
-    let table = text(&c.ctl(&["status"]));
+    let table = output_text(&c.ctl(&["status"]));
     assert!(table.contains("deletions held"), "{table}");
     let (_, metrics) = http_get(c.node("a").http_port, "/metrics").unwrap();
     assert!(
@@ -191,7 +174,7 @@ fn mass_deletions_are_held_until_the_operator_allows_them() {
 
     // The operator has looked, and releases them.
     let out = c.ctl(&["resync", "--watch", "ca", "--allow-deletes"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     converge(&c.ca("a"), &c.ca("b"), LIMIT);
     wait_until("nothing held", LIMIT, || held_deletions(&c) == Some(0));
 }
@@ -204,7 +187,7 @@ fn stale_a_alone(c: &TestCluster) -> (warmspare_tests::Agent, warmspare_tests::A
     converge(&c.ca("a"), &c.ca("b"), LIMIT);
     a.kill9();
     let out = c.ctl(&["failover", "--to", "b", "--force"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     b.terminate();
     a.restart();
     let port = c.node("a").http_port;
@@ -218,7 +201,7 @@ fn stale_a_alone(c: &TestCluster) -> (warmspare_tests::Agent, warmspare_tests::A
 fn a_stale_active_restarted_alone_is_held_then_steps_down() {
     let c = TestCluster::pair("");
     let (_a, mut b) = stale_a_alone(&c);
-    let s = node_status(&c, "a");
+    let s = c.node_status("a");
     assert!(
         s["held"]
             .as_str()
@@ -235,7 +218,7 @@ fn a_stale_active_restarted_alone_is_held_then_steps_down() {
     wait_until("b active, a passive", LIMIT, || {
         http_status(hb, "/_status/check") == Some(200) && http_status(ha, "/_status/check") == Some(503)
     });
-    let s = node_status(&c, "a");
+    let s = c.node_status("a");
     assert_eq!(s["role"]["epoch"], 2, "{s}");
     assert_eq!(s["role"]["active"], "b", "{s}");
     assert!(s["held"].is_null(), "{s}");
@@ -248,11 +231,11 @@ fn failover_force_promotes_a_held_lone_node() {
     let c = TestCluster::pair("");
     let (_a, mut b) = stale_a_alone(&c);
     let out = c.ctl(&["failover", "--to", "a", "--force"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let ha = c.node("a").http_port;
     wait_until("a active", LIMIT, || http_status(ha, "/_status/check") == Some(200));
     // b may be at a higher epoch than a knows (it is: 2), so a skips ahead.
-    let s = node_status(&c, "a");
+    let s = c.node_status("a");
     assert_eq!(s["role"]["epoch"], 101, "{s}");
     assert_eq!(s["role"]["active"], "a", "{s}");
     assert!(s["held"].is_null(), "{s}");

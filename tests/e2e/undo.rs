@@ -4,20 +4,11 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::Output;
 use std::time::Duration;
 
-use warmspare_tests::{converge, http_get, read, wait_until, write_cluster_file, write_file, TestCluster};
+use warmspare_tests::{converge, http_get, output_text, read, wait_until, write_cluster_file, write_file, TestCluster};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A pair with `keys` added to the `[cluster]` table.
 fn pair_with(keys: &str) -> TestCluster {
@@ -39,9 +30,9 @@ fn undo_dir(c: &TestCluster, node: &str) -> PathBuf {
 /// `undo list --node NODE --json`, parsed.
 fn list(c: &TestCluster, node: &str) -> Vec<serde_json::Value> {
     let out = c.ctl(&["undo", "list", "--node", node, "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+        .unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)))
         .as_array()
         .unwrap()
         .clone()
@@ -123,7 +114,7 @@ fn removed_and_replaced_files_are_kept_on_the_passive_and_put_back_on_the_active
     assert!(list(&c, "a").is_empty());
 
     // The table, status and metrics show the store.
-    let table = text(&c.ctl(&["undo", "list"]));
+    let table = output_text(&c.ctl(&["undo", "list"]));
     assert!(
         table.contains("signed/host02.pem") && table.contains("removed"),
         "{table}"
@@ -154,12 +145,12 @@ fn removed_and_replaced_files_are_kept_on_the_passive_and_put_back_on_the_active
         "--output",
         out_file.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(read(&out_file).unwrap(), old2);
 
     // Put back on the active, from where it replicates.
     let out = c.ctl(&["undo", "restore", "--node", "b", &id2]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let back = c.ca("a").join("signed/host02.pem");
     assert_eq!(read(&back).unwrap(), old2);
     let md = fs::metadata(&back).unwrap();
@@ -171,12 +162,12 @@ fn removed_and_replaced_files_are_kept_on_the_passive_and_put_back_on_the_active
     // A file that exists on the active is not replaced without --force ...
     let id1 = id_of(&entries, "signed/host01.pem");
     let out = c.ctl(&["undo", "restore", "--node", "b", &id1]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(text(&out).contains("--force"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
+    assert!(output_text(&out).contains("--force"), "{}", output_text(&out));
     assert_eq!(read(&c.ca("a").join("signed/host01.pem")).unwrap(), b"clobbered");
     // ... and with it, what was there is kept in the active's own store.
     let out = c.ctl(&["undo", "restore", "--node", "b", &id1, "--force"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(read(&c.ca("a").join("signed/host01.pem")).unwrap(), old1);
     let on_a = list_with(&c, "a", &["signed/host01.pem"]);
     let kept = entry(&on_a, "signed/host01.pem").expect("the active kept what it replaced");
@@ -190,7 +181,7 @@ fn removed_and_replaced_files_are_kept_on_the_passive_and_put_back_on_the_active
     });
     // An id the store does not hold is refused.
     let out = c.ctl(&["undo", "restore", "--node", "b", "999999"]);
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
 }
 
 #[test]
@@ -277,23 +268,27 @@ fn a_hostile_entry_in_the_store_cannot_make_a_restore_write_outside_the_root() {
     c.wait_linked("a", LIMIT);
 
     // The listing escapes the terminal escape.
-    let table = text(&c.ctl(&["undo", "list", "--node", "b"]));
+    let table = output_text(&c.ctl(&["undo", "list", "--node", "b"]));
     assert!(!table.contains('\x1b'), "{table:?}");
     assert!(table.contains("\\x1b[2J"), "{table}");
 
     // A path that leaves the root is refused by the active.
     let out = c.ctl(&["undo", "restore", "--node", "b", &id0, "--force"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
     assert!(
-        text(&out).contains("a refused") && text(&out).contains("leaves its root"),
+        output_text(&out).contains("a refused") && output_text(&out).contains("leaves its root"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert!(!outside.join("written").exists());
     // A kept file that is a link is not followed.
     let out = c.ctl(&["undo", "restore", "--node", "b", &id1, "--force"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(text(&out).contains("cannot read undo entry"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("cannot read undo entry"),
+        "{}",
+        output_text(&out)
+    );
     assert!(!c.ca("a").join("signed/esc\x1b[2Jape.pem").exists());
     let out_file = c.dir.path().join("leak");
     let out = c.ctl(&[
@@ -305,7 +300,7 @@ fn a_hostile_entry_in_the_store_cannot_make_a_restore_write_outside_the_root() {
         "--output",
         out_file.to_str().unwrap(),
     ]);
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     assert_ne!(read(&out_file).as_deref(), Some(&b"not for the CA"[..]));
 
     // A directory of the active's watch swapped for a link to the outside:
@@ -321,8 +316,8 @@ fn a_hostile_entry_in_the_store_cannot_make_a_restore_write_outside_the_root() {
     fs::remove_dir(c.ca("a").join("sub")).unwrap();
     std::os::unix::fs::symlink(&outside, c.ca("a").join("sub")).unwrap();
     let out = c.ctl(&["undo", "restore", "--node", "b", &good_id, "--force"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(text(&out).contains("beneath the root"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
+    assert!(output_text(&out).contains("beneath the root"), "{}", output_text(&out));
     assert!(!outside.join("f.pem").exists());
     assert_eq!(fs::read(outside.join("secret")).unwrap(), b"not for the CA");
 }
