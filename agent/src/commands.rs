@@ -117,7 +117,7 @@ fn role_is_active(args: &Args, or_promoting: bool, timeout: Duration) -> ExitCod
 fn is_promoting(body: &str) -> bool {
     body.trim_end()
         .split_once(": ")
-        .is_some_and(|(head, why)| head.starts_with("held at epoch ") && why == crate::hooks::PROMOTING)
+        .is_some_and(|(head, why)| head.starts_with("held at epoch ") && why == crate::promotion::PROMOTING)
 }
 
 fn ask_check(args: &Args, timeout: Duration) -> Result<(u16, String)> {

@@ -298,7 +298,10 @@ pub async fn serve(
             Some(side) if mine && side.epoch != role.epoch => {
                 if shared.hooks.promoted(side.epoch) {
                     // Still this node, at a higher epoch: nothing to redo.
-                    shared.hooks.promotion.send_replace(hooks::Promotion::Done(role.epoch));
+                    shared
+                        .hooks
+                        .promotion
+                        .send_replace(crate::promotion::Promotion::Done(role.epoch));
                     if let Some(side) = active.as_mut() {
                         side.epoch = role.epoch;
                     }

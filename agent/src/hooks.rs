@@ -12,84 +12,20 @@
 //! and again when it ends (atomically); a run that has no end was cut off
 //! (the agent stopped) and runs again at the next start.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::SystemTime;
 
-use tokio::sync::watch;
 use warmspare_shared::config::Hook;
-use warmspare_shared::proto::{HookRun, PROMOTE_HOOK_FAILED};
+use warmspare_shared::proto::HookRun;
 use warmspare_shared::state::{self, HistoryEntry};
 
 use crate::clock::unix;
 use crate::node::Shared;
-
-/// Why a node is held while its `on_promote` hook runs (the health check
-/// says `held at epoch N: on_promote is running`; `role --is-active
-/// --or-promoting` looks for it).
-pub const PROMOTING: &str = "on_promote is running";
+use crate::promotion::Promotion;
 
 /// The most output of one run copied into the agent's log.
 const LOG_TAIL: u64 = 8 * 1024;
-
-/// Where this node stands with `on_promote` for an epoch naming it active.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Promotion {
-    /// Nothing started yet (or the node is passive).
-    Idle,
-    /// The hook is running for this epoch.
-    Running(u64),
-    /// The node may act as active at this epoch.
-    Done(u64),
-    /// The hook failed at this epoch: the node stays fenced.
-    Failed(u64, String),
-}
-
-/// The hooks' runtime state, part of [`Shared`].
-pub struct Hooks {
-    /// The promotion state; control sessions wait on it.
-    pub promotion: watch::Sender<Promotion>,
-    /// Runs since the agent started, by hook and outcome.
-    counts: Mutex<BTreeMap<(Hook, bool), u64>>,
-}
-
-impl Default for Hooks {
-    fn default() -> Self {
-        Hooks {
-            promotion: watch::channel(Promotion::Idle).0,
-            counts: Mutex::new(BTreeMap::new()),
-        }
-    }
-}
-
-impl Hooks {
-    /// Whether this node may act as active at `epoch`.
-    pub fn promoted(&self, epoch: u64) -> bool {
-        *self.promotion.borrow() == Promotion::Done(epoch)
-    }
-
-    /// Runs of `hook` with the outcome `ok` since the agent started.
-    pub fn count(&self, hook: Hook, ok: bool) -> u64 {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(hook, ok))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Why a node named active at `epoch` does not act as active yet.
-    pub fn held(&self, epoch: u64) -> Option<String> {
-        match &*self.promotion.borrow() {
-            Promotion::Done(e) if *e == epoch => None,
-            Promotion::Running(e) if *e == epoch => Some(PROMOTING.into()),
-            Promotion::Failed(e, detail) if *e == epoch => Some(format!("{PROMOTE_HOOK_FAILED}: {detail}")),
-            _ => Some("starting its active side".into()),
-        }
-    }
-}
 
 fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("hooks")
@@ -165,13 +101,7 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
         }
     }
     store(&shared.live.state_dir, &run);
-    *shared
-        .hooks
-        .counts
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry((hook, run.ok))
-        .or_default() += 1;
+    shared.hooks.counted(hook, run.ok);
     let ms = run.end_ms.unwrap_or(run.start_ms) - run.start_ms;
     if run.ok {
         tracing::warn!(%hook, epoch, ms, "the role hook succeeded");

@@ -21,6 +21,7 @@ pub mod logging;
 mod node;
 mod passive;
 mod preserved;
+mod promotion;
 mod receive;
 mod roots;
 mod sd;

@@ -19,7 +19,7 @@ use warmspare_shared::state::{self, HistoryEntry, RoleState};
 use crate::clock::unix;
 use crate::events::{Inbox, Work};
 use crate::live::Live;
-use crate::{hooks, jobs, roots};
+use crate::{jobs, roots};
 
 /// What every task of the daemon shares.
 pub struct Shared {
@@ -44,7 +44,7 @@ pub struct Shared {
     /// The jobs' runtime.
     pub jobs: jobs::Jobs,
     /// The role hooks' runtime (the promotion gate).
-    pub hooks: hooks::Hooks,
+    pub hooks: crate::promotion::Hooks,
     /// The `after_apply` hooks' runtime (runs, counters, last outcomes).
     pub after: Arc<crate::after::AfterApply>,
     /// The watches' file counts for status, shared by concurrent requests.
@@ -126,7 +126,7 @@ impl Shared {
             progress,
             started: SystemTime::now(),
             jobs: jobs::Jobs::default(),
-            hooks: hooks::Hooks::default(),
+            hooks: crate::promotion::Hooks::default(),
             after: Arc::new(crate::after::AfterApply::new(live.clone())),
             tree_counts: crate::counts::TreeCounts::default(),
             fatal: CancellationToken::new(),
@@ -242,8 +242,8 @@ impl Shared {
                 ));
             }
             match &*rx.borrow_and_update() {
-                hooks::Promotion::Done(e) if *e == epoch => return Ok(()),
-                hooks::Promotion::Failed(e, detail) if *e == epoch => {
+                crate::promotion::Promotion::Done(e) if *e == epoch => return Ok(()),
+                crate::promotion::Promotion::Failed(e, detail) if *e == epoch => {
                     return Err(format!(
                         "{}: {detail}; {} holds epoch {epoch} but stays fenced until an operator retries \
                          (`warmsparectl failover --to {} --force`) or moves the role elsewhere",
