@@ -10,7 +10,6 @@
 //! Missed schedules are not replayed: after a restart each job waits for its
 //! next scheduled time.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -20,14 +19,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex as AsyncMutex, Notify};
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::config::{Job, RunOn};
 use warmspare_shared::manifest::ContentHash;
 use warmspare_shared::perms;
-use warmspare_shared::proto::{JobKind, JobRun, JobStatus};
+use warmspare_shared::proto::{JobKind, JobRun};
 use warmspare_shared::state::write_atomic;
 
+use crate::job_state::Jobs;
 use crate::live::spool_dir;
 use crate::node::Shared;
 
@@ -54,79 +53,22 @@ struct Persisted {
     restored: u64,
 }
 
-/// The jobs' shared runtime: one lock per job (runs never overlap), status,
-/// and the arrival signal from the receiver.
-#[derive(Default)]
-pub struct Jobs {
-    locks: std::sync::Mutex<BTreeMap<String, Arc<AsyncMutex<()>>>>,
-    status: std::sync::Mutex<BTreeMap<String, JobStatus>>,
-    /// Woken when the receiver applied something in the spool.
-    pub arrived: Notify,
-}
-
-impl Jobs {
-    /// The lock that keeps runs of `job` from overlapping.
-    fn lock_of(&self, job: &str) -> Arc<AsyncMutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(job.to_string())
-            .or_default()
-            .clone()
-    }
-
-    /// The status of every job of `jobs` (jobs that never ran here included).
-    pub fn statuses(&self, jobs: &[Job]) -> Vec<JobStatus> {
-        let g = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        jobs.iter()
-            .map(|j| {
-                g.get(&j.name).cloned().unwrap_or(JobStatus {
-                    name: j.name.clone(),
-                    last: None,
-                    next: None,
-                    runs_ok: 0,
-                    runs_failed: 0,
-                    generation: 0,
-                })
-            })
-            .collect()
-    }
-
-    /// Takes each job's last run from its persisted history when this
-    /// agent has not seen a run of it yet (after a restart), so status and
-    /// metrics keep showing it. The run counters stay counts since start.
-    fn recall(&self, state_dir: &Path, jobs: &[Job]) {
-        for job in jobs {
-            let known = self
-                .status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&job.name)
-                .is_some_and(|s| s.last.is_some());
-            if known {
-                continue;
-            }
-            if let Some(run) = last_recorded(state_dir, &job.name) {
-                self.update(&job.name, |s| {
-                    if s.last.is_none() {
-                        s.last = Some(run);
-                    }
-                });
-            }
+/// Takes each job's last run from its persisted history when this
+/// agent has not seen a run of it yet (after a restart), so status and
+/// metrics keep showing it. The run counters stay counts since start.
+fn recall(state: &Jobs, state_dir: &Path, jobs: &[Job]) {
+    for job in jobs {
+        let known = state.has_run(&job.name);
+        if known {
+            continue;
         }
-    }
-
-    fn update(&self, job: &str, f: impl FnOnce(&mut JobStatus)) {
-        let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        let s = g.entry(job.to_string()).or_insert_with(|| JobStatus {
-            name: job.to_string(),
-            last: None,
-            next: None,
-            runs_ok: 0,
-            runs_failed: 0,
-            generation: 0,
-        });
-        f(s);
+        if let Some(run) = last_recorded(state_dir, &job.name) {
+            state.update(&job.name, |s| {
+                if s.last.is_none() {
+                    s.last = Some(run);
+                }
+            });
+        }
     }
 }
 
@@ -203,7 +145,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     // Reading the histories' ends is file I/O: off the runtime.
     let s = shared.clone();
     let jobs = shared.live.cluster().job.clone();
-    let _ = tokio::task::spawn_blocking(move || s.jobs.recall(&s.live.state_dir, &jobs)).await;
+    let _ = tokio::task::spawn_blocking(move || recall(&s.jobs, &s.live.state_dir, &jobs)).await;
     for job in shared.live.cluster().job.clone() {
         let g = load_persisted(&shared.live.state_dir, &job.name);
         shared.jobs.update(&job.name, |s| s.generation = g.generation);

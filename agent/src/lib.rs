@@ -15,6 +15,7 @@ mod events;
 mod health;
 mod heartbeat;
 mod hooks;
+mod job_state;
 mod jobs;
 mod live;
 pub mod logging;

@@ -19,7 +19,7 @@ use warmspare_shared::state::{self, HistoryEntry, RoleState};
 use crate::clock::unix;
 use crate::events::{Inbox, Work};
 use crate::live::Live;
-use crate::{jobs, roots};
+use crate::roots;
 
 /// What every task of the daemon shares.
 pub struct Shared {
@@ -42,7 +42,7 @@ pub struct Shared {
     /// When the agent started.
     pub started: SystemTime,
     /// The jobs' runtime.
-    pub jobs: jobs::Jobs,
+    pub jobs: crate::job_state::Jobs,
     /// The role hooks' runtime (the promotion gate).
     pub hooks: crate::promotion::Hooks,
     /// The `after_apply` hooks' runtime (runs, counters, last outcomes).
@@ -125,7 +125,7 @@ impl Shared {
             runtime: Mutex::new(Runtime::default()),
             progress,
             started: SystemTime::now(),
-            jobs: jobs::Jobs::default(),
+            jobs: crate::job_state::Jobs::default(),
             hooks: crate::promotion::Hooks::default(),
             after: Arc::new(crate::after::AfterApply::new(live.clone())),
             tree_counts: crate::counts::TreeCounts::default(),
