@@ -19,8 +19,6 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::SeekFrom;
 
-use crate::manifest::ContentHash;
-
 /// The block a receiver steps over instead of writing when it is all zeros:
 /// the page and block size of common file systems.
 pub const ZERO_BLOCK: u64 = 4096;
@@ -161,12 +159,13 @@ pub fn hash_zeros(hasher: &mut blake3::Hasher, mut len: u64) {
     }
 }
 
-/// The size and content hash of the open regular file `file`: the same hash
+/// The size and BLAKE3 hash of the open regular file `file` (see
+/// `ContentHash::of_open_file`): the same hash
 /// as reading it to its end, but its holes are not read (they are hashed as
 /// the zeros they read as). The file is read with positioned reads as it is
 /// now; one that shrinks meanwhile ends at the short read, one that grows
 /// is hashed up to the size it had at the start.
-pub fn hash_file(file: &File) -> io::Result<(u64, ContentHash)> {
+pub fn hash_file(file: &File) -> io::Result<(u64, blake3::Hash)> {
     let size = file.metadata()?.len();
     let mut hasher = blake3::Hasher::new();
     let mut buf = Vec::new();
@@ -195,7 +194,7 @@ pub fn hash_file(file: &File) -> io::Result<(u64, ContentHash)> {
             }
         }
     }
-    Ok((total, ContentHash(*hasher.finalize().as_bytes())))
+    Ok((total, hasher.finalize()))
 }
 
 /// What [`walk`] found in a file.
@@ -341,8 +340,8 @@ mod tests {
         all
     }
 
-    fn hash_by_reading(f: &File) -> ContentHash {
-        ContentHash::of(&read_all(f))
+    fn hash_by_reading(f: &File) -> blake3::Hash {
+        blake3::hash(&read_all(f))
     }
 
     /// Whether the file system of the temporary directory maps holes.

@@ -225,7 +225,7 @@ pub(super) fn learn(file: &fs::File, rel: &str, cache: &mut HashCache) -> io::Re
         // (never mapped: another process may truncate it meanwhile), its
         // holes without reading them.
         None => {
-            let (size, hash) = warmspare_shared::sparse::hash_file(file)?;
+            let (size, hash) = warmspare_shared::manifest::ContentHash::of_open_file(file)?;
             Learned {
                 size,
                 hash,

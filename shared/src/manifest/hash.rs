@@ -24,7 +24,14 @@ impl ContentHash {
     /// Hashes the file at `path` (its holes without reading them).
     pub fn of_file(path: &Path) -> io::Result<ContentHash> {
         let file = crate::sys::open_for_reading(path, 0)?;
-        Ok(crate::sparse::hash_file(&file)?.1)
+        Ok(ContentHash::of_open_file(&file)?.1)
+    }
+
+    /// The size and content hash of the open regular file `file`, its holes
+    /// hashed as zeros without being read (see `sparse::hash_file`).
+    pub fn of_open_file(file: &std::fs::File) -> io::Result<(u64, ContentHash)> {
+        let (size, hash) = crate::sparse::hash_file(file)?;
+        Ok((size, ContentHash(*hash.as_bytes())))
     }
 
     /// Hashes what `r` yields up to its end. Small inputs (most replicated
