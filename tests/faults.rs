@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::{RngExt as _, SeedableRng};
-use warmspare_shared::manifest::is_temp_name;
+use warmspare_shared::relpath::is_temp_name;
 
 use crate::{converge, noise, snapshot, temp_files, wait_until, write_file, ClusterOptions, TestCluster};
 

@@ -454,7 +454,7 @@ pub fn temp_files(root: &Path) -> Vec<String> {
             let p = de.path();
             if de.file_type().is_ok_and(|t| t.is_dir()) {
                 walk(root, &p, out);
-            } else if warmspare_shared::manifest::is_temp_name(&de.file_name().to_string_lossy()) {
+            } else if warmspare_shared::relpath::is_temp_name(&de.file_name().to_string_lossy()) {
                 out.push(p.strip_prefix(root).unwrap_or(&p).to_string_lossy().to_string());
             }
         }

@@ -265,7 +265,7 @@ pub fn write_serial(ca_dir: &Path, next: u128) -> Result<()> {
     }
     let tmp = ca_dir.join(format!(
         "{}serial.{}",
-        warmspare_shared::manifest::TEMP_PREFIX,
+        warmspare_shared::relpath::TEMP_PREFIX,
         std::process::id()
     ));
     let result = (|| -> io::Result<()> {

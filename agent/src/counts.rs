@@ -65,7 +65,7 @@ fn count(root: &Path) -> (u64, u64) {
                 && !de
                     .file_name()
                     .to_str()
-                    .is_some_and(warmspare_shared::manifest::is_temp_name)
+                    .is_some_and(warmspare_shared::relpath::is_temp_name)
             {
                 files += 1;
                 bytes += de.metadata().map(|m| m.len()).unwrap_or(0);

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use warmspare_shared::config::Hook;
+use warmspare_shared::persist;
 use warmspare_shared::proto::HookRun;
 use warmspare_shared::state::{self, HistoryEntry};
 
@@ -50,7 +51,7 @@ fn store(state_dir: &Path, run: &HookRun) {
     let path = record_path(state_dir, run.hook);
     let written = serde_json::to_vec_pretty(run)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| state::write_atomic(&path, &bytes));
+        .and_then(|bytes| persist::write_atomic(&path, &bytes));
     if let Err(e) = written {
         tracing::error!(hook = %run.hook, path = %path.display(), error = %e, "cannot record the hook run");
     }

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use warmspare_shared::config::{Job, RunOn};
 use warmspare_shared::manifest::ContentHash;
 use warmspare_shared::perms;
+use warmspare_shared::persist::write_atomic;
 use warmspare_shared::proto::{JobKind, JobRun};
-use warmspare_shared::state::write_atomic;
 
 use crate::job_state::Jobs;
 use crate::live::spool_dir;

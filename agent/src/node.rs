@@ -13,6 +13,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::ledger::Ledgers;
+use warmspare_shared::persist;
 use warmspare_shared::proto::{Hello, Purpose, PROTOCOL_VERSION};
 use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
@@ -315,7 +316,7 @@ impl Shared {
     pub fn set_paused(&self, paused: bool) -> Result<()> {
         let marker = self.live.state_dir.join(PAUSED_FILE);
         if paused {
-            state::write_atomic(&marker, b"paused by warmsparectl\n")?;
+            persist::write_atomic(&marker, b"paused by warmsparectl\n")?;
         } else if marker.exists() {
             std::fs::remove_file(&marker)?;
         }

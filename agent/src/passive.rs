@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use warmspare_shared::beneath;
 use warmspare_shared::local::{self, Change, Flagged, Own, Stamp};
 use warmspare_shared::manifest::{self, ContentHash, Excludes, HashCache};
+use warmspare_shared::relpath;
 use warmspare_shared::text::escape_controls;
 
 use crate::node::Shared;
@@ -371,7 +372,7 @@ fn against_ledger(shared: &Shared, t: &mut Target) -> Vec<String> {
     }
     let unknown: Vec<&str> = scan.skipped.iter().filter_map(|s| s.unknown_path()).collect();
     for (p, _) in ledger.entries() {
-        if !present.contains(p) && !unknown.iter().any(|u| manifest::is_under(p, u)) {
+        if !present.contains(p) && !unknown.iter().any(|u| relpath::is_under(p, u)) {
             out.push(p.to_string());
         }
     }
@@ -384,7 +385,7 @@ fn locate(targets: &[Target], path: &Path) -> Option<(usize, String)> {
     for (i, t) in targets.iter().enumerate() {
         if let Ok(rel) = path.strip_prefix(&t.root) {
             let rel = rel.to_str()?;
-            if rel.is_empty() || rel.split('/').any(manifest::is_temp_name) {
+            if rel.is_empty() || rel.split('/').any(relpath::is_temp_name) {
                 return None;
             }
             return Some((i, rel.to_string()));

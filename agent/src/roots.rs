@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result};
 use tokio::sync::Notify;
-use warmspare_shared::state;
+use warmspare_shared::persist;
 
 /// The file, under the state dir, that records each root's device.
 pub const ROOTS_FILE: &str = "roots.json";
@@ -86,7 +86,7 @@ impl Roots {
 
     fn save(&self, seen: &BTreeMap<String, u64>) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(seen).context("cannot encode the watch roots")?;
-        state::write_atomic(&self.file, &bytes).with_context(|| format!("cannot write {}", self.file.display()))
+        persist::write_atomic(&self.file, &bytes).with_context(|| format!("cannot write {}", self.file.display()))
     }
 
     /// Records the device of `root` when none is recorded yet and it is a

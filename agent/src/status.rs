@@ -192,7 +192,7 @@ pub struct PublicStatus {
     version: String,
     protocol: u32,
     config_hash: String,
-    role: warmspare_shared::proto::RoleState,
+    role: warmspare_shared::state::RoleState,
     paused: bool,
     started: i64,
     watches: Vec<PublicWatch>,
@@ -367,7 +367,8 @@ impl From<NodeStatus> for PublicStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warmspare_shared::proto::{JobKind, JobRun, JobStatus, LinkStatus, RoleState, WatchStatus};
+    use warmspare_shared::proto::{JobKind, JobRun, JobStatus, LinkStatus, WatchStatus};
+    use warmspare_shared::state::RoleState;
 
     #[test]
     fn the_public_status_carries_no_detail() {

@@ -16,10 +16,10 @@ use std::fs::File;
 use std::io::Write;
 use std::time::SystemTime;
 
-use warmspare_shared::apply::check_rel_path;
 use warmspare_shared::beneath;
 use warmspare_shared::manifest::ContentHash;
 use warmspare_shared::proto::{UndoEntry, UndoKind, UndoStatus, UndoWhy};
+use warmspare_shared::relpath::check_rel_path;
 use warmspare_shared::undo::{self, Kept, Limits, Recorder};
 
 use crate::node::Shared;
@@ -138,7 +138,7 @@ impl Restore {
         };
         let tmp = format!(
             "{}{}.restore.{:x}",
-            warmspare_shared::manifest::TEMP_PREFIX,
+            warmspare_shared::relpath::TEMP_PREFIX,
             name.chars().take(100).collect::<String>(),
             unique()
         );

@@ -22,7 +22,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use warmspare_shared::manifest;
+use warmspare_shared::relpath;
 
 use crate::events::Inbox;
 
@@ -290,7 +290,7 @@ fn locate(targets: &[Target], path: &Path) -> Option<(usize, String)> {
                 // An event on the root itself: compare everything under it.
                 return Some((i, String::new()));
             }
-            if rel.split('/').any(manifest::is_temp_name) {
+            if rel.split('/').any(relpath::is_temp_name) {
                 return None;
             }
             return Some((i, rel.to_string()));

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Result};
 use warmspare_shared::config::{Job, Node, RunOn};
-use warmspare_shared::proto::{HistoryEntry, Reply, Request};
+use warmspare_shared::proto::{Reply, Request};
+use warmspare_shared::state::HistoryEntry;
 
 use crate::client::Operator;
 use crate::exit::{fail, FAILED, REFUSED};

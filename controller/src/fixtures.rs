@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 
 use warmspare_shared::config::Cluster;
 use warmspare_shared::keys::SecretKey;
-use warmspare_shared::proto::{LinkStatus, NodeStatus, RoleState, UndoStatus, WatchStatus, PROTOCOL_VERSION};
+use warmspare_shared::proto::{LinkStatus, NodeStatus, UndoStatus, WatchStatus, PROTOCOL_VERSION};
+use warmspare_shared::state::RoleState;
 
 use crate::client::NodeView;
 

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use warmspare_shared::config::Cluster;
-use warmspare_shared::proto::{NodeStatus, Reply, Request, RoleState, PROMOTE_HOOK_FAILED};
+use warmspare_shared::proto::{NodeStatus, Reply, Request, PROMOTE_HOOK_FAILED};
+use warmspare_shared::state::RoleState;
 
 use crate::cli::{FailoverArgs, SwitchoverArgs};
 use crate::client::{NodeView, Operator, TimedOut};

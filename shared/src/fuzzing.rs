@@ -14,7 +14,7 @@ use std::task::{Context, Poll, Waker};
 
 use crate::manifest::{self, HashCache};
 use crate::proto::{self, FrameReader, Reply, Request};
-use crate::{apply, delta, ledger};
+use crate::{delta, ledger, relpath};
 
 /// Polls a future over an in-memory reader, which never waits.
 fn ready<F: Future>(f: F) -> F::Output {
@@ -78,7 +78,7 @@ pub fn manifests(data: &[u8]) {
                     "{:?} is not a plain relative path",
                     e.path
                 );
-                assert!(apply::confine(root, &e.path).is_ok());
+                assert!(relpath::confine(root, &e.path).is_ok());
             }
         }
     }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::manifest::{ContentHash, Entry, Meta};
-pub use crate::state::{HistoryEntry, RoleState};
+use crate::state::{HistoryEntry, RoleState};
 
 /// The protocol version; peers with another one are refused at hello.
 pub const PROTOCOL_VERSION: u32 = 5;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::persist::write_atomic;
+use crate::persist::write_atomic;
 
 /// Why the role state could not be read.
 #[derive(Debug, thiserror::Error)]

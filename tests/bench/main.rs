@@ -275,7 +275,7 @@ fn count_files(root: &Path) -> usize {
         for e in rd.flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() && !warmspare_shared::manifest::is_temp_name(&e.file_name().to_string_lossy()) => {
+                Ok(t) if t.is_file() && !warmspare_shared::relpath::is_temp_name(&e.file_name().to_string_lossy()) => {
                     n += 1
                 }
                 _ => {}

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::Path;
 
 use warmspare_shared::manifest::{self, Entry, EntryKind, HashCache, Hashing, Meta};
+use warmspare_shared::relpath;
 
 use crate::live::LocalWatch;
 
@@ -47,7 +48,7 @@ pub(super) fn top_most<'a>(paths: impl Iterator<Item = &'a String>) -> Vec<Strin
     let sorted: BTreeSet<&String> = paths.collect();
     let mut out: Vec<String> = Vec::new();
     for p in sorted {
-        if out.last().is_some_and(|last| manifest::is_under(p, last)) {
+        if out.last().is_some_and(|last| relpath::is_under(p, last)) {
             continue;
         }
         out.push(p.clone());
@@ -127,10 +128,10 @@ pub(super) fn removals(
 ) -> Vec<Removal> {
     let local: BTreeMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let mut removals: Vec<Removal> = Vec::new();
-    for (path, r) in manifest::subtree(remote, prefix) {
+    for (path, r) in relpath::subtree(remote, prefix) {
         let path: &str = path;
         let is_file = matches!(r.kind, EntryKind::File { .. });
-        if let Some(last) = removals.last_mut().filter(|last| manifest::is_under(path, &last.path)) {
+        if let Some(last) = removals.last_mut().filter(|last| relpath::is_under(path, &last.path)) {
             last.files += u64::from(is_file);
             continue;
         }
@@ -141,7 +142,7 @@ pub(super) fn removals(
                 false,
             ),
         };
-        if unknown.iter().any(|u| manifest::is_under(path, u)) {
+        if unknown.iter().any(|u| relpath::is_under(path, u)) {
             tracing::debug!(watch, path, "kept on the peer: this node cannot read it");
             continue;
         }
@@ -178,7 +179,7 @@ pub(super) fn kind_tag(k: &EntryKind) -> u8 {
 }
 
 pub(super) fn remote_remove_tree(remote: &mut Remote, path: &str) {
-    let doomed: Vec<Box<str>> = manifest::subtree(remote, path).map(|(p, _)| p.clone()).collect();
+    let doomed: Vec<Box<str>> = relpath::subtree(remote, path).map(|(p, _)| p.clone()).collect();
     for p in doomed {
         remote.remove(&p);
     }

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use warmspare_shared::manifest::{self, ContentHash, EntryKind, HashCache};
+use warmspare_shared::manifest::{ContentHash, EntryKind, HashCache};
 use warmspare_shared::proto::{Op, Request};
+use warmspare_shared::relpath;
 
 use crate::events::{Inbox, Work};
 use crate::node::Shared;
@@ -196,7 +197,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                 if full {
                     held_here.clear();
                 } else {
-                    held_here.retain(|path, _| !prefixes.iter().any(|p| manifest::is_under(path, p)));
+                    held_here.retain(|path, _| !prefixes.iter().any(|p| relpath::is_under(path, p)));
                 }
                 if hold {
                     tracing::error!(
@@ -224,7 +225,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                             if r.deletion {
                                 held_here.insert(r.path.clone(), r.files);
                                 except.extend(
-                                    manifest::subtree(remote, &r.path)
+                                    relpath::subtree(remote, &r.path)
                                         .filter(|(_, h)| matches!(h.kind, EntryKind::File { .. }))
                                         .map(|(p, _)| p.to_string()),
                                 );
@@ -380,7 +381,7 @@ fn record_agreement(
     settled: &[(String, Vec<(String, ContentHash)>)],
     failures: &[(String, String)],
 ) {
-    let failed = |w: &str, p: &str| failures.iter().any(|(fw, fp)| fw == w && manifest::is_under(p, fp));
+    let failed = |w: &str, p: &str| failures.iter().any(|(fw, fp)| fw == w && relpath::is_under(p, fp));
     let mut ledgers = shared.ledgers.lock().unwrap_or_else(|p| p.into_inner());
     for (watch, local) in settled {
         let entries = local.iter().filter(|(p, _)| !failed(watch, p)).cloned();
@@ -413,7 +414,7 @@ impl Unreadable {
     fn update(&mut self, stats: &BatchStats) {
         for (watch, prefix) in &stats.scanned {
             self.paths
-                .retain(|(w, p), _| w != watch || !manifest::is_under(p, prefix));
+                .retain(|(w, p), _| w != watch || !relpath::is_under(p, prefix));
         }
         for (watch, path, why) in &stats.unreadable {
             self.paths.insert((watch.clone(), path.clone()), why.clone());

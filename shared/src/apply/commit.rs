@@ -2,7 +2,20 @@
 //! `syncfs` per file system), files linked or renamed into place,
 //! directories restored and made durable, the ledger and trackers updated.
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::Arc;
+
+use rustix::fs::OFlags;
+
+use super::temps::temp_name;
+use super::{Applier, CommitReport, NotDurable, Pending, Staged, STATE_SAVE_INTERVAL};
+use crate::beneath;
+use crate::local::Stamp;
+use crate::manifest::{ContentHash, Meta};
+use crate::proto::UndoWhy;
 
 /// One durability call of a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

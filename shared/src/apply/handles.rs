@@ -3,7 +3,14 @@
 //! and forgotten when the batch removes or replaces a path and at each
 //! commit.
 
-use super::*;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use super::{local_ancestors, Applier};
+use crate::beneath;
+use crate::local;
 
 /// A watch's root and the directories below it, open for one batch.
 pub(super) struct Handles {

@@ -2,7 +2,7 @@
 //!
 //! [`Applier`] is synchronous; the agent runs it on a blocking worker, and
 //! its only thread of its own starts write-back early (see `Flusher`).
-//! Every path from the wire is checked ([`check_rel_path`]) and then used only
+//! Every path from the wire is checked ([`check_rel_path`](crate::relpath::check_rel_path)) and then used only
 //! beneath its watch root, through directory handles (see [`crate::beneath`]):
 //! the root is opened without following a link, each directory below it with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (or an `O_NOFOLLOW` walk),
@@ -19,12 +19,13 @@
 //! `handles` the directory handles of a batch, `ops` the operations without
 //! content, `stage` the incoming files, `temps` their temporary files,
 //! `preserve` moving aside and keeping what is replaced, `commit` the commit
-//! and its durability.
+//! and its durability. The submodules import the types they share from
+//! here, by name; this file imports nothing from them and names what it
+//! uses of them by path (`temps::Output`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::{self, BufWriter};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -33,11 +34,10 @@ use rustix::fs::OFlags;
 use crate::beneath::{self, split};
 use crate::delta;
 use crate::ledger::Ledgers;
-use crate::local::{self, Stamp, Tracker};
+use crate::local::{Stamp, Tracker};
 use crate::manifest::{self, ContentHash, Entry, Excludes, HashCache, Meta};
-use crate::proto::{Op, UndoWhy};
-use crate::relpath::TEMP_PREFIX;
-pub use crate::relpath::{check_rel_path, confine, BadPath};
+use crate::proto::Op;
+use crate::relpath::{check_rel_path, BadPath};
 
 mod commit;
 mod handles;
@@ -48,11 +48,7 @@ mod temps;
 #[cfg(test)]
 mod tests;
 
-use commit::*;
-use handles::*;
-use stage::*;
 pub use temps::clean_temps;
-use temps::*;
 
 /// Whether this process can give files away (it runs as root), and so
 /// replicates owners.
@@ -70,7 +66,7 @@ pub struct NotDurable(pub io::Error);
 /// protocol or tried to leave its root.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
-    /// A path breaks the rules of [`check_rel_path`].
+    /// A path breaks the rules of [`check_rel_path`](crate::relpath::check_rel_path).
     #[error(transparent)]
     Path(#[from] BadPath),
     /// The request names a watch this node does not have.
@@ -140,7 +136,7 @@ struct Incoming {
     /// The target's name in `dir`.
     name: String,
     stage: Stage,
-    writer: Option<BufWriter<Output>>,
+    writer: Option<BufWriter<temps::Output>>,
     /// The data of a file staged in memory ([`Stage::InMemory`]).
     in_memory: Vec<u8>,
     hasher: blake3::Hasher,
@@ -169,7 +165,7 @@ enum Stage {
 struct Opened {
     stage: Stage,
     /// None for a file kept in memory.
-    writer: Option<BufWriter<Output>>,
+    writer: Option<BufWriter<temps::Output>>,
     /// A delta's spool file, and the hash of its base.
     delta: Option<(String, ContentHash)>,
 }
@@ -275,13 +271,13 @@ pub struct Applier {
     /// whenever something applied could change what a path is (a link made,
     /// a path removed, a commit's renames), and at every commit, so that
     /// each batch opens its roots again.
-    handles: HashMap<String, Handles>,
+    handles: HashMap<String, handles::Handles>,
     /// This session's diverged folder, open.
     diverged: Option<Arc<File>>,
     /// Keeps what is removed or replaced and agreed (see [`crate::undo`]).
     undo: Option<crate::undo::Recorder>,
     /// Starts write-back while a large batch still arrives.
-    flusher: Flusher,
+    flusher: commit::Flusher,
     /// Files written since the flusher was last asked to start.
     unflushed: usize,
     /// How many unnamed files a batch may hold open; 0 once the filesystem
@@ -293,7 +289,7 @@ pub struct Applier {
     in_memory_bytes: u64,
     /// The sync step of the commit: the system calls (tests put a failing
     /// one in its place).
-    sync: SyncFn,
+    sync: commit::SyncFn,
     /// Where this receiver records what it changes, for the passive
     /// watcher (see [`crate::local`]).
     tracker: Option<Arc<Tracker>>,
@@ -336,14 +332,14 @@ impl Applier {
             handles: HashMap::new(),
             diverged: None,
             undo: None,
-            flusher: Flusher::default(),
+            flusher: commit::Flusher::default(),
             unflushed: 0,
             // A quarter of what the process may open, and no more than a
             // large batch holds; the rest of a batch gets named files.
-            unnamed_max: (crate::sys::open_files_limit() / 4).min(UNNAMED_MAX) as usize,
+            unnamed_max: (crate::sys::open_files_limit() / 4).min(stage::UNNAMED_MAX) as usize,
             unnamed: 0,
             in_memory_bytes: 0,
-            sync: system_sync,
+            sync: commit::system_sync,
             tracker: None,
             placed_now: HashMap::new(),
         })
@@ -426,7 +422,7 @@ impl Applier {
         let Some(w) = self.watches.get_mut(watch) else {
             return Ok(None);
         };
-        let hash = match hash_open(&mut w.cache, rel, &file) {
+        let hash = match stage::hash_open(&mut w.cache, rel, &file) {
             Ok(h) => h,
             Err(_) => return Ok(None),
         };

@@ -1,7 +1,18 @@
 //! The operations that change the tree without file content: directories,
 //! symbolic links, metadata, removals, and the settling of a watch.
 
-use super::*;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use super::handles::DIR_CACHE_MAX;
+use super::temps::temp_name;
+use super::{Applier, Refused};
+use crate::beneath::{self, split};
+use crate::local;
+use crate::manifest::{self, ContentHash, Meta};
+use crate::proto::UndoWhy;
 
 impl Applier {
     pub(super) fn make_dir(&mut self, watch: &str, rel: &str, meta: Meta) -> io::Result<()> {

@@ -3,7 +3,18 @@
 //! into `diverged/` (by `renameat` between handles), and agreed ones are
 //! kept in the undo store.
 
-use super::*;
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::sync::Arc;
+
+use rustix::fs::OFlags;
+
+use super::stage::hash_open;
+use super::{Applier, Divergence};
+use crate::beneath::{self, split};
+use crate::manifest::{self, ContentHash};
+use crate::proto::UndoWhy;
 
 /// Moves `name` from the directory open as `from` to the same name in the
 /// directory open as `to` (a diverged folder), replacing what is there.

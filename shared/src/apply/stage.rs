@@ -3,7 +3,18 @@
 //! where the file system allows), each checked against its announced size
 //! and BLAKE3 hash at its end (deltas patched against their base first).
 
-use super::*;
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::sync::Arc;
+
+use rustix::fs::OFlags;
+
+use super::commit::{give_meta, FLUSH_EVERY_FILES};
+use super::temps::{temp_name, HashingWriter, Output};
+use super::{Applier, Incoming, Opened, Pending, Refused, Stage, Staged};
+use crate::beneath::{self, split};
+use crate::delta;
+use crate::manifest::{ContentHash, HashCache, Meta};
 
 /// At most this many unnamed files are held open by one batch.
 pub(super) const UNNAMED_MAX: u64 = 4096;

@@ -2,7 +2,12 @@
 //! goes (`Output`), the hashing writer, temporary names, and the clean-up of
 //! temporaries a crash left behind.
 
-use super::*;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+
+use crate::beneath;
+use crate::relpath::TEMP_PREFIX;
 
 /// Write-back of a file being received starts every this many bytes.
 pub(super) const WRITEBACK_STEP: u64 = 8 << 20;

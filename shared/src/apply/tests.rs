@@ -1,9 +1,12 @@
 //! The applier end to end on real directories: confinement, staging,
 //! commits, preservation, durability.
 
+use super::commit::{system_sync, SyncCall, FLUSH_EVERY_FILES, FSYNC_EACH_MAX, IN_MEMORY_AHEAD_MIN, LINK_AHEAD_MIN};
+use super::stage::{IN_MEMORY_SIZE_MAX, UNNAMED_SIZE_MAX};
 use super::*;
+use crate::proto::UndoWhy;
 use serde_bytes::ByteBuf;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 fn applier(root: &Path) -> Applier {
     Applier::new(
@@ -296,7 +299,7 @@ fn small_files_wait_unnamed_and_large_ones_named() {
     let temps = || {
         fs::read_dir(d.path())
             .unwrap()
-            .filter(|e| manifest::is_temp_name(e.as_ref().unwrap().file_name().to_str().unwrap()))
+            .filter(|e| crate::relpath::is_temp_name(e.as_ref().unwrap().file_name().to_str().unwrap()))
             .count()
     };
     fs::write(d.path().join("old"), b"local").unwrap();

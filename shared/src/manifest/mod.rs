@@ -20,7 +20,6 @@ mod exclude;
 mod hash;
 mod scan;
 
-pub use crate::relpath::{is_temp_name, is_under, subtree, TEMP_PREFIX};
 pub use exclude::{ExcludeError, Excludes};
 pub use hash::{ContentHash, HashCache};
 pub use scan::{join, scan, scan_with, Hashing, Scan, Skipped};

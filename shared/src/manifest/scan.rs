@@ -8,7 +8,8 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::{is_temp_name, ContentHash, Entry, EntryKind, Excludes, HashCache, Meta};
+use super::{ContentHash, Entry, EntryKind, Excludes, HashCache, Meta};
+use crate::relpath::is_temp_name;
 
 /// Something in the tree that is not replicated, reported to the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
