@@ -390,7 +390,7 @@ fn apply_loop(
             .live
             .state_dir
             .join("diverged")
-            .join(format!("{}-{}", session.epoch, timestamp())),
+            .join(format!("{}-{}", session.epoch, crate::clock::timestamp())),
     };
     let mut applier = Applier::new(watch_roots(shared)?, Some(divergence))
         .context("cannot open the watch roots")?
@@ -588,42 +588,4 @@ fn manifest_parts(entries: Vec<Entry>) -> Vec<(Vec<Entry>, bool)> {
     }
     parts.push((cur, true));
     parts
-}
-
-/// A UTC timestamp for folder names: `20261122T031500Z`.
-pub fn timestamp() -> String {
-    let secs = crate::clock::unix(std::time::SystemTime::now());
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn civil_dates() {
-        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
-        assert_eq!(super::civil_from_days(20_779), (2026, 11, 22));
-        assert_eq!(super::civil_from_days(11_016), (2000, 2, 29));
-    }
 }
