@@ -11,7 +11,7 @@
 //! next scheduled time.
 
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -126,11 +126,7 @@ const LAST_RUN_TAIL: u64 = 64 * 1024;
 /// The newest run of `job` in its persisted history, read from the end of
 /// the file (the history itself is never read whole for this).
 fn last_recorded(state_dir: &Path, job: &str) -> Option<JobRun> {
-    let mut f = fs::File::open(job_dir(state_dir, job).join("history.jsonl")).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(LAST_RUN_TAIL))).ok()?;
-    let mut bytes = Vec::new();
-    f.take(LAST_RUN_TAIL).read_to_end(&mut bytes).ok()?;
+    let bytes = crate::files::tail_bytes(&job_dir(state_dir, job).join("history.jsonl"), LAST_RUN_TAIL);
     // The first line may be cut mid-character: it is skipped as unparsable.
     String::from_utf8_lossy(&bytes)
         .lines()

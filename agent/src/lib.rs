@@ -12,6 +12,7 @@ mod control;
 mod counts;
 mod daemon;
 mod events;
+mod files;
 mod health;
 mod heartbeat;
 mod hooks;

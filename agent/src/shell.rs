@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{Read as _, Seek as _, SeekFrom};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
@@ -253,14 +252,21 @@ pub async fn run(spec: Spec<'_>) -> Result<Outcome> {
     wait(&mut child, &mut group, spec.timeout).await
 }
 
-/// The last `n` bytes of the file at `path`, as text (empty when unreadable).
+/// The last `n` bytes of the file at `path`, as text (empty when
+/// unreadable; a character cut by the start of the tail, or any byte that
+/// is not UTF-8, becomes U+FFFD).
 pub fn tail_of(path: &Path, n: u64) -> String {
-    let Ok(mut f) = File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(n)));
-    let mut s = String::new();
-    let _ = f.read_to_string(&mut s);
-    s
+    String::from_utf8_lossy(&crate::files::tail_bytes(path, n)).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_tail_cut_inside_a_character_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stderr");
+        // The 11-byte tail starts on the second byte of "à" (c3 a0).
+        std::fs::write(&path, "déjà vu\nfailed").unwrap();
+        assert_eq!(super::tail_of(&path, 11), "\u{fffd} vu\nfailed");
+    }
 }
