@@ -277,7 +277,7 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
                 let (rd, wr) = tokio::io::split(d.stream);
                 let mut r = FrameReader::new(rd);
                 let mut w = FrameWriter::new(wr);
-                w.send(&Request::Hello(shared.hello(Purpose::Probe))).await?;
+                w.send(&Request::Hello(shared.role.hello(Purpose::Probe))).await?;
                 match r.recv::<Reply>().await {
                     Ok(Some(Reply::Hello(h))) if h.config_hash == shared.live.config_hash() => {
                         format!("ok (epoch {}, active {}, version {})", h.epoch, h.active, h.version)

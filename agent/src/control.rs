@@ -180,7 +180,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
         Request::SetRole { expect, next, reason } => match shared
             .off_runtime({
                 let by = by.clone();
-                move |s| s.cas_role(&expect, next, &reason, &by)
+                move |s| s.role.compare_and_swap(&expect, next, &reason, &by)
             })
             .await
             .unwrap_or_else(|e| Err(format!("{e:#}")))
@@ -188,7 +188,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
             Ok(now) if now.active == shared.live.me.name => {
                 // Promoted: answer once on_promote has run (or failed).
                 let limit = shared.live.cluster().cluster.hook_timeout + Duration::from_secs(30);
-                match shared.wait_promoted(now.epoch, limit).await {
+                match shared.role.wait_promoted(now.epoch, limit).await {
                     Ok(()) => Reply::Role(now),
                     Err(reason) => {
                         tracing::error!(operator, reason, "the promotion did not complete");
@@ -203,7 +203,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
             }
         },
         Request::Adopt { state, reason } => match shared
-            .off_runtime(move |s| s.adopt(state, &reason, &by))
+            .off_runtime(move |s| s.role.adopt(state, &reason, &by))
             .await
             .and_then(|r| r)
         {
@@ -226,7 +226,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
             accept_root,
             allow_deletes,
         } => {
-            if !shared.is_active() {
+            if !shared.role.is_active() {
                 return Reply::Refused {
                     reason: format!("{} is not the active node", shared.live.me.name),
                 };
@@ -265,7 +265,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
                     shared.allow_deletes(w);
                 }
             }
-            for inbox in shared.runtime().inboxes.values() {
+            for inbox in shared.telemetry.runtime().inboxes.values() {
                 for w in &names {
                     inbox.add_full(w);
                 }
@@ -302,7 +302,7 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
 /// Compares every watch with every peer and waits until each peer has
 /// acknowledged everything asked of it before the flush began.
 async fn flush(shared: &Shared, timeout: Duration) -> Reply {
-    if !shared.is_active() {
+    if !shared.role.is_active() {
         return Reply::Refused {
             reason: format!("{} is not the active node", shared.live.me.name),
         };
@@ -312,27 +312,27 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
             reason: "replication is paused; resume it first".into(),
         };
     }
-    if let Some(reason) = shared.held() {
+    if let Some(reason) = shared.role.held() {
         return Reply::Refused { reason };
     }
     let mut targets = Vec::new();
-    for (peer, inbox) in shared.runtime().inboxes.iter() {
+    for (peer, inbox) in shared.telemetry.runtime().inboxes.iter() {
         let mut gen = 0;
         for w in shared.live.local_watches() {
             gen = inbox.add_full(&w.name);
         }
         targets.push((peer.clone(), gen));
     }
-    let mut progress = shared.progress.subscribe();
+    let mut progress = shared.telemetry.progress.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if !shared.is_active() {
+        if !shared.role.is_active() {
             return Reply::Refused {
                 reason: "the role changed during the flush".into(),
             };
         }
         let lagging: Vec<String> = {
-            let rt = shared.runtime();
+            let rt = shared.telemetry.runtime();
             targets
                 .iter()
                 .filter(|(peer, gen)| rt.links.get(peer).is_none_or(|l| l.done_generation < *gen))
@@ -350,7 +350,7 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
                 .map(|(w, p)| format!("watch {w} is not shipped: {p}"))
                 .collect();
             held.extend({
-                let rt = shared.runtime();
+                let rt = shared.telemetry.runtime();
                 targets
                     .iter()
                     .filter_map(|(p, _)| rt.links.get(p).map(|l| (p, l)))
@@ -374,7 +374,7 @@ async fn flush(shared: &Shared, timeout: Duration) -> Reply {
             };
         }
         if tokio::time::timeout_at(deadline, progress.changed()).await.is_err() {
-            let rt = shared.runtime();
+            let rt = shared.telemetry.runtime();
             let detail = targets
                 .iter()
                 .map(|(p, _)| match rt.links.get(p) {

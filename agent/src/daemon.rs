@@ -133,7 +133,7 @@ pub async fn serve(
     crate::undo::prune(&shared);
     let persisted = shared.live.state_dir.join(state::ROLE_FILE).exists();
     let role = RoleState::load_or_init(&shared.live.state_dir, &shared.live.cluster().cluster.preferred_active)?;
-    shared.start_role(role.clone());
+    shared.role.start(role.clone());
     if persisted
         && role.active == shared.live.me.name
         && shared.live.cluster().peers_of(&shared.live.me.name).next().is_some()
@@ -146,7 +146,7 @@ pub async fn serve(
             role.epoch, shared.live.me.name
         );
         tracing::warn!(epoch = role.epoch, "{reason}");
-        shared.set_held(Some(reason));
+        shared.role.hold(Some(reason));
     }
     let history = state::read_history(&shared.live.state_dir);
     if history.is_empty() {
@@ -245,7 +245,7 @@ pub async fn serve(
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot handle SIGHUP")?;
     sd::ready(&shared);
 
-    let mut roles = shared.subscribe_role();
+    let mut roles = shared.role.subscribe();
     let mut active: Option<ActiveSide> = None;
     // While this node is passive: the watcher of local changes.
     let mut passive: Option<CancellationToken> = None;
@@ -253,9 +253,9 @@ pub async fn serve(
     let mut last: Option<tokio::task::JoinHandle<()>> = None;
     if role.active != shared.live.me.name {
         let (s, epoch, now) = (shared.clone(), role.epoch, role.active.clone());
-        last = Some(tokio::spawn(
-            async move { hooks::recover_passive(&s, epoch, &now).await },
-        ));
+        last = Some(tokio::spawn(async move {
+            hooks::recover_passive(&s.live, &s.role, epoch, &now).await
+        }));
     }
     // The active node before this one (WARMSPARE_FROM): from the history
     // entry that named this node when it starts active.
@@ -296,9 +296,10 @@ pub async fn serve(
                 active = Some(ActiveSide::start(&shared, &config_token, &role, &previous, last.take()));
             }
             Some(side) if mine && side.epoch != role.epoch => {
-                if shared.hooks.promoted(side.epoch) {
+                if shared.role.hooks.promoted(side.epoch) {
                     // Still this node, at a higher epoch: nothing to redo.
                     shared
+                        .role
                         .hooks
                         .promotion
                         .send_replace(crate::promotion::Promotion::Done(role.epoch));
@@ -322,7 +323,7 @@ pub async fn serve(
                 if let Some(side) = active.take() {
                     tracing::warn!("this node is no longer active: stopping shipping");
                     side.token.cancel();
-                    shared.runtime().inboxes.clear();
+                    shared.telemetry.runtime().inboxes.clear();
                     last = Some(side.demote(&shared, &role));
                 }
             }
@@ -347,7 +348,7 @@ pub async fn serve(
                     Ok(true) => {
                         tracing::warn!(path = %shared.live.cluster_path.display(), hash = shared.live.config_hash(), "cluster file reloaded; restarting jobs and the active side");
                         config_token.cancel();
-                        shared.runtime().inboxes.clear();
+                        shared.telemetry.runtime().inboxes.clear();
                         // The loop starts the passive watcher again, on the new watches.
                         passive = None;
                         config_token = cancel.child_token();
@@ -479,7 +480,7 @@ impl ActiveSide {
         let (s, t, epoch, prev) = (shared.clone(), token.clone(), role.epoch, from.to_string());
         let handle = tokio::spawn(async move {
             wait_previous(&s, previous).await;
-            if t.is_cancelled() || !hooks::promote(&s, epoch, &prev).await || t.is_cancelled() {
+            if t.is_cancelled() || !hooks::promote(&s.live, &s.role, epoch, &prev).await || t.is_cancelled() {
                 return;
             }
             tracing::info!("this node is active: watching and shipping");
@@ -503,7 +504,7 @@ impl ActiveSide {
                     }
                 }
             }
-            s.runtime().inboxes.clear();
+            s.telemetry.runtime().inboxes.clear();
             if tokio::time::timeout(Duration::from_secs(10), async {
                 while set.join_next().await.is_some() {}
             })
@@ -531,7 +532,15 @@ impl ActiveSide {
         tokio::spawn(async move {
             wait_previous(&s, Some(handle)).await;
             let me = s.live.me.name.clone();
-            let _ = hooks::run(&s, warmspare_shared::config::Hook::OnDemote, epoch, &me, &to).await;
+            let _ = hooks::run(
+                &s.live,
+                &s.role,
+                warmspare_shared::config::Hook::OnDemote,
+                epoch,
+                &me,
+                &to,
+            )
+            .await;
         })
     }
 }
@@ -548,7 +557,11 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<&'static str>, token: 
     for peer in shared.live.cluster().peers_of(&shared.live.me.name) {
         let inbox = Arc::new(Inbox::default());
         inboxes.push(inbox.clone());
-        shared.runtime().inboxes.insert(peer.name.clone(), inbox.clone());
+        shared
+            .telemetry
+            .runtime()
+            .inboxes
+            .insert(peer.name.clone(), inbox.clone());
         let stop = inbox.clone();
         let t = token.clone();
         tasks.spawn(async move {

@@ -91,10 +91,10 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
 }
 
 async fn check(State(shared): State<Arc<Shared>>) -> Response {
-    let role = shared.role();
-    if shared.is_active() {
+    let role = shared.role.current();
+    if shared.role.is_active() {
         (StatusCode::OK, format!("active at epoch {}\n", role.epoch)).into_response()
-    } else if let Some(why) = shared.held() {
+    } else if let Some(why) = shared.role.held() {
         // Without the detail: a failed hook's output stays behind SSH.
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -136,11 +136,11 @@ async fn detail(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let sent = shared.bytes_sent.load(Ordering::Relaxed);
+    let sent = shared.telemetry.bytes_sent.load(Ordering::Relaxed);
     let counts: Vec<(warmspare_shared::config::Hook, bool, u64)> = warmspare_shared::config::Hook::ALL
         .iter()
         .flat_map(|h| [(*h, true), (*h, false)])
-        .map(|(h, ok)| (h, ok, shared.hooks.count(h, ok)))
+        .map(|(h, ok)| (h, ok, shared.role.hooks.count(h, ok)))
         .collect();
     let s = match tokio::task::spawn_blocking(move || status::node_status(&shared)).await {
         Ok(s) => s,

@@ -29,7 +29,8 @@ use warmspare_shared::keys::PublicKey;
 use warmspare_shared::proto::{FrameReader, FrameWriter, Purpose, Reply, Request};
 use warmspare_shared::ssh;
 
-use crate::node::Shared;
+use crate::live::Live;
+use crate::role::Role;
 
 /// How often the probe pings a connected peer, and dials a peer that is down.
 pub const PING_EVERY: Duration = Duration::from_secs(1);
@@ -134,7 +135,8 @@ impl Liveness {
 /// Probes `peer` until `cancel` fires, publishing what it finds in `live`
 /// and, when the peer goes down, on the link in status.
 pub async fn run(
-    shared: Arc<Shared>,
+    node: Arc<Live>,
+    role: Arc<Role>,
     peer: Node,
     server_key: PublicKey,
     live: Arc<Liveness>,
@@ -143,7 +145,7 @@ pub async fn run(
     loop {
         let reason = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = probe(&shared, &peer, &server_key, &live) => r,
+            r = probe(&node, &role, &peer, &server_key, &live) => r,
         };
         let reason = format!("{} {reason}", live.label);
         if live.failed(&reason) {
@@ -158,19 +160,12 @@ pub async fn run(
 
 /// One probe session: dial, hello, then a ping every [`PING_EVERY`] until
 /// an answer is late; returns why it ended.
-async fn probe(shared: &Shared, peer: &Node, server_key: &PublicKey, live: &Liveness) -> String {
+async fn probe(node: &Live, role: &Role, peer: &Node, server_key: &PublicKey, live: &Liveness) -> String {
     let dialed = tokio::time::timeout(DIAL_LIMIT, async {
-        let d = ssh::dial(
-            &peer.ssh,
-            server_key,
-            &shared.live.key,
-            &shared.live.me.name,
-            DIAL_LIMIT,
-        )
-        .await?;
+        let d = ssh::dial(&peer.ssh, server_key, &node.key, &node.me.name, DIAL_LIMIT).await?;
         let (rd, wr) = tokio::io::split(d.stream);
         let (mut reader, mut writer) = (FrameReader::new(rd), FrameWriter::new(wr));
-        writer.send(&Request::Hello(shared.hello(Purpose::Probe))).await?;
+        writer.send(&Request::Hello(role.hello(Purpose::Probe))).await?;
         match reader.recv::<Reply>().await? {
             Some(Reply::Hello(_)) => Ok::<_, anyhow::Error>((reader, writer, d.handle)),
             Some(other) => bail!("answered the probe's hello with {other:?}"),

@@ -3,7 +3,7 @@
 //! `on_promote` runs on a node that holds a new epoch naming it active,
 //! before it acts as active: until the hook has succeeded for the current
 //! epoch the node answers 503 on `/_status/check`, ships nothing and runs no
-//! active-side jobs ([`Shared::is_active`] is false). A failed run leaves the
+//! active-side jobs ([`Role::is_active`](crate::role::Role::is_active) is false). A failed run leaves the
 //! node holding the epoch but fenced until an operator retries (a new epoch
 //! naming it again) or moves the role elsewhere. `on_demote` runs once the
 //! node's active side has stopped, whatever demoted it.
@@ -22,8 +22,9 @@ use warmspare_shared::proto::HookRun;
 use warmspare_shared::state::{self, HistoryEntry};
 
 use crate::clock::unix;
-use crate::node::Shared;
+use crate::live::Live;
 use crate::promotion::Promotion;
+use crate::role::Role;
 
 /// The most output of one run copied into the agent's log.
 const LOG_TAIL: u64 = 8 * 1024;
@@ -59,9 +60,9 @@ fn store(state_dir: &Path, run: &HookRun) {
 
 /// Runs `hook` for the move to `epoch` (from `from` to `to`); `None` when
 /// this node has no such hook.
-pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) -> Option<HookRun> {
-    let cluster = shared.live.cluster();
-    let cmd = cluster.hook(&shared.live.me, hook)?.to_string();
+pub async fn run(live: &Live, role: &Role, hook: Hook, epoch: u64, from: &str, to: &str) -> Option<HookRun> {
+    let cluster = live.cluster();
+    let cmd = cluster.hook(&live.me, hook)?.to_string();
     let timeout = cluster.cluster.hook_timeout;
     let mut run = HookRun {
         hook,
@@ -72,13 +73,13 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
         ok: false,
         detail: "running".into(),
     };
-    store(&shared.live.state_dir, &run);
+    store(&live.state_dir, &run);
     tracing::warn!(%hook, epoch, from, to, "running the role hook");
-    let log = dir(&shared.live.state_dir).join(format!("{}.log", hook.name()));
+    let log = dir(&live.state_dir).join(format!("{}.log", hook.name()));
     let outcome = crate::shell::run_hook(crate::shell::Hook {
         cmd: &cmd,
-        node_env: shared.live.env(),
-        node: &shared.live.me.name,
+        node_env: live.env(),
+        node: &live.me.name,
         vars: vec![
             ("WARMSPARE_HOOK", hook.name().into()),
             ("WARMSPARE_EPOCH", epoch.to_string().into()),
@@ -101,8 +102,8 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
             run.detail = format!("cannot run the hook: {e}");
         }
     }
-    store(&shared.live.state_dir, &run);
-    shared.hooks.counted(hook, run.ok);
+    store(&live.state_dir, &run);
+    role.hooks.counted(hook, run.ok);
     let ms = run.end_ms.unwrap_or(run.start_ms) - run.start_ms;
     if run.ok {
         tracing::warn!(%hook, epoch, ms, "the role hook succeeded");
@@ -113,10 +114,10 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
             epoch,
             from: from.to_string(),
             to: to.to_string(),
-            reason: format!("{hook} failed on {}: {}", shared.live.me.name, run.detail),
-            by: shared.live.me.name.clone(),
+            reason: format!("{hook} failed on {}: {}", live.me.name, run.detail),
+            by: live.me.name.clone(),
         };
-        if let Err(e) = state::append_history(&shared.live.state_dir, &entry) {
+        if let Err(e) = state::append_history(&live.state_dir, &entry) {
             tracing::warn!(error = %e, "cannot append the hook failure to the role history");
         }
     }
@@ -126,16 +127,15 @@ pub async fn run(shared: &Shared, hook: Hook, epoch: u64, from: &str, to: &str) 
 /// Runs `on_promote` for `epoch` unless it already succeeded for it (or
 /// failed for it: that waits for an operator), and publishes the outcome;
 /// true when the node may act as active.
-pub async fn promote(shared: &Shared, epoch: u64, from: &str) -> bool {
+pub async fn promote(live: &Live, role: &Role, epoch: u64, from: &str) -> bool {
     let set = |p: Promotion| {
-        shared.hooks.promotion.send_replace(p);
-        shared.progress.send_modify(|n| *n += 1);
+        role.set_promotion(p);
     };
-    if shared.live.cluster().hook(&shared.live.me, Hook::OnPromote).is_none() {
+    if live.cluster().hook(&live.me, Hook::OnPromote).is_none() {
         set(Promotion::Done(epoch));
         return true;
     }
-    if let Some(last) = last_run(&shared.live.state_dir, Hook::OnPromote) {
+    if let Some(last) = last_run(&live.state_dir, Hook::OnPromote) {
         if last.epoch == epoch && last.end_ms.is_some() {
             if last.ok {
                 set(Promotion::Done(epoch));
@@ -151,8 +151,8 @@ pub async fn promote(shared: &Shared, epoch: u64, from: &str) -> bool {
         }
     }
     set(Promotion::Running(epoch));
-    let me = shared.live.me.name.clone();
-    match run(shared, Hook::OnPromote, epoch, from, &me).await {
+    let me = live.me.name.clone();
+    match run(live, role, Hook::OnPromote, epoch, from, &me).await {
         Some(r) if r.ok => {
             set(Promotion::Done(epoch));
             true
@@ -170,9 +170,9 @@ pub async fn promote(shared: &Shared, epoch: u64, from: &str) -> bool {
 
 /// At start-up on a passive node: runs `on_demote` again when its last run
 /// was cut off, or when a promotion began here and no demotion followed it.
-pub async fn recover_passive(shared: &Shared, epoch: u64, active: &str) {
-    let demote = last_run(&shared.live.state_dir, Hook::OnDemote);
-    let promote = last_run(&shared.live.state_dir, Hook::OnPromote);
+pub async fn recover_passive(live: &Live, role: &Role, epoch: u64, active: &str) {
+    let demote = last_run(&live.state_dir, Hook::OnDemote);
+    let promote = last_run(&live.state_dir, Hook::OnPromote);
     let again = match (&demote, &promote) {
         (Some(d), _) if d.end_ms.is_none() => true,
         (Some(d), Some(p)) => p.epoch > d.epoch,
@@ -181,7 +181,7 @@ pub async fn recover_passive(shared: &Shared, epoch: u64, active: &str) {
     };
     if again {
         tracing::warn!("the last role change did not finish its on_demote hook: running it again");
-        let me = shared.live.me.name.clone();
-        let _ = run(shared, Hook::OnDemote, epoch, &me, active).await;
+        let me = live.me.name.clone();
+        let _ = run(live, role, Hook::OnDemote, epoch, &me, active).await;
     }
 }

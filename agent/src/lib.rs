@@ -25,12 +25,15 @@ mod passive;
 mod preserved;
 mod promotion;
 mod receive;
+mod role;
 mod roots;
 mod sd;
 mod server;
+mod sessions;
 mod shell;
 mod ship;
 mod status;
+mod telemetry;
 mod undo;
 mod watch;
 

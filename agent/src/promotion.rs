@@ -1,5 +1,5 @@
 //! Where this node stands with its `on_promote` hook (the promotion gate
-//! behind `node::Shared::is_active`) and how many role hook runs ended each
+//! behind `role::Role::is_active`) and how many role hook runs ended each
 //! way; `hooks` runs the hooks and records here. Imports no other agent
 //! module.
 

@@ -6,14 +6,12 @@
 //! broken protocol) ends that session with a log line; the daemon and every
 //! other session carry on.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use serde_bytes::ByteBuf;
-use tokio::sync::{mpsc, Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::apply::{Applier, Divergence, WatchRoot};
 use warmspare_shared::manifest::{Entry, HashCache};
@@ -25,11 +23,6 @@ use crate::node::Shared;
 
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a new replication session waits for the older session of the
-/// same node to let go of the watch roots before it is refused (the sender
-/// then dials again after its backoff).
-const REPLACE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long the receiver waits to hand the peer one reply: a peer that
 /// reads none of its replies (acknowledgements) for this long has its
@@ -44,81 +37,6 @@ fn reply_deadline() -> Duration {
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(REPLY_DEADLINE, Duration::from_millis)
-}
-
-/// The replication sessions being served, one per sending node and state
-/// directory (one agent). A sender that lost its link dials again while
-/// the receiver may still be serving its old session (a cut link is noticed
-/// late on this side): the newer session ends the older one, and applies
-/// nothing until the older one's worker has let go of the watch roots.
-static SESSIONS: LazyLock<Mutex<HashMap<(PathBuf, String), Slot>>> = LazyLock::new(Mutex::default);
-
-/// One node's place in [`SESSIONS`].
-struct Slot {
-    /// The session now serving the node.
-    id: u64,
-    /// Ends that session.
-    end: CancellationToken,
-    /// Held by a session's apply worker for as long as it runs.
-    gate: Arc<AsyncMutex<()>>,
-}
-
-/// A replication session's registration; dropping it takes the session
-/// out of [`SESSIONS`] unless a newer one took its place.
-struct Turn {
-    key: (PathBuf, String),
-    id: u64,
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        let mut g = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
-        if g.get(&self.key).is_some_and(|s| s.id == self.id) {
-            g.remove(&self.key);
-        }
-    }
-}
-
-/// Registers a replication session of `node`: ends the older session of
-/// the same node, if any, and waits (at most [`REPLACE_DEADLINE`]) for its
-/// apply worker to end. Returns the registration, the token a newer
-/// session cancels, and the gate the apply worker holds while it runs.
-async fn take_turn(shared: &Shared, node: &str) -> Result<(Turn, CancellationToken, OwnedMutexGuard<()>)> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let key = (shared.live.state_dir.clone(), node.to_string());
-    let end = CancellationToken::new();
-    let gate = {
-        let mut g = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
-        let gate = g.get(&key).map(|s| s.gate.clone()).unwrap_or_default();
-        if let Some(old) = g.insert(
-            key.clone(),
-            Slot {
-                id,
-                end: end.clone(),
-                gate: gate.clone(),
-            },
-        ) {
-            tracing::warn!(
-                from = node,
-                "a new replication session from this node: ending its older session"
-            );
-            old.end.cancel();
-        }
-        gate
-    };
-    match tokio::time::timeout(REPLACE_DEADLINE, gate.lock_owned()).await {
-        Ok(gate) => Ok((Turn { key, id }, end, gate)),
-        Err(_) => {
-            // Leave the slot to the older session (still ending) unless
-            // another one took it meanwhile.
-            let mut g = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
-            if g.get(&key).is_some_and(|s| s.id == id) {
-                g.remove(&key);
-            }
-            bail!("the older session of {node} did not end within {REPLACE_DEADLINE:?}")
-        }
-    }
 }
 
 /// Serves one incoming session until it ends.
@@ -147,7 +65,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         Admission::Adopt(next) => {
             let node = hello.node.clone();
             match shared
-                .off_runtime(move |s| s.adopt(next, "a peer pushed at a higher epoch", &node))
+                .off_runtime(move |s| s.role.adopt(next, "a peer pushed at a higher epoch", &node))
                 .await
                 .and_then(|r| r)
             {
@@ -172,7 +90,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             bail!("refused: {reason}");
         }
     }
-    writer.send(&Reply::Hello(shared.hello(Purpose::Probe))).await?;
+    writer.send(&Reply::Hello(shared.role.hello(Purpose::Probe))).await?;
     match (hello.purpose, &session.identity) {
         (Purpose::Probe, _) => {
             while let Some(req) = reader.recv::<Request>().await? {
@@ -196,7 +114,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         }
         (Purpose::Control, _) | (Purpose::Replicate, _) => {}
     }
-    let (_turn, end, gate) = match take_turn(&shared, &hello.node).await {
+    let (turn, gate) = match shared.sessions.take_turn(&hello.node).await {
         Ok(t) => t,
         Err(e) => {
             let reason = format!("{e:#}");
@@ -217,7 +135,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         active: hello.node.clone(),
     };
     let runtime = tokio::runtime::Handle::current();
-    let worker_end = end.clone();
+    let worker_end = turn.end.clone();
     let worker = tokio::task::spawn_blocking(move || {
         // The gate is let go of only when the applier is gone (its temp
         // files removed): a newer session of this node applies nothing
@@ -263,7 +181,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             other => other,
         },
         r = &mut read_task => r.map(|()| Sent::Done).context("cannot read from the peer"),
-        () = end.cancelled() => Err(anyhow::anyhow!("a newer replication session from {} replaced this one", hello.node)),
+        () = turn.end.cancelled() => Err(anyhow::anyhow!("a newer replication session from {} replaced this one", hello.node)),
     };
     if matches!(result, Ok(Sent::Refused)) {
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut read_task).await;
@@ -317,7 +235,7 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> Admission {
         (Purpose::Replicate, _) => return Admission::Refuse(format!("{who} may not push as node {:?}", hello.node)),
     }
     shared.live.compare_config(&hello.node, &hello.config_hash);
-    let mine = shared.role();
+    let mine = shared.role.current();
     if hello.epoch < mine.epoch {
         return Admission::Stale(mine);
     }
@@ -425,7 +343,7 @@ fn serve_request(
     req: Request,
 ) -> Result<()> {
     // A role change during the session (fencing, a switchover) ends it.
-    let now = shared.role();
+    let now = shared.role.current();
     if now != *session {
         tracing::warn!(
             epoch = now.epoch,
@@ -493,6 +411,7 @@ fn serve_request(
             let applied = applier.apply(op).map_err(|e| e.to_string());
             if let (Ok(()), Some(watch)) = (&applied, settled) {
                 shared
+                    .telemetry
                     .runtime()
                     .last_applied
                     .insert(watch, std::time::SystemTime::now());
@@ -520,7 +439,7 @@ fn serve_request(
             };
             if !report.touched.is_empty() {
                 let now = std::time::SystemTime::now();
-                let mut rt = shared.runtime();
+                let mut rt = shared.telemetry.runtime();
                 for w in &report.touched {
                     rt.last_applied.insert(w.clone(), now);
                 }

@@ -37,11 +37,11 @@ pub fn reloading() {
 
 /// A one-line status: role, epoch, and each peer's link.
 pub fn summary(shared: &Shared) -> String {
-    let role = shared.role();
+    let role = shared.role.current();
     if role.active != shared.live.me.name {
         return format!("passive at epoch {} ({} is active)", role.epoch, role.active);
     }
-    let Some(rt) = shared.try_runtime() else {
+    let Some(rt) = shared.telemetry.try_runtime() else {
         return format!("active at epoch {}", role.epoch);
     };
     let links: Vec<String> = rt
@@ -92,7 +92,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let locked = shared.try_runtime().is_none();
+        let locked = shared.telemetry.try_runtime().is_none();
         let stuck = locked && was_locked;
         was_locked = locked;
         let beating = shared.heartbeat_within(every.max(Duration::from_secs(3)));

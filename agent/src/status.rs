@@ -29,7 +29,7 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
     let flags = shared.local.flags();
     let local = shared.live.local_watches();
     let (inboxes, links_now, last_applied) = {
-        let rt = shared.runtime();
+        let rt = shared.telemetry.runtime();
         (rt.inboxes.clone(), rt.links.clone(), rt.last_applied.clone())
     };
     let counts = shared.tree_counts.get(&local);
@@ -105,14 +105,14 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         version: warmspare_shared::VERSION.to_string(),
         protocol: PROTOCOL_VERSION,
         config_hash: shared.live.config_hash().clone(),
-        role: shared.role(),
+        role: shared.role.current(),
         paused: shared.is_paused(),
         watches,
         links,
         diverged: diverged(&shared.live.state_dir.join("diverged")),
         started: unix(shared.started),
         jobs: shared.jobs.statuses(&shared.live.cluster().job),
-        held: shared.held(),
+        held: shared.role.held(),
         hooks: crate::hooks::last_runs(&shared.live.state_dir),
         undo: crate::undo::status(shared),
     }

@@ -109,7 +109,7 @@ impl Restore {
     /// the watch is one of its own, the path stays beneath the root) and
     /// opens its directory beneath the root, making missing ones.
     pub fn begin(shared: &Shared, entry: UndoEntry, force: bool) -> Result<Restore, String> {
-        if !shared.is_active() {
+        if !shared.role.is_active() {
             return Err(format!(
                 "{} is not the active node: restore onto the active one, from which the file replicates",
                 shared.live.me.name
@@ -242,7 +242,7 @@ impl Restore {
                 self.entry.path, self.entry.watch
             ));
         }
-        let mut rec = recorder(shared, shared.role().epoch);
+        let mut rec = recorder(shared, shared.role.current().epoch);
         let kept = rec.keep(
             &self.dir,
             &self.name,

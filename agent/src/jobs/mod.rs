@@ -119,7 +119,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 .iter()
                 .filter(|j| j.restore.is_some() && j.restore_schedule.is_none())
             {
-                if !s.is_active() && !s.is_paused() && !s.is_unconfirmed() {
+                if !s.role.is_active() && !s.is_paused() && !s.role.is_unconfirmed() {
                     let _ = restore(&s, job, false).await;
                 }
             }
@@ -141,10 +141,10 @@ pub async fn run_now(shared: &Shared, name: &str) -> Result<JobRun> {
         .iter()
         .find(|j| j.name == name)
         .with_context(|| format!("there is no job {name:?}"))?;
-    if let Some(reason) = shared.held() {
+    if let Some(reason) = shared.role.held() {
         anyhow::bail!("{reason}");
     }
-    let active = shared.is_active();
+    let active = shared.role.is_active();
     if job.dump.is_some() {
         if active {
             dump(shared, job).await

@@ -54,14 +54,14 @@ pub(super) async fn scheduled(
             tracing::info!(job = job.name, "job skipped: paused");
             continue;
         }
-        if shared.is_unconfirmed() {
+        if shared.role.is_unconfirmed() {
             tracing::info!(
                 job = job.name,
                 "job skipped: this node is held until a peer confirms its epoch"
             );
             continue;
         }
-        let active = shared.is_active();
+        let active = shared.role.is_active();
         match trigger {
             Trigger::Restore if !active => {
                 let _ = restore(&shared, &job, true).await;

@@ -44,7 +44,8 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
     // peer from a busy one, and a peer that answers again.
     let live = Arc::new(heartbeat::Liveness::new(&peer));
     let probe = tokio::spawn(heartbeat::run(
-        shared.clone(),
+        shared.live.clone(),
+        shared.role.clone(),
         peer.clone(),
         server_key.clone(),
         live.clone(),
@@ -72,12 +73,12 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
             Ok(d) => {
                 tracing::info!(peer = peer.name, addr = peer.ssh, "connected");
                 let mut before = None;
-                shared.link(&peer.name, |l| {
+                shared.telemetry.link(&peer.name, |l| {
                     l.connected = true;
                     before = l.last_success.values().max().copied();
                 });
                 let result = session(&shared, &peer, d, &inbox, &live, &cancel).await;
-                shared.link(&peer.name, |l| {
+                shared.telemetry.link(&peer.name, |l| {
                     progressed = l.last_success.values().max().copied() != before;
                     l.connected = false;
                     l.in_progress = None;
@@ -99,7 +100,7 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
                     tracing::warn!(peer = peer.name, addr = peer.ssh, error = %e, "cannot reach the peer; retrying with backoff");
                 }
                 quiet = true;
-                shared.link(&peer.name, |l| {
+                shared.telemetry.link(&peer.name, |l| {
                     l.last_error = Some(format!("cannot reach {}: {e}", peer.ssh))
                 });
             }
@@ -144,7 +145,7 @@ pub(super) async fn session(
     let (rd, wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
-    let hello = shared.hello(Purpose::Replicate);
+    let hello = shared.role.hello(Purpose::Replicate);
     writer.send(&Request::Hello(hello)).await.context("cannot send hello")?;
     let theirs = match reader.recv::<Reply>().await.context("no hello from the peer")? {
         Some(Reply::Hello(h)) => h,
@@ -153,7 +154,7 @@ pub(super) async fn session(
             // Fencing: the peer knows a newer epoch, so this node is not active any more.
             let (r, by) = (role.clone(), peer.name.clone());
             shared
-                .off_runtime(move |s| s.adopt(r, "a peer has a newer epoch", &by))
+                .off_runtime(move |s| s.role.adopt(r, "a peer has a newer epoch", &by))
                 .await??;
             bail!(
                 "{} reports epoch {} with {} active: this node stepped down",
@@ -166,12 +167,12 @@ pub(super) async fn session(
         None => bail!("the peer closed the session before hello"),
     };
     check_peer_hello(shared, peer, &theirs)?;
-    if shared.is_unconfirmed() {
+    if shared.role.is_unconfirmed() {
         // The peer admitted this node as the active of its epoch: it holds
         // the same epoch naming this node (or adopted it from our hello).
-        let mine = shared.role();
+        let mine = shared.role.current();
         if theirs.epoch == mine.epoch && theirs.active == shared.live.me.name {
-            shared.confirm(&peer.name);
+            shared.role.confirm(&peer.name);
         } else {
             bail!(
                 "{} answers at epoch {} with {} active, which does not confirm epoch {}: still held",
@@ -189,7 +190,7 @@ pub(super) async fn session(
     // A peer owes at most COMMITS_IN_FLIGHT acknowledgements; one that sends
     // more than this waits (and the worker's deadline ends the session).
     let (ack_tx, ack_rx) = mpsc::channel::<Reply>(COMMITS_IN_FLIGHT * 4);
-    let bytes_sent = shared.bytes_sent.clone();
+    let bytes_sent = shared.telemetry.bytes_sent.clone();
 
     let write_task = async move {
         while let Some(group) = frame_rx.recv().await {
@@ -221,7 +222,7 @@ pub(super) async fn session(
                 Some(Reply::Stale(role)) => {
                     let (r, by) = (role.clone(), adopt_peer.clone());
                     adopt_shared
-                        .off_runtime(move |s| s.adopt(r, "a peer has a newer epoch", &by))
+                        .off_runtime(move |s| s.role.adopt(r, "a peer has a newer epoch", &by))
                         .await??;
                     bail!(
                         "{adopt_peer} reports epoch {} with {} active: this node stepped down",
@@ -265,7 +266,7 @@ pub(super) async fn session(
         // stopped, hung or cut off, and this session waits on it in vain
         // (see `heartbeat`).
         reason = live.silent(started) => {
-            shared.link(&peer.name, |l| {
+            shared.telemetry.link(&peer.name, |l| {
                 l.connected = false;
                 l.last_error = Some(reason.clone());
             });

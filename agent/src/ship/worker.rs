@@ -126,7 +126,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
         if !work.full.is_empty() {
             next_full = Instant::now() + FULL_RESYNC;
         }
-        shared.link(peer, |l| l.in_progress = Some(work.clone()));
+        shared.telemetry.link(peer, |l| l.in_progress = Some(work.clone()));
         let started = Instant::now();
         let mut stats = BatchStats::default();
         let mut settled: Vec<(String, Vec<(String, ContentHash)>)> = Vec::new();
@@ -242,7 +242,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                     held_except.push((w.name.clone(), except));
                 }
                 let count: u64 = held_here.values().sum();
-                shared.link(peer, |l| {
+                shared.telemetry.link(peer, |l| {
                     if count == 0 {
                         l.deletions_held.remove(&w.name);
                     } else {
@@ -302,7 +302,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
         }
         if let Err(e) = result {
             inbox.put_back(work);
-            shared.link(peer, |l| l.in_progress = None);
+            shared.telemetry.link(peer, |l| l.in_progress = None);
             return Err(e);
         }
         unreadable.update(&stats);
@@ -359,7 +359,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
             ))
         };
         let now = std::time::SystemTime::now();
-        shared.link(peer, |l| {
+        shared.telemetry.link(peer, |l| {
             l.in_progress = None;
             l.last_error = unapplied;
             l.done_generation = l.done_generation.max(work.generation);
