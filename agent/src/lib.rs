@@ -1,7 +1,8 @@
 //! The warmspare agent as a library: the daemon (watch, ship, receive,
 //! apply, jobs, health) and the maintenance commands. The binary
 //! `warmspare-agent` (`main.rs`) only parses its command line and calls
-//! [`commands::dispatch`].
+//! [`commands::dispatch`]; tests and other programs start a node in
+//! their own process with [`serve`].
 
 mod after;
 mod ca_guard;
@@ -36,6 +37,31 @@ mod status;
 mod telemetry;
 mod undo;
 mod watch;
+
+/// Runs one node of the cluster file at `cluster` (`node`: its name, or
+/// `None` to find it by host name, as `--node` does) in this process, on
+/// listeners the caller bound: `ssh` for peers and operators, `health` (if
+/// any) for the HTTP status endpoints. The node's `listen` and `http`
+/// addresses are not bound again. It runs until `shutdown` resolves, then
+/// stops every task as on SIGTERM; `Err` when the cluster file, key or
+/// state dir cannot be used or when a task the agent needs stopped.
+pub async fn serve(
+    cluster: &std::path::Path,
+    node: Option<&str>,
+    ssh: tokio::net::TcpListener,
+    health: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let shared = node::Shared::load(cluster, node)?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let serving = daemon::serve(shared, ssh, health, cancel.clone());
+    tokio::pin!(serving);
+    tokio::select! {
+        ended = &mut serving => return ended,
+        () = shutdown => cancel.cancel(),
+    }
+    serving.await
+}
 
 /// The command lines the docs quote (see `cli`'s tests).
 #[cfg(test)]
