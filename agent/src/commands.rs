@@ -220,7 +220,7 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
             Err(e) => fail(format!("{what} listen address {addr}: {e}")),
         }
     }
-    if let Some(w) = daemon::loopback_warning_of(&shared).await {
+    if let Some(w) = crate::startup::loopback_warning_of(&shared).await {
         println!("  warning: {w}");
     }
     // Watch roots: an active never ships from a root that fails this check.

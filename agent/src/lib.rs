@@ -4,6 +4,7 @@
 //! [`commands::dispatch`]; tests and other programs start a node in
 //! their own process with [`serve`].
 
+mod active;
 mod after;
 mod ca_guard;
 pub mod cli;
@@ -33,6 +34,7 @@ mod server;
 mod sessions;
 mod shell;
 mod ship;
+mod startup;
 mod status;
 mod telemetry;
 mod undo;

@@ -1,0 +1,188 @@
+//! The supervisor's start-up: binding the SSH endpoint (and the loopback
+//! check that comes with it), the state dir and its folders, the role
+//! state loaded (and the hold of a node that comes back active), the role
+//! history begun, the watch roots observed and cleaned of temp files left
+//! by an earlier run, and the warm-up of the send-side hash caches on a
+//! node that starts passive. `daemon` calls it before it starts any task.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, Result};
+use tokio::net::TcpListener;
+use warmspare_shared::apply;
+use warmspare_shared::state::{self, HistoryEntry, RoleState};
+
+use crate::clock::unix;
+use crate::node::Shared;
+
+/// Binds the SSH endpoint of this node: its `listen` address, by default
+/// every IPv4 address on the port of its `ssh` address.
+pub async fn bind(shared: &Shared) -> Result<TcpListener> {
+    let addr = shared.live.me.listen_addr();
+    if let Some(warning) = loopback_warning_of(shared).await {
+        tracing::warn!("{warning}");
+    }
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// How long name lookups for [`loopback_warning`] may take before the
+/// warning is given up (a resolver can hang; start-up must not).
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// [`loopback_warning`] for this node, on a blocking thread and within
+/// [`LOOKUP_DEADLINE`]: no warning when the lookups take longer.
+pub async fn loopback_warning_of(shared: &Shared) -> Option<String> {
+    let cluster = shared.live.cluster().clone();
+    let me = shared.live.me.name.clone();
+    let lookup = tokio::task::spawn_blocking(move || loopback_warning(&cluster, &me));
+    match tokio::time::timeout(LOOKUP_DEADLINE, lookup).await {
+        Ok(Ok(warning)) => warning,
+        Ok(Err(_)) => None,
+        Err(_) => {
+            tracing::debug!("name lookups for the loopback check took too long; skipped");
+            None
+        }
+    }
+}
+
+/// A warning when this node's `ssh` name resolves only to loopback while a
+/// peer's does not: peers on other hosts would then dial themselves (Debian
+/// maps a host's own name to 127.0.1.1 in /etc/hosts). Resolves names, so it
+/// blocks; a cluster all on loopback (a lab) gets no warning.
+pub fn loopback_warning(cluster: &warmspare_shared::config::Cluster, me: &str) -> Option<String> {
+    use std::net::ToSocketAddrs as _;
+    let loopback_only = |addr: &str| -> Option<bool> {
+        let ips: Vec<_> = addr.to_socket_addrs().ok()?.map(|a| a.ip()).collect();
+        (!ips.is_empty()).then(|| ips.iter().all(|ip| ip.is_loopback()))
+    };
+    let node = cluster.node(me)?;
+    if loopback_only(&node.ssh) != Some(true) {
+        return None;
+    }
+    let remote_peer = cluster.peers_of(me).find(|p| loopback_only(&p.ssh) != Some(true))?;
+    Some(format!(
+        "this node's ssh address {} resolves to loopback here, but peer {}'s ({}) does not: \
+         peers dial {} by that name, so make it resolve to an address they can reach",
+        node.ssh, remote_peer.name, remote_peer.ssh, node.ssh
+    ))
+}
+
+/// Makes the state dir and its folders, prunes what the node keeps, loads
+/// and publishes the role state (holding a node that comes back active),
+/// begins the role history, and observes and cleans the watch roots;
+/// returns the role state it started with.
+pub fn prepare(shared: &Shared) -> Result<RoleState> {
+    // Private whatever the umask: the state dir holds dumps, diverged files
+    // and what the passive preserved of the CA. An existing state dir keeps
+    // its mode (a unit's StateDirectoryMode= sets it); the folders the agent
+    // keeps beneath it are made 0700.
+    warmspare_shared::perms::create_private_dir_all(&shared.live.state_dir)
+        .with_context(|| format!("cannot create the state dir {}", shared.live.state_dir.display()))?;
+    for dir in [
+        shared.live.state_dir.join("diverged"),
+        shared.live.state_dir.join("undo"),
+        crate::live::spool_dir(&shared.live.state_dir),
+        shared.live.state_dir.join("jobs"),
+    ] {
+        warmspare_shared::perms::ensure_private_dir(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    crate::preserved::prune(&shared.live, None);
+    crate::undo::prune(shared);
+    let persisted = shared.live.state_dir.join(state::ROLE_FILE).exists();
+    let role = RoleState::load_or_init(&shared.live.state_dir, &shared.live.cluster().cluster.preferred_active)?;
+    shared.role.start(role.clone());
+    if persisted
+        && role.active == shared.live.me.name
+        && shared.live.cluster().peers_of(&shared.live.me.name).next().is_some()
+    {
+        // A node that comes back active may be a stale primary: its peers may
+        // have moved on (a failover while it was down). It acts as the active
+        // one only once a peer confirms its epoch, or an operator promotes it.
+        let reason = format!(
+            "no peer has confirmed epoch {} since this agent started (`warmsparectl failover --to {} --force` promotes it)",
+            role.epoch, shared.live.me.name
+        );
+        tracing::warn!(epoch = role.epoch, "{reason}");
+        shared.role.hold(Some(reason));
+    }
+    let history = state::read_history(&shared.live.state_dir);
+    if history.is_empty() {
+        let first = HistoryEntry {
+            time: unix(SystemTime::now()),
+            epoch: role.epoch,
+            from: String::new(),
+            to: role.active.clone(),
+            reason: "cluster initialised".into(),
+            by: shared.live.me.name.clone(),
+        };
+        let _ = state::append_history(&shared.live.state_dir, &first);
+    }
+    for w in shared.live.local_watches() {
+        if w.name == crate::live::SPOOL_WATCH {
+            // The job spool is the agent's own, under the state dir.
+            std::fs::create_dir_all(&w.root)
+                .with_context(|| format!("cannot create the job spool {}", w.root.display()))?;
+        } else if w.root.is_dir() {
+            shared.roots.observe(&w.name, &w.root);
+        } else {
+            // Never created here: on the active, shipping an empty root
+            // would empty the passives (see `roots`); a passive's receiver
+            // creates it at the first sync.
+            tracing::warn!(
+                watch = w.name,
+                root = %w.root.display(),
+                "watch root is missing or not a directory; not created (a passive creates it at the first sync, an active does not ship it)"
+            );
+            continue;
+        }
+        // Never fatal: a tree the walk cannot enter (too deep, unreadable,
+        // a root that is a link) is reported, and the agent starts.
+        match apply::clean_temps(&w.root) {
+            Ok(cleaned) => {
+                if cleaned.removed > 0 {
+                    tracing::info!(
+                        watch = w.name,
+                        removed = cleaned.removed,
+                        "removed temporary files left by an earlier run"
+                    );
+                }
+                if cleaned.skipped > 0 {
+                    tracing::warn!(
+                        watch = w.name,
+                        skipped = cleaned.skipped,
+                        "could not look for temporary files everywhere under the watch root"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(watch = w.name, error = %e, "cannot clean temporary files under the watch root"),
+        }
+    }
+    Ok(role)
+}
+
+/// Scans the local watches once to fill their send-side hash caches, so that
+/// the first comparison after a switchover to this node reads only what
+/// changed. Only a node that starts passive runs it, beside its other work:
+/// an active node's first comparison fills the same caches as it goes, and
+/// waiting for a separate pass first would only delay it.
+pub async fn warm_send_caches(shared: Arc<Shared>) {
+    let done = tokio::task::spawn_blocking(move || {
+        for w in shared.live.local_watches() {
+            let path = shared.live.cache_path(&w.name, "send");
+            let mut cache = warmspare_shared::manifest::HashCache::load(&path);
+            let _ = warmspare_shared::manifest::scan(&w.root, "", &w.excludes, &mut cache);
+            if let Err(e) = cache.save(&path) {
+                tracing::warn!(watch = w.name, error = %e, "cannot save the hash cache");
+            }
+        }
+        warmspare_shared::sys::release_free_memory();
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::warn!(error = %e, "the scan that warms the hash caches failed");
+    }
+}
