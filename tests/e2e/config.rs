@@ -251,6 +251,10 @@ fn the_configuration_reference_documents_every_key_the_parser_accepts() {
             "[[job]]",
             with_job.replacen("[[job]]\n", "[[job]]\nzzz_unknown = 1\n", 1),
         ),
+        (
+            "[etcd]",
+            format!("{with_job}\n[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nzzz_unknown = 1\n"),
+        ),
     ];
     let doc_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
     let doc = std::fs::read_to_string(&doc_path).unwrap();

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::keys::PublicKey;
 
 mod error;
+mod etcd;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,9 @@ mod validate;
 
 pub use error::ConfigError;
 use error::{key_on_line, line_col, Locator};
+pub use etcd::{
+    Endpoint, Etcd, DEFAULT_ETCD_LOOP_WAIT, DEFAULT_ETCD_RETRY_TIMEOUT, DEFAULT_ETCD_TTL, DEFAULT_MAX_LAG_ON_FAILOVER,
+};
 use raw::RawFile;
 
 /// The default location of the cluster file.
@@ -41,6 +45,10 @@ pub const DEFAULT_CLUSTER_PATH: &str = "/etc/warmspare/cluster.toml";
 pub struct Cluster {
     /// The `[cluster]` table.
     pub cluster: ClusterSection,
+    /// The `[etcd]` table: when present, the role lives in etcd and
+    /// failover is automatic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<Etcd>,
     /// Every `[[node]]`, in file order.
     pub node: Vec<Node>,
     /// Every `[[operator]]`, in file order.
@@ -186,6 +194,14 @@ pub struct Node {
     /// This node's own `on_demote` (instead of the `[cluster]` one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_demote: Option<String>,
+    /// Whether this node may be promoted automatically (with `[etcd]`);
+    /// `failover = false` leaves it to an operator.
+    #[serde(skip_serializing_if = "is_true")]
+    pub failover: bool,
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 /// One `[[operator]]`: a key allowed to run `warmsparectl`.

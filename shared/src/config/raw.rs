@@ -13,6 +13,7 @@ use super::RunOn;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFile {
     pub(super) cluster: Spanned<RawCluster>,
+    pub(super) etcd: Option<Spanned<RawEtcd>>,
     #[serde(default)]
     pub(super) node: Vec<Spanned<RawNode>>,
     #[serde(default)]
@@ -62,6 +63,23 @@ pub(super) struct RawNode {
     pub(super) env: BTreeMap<String, String>,
     pub(super) on_promote: Option<Spanned<String>>,
     pub(super) on_demote: Option<Spanned<String>>,
+    pub(super) failover: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEtcd {
+    pub(super) endpoints: Spanned<Vec<Spanned<String>>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) ttl: Option<Spanned<String>>,
+    pub(super) loop_wait: Option<Spanned<String>>,
+    pub(super) retry_timeout: Option<Spanned<String>>,
+    pub(super) ca: Option<Spanned<PathBuf>>,
+    pub(super) cert: Option<Spanned<PathBuf>>,
+    pub(super) key: Option<Spanned<PathBuf>>,
+    pub(super) max_lag_on_failover: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) failsafe: bool,
 }
 
 #[derive(Deserialize)]

@@ -280,3 +280,144 @@ fn relative_paths_and_bad_addresses_are_refused() {
     let err = parse(&sample().replace("localhost:7423", "localhost")).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("node[1].ssh"));
 }
+
+/// The sample with an `[etcd]` table holding `body` inserted before the nodes.
+fn with_etcd(body: &str) -> String {
+    sample().replacen("\n[[node]]", &format!("\n[etcd]\n{body}\n\n[[node]]"), 1)
+}
+
+#[test]
+fn without_etcd_nothing_changes() {
+    let c = parse(&sample()).unwrap();
+    assert_eq!(c.etcd, None);
+    assert!(c.node.iter().all(|n| n.failover));
+    let canonical = c.canonical();
+    assert!(
+        !canonical.contains("etcd") && !canonical.contains("failover"),
+        "{canonical}"
+    );
+}
+
+#[test]
+fn etcd_defaults_follow_the_cluster_name() {
+    let c = parse(&with_etcd(
+        "endpoints = [\"http://127.0.0.1:2379\", \"http://[::1]:2380/\"]",
+    ))
+    .unwrap();
+    let e = c.etcd.clone().unwrap();
+    assert_eq!(e.prefix, "/warmspare/pe-prod");
+    assert_eq!(e.ttl, DEFAULT_ETCD_TTL);
+    assert_eq!(e.loop_wait, DEFAULT_ETCD_LOOP_WAIT);
+    assert_eq!(e.retry_timeout, DEFAULT_ETCD_RETRY_TIMEOUT);
+    assert_eq!(e.max_lag_on_failover, DEFAULT_MAX_LAG_ON_FAILOVER);
+    assert!(!e.failsafe && !e.tls());
+    assert_eq!(e.confirm_window(), Duration::from_secs(20));
+    assert_eq!(e.endpoints[1].host, "::1");
+    assert_eq!(e.endpoints[1].to_string(), "http://[::1]:2380");
+    // The canonical form reads back to the same cluster.
+    assert_eq!(parse(&c.canonical()).unwrap(), c);
+}
+
+#[test]
+fn etcd_with_tls_and_a_node_that_never_fails_over() {
+    let text = with_etcd(
+        "endpoints = [\"https://e1:2379\", \"https://e2:2379\", \"https://e3:2379\"]\n\
+         prefix = \"/ws/prod\"\nttl = \"20s\"\nloop_wait = \"5s\"\nretry_timeout = \"5s\"\n\
+         ca = \"/etc/warmspare/etcd-ca.pem\"\ncert = \"/etc/warmspare/etcd.pem\"\nkey = \"/etc/warmspare/etcd.key\"\n\
+         max_lag_on_failover = \"30s\"\nfailsafe = true",
+    )
+    .replace("root = \"/srv/lab/b\"", "root = \"/srv/lab/b\"\nfailover = false");
+    let c = parse(&text).unwrap();
+    let e = c.etcd.clone().unwrap();
+    assert!(e.tls() && e.failsafe);
+    assert_eq!(e.prefix, "/ws/prod");
+    assert_eq!(
+        (e.ttl, e.loop_wait, e.retry_timeout),
+        (Duration::from_secs(20), Duration::from_secs(5), Duration::from_secs(5))
+    );
+    assert_eq!(e.max_lag_on_failover, Duration::from_secs(30));
+    assert_eq!(e.key.as_deref(), Some(Path::new("/etc/warmspare/etcd.key")));
+    assert!(c.node[0].failover);
+    assert!(!c.node[1].failover);
+    assert!(c.canonical().contains("failover = false"), "{}", c.canonical());
+    assert_eq!(parse(&c.canonical()).unwrap(), c);
+}
+
+#[test]
+fn bad_etcd_values_name_key_and_line() {
+    let ok = "endpoints = [\"http://127.0.0.1:2379\"]";
+    let cases: &[(&str, &str, &str)] = &[
+        ("endpoints = []", "etcd.endpoints", "endpoints"),
+        ("endpoints = [\"127.0.0.1:2379\"]", "etcd.endpoints[0]", "endpoints"),
+        ("endpoints = [\"http://127.0.0.1\"]", "etcd.endpoints[0]", "endpoints"),
+        ("endpoints = [\"http://h:1/v3\"]", "etcd.endpoints[0]", "endpoints"),
+        (
+            "endpoints = [\"http://a:1\",\n\"https://b:1\"]",
+            "etcd.endpoints[1]",
+            "\"https://b:1\"]",
+        ),
+        (
+            "endpoints = [\"http://a:1\",\n\"http://a:1\"]",
+            "etcd.endpoints[1]",
+            "\"http://a:1\"]",
+        ),
+        (&format!("{ok}\nprefix = \"warmspare\""), "etcd.prefix", "prefix"),
+        (&format!("{ok}\nprefix = \"/warmspare/\""), "etcd.prefix", "prefix"),
+        (&format!("{ok}\nttl = \"soon\""), "etcd.ttl", "ttl"),
+        (&format!("{ok}\nttl = \"1s\"\nloop_wait = \"1s\""), "etcd.ttl", "ttl"),
+        (&format!("{ok}\nttl = \"20s\""), "etcd.ttl", "ttl"),
+        (&format!("{ok}\nloop_wait = \"0s\""), "etcd.loop_wait", "loop_wait"),
+        (&format!("{ok}\nretry_timeout = \"25s\""), "etcd.ttl", "["),
+        (&format!("{ok}\nca = \"/ca.pem\""), "etcd.ca", "ca"),
+        ("endpoints = [\"https://a:1\"]\nca = \"ca.pem\"", "etcd.ca", "ca"),
+        (
+            "endpoints = [\"https://a:1\"]\ncert = \"/c.pem\"\nkey = \"/k.pem\"",
+            "etcd.ca",
+            "[",
+        ),
+        (
+            "endpoints = [\"https://a:1\"]\nca = \"/ca.pem\"\nkey = \"/k.pem\"",
+            "etcd.key",
+            "key",
+        ),
+        (
+            "endpoints = [\"https://a:1\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"",
+            "etcd.cert",
+            "cert",
+        ),
+        (
+            &format!("{ok}\nmax_lag_on_failover = \"far\""),
+            "etcd.max_lag_on_failover",
+            "max_lag",
+        ),
+        (&format!("{ok}\nfailsafe = \"yes\""), "failsafe", "failsafe"),
+        (&format!("{ok}\ncolour = 1"), "colour", "colour"),
+    ];
+    for (body, key, line_start) in cases {
+        let text = with_etcd(body);
+        let err = parse(&text).expect_err(body);
+        assert!(
+            err.key.as_deref().is_some_and(|k| k.contains(key)) || err.message.contains(key),
+            "{body}: {err}"
+        );
+        let etcd_at = text.lines().position(|l| l == "[etcd]").unwrap();
+        let line = text
+            .lines()
+            .enumerate()
+            .skip(etcd_at)
+            .find(|(_, l)| l.starts_with(line_start))
+            .map(|(i, _)| i + 1);
+        assert_eq!(err.line, line, "{body}: {err}");
+    }
+}
+
+#[test]
+fn node_failover_must_be_a_boolean() {
+    let err =
+        parse(&sample().replace("root = \"/srv/lab/b\"", "root = \"/srv/lab/b\"\nfailover = \"no\"")).unwrap_err();
+    assert!(
+        err.key.as_deref() == Some("failover") || err.message.contains("failover"),
+        "{err}"
+    );
+    assert!(err.line.is_some(), "{err}");
+}

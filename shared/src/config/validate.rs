@@ -13,11 +13,12 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::error::{ConfigError, Locator};
-use super::raw::{RawCluster, RawFile, RawJob, RawLimit, RawNode, RawOperator, RawWatch};
+use super::raw::{RawCluster, RawEtcd, RawFile, RawJob, RawLimit, RawNode, RawOperator, RawWatch};
 use super::{
-    parse_size, split_host_port, Cluster, ClusterSection, DeleteLimit, Job, Node, Operator, Watch,
-    DEFAULT_AFTER_APPLY_TIMEOUT, DEFAULT_DIVERGED_MAX_AGE, DEFAULT_DIVERGED_MAX_SIZE, DEFAULT_HOOK_TIMEOUT,
-    DEFAULT_JOB_TIMEOUT, DEFAULT_KEEP, DEFAULT_UNDO_MAX_AGE, DEFAULT_UNDO_MAX_SIZE,
+    parse_size, split_host_port, Cluster, ClusterSection, DeleteLimit, Endpoint, Etcd, Job, Node, Operator, Watch,
+    DEFAULT_AFTER_APPLY_TIMEOUT, DEFAULT_DIVERGED_MAX_AGE, DEFAULT_DIVERGED_MAX_SIZE, DEFAULT_ETCD_LOOP_WAIT,
+    DEFAULT_ETCD_RETRY_TIMEOUT, DEFAULT_ETCD_TTL, DEFAULT_HOOK_TIMEOUT, DEFAULT_JOB_TIMEOUT, DEFAULT_KEEP,
+    DEFAULT_MAX_LAG_ON_FAILOVER, DEFAULT_UNDO_MAX_AGE, DEFAULT_UNDO_MAX_SIZE,
 };
 use crate::keys::PublicKey;
 
@@ -41,8 +42,13 @@ pub(super) fn validate(raw: RawFile, loc: &Locator<'_>) -> Result<Cluster, Confi
             format!("{:?} is not the name of a [[node]]", cluster.preferred_active),
         ));
     }
+    let etcd = match &raw.etcd {
+        Some(e) => Some(etcd(e, &cluster.name, loc)?),
+        None => None,
+    };
     Ok(Cluster {
         cluster,
+        etcd,
         node,
         operator: operators(&raw.operator, loc)?,
         watch: watches(&raw.watch, loc)?,
@@ -133,9 +139,122 @@ fn nodes(raw: &[Spanned<RawNode>], loc: &Locator<'_>) -> Result<Vec<Node>, Confi
             env: n.env.clone(),
             on_promote: check_command(loc, n.on_promote.as_ref(), format!("node[{i}].on_promote"))?,
             on_demote: check_command(loc, n.on_demote.as_ref(), format!("node[{i}].on_demote"))?,
+            failover: n.failover.unwrap_or(true),
         });
     }
     Ok(nodes)
+}
+
+/// The `[etcd]` table: endpoints that parse (all `http` or all `https`),
+/// a prefix that is a clean absolute key path, TLS files that go together,
+/// and lease timing in which the active demotes before its lease can lapse
+/// (`loop_wait + retry_timeout < ttl`).
+fn etcd(raw: &Spanned<RawEtcd>, cluster_name: &str, loc: &Locator<'_>) -> Result<Etcd, ConfigError> {
+    let span = raw.span();
+    let e = raw.get_ref();
+    if e.endpoints.get_ref().is_empty() {
+        return Err(loc.at(
+            &e.endpoints,
+            "etcd.endpoints".into(),
+            "needs at least one endpoint".into(),
+        ));
+    }
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    for (i, text) in e.endpoints.get_ref().iter().enumerate() {
+        let key = format!("etcd.endpoints[{i}]");
+        let ep = Endpoint::parse(text.get_ref()).map_err(|m| loc.at(text, key.clone(), m))?;
+        if endpoints.iter().any(|o| o.tls != ep.tls) {
+            return Err(loc.at(text, key, "mixes http:// and https:// endpoints".into()));
+        }
+        if endpoints.contains(&ep) {
+            return Err(loc.at(text, key, format!("duplicate endpoint {ep}")));
+        }
+        endpoints.push(ep);
+    }
+    let tls = endpoints.iter().any(|ep| ep.tls);
+    let prefix = match &e.prefix {
+        Some(p) => {
+            let t = p.get_ref();
+            let ok = t.starts_with('/')
+                && t.len() > 1
+                && !t.ends_with('/')
+                && !t.contains("//")
+                && t.len() <= 256
+                && t.chars().all(|c| c.is_ascii_graphic());
+            if !ok {
+                return Err(loc.at(
+                    p,
+                    "etcd.prefix".into(),
+                    format!("{t:?} is not a key prefix like \"/warmspare/pe-prod\" (starts with '/', no trailing '/', printable ASCII, at most 256)"),
+                ));
+            }
+            t.clone()
+        }
+        None => format!("/warmspare/{cluster_name}"),
+    };
+    let duration = |v: &Option<Spanned<String>>, key: &str, default| match v {
+        Some(t) => whole_seconds(loc, t, format!("etcd.{key}"), "10s"),
+        None => Ok(default),
+    };
+    let ttl = duration(&e.ttl, "ttl", DEFAULT_ETCD_TTL)?;
+    let loop_wait = duration(&e.loop_wait, "loop_wait", DEFAULT_ETCD_LOOP_WAIT)?;
+    let retry_timeout = duration(&e.retry_timeout, "retry_timeout", DEFAULT_ETCD_RETRY_TIMEOUT)?;
+    if ttl.as_secs() < 2 {
+        let place = e.ttl.as_ref().map_or(span.clone(), |t| t.span());
+        return Err(loc.err(place, "etcd.ttl".into(), "must be at least 2 seconds".into()));
+    }
+    if loop_wait + retry_timeout >= ttl {
+        let place = e.ttl.as_ref().map_or(span.clone(), |t| t.span());
+        return Err(loc.err(
+            place,
+            "etcd.ttl".into(),
+            format!(
+                "must be more than loop_wait + retry_timeout ({}s + {}s): the active must demote before its lease can lapse",
+                loop_wait.as_secs(),
+                retry_timeout.as_secs()
+            ),
+        ));
+    }
+    let file = |v: &Option<Spanned<PathBuf>>, key: &str| match v {
+        Some(p) => check_absolute(loc, p, format!("etcd.{key}")).map(Some),
+        None => Ok(None),
+    };
+    let ca = file(&e.ca, "ca")?;
+    let cert = file(&e.cert, "cert")?;
+    let key = file(&e.key, "key")?;
+    match (&e.cert, &e.key) {
+        (Some(c), None) => return Err(loc.at(c, "etcd.cert".into(), "needs `key` as well".into())),
+        (None, Some(k)) => return Err(loc.at(k, "etcd.key".into(), "needs `cert` as well".into())),
+        _ => {}
+    }
+    if !tls {
+        if let Some(p) = e.ca.as_ref().or(e.cert.as_ref()) {
+            let which = if e.ca.is_some() { "etcd.ca" } else { "etcd.cert" };
+            return Err(loc.at(p, which.into(), "TLS files need https:// endpoints".into()));
+        }
+    } else if ca.is_none() {
+        return Err(loc.err(
+            span,
+            "etcd.ca".into(),
+            "https:// endpoints need `ca`, the CA that signed the members' certificates".into(),
+        ));
+    }
+    let max_lag_on_failover = match &e.max_lag_on_failover {
+        Some(t) => check_duration(loc, t, "etcd.max_lag_on_failover".into(), "1m")?,
+        None => DEFAULT_MAX_LAG_ON_FAILOVER,
+    };
+    Ok(Etcd {
+        endpoints,
+        prefix,
+        ttl,
+        loop_wait,
+        retry_timeout,
+        ca,
+        cert,
+        key,
+        max_lag_on_failover,
+        failsafe: e.failsafe,
+    })
 }
 
 /// The `[[operator]]` tables: unique names, keys that parse.
