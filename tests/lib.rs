@@ -861,3 +861,159 @@ impl Drop for Postgres {
             .output();
     }
 }
+
+/// One member of an [`EtcdCluster`].
+pub struct EtcdMember {
+    /// The member's name (`m0`, `m1`, ...).
+    pub name: String,
+    /// Its client port on 127.0.0.1.
+    pub client_port: u16,
+    /// Its peer port on 127.0.0.1.
+    pub peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdMember {
+    /// The member's client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Whether the member answers `/health` with `"health":"true"` (it is
+    /// up and its cluster has a leader).
+    pub fn healthy(&self) -> bool {
+        http_get(self.client_port, "/health").is_some_and(|(code, body)| code == 200 && body.contains("\"true\""))
+    }
+}
+
+/// Real etcd members (Debian's `etcd-server`) on loopback: free ports,
+/// data in a temporary directory, each member killed when this is dropped
+/// (also when a test panics) and, through `setpriv --pdeathsig`, when the
+/// test process dies.
+pub struct EtcdCluster {
+    /// The members, in the order of the `initial-cluster` list.
+    pub members: Vec<EtcdMember>,
+    /// The members' data directories and logs (`<name>.log`).
+    pub dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts three members and waits (with a deadline) until each one is
+    /// healthy.
+    pub fn start() -> EtcdCluster {
+        EtcdCluster::start_n(3)
+    }
+
+    /// Starts `n` members and waits until each one is healthy.
+    pub fn start_n(n: usize) -> EtcdCluster {
+        let etcd = require("etcd", "etcd-server");
+        let setpriv = require("setpriv", "util-linux");
+        let dir = tempfile::Builder::new()
+            .prefix("warmspare-etcd")
+            .tempdir()
+            .expect("tempdir");
+        let members: Vec<EtcdMember> = (0..n)
+            .map(|i| EtcdMember {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("warmspare-{}-{}", std::process::id(), members[0].client_port);
+        let mut cluster = EtcdCluster { members, dir };
+        for m in &mut cluster.members {
+            let log = fs::File::create(cluster.dir.path().join(format!("{}.log", m.name))).expect("etcd log");
+            let client = m.endpoint();
+            let peer = format!("http://127.0.0.1:{}", m.peer_port);
+            let child = Command::new(&setpriv)
+                .args(["--pdeathsig", "KILL", "--"])
+                .arg(&etcd)
+                .args(["--name", &m.name, "--data-dir"])
+                .arg(cluster.dir.path().join(&m.name))
+                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", &token])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn etcd");
+            m.child = Some(child);
+        }
+        cluster.wait_healthy(Duration::from_secs(60));
+        cluster
+    }
+
+    /// Waits until every running member is healthy.
+    pub fn wait_healthy(&self, limit: Duration) {
+        wait_until("every etcd member healthy", limit, || {
+            self.members
+                .iter()
+                .filter(|m| m.child.is_some())
+                .all(EtcdMember::healthy)
+        });
+    }
+
+    /// The client URLs of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdMember::endpoint).collect()
+    }
+
+    /// An `[etcd]` table naming every member, with `extra` lines added.
+    pub fn toml(&self, extra: &str) -> String {
+        let list = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("[etcd]\nendpoints = [{list}]\n{extra}\n")
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`, `-KILL`) to member `i`.
+    pub fn signal(&self, i: usize, sig: &str) {
+        let child = self.members[i].child.as_ref().expect("member running");
+        let status = Command::new("kill")
+            .arg(sig)
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} member {i}");
+    }
+
+    /// The members' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let text = fs::read_to_string(self.dir.path().join(format!("{}.log", m.name))).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                format!(
+                    "--- {} ---\n{}",
+                    m.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut c) = m.child.take() {
+                // SIGKILL ends a stopped process too.
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! - [`ledger`]: the content each file had when the peers last agreed (divergence).
 //! - [`local`]: the receiver's record of its own writes, and local changes flagged on a passive.
 //! - [`ssh`]: russh server and client glue with pinned keys.
+//! - [`etcd`]: the etcd v3 client (JSON gateway) for automatic failover, and the active's self-demotion rule.
 //! - [`state`]: the persisted role state (epoch and active node) and the role history.
 //! - [`persist`]: atomic private writes and the bounded decoder for the agent's own files.
 //! - [`relpath`]: the rules for relative paths (wire checks, temporary names, prefixes).
@@ -22,6 +23,7 @@ pub mod beneath;
 pub mod config;
 pub mod delta;
 pub mod diverged;
+pub mod etcd;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 #[cfg(feature = "gendocs")]

@@ -9,6 +9,7 @@ mod after_apply;
 mod beneath;
 mod config;
 mod controller;
+mod etcd;
 mod faults;
 mod hooks;
 mod hostile;
