@@ -309,14 +309,50 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
         };
         println!("peer {} ({}): {verdict}", peer.name, peer.ssh);
     }
-    Ok(match (node_ok, peers_ok) {
-        (false, _) => ExitCode::FAILURE,
-        (true, false) => {
+    let etcd_ok = match &shared.live.cluster().etcd {
+        Some(etcd) => check_etcd(etcd).await,
+        None => true,
+    };
+    Ok(match (node_ok, peers_ok, etcd_ok) {
+        (false, _, _) => ExitCode::FAILURE,
+        (true, false, _) => {
             println!("this node is ready; a peer is not (on a first install that is expected: use `check --local`)");
             ExitCode::from(EXIT_PEERS)
         }
-        (true, true) => ExitCode::SUCCESS,
+        (true, true, false) => {
+            println!("this node is ready; etcd has no quorum this node can reach");
+            ExitCode::from(EXIT_PEERS)
+        }
+        (true, true, true) => ExitCode::SUCCESS,
     })
+}
+
+/// Asks every etcd member of `[etcd]` for its status (each within 5 s),
+/// prints one line per member and a summary, and says whether a majority
+/// of them answered and knows a raft leader.
+async fn check_etcd(etcd: &warmspare_shared::config::Etcd) -> bool {
+    let client = warmspare_shared::etcd::Client::new(etcd, Duration::from_secs(5));
+    let members = client.health().await;
+    let mut healthy = 0;
+    for m in &members {
+        let verdict = match (&m.error, &m.version) {
+            (Some(e), _) => format!("FAILED: {e}"),
+            (None, version) if m.has_leader => {
+                healthy += 1;
+                format!("ok (etcd {}, leader known)", version.as_deref().unwrap_or("?"))
+            }
+            (None, _) => "FAILED: it answers but knows no leader (no quorum)".to_string(),
+        };
+        println!("etcd {}: {verdict}", m.endpoint);
+    }
+    let quorum = healthy > members.len() / 2;
+    println!(
+        "etcd: {healthy} of {} members healthy, {} (prefix {})",
+        members.len(),
+        if quorum { "quorum" } else { "NO quorum" },
+        etcd.prefix
+    );
+    quorum
 }
 
 /// Whether the state dir can be written: it exists as a directory the agent

@@ -4,10 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use std::process::Command;
 use warmspare_shared::config::Endpoint;
 use warmspare_shared::etcd::confirm::{Leadership, Renewal, Verdict};
 use warmspare_shared::etcd::{Client, EtcdError, FailureKind, Leader, LeaderEvent, LeaderWatch, TxnOutcome};
-use warmspare_tests::{free_port, wait_until, EtcdCluster};
+
+use warmspare_tests::{bin, free_port, wait_until, ClusterOptions, EtcdCluster, TestCluster};
 
 /// Each call, across members, gives up after this.
 const DEADLINE: Duration = Duration::from_secs(3);
@@ -215,4 +217,44 @@ fn a_refused_connection_is_a_failure_of_its_own_kind() {
     let c = client(&[format!("http://127.0.0.1:{}", free_port())], "/warmspare/none");
     let err: EtcdError = runtime().block_on(c.renew("a", 1)).unwrap_err();
     assert_eq!(err.kind(), FailureKind::Refused, "{err}");
+}
+
+#[test]
+fn check_reports_each_etcd_member_and_fails_without_quorum() {
+    let etcd = EtcdCluster::start();
+    // One node: no peer to reach, so the exit code is etcd's alone.
+    let c = TestCluster::new(ClusterOptions {
+        nodes: vec!["a"],
+        extra: etcd.toml(""),
+        ..Default::default()
+    });
+    let run_check = || {
+        let out = Command::new(bin("warmspare-agent"))
+            .arg("--cluster")
+            .arg(&c.file)
+            .args(["--node", "a", "check"])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (code, text) = run_check();
+    assert_eq!(code, Some(0), "{text}");
+    for e in etcd.endpoints() {
+        assert!(text.contains(&format!("etcd {e}: ok (etcd 3.")), "{e}: {text}");
+    }
+    assert!(
+        text.contains("3 of 3 members healthy, quorum (prefix /warmspare/test)"),
+        "{text}"
+    );
+
+    etcd.signal(1, "-STOP");
+    etcd.signal(2, "-STOP");
+    let (code, text) = run_check();
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("NO quorum"), "{text}");
+    assert!(
+        text.contains(&format!("etcd {}: FAILED", etcd.endpoints()[1])),
+        "{text}"
+    );
+    assert!(text.contains("etcd has no quorum"), "{text}");
 }
