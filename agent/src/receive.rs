@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warmspare_shared::apply::{Applier, Divergence, WatchRoot};
+use warmspare_shared::apply::{Applier, Divergence, Failure, WatchRoot};
 use warmspare_shared::manifest::{Entry, HashCache};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, MANIFEST_PART};
 use warmspare_shared::ssh::{Identity, IncomingSession};
@@ -468,7 +468,7 @@ fn serve_request(
                 applied: report.applied,
                 // Bounded to fit a frame; what is left out is asked for
                 // again as a comparison of the whole watch.
-                failed: proto::bound_failures(report.failed),
+                failed: proto::bound_failures(report.failed.into_iter().map(Failure::into_wire).collect()),
             })?;
             Ok(())
         }

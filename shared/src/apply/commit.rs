@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustix::fs::OFlags;
 
 use super::temps::temp_name;
-use super::{Applier, CommitReport, NotDurable, Pending, Staged, STATE_SAVE_INTERVAL};
+use super::{Applier, CommitReport, FailReason, Failure, NotDurable, Pending, Staged, STATE_SAVE_INTERVAL};
 use crate::beneath;
 use crate::local::Stamp;
 use crate::manifest::{ContentHash, Meta};
@@ -226,9 +226,9 @@ pub(super) const IN_MEMORY_AHEAD_MIN: usize = 64;
 /// Makes the in-memory files of `pending` (see [`make_in_memory`]), the two halves of
 /// the list on two threads when there are many; a file that cannot be made
 /// is taken out of the list and returned with why.
-pub(super) fn make_all_in_memory(mut pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<(String, String)>) {
+pub(super) fn make_all_in_memory(mut pending: Vec<Pending>, chown: bool) -> (Vec<Pending>, Vec<Failure>) {
     // For each file, why it could not be made.
-    let make = |part: &mut [Pending]| -> Vec<Option<String>> {
+    let make = |part: &mut [Pending]| -> Vec<Option<io::Error>> {
         part.iter_mut()
             .map(|p| {
                 let Staged::InMemory { data, dir, meta } = &p.staged else {
@@ -239,7 +239,7 @@ pub(super) fn make_all_in_memory(mut pending: Vec<Pending>, chown: bool) -> (Vec
                         p.staged = staged;
                         None
                     }
-                    Err(e) => Some(e.to_string()),
+                    Err(e) => Some(e),
                 }
             })
             .collect()
@@ -260,7 +260,7 @@ pub(super) fn make_all_in_memory(mut pending: Vec<Pending>, chown: bool) -> (Vec
         .filter_map(|(p, why)| match why {
             None => Some(p),
             Some(why) => {
-                failed.push((p.rel, why));
+                failed.push(Failure::new(p.rel, why));
                 None
             }
         })
@@ -358,17 +358,18 @@ impl Applier {
         let mut trees: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
         // 0. The files kept in memory are made and written.
         let (pending, failed) = make_all_in_memory(pending, self.can_chown);
-        for (rel, why) in failed {
-            tracing::warn!(path = rel, error = why, "cannot write a received file");
+        for f in failed {
+            tracing::warn!(path = f.path, error = %f.why, "cannot write a received file");
             self.report.applied = self.report.applied.saturating_sub(1);
-            self.report.failed.push((rel, why));
+            self.report.failed.push(f);
         }
         // 1. The new contents are durable before any of them is placed.
         if let Err(e) = sync_files(self.sync, &pending) {
+            let e = Arc::new(e);
             for p in pending {
                 self.report
                     .failed
-                    .push((p.rel.clone(), format!("cannot make the data durable: {e}")));
+                    .push(Failure::new(p.rel.clone(), FailReason::NotDurable(e.clone())));
                 p.staged.discard();
             }
         } else {
@@ -401,7 +402,7 @@ impl Applier {
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EINVAL | libc::ENOSYS)) => {}
                     Err(e) => {
                         staged.discard();
-                        self.report.failed.push((rel, e.to_string()));
+                        self.report.failed.push(Failure::new(rel, e));
                         continue;
                     }
                 }
@@ -410,14 +411,14 @@ impl Applier {
                 // the directory the file was staged in, through its handle.
                 let (tmp, dir) = match staged {
                     Staged::InMemory { .. } => {
-                        self.report.failed.push((rel, "not written".into()));
+                        self.report.failed.push(Failure::new(rel, FailReason::NotWritten));
                         continue;
                     }
                     Staged::Named { tmp, dir } => (tmp, dir),
                     Staged::Unnamed { file, dir } => match name_beside(&file, &dir, &name) {
                         Ok(tmp) => (tmp, dir),
                         Err(e) => {
-                            self.report.failed.push((rel, e.to_string()));
+                            self.report.failed.push(Failure::new(rel, e));
                             continue;
                         }
                     },
@@ -428,7 +429,7 @@ impl Applier {
                         let _ = beneath::unlink(&dir, &tmp);
                         self.report
                             .failed
-                            .push((rel, format!("cannot preserve the local version: {e}")));
+                            .push(Failure::new(rel, FailReason::NotPreserved(Arc::new(e))));
                         continue;
                     }
                 }
@@ -436,7 +437,7 @@ impl Applier {
                     trees.insert((watch.clone(), rel.clone()));
                     if let Err(e) = beneath::remove_tree(&dir, &name) {
                         let _ = beneath::unlink(&dir, &tmp);
-                        self.report.failed.push((rel, e.to_string()));
+                        self.report.failed.push(Failure::new(rel, e));
                         continue;
                     }
                 }
@@ -444,7 +445,7 @@ impl Applier {
                     Ok(md) => self.placed(&watch, &rel, &md, hash),
                     Err(e) => {
                         let _ = beneath::unlink(&dir, &tmp);
-                        self.report.failed.push((rel, e.to_string()));
+                        self.report.failed.push(Failure::new(rel, e));
                     }
                 }
             }

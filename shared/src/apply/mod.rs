@@ -40,6 +40,7 @@ use crate::proto::Op;
 use crate::relpath::{check_rel_path, BadPath};
 
 mod commit;
+mod failure;
 mod handles;
 mod ops;
 mod preserve;
@@ -48,6 +49,7 @@ mod temps;
 #[cfg(test)]
 mod tests;
 
+pub use failure::{FailReason, Failure};
 pub use temps::clean_temps;
 
 /// Whether this process can give files away (it runs as root), and so
@@ -228,12 +230,12 @@ impl Staged {
 }
 
 /// The outcome of one commit.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 pub struct CommitReport {
     /// Operations applied since the previous commit.
     pub applied: u64,
     /// Operations that failed, with why; their paths were left as they were.
-    pub failed: Vec<(String, String)>,
+    pub failed: Vec<Failure>,
     /// Watches that had something applied (for `after_apply`).
     pub touched: BTreeSet<String>,
     /// Local files that differed from the last agreed content and were moved
@@ -479,7 +481,7 @@ impl Applier {
             if matches!(op, Op::FileBegin { .. }) {
                 self.discarding = true;
             }
-            self.report.failed.push((rel, "excluded on the receiver".into()));
+            self.report.failed.push(Failure::new(rel, FailReason::Excluded));
             return Ok(());
         }
         // The passive watcher waits while the path changes, then finds what
@@ -527,7 +529,7 @@ impl Applier {
             }
             Err(e) => {
                 tracing::warn!(watch, path = rel, error = %e, "cannot apply a change");
-                self.report.failed.push((rel, e.to_string()));
+                self.report.failed.push(Failure::new(rel, e));
             }
         }
         Ok(())

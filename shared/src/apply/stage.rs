@@ -11,7 +11,7 @@ use rustix::fs::OFlags;
 
 use super::commit::{give_meta, FLUSH_EVERY_FILES};
 use super::temps::{temp_name, HashingWriter, Output};
-use super::{Applier, Incoming, Opened, Pending, Refused, Stage, Staged};
+use super::{Applier, FailReason, Failure, Incoming, Opened, Pending, Refused, Stage, Staged};
 use crate::beneath::{self, split};
 use crate::delta;
 use crate::manifest::{ContentHash, HashCache, Meta};
@@ -31,13 +31,19 @@ pub(super) const IN_MEMORY_BYTES_MAX: u64 = 16 << 20;
 
 /// Checks that a received file has the size and content hash it was
 /// announced with.
-pub(super) fn check_content(inc: &Incoming) -> Result<(), String> {
+pub(super) fn check_content(inc: &Incoming) -> Result<(), FailReason> {
     if inc.written != inc.size {
-        return Err(format!("got {} bytes, {} were announced", inc.written, inc.size));
+        return Err(FailReason::Size {
+            got: inc.written,
+            announced: inc.size,
+        });
     }
     let got = ContentHash(*inc.hasher.finalize().as_bytes());
     if got != inc.hash {
-        return Err(format!("content hash mismatch: got {got}, announced {}", inc.hash));
+        return Err(FailReason::Hash {
+            got,
+            announced: inc.hash,
+        });
     }
     Ok(())
 }
@@ -210,7 +216,7 @@ impl Applier {
         if let Some(Err(e)) = result {
             let rel = inc.rel.clone();
             tracing::warn!(path = rel, error = %e, "cannot write a received file");
-            self.report.failed.push((rel, e.to_string()));
+            self.report.failed.push(Failure::new(rel, e));
             self.abort_incoming();
             self.discarding = true;
         }
@@ -247,7 +253,7 @@ impl Applier {
         let result = inc.writer.as_mut().map(|w| w.flush().map(|()| w.get_mut().skip(len)));
         if let Some(Err(e)) = result {
             tracing::warn!(path = path, error = %e, "cannot write a received file");
-            self.report.failed.push((path, e.to_string()));
+            self.report.failed.push(Failure::new(path, e));
             self.abort_incoming();
             self.discarding = true;
         }
@@ -318,39 +324,35 @@ impl Applier {
             Err(e) => {
                 self.release(&inc.stage, &inc.dir, inc.size);
                 tracing::warn!(watch = inc.watch, path = inc.rel, error = %e, "cannot apply a received file");
-                self.report.failed.push((inc.rel, e));
+                self.report.failed.push(Failure::new(inc.rel, e));
             }
         }
         Ok(())
     }
 
     /// Checks a received file and sets its metadata; returns it, open.
-    pub(super) fn finish(&mut self, inc: &mut Incoming) -> Result<File, String> {
-        let writer = inc.writer.take().ok_or("no open file")?;
-        let file = writer
-            .into_inner()
-            .map_err(|e| e.error().to_string())?
-            .end()
-            .map_err(|e| e.to_string())?;
+    pub(super) fn finish(&mut self, inc: &mut Incoming) -> Result<File, FailReason> {
+        let writer = inc.writer.take().ok_or(FailReason::NoOpenFile)?;
+        let file = writer.into_inner().map_err(|e| e.into_error())?.end()?;
         if let Some((spool, base_hash)) = &inc.delta {
             // Patch: base (the current target) + delta (the spool) -> tmp.
             let mut delta_file = file;
-            std::io::Seek::rewind(&mut delta_file).map_err(|e| e.to_string())?;
+            std::io::Seek::rewind(&mut delta_file)?;
             let base_file = beneath::open_in(&inc.dir, &inc.name, OFlags::RDONLY)
-                .map_err(|e| format!("cannot open the delta base: {e}"))?;
-            let base_md = base_file.metadata().map_err(|e| e.to_string())?;
+                .map_err(|e| FailReason::DeltaBaseUnreadable(Arc::new(e)))?;
+            let base_md = base_file.metadata()?;
             if !base_md.is_file() {
-                return Err("the delta base is not a regular file".into());
+                return Err(FailReason::DeltaBaseNotFile);
             }
-            let w = self.watches.get_mut(&inc.watch).ok_or("unknown watch")?;
-            let actual = hash_open(&mut w.cache, &inc.rel, &base_file).map_err(|e| e.to_string())?;
+            let w = self.watches.get_mut(&inc.watch).ok_or(FailReason::UnknownWatch)?;
+            let actual = hash_open(&mut w.cache, &inc.rel, &base_file)?;
             if actual != *base_hash {
-                return Err("the delta base changed on the receiver".into());
+                return Err(FailReason::DeltaBaseChanged);
             }
             let Stage::Named(tmp) = &inc.stage else {
-                return Err("no temporary file for a delta".into());
+                return Err(FailReason::NoTempForDelta);
             };
-            let out = beneath::create_private(&inc.dir, tmp).map_err(|e| e.to_string())?;
+            let out = beneath::create_private(&inc.dir, tmp)?;
             let mut hw = HashingWriter {
                 inner: BufWriter::with_capacity(256 * 1024, Output::durable(out)),
                 hasher: blake3::Hasher::new(),
@@ -359,16 +361,11 @@ impl Applier {
             // The base is read as the delta asks for it, never mapped: a
             // local writer may truncate it meanwhile.
             let spooled = std::io::BufReader::with_capacity(256 * 1024, &delta_file);
-            delta::apply_file(&base_file, spooled, &mut hw, inc.size as usize).map_err(|e| e.to_string())?;
+            delta::apply_file(&base_file, spooled, &mut hw, inc.size as usize)?;
             let _ = spool;
             inc.hasher = hw.hasher;
             inc.written = hw.written;
-            let out = hw
-                .inner
-                .into_inner()
-                .map_err(|e| e.error().to_string())?
-                .end()
-                .map_err(|e| e.to_string())?;
+            let out = hw.inner.into_inner().map_err(|e| e.into_error())?.end()?;
             self.finish_file(inc, &out)?;
             Ok(out)
         } else {
@@ -377,8 +374,8 @@ impl Applier {
         }
     }
 
-    pub(super) fn finish_file(&self, inc: &Incoming, file: &File) -> Result<(), String> {
+    pub(super) fn finish_file(&self, inc: &Incoming, file: &File) -> Result<(), FailReason> {
         check_content(inc)?;
-        give_meta(file, inc.meta, self.can_chown).map_err(|e| e.to_string())
+        Ok(give_meta(file, inc.meta, self.can_chown)?)
     }
 }

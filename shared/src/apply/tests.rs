@@ -124,7 +124,7 @@ fn a_root_replaced_by_a_link_is_not_used() {
     .unwrap();
     let r = a.commit().unwrap();
     assert_eq!(r.failed.len(), 3, "{:?}", r.failed);
-    assert!(r.failed[0].1.contains("symbolic link"), "{:?}", r.failed);
+    assert!(r.failed[0].why.to_string().contains("symbolic link"), "{:?}", r.failed);
     assert!(a.manifest("w").is_err());
     let names: Vec<_> = fs::read_dir(outside.path())
         .unwrap()
@@ -162,7 +162,7 @@ fn a_directory_replaced_by_a_link_in_the_same_batch_is_checked_again() {
     .unwrap();
     send_file(&mut a, "sub/two", b"2");
     let r = a.commit().unwrap();
-    assert!(r.failed.iter().any(|(rel, _)| rel == "sub/two"), "{:?}", r.failed);
+    assert!(r.failed.iter().any(|f| f.path == "sub/two"), "{:?}", r.failed);
     assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
 }
 
@@ -219,7 +219,7 @@ fn in_memory_files_that_cannot_be_made_at_commit_are_reported_and_the_rest_place
     fs::remove_dir(d.path().join("gone")).unwrap();
     let r = a.commit().unwrap();
     assert_eq!(r.failed.len(), n / 2, "{:?}", r.failed);
-    assert!(r.failed.iter().all(|(rel, _)| rel.starts_with("gone/")));
+    assert!(r.failed.iter().all(|f| f.path.starts_with("gone/")));
     assert_eq!(r.applied, (n / 2) as u64);
     for i in 0..n / 2 {
         assert_eq!(
@@ -826,4 +826,60 @@ fn a_large_commit_syncs_every_file_system_it_touched() {
     assert!(r.failed.is_empty(), "{:?}", r.failed);
     assert_eq!(SYNCED_FS.with(|s| s.borrow().clone()), devs);
     assert_eq!(fs::read(shm.path().join("d0/f")).unwrap(), b"b0");
+}
+
+/// Failures are typed, and cross the wire as the same text as before they
+/// were: an excluded path, a short file and a file whose content is not
+/// the announced one.
+#[test]
+fn failures_say_why_in_types_and_keep_their_wire_text() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = applier(d.path());
+    send_file(&mut a, "ex/skipped", b"x");
+    a.apply(Op::FileBegin {
+        watch: "w".into(),
+        path: "short".into(),
+        meta: meta(),
+        size: 4,
+        hash: ContentHash::of(b"abcd"),
+        delta_base: None,
+    })
+    .unwrap();
+    a.apply(Op::FileData(ByteBuf::from(b"ab".to_vec()))).unwrap();
+    a.apply(Op::FileEnd).unwrap();
+    a.apply(Op::FileBegin {
+        watch: "w".into(),
+        path: "other".into(),
+        meta: meta(),
+        size: 4,
+        hash: ContentHash::of(b"abcd"),
+        delta_base: None,
+    })
+    .unwrap();
+    a.apply(Op::FileData(ByteBuf::from(b"abce".to_vec()))).unwrap();
+    a.apply(Op::FileEnd).unwrap();
+    let r = a.commit().unwrap();
+    assert_eq!(r.failed.len(), 3, "{:?}", r.failed);
+    assert!(matches!(r.failed[0].why, FailReason::Excluded), "{:?}", r.failed);
+    assert!(
+        matches!(r.failed[1].why, FailReason::Size { got: 2, announced: 4 }),
+        "{:?}",
+        r.failed
+    );
+    assert!(matches!(r.failed[2].why, FailReason::Hash { .. }), "{:?}", r.failed);
+    let wire: Vec<(String, String)> = r.failed.into_iter().map(Failure::into_wire).collect();
+    assert_eq!(wire[0], ("ex/skipped".into(), "excluded on the receiver".into()));
+    assert_eq!(wire[1], ("short".into(), "got 2 bytes, 4 were announced".into()));
+    assert_eq!(wire[2].0, "other");
+    assert_eq!(
+        wire[2].1,
+        format!(
+            "content hash mismatch: got {}, announced {}",
+            ContentHash::of(b"abce"),
+            ContentHash::of(b"abcd")
+        )
+    );
+    assert!(!d.path().join("short").exists() && !d.path().join("other").exists());
+    let io = Failure::new("p", io::Error::from_raw_os_error(libc::ENOSPC)).into_wire();
+    assert_eq!(io.1, io::Error::from_raw_os_error(libc::ENOSPC).to_string());
 }
