@@ -304,7 +304,7 @@ impl Client {
                 Ok(v) => Health {
                     endpoint,
                     version: v["version"].as_str().map(str::to_string),
-                    has_leader: int(&v["leader"]) != 0,
+                    has_leader: nonzero(&v["leader"]),
                     error: None,
                 },
                 Err(e) => Health {
@@ -460,6 +460,16 @@ fn b64(s: &str) -> String {
     BASE64.encode(s.as_bytes())
 }
 
+/// Whether an unsigned 64-bit id from the gateway (a member id, which may
+/// not fit an `i64`) is present and not 0.
+fn nonzero(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.parse::<u64>().is_ok_and(|n| n != 0),
+        Value::Number(n) => n.as_u64().is_some_and(|n| n != 0),
+        _ => false,
+    }
+}
+
 /// A base64 key or value from the gateway, as UTF-8 text (absent is empty).
 fn text(v: &Value) -> Result<String, String> {
     let s = v.as_str().unwrap_or("");
@@ -490,6 +500,10 @@ mod tests {
         assert_eq!(int(&json!("2324035765635821317")), 2_324_035_765_635_821_317);
         assert_eq!(int(&json!(5)), 5);
         assert_eq!(int(&Value::Null), 0);
+        // Member ids are unsigned and may not fit an i64.
+        assert!(nonzero(&json!("17237436191187066789")));
+        assert!(nonzero(&json!("3319814642761637952")));
+        assert!(!nonzero(&json!("0")) && !nonzero(&Value::Null));
         assert_eq!(text(&json!("YmFy")).unwrap(), "bar");
         assert_eq!(text(&Value::Null).unwrap(), "");
         assert!(text(&json!("!!")).is_err());
