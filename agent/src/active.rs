@@ -162,13 +162,14 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<&'static str>, token: 
         .collect();
     let t = token.clone();
     let rewatch = shared.roots.recovered.clone();
+    let stamp = shared.loops.register("the watcher", watcher::LIMIT);
     tasks.spawn(async move {
         // A hidden switch for the tests of this supervision: a watcher that
         // fails at once, as one whose inotify instance cannot be made.
         let result = if std::env::var_os("WARMSPARE_TEST_BREAK_WATCHER").is_some() {
             Err(anyhow::anyhow!("broken on purpose (WARMSPARE_TEST_BREAK_WATCHER)"))
         } else {
-            watcher::run(targets, inboxes, rewatch, t).await
+            watcher::run(targets, inboxes, rewatch, stamp, t).await
         };
         if let Err(e) = result {
             tracing::error!(error = format!("{e:#}"), "the watcher failed");

@@ -41,6 +41,9 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 /// [`MAX_CONNECTIONS`] are served at once. Half-sent requests (600 of them
 /// once took every descriptor the agent had) are closed at their deadline.
 pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
+    let stamp = shared
+        .loops
+        .register("the HTTP accept loop", crate::server::ACCEPT_LIMIT);
     let app = Router::new()
         .route("/_status/check", get(check))
         .route("/_status/ping", get(ping))
@@ -51,8 +54,14 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
     let mut connections = JoinSet::new();
     let (mut crowded, mut failing) = (crate::server::Complaint::default(), crate::server::Complaint::default());
     loop {
+        stamp.stamp();
+        if crate::progress::test_hang("http-accept") {
+            crate::progress::hang_task("the HTTP accept loop").await;
+        }
         tokio::select! {
             _ = cancel.cancelled() => break,
+            // Idle, the loop still comes round (and stamps) every second.
+            _ = tokio::time::sleep(crate::server::ACCEPT_ROUND) => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let Ok(permit) = limit.clone().try_acquire_owned() else {

@@ -25,6 +25,7 @@ pub mod logging;
 mod node;
 mod passive;
 mod preserved;
+mod progress;
 mod promotion;
 mod receive;
 mod role;

@@ -64,6 +64,9 @@ pub struct Shared {
     /// The undo store (`state_dir/undo`): what this node's receiver removed
     /// or replaced.
     pub undo: Arc<warmspare_shared::undo::Store>,
+    /// The progress stamps of the loops that must keep going round (the
+    /// watchdog is fed only while each is recent).
+    pub loops: crate::progress::Loops,
 }
 
 /// The file under the state dir that marks a paused agent.
@@ -95,6 +98,7 @@ impl Shared {
             allow_deletes: Mutex::new(Default::default()),
             local: Arc::new(Default::default()),
             undo: Arc::new(warmspare_shared::undo::Store::new(state_dir.join("undo"))),
+            loops: crate::progress::Loops::default(),
         })
     }
 

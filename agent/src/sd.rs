@@ -73,12 +73,16 @@ pub fn summary(shared: &Shared) -> String {
 /// Sends `WATCHDOG=1` at half the watchdog interval (when systemd set one)
 /// and refreshes the status line, until `cancel` fires.
 ///
-/// The watchdog is fed only while the agent makes progress: the
-/// supervisor's loop went round within the interval (it goes round every
-/// second; it stalls when the async runtime is blocked), and the runtime
-/// reports, which every shipper and receiver updates, were not found
-/// locked at two ticks in a row (they are never held over I/O). Otherwise
-/// systemd's watchdog restarts the agent.
+/// The watchdog is fed only while the agent makes progress:
+/// - every loop that must keep going round (each shipper, the SSH and HTTP
+///   accept loops, the watcher: see `crate::progress`) stamped its
+///   progress within its own limit;
+/// - the supervisor's loop went round within the interval (it goes round
+///   every second; it stalls when the async runtime is blocked);
+/// - the runtime reports, which every shipper and receiver updates, were
+///   not found locked at two ticks in a row (they are never held over I/O).
+///
+/// Otherwise systemd's watchdog restarts the agent.
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let watchdog = sd_notify::watchdog_enabled();
     let every = watchdog
@@ -96,16 +100,27 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         let stuck = locked && was_locked;
         was_locked = locked;
         let beating = shared.heartbeat_within(every.max(Duration::from_secs(3)));
+        let stale = shared.loops.stale();
         let status = summary(&shared);
         match watchdog {
-            Some(_) if beating && !stuck => send(&[NotifyState::Watchdog, NotifyState::Status(&status)]),
+            Some(_) if beating && !stuck && stale.is_empty() => {
+                send(&[NotifyState::Watchdog, NotifyState::Status(&status)])
+            }
             Some(_) => {
+                let stalled: Vec<String> = stale.iter().map(|s| s.to_string()).collect();
                 tracing::error!(
                     supervisor_beating = beating,
                     runtime_locked = stuck,
+                    stalled = stalled.join("; "),
                     "the agent is not making progress: the watchdog is not fed"
                 );
-                send(&[NotifyState::Status("not making progress")]);
+                let names: Vec<&str> = stale.iter().map(|s| s.name.as_str()).collect();
+                let line = if names.is_empty() {
+                    "not making progress".to_string()
+                } else {
+                    format!("not making progress: {}", names.join(", "))
+                };
+                send(&[NotifyState::Status(&line)]);
             }
             None => send(&[NotifyState::Status(&status)]),
         }

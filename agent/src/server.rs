@@ -17,6 +17,13 @@ use warmspare_shared::ssh::{self, IncomingSession};
 use crate::node::Shared;
 use crate::receive;
 
+/// The longest an accept loop (SSH or HTTP) waits before it comes round.
+pub const ACCEPT_ROUND: Duration = Duration::from_secs(1);
+/// How long an accept loop may go without coming round before the
+/// watchdog stops being fed (its rounds take [`ACCEPT_ROUND`]; a complaint
+/// about a failed accept waits 100 ms).
+pub const ACCEPT_LIMIT: Duration = Duration::from_secs(10);
+
 /// How often a repeated listener complaint is logged.
 const COMPLAINT_EVERY: Duration = Duration::from_secs(60);
 
@@ -49,9 +56,16 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
     let mut connections = JoinSet::new();
     let mut sessions = JoinSet::new();
     let (mut crowded, mut failing) = (Complaint::default(), Complaint::default());
+    let stamp = shared.loops.register("the SSH accept loop", ACCEPT_LIMIT);
     loop {
+        stamp.stamp();
+        if crate::progress::test_hang("ssh-accept") {
+            crate::progress::hang_task("the SSH accept loop").await;
+        }
         tokio::select! {
             _ = cancel.cancelled() => break,
+            // Idle, the loop still comes round (and stamps) every second.
+            _ = tokio::time::sleep(ACCEPT_ROUND) => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let Ok(permit) = preauth.clone().try_acquire_owned() else {

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use warmspare_shared::relpath;
 
 use crate::events::Inbox;
+use crate::progress::Stamp;
 
 /// The longest a steady stream of events can hold a batch back.
 const MAX_HOLD: Duration = Duration::from_millis(500);
@@ -87,12 +88,21 @@ impl RawQueue {
 /// How often a root that is not a directory is looked at again.
 const UNWATCHED_POLL: Duration = Duration::from_secs(2);
 
+/// The longest the watcher waits before it comes round (and stamps its
+/// progress for the watchdog) when nothing happens.
+const ROUND: Duration = Duration::from_secs(1);
+/// How long the watcher may go without coming round before the watchdog
+/// stops being fed: its rounds take [`ROUND`], and watching a root again
+/// (inotify watches added for every directory of the tree) is one step.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
 /// Watches `targets` until `cancel` fires, feeding `inboxes`; `rewatch`
-/// renews every root's watch.
+/// renews every root's watch. Stamps `stamp` at every round.
 pub async fn run(
     targets: Vec<Target>,
     inboxes: Vec<Arc<Inbox>>,
     rewatch: Arc<tokio::sync::Notify>,
+    stamp: Arc<Stamp>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let (queue, mut rx) = RawQueue::new(RAW_QUEUE);
@@ -142,11 +152,17 @@ pub async fn run(
     let mut rescan_at: Option<Instant> = None;
     let mut unwatched_at = unwatched.contains(&true).then(|| Instant::now() + UNWATCHED_POLL);
     loop {
+        stamp.stamp();
+        if crate::progress::test_hang("watcher") {
+            crate::progress::hang_task("the watcher").await;
+        }
+        // Idle, the loop still comes round (and stamps) every second.
         let next = pending
             .values()
             .map(|(_, quiet, hold)| (*quiet).min(*hold))
             .chain(rescan_at)
             .chain(unwatched_at)
+            .chain([Instant::now() + ROUND])
             .min();
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -154,6 +170,7 @@ pub async fn run(
                 // A root came back (remounted, recreated, accepted): watch
                 // every root anew; the shipper compares it whole.
                 for (i, t) in targets.iter().enumerate() {
+                    stamp.stamp();
                     if !t.root.is_dir() {
                         continue;
                     }
@@ -214,6 +231,7 @@ pub async fn run(
                 if unwatched_at.is_some_and(|at| at <= now) {
                     unwatched_at = None;
                     for (i, t) in targets.iter().enumerate() {
+                        stamp.stamp();
                         if !unwatched[i] || !t.root.is_dir() {
                             continue;
                         }
@@ -235,6 +253,7 @@ pub async fn run(
                 if rescan_at.is_some_and(|at| at <= now) {
                     rescan_at = None;
                     for (i, t) in targets.iter().enumerate() {
+                        stamp.stamp();
                         if !std::mem::take(&mut lost[i]) {
                             continue;
                         }

@@ -166,6 +166,12 @@ pub fn hash_zeros(hasher: &mut blake3::Hasher, mut len: u64) {
 /// now; one that shrinks meanwhile ends at the short read, one that grows
 /// is hashed up to the size it had at the start.
 pub fn hash_file(file: &File) -> io::Result<(u64, blake3::Hash)> {
+    hash_file_ticking(file, &|| {})
+}
+
+/// [`hash_file`], calling `tick` before every read of up to 256 KiB (a
+/// caller that must show progress on a large file stamps it there).
+pub fn hash_file_ticking(file: &File, tick: &dyn Fn()) -> io::Result<(u64, blake3::Hash)> {
     let size = file.metadata()?.len();
     let mut hasher = blake3::Hasher::new();
     let mut buf = Vec::new();
@@ -183,6 +189,7 @@ pub fn hash_file(file: &File) -> io::Result<(u64, blake3::Hash)> {
                 let mut at = start;
                 while at < start + len {
                     let want = buf.len().min((start + len - at) as usize);
+                    tick();
                     let n = read_at_full(file, &mut buf[..want], at)?;
                     hasher.update(&buf[..n]);
                     at += n as u64;

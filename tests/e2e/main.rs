@@ -23,6 +23,7 @@ mod puppet_module;
 mod reload;
 mod replication;
 mod safety;
+mod sd;
 mod sender;
 mod service;
 mod sparse;

@@ -18,6 +18,7 @@ use warmspare_shared::ssh;
 use crate::events::Inbox;
 use crate::heartbeat;
 use crate::node::Shared;
+use crate::progress::Stamp;
 
 use super::session::{SessionIo, COMMITS_IN_FLIGHT, GROUPS_QUEUED, PEER_DEADLINE};
 use super::worker::sync_loop;
@@ -29,6 +30,13 @@ pub(super) const REDIAL_MIN: Duration = Duration::from_millis(100);
 pub(super) const REDIAL_MAX: Duration = Duration::from_secs(5);
 /// The longest a dial of the replication session may take.
 pub(super) const DIAL_LIMIT: Duration = Duration::from_secs(10);
+/// How long a shipper may go without stamping its progress before the
+/// watchdog stops being fed. Between sessions a round is a dial (at most
+/// [`DIAL_LIMIT`]) and a wait (at most [`REDIAL_MAX`] and its jitter); in a
+/// session the worker stamps at every round (at least once a second), at
+/// every second of a wait on the peer, and as it scans, hashes and sends
+/// (per directory, per file, per 256 KiB read).
+pub(super) const SHIPPER_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs the shipper for `peer` until `cancel` fires.
 pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: CancellationToken) {
@@ -52,8 +60,12 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
         cancel.child_token(),
     ));
     let _probe = AbortOnDrop(probe);
+    let stamp = shared
+        .loops
+        .register(format!("the shipper to {}", peer.name), SHIPPER_LIMIT);
     let mut quiet = false;
     loop {
+        stamp.stamp();
         let started = Instant::now();
         let mut progressed = false;
         let seen = live.now();
@@ -77,7 +89,7 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
                     l.connected = true;
                     before = l.last_success.values().max().copied();
                 });
-                let result = session(&shared, &peer, d, &inbox, &live, &cancel).await;
+                let result = session(&shared, &peer, d, &inbox, &live, &stamp, &cancel).await;
                 shared.telemetry.link(&peer.name, |l| {
                     progressed = l.last_success.values().max().copied() != before;
                     l.connected = false;
@@ -138,6 +150,7 @@ pub(super) async fn session(
     dialed: ssh::Dialed,
     inbox: &Arc<Inbox>,
     live: &heartbeat::Liveness,
+    stamp: &Arc<Stamp>,
     cancel: &CancellationToken,
 ) -> Result<()> {
     let started = tokio::time::Instant::now();
@@ -254,6 +267,7 @@ pub(super) async fn session(
         outstanding: Vec::new(),
         failures: Vec::new(),
         failure_reason: None,
+        stamp: stamp.clone(),
     };
     let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_shared, &peer_name, io, &worker_inbox, owners));
 

@@ -78,8 +78,15 @@ pub(super) struct Removal {
     pub(super) files: u64,
 }
 
-/// Scans `prefix` locally and lists what the peer must remove under it.
-pub(super) fn plan_prefix(w: &LocalWatch, prefix: &str, cache: &mut HashCache, remote: &Remote) -> Plan {
+/// Scans `prefix` locally and lists what the peer must remove under it;
+/// `tick` is called as the scan goes (see `manifest::scan_with`).
+pub(super) fn plan_prefix(
+    w: &LocalWatch,
+    prefix: &str,
+    cache: &mut HashCache,
+    remote: &Remote,
+    tick: &(dyn Fn() + Sync),
+) -> Plan {
     // A file is read before it is sent only when the peer has a file of the
     // same size there (the hashes decide whether to send it); the others are
     // sent anyway, and hashed as they are read to be sent.
@@ -88,7 +95,14 @@ pub(super) fn plan_prefix(w: &LocalWatch, prefix: &str, cache: &mut HashCache, r
             .get(path)
             .is_some_and(|r| matches!(r.kind, EntryKind::File { size: s, .. } if s == size))
     };
-    let scan = manifest::scan_with(&w.root, prefix, &w.excludes, cache, Hashing::Only(&same_size_there));
+    let scan = manifest::scan_with(
+        &w.root,
+        prefix,
+        &w.excludes,
+        cache,
+        Hashing::Only(&same_size_there),
+        tick,
+    );
     // What could not be read is unknown, not gone: the peer's copies at and
     // below those paths are left alone (no removal, no replacement).
     let mut unknown: Vec<&str> = Vec::new();

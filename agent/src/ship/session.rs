@@ -4,6 +4,7 @@
 //! acknowledgements) with the batch's counters ([`BatchStats`]).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -11,6 +12,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use warmspare_shared::manifest::{self, ContentHash, Entry};
 use warmspare_shared::proto::{self, Op, Reply, Request};
+
+use crate::progress::Stamp;
 
 /// The blocking worker's handles on the connection.
 pub(super) struct SessionIo {
@@ -32,6 +35,9 @@ pub(super) struct SessionIo {
     pub(super) failures: Vec<(String, String)>,
     /// Why the first of them failed, as the peer said.
     pub(super) failure_reason: Option<String>,
+    /// The shipper's progress stamp: every frame sent and every second of
+    /// a wait on the peer stamps it (see [`crate::progress`]).
+    pub(super) stamp: Arc<Stamp>,
 }
 
 /// Changes the peer could not apply, waiting to be sent again.
@@ -55,6 +61,7 @@ impl SessionIo {
     /// Queues a request; it reaches the peer at the next [`SessionIo::flush`]
     /// at the latest.
     pub(super) fn send(&mut self, req: &Request) -> Result<u64> {
+        self.stamp.stamp();
         let body = proto::encode(req)?;
         let n = body.len() as u64 + 4;
         self.group_bytes += body.len();
@@ -74,28 +81,53 @@ impl SessionIo {
         self.group_bytes = 0;
         let group = std::mem::take(&mut self.group);
         let (frames, limit) = (&self.frames, self.deadline);
-        match self.rt.block_on(tokio::time::timeout(limit, frames.send(group))) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Closed.into()),
-            Err(_) => Err(Unanswered("room to send", limit).into()),
+        match wait(&self.rt, &self.stamp, limit, frames.send(group)) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => Err(Closed.into()),
+            None => Err(Unanswered("room to send", limit).into()),
         }
     }
 
     pub(super) fn reply(&mut self) -> Result<Reply> {
         self.flush()?;
         let (replies, limit) = (&mut self.replies, self.deadline);
-        match self.rt.block_on(tokio::time::timeout(limit, replies.recv())) {
-            Ok(r) => Ok(r.ok_or(Closed)?),
-            Err(_) => Err(Unanswered("a reply", limit).into()),
+        match wait(&self.rt, &self.stamp, limit, replies.recv()) {
+            Some(r) => Ok(r.ok_or(Closed)?),
+            None => Err(Unanswered("a reply", limit).into()),
         }
     }
 
     pub(super) fn ack(&mut self) -> Result<Reply> {
         self.flush()?;
         let (acks, limit) = (&mut self.acks, self.deadline);
-        match self.rt.block_on(tokio::time::timeout(limit, acks.recv())) {
-            Ok(r) => Ok(r.ok_or(Closed)?),
-            Err(_) => Err(Unanswered("an acknowledgement", limit).into()),
+        match wait(&self.rt, &self.stamp, limit, acks.recv()) {
+            Some(r) => Ok(r.ok_or(Closed)?),
+            None => Err(Unanswered("an acknowledgement", limit).into()),
+        }
+    }
+}
+
+/// How often a wait on the peer comes round to stamp the shipper's progress.
+const WAIT_ROUND: Duration = Duration::from_secs(1);
+
+/// Runs `fut` on `rt` for at most `limit` (`None` when the time ran out),
+/// stamping `stamp` every [`WAIT_ROUND`] meanwhile: a worker waiting on a
+/// slow but answering peer is waiting, not hung.
+fn wait<F: std::future::Future>(
+    rt: &tokio::runtime::Handle,
+    stamp: &Stamp,
+    limit: Duration,
+    fut: F,
+) -> Option<F::Output> {
+    let deadline = Instant::now() + limit;
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        stamp.stamp();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rt.block_on(tokio::time::timeout(left.min(WAIT_ROUND), fut.as_mut())) {
+            Ok(out) => return Some(out),
+            Err(_) if left <= WAIT_ROUND => return None,
+            Err(_) => {}
         }
     }
 }

@@ -204,8 +204,9 @@ pub(super) struct Learned {
 }
 
 /// Reads `file` to learn its hash (and, for one chunk or less, keeps its
-/// content), and caches the hash unless the file changed during the read.
-pub(super) fn learn(file: &fs::File, rel: &str, cache: &mut HashCache) -> io::Result<Learned> {
+/// content), and caches the hash unless the file changed during the read;
+/// `tick` is called at every read of a large file.
+pub(super) fn learn(file: &fs::File, rel: &str, cache: &mut HashCache, tick: &dyn Fn()) -> io::Result<Learned> {
     let before = file.metadata()?;
     let mut learned = None;
     if before.len() <= CHUNK as u64 {
@@ -225,7 +226,7 @@ pub(super) fn learn(file: &fs::File, rel: &str, cache: &mut HashCache) -> io::Re
         // (never mapped: another process may truncate it meanwhile), its
         // holes without reading them.
         None => {
-            let (size, hash) = warmspare_shared::manifest::ContentHash::of_open_file(file)?;
+            let (size, hash) = warmspare_shared::manifest::ContentHash::of_open_file_ticking(file, tick)?;
             Learned {
                 size,
                 hash,
@@ -279,7 +280,8 @@ pub(super) fn ship_file(
     let seen = md.len() == out.size && meta.mtime == l.meta.mtime && meta.mtime_nsec == l.meta.mtime_nsec;
     let (mut size, mut hash, mut content) = (md.len(), out.hash.filter(|_| seen), None);
     if hash.is_none() {
-        match learn(&file, &l.path, cache) {
+        let stamp = io.stamp.clone();
+        match learn(&file, &l.path, cache, &|| stamp.stamp()) {
             Ok(learned) => (size, hash, content) = (learned.size, Some(learned.hash), learned.content),
             // As when a scan cannot read a file: it is left out, and the
             // next comparison tries again; the rest of the batch goes on.
@@ -365,6 +367,13 @@ pub(super) fn ship_file(
                     sent: 0,
                 };
                 let reader = rewound(&file).with_context(|| format!("cannot read {}", abs.display()))?;
+                // Much of a large file may match the peer's copy and send
+                // nothing: every read stamps the shipper's progress.
+                let stamp = sink.io.stamp.clone();
+                let reader = Ticking {
+                    inner: reader,
+                    tick: &|| stamp.stamp(),
+                };
                 delta::diff_reader(&sig, reader, size, &mut sink).map_err(|e| anyhow!("{}: {e}", l.path))?;
                 sink.flush_chunk()?;
                 stats.wire_bytes += sink.sent;
@@ -482,5 +491,18 @@ impl Write for FrameSink<'_> {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A reader that calls `tick` at every read.
+struct Ticking<'a, R> {
+    inner: R,
+    tick: &'a dyn Fn(),
+}
+
+impl<R: Read> Read for Ticking<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (self.tick)();
+        self.inner.read(buf)
     }
 }

@@ -64,7 +64,12 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
     // counts them together.
     let mut removed_lately: HashMap<String, Vec<(Instant, u64)>> = HashMap::new();
     let mut unreadable = Unreadable::default();
+    let stamp = io.stamp.clone();
+    let tick = || stamp.stamp();
     loop {
+        // Every round stamps the shipper's progress; so do the waits and
+        // the work below (see `crate::progress`).
+        stamp.stamp();
         if shared.is_paused() {
             inbox.wait_interrupt(Duration::from_secs(1));
             if io.frames.is_closed() {
@@ -115,6 +120,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
         let work = match inbox.take(wait) {
             Some(w) => w,
             None if io.frames.is_closed() => return Err(Closed.into()),
+            None if crate::progress::test_hang("shipper") => crate::progress::hang_thread("the shipper"),
             None if shared.is_paused() || Instant::now() < next_full => continue,
             None => {
                 // Periodic safety net: compare everything.
@@ -172,7 +178,10 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                     top_most(paths.into_iter().flatten())
                 };
                 let remote = model.entry(w.name.clone()).or_default();
-                let plans: Vec<Plan> = prefixes.iter().map(|p| plan_prefix(w, p, cache, remote)).collect();
+                let plans: Vec<Plan> = prefixes
+                    .iter()
+                    .map(|p| plan_prefix(w, p, cache, remote, &tick))
+                    .collect();
                 // The deletion guard: counted against the peer's files in
                 // this watch, over the whole batch.
                 let deleting: u64 = plans
@@ -285,6 +294,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
             io.flush()
         })();
         for (name, cache) in caches.iter_mut() {
+            stamp.stamp();
             // A partial cache must not replace the whole one on disk.
             if on_disk.contains(name) {
                 continue;

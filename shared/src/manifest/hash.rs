@@ -30,7 +30,13 @@ impl ContentHash {
     /// The size and content hash of the open regular file `file`, its holes
     /// hashed as zeros without being read (see `sparse::hash_file`).
     pub fn of_open_file(file: &std::fs::File) -> io::Result<(u64, ContentHash)> {
-        let (size, hash) = crate::sparse::hash_file(file)?;
+        Self::of_open_file_ticking(file, &|| {})
+    }
+
+    /// [`ContentHash::of_open_file`], calling `tick` before every read of
+    /// up to 256 KiB (see `sparse::hash_file_ticking`).
+    pub fn of_open_file_ticking(file: &std::fs::File, tick: &dyn Fn()) -> io::Result<(u64, ContentHash)> {
+        let (size, hash) = crate::sparse::hash_file_ticking(file, tick)?;
         Ok((size, ContentHash(*hash.as_bytes())))
     }
 

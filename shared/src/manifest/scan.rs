@@ -85,11 +85,21 @@ pub fn join(root: &Path, rel: &str) -> PathBuf {
 /// it names a directory, the directory and everything below it; when it does
 /// not exist, nothing.
 pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCache) -> Scan {
-    scan_with(root, prefix, excludes, cache, Hashing::All)
+    scan_with(root, prefix, excludes, cache, Hashing::All, &|| {})
 }
 
-/// [`scan`], reading only the files `hashing` asks for.
-pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCache, hashing: Hashing<'_>) -> Scan {
+/// [`scan`], reading only the files `hashing` asks for, and calling `tick`
+/// as it goes: for every directory listed, every file hashed, and every
+/// 256 KiB of a file read (a caller that must show progress, such as the
+/// shipper under the service manager's watchdog, stamps it there).
+pub fn scan_with(
+    root: &Path,
+    prefix: &str,
+    excludes: &Excludes,
+    cache: &mut HashCache,
+    hashing: Hashing<'_>,
+    tick: &(dyn Fn() + Sync),
+) -> Scan {
     let mut out = Scan::default();
     let mut stack: Vec<String> = Vec::new();
     let mut misses: Vec<Miss> = Vec::new();
@@ -132,6 +142,7 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
         }
     }
     while let Some(dir_rel) = stack.pop() {
+        tick();
         let dir_abs = join(root, &dir_rel);
         let dir = match dir_beneath(&root_dir, &dir_rel) {
             Ok(d) => d,
@@ -206,7 +217,7 @@ pub fn scan_with(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut Has
             want
         });
     }
-    hash_misses(root, &mut out, misses, cache);
+    hash_misses(root, &mut out, misses, cache, tick);
     out.entries.sort_by(|a, b| a.path.cmp(&b.path));
     out.unhashed = unread
         .iter()
@@ -249,16 +260,30 @@ type Hashed = io::Result<(ContentHash, fs::Metadata)>;
 /// blocking, and read only when it is a regular file (a directory swapped
 /// for a link, or a fifo swapped in, between the walk and the read is an
 /// error, never an outside file read nor a reader blocked for good).
-fn hash_and_restat(root: &Path, rel: &str) -> Hashed {
+fn hash_and_restat(root: &Path, rel: &str, tick: &(dyn Fn() + Sync)) -> Hashed {
+    tick();
     let (file, _) = crate::beneath::open_file_beneath(root, rel)?;
-    let hash = ContentHash::of_reader(&file)?;
+    let hash = ContentHash::of_reader(Ticking { inner: &file, tick })?;
     Ok((hash, file.metadata()?))
+}
+
+/// A reader that calls `tick` at every read (see [`scan_with`]).
+struct Ticking<'a, R> {
+    inner: R,
+    tick: &'a (dyn Fn() + Sync),
+}
+
+impl<R: io::Read> io::Read for Ticking<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (self.tick)();
+        self.inner.read(buf)
+    }
 }
 
 /// Hashes the files the cache could not answer for, on up to four threads
 /// when there are many, and fills in their entries. A file that cannot be
 /// read leaves the scan (and is listed as skipped unless it is gone).
-fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache) {
+fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache, tick: &(dyn Fn() + Sync)) {
     if misses.is_empty() {
         return;
     }
@@ -273,7 +298,7 @@ fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashC
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(m) = misses.get(i) else { break };
-                            done.push((i, hash_and_restat(root, &out.entries[m.index].path)));
+                            done.push((i, hash_and_restat(root, &out.entries[m.index].path, tick)));
                         }
                         done
                     })
@@ -290,7 +315,7 @@ fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashC
     } else {
         misses
             .iter()
-            .map(|m| hash_and_restat(root, &out.entries[m.index].path))
+            .map(|m| hash_and_restat(root, &out.entries[m.index].path, tick))
             .collect()
     };
     let mut failed = vec![false; out.entries.len()];
@@ -474,7 +499,14 @@ mod tests {
         }
         let mut cache = HashCache::trusting_every_change();
         let wanted = |path: &str, size: u64| path == "d/b" && size == 3;
-        let s = scan_with(root, "", &Excludes::default(), &mut cache, Hashing::Only(&wanted));
+        let s = scan_with(
+            root,
+            "",
+            &Excludes::default(),
+            &mut cache,
+            Hashing::Only(&wanted),
+            &|| {},
+        );
         let paths: Vec<_> = s.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["d", "d/a", "d/b", "d/c", "e"]);
         assert_eq!(s.unhashed, [1, 3, 4]);
