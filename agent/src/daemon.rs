@@ -135,9 +135,14 @@ pub async fn serve(
         match &passive {
             None if !mine => {
                 let token = config_token.child_token();
-                let (s, t) = (shared.clone(), token.clone());
+                let handles = crate::passive::Handles {
+                    live: shared.live.clone(),
+                    ledgers: shared.ledgers.clone(),
+                    local: shared.local.clone(),
+                };
+                let t = token.clone();
                 tasks.spawn(async move {
-                    crate::passive::run(s, t).await;
+                    crate::passive::run(handles, t).await;
                     PASSIVE_WATCHER
                 });
                 passive = Some(token);
@@ -196,6 +201,9 @@ pub async fn serve(
             _ = shared.failed() => break,
             _ = tokio::time::sleep(HEARTBEAT) => {}
             Some(ended) = tasks.join_next() => match ended {
+                // A task that ends because the agent is stopping is no
+                // failure: select! may reap it before it sees the cancel.
+                _ if cancel.is_cancelled() => break,
                 Ok(WARM_CACHES) | Ok(JOBS) | Ok(PASSIVE_WATCHER) => {}
                 Ok(what) => shared.fail(format!("{what} stopped")),
                 Err(e) if e.is_panic() => shared.fail(format!("a task panicked: {e}")),

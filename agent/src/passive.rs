@@ -40,7 +40,7 @@ use warmspare_shared::manifest::{self, ContentHash, Excludes, HashCache};
 use warmspare_shared::relpath;
 use warmspare_shared::text::escape_controls;
 
-use crate::node::Shared;
+use crate::live::Live;
 
 /// How long a path must be quiet before it is looked at.
 const QUIET: Duration = Duration::from_millis(100);
@@ -88,10 +88,22 @@ struct Waiting {
     rescan: bool,
 }
 
+/// What the passive watcher uses of the node: the configuration in force,
+/// the ledgers (what the peers last agreed on) and the receiver's record
+/// of its own writes, where flagged changes go.
+pub struct Handles {
+    /// The configuration in force (the watches, the hash-cache paths).
+    pub live: Arc<Live>,
+    /// The sync ledgers.
+    pub ledgers: Arc<std::sync::Mutex<warmspare_shared::ledger::Ledgers>>,
+    /// The receiver's record of its own writes and the flagged changes.
+    pub local: Arc<local::Tracker>,
+}
+
 /// Watches this node's roots for local changes until `cancel` fires.
-pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+pub async fn run(node: Handles, cancel: CancellationToken) {
     let c = cancel.clone();
-    let done = tokio::task::spawn_blocking(move || watch_loop(&shared, &c)).await;
+    let done = tokio::task::spawn_blocking(move || watch_loop(&node, &c)).await;
     match done {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(
@@ -102,15 +114,15 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-fn watch_loop(shared: &Shared, cancel: &CancellationToken) -> Result<()> {
-    let mut targets: Vec<Target> = shared
+fn watch_loop(node: &Handles, cancel: &CancellationToken) -> Result<()> {
+    let mut targets: Vec<Target> = node
         .live
         .local_watches()
         .into_iter()
         // The job spool is the agent's own.
         .filter(|w| w.name != crate::live::SPOOL_WATCH)
         .map(|w| Target {
-            cache: HashCache::load(&shared.live.cache_path(&w.name, "recv")),
+            cache: HashCache::load(&node.live.cache_path(&w.name, "recv")),
             name: w.name,
             root: w.root,
             excludes: w.excludes,
@@ -208,7 +220,7 @@ fn watch_loop(shared: &Shared, cancel: &CancellationToken) -> Result<()> {
                 }
             }
             let (at, now) = (SystemTime::now(), Instant::now());
-            for rel in against_ledger(shared, t) {
+            for rel in against_ledger(node, t) {
                 waiting.entry((i, rel)).or_insert(Waiting {
                     first: at,
                     last: now.checked_sub(QUIET).unwrap_or(now),
@@ -217,14 +229,14 @@ fn watch_loop(shared: &Shared, cancel: &CancellationToken) -> Result<()> {
                 });
             }
         }
-        judge_due(shared, &mut targets, &mut waiting);
+        judge_due(node, &mut targets, &mut waiting);
     }
     drop(watcher);
     Ok(())
 }
 
 /// Judges every waiting path that has been quiet long enough.
-fn judge_due(shared: &Shared, targets: &mut [Target], waiting: &mut HashMap<(usize, String), Waiting>) {
+fn judge_due(node: &Handles, targets: &mut [Target], waiting: &mut HashMap<(usize, String), Waiting>) {
     let now = Instant::now();
     let due: Vec<(usize, String)> = waiting
         .iter()
@@ -256,7 +268,7 @@ fn judge_due(shared: &Shared, targets: &mut [Target], waiting: &mut HashMap<(usi
                 continue;
             }
         };
-        let own = shared.local.own(&t.name, rel, stamp.as_ref());
+        let own = node.local.own(&t.name, rel, stamp.as_ref());
         if own == Own::Busy && now < limit {
             if let Some(w) = waiting.get_mut(&key) {
                 w.last = now;
@@ -267,7 +279,7 @@ fn judge_due(shared: &Shared, targets: &mut [Target], waiting: &mut HashMap<(usi
         if own == Own::Yes {
             continue;
         }
-        let Some(change) = judge(shared, t, rel, stamp.as_ref(), own == Own::Changed, rescan) else {
+        let Some(change) = judge(node, t, rel, stamp.as_ref(), own == Own::Changed, rescan) else {
             continue;
         };
         let flagged = Flagged {
@@ -275,7 +287,7 @@ fn judge_due(shared: &Shared, targets: &mut [Target], waiting: &mut HashMap<(usi
             change,
             at: first,
         };
-        if shared.local.flag(&t.name, flagged) {
+        if node.local.flag(&t.name, flagged) {
             if logged < LOG_LINES {
                 logged += 1;
                 tracing::warn!(watch = t.name, path = %escape_controls(rel), change = change.name(), "{FLAG}");
@@ -297,14 +309,14 @@ fn judge_due(shared: &Shared, targets: &mut [Target], waiting: &mut HashMap<(usi
 /// something else there. `rescan`: found by a comparison, not an event
 /// (only content counts then).
 fn judge(
-    shared: &Shared,
+    node: &Handles,
     t: &mut Target,
     rel: &str,
     stamp: Option<&Stamp>,
     changed: bool,
     rescan: bool,
 ) -> Option<Change> {
-    let agreed = shared
+    let agreed = node
         .ledgers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -355,9 +367,9 @@ fn hash(t: &mut Target, rel: &str) -> Option<ContentHash> {
 /// The paths of the watch whose content is not the agreed one: files the
 /// ledger does not know or knows with other content, and agreed files that
 /// are gone.
-fn against_ledger(shared: &Shared, t: &mut Target) -> Vec<String> {
+fn against_ledger(node: &Handles, t: &mut Target) -> Vec<String> {
     let scan = manifest::scan(&t.root, "", &t.excludes, &mut t.cache);
-    let ledgers = shared.ledgers.clone();
+    let ledgers = node.ledgers.clone();
     let mut ledgers = ledgers.lock().unwrap_or_else(|p| p.into_inner());
     let ledger = ledgers.watch(&t.name);
     let mut out: Vec<String> = Vec::new();

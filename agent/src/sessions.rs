@@ -116,3 +116,68 @@ impl Sessions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Sessions;
+
+    /// Long enough for anything that must happen; never waited out when
+    /// the code is right.
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_newer_session_ends_the_older_one_of_its_node_only() {
+        let sessions = Arc::new(Sessions::default());
+        let (older, gate) = sessions.take_turn("b").await.unwrap();
+        let (other_node, _other_gate) = sessions.take_turn("c").await.unwrap();
+
+        // A second session of b ends the first and applies nothing while
+        // the first one's worker still holds the gate.
+        let s = sessions.clone();
+        let newer = tokio::spawn(async move { s.take_turn("b").await.map(|(turn, _gate)| turn) });
+        tokio::time::timeout(LIMIT, older.end.cancelled())
+            .await
+            .expect("the older session of b was not told to end");
+        assert!(
+            !newer.is_finished(),
+            "the newer session went ahead of the older one's worker"
+        );
+        drop(gate);
+        let newer = tokio::time::timeout(LIMIT, newer)
+            .await
+            .expect("the newer session did not start once the older one let go")
+            .unwrap()
+            .unwrap();
+        assert!(!newer.end.is_cancelled());
+        assert!(!other_node.end.is_cancelled(), "a session of another node was ended");
+
+        // The older session's registration going away leaves the newer in place.
+        drop(older);
+        let (third, _gate) = tokio::time::timeout(LIMIT, async {
+            let s = sessions.clone();
+            let third = tokio::spawn(async move { s.take_turn("b").await });
+            tokio::time::timeout(LIMIT, newer.end.cancelled())
+                .await
+                .expect("the registered session of b was not ended by the next one");
+            drop(newer);
+            third.await.unwrap().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(!third.end.is_cancelled());
+
+        // Another node's registry (two nodes in one process) is its own.
+        let elsewhere = Arc::new(Sessions::default());
+        let (_turn, _gate) = tokio::time::timeout(LIMIT, elsewhere.take_turn("b"))
+            .await
+            .expect("a session in another registry waited on this one")
+            .unwrap();
+        assert!(
+            !third.end.is_cancelled(),
+            "a session in another registry ended this one"
+        );
+    }
+}
