@@ -1,37 +1,20 @@
-//! Role changes: switchover, failover, failback.
-//!
-//! Every change is a compare-and-swap on each agent's persisted role state:
-//! the controller names the epoch and active node it expects, and an agent
-//! that sees anything else refuses. A switchover demotes the old active
-//! first (it stops shipping at once), then promotes the target at the next
-//! epoch; a failover promotes the target alone.
+//! The decisions of role changes, as pure functions of the cluster file and
+//! the nodes' reports: the switchover preflight, whether the target acts
+//! already, the plan of a forced failover, and the epoch arithmetic.
 
-use std::io::{IsTerminal, Write as _};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use warmspare_shared::config::Cluster;
-use warmspare_shared::proto::{NodeStatus, Reply, Request, PROMOTE_HOOK_FAILED};
+use warmspare_shared::proto::NodeStatus;
 use warmspare_shared::state::RoleState;
 
-use crate::cli::{FailoverArgs, SwitchoverArgs};
-use crate::client::{NodeView, Operator, TimedOut};
-use crate::exit::{fail, FAILED, REFUSED, UNKNOWN, USAGE};
-use crate::status::NODE_TIMEOUT;
+use crate::client::NodeView;
+use crate::exit::{fail, REFUSED};
 
 /// A replication link this far behind (oldest unacknowledged change) fails
 /// the switchover preflight: the final flush would take too long to trust.
 pub const MAX_PREFLIGHT_LAG: Duration = Duration::from_secs(60);
-
-/// How long a promotion may take to be answered: the target runs its
-/// `on_promote` hook before it answers.
-fn promote_wait(op: &Operator) -> Duration {
-    op.cluster.cluster.hook_timeout + Duration::from_secs(60)
-}
-
-fn step(s: &str) {
-    println!("--> {s}");
-}
 
 /// The cluster's current role, from the reachable nodes: the highest epoch wins.
 fn current_role(views: &[NodeView]) -> Option<RoleState> {
@@ -44,7 +27,7 @@ fn current_role(views: &[NodeView]) -> Option<RoleState> {
 
 /// The epoch at which `to` already acts as the active node (named active,
 /// not fenced, and the cluster's current role names it), if it does.
-fn already_acting(views: &[NodeView], to: &str) -> Option<u64> {
+pub(super) fn already_acting(views: &[NodeView], to: &str) -> Option<u64> {
     let s = status_of(views, to)?;
     (s.role.active == s.node && s.held.is_none() && current_role(views).is_some_and(|r| r.active == to))
         .then_some(s.role.epoch)
@@ -60,7 +43,7 @@ fn status_of<'a>(views: &'a [NodeView], node: &str) -> Option<&'a NodeStatus> {
 /// The preflight checks of a switchover to `to`, from the nodes' reports
 /// alone; `Ok` holds the role to move from and what passed, `Err` lists what
 /// failed.
-fn preflight(
+pub(super) fn preflight(
     cluster: &Cluster,
     views: &[NodeView],
     to: &str,
@@ -142,389 +125,9 @@ fn preflight(
     }
 }
 
-fn confirm(question: &str, yes: bool) -> Result<()> {
-    if yes {
-        return Ok(());
-    }
-    if !std::io::stdin().is_terminal() {
-        return Err(fail(USAGE, "not on a terminal: pass --yes to confirm"));
-    }
-    print!("{question} [y/N] ");
-    std::io::stdout().flush()?;
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
-    if matches!(line.trim(), "y" | "Y" | "yes") {
-        Ok(())
-    } else {
-        Err(fail(REFUSED, "not confirmed"))
-    }
-}
-
-/// Runs `switchover`.
-pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> Result<()> {
-    let deadline = Instant::now() + args.timeout;
-    // A name that is not in the cluster file is a usage error, as for
-    // failover.
-    if op.cluster.node(&args.to).is_none() {
-        return Err(fail(USAGE, format!("{:?} is not a node of the cluster", args.to)));
-    }
-    let views = op.gather(NODE_TIMEOUT).await;
-    // Already there (and acting as active): nothing to do, as for failover.
-    if let Some(epoch) = already_acting(&views, &args.to) {
-        println!("{} is already the active node at epoch {epoch}: nothing to do", args.to);
-        return Ok(());
-    }
-    let (role, good) = match preflight(&op.cluster, &views, &args.to) {
-        Ok(r) => r,
-        Err(bad) => {
-            for b in &bad {
-                println!("preflight: FAILED: {b}");
-            }
-            return Err(fail(
-                REFUSED,
-                format!("switchover to {} refused: {}", args.to, bad.join("; ")),
-            ));
-        }
-    };
-    for g in &good {
-        println!("preflight: ok: {g}");
-    }
-    let new_epoch = next_epoch(role.epoch)?;
-    if args.dry_run {
-        println!(
-            "dry run: the switchover from {} to {} at epoch {} would go ahead",
-            role.active, args.to, new_epoch
-        );
-        return Ok(());
-    }
-    confirm(
-        &format!("Move the active role from {} to {}?", role.active, args.to),
-        args.yes,
-    )?;
-    let next = RoleState {
-        epoch: new_epoch,
-        active: args.to.clone(),
-    };
-    let old = op
-        .cluster
-        .node(&role.active)
-        .ok_or_else(|| anyhow!("{} is not a node", role.active))?;
-    let target = op
-        .cluster
-        .node(&args.to)
-        .ok_or_else(|| anyhow!("{} is not a node", args.to))?;
-
-    let mut s_old = op.connect(old, NODE_TIMEOUT).await?;
-    // Final dumps: each dump job runs once more on the old active; the flush
-    // below ships them, and the target must have restored them.
-    let mut expect_restored: Vec<(String, u64)> = Vec::new();
-    if !args.skip_jobs {
-        for job in op.cluster.job.iter().filter(|j| j.dump.is_some()) {
-            step(&format!("final dump of {} on {}", job.name, old.name));
-            let wait = job.timeout() + Duration::from_secs(30);
-            match s_old.call_with(&Request::RunJob { name: job.name.clone() }, wait).await {
-                Ok(Reply::JobDone(run)) if run.ok => {
-                    println!("    generation {}, {} bytes", run.generation, run.bytes);
-                    if job.restore.is_some() {
-                        expect_restored.push((job.name.clone(), run.generation));
-                    }
-                }
-                Ok(Reply::JobDone(run)) => {
-                    return Err(fail(
-                        REFUSED,
-                        format!(
-                            "the final dump of {} failed, nothing was changed (--skip-jobs goes ahead without it): {}",
-                            job.name, run.detail
-                        ),
-                    ));
-                }
-                Ok(other) => {
-                    return Err(fail(
-                        REFUSED,
-                        format!(
-                            "the final dump of {} did not run, nothing was changed: {other:?}",
-                            job.name
-                        ),
-                    ))
-                }
-                Err(e) => {
-                    return Err(fail(
-                        REFUSED,
-                        format!(
-                            "the final dump of {} did not finish, nothing was changed: {e:#}",
-                            job.name
-                        ),
-                    ))
-                }
-            }
-        }
-    }
-
-    step(&format!(
-        "flushing {}: shipping pending changes and comparing every watch with every peer",
-        old.name
-    ));
-    let left = deadline.saturating_duration_since(Instant::now());
-    match s_old
-        .call_with(
-            &Request::Flush {
-                timeout_ms: left.as_millis() as u64,
-            },
-            left + Duration::from_secs(5),
-        )
-        .await
-    {
-        Ok(Reply::Flushed {
-            caught_up: true,
-            detail,
-        }) => println!("    {}", detail.join("; ")),
-        Ok(Reply::Flushed {
-            caught_up: false,
-            detail,
-        }) => {
-            return Err(fail(
-                REFUSED,
-                format!(
-                    "the final flush did not complete in time, nothing was changed: {}",
-                    detail.join("; ")
-                ),
-            ));
-        }
-        Ok(Reply::Refused { reason }) => {
-            return Err(fail(REFUSED, format!("{} refused the flush: {reason}", old.name)))
-        }
-        Ok(other) => return Err(anyhow!("unexpected answer to the flush: {other:?}")),
-        Err(e) if e.is::<TimedOut>() => {
-            return Err(fail(
-                REFUSED,
-                "the final flush did not answer in time, nothing was changed",
-            ))
-        }
-        Err(e) => return Err(e),
-    }
-    if !expect_restored.is_empty() {
-        step(&format!("waiting for {} to restore the final dumps", target.name));
-        wait_restored(op, &target.name, &expect_restored, deadline).await?;
-    }
-
-    step(&format!(
-        "demoting {} (epoch {} -> {})",
-        old.name, role.epoch, next.epoch
-    ));
-    match s_old
-        .call(&Request::SetRole {
-            expect: role.clone(),
-            next: next.clone(),
-            reason: reason.into(),
-        })
-        .await
-    {
-        Ok(Reply::Role(r)) if r == next => {}
-        Ok(Reply::Refused { reason }) => {
-            return Err(fail(
-                REFUSED,
-                format!(
-                    "{} refused the change (another change may have won): {reason}",
-                    old.name
-                ),
-            ))
-        }
-        Ok(other) => return Err(fail(UNKNOWN, format!("unexpected answer from {}: {other:?}", old.name))),
-        Err(e) => {
-            return Err(fail(
-                UNKNOWN,
-                format!(
-                    "{} did not confirm its demotion: {e:#}; run `warmsparectl status`",
-                    old.name
-                ),
-            ))
-        }
-    }
-
-    step(&format!("promoting {} to active at epoch {}", target.name, next.epoch));
-    let promoted = async {
-        let mut s = op.connect(target, NODE_TIMEOUT).await?;
-        s.call_with(
-            &Request::SetRole {
-                expect: role.clone(),
-                next: next.clone(),
-                reason: reason.into(),
-            },
-            promote_wait(op),
-        )
-        .await
-    }
-    .await;
-    match promoted {
-        Ok(Reply::Role(r)) if r == next => {}
-        Ok(Reply::Refused { reason }) if reason.starts_with(PROMOTE_HOOK_FAILED) => {
-            return Err(fail(
-                FAILED,
-                format!(
-                    "{} was demoted, but {} could not take over: {reason}",
-                    old.name, target.name
-                ),
-            ));
-        }
-        Ok(Reply::Refused { reason }) => {
-            return Err(fail(UNKNOWN, format!("{} refused its promotion after {} was demoted: {reason}; no node is active: run `warmsparectl failover --to {} --force`", target.name, old.name, target.name)));
-        }
-        Ok(other) => {
-            return Err(fail(
-                UNKNOWN,
-                format!("unexpected answer from {}: {other:?}", target.name),
-            ))
-        }
-        Err(e) => {
-            return Err(fail(
-                UNKNOWN,
-                format!(
-                    "{} did not confirm its promotion: {e:#}; run `warmsparectl status`",
-                    target.name
-                ),
-            ));
-        }
-    }
-
-    step(&format!(
-        "waiting for {} to reach {} as the new active",
-        target.name, old.name
-    ));
-    let caught_up = wait_connected(op, &target.name, &old.name, deadline).await;
-    if caught_up {
-        println!(
-            "done: {} is active at epoch {}; {} is passive and receiving",
-            target.name, next.epoch, old.name
-        );
-    } else {
-        println!(
-            "done: {} is active at epoch {}; it has not yet reported a connection to {} (see status)",
-            target.name, next.epoch, old.name
-        );
-    }
-    Ok(())
-}
-
-/// Waits until `active` reports a connected, acknowledged link to `peer`.
-async fn wait_connected(op: &Operator, active: &str, peer: &str, deadline: Instant) -> bool {
-    let Some(node) = op.cluster.node(active) else {
-        return false;
-    };
-    while Instant::now() < deadline {
-        if let Ok(mut s) = op.connect(node, NODE_TIMEOUT).await {
-            if let Ok(Reply::Status(st)) = s.call(&Request::Status).await {
-                let links: Vec<_> = st.links.iter().filter(|l| l.peer == peer).collect();
-                if links.iter().all(|l| l.connected && l.last_success.is_some()) {
-                    return true;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
-}
-
-/// Runs `failover`.
-pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
-    if op.cluster.node(&args.to).is_none() {
-        return Err(fail(USAGE, format!("{:?} is not a node of the cluster", args.to)));
-    }
-    if !args.force {
-        return Err(fail(
-            REFUSED,
-            "failover promotes a node without the active node's agreement; changes the active made since the last \
-             sync stay on it (they are preserved under diverged/ when it rejoins). Pass --force to go ahead, or use \
-             switchover if both nodes are up",
-        ));
-    }
-    let views = op.gather(args.timeout).await;
-    let (role, expect, next) = match plan_failover(&views, &args.to)? {
-        FailoverPlan::Already { epoch } => {
-            println!("{} is already active at epoch {epoch}", args.to);
-            return Ok(());
-        }
-        FailoverPlan::Promote {
-            from,
-            expect,
-            next,
-            retry,
-        } => {
-            if let Some(why) = &retry {
-                step(&format!(
-                    "{} holds epoch {} but is fenced ({why}): promoting it again",
-                    args.to, from.epoch
-                ));
-            }
-            (from, expect, next)
-        }
-    };
-    if role.active == args.to {
-        step(&format!("promoting {} to active at epoch {}", args.to, next.epoch));
-    } else {
-        step(&format!(
-            "promoting {} to active at epoch {} ({} is unreachable)",
-            args.to, next.epoch, role.active
-        ));
-    }
-    let node = op
-        .cluster
-        .node(&args.to)
-        .ok_or_else(|| anyhow!("{} is not a node", args.to))?;
-    let mut s = op.connect(node, args.timeout).await?;
-    match s
-        .call_with(
-            &Request::SetRole {
-                expect,
-                next: next.clone(),
-                reason: "failover".into(),
-            },
-            promote_wait(op),
-        )
-        .await
-    {
-        Ok(Reply::Role(r)) if r == next => {}
-        Ok(Reply::Refused { reason }) if reason.starts_with(PROMOTE_HOOK_FAILED) => {
-            return Err(fail(FAILED, format!("{} could not take over: {reason}", args.to)))
-        }
-        Ok(Reply::Refused { reason }) => return Err(fail(REFUSED, format!("{} refused: {reason}", args.to))),
-        Ok(other) => return Err(fail(UNKNOWN, format!("unexpected answer: {other:?}"))),
-        Err(e) => {
-            return Err(fail(
-                UNKNOWN,
-                format!("{} did not confirm its promotion: {e:#}", args.to),
-            ))
-        }
-    }
-    // Other reachable passives learn the new epoch now rather than at the next push.
-    for v in &views {
-        if v.node.name != args.to && v.status.is_ok() {
-            if let Ok(mut s) = op.connect(&v.node, args.timeout).await {
-                let _ = s
-                    .call(&Request::Adopt {
-                        state: next.clone(),
-                        reason: "failover".into(),
-                    })
-                    .await;
-            }
-        }
-    }
-    if role.active == args.to {
-        println!(
-            "done: {} is active at epoch {}. A peer that comes back at a lower epoch adopts this one.",
-            args.to, next.epoch
-        );
-    } else {
-        println!(
-            "done: {} is active at epoch {}. When {} comes back it steps down at once, and files it changed after the last sync are kept under its diverged/ folder.",
-            args.to, next.epoch, role.active
-        );
-    }
-    Ok(())
-}
-
 /// What a forced failover does, decided from the nodes' reports alone.
 #[derive(Debug, PartialEq)]
-enum FailoverPlan {
+pub(super) enum FailoverPlan {
     /// The target already acts as the active node at `epoch`: nothing to do.
     Already {
         /// The cluster's epoch.
@@ -547,7 +150,7 @@ enum FailoverPlan {
 /// Decides a forced failover to `to`: refused (exit 3) when no node answers,
 /// when the active node is reachable and acting (a switchover is the way), or
 /// when `to` is not reachable.
-fn plan_failover(views: &[NodeView], to: &str) -> Result<FailoverPlan> {
+pub(super) fn plan_failover(views: &[NodeView], to: &str) -> Result<FailoverPlan> {
     let role = current_role(views).ok_or_else(|| fail(REFUSED, "no node could be reached"))?;
     let retry = status_of(views, to)
         .filter(|s| s.role.active == s.node && s.role == role)
@@ -591,7 +194,7 @@ fn plan_failover(views: &[NodeView], to: &str) -> Result<FailoverPlan> {
 }
 
 /// The epoch after `current`, or a refusal saying why there is none.
-fn next_epoch(current: u64) -> Result<u64> {
+pub(super) fn next_epoch(current: u64) -> Result<u64> {
     advance_epoch(current, 1)
 }
 
@@ -608,53 +211,6 @@ fn advance_epoch(current: u64, by: u64) -> Result<u64> {
             format!("cannot change the role: {}", EpochError::Exhausted { current }),
         )
     })
-}
-
-/// Waits until `node` has restored each `(job, generation)`; a failed restore
-/// of one of them refuses the switchover (nothing has changed yet).
-async fn wait_restored(op: &Operator, node: &str, jobs: &[(String, u64)], deadline: Instant) -> Result<()> {
-    let n = op.cluster.node(node).ok_or_else(|| anyhow!("{node} is not a node"))?;
-    loop {
-        let mut pending = Vec::new();
-        if let Ok(mut s) = op.connect(n, NODE_TIMEOUT).await {
-            if let Ok(Reply::Status(st)) = s.call(&Request::Status).await {
-                for (job, generation) in jobs {
-                    let last = st.jobs.iter().find(|j| &j.name == job).and_then(|j| j.last.clone());
-                    match last {
-                        Some(r)
-                            if r.kind == warmspare_shared::proto::JobKind::Restore
-                                && r.generation >= *generation
-                                && r.ok => {}
-                        Some(r)
-                            if r.kind == warmspare_shared::proto::JobKind::Restore && r.generation >= *generation =>
-                        {
-                            return Err(fail(
-                                REFUSED,
-                                format!(
-                                    "{node} failed to restore {job} generation {}: {}; nothing was changed",
-                                    r.generation, r.detail
-                                ),
-                            ));
-                        }
-                        _ => pending.push(job.clone()),
-                    }
-                }
-            }
-        }
-        if pending.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(fail(
-                REFUSED,
-                format!(
-                    "{node} did not restore {} in time; nothing was changed",
-                    pending.join(", ")
-                ),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[cfg(test)]
