@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::live::LocalWatch;
@@ -45,10 +45,42 @@ impl TreeCounts {
         if let Some(c) = self.fresh(watches) {
             return c;
         }
+        hold_for_tests();
         let counts: Counts = watches.iter().map(|w| (w.name.clone(), count(&w.root))).collect();
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), counts.clone()));
         counts
     }
+}
+
+/// The longest a walk waits in [`hold_for_tests`].
+const HOLD_LIMIT: Duration = Duration::from_secs(600);
+
+/// For tests only: while the file that `WARMSPARE_TEST_HOLD_STATUS_WALK`
+/// names exists, a walk waits before it starts (at most [`HOLD_LIMIT`]), and
+/// a file of that name plus `.held` shows that one is waiting. A test holds
+/// a status request in the middle of its walk for as long as it likes, as
+/// a walk of a tree of any size would, and sees that nothing else waits
+/// for it. Unset (always, outside tests), this costs one look at a cached
+/// variable.
+fn hold_for_tests() {
+    static GATE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let Some(gate) = GATE.get_or_init(|| std::env::var_os("WARMSPARE_TEST_HOLD_STATUS_WALK").map(PathBuf::from)) else {
+        return;
+    };
+    if !gate.exists() {
+        return;
+    }
+    let mut held = gate.clone().into_os_string();
+    held.push(".held");
+    let held = PathBuf::from(held);
+    if let Err(e) = fs::write(&held, b"") {
+        tracing::warn!(path = %held.display(), error = %e, "cannot mark the status walk held");
+    }
+    let until = Instant::now() + HOLD_LIMIT;
+    while gate.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = fs::remove_file(&held);
 }
 
 /// Regular files under `root` and their total size (links are not followed).
