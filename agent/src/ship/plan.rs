@@ -1,11 +1,12 @@
 //! The peer model and the plan of one prefix: what the shipper believes
 //! the peer holds ([`Held`] per path, [`Remote`] per watch), and, from a
-//! local scan, what the peer must remove ([`removals`], pure).
+//! local scan, what the peer must remove ([`removals`], pure) and every
+//! step that brings the peer to the scan, in the order they are sent
+//! ([`steps`], pure). `transfer` carries the steps out.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use warmspare_shared::delta;
 use warmspare_shared::manifest::{self, Entry, EntryKind, HashCache, Hashing, Meta};
 use warmspare_shared::relpath;
 
@@ -171,20 +172,119 @@ pub(super) fn removals(
     removals
 }
 
-pub(super) fn stat_dir(root: &Path, rel: &str) -> Option<Entry> {
-    let md = fs::symlink_metadata(root.join(rel)).ok()?;
-    md.is_dir().then(|| Entry {
-        path: rel.to_string(),
-        kind: EntryKind::Dir,
-        meta: Meta::from_metadata(&md),
-    })
+/// One step of sending a planned prefix, as [`steps`] orders them: indices
+/// into the plan's removals and the scan's entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Remove `removals[i]`, and everything below it, on the peer.
+    Remove(usize),
+    /// Create the directory `entries[i]` on the peer, or set its metadata.
+    Dir(usize),
+    /// Create or replace the link `entries[i]`.
+    Symlink(usize),
+    /// Set the metadata of the file `entries[i]`, whose content the peer has.
+    SetMeta(usize),
+    /// Send the content of the file `entries[i]`: as a delta against the
+    /// peer's file of `base` bytes when one may pay, whole otherwise.
+    File { entry: usize, base: Option<u64> },
+    /// Give a directory its metadata (and mtime) back after the changes in
+    /// it: from `entries[i]` when the scan has it, otherwise (a directory
+    /// above the prefix) from the disk when it is sent.
+    Parent { path: String, entry: Option<usize> },
 }
 
-pub(super) fn parent_of(path: &str) -> String {
+/// Every step that brings the peer's tree under a prefix (`remote`, the
+/// model) to the local scan's `entries`, in the order they are sent:
+///
+/// 1. the `removals`, as listed (top-most only; a type change is removed
+///    here and created again in 2); the model forgets what they remove
+///    before anything is compared below;
+/// 2. directories, links and files in the scan's order, so a directory
+///    always comes before what is in it: what the peer lacks, or has with
+///    other content or of another type, is sent; what it has with other
+///    metadata gets only its metadata (a file whose content the peer has is
+///    never sent again);
+/// 3. every directory that gained or lost an entry in 1 or 2, once, in path
+///    order and after all of it, so its mtime ends as it is here (the top of
+///    the watch excepted).
+///
+/// `owners` compares owners too. Pure: no I/O; the model is read, never
+/// changed (`transfer` records in it what it sends).
+pub(super) fn steps(removals: &[Removal], entries: &[Entry], remote: &Remote, owners: bool) -> Vec<Step> {
+    let removed: HashSet<&str> = removals.iter().map(|r| r.path.as_str()).collect();
+    // Whether a removal of step 1 takes `path` with it: the path itself or
+    // one of its ancestors is removed.
+    let is_removed = |path: &str| {
+        !removed.is_empty()
+            && (removed.contains("")
+                || removed.contains(path)
+                || path.match_indices('/').any(|(i, _)| removed.contains(&path[..i])))
+    };
+    let mut out: Vec<Step> = Vec::new();
+    let mut parents: BTreeSet<String> = BTreeSet::new();
+    for (i, r) in removals.iter().enumerate() {
+        out.push(Step::Remove(i));
+        parents.insert(parent_of(&r.path));
+    }
+    for (i, l) in entries.iter().enumerate() {
+        let r = remote.get(l.path.as_str()).filter(|_| !is_removed(&l.path));
+        match &l.kind {
+            EntryKind::Dir => {
+                if r.is_none_or(|r| !l.meta.same_as(&r.meta, &l.kind, owners)) {
+                    if r.is_none() {
+                        parents.insert(parent_of(&l.path));
+                    }
+                    out.push(Step::Dir(i));
+                }
+            }
+            EntryKind::Symlink { .. } => {
+                if r.is_none_or(|r| r.kind != l.kind || !l.meta.same_as(&r.meta, &l.kind, owners)) {
+                    parents.insert(parent_of(&l.path));
+                    out.push(Step::Symlink(i));
+                }
+            }
+            EntryKind::File { size, .. } => match r {
+                Some(r) if r.kind == l.kind => {
+                    if !l.meta.same_as(&r.meta, &l.kind, owners) {
+                        out.push(Step::SetMeta(i));
+                    }
+                }
+                _ => {
+                    parents.insert(parent_of(&l.path));
+                    let base = match r.map(|r| &r.kind) {
+                        Some(EntryKind::File { size: rsize, .. }) if delta::worth_a_delta(*rsize, *size) => {
+                            Some(*rsize)
+                        }
+                        _ => None,
+                    };
+                    out.push(Step::File { entry: i, base });
+                }
+            },
+        }
+    }
+    parents.remove("");
+    if !parents.is_empty() {
+        let mut found: HashMap<&str, usize> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            if parents.contains(e.path.as_str()) {
+                found.insert(e.path.as_str(), i);
+            }
+        }
+        for path in parents {
+            let entry = found.get(path.as_str()).copied();
+            out.push(Step::Parent { path, entry });
+        }
+    }
+    out
+}
+
+/// The directory `path` is in (`""` for the top of the watch).
+fn parent_of(path: &str) -> String {
     path.rsplit_once('/').map(|(p, _)| p.to_string()).unwrap_or_default()
 }
 
-pub(super) fn kind_tag(k: &EntryKind) -> u8 {
+/// An entry's type, without its content.
+fn kind_tag(k: &EntryKind) -> u8 {
     match k {
         EntryKind::Dir => 0,
         EntryKind::File { .. } => 1,
@@ -192,6 +292,7 @@ pub(super) fn kind_tag(k: &EntryKind) -> u8 {
     }
 }
 
+/// Forgets `path` and everything below it in the model.
 pub(super) fn remote_remove_tree(remote: &mut Remote, path: &str) {
     let doomed: Vec<Box<str>> = relpath::subtree(remote, path).map(|(p, _)| p.clone()).collect();
     for p in doomed {
@@ -322,6 +423,194 @@ mod tests {
                 .map(|(p, k)| ((*p).into(), Held::of(&entry(p, *k))))
                 .collect();
             assert_eq!(&removals("w", prefix, &entries, unknown, &remote), want, "case {i}");
+        }
+    }
+
+    /// An entry from `path kind[marks]`. Kinds: `d` a directory, `f` and
+    /// `g` small files of other content, `B` and `C` files large enough for
+    /// a delta, of other content, `l` and `m` links to other targets. Marks:
+    /// `+` another mode, `~` another mtime, `^` another owner.
+    fn spec(s: &str) -> Entry {
+        let (path, k) = s.split_once(' ').expect("path and kind");
+        let mut chars = k.chars();
+        let big = delta::DELTA_MIN_SIZE * 2;
+        let file = |size, byte| EntryKind::File {
+            size,
+            hash: ContentHash([byte; 32]),
+        };
+        let kind = match chars.next() {
+            Some('d') => EntryKind::Dir,
+            Some('f') => file(1, 0),
+            Some('g') => file(2, 1),
+            Some('B') => file(big, 2),
+            Some('C') => file(big + 1, 3),
+            Some('l') => EntryKind::Symlink { target: "t".into() },
+            Some('m') => EntryKind::Symlink { target: "u".into() },
+            other => panic!("no kind {other:?}"),
+        };
+        let mut meta = Meta::default();
+        for mark in chars {
+            match mark {
+                '+' => meta.mode = 0o600,
+                '~' => meta.mtime = 1,
+                '^' => meta.uid = 1,
+                other => panic!("no mark {other:?}"),
+            }
+        }
+        Entry {
+            path: path.into(),
+            kind,
+            meta,
+        }
+    }
+
+    /// Steps as the table writes them.
+    fn render(steps: &[Step], removals: &[Removal], entries: &[Entry]) -> Vec<String> {
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::Remove(i) => format!("rm {}", removals[*i].path),
+                Step::Dir(i) => format!("dir {}", entries[*i].path),
+                Step::Symlink(i) => format!("link {}", entries[*i].path),
+                Step::SetMeta(i) => format!("meta {}", entries[*i].path),
+                Step::File { entry, base: None } => format!("file {}", entries[*entry].path),
+                Step::File { entry, base: Some(b) } => format!("delta {} {b}", entries[*entry].path),
+                Step::Parent { path, entry: Some(i) } => {
+                    assert_eq!(&entries[*i].path, path, "a parent's entry is its own");
+                    format!("parent {path}")
+                }
+                Step::Parent { path, entry: None } => format!("parent {path} (stat)"),
+            })
+            .collect()
+    }
+
+    struct Case<'a> {
+        prefix: &'a str,
+        local: &'a [&'a str],
+        peer: &'a [&'a str],
+        /// Owners compared.
+        owners: bool,
+        /// The deletion guard holds the deletions (type changes still go).
+        hold: bool,
+        want: &'a [&'a str],
+    }
+
+    const fn case<'a>(local: &'a [&'a str], peer: &'a [&'a str], want: &'a [&'a str]) -> Case<'a> {
+        Case {
+            prefix: "",
+            local,
+            peer,
+            owners: false,
+            hold: false,
+            want,
+        }
+    }
+
+    /// The order of what is sent, from the local scan and the model of the
+    /// peer, as `transfer` sends it.
+    #[test]
+    fn steps_remove_first_then_send_parents_before_contents_then_fix_parents() {
+        let big = delta::DELTA_MIN_SIZE * 2;
+        let delta_want = format!("delta x {big}");
+        let delta_want = [delta_want.as_str()];
+        let cases: &[Case] = &[
+            case(&[], &[], &[]),
+            // The same tree: nothing.
+            case(&["a d", "a/x f", "l l"], &["a d", "a/x f", "l l"], &[]),
+            // Into an empty peer: each directory before what is in it, and
+            // the directories' metadata again once their contents are in.
+            case(
+                &["a d", "a/b d", "a/b/x f", "a/y f", "z f"],
+                &[],
+                &[
+                    "dir a",
+                    "dir a/b",
+                    "file a/b/x",
+                    "file a/y",
+                    "file z",
+                    "parent a",
+                    "parent a/b",
+                ],
+            ),
+            // Removals first; a parent touched twice is fixed once, last.
+            case(
+                &["a d", "a/new f"],
+                &["a d", "a/old f"],
+                &["rm a/old", "file a/new", "parent a"],
+            ),
+            // A type change: removed, then sent as what it is now.
+            case(&["a f"], &["a d", "a/x f"], &["rm a", "file a"]),
+            // What the removal takes is gone from the model: sent again,
+            // even a file the peer listed below its file `a`.
+            case(
+                &["a d", "a/x f"],
+                &["a f", "a/x f"],
+                &["rm a", "dir a", "file a/x", "parent a"],
+            ),
+            // Links: another target is sent again; an owner too (with
+            // owners compared); a link's mode and mtime are not compared.
+            case(&["d d", "d/l m"], &["d d", "d/l l"], &["link d/l", "parent d"]),
+            case(&["l l~", "k l+"], &["l l", "k l"], &[]),
+            Case {
+                owners: true,
+                ..case(&["l l^"], &["l l"], &["link l"])
+            },
+            // A file's metadata alone: its metadata, not its content.
+            case(&["x f+"], &["x f"], &["meta x"]),
+            case(&["x f~"], &["x f"], &["meta x"]),
+            case(&["x f^"], &["x f"], &[]),
+            Case {
+                owners: true,
+                ..case(&["x f^"], &["x f"], &["meta x"])
+            },
+            // A directory's mode: its metadata, and no parent (nothing in
+            // the parent changed); its mtime alone is not compared.
+            case(&["a d+", "a/x f"], &["a d", "a/x f"], &["dir a"]),
+            case(&["a d~", "a/x f"], &["a d", "a/x f"], &[]),
+            // Other content: whole when small or when the peer's file is
+            // too small to diff against, otherwise a delta against it.
+            case(&["x g"], &["x f"], &["file x"]),
+            case(&["x B"], &["x f"], &["file x"]),
+            case(&["x C"], &["x B"], &delta_want),
+            // A link in a file's place: removed, no delta.
+            case(&["x B"], &["x l"], &["rm x", "file x"]),
+            // A prefix below the scan's top: its parent is read from the disk.
+            Case {
+                prefix: "certs/new",
+                ..case(
+                    &["certs/new f"],
+                    &["certs d"],
+                    &["file certs/new", "parent certs (stat)"],
+                )
+            },
+            // Deletions the guard holds go nowhere, their parents neither;
+            // a type change still goes.
+            case(&["a d"], &["a d", "a/x f"], &["rm a/x", "parent a"]),
+            Case {
+                hold: true,
+                ..case(&["a d"], &["a d", "a/x f"], &[])
+            },
+            Case {
+                hold: true,
+                ..case(&["a l", "b d"], &["a d", "a/x f", "b d", "b/y f"], &["rm a", "link a"])
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let entries: Vec<Entry> = c.local.iter().map(|s| spec(s)).collect();
+            let remote: Remote = c
+                .peer
+                .iter()
+                .map(|s| {
+                    let e = spec(s);
+                    (e.path.clone().into_boxed_str(), Held::of(&e))
+                })
+                .collect();
+            let mut planned = removals("w", c.prefix, &entries, &[], &remote);
+            if c.hold {
+                planned.retain(|r| !r.deletion);
+            }
+            let got = render(&steps(&planned, &entries, &remote, c.owners), &planned, &entries);
+            assert_eq!(got, c.want, "case {i}");
         }
     }
 }

@@ -1,10 +1,12 @@
-//! Sending one planned prefix: removals, directories, links and files
-//! (whole, sparse or as deltas, read through a descriptor opened beneath
-//! the root), metadata fixes, and the metadata of every parent touched.
+//! Sending one planned prefix: the steps `plan::steps` orders (removals,
+//! directories, links and files, metadata fixes, and the metadata of every
+//! parent touched), carried out: files are sent whole, sparse or as deltas,
+//! read through a descriptor opened beneath the root.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Seek, Write};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_bytes::ByteBuf;
@@ -14,9 +16,13 @@ use warmspare_shared::proto::{Op, Reply, Request, CHUNK};
 
 use crate::live::LocalWatch;
 
-use super::plan::{parent_of, remote_remove_tree, stat_dir, Held, Plan, Remote, Removal};
+use super::plan::{remote_remove_tree, steps, Held, Plan, Remote, Step};
 use super::session::{emit, maybe_commit, BatchStats, SessionIo};
 
+/// Sends one planned prefix: the steps [`steps`] orders, carried out one by
+/// one, each recorded in the model of the peer (`remote`) as it is sent.
+/// Returns the content hash of every file of the scan that has one now
+/// (for the agreement recorded after a full comparison).
 pub(super) fn ship_prefix(
     io: &mut SessionIo,
     w: &LocalWatch,
@@ -36,142 +42,98 @@ pub(super) fn ship_prefix(
     for (path, why) in unreadable {
         stats.unreadable.push((w.name.clone(), path, why));
     }
-    let local: BTreeMap<&str, &Entry> = scan.entries.iter().map(|e| (e.path.as_str(), e)).collect();
-    let mut changed_parents: BTreeSet<String> = BTreeSet::new();
-    for Removal { path, .. } in removals {
-        stats.touched.push((w.name.clone(), path.clone(), None));
-        emit(
-            io,
-            stats,
-            &w.name,
-            Op::Remove {
-                watch: w.name.clone(),
-                path: path.clone(),
-            },
-        )?;
-        remote_remove_tree(remote, &path);
-        changed_parents.insert(parent_of(&path));
-    }
-
-    // 2. Directories, links and files, parents first (the scan is sorted).
+    let entries = &scan.entries;
     // The hashes of files sent without being read first, by position.
     let mut learned: HashMap<usize, ContentHash> = HashMap::new();
-    for (i, l) in scan.entries.iter().enumerate() {
-        let r = remote.get(l.path.as_str());
-        match &l.kind {
-            EntryKind::Dir => {
-                if r.is_none_or(|r| !l.meta.same_as(&r.meta, &l.kind, owners)) {
-                    if r.is_none() {
-                        changed_parents.insert(parent_of(&l.path));
-                    }
-                    emit(
-                        io,
-                        stats,
-                        &w.name,
-                        Op::Dir {
-                            watch: w.name.clone(),
-                            path: l.path.clone(),
-                            meta: l.meta,
-                        },
-                    )?;
-                    remote.insert(l.path.as_str().into(), Held::of(l));
+    for step in steps(&removals, entries, remote, owners) {
+        match step {
+            Step::Remove(i) => {
+                let path = &removals[i].path;
+                stats.touched.push((w.name.clone(), path.clone(), None));
+                emit(
+                    io,
+                    stats,
+                    &w.name,
+                    Op::Remove {
+                        watch: w.name.clone(),
+                        path: path.clone(),
+                    },
+                )?;
+                remote_remove_tree(remote, path);
+            }
+            Step::Dir(i) => send_dir(io, stats, &w.name, &entries[i], remote)?,
+            Step::Symlink(i) => {
+                let l = &entries[i];
+                let EntryKind::Symlink { target } = &l.kind else {
+                    bail!("the plan sends {} as a link and the scan has no link there", l.path);
+                };
+                emit(
+                    io,
+                    stats,
+                    &w.name,
+                    Op::Symlink {
+                        watch: w.name.clone(),
+                        path: l.path.clone(),
+                        target: target.clone(),
+                        meta: l.meta,
+                    },
+                )?;
+                remote.insert(l.path.as_str().into(), Held::of(l));
+            }
+            Step::SetMeta(i) => {
+                let l = &entries[i];
+                emit(
+                    io,
+                    stats,
+                    &w.name,
+                    Op::SetMeta {
+                        watch: w.name.clone(),
+                        path: l.path.clone(),
+                        meta: l.meta,
+                    },
+                )?;
+                remote.insert(l.path.as_str().into(), Held::of(l));
+            }
+            Step::File { entry: i, base } => {
+                let l = &entries[i];
+                let EntryKind::File { size, hash } = &l.kind else {
+                    bail!("the plan sends {} as a file and the scan has no file there", l.path);
+                };
+                let known = (!scan.is_unhashed(i)).then_some(*hash);
+                let out = Outgoing {
+                    entry: l,
+                    size: *size,
+                    hash: known,
+                    remote_size: base,
+                };
+                let Some((size, hash, meta)) = ship_file(io, w, cache, out, stats)? else {
+                    continue; // Gone since the scan, or unreadable.
+                };
+                if known.is_none() {
+                    learned.insert(i, hash);
+                }
+                stats.touched.push((w.name.clone(), l.path.clone(), Some(hash)));
+                remote.insert(
+                    l.path.as_str().into(),
+                    Held {
+                        kind: EntryKind::File { size, hash },
+                        meta,
+                    },
+                );
+                stats.files += 1;
+                maybe_commit(io, stats, &w.name)?;
+            }
+            // A directory above the prefix is read now; one gone since is
+            // left as the peer has it.
+            Step::Parent { entry: Some(i), .. } => send_dir(io, stats, &w.name, &entries[i], remote)?,
+            Step::Parent { path, entry: None } => {
+                if let Some(l) = stat_dir(&w.root, &path) {
+                    send_dir(io, stats, &w.name, &l, remote)?;
                 }
             }
-            EntryKind::Symlink { target } => {
-                if r.is_none_or(|r| r.kind != l.kind || !l.meta.same_as(&r.meta, &l.kind, owners)) {
-                    changed_parents.insert(parent_of(&l.path));
-                    emit(
-                        io,
-                        stats,
-                        &w.name,
-                        Op::Symlink {
-                            watch: w.name.clone(),
-                            path: l.path.clone(),
-                            target: target.clone(),
-                            meta: l.meta,
-                        },
-                    )?;
-                    remote.insert(l.path.as_str().into(), Held::of(l));
-                }
-            }
-            EntryKind::File { size, hash } => match r {
-                Some(r) if r.kind == l.kind => {
-                    if !l.meta.same_as(&r.meta, &l.kind, owners) {
-                        emit(
-                            io,
-                            stats,
-                            &w.name,
-                            Op::SetMeta {
-                                watch: w.name.clone(),
-                                path: l.path.clone(),
-                                meta: l.meta,
-                            },
-                        )?;
-                        remote.insert(l.path.as_str().into(), Held::of(l));
-                    }
-                }
-                _ => {
-                    changed_parents.insert(parent_of(&l.path));
-                    let base = match r.map(|r| &r.kind) {
-                        Some(EntryKind::File { size: rsize, .. }) if delta::worth_a_delta(*rsize, *size) => {
-                            Some(*rsize)
-                        }
-                        _ => None,
-                    };
-                    let known = (!scan.is_unhashed(i)).then_some(*hash);
-                    let out = Outgoing {
-                        entry: l,
-                        size: *size,
-                        hash: known,
-                        remote_size: base,
-                    };
-                    let Some((size, hash, meta)) = ship_file(io, w, cache, out, stats)? else {
-                        continue; // Gone since the scan, or unreadable.
-                    };
-                    if known.is_none() {
-                        learned.insert(i, hash);
-                    }
-                    stats.touched.push((w.name.clone(), l.path.clone(), Some(hash)));
-                    remote.insert(
-                        l.path.as_str().into(),
-                        Held {
-                            kind: EntryKind::File { size, hash },
-                            meta,
-                        },
-                    );
-                    stats.files += 1;
-                    maybe_commit(io, stats, &w.name)?;
-                }
-            },
         }
     }
-
-    // 3. Parent directories get their metadata (and mtime) back after the changes.
-    for dir in changed_parents {
-        if dir.is_empty() {
-            continue;
-        }
-        if let Some(l) = local
-            .get(dir.as_str())
-            .copied()
-            .cloned()
-            .or_else(|| stat_dir(&w.root, &dir))
-        {
-            emit(
-                io,
-                stats,
-                &w.name,
-                Op::Dir {
-                    watch: w.name.clone(),
-                    path: dir.clone(),
-                    meta: l.meta,
-                },
-            )?;
-            remote.insert(dir.as_str().into(), Held::of(&l));
-        }
-    }
-    Ok(scan
-        .entries
+    Ok(entries
         .iter()
         .enumerate()
         .filter_map(|(i, e)| {
@@ -183,6 +145,34 @@ pub(super) fn ship_prefix(
             Some((e.path.clone(), hash))
         })
         .collect())
+}
+
+/// Sends a directory's metadata ([`Op::Dir`], which also creates it on the
+/// peer when it is not there) and records it in the model.
+fn send_dir(io: &mut SessionIo, stats: &mut BatchStats, watch: &str, dir: &Entry, remote: &mut Remote) -> Result<()> {
+    emit(
+        io,
+        stats,
+        watch,
+        Op::Dir {
+            watch: watch.to_string(),
+            path: dir.path.clone(),
+            meta: dir.meta,
+        },
+    )?;
+    remote.insert(dir.path.as_str().into(), Held::of(dir));
+    Ok(())
+}
+
+/// The directory `rel` under `root` as it is now, or `None` when it is not
+/// a directory (any more).
+fn stat_dir(root: &Path, rel: &str) -> Option<Entry> {
+    let md = fs::symlink_metadata(root.join(rel)).ok()?;
+    md.is_dir().then(|| Entry {
+        path: rel.to_string(),
+        kind: EntryKind::Dir,
+        meta: Meta::from_metadata(&md),
+    })
 }
 
 /// A file to send, as the scan saw it.
