@@ -31,11 +31,7 @@ pub async fn run(shared: Shared) -> Result<()> {
     });
     let listener = startup::bind(&shared).await?;
     let http = match shared.live.me.http {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?,
-        ),
+        Some(addr) => Some(startup::bind_listener(addr).await?),
         None => None,
     };
     serve(shared, listener, http, cancel).await

@@ -23,9 +23,33 @@ pub async fn bind(shared: &Shared) -> Result<TcpListener> {
     if let Some(warning) = loopback_warning_of(shared).await {
         tracing::warn!("{warning}");
     }
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))
+    bind_listener(addr).await
+}
+
+/// How long a listen address that is in use is tried again before the
+/// agent gives up: `warmspare-agent check` binds each listen address for a
+/// moment to see whether it is free, and an agent started in that moment
+/// must not fail for it.
+const IN_USE_GRACE: Duration = Duration::from_secs(5);
+
+/// Binds `addr`, trying again for up to [`IN_USE_GRACE`] while it is in use
+/// (any other error fails at once).
+pub async fn bind_listener(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + IN_USE_GRACE;
+    let mut warned = false;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                if !warned {
+                    tracing::warn!(%addr, "listen address in use; trying again for a few seconds");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {addr}")),
+        }
+    }
 }
 
 /// How long name lookups for [`loopback_warning`] may take before the
@@ -184,5 +208,35 @@ pub async fn warm_send_caches(shared: Arc<Shared>) {
     .await;
     if let Err(e) = done {
         tracing::warn!(error = %e, "the scan that warms the hash caches failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address held by another socket for a moment (as `check` holds
+    /// it) is bound once it is let go; one held past the grace fails
+    /// with the address named.
+    #[tokio::test]
+    async fn a_listen_address_in_use_for_a_moment_is_tried_again() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(held);
+        });
+        let bound = bind_listener(addr).await.unwrap();
+        assert_eq!(bound.local_addr().unwrap(), addr);
+        release.await.unwrap();
+        drop(bound);
+
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = squatter.local_addr().unwrap();
+        let err = bind_listener(busy).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&format!("cannot listen on {busy}")),
+            "{err:#}"
+        );
     }
 }
