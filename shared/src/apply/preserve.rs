@@ -105,11 +105,7 @@ impl Applier {
         };
         for path in differing.iter().cloned() {
             // The path relative to `parent`.
-            let below = if pdir.is_empty() {
-                path.as_str()
-            } else {
-                path.get(pdir.len() + 1..).unwrap_or_default()
-            };
+            let below = path_below(&path, pdir);
             let (sub, file_name) = split(below);
             let from = if sub.is_empty() {
                 parent.clone()
@@ -167,11 +163,7 @@ impl Applier {
         // The directories of a tree, opened once each.
         let mut dirs: HashMap<String, Arc<File>> = HashMap::new();
         for path in paths {
-            let below = if pdir.is_empty() {
-                path.as_str()
-            } else {
-                path.get(pdir.len() + 1..).unwrap_or_default()
-            };
+            let below = path_below(&path, pdir);
             let (sub, file_name) = split(below);
             let from = if sub.is_empty() {
                 parent.clone()
@@ -218,5 +210,16 @@ impl Applier {
             format!("{watch}/{reldir}")
         };
         beneath::make_dirs(&session, &rel, 0o700)
+    }
+}
+
+/// `path` relative to its parent directory `pdir` (both relative to the
+/// watch root; `pdir` empty for the root itself), or empty when `path` is
+/// not below `pdir`.
+fn path_below<'a>(path: &'a str, pdir: &str) -> &'a str {
+    if pdir.is_empty() {
+        path
+    } else {
+        path.get(pdir.len() + 1..).unwrap_or_default()
     }
 }
