@@ -256,7 +256,7 @@ pub async fn serve(
         tracing::warn!("some tasks did not stop in time");
         tasks.abort_all();
     }
-    let failed = shared.failure();
+    let failed = shared.failure.failure();
     if let Some(why) = failed {
         tracing::error!(reason = why, "stopped after a failure");
         bail!("stopped because {why}");

@@ -6,6 +6,7 @@
 
 mod active;
 mod after;
+mod allow_deletes;
 mod ca_guard;
 pub mod cli;
 mod clock;
@@ -24,6 +25,7 @@ mod live;
 pub mod logging;
 mod node;
 mod passive;
+mod pause;
 mod preserved;
 mod progress;
 mod promotion;
@@ -37,6 +39,7 @@ mod shell;
 mod ship;
 mod startup;
 mod status;
+mod supervise;
 mod telemetry;
 mod undo;
 mod watch;

@@ -1,26 +1,28 @@
 //! The node: the handles its tasks share. The configuration in force
 //! (`live::Live`), the role (`role::Role`), what the tasks report
 //! (`telemetry::Telemetry`) and the receiver's sessions
-//! (`sessions::Sessions`) are handles of their own, each an `Arc` a task
-//! can take alone; [`Shared`] bundles them with what is left (pause, the
-//! ledgers, the undo store, the watch roots, the jobs' and `after_apply`
-//! runtimes, failure and heartbeat). The supervisor (`daemon`) makes one
-//! [`Shared`] per node.
+//! (`sessions::Sessions`), the operator's hold (`pause::Pause`), a
+//! failed task and the supervisor's heartbeat (`supervise`) and the
+//! operator's one-shot deletion permissions (`allow_deletes`) are handles
+//! of their own, each an `Arc` a task can take alone; [`Shared`] bundles
+//! them with what is left (the ledgers, the undo store, the watch roots,
+//! the jobs' and `after_apply` runtimes). The supervisor (`daemon`) makes
+//! one [`Shared`] per node.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::Result;
-use tokio_util::sync::CancellationToken;
 use warmspare_shared::ledger::Ledgers;
-use warmspare_shared::persist;
 
+use crate::allow_deletes::AllowDeletes;
 use crate::live::Live;
+use crate::pause::Pause;
 use crate::role::Role;
 use crate::roots;
 use crate::sessions::Sessions;
+use crate::supervise::{Failure, Heartbeat};
 use crate::telemetry::Telemetry;
 
 /// What every task of the daemon shares.
@@ -36,28 +38,24 @@ pub struct Shared {
     /// The agreed content of every replicated file (for divergence).
     pub ledgers: Arc<Mutex<Ledgers>>,
     /// Whether replication (and jobs) are held by `warmsparectl pause`.
-    paused: AtomicBool,
+    pub pause: Arc<Pause>,
     /// When the agent started.
     pub started: SystemTime,
     /// The jobs' runtime.
-    pub jobs: crate::job_state::Jobs,
+    pub jobs: Arc<crate::job_state::Jobs>,
     /// The `after_apply` hooks' runtime (runs, counters, last outcomes).
     pub after: Arc<crate::after::AfterApply>,
     /// The watches' file counts for status, shared by concurrent requests.
-    pub tree_counts: crate::counts::TreeCounts,
-    /// Cancelled when a task the agent cannot do without stopped: the
-    /// supervisor then shuts down and the agent exits non-zero.
-    fatal: CancellationToken,
-    /// Why (the first task that stopped).
-    fatal_reason: Mutex<Option<String>>,
-    /// When the supervisor's loop last went round (milliseconds since the
-    /// agent started); the watchdog is fed only while it is recent.
-    heartbeat: AtomicU64,
+    pub tree_counts: Arc<crate::counts::TreeCounts>,
+    /// Whether, and why, a task the agent cannot do without stopped.
+    pub failure: Arc<Failure>,
+    /// When the supervisor's loop last went round (for the watchdog).
+    pub heartbeat: Arc<Heartbeat>,
     /// The watch roots: where each was last seen, what is wrong with them.
-    pub roots: roots::Roots,
+    pub roots: Arc<roots::Roots>,
     /// (peer, watch) pairs whose next full comparison may remove what the
     /// deletion guard would hold (`warmsparectl resync --allow-deletes`).
-    allow_deletes: Mutex<std::collections::BTreeSet<(String, String)>>,
+    pub allow_deletes: Arc<AllowDeletes>,
     /// The receiver's record of its own writes and, on a passive, the
     /// local changes flagged under the watch roots (see `passive`).
     pub local: Arc<warmspare_shared::local::Tracker>,
@@ -66,11 +64,8 @@ pub struct Shared {
     pub undo: Arc<warmspare_shared::undo::Store>,
     /// The progress stamps of the loops that must keep going round (the
     /// watchdog is fed only while each is recent).
-    pub loops: crate::progress::Loops,
+    pub loops: Arc<crate::progress::Loops>,
 }
-
-/// The file under the state dir that marks a paused agent.
-const PAUSED_FILE: &str = "paused";
 
 impl Shared {
     /// Loads the cluster file, finds this node, and loads and checks its key.
@@ -83,61 +78,37 @@ impl Shared {
         Ok(Shared {
             live: live.clone(),
             ledgers: Arc::new(Mutex::new(Ledgers::new(state_dir.join("ledger")))),
-            paused: AtomicBool::new(state_dir.join(PAUSED_FILE).exists()),
+            pause: Arc::new(Pause::load(&state_dir, telemetry.clone())),
             role,
             telemetry,
             sessions: Arc::new(Sessions::default()),
             started: SystemTime::now(),
-            jobs: crate::job_state::Jobs::default(),
+            jobs: Arc::new(crate::job_state::Jobs::default()),
             after: Arc::new(crate::after::AfterApply::new(live.clone())),
-            tree_counts: crate::counts::TreeCounts::default(),
-            fatal: CancellationToken::new(),
-            fatal_reason: Mutex::new(None),
-            heartbeat: AtomicU64::new(0),
-            roots: roots::Roots::load(&state_dir),
-            allow_deletes: Mutex::new(Default::default()),
+            tree_counts: Arc::new(crate::counts::TreeCounts::default()),
+            failure: Arc::new(Failure::default()),
+            heartbeat: Arc::new(Heartbeat::default()),
+            roots: Arc::new(roots::Roots::load(&state_dir)),
+            allow_deletes: Arc::new(AllowDeletes::default()),
             local: Arc::new(Default::default()),
             undo: Arc::new(warmspare_shared::undo::Store::new(state_dir.join("undo"))),
-            loops: crate::progress::Loops::default(),
+            loops: Arc::new(crate::progress::Loops::default()),
         })
     }
 
-    /// A task the agent cannot do without stopped (returned or panicked)
-    /// outside a shutdown: the agent stops and exits non-zero, so that the
-    /// service manager starts it again whole (`Restart=on-failure`).
+    /// See [`Failure::fail`] (until every user takes the handle).
     pub fn fail(&self, why: String) {
-        tracing::error!(
-            reason = why,
-            "a task the agent needs stopped; exiting so that it is restarted"
-        );
-        self.fatal_reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(why);
-        self.fatal.cancel();
+        self.failure.fail(why);
     }
 
-    /// Resolves once a task the agent cannot do without stopped (see
-    /// [`Shared::fail`]).
+    /// See [`Failure::failed`] (until every user takes the handle).
     pub async fn failed(&self) {
-        self.fatal.cancelled().await;
+        self.failure.failed().await;
     }
 
-    /// Why the agent is stopping after a failure, if it is.
-    pub fn failure(&self) -> Option<String> {
-        self.fatal_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Records that the supervisor's loop went round.
+    /// See [`Heartbeat::beat`] (until every user takes the handle).
     pub fn beat(&self) {
-        let ms = self.started.elapsed().map(|d| d.as_millis() as u64).unwrap_or(0);
-        self.heartbeat.store(ms, Ordering::Relaxed);
-    }
-
-    /// Whether the supervisor's loop went round within `limit`.
-    pub fn heartbeat_within(&self, limit: Duration) -> bool {
-        let now = self.started.elapsed().map(|d| d.as_millis() as u64).unwrap_or(0);
-        now.saturating_sub(self.heartbeat.load(Ordering::Relaxed)) <= limit.as_millis() as u64
+        self.heartbeat.beat();
     }
 
     /// The receiver applied something in the job spool.
@@ -145,27 +116,14 @@ impl Shared {
         self.jobs.arrived.notify_one();
     }
 
-    /// Whether replication and jobs are held.
+    /// See [`Pause::is_paused`] (until every user takes the handle).
     pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
+        self.pause.is_paused()
     }
 
-    /// Holds or releases replication and jobs (persisted across restarts).
+    /// See [`Pause::set_paused`] (until every user takes the handle).
     pub fn set_paused(&self, paused: bool) -> Result<()> {
-        let marker = self.live.state_dir.join(PAUSED_FILE);
-        if paused {
-            persist::write_atomic(&marker, b"paused by warmsparectl\n")?;
-        } else if marker.exists() {
-            std::fs::remove_file(&marker)?;
-        }
-        self.paused.store(paused, Ordering::SeqCst);
-        self.telemetry.interrupt_shippers();
-        tracing::warn!(
-            paused,
-            "replication and jobs {}",
-            if paused { "held" } else { "released" }
-        );
-        Ok(())
+        self.pause.set_paused(paused)
     }
 
     /// Runs `f` with this `Shared` on a blocking thread: for what writes
@@ -181,21 +139,9 @@ impl Shared {
     }
 
     /// Lets the next full comparison of `watch` towards every current peer
-    /// remove what the deletion guard holds.
+    /// remove what the deletion guard holds (see [`AllowDeletes::grant`]).
     pub fn allow_deletes(&self, watch: &str) {
         let peers: Vec<String> = self.telemetry.runtime().inboxes.keys().cloned().collect();
-        let mut g = self.allow_deletes.lock().unwrap_or_else(|p| p.into_inner());
-        for p in peers {
-            g.insert((p, watch.to_string()));
-        }
-    }
-
-    /// Takes the operator's permission for a full comparison of `watch`
-    /// towards `peer` to remove what the deletion guard holds.
-    pub fn take_allow_deletes(&self, peer: &str, watch: &str) -> bool {
-        self.allow_deletes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(peer.to_string(), watch.to_string()))
+        self.allow_deletes.grant(peers, watch);
     }
 }

@@ -99,7 +99,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         let locked = shared.telemetry.try_runtime().is_none();
         let stuck = locked && was_locked;
         was_locked = locked;
-        let beating = shared.heartbeat_within(every.max(Duration::from_secs(3)));
+        let beating = shared.heartbeat.within(every.max(Duration::from_secs(3)));
         let stale = shared.loops.stale();
         let status = summary(&shared);
         match watchdog {

@@ -194,7 +194,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                     .values()
                     .filter(|h| matches!(h.kind, EntryKind::File { .. }))
                     .count() as u64;
-                let allowed = full && shared.take_allow_deletes(peer, &w.name);
+                let allowed = full && shared.allow_deletes.take(peer, &w.name);
                 let lately = removed_lately.entry(w.name.clone()).or_default();
                 lately.retain(|(at, _)| at.elapsed() < DELETE_WINDOW);
                 let before: u64 = lately.iter().map(|(_, n)| n).sum();
