@@ -451,7 +451,7 @@ fn render(s: &NodeStatus, sent: u64, counts: &[(Hook, bool, u64)]) -> String {
     out.single(
         "warmspare_undo_skipped_total",
         COUNTER,
-        "Files removed or replaced without a copy in the undo store (larger than undo_max_size, or an error).",
+        "Files removed or replaced without a copy in the undo store (larger than undo_max_size, or an error) under undo_when_full = replace.",
         s.undo.skipped,
     );
     out.0

@@ -17,6 +17,7 @@ use std::io::Write;
 use std::time::SystemTime;
 
 use warmspare_shared::beneath;
+use warmspare_shared::config::UndoWhenFull;
 use warmspare_shared::manifest::ContentHash;
 use warmspare_shared::proto::{UndoEntry, UndoKind, UndoStatus, UndoWhy};
 use warmspare_shared::relpath::check_rel_path;
@@ -34,9 +35,13 @@ pub fn limits(shared: &Shared) -> Limits {
 }
 
 /// A recorder for a session at `epoch` (nothing of the internal job spool
-/// is kept: its dumps keep their own generations).
+/// is kept: its dumps keep their own generations), refusing or letting go
+/// a file it cannot keep as `undo_when_full` says.
 pub fn recorder(shared: &Shared, epoch: u64) -> Recorder {
-    Recorder::new(shared.undo.clone(), epoch, limits(shared).max_size).skip_watch(crate::live::SPOOL_WATCH)
+    let when_full = shared.live.cluster().cluster.undo_when_full;
+    Recorder::new(shared.undo.clone(), epoch, limits(shared).max_size)
+        .when_full(when_full)
+        .skip_watch(crate::live::SPOOL_WATCH)
 }
 
 /// Prunes the store to its bounds, with a log line for what went.
@@ -242,7 +247,9 @@ impl Restore {
                 self.entry.path, self.entry.watch
             ));
         }
-        let mut rec = recorder(shared, shared.role.current().epoch);
+        // A forced restore never replaces a file without a copy, whatever
+        // `undo_when_full` says.
+        let mut rec = recorder(shared, shared.role.current().epoch).when_full(UndoWhenFull::Refuse);
         let kept = rec.keep(
             &self.dir,
             &self.name,
@@ -252,11 +259,12 @@ impl Restore {
             |_| None,
         );
         let replaced = match kept {
-            Kept::Kept(id) => Some(id),
-            Kept::Nothing => None,
-            Kept::Skipped => {
+            Ok(Kept::Kept(id)) => Some(id),
+            Ok(Kept::Nothing) => None,
+            Ok(Kept::Skipped) => {
                 return Err("the file there cannot be kept in the undo store; it is not replaced".into());
             }
+            Err(e) => return Err(format!("the file there is not replaced: {e}")),
         };
         rec.commit();
         beneath::rename(&self.dir, &self.tmp, &self.dir, &self.name)

@@ -6,7 +6,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use warmspare_tests::{converge, http_get, output_text, read, wait_until, write_cluster_file, write_file, TestCluster};
+use warmspare_tests::{
+    converge, http_get, output_text, read, require, wait_until, write_cluster_file, write_file, TestCluster,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -185,8 +187,8 @@ fn removed_and_replaced_files_are_kept_on_the_passive_and_put_back_on_the_active
 }
 
 #[test]
-fn the_undo_store_is_pruned_by_size_and_by_age_and_never_blocks_replication() {
-    let c = pair_with("undo_max_size = \"350\"\nundo_max_age = \"3s\"\n");
+fn the_undo_store_is_pruned_by_size_and_by_age_and_lets_a_large_file_go_when_told() {
+    let c = pair_with("undo_max_size = \"350\"\nundo_max_age = \"3s\"\nundo_when_full = \"replace\"\n");
     certs(&c, "a", 6, 100);
     write_file(&c.ca("a").join("big.bin"), &[7u8; 1000], 0o644);
     let _b = c.start("b");
@@ -210,8 +212,8 @@ fn the_undo_store_is_pruned_by_size_and_by_age_and_never_blocks_replication() {
     let files = fs::read_dir(undo_dir(&c, "b").join("files")).unwrap().count();
     assert_eq!(files, entries.len(), "pruned entries leave no file behind");
 
-    // A file larger than the whole store is replaced all the same, without a
-    // copy, and counted.
+    // With undo_when_full = "replace", a file larger than the whole store
+    // is replaced all the same, without a copy, and counted.
     write_file(&c.ca("a").join("big.bin"), &[8u8; 1000], 0o644);
     converge(&c.ca("a"), &c.ca("b"), LIMIT);
     assert!(entry(&list(&c, "b"), "big.bin").is_none());
@@ -232,6 +234,115 @@ fn the_undo_store_is_pruned_by_size_and_by_age_and_never_blocks_replication() {
         let now = list(&c, "b");
         now.iter().all(|e| !first.contains(&e["id"].as_u64().unwrap())) && entry(&now, "new.pem").is_some()
     });
+}
+
+/// A tmpfs mounted at a path for a test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new(require("mount", "mount"))
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (the test runs as root, as CI does): {}",
+            output_text(&out)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The `last_error` of node `node`'s links, as `status --json` shows them.
+fn link_errors(c: &TestCluster, node: &str) -> String {
+    c.node_status(node)["links"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| l["last_error"].as_str().map(str::to_string))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[test]
+fn a_file_the_store_cannot_keep_is_neither_replaced_nor_removed_unless_the_operator_says_so() {
+    let c = pair_with("undo_max_size = \"500\"\n");
+    // The passive's undo store on another file system than its watch: kept
+    // files are copies, not links.
+    let _tmpfs = Tmpfs::mount(&undo_dir(&c, "b"));
+    write_file(&c.ca("a").join("big.pem"), &[1u8; 1000], 0o640);
+    write_file(&c.ca("a").join("gone.pem"), &[2u8; 1000], 0o640);
+    write_file(&c.ca("a").join("small.pem"), b"small 1", 0o640);
+    let mut b = c.start("b");
+    let mut a = c.start("a");
+    converge(&c.ca("a"), &c.ca("b"), LIMIT);
+
+    // On the active: the large files replaced and removed, the small one
+    // replaced.
+    write_file(&c.ca("a").join("big.pem"), &[3u8; 1000], 0o640);
+    fs::remove_file(c.ca("a").join("gone.pem")).unwrap();
+    write_file(&c.ca("a").join("small.pem"), b"small 2", 0o640);
+
+    // The small file goes through, copied into the store across file systems.
+    wait_until("the small file reaches the passive", LIMIT, || {
+        read(&c.ca("b").join("small.pem")).as_deref() == Some(&b"small 2"[..])
+    });
+    let entries = list_with(&c, "b", &["small.pem"]);
+    let stored = undo_dir(&c, "b").join("files").join(id_of(&entries, "small.pem"));
+    assert_eq!(read(&stored).unwrap(), b"small 1");
+    // The large ones are refused: the sender says which and why.
+    let mut errors = String::new();
+    wait_until("the active reports the refusal", LIMIT, || {
+        errors = link_errors(&c, "a");
+        errors.contains("no copy can be kept in the undo store")
+    });
+    assert!(errors.contains("undo_max_size is 500"), "{errors}");
+    assert!(
+        errors.contains("ca/big.pem") || errors.contains("ca/gone.pem"),
+        "{errors}"
+    );
+    wait_until("the passive logs both refusals", LIMIT, || {
+        let log = b.log_text();
+        ["big.pem", "gone.pem"].iter().all(|p| {
+            log.lines()
+                .any(|l| l.contains("a file the undo store cannot keep is not removed or replaced") && l.contains(p))
+        })
+    });
+    // The passive keeps its old files: nothing was let go without a copy.
+    assert_eq!(read(&c.ca("b").join("big.pem")).unwrap(), vec![1u8; 1000]);
+    assert_eq!(read(&c.ca("b").join("gone.pem")).unwrap(), vec![2u8; 1000]);
+    assert!(entry(&list(&c, "b"), "big.pem").is_none());
+
+    // The operator lets such files go: the retried changes apply, without
+    // a copy.
+    a.terminate();
+    b.terminate();
+    let t = fs::read_to_string(&c.file).unwrap();
+    write_cluster_file(
+        &c.file,
+        &t.replacen(
+            "undo_max_size = \"500\"\n",
+            "undo_max_size = \"500\"\nundo_when_full = \"replace\"\n",
+            1,
+        ),
+    );
+    b.restart();
+    a.restart();
+    converge(&c.ca("a"), &c.ca("b"), LIMIT);
+    assert!(!c.ca("b").join("gone.pem").exists());
+    let (_, metrics) = http_get(c.node("b").http_port, "/metrics").unwrap();
+    assert!(metrics.contains("warmspare_undo_skipped_total 2\n"), "{metrics}");
+    assert!(entry(&list(&c, "b"), "big.pem").is_none());
 }
 
 #[test]

@@ -150,7 +150,7 @@ warmspare_undo_bytes 2
 # HELP warmspare_undo_pruned_total Files removed from the undo store to keep it within undo_max_size and undo_max_age.
 # TYPE warmspare_undo_pruned_total counter
 warmspare_undo_pruned_total 5
-# HELP warmspare_undo_skipped_total Files removed or replaced without a copy in the undo store (larger than undo_max_size, or an error).
+# HELP warmspare_undo_skipped_total Files removed or replaced without a copy in the undo store (larger than undo_max_size, or an error) under undo_when_full = replace.
 # TYPE warmspare_undo_skipped_total counter
 warmspare_undo_skipped_total 6
 "#;

@@ -427,9 +427,7 @@ impl Applier {
                 if existing.is_some() {
                     if let Err(e) = self.preserve(&watch, &rel, &dir, UndoWhy::Replaced) {
                         let _ = beneath::unlink(&dir, &tmp);
-                        self.report
-                            .failed
-                            .push(Failure::new(rel, FailReason::NotPreserved(Arc::new(e))));
+                        self.report.failed.push(Failure::new(rel, FailReason::not_preserved(e)));
                         continue;
                     }
                 }

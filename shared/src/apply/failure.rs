@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::delta::DeltaError;
 use crate::manifest::ContentHash;
+use crate::undo::NotKept;
 
 /// A change the receiver could not make; its path was left as it was.
 #[derive(Debug, Clone)]
@@ -87,14 +88,35 @@ pub enum FailReason {
     /// could not be moved aside, so it was not replaced.
     #[error("cannot preserve the local version: {0}")]
     NotPreserved(#[source] Arc<io::Error>),
+    /// The undo store could not keep a copy of the file the change would
+    /// remove or replace (`undo_when_full = "refuse"`): it was left as it
+    /// was. The error is a [`NotKept`] (see [`NotKept::of_io`]).
+    #[error("{0}")]
+    NotKept(Arc<io::Error>),
     /// A file kept in memory was not written before its commit.
     #[error("not written")]
     NotWritten,
 }
 
+impl FailReason {
+    /// The failure to preserve what a file would replace: a refusal of the
+    /// undo store, or a divergence that could not be moved aside.
+    pub fn not_preserved(e: io::Error) -> FailReason {
+        if NotKept::of_io(&e).is_some() {
+            FailReason::NotKept(Arc::new(e))
+        } else {
+            FailReason::NotPreserved(Arc::new(e))
+        }
+    }
+}
+
 impl From<io::Error> for FailReason {
     fn from(e: io::Error) -> FailReason {
-        FailReason::Io(Arc::new(e))
+        if NotKept::of_io(&e).is_some() {
+            FailReason::NotKept(Arc::new(e))
+        } else {
+            FailReason::Io(Arc::new(e))
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use super::{Applier, Divergence};
 use crate::beneath::{self, split};
 use crate::manifest::{self, ContentHash};
 use crate::proto::UndoWhy;
+use crate::undo::NotKept;
 
 /// Moves `name` from the directory open as `from` to the same name in the
 /// directory open as `to` (a diverged folder), replacing what is there.
@@ -59,7 +60,8 @@ impl Applier {
     /// folder, through handles: from below `parent` to below the diverged
     /// folder. A file that cannot be read is an error (it is not replaced).
     /// Every other file and link there is kept in the undo store (see
-    /// [`Applier::keep_undo`]), which never fails the change.
+    /// [`Applier::keep_undo`]); one it cannot keep fails the change (unless
+    /// `undo_when_full = "replace"`).
     pub(super) fn preserve(&mut self, watch: &str, rel: &str, parent: &Arc<File>, why: UndoWhy) -> io::Result<()> {
         let undo = self.undo.as_ref().is_some_and(|u| u.wants(watch));
         let Some(div) = self.divergence.clone() else {
@@ -128,7 +130,10 @@ impl Applier {
     /// as `parent`) in the undo store, but the paths in `moved` (gone to
     /// the diverged folder), through handles: each one's directory is
     /// opened beneath `parent`, the entry without following it. The content
-    /// hash recorded is the cached one of that very inode, when known.
+    /// hash recorded is the cached one of that very inode, when known. A
+    /// file the store refuses to let go without a copy is an error (a
+    /// [`NotKept`]): the change is not made. Files of a tree kept before it
+    /// stay in the store, their originals untouched.
     pub(super) fn keep_undo(
         &mut self,
         watch: &str,
@@ -181,7 +186,8 @@ impl Applier {
                 }
             };
             let cache = &w.cache;
-            undo.keep(&from, file_name, watch, &path, why, |md| cache.cached(&path, md));
+            undo.keep(&from, file_name, watch, &path, why, |md| cache.cached(&path, md))
+                .map_err(NotKept::into_io)?;
         }
         Ok(())
     }

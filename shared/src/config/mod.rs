@@ -101,6 +101,38 @@ pub struct ClusterSection {
     /// How long a file is kept under `undo/`.
     #[serde(skip_serializing_if = "is_default_undo_age", serialize_with = "serialize_duration")]
     pub undo_max_age: Duration,
+    /// What the receiver does with a file it would remove or replace when
+    /// no copy of it can be kept under `undo/`.
+    #[serde(skip_serializing_if = "UndoWhenFull::is_default")]
+    pub undo_when_full: UndoWhenFull,
+}
+
+/// `undo_when_full`: what a receiver does with a file it is about to remove
+/// or replace when the undo store cannot keep a copy of it (the file is
+/// larger than `undo_max_size`, or keeping it failed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UndoWhenFull {
+    /// The change is not made: the file stays as it is, and the change
+    /// fails (and is retried) like any change the receiver cannot apply.
+    #[default]
+    Refuse,
+    /// The change is made without a copy (logged and counted).
+    Replace,
+}
+
+impl UndoWhenFull {
+    /// The value as the cluster file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UndoWhenFull::Refuse => "refuse",
+            UndoWhenFull::Replace => "replace",
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == UndoWhenFull::default()
+    }
 }
 
 /// The default of `undo_max_size`: 1 GiB.

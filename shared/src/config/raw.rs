@@ -40,6 +40,7 @@ pub(super) struct RawCluster {
     pub(super) diverged_max_age: Option<Spanned<String>>,
     pub(super) undo_max_size: Option<Spanned<String>>,
     pub(super) undo_max_age: Option<Spanned<String>>,
+    pub(super) undo_when_full: Option<Spanned<String>>,
 }
 
 fn default_state_dir() -> Spanned<PathBuf> {

@@ -140,6 +140,24 @@ fn undo_bounds_parse_with_defaults_and_spanned_errors() {
 }
 
 #[test]
+fn undo_when_full_refuses_by_default_and_is_checked() {
+    let c = parse(&sample()).unwrap();
+    assert_eq!(c.cluster.undo_when_full, UndoWhenFull::Refuse);
+    let good = sample().replacen("\n\n[[node]]", "\nundo_when_full = \"replace\"\n\n[[node]]", 1);
+    let c = parse(&good).unwrap();
+    assert_eq!(c.cluster.undo_when_full, UndoWhenFull::Replace);
+    assert!(c.canonical().contains("undo_when_full"), "{}", c.canonical());
+    let bad = sample().replacen("\n\n[[node]]", "\nundo_when_full = \"overwrite\"\n\n[[node]]", 1);
+    let e = parse(&bad).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("cluster.undo_when_full"), "{e}");
+    assert!(e.line.is_some_and(|l| l > 0), "{e}");
+    assert!(
+        e.to_string().contains("\"overwrite\" is not \"refuse\" or \"replace\""),
+        "{e}"
+    );
+}
+
+#[test]
 fn load_refuses_a_file_others_can_write() {
     use std::os::unix::fs::PermissionsExt;
     let d = tempfile::tempdir().unwrap();

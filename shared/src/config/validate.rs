@@ -15,10 +15,10 @@ use toml::Spanned;
 use super::error::{ConfigError, Locator};
 use super::raw::{RawCluster, RawEtcd, RawFile, RawJob, RawLimit, RawNode, RawOperator, RawWatch};
 use super::{
-    parse_size, split_host_port, Cluster, ClusterSection, DeleteLimit, Endpoint, Etcd, Job, Node, Operator, Watch,
-    DEFAULT_AFTER_APPLY_TIMEOUT, DEFAULT_DIVERGED_MAX_AGE, DEFAULT_DIVERGED_MAX_SIZE, DEFAULT_ETCD_LOOP_WAIT,
-    DEFAULT_ETCD_RETRY_TIMEOUT, DEFAULT_ETCD_TTL, DEFAULT_HOOK_TIMEOUT, DEFAULT_JOB_TIMEOUT, DEFAULT_KEEP,
-    DEFAULT_MAX_LAG_ON_FAILOVER, DEFAULT_UNDO_MAX_AGE, DEFAULT_UNDO_MAX_SIZE,
+    parse_size, split_host_port, Cluster, ClusterSection, DeleteLimit, Endpoint, Etcd, Job, Node, Operator,
+    UndoWhenFull, Watch, DEFAULT_AFTER_APPLY_TIMEOUT, DEFAULT_DIVERGED_MAX_AGE, DEFAULT_DIVERGED_MAX_SIZE,
+    DEFAULT_ETCD_LOOP_WAIT, DEFAULT_ETCD_RETRY_TIMEOUT, DEFAULT_ETCD_TTL, DEFAULT_HOOK_TIMEOUT, DEFAULT_JOB_TIMEOUT,
+    DEFAULT_KEEP, DEFAULT_MAX_LAG_ON_FAILOVER, DEFAULT_UNDO_MAX_AGE, DEFAULT_UNDO_MAX_SIZE,
 };
 use crate::keys::PublicKey;
 
@@ -85,6 +85,10 @@ fn cluster_section(c: &RawCluster, loc: &Locator<'_>) -> Result<ClusterSection, 
         undo_max_age: match &c.undo_max_age {
             Some(t) => check_duration(loc, t, "cluster.undo_max_age".into(), "7d")?,
             None => DEFAULT_UNDO_MAX_AGE,
+        },
+        undo_when_full: match &c.undo_when_full {
+            Some(v) => check_undo_when_full(loc, v, "cluster.undo_when_full".into())?,
+            None => UndoWhenFull::default(),
         },
     })
 }
@@ -495,6 +499,14 @@ fn check_socket_addr(loc: &Locator<'_>, addr: &Spanned<String>, key: String) -> 
             format!("{:?} is not an ip:port address: {e}", addr.get_ref()),
         )
     })
+}
+
+/// `"refuse"` or `"replace"`.
+fn check_undo_when_full(loc: &Locator<'_>, v: &Spanned<String>, key: String) -> Result<UndoWhenFull, ConfigError> {
+    [UndoWhenFull::Refuse, UndoWhenFull::Replace]
+        .into_iter()
+        .find(|w| w.as_str() == v.get_ref())
+        .ok_or_else(|| loc.at(v, key, format!("{:?} is not \"refuse\" or \"replace\"", v.get_ref())))
 }
 
 /// A size such as `"1GiB"` (see [`parse_size`]).

@@ -19,9 +19,14 @@
 //!
 //! Entries are kept by a [`Recorder`] (one per receiving session) through
 //! the directory handle the applier already holds, and recorded in the
-//! index at the commit. Keeping a file never blocks replication: a file the
-//! store cannot hold (larger than `undo_max_size`, an error) is logged and
-//! counted ([`skipped_total`]), and the change goes ahead. [`Store::prune`]
+//! index at the commit. A file the store cannot hold (larger than
+//! `undo_max_size`, an error) is never let go without a copy by default
+//! (`undo_when_full = "refuse"`): the change that would remove or replace
+//! it fails, the file stays as it is, and the refusal is logged and
+//! counted ([`refused_total`]); the sender retries it like any change the
+//! receiver could not apply. With `undo_when_full = "replace"` the change
+//! goes ahead without a copy, logged and counted ([`skipped_total`]).
+//! Pruning old entries to make room is not a refusal. [`Store::prune`]
 //! keeps the store within `undo_max_age` and `undo_max_size` (and
 //! [`MAX_ENTRIES`] entries), removing the oldest first. A file linked into
 //! the store but not yet in the index when the agent stopped is found at
@@ -50,7 +55,7 @@ mod recorder;
 mod tests;
 
 use index::{index_bytes, parse_id, read_index};
-pub use recorder::{Kept, Recorder};
+pub use recorder::{Kept, NotKept, Recorder};
 
 /// The most entries the store keeps, whatever their size: the index of a
 /// node is held in memory (a few dozen bytes per entry) and rewritten when
@@ -75,6 +80,10 @@ pub struct Limits {
     pub max_age: Duration,
 }
 
+/// Changes refused because the store could not keep the file they would
+/// remove or replace, since the process started.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+
 /// Files pruned since the process started (`warmspare_undo_pruned_total`).
 static PRUNED: AtomicU64 = AtomicU64::new(0);
 
@@ -88,9 +97,16 @@ pub fn pruned_total() -> u64 {
 }
 
 /// Files replication removed or replaced that the store could not keep
-/// (too large, or an error) since the process started.
+/// (too large, or an error) since the process started, under
+/// `undo_when_full = "replace"`.
 pub fn skipped_total() -> u64 {
     SKIPPED.load(Ordering::Relaxed)
+}
+
+/// Changes refused since the process started because the store could not
+/// keep the file they would remove or replace (`undo_when_full = "refuse"`).
+pub fn refused_total() -> u64 {
+    REFUSED.load(Ordering::Relaxed)
 }
 
 /// What the store knows of a live entry without reading the index.

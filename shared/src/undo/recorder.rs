@@ -11,8 +11,9 @@ use std::time::SystemTime;
 use rustix::fs::{self as rfs, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::{now_secs, Store, SKIPPED};
+use super::{now_secs, Store, REFUSED, SKIPPED};
 use crate::beneath;
+use crate::config::UndoWhenFull;
 use crate::manifest::{ContentHash, Meta};
 use crate::proto::{UndoEntry, UndoKind, UndoWhy};
 
@@ -23,8 +24,40 @@ pub enum Kept {
     Kept(u64),
     /// Nothing to keep there (gone, a directory, a special file).
     Nothing,
-    /// Not kept (too large, or an error), logged and counted.
+    /// Not kept (too large, or an error), logged and counted; the change
+    /// goes ahead without a copy (`undo_when_full = "replace"`).
     Skipped,
+}
+
+/// Why a file cannot be kept in the undo store. Under the default
+/// `undo_when_full = "refuse"` the change that would remove or replace it
+/// is not made.
+#[derive(Debug, thiserror::Error)]
+pub enum NotKept {
+    /// The file is larger than the whole store may hold.
+    #[error("no copy can be kept in the undo store: the file has {size} bytes, undo_max_size is {max}; it is left as it is (undo_when_full = \"refuse\")")]
+    TooLarge {
+        /// The file's size.
+        size: u64,
+        /// `undo_max_size`.
+        max: u64,
+    },
+    /// Keeping it failed.
+    #[error("no copy can be kept in the undo store: {0}; it is left as it is (undo_when_full = \"refuse\")")]
+    Failed(#[source] io::Error),
+}
+
+impl NotKept {
+    /// The refusal as an I/O error, for the applier's error paths (see
+    /// [`NotKept::of_io`]).
+    pub fn into_io(self) -> io::Error {
+        io::Error::other(self)
+    }
+
+    /// The refusal `e` carries, when it is one.
+    pub fn of_io(e: &io::Error) -> Option<&NotKept> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<NotKept>())
+    }
 }
 
 /// Keeps files for one receiving session and records them at its commits
@@ -36,11 +69,13 @@ pub struct Recorder {
     skip: Vec<String>,
     pending: Vec<UndoEntry>,
     chown: bool,
+    when_full: UndoWhenFull,
 }
 
 impl Recorder {
     /// A recorder for a session at `epoch`, keeping files up to `max_size`
-    /// bytes each.
+    /// bytes each, and refusing to let go of a file it cannot keep (see
+    /// [`Recorder::when_full`]).
     pub fn new(store: Arc<Store>, epoch: u64, max_size: u64) -> Recorder {
         Recorder {
             store,
@@ -49,7 +84,15 @@ impl Recorder {
             skip: Vec::new(),
             pending: Vec::new(),
             chown: crate::sys::geteuid() == 0,
+            when_full: UndoWhenFull::Refuse,
         }
+    }
+
+    /// What [`Recorder::keep`] does with a file it cannot keep: refuse (an
+    /// error, the default), or let the change go ahead without a copy.
+    pub fn when_full(mut self, when_full: UndoWhenFull) -> Recorder {
+        self.when_full = when_full;
+        self
     }
 
     /// Keeps nothing of the watch `name` (an internal one, whose files
@@ -69,8 +112,10 @@ impl Recorder {
     /// linked into the store from a descriptor opened without following
     /// it, or copied where the store is on another file system. `hash_of`
     /// gives its content hash when known for exactly that inode (it gets
-    /// the descriptor's metadata before anything changes it). Never fails:
-    /// what cannot be kept is logged and counted.
+    /// the descriptor's metadata before anything changes it). What cannot
+    /// be kept (larger than `max_size`, an error) is logged and counted,
+    /// and is an error unless the recorder lets such changes go ahead
+    /// ([`UndoWhenFull::Replace`]): then it is [`Kept::Skipped`].
     pub fn keep(
         &mut self,
         dir: &File,
@@ -79,13 +124,22 @@ impl Recorder {
         rel: &str,
         why: UndoWhy,
         hash_of: impl FnOnce(&std::fs::Metadata) -> Option<ContentHash>,
-    ) -> Kept {
-        match self.try_keep(dir, name, watch, rel, why, hash_of) {
-            Ok(k) => k,
-            Err(e) => {
+    ) -> Result<Kept, NotKept> {
+        let not_kept = match self.try_keep(dir, name, watch, rel, why, hash_of) {
+            Ok(k) => return Ok(k),
+            Err(e) => e,
+        };
+        let path = crate::text::escape_controls(rel);
+        match self.when_full {
+            UndoWhenFull::Refuse => {
+                REFUSED.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(watch, path = %path, error = %not_kept, "a file the undo store cannot keep is not removed or replaced");
+                Err(not_kept)
+            }
+            UndoWhenFull::Replace => {
                 SKIPPED.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(watch, path = %crate::text::escape_controls(rel), error = %e, "cannot keep a file in the undo store; it is replaced or removed without a copy");
-                Kept::Skipped
+                tracing::warn!(watch, path = %path, error = %not_kept, "a file the undo store cannot keep is removed or replaced without a copy (undo_when_full = \"replace\")");
+                Ok(Kept::Skipped)
             }
         }
     }
@@ -98,9 +152,9 @@ impl Recorder {
         rel: &str,
         why: UndoWhy,
         hash_of: impl FnOnce(&std::fs::Metadata) -> Option<ContentHash>,
-    ) -> io::Result<Kept> {
+    ) -> Result<Kept, NotKept> {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(io::Error::other("bad name"));
+            return Err(NotKept::Failed(io::Error::other("bad name")));
         }
         let fd = match rfs::openat(
             dir,
@@ -110,9 +164,9 @@ impl Recorder {
         ) {
             Ok(fd) => File::from(fd),
             Err(Errno::NOENT) => return Ok(Kept::Nothing),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(NotKept::Failed(e.into())),
         };
-        let md = fd.metadata()?;
+        let md = fd.metadata().map_err(NotKept::Failed)?;
         let kind = if md.file_type().is_file() {
             UndoKind::File
         } else if md.file_type().is_symlink() {
@@ -121,21 +175,16 @@ impl Recorder {
             return Ok(Kept::Nothing);
         };
         if md.len() > self.max_size {
-            SKIPPED.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                watch,
-                path = %crate::text::escape_controls(rel),
-                size = md.len(),
-                undo_max_size = self.max_size,
-                "a file larger than undo_max_size is replaced or removed without a copy in the undo store"
-            );
-            return Ok(Kept::Skipped);
+            return Err(NotKept::TooLarge {
+                size: md.len(),
+                max: self.max_size,
+            });
         }
         let hash = match kind {
             UndoKind::File => hash_of(&md),
             UndoKind::Symlink => None,
         };
-        let (id, files) = self.store.alloc()?;
+        let (id, files) = self.store.alloc().map_err(NotKept::Failed)?;
         let id_name = id.to_string();
         let mut size = md.len();
         match crate::sys::link_unnamed(&fd, &files, std::ffi::OsStr::new(&id_name)) {
@@ -143,9 +192,10 @@ impl Recorder {
             // Another file system, or a kernel that will not link this
             // file for this process: a copy, within the same bound.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EPERM | libc::EACCES)) => {
-                size = copy_into(dir, name, &md, kind, &files, &id_name, self.max_size, self.chown)?;
+                size = copy_into(dir, name, &md, kind, &files, &id_name, self.max_size, self.chown)
+                    .map_err(NotKept::Failed)?;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(NotKept::Failed(e)),
         }
         self.pending.push(UndoEntry {
             id,

@@ -10,9 +10,11 @@ const DAY: Duration = Duration::from_secs(86_400);
 fn keep_file(r: &mut Recorder, dir: &Path, name: &str, data: &[u8]) -> Kept {
     fs::write(dir.join(name), data).unwrap();
     let d = File::open(dir).unwrap();
-    let k = r.keep(&d, name, "ca", &format!("signed/{name}"), UndoWhy::Removed, |_| {
-        Some(ContentHash::of(data))
-    });
+    let k = r
+        .keep(&d, name, "ca", &format!("signed/{name}"), UndoWhy::Removed, |_| {
+            Some(ContentHash::of(data))
+        })
+        .unwrap();
     fs::remove_file(dir.join(name)).unwrap();
     k
 }
@@ -31,9 +33,11 @@ fn keeps_records_lists_and_reads_back_with_metadata() {
     f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000))
         .unwrap();
     let d = File::open(&root).unwrap();
-    let k = r.keep(&d, "a.pem", "ca", "signed/a.pem", UndoWhy::Replaced, |_| {
-        Some(ContentHash::of(b"cert a"))
-    });
+    let k = r
+        .keep(&d, "a.pem", "ca", "signed/a.pem", UndoWhy::Replaced, |_| {
+            Some(ContentHash::of(b"cert a"))
+        })
+        .unwrap();
     let Kept::Kept(id) = k else { panic!("{k:?}") };
     // Replaced after it was kept: the store still has the old content.
     fs::write(root.join("new"), b"other").unwrap();
@@ -41,10 +45,11 @@ fn keeps_records_lists_and_reads_back_with_metadata() {
     std::os::unix::fs::symlink("../elsewhere", root.join("link")).unwrap();
     assert!(matches!(
         r.keep(&d, "link", "ca", "link", UndoWhy::Removed, |_| None),
-        Kept::Kept(_)
+        Ok(Kept::Kept(_))
     ));
     assert_eq!(
-        r.keep(&d, "missing", "ca", "missing", UndoWhy::Removed, |_| None),
+        r.keep(&d, "missing", "ca", "missing", UndoWhy::Removed, |_| None)
+            .unwrap(),
         Kept::Nothing
     );
     // Nothing is listed before the commit records it.
@@ -123,12 +128,35 @@ fn prunes_by_age_then_oldest_first_by_size() {
 }
 
 #[test]
-fn too_large_files_are_skipped_and_counted() {
+fn too_large_files_are_refused_by_default() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fs::create_dir(&src).unwrap();
     let store = Arc::new(Store::new(t.path().join("undo")));
     let mut r = Recorder::new(store.clone(), 1, 10);
+    let before = refused_total();
+    fs::write(src.join("big"), [0u8; 11]).unwrap();
+    let d = File::open(&src).unwrap();
+    let e = r
+        .keep(&d, "big", "ca", "signed/big", UndoWhy::Removed, |_| None)
+        .unwrap_err();
+    assert!(matches!(e, NotKept::TooLarge { size: 11, max: 10 }), "{e:?}");
+    assert!(e.to_string().contains("undo_max_size is 10"), "{e}");
+    // Carried through an I/O error, the refusal is still told apart.
+    let io = e.into_io();
+    assert!(matches!(NotKept::of_io(&io), Some(NotKept::TooLarge { .. })), "{io}");
+    assert!(refused_total() > before);
+    drop(r);
+    assert!(store.list(None).unwrap().is_empty());
+}
+
+#[test]
+fn too_large_files_are_skipped_and_counted_when_the_operator_lets_them_go() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let store = Arc::new(Store::new(t.path().join("undo")));
+    let mut r = Recorder::new(store.clone(), 1, 10).when_full(crate::config::UndoWhenFull::Replace);
     let before = skipped_total();
     assert_eq!(keep_file(&mut r, &src, "big", &[0u8; 11]), Kept::Skipped);
     assert!(matches!(keep_file(&mut r, &src, "ok", &[0u8; 10]), Kept::Kept(_)));
