@@ -180,7 +180,11 @@ async fn handle(shared: &Arc<Shared>, operator: &str, req: Request) -> Reply {
         Request::SetRole { expect, next, reason } => match shared
             .off_runtime({
                 let by = by.clone();
-                move |s| s.role.compare_and_swap(&expect, next, &reason, &by)
+                move |s| {
+                    s.role
+                        .compare_and_swap(&expect, next, &reason, &by)
+                        .map_err(|e| e.to_string())
+                }
             })
             .await
             .unwrap_or_else(|e| Err(format!("{e:#}")))

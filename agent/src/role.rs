@@ -30,6 +30,43 @@ use crate::live::Live;
 use crate::promotion::{Hooks, Promotion};
 use crate::telemetry::Telemetry;
 
+/// Why [`Role::compare_and_swap`] did not move the role.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// The node is not at the state the caller expected.
+    #[error(
+        "expected epoch {} with {} active, but this node is at epoch {} with {} active",
+        expected.epoch,
+        expected.active,
+        current.epoch,
+        current.active
+    )]
+    Stale {
+        /// What the caller expected.
+        expected: RoleState,
+        /// Where the node is.
+        current: RoleState,
+    },
+    /// The new epoch is not above the current one.
+    #[error("the new epoch {next} is not above {current}")]
+    NotAbove {
+        /// The epoch asked for.
+        next: u64,
+        /// The node's epoch.
+        current: u64,
+    },
+    /// The new epoch is further above the current one than a controller
+    /// could have made it (or past the highest).
+    #[error(transparent)]
+    TooFar(#[from] state::EpochError),
+    /// The node to make active is not in the cluster file.
+    #[error("{0:?} is not a node of the cluster")]
+    UnknownNode(String),
+    /// The new state could not be persisted; nothing changed.
+    #[error("cannot record the new role: {0:#}")]
+    NotPersisted(#[source] anyhow::Error),
+}
+
 /// The node's role handle (one per node).
 pub struct Role {
     /// This node's identity, state dir and cluster file.
@@ -185,24 +222,26 @@ impl Role {
         next: RoleState,
         reason: &str,
         by: &str,
-    ) -> std::result::Result<RoleState, String> {
+    ) -> std::result::Result<RoleState, SwapError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.current();
         if current != *expect {
-            return Err(format!(
-                "expected epoch {} with {} active, but this node is at epoch {} with {} active",
-                expect.epoch, expect.active, current.epoch, current.active
-            ));
+            return Err(SwapError::Stale {
+                expected: expect.clone(),
+                current,
+            });
         }
         if next.epoch <= current.epoch {
-            return Err(format!("the new epoch {} is not above {}", next.epoch, current.epoch));
+            return Err(SwapError::NotAbove {
+                next: next.epoch,
+                current: current.epoch,
+            });
         }
-        state::check_epoch_step(current.epoch, next.epoch).map_err(|e| e.to_string())?;
+        state::check_epoch_step(current.epoch, next.epoch)?;
         if self.live.cluster().node(&next.active).is_none() {
-            return Err(format!("{:?} is not a node of the cluster", next.active));
+            return Err(SwapError::UnknownNode(next.active));
         }
-        self.set(next.clone(), reason, by)
-            .map_err(|e| format!("cannot record the new role: {e:#}"))?;
+        self.set(next.clone(), reason, by).map_err(SwapError::NotPersisted)?;
         self.confirm(by);
         Ok(next)
     }
@@ -268,3 +307,6 @@ impl Role {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
