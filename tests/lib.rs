@@ -870,19 +870,135 @@ pub struct EtcdMember {
     pub client_port: u16,
     /// Its peer port on 127.0.0.1.
     pub peer_port: u16,
+    /// Its plain-HTTP metrics and health port on 127.0.0.1 (the client
+    /// port may speak TLS only).
+    pub metrics_port: u16,
+    /// Whether its client URL is `https` (see [`EtcdCluster::start_tls`]).
+    pub tls: bool,
     child: Option<Child>,
 }
 
 impl EtcdMember {
     /// The member's client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Whether the member answers `/health` with `"health":"true"` (it is
     /// up and its cluster has a leader).
     pub fn healthy(&self) -> bool {
-        http_get(self.client_port, "/health").is_some_and(|(code, body)| code == 200 && body.contains("\"true\""))
+        http_get(self.metrics_port, "/health").is_some_and(|(code, body)| code == 200 && body.contains("\"true\""))
+    }
+}
+
+/// Certificates made with the real `openssl` in a temporary directory: a
+/// CA, a server certificate for 127.0.0.1 and a client certificate signed
+/// by it, and a second CA with a client certificate of its own (the wrong
+/// ones). Every file is PEM; keys are P-256.
+pub struct TestPki {
+    /// Where the files are.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// Makes every certificate (valid for two days).
+    pub fn new() -> TestPki {
+        let openssl = require("openssl", "openssl");
+        let dir = tempfile::Builder::new()
+            .prefix("warmspare-pki")
+            .tempdir()
+            .expect("tempdir");
+        let run = |args: &[&str]| {
+            let out = Command::new(&openssl)
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for ca in ["ca", "wrong-ca"] {
+            let (keyfile, pem, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.pem"),
+                format!("/CN=warmspare test {ca}"),
+            );
+            let mut args = vec!["req", "-x509"];
+            args.extend(key);
+            args.extend([
+                "-keyout",
+                keyfile.as_str(),
+                "-out",
+                pem.as_str(),
+                "-days",
+                "2",
+                "-subj",
+                subj.as_str(),
+            ]);
+            args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+            args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+            run(&args);
+        }
+        fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .expect("write server.ext");
+        fs::write(dir.path().join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("write client.ext");
+        for (name, ca, ext) in [
+            ("server", "ca", "server.ext"),
+            ("client", "ca", "client.ext"),
+            ("wrong-client", "wrong-ca", "client.ext"),
+        ] {
+            let (keyfile, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+            let subj = format!("/CN={name}");
+            let mut args = vec!["req"];
+            args.extend(key);
+            args.extend([
+                "-keyout",
+                keyfile.as_str(),
+                "-out",
+                csr.as_str(),
+                "-subj",
+                subj.as_str(),
+            ]);
+            run(&args);
+            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                csr.as_str(),
+                "-CA",
+                ca_pem.as_str(),
+                "-CAkey",
+                ca_key.as_str(),
+                "-CAcreateserial",
+                "-out",
+                pem.as_str(),
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ]);
+        }
+        TestPki { dir }
+    }
+
+    /// The path of `file` (`ca.pem`, `client.key`, ...).
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
     }
 }
 
@@ -906,6 +1022,17 @@ impl EtcdCluster {
 
     /// Starts `n` members and waits until each one is healthy.
     pub fn start_n(n: usize) -> EtcdCluster {
+        EtcdCluster::launch(n, None)
+    }
+
+    /// Starts three members whose client URLs are `https` with the server
+    /// certificate of `pki`, and which ask every client for a certificate
+    /// signed by its CA (`--client-cert-auth`). Peers talk plain HTTP.
+    pub fn start_tls(pki: &TestPki) -> EtcdCluster {
+        EtcdCluster::launch(3, Some(pki))
+    }
+
+    fn launch(n: usize, pki: Option<&TestPki>) -> EtcdCluster {
         let etcd = require("etcd", "etcd-server");
         let setpriv = require("setpriv", "util-linux");
         let dir = tempfile::Builder::new()
@@ -917,6 +1044,8 @@ impl EtcdCluster {
                 name: format!("m{i}"),
                 client_port: free_port(),
                 peer_port: free_port(),
+                metrics_port: free_port(),
+                tls: pki.is_some(),
                 child: None,
             })
             .collect();
@@ -931,9 +1060,26 @@ impl EtcdCluster {
             let log = fs::File::create(cluster.dir.path().join(format!("{}.log", m.name))).expect("etcd log");
             let client = m.endpoint();
             let peer = format!("http://127.0.0.1:{}", m.peer_port);
-            let child = Command::new(&setpriv)
-                .args(["--pdeathsig", "KILL", "--"])
-                .arg(&etcd)
+            let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
+            let mut command = Command::new(&setpriv);
+            if let Some(pki) = pki {
+                command
+                    .arg("--pdeathsig")
+                    .arg("KILL")
+                    .arg("--")
+                    .arg(&etcd)
+                    .arg("--cert-file")
+                    .arg(pki.path("server.pem"))
+                    .arg("--key-file")
+                    .arg(pki.path("server.key"))
+                    .arg("--trusted-ca-file")
+                    .arg(pki.path("ca.pem"))
+                    .arg("--client-cert-auth");
+            } else {
+                command.args(["--pdeathsig", "KILL", "--"]).arg(&etcd);
+            }
+            let child = command
+                .args(["--listen-metrics-urls", &metrics])
                 .args(["--name", &m.name, "--data-dir"])
                 .arg(cluster.dir.path().join(&m.name))
                 .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])

@@ -329,9 +329,16 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
 
 /// Asks every etcd member of `[etcd]` for its status (each within 5 s),
 /// prints one line per member and a summary, and says whether a majority
-/// of them answered and knows a raft leader.
+/// of them answered and knows a raft leader. TLS files that cannot be used
+/// are reported (naming their key) as etcd not reached.
 async fn check_etcd(etcd: &warmspare_shared::config::Etcd) -> bool {
-    let client = warmspare_shared::etcd::Client::new(etcd, Duration::from_secs(5));
+    let client = match warmspare_shared::etcd::Client::new(etcd, Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("etcd: FAILED: {e}");
+            return false;
+        }
+    };
     let members = client.health().await;
     let mut healthy = 0;
     for m in &members {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use std::process::Command;
 use warmspare_shared::config::Endpoint;
 use warmspare_shared::etcd::confirm::{Leadership, Renewal, Verdict};
-use warmspare_shared::etcd::{Client, EtcdError, FailureKind, Leader, LeaderEvent, LeaderWatch, TxnOutcome};
+use warmspare_shared::etcd::{Client, EtcdError, FailureKind, Leader, LeaderEvent, LeaderWatch, TxnOutcome, Watched};
 
 use warmspare_tests::{bin, free_port, wait_until, ClusterOptions, EtcdCluster, TestCluster};
 
@@ -140,9 +140,10 @@ fn the_epoch_transaction_refuses_a_stale_epoch_or_leader() {
 
 /// The watch's next event, within a generous bound.
 async fn next_event(w: &mut LeaderWatch) -> Result<LeaderEvent, EtcdError> {
-    tokio::time::timeout(Duration::from_secs(30), w.next())
-        .await
-        .expect("a watch event")
+    match w.next_within(Duration::from_secs(30)).await? {
+        Watched::Change(e) => Ok(e),
+        Watched::Silent(after) => panic!("no watch event within {after:?}"),
+    }
 }
 
 #[test]
@@ -163,6 +164,34 @@ fn a_watch_on_the_leader_key_sees_each_change_and_a_dead_member_breaks_it() {
         etcd.signal(0, "-KILL");
         let err = next_event(&mut watch).await.unwrap_err();
         assert_eq!(err.kind(), FailureKind::WatchBroken, "{err}");
+    });
+}
+
+#[test]
+fn a_silent_watch_is_noticed_within_its_limit_and_still_sees_later_changes() {
+    let etcd = EtcdCluster::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let c = client(&etcd.endpoints(), "/warmspare/silent");
+        let watcher = client(&etcd.endpoints()[0..1], "/warmspare/silent");
+        let start = c.role().await.unwrap();
+        let mut watch = watcher.watch_leader(start.revision + 1).await.unwrap();
+        // Nothing changes: the wait ends at its limit, as its own outcome.
+        let quiet = Duration::from_millis(300);
+        assert_eq!(watch.next_within(quiet).await.unwrap(), Watched::Silent(quiet));
+        // A silent wait loses nothing: the next change still arrives.
+        let lease = c.grant(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(c.take("a", lease, 0).await.unwrap(), TxnOutcome::Done(1));
+        assert_eq!(next_event(&mut watch).await.unwrap().leader, leader("a", lease));
+        // The watched member stops answering without closing the stream
+        // (SIGSTOP): a change made through the others is not seen, and the
+        // wait still ends, silent, where an unbounded one would hang.
+        etcd.signal(0, "-STOP");
+        c.revoke(lease).await.unwrap();
+        let limit = Duration::from_secs(2);
+        assert_eq!(watch.next_within(limit).await.unwrap(), Watched::Silent(limit));
+        etcd.signal(0, "-CONT");
+        assert_eq!(next_event(&mut watch).await.unwrap().leader, None);
     });
 }
 

@@ -10,6 +10,7 @@ mod beneath;
 mod config;
 mod controller;
 mod etcd;
+mod etcd_tls;
 mod faults;
 mod hooks;
 mod hostile;

@@ -10,17 +10,20 @@ use data_encoding::BASE64;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use tokio_rustls::TlsConnector;
+
 use super::confirm::Renewal;
 use super::http::{self, Exchange};
-use super::EtcdError;
+use super::{tls, EtcdError};
 use crate::config::{Endpoint, Etcd};
 
 /// A client of one etcd cluster, for one warmspare cluster's keys.
-#[derive(Debug)]
 pub struct Client {
     endpoints: Vec<Endpoint>,
     prefix: String,
     deadline: Duration,
+    /// The TLS set-up for `https` endpoints (from `ca`, `cert`, `key`).
+    tls: Option<TlsConnector>,
     /// The member that answered last: asked first next time.
     preferred: AtomicUsize,
 }
@@ -64,6 +67,15 @@ pub struct LeaderEvent {
     pub leader: Option<Leader>,
 }
 
+/// What a bounded wait on a [`LeaderWatch`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Watched {
+    /// The leader key changed.
+    Change(LeaderEvent),
+    /// Nothing arrived within the limit given.
+    Silent(Duration),
+}
+
 /// One member's answer to a status request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
@@ -84,11 +96,25 @@ pub struct LeaderWatch {
     queued: VecDeque<LeaderEvent>,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("deadline", &self.deadline)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
     /// A client of the cluster `[etcd]` names; each call (across members)
-    /// gives up after `deadline`.
-    pub fn new(etcd: &Etcd, deadline: Duration) -> Client {
-        Client::with_endpoints(etcd.endpoints.clone(), etcd.prefix.clone(), deadline)
+    /// gives up after `deadline`. The TLS files (`ca`, `cert`, `key`) are
+    /// read here: an error names the key whose file cannot be read or used.
+    pub fn new(etcd: &Etcd, deadline: Duration) -> Result<Client, EtcdError> {
+        let mut client = Client::with_endpoints(etcd.endpoints.clone(), etcd.prefix.clone(), deadline);
+        client.tls = tls::connector(etcd)?;
+        Ok(client)
     }
 
     /// A client of `endpoints`, for the keys under `prefix`.
@@ -97,6 +123,7 @@ impl Client {
             endpoints,
             prefix,
             deadline,
+            tls: None,
             preferred: AtomicUsize::new(0),
         }
     }
@@ -104,6 +131,11 @@ impl Client {
     /// The leader key: `<prefix>/leader`.
     pub fn leader_key(&self) -> String {
         format!("{}/leader", self.prefix)
+    }
+
+    /// The key prefix of this cluster's keys.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The epoch key: `<prefix>/epoch`.
@@ -115,7 +147,7 @@ impl Client {
     /// with its share of what is left of the deadline, until one answers.
     /// An error that another member would give as well (an unknown lease, a
     /// bad request) ends the call at once.
-    async fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+    pub(super) async fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
         let (exchange, value) = self
             .first_answer(path, body, |mut ex| async move {
                 let v = ex.whole().await?;
@@ -151,7 +183,7 @@ impl Client {
             // Each member left gets an equal share of the time left.
             let share = left / u32::try_from(n - i).unwrap_or(1);
             let attempt = http::within(ep, share, async {
-                let ex = http::post(ep, path, body).await?;
+                let ex = http::post(ep, self.tls.as_ref(), path, body).await?;
                 read(ex).await
             })
             .await;
@@ -296,7 +328,7 @@ impl Client {
         let asks = self.endpoints.iter().map(|ep| async move {
             let endpoint = ep.to_string();
             let answer = http::within(ep, self.deadline, async {
-                let mut ex = http::post(ep, "/v3/maintenance/status", &json!({})).await?;
+                let mut ex = http::post(ep, self.tls.as_ref(), "/v3/maintenance/status", &json!({})).await?;
                 ex.whole().await
             })
             .await;
@@ -378,7 +410,7 @@ impl Client {
         })
     }
 
-    fn bad(&self, message: String) -> EtcdError {
+    pub(super) fn bad(&self, message: String) -> EtcdError {
         EtcdError::Protocol {
             endpoint: self.endpoints.first().map_or_else(|| "-".into(), ToString::to_string),
             message,
@@ -405,16 +437,21 @@ fn settle(outcome: TxnOutcome, leader: &str, lease: i64, next: u64) -> TxnOutcom
 }
 
 impl LeaderWatch {
-    /// The next change of the leader key. It waits for as long as nothing
-    /// changes: the caller bounds the wait. A stream that ends, breaks or
-    /// is cancelled by etcd is an error.
-    pub async fn next(&mut self) -> Result<LeaderEvent, EtcdError> {
+    /// The next change of the leader key, waiting at most `limit`: a watch
+    /// that stays silent that long (nothing changed, or the member stopped
+    /// answering without closing the stream) is [`Watched::Silent`], for
+    /// the caller to tell apart. A stream that ends, breaks or is cancelled
+    /// by etcd is an error. Nothing here waits without a deadline.
+    pub async fn next_within(&mut self, limit: Duration) -> Result<Watched, EtcdError> {
+        let end = Instant::now() + limit;
         loop {
             if let Some(e) = self.queued.pop_front() {
-                return Ok(e);
+                return Ok(Watched::Change(e));
             }
-            let message = self.exchange.next_message().await?;
-            self.queue(&message)?;
+            let Ok(message) = tokio::time::timeout_at(end, self.exchange.next_message()).await else {
+                return Ok(Watched::Silent(limit));
+            };
+            self.queue(&message?)?;
         }
     }
 
@@ -456,7 +493,7 @@ impl LeaderWatch {
 }
 
 /// A key or value for the gateway: base64 of its bytes.
-fn b64(s: &str) -> String {
+pub(super) fn b64(s: &str) -> String {
     BASE64.encode(s.as_bytes())
 }
 
@@ -471,7 +508,7 @@ fn nonzero(v: &Value) -> bool {
 }
 
 /// A base64 key or value from the gateway, as UTF-8 text (absent is empty).
-fn text(v: &Value) -> Result<String, String> {
+pub(super) fn text(v: &Value) -> Result<String, String> {
     let s = v.as_str().unwrap_or("");
     let bytes = BASE64
         .decode(s.as_bytes())
@@ -481,7 +518,7 @@ fn text(v: &Value) -> Result<String, String> {
 
 /// A 64-bit integer from the gateway: a string (as protobuf's JSON writes
 /// them) or a number; absent (a default left out) is 0.
-fn int(v: &Value) -> i64 {
+pub(super) fn int(v: &Value) -> i64 {
     match v {
         Value::String(s) => s.parse().unwrap_or(0),
         Value::Number(n) => n.as_i64().unwrap_or(0),

@@ -1,6 +1,7 @@
 //! One HTTP/1.1 exchange with one etcd member's JSON gateway: a connection
 //! of its own per request, a `POST` of a JSON body, and the answer read
-//! whole (bounded) or as a stream of JSON objects (a watch).
+//! whole (bounded) or as a stream of JSON objects (a watch). An `https`
+//! endpoint is dialed with TLS (see `tls`).
 
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 
 use super::EtcdError;
 use crate::config::Endpoint;
@@ -36,28 +39,53 @@ impl Drop for Exchange {
     }
 }
 
-/// Sends `POST path` with `body` to `ep` and waits for the answer's head.
-/// The caller bounds the time (the whole exchange runs under its timeout).
-pub(super) async fn post(ep: &Endpoint, path: &str, body: &Value) -> Result<Exchange, EtcdError> {
+/// Sends `POST path` with `body` to `ep` and waits for the answer's head,
+/// over TLS with `tls` when the endpoint is `https`. The caller bounds the
+/// time (the whole exchange runs under its timeout).
+pub(super) async fn post(
+    ep: &Endpoint,
+    tls: Option<&TlsConnector>,
+    path: &str,
+    body: &Value,
+) -> Result<Exchange, EtcdError> {
     let endpoint = ep.to_string();
-    if ep.tls {
-        return Err(EtcdError::Tls(format!(
-            "{endpoint}: https endpoints are not supported by this build yet"
-        )));
-    }
-    let connect = |e: std::io::Error| EtcdError::Connect {
+    let connect = |message: String| EtcdError::Connect {
         endpoint: endpoint.clone(),
-        message: e.to_string(),
+        message,
     };
-    let tcp = TcpStream::connect((ep.host.as_str(), ep.port)).await.map_err(connect)?;
-    tcp.set_nodelay(true).map_err(connect)?;
+    let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
+        .await
+        .map_err(|e| connect(e.to_string()))?;
+    tcp.set_nodelay(true).map_err(|e| connect(e.to_string()))?;
+    if !ep.tls {
+        return exchange(ep, endpoint.clone(), tcp, path, body).await;
+    }
+    let Some(tls) = tls else {
+        return Err(EtcdError::Tls(format!(
+            "{endpoint}: an https endpoint needs etcd.ca in the cluster file"
+        )));
+    };
+    let name = ServerName::try_from(ep.host.clone())
+        .map_err(|e| EtcdError::Tls(format!("{endpoint}: {:?} is not a server name: {e}", ep.host)))?;
+    let stream = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| connect(format!("TLS handshake: {}", chain(&e))))?;
+    exchange(ep, endpoint.clone(), stream, path, body).await
+}
+
+/// The HTTP/1.1 exchange over an open connection `io` (plain or TLS).
+async fn exchange<S>(ep: &Endpoint, endpoint: String, io: S, path: &str, body: &Value) -> Result<Exchange, EtcdError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let protocol = |message: String| EtcdError::Protocol {
         endpoint: endpoint.clone(),
         message,
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| protocol(format!("HTTP handshake: {e}")))?;
+        .map_err(|e| protocol(format!("HTTP handshake: {}", chain(&e))))?;
     let conn = tokio::spawn(async move {
         // The connection's own errors reach the exchange through the body.
         let _ = conn.await;
@@ -73,7 +101,7 @@ pub(super) async fn post(ep: &Endpoint, path: &str, body: &Value) -> Result<Exch
         Ok(a) => a,
         Err(e) => {
             conn.abort();
-            return Err(protocol(format!("HTTP exchange: {e}")));
+            return Err(protocol(format!("HTTP exchange: {}", chain(&e))));
         }
     };
     let status = answer.status();
@@ -107,7 +135,7 @@ impl Exchange {
     pub(super) async fn whole(&mut self) -> Result<Value, EtcdError> {
         let mut buf = BytesMut::new();
         while let Some(frame) = self.body.frame().await {
-            let frame = frame.map_err(|e| self.protocol(format!("reading the answer: {e}")))?;
+            let frame = frame.map_err(|e| self.protocol(format!("reading the answer: {}", chain(&e))))?;
             if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > MAX_ANSWER {
                     return Err(self.protocol(format!("the answer is larger than {MAX_ANSWER} bytes")));
@@ -131,7 +159,7 @@ impl Exchange {
             };
             match self.body.frame().await {
                 None => return Err(broken("the stream ended".into())),
-                Some(Err(e)) => return Err(broken(e.to_string())),
+                Some(Err(e)) => return Err(broken(chain(&e))),
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         if self.pending.len() + data.len() > MAX_MESSAGE {
@@ -202,4 +230,20 @@ pub(super) async fn within<T>(
             after: limit,
         })
     })
+}
+
+/// `e` and each of its sources, joined by `: ` (hyper's own message alone
+/// says only "connection error"; the TLS alert is in its source).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }

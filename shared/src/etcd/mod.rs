@@ -18,11 +18,14 @@
 
 mod client;
 pub mod confirm;
+pub mod elect;
 mod http;
+mod members;
+mod tls;
 
 use std::time::Duration;
 
-pub use client::{Client, Health, Leader, LeaderEvent, LeaderWatch, Role, TxnOutcome};
+pub use client::{Client, Health, Leader, LeaderEvent, LeaderWatch, Role, TxnOutcome, Watched};
 
 /// What went wrong talking to etcd.
 #[derive(Debug, thiserror::Error)]
