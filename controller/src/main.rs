@@ -9,6 +9,7 @@ mod admin;
 mod cli;
 mod client;
 mod demo;
+mod etcd;
 mod exit;
 mod roles;
 mod status;

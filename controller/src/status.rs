@@ -22,6 +22,9 @@ struct ClusterJson<'a> {
     config_hash: String,
     nodes: Vec<NodeJson<'a>>,
     warnings: Vec<String>,
+    /// The role as etcd holds it, with `[etcd]` configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd: Option<&'a crate::etcd::EtcdView>,
 }
 
 #[derive(Serialize)]
@@ -36,9 +39,12 @@ struct NodeJson<'a> {
 /// Runs `status`.
 pub async fn run(op: &Operator, args: &StatusArgs) -> Result<()> {
     loop {
-        let views = op.gather(NODE_TIMEOUT).await;
+        // The nodes and etcd are asked at once, each within its deadline.
+        let (views, etcd) = tokio::join!(op.gather(NODE_TIMEOUT), crate::etcd::gather(&op.cluster));
         let text = if args.json {
-            format!("{}\n", serde_json::to_string_pretty(&to_json(op, &views))?)
+            let mut json = to_json(op, &views);
+            json.etcd = etcd.as_ref();
+            format!("{}\n", serde_json::to_string_pretty(&json)?)
         } else {
             let clear = if args.watch && std::io::stdout().is_terminal() {
                 "\x1b[2J\x1b[H"
@@ -49,7 +55,11 @@ pub async fn run(op: &Operator, args: &StatusArgs) -> Result<()> {
             // local user's disk): never raw to the terminal.
             format!(
                 "{clear}{}",
-                warmspare_shared::text::escape_for_terminal(&render(op, &views))
+                warmspare_shared::text::escape_for_terminal(&format!(
+                    "{}{}",
+                    render(op, &views),
+                    etcd.as_ref().map(crate::etcd::render).unwrap_or_default()
+                ))
             )
         };
         if !emit(&text)? {
@@ -114,6 +124,7 @@ fn to_json<'a>(op: &'a Operator, views: &'a [NodeView]) -> ClusterJson<'a> {
             })
             .collect(),
         warnings: warnings(&hash, views),
+        etcd: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use std::process::Command;
 use warmspare_shared::config::Endpoint;
 use warmspare_shared::etcd::confirm::{Leadership, Renewal, Verdict};
+use warmspare_shared::etcd::elect::MemberRecord;
 use warmspare_shared::etcd::{Client, EtcdError, FailureKind, Leader, LeaderEvent, LeaderWatch, TxnOutcome, Watched};
 
 use warmspare_tests::{bin, free_port, wait_until, ClusterOptions, EtcdCluster, TestCluster};
@@ -287,4 +288,110 @@ fn check_reports_each_etcd_member_and_fails_without_quorum() {
         "{text}"
     );
     assert!(text.contains("etcd has no quorum"), "{text}");
+}
+
+fn record(failover: bool, lag_ms: Option<u64>) -> MemberRecord {
+    MemberRecord {
+        failover,
+        lag_ms,
+        at_ms: 1_700_000_000_000,
+    }
+}
+
+#[test]
+fn status_reads_the_role_and_the_members_from_etcd_and_shows_etcd_out_of_reach() {
+    let etcd = EtcdCluster::start();
+    // Agents are not started: status reads etcd directly.
+    let c = TestCluster::new(ClusterOptions {
+        nodes: vec!["a", "b"],
+        extra: etcd.toml("max_lag_on_failover = \"5s\""),
+        ..Default::default()
+    });
+    let status = || {
+        let out = c.ctl(&["status"]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let text = status();
+    assert!(text.contains("etcd (prefix /warmspare/test):"), "{text}");
+    assert!(text.contains("NO leader, epoch 0"), "{text}");
+    assert!(text.contains("next without a leader: nobody eligible"), "{text}");
+
+    let rt = runtime();
+    let cl = client(&etcd.endpoints(), "/warmspare/test");
+    let (la, lb) = rt.block_on(async {
+        let la = cl.grant(Duration::from_secs(30)).await.unwrap();
+        let lb = cl.grant(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(cl.take("a", la, 0).await.unwrap(), TxnOutcome::Done(1));
+        cl.publish_member("a", &record(true, None), la).await.unwrap();
+        cl.publish_member("b", &record(true, Some(1500)), lb).await.unwrap();
+        (la, lb)
+    });
+    let (records, _) = rt.block_on(cl.members()).unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records["b"], record(true, Some(1500)));
+
+    let text = status();
+    assert!(text.contains("leader a, lease "), "{text}");
+    assert!(text.contains(" left, epoch 1"), "{text}");
+    assert!(line_of(&text, "a").contains("not eligible: no lag measured"), "{text}");
+    assert!(
+        line_of(&text, "b").contains("lag 1.5s") && line_of(&text, "b").contains("eligible"),
+        "{text}"
+    );
+    assert!(!line_of(&text, "b").contains("not eligible"), "{text}");
+    assert!(text.contains("next without a leader: b"), "{text}");
+
+    // The JSON form holds the same.
+    let out = c.ctl(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["etcd"]["leader"], "a", "{json}");
+    assert_eq!(json["etcd"]["epoch"], 1, "{json}");
+    assert!(
+        json["etcd"]["lease_left_s"].as_i64().is_some_and(|s| s > 0 && s <= 30),
+        "{json}"
+    );
+    assert_eq!(json["etcd"]["members"][1]["lag_ms"], 1500, "{json}");
+
+    // Further behind than max_lag_on_failover: shown, and nobody is next.
+    rt.block_on(cl.publish_member("b", &record(true, Some(9000)), lb))
+        .unwrap();
+    let text = status();
+    assert!(
+        text.contains("not eligible: 9.0s behind, more than max_lag_on_failover 5.0s"),
+        "{text}"
+    );
+    assert!(text.contains("next without a leader: nobody eligible"), "{text}");
+
+    // The leader's lease revoked: its key and its record go.
+    rt.block_on(cl.revoke(la)).unwrap();
+    rt.block_on(cl.publish_member("b", &record(true, Some(100)), lb))
+        .unwrap();
+    let text = status();
+    assert!(text.contains("NO leader, epoch 1"), "{text}");
+    assert!(line_of(&text, "a").contains("no record in etcd"), "{text}");
+
+    // etcd out of reach: shown, and the nodes are still reported.
+    for i in 0..3 {
+        etcd.signal(i, "-STOP");
+    }
+    let text = status();
+    assert!(text.contains("UNREACHABLE"), "{text}");
+    // The nodes' table is there too (both down here: reachable "NO").
+    for node in ["a", "b"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{node} ")) && l.contains(" NO ")),
+            "{text}"
+        );
+    }
+    for i in 0..3 {
+        etcd.signal(i, "-CONT");
+    }
+}
+
+fn line_of(text: &str, node: &str) -> String {
+    text.lines()
+        .find(|l| l.trim_start().starts_with(&format!("{node} ")) && l.contains(" lag "))
+        .unwrap_or_else(|| panic!("no line for {node}: {text}"))
+        .to_string()
 }
