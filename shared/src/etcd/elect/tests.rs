@@ -134,3 +134,29 @@ fn records_read_and_write_as_json() {
         }
     );
 }
+
+#[test]
+fn priority_is_the_preferred_active_first_then_file_order() {
+    let key = || crate::keys::SecretKey::generate().public().to_openssh();
+    let text = |preferred: &str| {
+        let mut t = format!(
+            "[cluster]\nname = \"p\"\npreferred_active = \"{preferred}\"\nstate_dir = \"/var/lib/warmspare\"\nkey_file = \"/etc/warmspare/node.key\"\n"
+        );
+        for (i, (name, failover)) in [("a", true), ("b", false), ("c", true)].iter().enumerate() {
+            t.push_str(&format!(
+                "\n[[node]]\nname = \"{name}\"\nssh = \"127.0.0.1:{}\"\npublic_key = \"{}\"\nfailover = {failover}\n",
+                7422 + i,
+                key()
+            ));
+        }
+        t
+    };
+    for (preferred, want) in [
+        ("a", [("a", true), ("b", false), ("c", true)]),
+        ("b", [("b", false), ("a", true), ("c", true)]),
+        ("c", [("c", true), ("a", true), ("b", false)]),
+    ] {
+        let cluster = Cluster::parse(&text(preferred), std::path::Path::new("cluster.toml")).unwrap();
+        assert_eq!(priority(&cluster), want, "preferred {preferred}");
+    }
+}
