@@ -476,4 +476,49 @@ mod tests {
         held.held = Some("on_promote failed".into());
         assert!(plan(vec![held], "b").is_err(), "a held step past MAX_EPOCH was planned");
     }
+
+    #[test]
+    fn the_current_role_is_the_highest_epoch_reported() {
+        let c = cluster();
+        let cases: Vec<(Vec<NodeStatus>, Option<RoleState>)> = vec![
+            (Vec::new(), None),
+            (vec![status(&c, "a", role(3, "a"))], Some(role(3, "a"))),
+            (
+                vec![status(&c, "a", role(3, "a")), status(&c, "b", role(4, "b"))],
+                Some(role(4, "b")),
+            ),
+            (
+                vec![status(&c, "a", role(9, "b")), status(&c, "b", role(4, "b"))],
+                Some(role(9, "b")),
+            ),
+        ];
+        for (reports, want) in cases {
+            assert_eq!(current_role(&views(&c, reports.clone())), want, "{reports:?}");
+        }
+    }
+
+    #[test]
+    fn epochs_advance_within_the_highest() {
+        use warmspare_shared::state::MAX_EPOCH;
+        let cases: Vec<(u64, u64, Option<u64>)> = vec![
+            (0, 1, Some(1)),
+            (41, 1, Some(42)),
+            (7, HELD_EPOCH_STEP, Some(7 + HELD_EPOCH_STEP)),
+            (MAX_EPOCH - 1, 1, Some(MAX_EPOCH)),
+            (MAX_EPOCH, 1, None),
+            (MAX_EPOCH - 1, HELD_EPOCH_STEP, None),
+            (u64::MAX, 1, None),
+        ];
+        for (current, by, want) in cases {
+            match (advance_epoch(current, by), want) {
+                (Ok(e), Some(w)) => assert_eq!(e, w),
+                (Err(e), None) => {
+                    assert_eq!(code(&e), REFUSED);
+                    assert!(format!("{e}").starts_with("cannot change the role: "), "{e}");
+                }
+                (got, want) => panic!("{current} + {by}: {got:?} where {want:?} was wanted"),
+            }
+        }
+        assert_eq!(next_epoch(5).unwrap(), 6);
+    }
 }

@@ -8,21 +8,23 @@
 //!
 //! This file holds the flows, which talk to the agents; `decide` the
 //! decisions they act on, pure functions of the cluster file and the
-//! nodes' reports, table-tested there.
+//! nodes' reports, and `outcome` what the agents' answers mean (exit codes
+//! and messages), both table-tested.
 
 use std::io::{IsTerminal, Write as _};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use warmspare_shared::proto::{Reply, Request, PROMOTE_HOOK_FAILED};
+use warmspare_shared::proto::{Reply, Request};
 use warmspare_shared::state::RoleState;
 
 use crate::cli::{FailoverArgs, SwitchoverArgs};
-use crate::client::{Operator, TimedOut};
-use crate::exit::{fail, FAILED, REFUSED, UNKNOWN, USAGE};
+use crate::client::Operator;
+use crate::exit::{fail, REFUSED, USAGE};
 use crate::status::NODE_TIMEOUT;
 
 mod decide;
+mod outcome;
 
 use decide::{already_acting, next_epoch, plan_failover, preflight, FailoverPlan};
 
@@ -159,43 +161,15 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
         old.name
     ));
     let left = deadline.saturating_duration_since(Instant::now());
-    match s_old
+    let flush = s_old
         .call_with(
             &Request::Flush {
                 timeout_ms: left.as_millis() as u64,
             },
             left + Duration::from_secs(5),
         )
-        .await
-    {
-        Ok(Reply::Flushed {
-            caught_up: true,
-            detail,
-        }) => println!("    {}", detail.join("; ")),
-        Ok(Reply::Flushed {
-            caught_up: false,
-            detail,
-        }) => {
-            return Err(fail(
-                REFUSED,
-                format!(
-                    "the final flush did not complete in time, nothing was changed: {}",
-                    detail.join("; ")
-                ),
-            ));
-        }
-        Ok(Reply::Refused { reason }) => {
-            return Err(fail(REFUSED, format!("{} refused the flush: {reason}", old.name)))
-        }
-        Ok(other) => return Err(anyhow!("unexpected answer to the flush: {other:?}")),
-        Err(e) if e.is::<TimedOut>() => {
-            return Err(fail(
-                REFUSED,
-                "the final flush did not answer in time, nothing was changed",
-            ))
-        }
-        Err(e) => return Err(e),
-    }
+        .await;
+    println!("    {}", outcome::flushed(&old.name, flush)?.join("; "));
     if !expect_restored.is_empty() {
         step(&format!("waiting for {} to restore the final dumps", target.name));
         wait_restored(op, &target.name, &expect_restored, deadline).await?;
@@ -205,35 +179,14 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
         "demoting {} (epoch {} -> {})",
         old.name, role.epoch, next.epoch
     ));
-    match s_old
+    let demotion = s_old
         .call(&Request::SetRole {
             expect: role.clone(),
             next: next.clone(),
             reason: reason.into(),
         })
-        .await
-    {
-        Ok(Reply::Role(r)) if r == next => {}
-        Ok(Reply::Refused { reason }) => {
-            return Err(fail(
-                REFUSED,
-                format!(
-                    "{} refused the change (another change may have won): {reason}",
-                    old.name
-                ),
-            ))
-        }
-        Ok(other) => return Err(fail(UNKNOWN, format!("unexpected answer from {}: {other:?}", old.name))),
-        Err(e) => {
-            return Err(fail(
-                UNKNOWN,
-                format!(
-                    "{} did not confirm its demotion: {e:#}; run `warmsparectl status`",
-                    old.name
-                ),
-            ))
-        }
-    }
+        .await;
+    outcome::demoted(&old.name, &next, demotion)?;
 
     step(&format!("promoting {} to active at epoch {}", target.name, next.epoch));
     let promoted = async {
@@ -249,36 +202,7 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
         .await
     }
     .await;
-    match promoted {
-        Ok(Reply::Role(r)) if r == next => {}
-        Ok(Reply::Refused { reason }) if reason.starts_with(PROMOTE_HOOK_FAILED) => {
-            return Err(fail(
-                FAILED,
-                format!(
-                    "{} was demoted, but {} could not take over: {reason}",
-                    old.name, target.name
-                ),
-            ));
-        }
-        Ok(Reply::Refused { reason }) => {
-            return Err(fail(UNKNOWN, format!("{} refused its promotion after {} was demoted: {reason}; no node is active: run `warmsparectl failover --to {} --force`", target.name, old.name, target.name)));
-        }
-        Ok(other) => {
-            return Err(fail(
-                UNKNOWN,
-                format!("unexpected answer from {}: {other:?}", target.name),
-            ))
-        }
-        Err(e) => {
-            return Err(fail(
-                UNKNOWN,
-                format!(
-                    "{} did not confirm its promotion: {e:#}; run `warmsparectl status`",
-                    target.name
-                ),
-            ));
-        }
-    }
+    outcome::promoted_after_demotion(&old.name, &target.name, &next, promoted)?;
 
     step(&format!(
         "waiting for {} to reach {} as the new active",
@@ -365,7 +289,7 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
         .node(&args.to)
         .ok_or_else(|| anyhow!("{} is not a node", args.to))?;
     let mut s = op.connect(node, args.timeout).await?;
-    match s
+    let promotion = s
         .call_with(
             &Request::SetRole {
                 expect,
@@ -374,21 +298,8 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
             },
             promote_wait(op),
         )
-        .await
-    {
-        Ok(Reply::Role(r)) if r == next => {}
-        Ok(Reply::Refused { reason }) if reason.starts_with(PROMOTE_HOOK_FAILED) => {
-            return Err(fail(FAILED, format!("{} could not take over: {reason}", args.to)))
-        }
-        Ok(Reply::Refused { reason }) => return Err(fail(REFUSED, format!("{} refused: {reason}", args.to))),
-        Ok(other) => return Err(fail(UNKNOWN, format!("unexpected answer: {other:?}"))),
-        Err(e) => {
-            return Err(fail(
-                UNKNOWN,
-                format!("{} did not confirm its promotion: {e:#}", args.to),
-            ))
-        }
-    }
+        .await;
+    outcome::failed_over(&args.to, &next, promotion)?;
     // Other reachable passives learn the new epoch now rather than at the next push.
     for v in &views {
         if v.node.name != args.to && v.status.is_ok() {
@@ -421,32 +332,13 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
 async fn wait_restored(op: &Operator, node: &str, jobs: &[(String, u64)], deadline: Instant) -> Result<()> {
     let n = op.cluster.node(node).ok_or_else(|| anyhow!("{node} is not a node"))?;
     loop {
-        let mut pending = Vec::new();
+        let mut report = None;
         if let Ok(mut s) = op.connect(n, NODE_TIMEOUT).await {
             if let Ok(Reply::Status(st)) = s.call(&Request::Status).await {
-                for (job, generation) in jobs {
-                    let last = st.jobs.iter().find(|j| &j.name == job).and_then(|j| j.last.clone());
-                    match last {
-                        Some(r)
-                            if r.kind == warmspare_shared::proto::JobKind::Restore
-                                && r.generation >= *generation
-                                && r.ok => {}
-                        Some(r)
-                            if r.kind == warmspare_shared::proto::JobKind::Restore && r.generation >= *generation =>
-                        {
-                            return Err(fail(
-                                REFUSED,
-                                format!(
-                                    "{node} failed to restore {job} generation {}: {}; nothing was changed",
-                                    r.generation, r.detail
-                                ),
-                            ));
-                        }
-                        _ => pending.push(job.clone()),
-                    }
-                }
+                report = Some(st);
             }
         }
+        let pending = outcome::restore_pending(node, report.as_deref(), jobs)?;
         if pending.is_empty() {
             return Ok(());
         }
