@@ -11,7 +11,9 @@ use warmspare_shared::ssh;
 
 use crate::cli::{Args, Command, ConfigCommand};
 use crate::daemon;
-use crate::node::Shared;
+use crate::live::Live;
+use crate::role::Role;
+use crate::roots::Roots;
 
 /// Exit code for a usage or configuration error.
 const EXIT_CONFIG: u8 = 2;
@@ -68,13 +70,12 @@ fn run(args: Args) -> Result<ExitCode> {
             timeout,
         } => Ok(role_is_active(&args, *or_promoting, *timeout)),
         Command::Check { local } => {
-            let shared = Shared::load(&args.cluster, args.node.as_deref())?;
-            runtime()?.block_on(check(shared, *local))
+            let live = Live::load(&args.cluster, args.node.as_deref())?;
+            runtime()?.block_on(check(std::sync::Arc::new(live), *local))
         }
         Command::Run => {
-            let shared = Shared::load(&args.cluster, args.node.as_deref())?;
             let rt = runtime()?;
-            let result = rt.block_on(daemon::run(shared));
+            let result = rt.block_on(daemon::run(&args.cluster, args.node.as_deref()));
             // A blocking thread still busy (a delta being computed) must not
             // keep a stopping agent alive.
             rt.shutdown_timeout(Duration::from_secs(5));
@@ -186,31 +187,35 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Exit code of `check` when this node is ready but a peer is not.
 const EXIT_PEERS: u8 = 3;
 
-/// `check`: the file and key are already validated by [`Shared::load`].
+/// `check`: the file and key are already validated by [`Live::load`].
 /// First this node's own readiness (state dir, listen addresses, watch
 /// roots), then, unless `local`, every peer. Exits 0 when all is well, 1
 /// when this node is not ready, 3 when it is but a peer is not.
-async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
+async fn check(live: std::sync::Arc<Live>, local: bool) -> Result<ExitCode> {
+    // What the agent would start with: the watch roots as last seen, and
+    // a role at epoch 0 (a probe's hello carries this node's name and hash).
+    let roots = Roots::load(&live.state_dir);
+    let probe_role = Role::new(live.clone(), Default::default());
     println!(
         "cluster file ok: {} nodes, {} watches, {} jobs; hash {}",
-        shared.live.cluster().node.len(),
-        shared.live.cluster().watch.len(),
-        shared.live.cluster().job.len(),
-        shared.live.config_hash()
+        live.cluster().node.len(),
+        live.cluster().watch.len(),
+        live.cluster().job.len(),
+        live.config_hash()
     );
-    println!("this node: {} (key matches the pinned public key)", shared.live.me.name);
+    println!("this node: {} (key matches the pinned public key)", live.me.name);
     let mut node_ok = true;
     let mut fail = |what: String| {
         node_ok = false;
         println!("  FAILED: {what}");
     };
-    match state_dir_writable(&shared.live.state_dir) {
-        Ok(note) => println!("  state dir {}: {note}", shared.live.state_dir.display()),
-        Err(e) => fail(format!("state dir {}: {e:#}", shared.live.state_dir.display())),
+    match state_dir_writable(&live.state_dir) {
+        Ok(note) => println!("  state dir {}: {note}", live.state_dir.display()),
+        Err(e) => fail(format!("state dir {}: {e:#}", live.state_dir.display())),
     }
-    let own_agent = own_agent_answers(&shared).await;
-    let mut listeners = vec![("ssh", shared.live.me.listen_addr())];
-    listeners.extend(shared.live.me.http.map(|a| ("http", a)));
+    let own_agent = own_agent_answers(&live).await;
+    let mut listeners = vec![("ssh", live.me.listen_addr())];
+    listeners.extend(live.me.http.map(|a| ("http", a)));
     for (what, addr) in listeners {
         match std::net::TcpListener::bind(addr) {
             Ok(_) => println!("  {what} listen address {addr}: free"),
@@ -220,19 +225,19 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
             Err(e) => fail(format!("{what} listen address {addr}: {e}")),
         }
     }
-    if let Some(w) = crate::startup::loopback_warning_of(&shared).await {
+    if let Some(w) = crate::startup::loopback_warning_of(&live).await {
         println!("  warning: {w}");
     }
     // Watch roots: an active never ships from a root that fails this check.
-    let role = std::fs::read(shared.live.state_dir.join(warmspare_shared::state::ROLE_FILE))
+    let role = std::fs::read(live.state_dir.join(warmspare_shared::state::ROLE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<warmspare_shared::state::RoleState>(&b).ok());
     let passive = match &role {
-        Some(r) => r.active != shared.live.me.name,
-        None => shared.live.cluster().cluster.preferred_active != shared.live.me.name,
+        Some(r) => r.active != live.me.name,
+        None => live.cluster().cluster.preferred_active != live.me.name,
     };
-    for w in shared.live.local_watches().iter().filter(|w| w.verify_root) {
-        match shared.roots.check_only(&w.name, &w.root) {
+    for w in live.local_watches().iter().filter(|w| w.verify_root) {
+        match roots.check_only(&w.name, &w.root) {
             Ok(()) => println!("  watch {}: root {} ok", w.name, w.root.display()),
             Err(e) if passive && !w.root.exists() => {
                 println!(
@@ -243,7 +248,7 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
             Err(e) => fail(format!("watch {}: {e}", w.name)),
         }
     }
-    for job in &shared.live.cluster().job {
+    for job in &live.cluster().job {
         if let Some(next) = job
             .schedule
             .as_deref()
@@ -262,24 +267,16 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
         return Ok(if node_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     let mut peers_ok = true;
-    for peer in shared.live.cluster().peers_of(&shared.live.me.name) {
+    for peer in live.cluster().peers_of(&live.me.name) {
         let key = peer.key()?;
-        let verdict = match ssh::dial(
-            &peer.ssh,
-            &key,
-            &shared.live.key,
-            &shared.live.me.name,
-            Duration::from_secs(5),
-        )
-        .await
-        {
+        let verdict = match ssh::dial(&peer.ssh, &key, &live.key, &live.me.name, Duration::from_secs(5)).await {
             Ok(d) => {
                 let (rd, wr) = tokio::io::split(d.stream);
                 let mut r = FrameReader::new(rd);
                 let mut w = FrameWriter::new(wr);
-                w.send(&Request::Hello(shared.role.hello(Purpose::Probe))).await?;
+                w.send(&Request::Hello(probe_role.hello(Purpose::Probe))).await?;
                 match r.recv::<Reply>().await {
-                    Ok(Some(Reply::Hello(h))) if h.config_hash == shared.live.config_hash() => {
+                    Ok(Some(Reply::Hello(h))) if h.config_hash == live.config_hash() => {
                         format!("ok (epoch {}, active {}, version {})", h.epoch, h.active, h.version)
                     }
                     Ok(Some(Reply::Hello(h))) => {
@@ -309,7 +306,7 @@ async fn check(shared: Shared, local: bool) -> Result<ExitCode> {
         };
         println!("peer {} ({}): {verdict}", peer.name, peer.ssh);
     }
-    let etcd_ok = match &shared.live.cluster().etcd {
+    let etcd_ok = match &live.cluster().etcd {
         Some(etcd) => check_etcd(etcd).await,
         None => true,
     };
@@ -391,17 +388,9 @@ fn state_dir_writable(dir: &std::path::Path) -> Result<&'static str> {
 
 /// Whether this node's own agent answers on its SSH address: its host key is
 /// this node's key (a refusal of our key still proves who answered).
-async fn own_agent_answers(shared: &Shared) -> bool {
-    let own = shared.live.key.public();
-    match ssh::dial(
-        &shared.live.me.ssh,
-        &own,
-        &shared.live.key,
-        &shared.live.me.name,
-        Duration::from_secs(3),
-    )
-    .await
-    {
+async fn own_agent_answers(live: &Live) -> bool {
+    let own = live.key.public();
+    match ssh::dial(&live.me.ssh, &own, &live.key, &live.me.name, Duration::from_secs(3)).await {
         Ok(_) | Err(ssh::DialError::AuthRefused) | Err(ssh::DialError::SubsystemRefused) => true,
         Err(_) => false,
     }

@@ -20,8 +20,10 @@ use crate::active::ActiveSide;
 use crate::node::Shared;
 use crate::{health, hooks, jobs, sd, server, startup};
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(shared: Shared) -> Result<()> {
+/// Runs the node `node` of the cluster file at `cluster` (`None`: found by
+/// host name) until SIGTERM or SIGINT.
+pub async fn run(cluster: &std::path::Path, node: Option<&str>) -> Result<()> {
+    let shared = Shared::load(cluster, node)?;
     let cancel = CancellationToken::new();
     let signals = cancel.clone();
     tokio::spawn(async move {
@@ -70,9 +72,9 @@ pub async fn serve(
     // as it ends (see the loop below). Only the cache warm-up may end on
     // its own; jobs end when a reload cancels their token.
     let mut tasks: JoinSet<&'static str> = JoinSet::new();
-    let (s, c) = (shared.clone(), cancel.clone());
+    let (s, l, c) = (shared.for_receiver(), shared.loops.clone(), cancel.clone());
     tasks.spawn(async move {
-        server::run(s, listener, c).await;
+        server::run(s, l, listener, c).await;
         "the SSH server"
     });
     if role.active != shared.live.me.name {
@@ -83,9 +85,9 @@ pub async fn serve(
         });
     }
     if let Some(http) = http {
-        let (s, c) = (shared.clone(), cancel.clone());
+        let (s, l, c) = (shared.for_health(), shared.loops.clone(), cancel.clone());
         tasks.spawn(async move {
-            health::run(s, http, c).await;
+            health::run(s, l, http, c).await;
             "the HTTP listener"
         });
     }
@@ -96,7 +98,7 @@ pub async fn serve(
     });
     // Jobs and the active side restart on every accepted reload.
     let mut config_token = cancel.child_token();
-    tasks.spawn(run_jobs(shared.clone(), config_token.clone()));
+    tasks.spawn(run_jobs(shared.for_jobs(), config_token.clone()));
     let mut hangups =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot handle SIGHUP")?;
     sd::ready(&shared);
@@ -216,7 +218,7 @@ pub async fn serve(
                         // The loop starts the passive watcher again, on the new watches.
                         passive = None;
                         config_token = cancel.child_token();
-                        tasks.spawn(run_jobs(shared.clone(), config_token.clone()));
+                        tasks.spawn(run_jobs(shared.for_jobs(), config_token.clone()));
                         // The loop starts the active side again under the new
                         // token; a promotion already done is not redone.
                         if let Some(side) = active.take() {
@@ -277,7 +279,7 @@ const JOBS: &str = "the jobs";
 /// active or a reload restarts it (and, on an inotify failure, it logs why).
 const PASSIVE_WATCHER: &str = "the passive watcher";
 
-async fn run_jobs(shared: Arc<Shared>, token: CancellationToken) -> &'static str {
-    jobs::run(shared, token).await;
+async fn run_jobs(node: jobs::Handles, token: CancellationToken) -> &'static str {
+    jobs::run(node, token).await;
     JOBS
 }

@@ -5,8 +5,9 @@
 //! a load balancer (HAProxy `option httpchk HEAD /_status/check`) sends
 //! clients to the active node only, and follows every role change.
 
+mod view;
+
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +24,10 @@ use tokio_util::sync::CancellationToken;
 use warmspare_shared::config::Hook;
 use warmspare_shared::proto::NodeStatus;
 
-use crate::node::Shared;
+use crate::progress::Loops;
 use crate::status;
+
+pub use self::view::View;
 
 /// The most HTTP connections served at once; more are closed as soon as
 /// they are accepted.
@@ -40,16 +43,16 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 /// [`HEADER_DEADLINE`] and be answered within [`CONNECTION_DEADLINE`]; at most
 /// [`MAX_CONNECTIONS`] are served at once. Half-sent requests (600 of them
 /// once took every descriptor the agent had) are closed at their deadline.
-pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
-    let stamp = shared
-        .loops
-        .register("the HTTP accept loop", crate::server::ACCEPT_LIMIT);
+/// The endpoints see the node through `view` only; the accept loop stamps
+/// its progress in `loops`.
+pub async fn run(view: View, loops: Arc<Loops>, listener: TcpListener, cancel: CancellationToken) {
+    let stamp = loops.register("the HTTP accept loop", crate::server::ACCEPT_LIMIT);
     let app = Router::new()
         .route("/_status/check", get(check))
         .route("/_status/ping", get(ping))
         .route("/_status", get(detail))
         .route("/metrics", get(metrics))
-        .with_state(shared);
+        .with_state(view);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = JoinSet::new();
     let (mut crowded, mut failing) = (crate::server::Complaint::default(), crate::server::Complaint::default());
@@ -99,11 +102,11 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
     connections.shutdown().await;
 }
 
-async fn check(State(shared): State<Arc<Shared>>) -> Response {
-    let role = shared.role.current();
-    if shared.role.is_active() {
+async fn check(State(node): State<View>) -> Response {
+    let role = node.role();
+    if node.is_active() {
         (StatusCode::OK, format!("active at epoch {}\n", role.epoch)).into_response()
-    } else if let Some(why) = shared.role.held() {
+    } else if let Some(why) = node.held() {
         // Without the detail: a failed hook's output stays behind SSH.
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -136,22 +139,21 @@ async fn ping() -> &'static str {
 
 /// `GET /_status`: states, timestamps and counters only (no job detail, no
 /// error text, no file names), since anyone who reaches the port reads it.
-async fn detail(State(shared): State<Arc<Shared>>) -> Response {
-    let s = tokio::task::spawn_blocking(move || status::node_status(&shared)).await;
-    match s {
+async fn detail(State(node): State<View>) -> Response {
+    match node.status().await {
         Ok(s) => Json(status::PublicStatus::from(s)).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let sent = shared.telemetry.bytes_sent.load(Ordering::Relaxed);
+async fn metrics(State(node): State<View>) -> Response {
+    let sent = node.bytes_sent();
     let counts: Vec<(warmspare_shared::config::Hook, bool, u64)> = warmspare_shared::config::Hook::ALL
         .iter()
         .flat_map(|h| [(*h, true), (*h, false)])
-        .map(|(h, ok)| (h, ok, shared.role.hooks.count(h, ok)))
+        .map(|(h, ok)| (h, ok, node.hook_runs(h, ok)))
         .collect();
-    let s = match tokio::task::spawn_blocking(move || status::node_status(&shared)).await {
+    let s = match node.status().await {
         Ok(s) => s,
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };

@@ -111,19 +111,9 @@ impl Shared {
         self.heartbeat.beat();
     }
 
-    /// The receiver applied something in the job spool.
-    pub fn jobs_arrived(&self) {
-        self.jobs.arrived.notify_one();
-    }
-
     /// See [`Pause::is_paused`] (until every user takes the handle).
     pub fn is_paused(&self) -> bool {
         self.pause.is_paused()
-    }
-
-    /// See [`Pause::set_paused`] (until every user takes the handle).
-    pub fn set_paused(&self, paused: bool) -> Result<()> {
-        self.pause.set_paused(paused)
     }
 
     /// Runs `f` with this `Shared` on a blocking thread: for what writes
@@ -137,11 +127,78 @@ impl Shared {
             .await
             .map_err(|e| anyhow::anyhow!("a blocking task failed: {e}"))
     }
+}
 
-    /// Lets the next full comparison of `watch` towards every current peer
-    /// remove what the deletion guard holds (see [`AllowDeletes::grant`]).
-    pub fn allow_deletes(&self, watch: &str) {
-        let peers: Vec<String> = self.telemetry.runtime().inboxes.keys().cloned().collect();
-        self.allow_deletes.grant(peers, watch);
+/// What each task family takes of the node, built here and nowhere else.
+impl Shared {
+    /// The undo store's handles (bounds, status, restores).
+    pub fn for_undo(&self) -> crate::undo::Handles {
+        crate::undo::Handles {
+            live: self.live.clone(),
+            store: self.undo.clone(),
+        }
+    }
+
+    /// What the node's status is read from.
+    pub fn for_status(&self) -> crate::status::Sources {
+        crate::status::Sources {
+            live: self.live.clone(),
+            role: self.role.clone(),
+            telemetry: self.telemetry.clone(),
+            pause: self.pause.clone(),
+            jobs: self.jobs.clone(),
+            after: self.after.clone(),
+            tree_counts: self.tree_counts.clone(),
+            roots: self.roots.clone(),
+            local: self.local.clone(),
+            undo: self.for_undo(),
+            started: self.started,
+        }
+    }
+
+    /// What the jobs use.
+    pub fn for_jobs(&self) -> crate::jobs::Handles {
+        crate::jobs::Handles {
+            live: self.live.clone(),
+            role: self.role.clone(),
+            pause: self.pause.clone(),
+            jobs: self.jobs.clone(),
+        }
+    }
+
+    /// What an operator's session uses.
+    pub fn for_control(&self) -> crate::control::Handles {
+        crate::control::Handles {
+            live: self.live.clone(),
+            role: self.role.clone(),
+            telemetry: self.telemetry.clone(),
+            pause: self.pause.clone(),
+            roots: self.roots.clone(),
+            allow_deletes: self.allow_deletes.clone(),
+            undo: self.for_undo(),
+            status: self.for_status(),
+            jobs: self.for_jobs(),
+        }
+    }
+
+    /// What the receiver (and the SSH server before it) uses.
+    pub fn for_receiver(&self) -> crate::receive::Handles {
+        crate::receive::Handles {
+            live: self.live.clone(),
+            role: self.role.clone(),
+            telemetry: self.telemetry.clone(),
+            sessions: self.sessions.clone(),
+            ledgers: self.ledgers.clone(),
+            local: self.local.clone(),
+            undo: self.for_undo(),
+            after: self.after.clone(),
+            jobs: self.jobs.clone(),
+            control: self.for_control(),
+        }
+    }
+
+    /// The read-only view the HTTP endpoints have of the node.
+    pub fn for_health(&self) -> crate::health::View {
+        crate::health::View::new(self.for_status())
     }
 }

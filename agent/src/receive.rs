@@ -6,7 +6,7 @@
 //! broken protocol) ends that session with a log line; the daemon and every
 //! other session carry on.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -14,12 +14,46 @@ use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::apply::{Applier, Divergence, Failure, WatchRoot};
+use warmspare_shared::ledger::Ledgers;
+use warmspare_shared::local::Tracker;
 use warmspare_shared::manifest::{Entry, HashCache};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Op, Purpose, Reply, Request, MANIFEST_PART};
 use warmspare_shared::ssh::{Identity, IncomingSession};
 use warmspare_shared::state::RoleState;
 
-use crate::node::Shared;
+use crate::after::AfterApply;
+use crate::control::{self, off_runtime};
+use crate::job_state::Jobs;
+use crate::live::Live;
+use crate::role::Role;
+use crate::sessions::Sessions;
+use crate::telemetry::Telemetry;
+
+/// What the receiver uses of the node, and what it hands an operator's
+/// session (`control`).
+#[derive(Clone)]
+pub struct Handles {
+    /// The configuration in force: the trust, the watches, the state dir.
+    pub live: Arc<Live>,
+    /// The role: admission by epoch, adoption of a higher one.
+    pub role: Arc<Role>,
+    /// Where what was applied is reported (`last_applied`).
+    pub telemetry: Arc<Telemetry>,
+    /// The replication sessions, one per sending node.
+    pub sessions: Arc<Sessions>,
+    /// The agreed content of every replicated file (divergence checks).
+    pub ledgers: Arc<Mutex<Ledgers>>,
+    /// The receiver's record of its own writes.
+    pub local: Arc<Tracker>,
+    /// The undo store, where what the applier removes or replaces is kept.
+    pub undo: crate::undo::Handles,
+    /// The `after_apply` hooks, asked for a run after each commit.
+    pub after: Arc<AfterApply>,
+    /// The jobs' runtime, woken when something arrives in the job spool.
+    pub jobs: Arc<Jobs>,
+    /// What an operator's session uses.
+    pub control: control::Handles,
+}
 
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,15 +74,15 @@ fn reply_deadline() -> Duration {
 }
 
 /// Serves one incoming session until it ends.
-pub async fn handle(shared: Arc<Shared>, session: IncomingSession) {
+pub async fn handle(node: Handles, session: IncomingSession) {
     let who = session.identity.clone();
     let peer = session.peer;
-    if let Err(e) = serve(shared, session).await {
+    if let Err(e) = serve(node, session).await {
         tracing::warn!(%who, ?peer, error = format!("{e:#}"), "session ended");
     }
 }
 
-async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
+async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
     let (rd, wr) = tokio::io::split(session.stream);
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
@@ -60,12 +94,11 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             None => return Ok(()),
         },
     };
-    let admission = match admit(&shared, &session.identity, &hello) {
+    let admission = match admit(&node, &session.identity, &hello) {
         // The new epoch is persisted (written and synced) on a blocking thread.
         Admission::Adopt(next) => {
-            let node = hello.node.clone();
-            match shared
-                .off_runtime(move |s| s.role.adopt(next, "a peer pushed at a higher epoch", &node))
+            let (role, from) = (node.role.clone(), hello.node.clone());
+            match off_runtime(move || role.adopt(next, "a peer pushed at a higher epoch", &from))
                 .await
                 .and_then(|r| r)
             {
@@ -90,7 +123,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
             bail!("refused: {reason}");
         }
     }
-    writer.send(&Reply::Hello(shared.role.hello(Purpose::Probe))).await?;
+    writer.send(&Reply::Hello(node.role.hello(Purpose::Probe))).await?;
     match (hello.purpose, &session.identity) {
         (Purpose::Probe, _) => {
             while let Some(req) = reader.recv::<Request>().await? {
@@ -104,8 +137,8 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         (Purpose::Control, Identity::Operator(name)) => {
             // A reload that removes the operator's key ends the session.
             return tokio::select! {
-                r = crate::control::serve(&shared, name, &mut reader, &mut writer) => r,
-                () = shared.live.revoked(&session.identity, &session.key) => {
+                r = control::serve(&node.control, name, &mut reader, &mut writer) => r,
+                () = node.live.revoked(&session.identity, &session.key) => {
                     tracing::warn!(who = %session.identity, "the cluster file no longer trusts this key: closing its session");
                     let _ = writer.close().await;
                     bail!("the key is no longer trusted")
@@ -114,7 +147,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
         }
         (Purpose::Control, _) | (Purpose::Replicate, _) => {}
     }
-    let (turn, gate) = match shared.sessions.take_turn(&hello.node).await {
+    let (turn, gate) = match node.sessions.take_turn(&hello.node).await {
         Ok(t) => t,
         Err(e) => {
             let reason = format!("{e:#}");
@@ -129,7 +162,7 @@ async fn serve(shared: Arc<Shared>, session: IncomingSession) -> Result<()> {
     // (see `FrameReader::recv_batch`): one wake-up per batch, not per frame.
     let (req_tx, req_rx) = mpsc::channel::<Vec<Request>>(16);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(64);
-    let worker_shared = shared.clone();
+    let worker_shared = node.clone();
     let session_role = RoleState {
         epoch: hello.epoch,
         active: hello.node.clone(),
@@ -219,7 +252,7 @@ enum Admission {
 }
 
 /// Decides whether a session may proceed.
-fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> Admission {
+fn admit(node: &Handles, who: &Identity, hello: &Hello) -> Admission {
     if hello.protocol != proto::PROTOCOL_VERSION {
         return Admission::Refuse(format!(
             "protocol {} is not supported (this agent speaks {})",
@@ -234,8 +267,8 @@ fn admit(shared: &Shared, who: &Identity, hello: &Hello) -> Admission {
         (Purpose::Replicate, Identity::Node(n)) if *n == hello.node => {}
         (Purpose::Replicate, _) => return Admission::Refuse(format!("{who} may not push as node {:?}", hello.node)),
     }
-    shared.live.compare_config(&hello.node, &hello.config_hash);
-    let mine = shared.role.current();
+    node.live.compare_config(&hello.node, &hello.config_hash);
+    let mine = node.role.current();
     if hello.epoch < mine.epoch {
         return Admission::Stale(mine);
     }
@@ -273,10 +306,10 @@ fn request_name(r: &Request) -> &'static str {
 }
 
 /// The receiver's watch roots, with their caches.
-fn watch_roots(shared: &Shared) -> Result<Vec<WatchRoot>> {
+fn watch_roots(node: &Handles) -> Result<Vec<WatchRoot>> {
     let mut out = Vec::new();
-    for w in shared.live.local_watches() {
-        let cache_path = shared.live.cache_path(&w.name, "recv");
+    for w in node.live.local_watches() {
+        let cache_path = node.live.cache_path(&w.name, "recv");
         out.push(WatchRoot {
             name: w.name,
             root: w.root,
@@ -295,7 +328,7 @@ const BATCH_MAX: usize = 1024;
 const BATCH_MAX_BYTES: usize = 1024 * 1024;
 
 fn apply_loop(
-    shared: &Arc<Shared>,
+    node: &Handles,
     runtime: &tokio::runtime::Handle,
     session: &RoleState,
     end: &CancellationToken,
@@ -303,17 +336,17 @@ fn apply_loop(
     replies: mpsc::Sender<Reply>,
 ) -> Result<()> {
     let divergence = Divergence {
-        ledgers: shared.ledgers.clone(),
-        dir: shared
+        ledgers: node.ledgers.clone(),
+        dir: node
             .live
             .state_dir
             .join("diverged")
             .join(format!("{}-{}", session.epoch, crate::clock::timestamp())),
     };
-    let mut applier = Applier::new(watch_roots(shared)?, Some(divergence))
+    let mut applier = Applier::new(watch_roots(node)?, Some(divergence))
         .context("cannot open the watch roots")?
-        .with_tracker(shared.local.clone())
-        .with_undo(crate::undo::recorder(shared, session.epoch));
+        .with_tracker(node.local.clone())
+        .with_undo(node.undo.recorder(session.epoch));
     let send = |r: Reply| {
         replies
             .blocking_send(r)
@@ -327,7 +360,7 @@ fn apply_loop(
             if end.is_cancelled() {
                 bail!("replaced by a newer session of the same node");
             }
-            serve_request(shared, runtime, session, &mut applier, &send, req)?;
+            serve_request(node, runtime, session, &mut applier, &send, req)?;
         }
     }
     Ok(())
@@ -335,7 +368,7 @@ fn apply_loop(
 
 /// Serves one request of a replication session; an error ends the session.
 fn serve_request(
-    shared: &Arc<Shared>,
+    node: &Handles,
     runtime: &tokio::runtime::Handle,
     session: &RoleState,
     applier: &mut Applier,
@@ -343,7 +376,7 @@ fn serve_request(
     req: Request,
 ) -> Result<()> {
     // A role change during the session (fencing, a switchover) ends it.
-    let now = shared.role.current();
+    let now = node.role.current();
     if now != *session {
         tracing::warn!(
             epoch = now.epoch,
@@ -410,8 +443,7 @@ fn serve_request(
             };
             let applied = applier.apply(op).map_err(|e| e.to_string());
             if let (Ok(()), Some(watch)) = (&applied, settled) {
-                shared
-                    .telemetry
+                node.telemetry
                     .runtime()
                     .last_applied
                     .insert(watch, std::time::SystemTime::now());
@@ -439,7 +471,7 @@ fn serve_request(
             };
             if !report.touched.is_empty() {
                 let now = std::time::SystemTime::now();
-                let mut rt = shared.telemetry.runtime();
+                let mut rt = node.telemetry.runtime();
                 for w in &report.touched {
                     rt.last_applied.insert(w.clone(), now);
                 }
@@ -449,18 +481,18 @@ fn serve_request(
             }
             if let Some((_, _, to)) = report.diverged.last() {
                 // Bounded store: older folders go, never the one just written.
-                let keep = crate::preserved::folder_of(&shared.live.state_dir, to);
-                crate::preserved::prune(&shared.live, keep.as_deref());
+                let keep = crate::preserved::folder_of(&node.live.state_dir, to);
+                crate::preserved::prune(&node.live, keep.as_deref());
             }
             if report.undo_kept > 0 {
-                crate::undo::prune(shared);
+                node.undo.prune();
             }
             // Hooks run beside replication, never before the acknowledgement.
             for watch in &report.touched {
                 if watch == crate::live::SPOOL_WATCH {
-                    shared.jobs_arrived();
+                    node.jobs.arrived.notify_one();
                 } else {
-                    crate::after::request(&shared.after, runtime, watch);
+                    crate::after::request(&node.after, runtime, watch);
                 }
             }
             send(Reply::Committed {

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::ssh::{self, IncomingSession};
 
-use crate::node::Shared;
+use crate::progress::Loops;
 use crate::receive;
 
 /// The longest an accept loop (SSH or HTTP) waits before it comes round.
@@ -48,15 +48,16 @@ impl Complaint {
     }
 }
 
-/// Serves `listener` until `cancel` fires.
-pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
-    let config = ssh::server_config(&shared.live.key);
+/// Serves `listener` until `cancel` fires: each session goes to the
+/// receiver with `node`; the accept loop stamps its progress in `loops`.
+pub async fn run(node: receive::Handles, loops: Arc<Loops>, listener: TcpListener, cancel: CancellationToken) {
+    let config = ssh::server_config(&node.live.key);
     let (tx, mut rx) = mpsc::channel::<IncomingSession>(16);
     let preauth = Arc::new(Semaphore::new(ssh::MAX_UNAUTHENTICATED));
     let mut connections = JoinSet::new();
     let mut sessions = JoinSet::new();
     let (mut crowded, mut failing) = (Complaint::default(), Complaint::default());
-    let stamp = shared.loops.register("the SSH accept loop", ACCEPT_LIMIT);
+    let stamp = loops.register("the SSH accept loop", ACCEPT_LIMIT);
     loop {
         stamp.stamp();
         if crate::progress::test_hang("ssh-accept") {
@@ -78,7 +79,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
                     tracing::debug!(%peer, "connection");
                     // Each connection takes the trust of the cluster file in
                     // force: a reload applies to every connection after it.
-                    let trust = Arc::new(shared.live.trust());
+                    let trust = Arc::new(node.live.trust());
                     let (config, tx) = (config.clone(), tx.clone());
                     connections.spawn(async move {
                         if let Err(e) = ssh::serve_connection(config, tcp, trust, tx, permit).await {
@@ -96,7 +97,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellatio
             },
             Some(session) = rx.recv() => {
                 tracing::debug!(who = %session.identity, "session");
-                sessions.spawn(receive::handle(shared.clone(), session));
+                sessions.spawn(receive::handle(node.clone(), session));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}

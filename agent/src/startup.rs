@@ -14,13 +14,14 @@ use warmspare_shared::apply;
 use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
 use crate::clock::unix;
+use crate::live::Live;
 use crate::node::Shared;
 
 /// Binds the SSH endpoint of this node: its `listen` address, by default
 /// every IPv4 address on the port of its `ssh` address.
 pub async fn bind(shared: &Shared) -> Result<TcpListener> {
     let addr = shared.live.me.listen_addr();
-    if let Some(warning) = loopback_warning_of(shared).await {
+    if let Some(warning) = loopback_warning_of(&shared.live).await {
         tracing::warn!("{warning}");
     }
     bind_listener(addr).await
@@ -58,9 +59,9 @@ const LOOKUP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// [`loopback_warning`] for this node, on a blocking thread and within
 /// [`LOOKUP_DEADLINE`]: no warning when the lookups take longer.
-pub async fn loopback_warning_of(shared: &Shared) -> Option<String> {
-    let cluster = shared.live.cluster().clone();
-    let me = shared.live.me.name.clone();
+pub async fn loopback_warning_of(live: &Live) -> Option<String> {
+    let cluster = live.cluster().clone();
+    let me = live.me.name.clone();
     let lookup = tokio::task::spawn_blocking(move || loopback_warning(&cluster, &me));
     match tokio::time::timeout(LOOKUP_DEADLINE, lookup).await {
         Ok(Ok(warning)) => warning,
@@ -115,7 +116,7 @@ pub fn prepare(shared: &Shared) -> Result<RoleState> {
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     crate::preserved::prune(&shared.live, None);
-    crate::undo::prune(shared);
+    shared.for_undo().prune();
     let persisted = shared.live.state_dir.join(state::ROLE_FILE).exists();
     let role = RoleState::load_or_init(&shared.live.state_dir, &shared.live.cluster().cluster.preferred_active)?;
     shared.role.start(role.clone());

@@ -9,8 +9,43 @@ use std::time::SystemTime;
 use warmspare_shared::manifest::join;
 use warmspare_shared::proto::{LinkStatus, LocalChange, LocalChanges, NodeStatus, WatchStatus, PROTOCOL_VERSION};
 
+use crate::after::AfterApply;
 use crate::clock::unix;
-use crate::node::Shared;
+use crate::counts::TreeCounts;
+use crate::job_state::Jobs;
+use crate::live::Live;
+use crate::pause::Pause;
+use crate::role::Role;
+use crate::roots::Roots;
+use crate::telemetry::Telemetry;
+
+/// What a node's status is read from: the handles it looks at, none of
+/// which it changes (only the watches' file counts, a cache, are refreshed).
+#[derive(Clone)]
+pub struct Sources {
+    /// The configuration in force and this node's identity.
+    pub live: Arc<Live>,
+    /// The role (current state, the hold).
+    pub role: Arc<Role>,
+    /// The runtime reports: inboxes, links, last applied.
+    pub telemetry: Arc<Telemetry>,
+    /// The operator's hold.
+    pub pause: Arc<Pause>,
+    /// The jobs' statuses.
+    pub jobs: Arc<Jobs>,
+    /// The `after_apply` hooks' counters and outcomes.
+    pub after: Arc<AfterApply>,
+    /// The watches' file counts.
+    pub tree_counts: Arc<TreeCounts>,
+    /// What is wrong with the watch roots.
+    pub roots: Arc<Roots>,
+    /// The local changes flagged on a passive.
+    pub local: Arc<warmspare_shared::local::Tracker>,
+    /// The undo store's totals and bounds.
+    pub undo: crate::undo::Handles,
+    /// When the agent started.
+    pub started: SystemTime,
+}
 
 /// The most pending paths whose sizes are added up for the byte lag.
 const LAG_STAT_LIMIT: usize = 10_000;
@@ -23,16 +58,16 @@ const DIVERGED_LIST_LIMIT: usize = 1_000;
 /// The runtime reports are copied under their lock and the lock released
 /// before anything touches the disk: shippers and receivers take that lock
 /// on every batch, and a status request must never make them wait.
-pub fn node_status(shared: &Shared) -> NodeStatus {
+pub fn node_status(node: &Sources) -> NodeStatus {
     let now = SystemTime::now();
-    let root_problems = shared.roots.problems();
-    let flags = shared.local.flags();
-    let local = shared.live.local_watches();
+    let root_problems = node.roots.problems();
+    let flags = node.local.flags();
+    let local = node.live.local_watches();
     let (inboxes, links_now, last_applied) = {
-        let rt = shared.telemetry.runtime();
+        let rt = node.telemetry.runtime();
         (rt.inboxes.clone(), rt.links.clone(), rt.last_applied.clone())
     };
-    let counts = shared.tree_counts.get(&local);
+    let counts = node.tree_counts.get(&local);
     let watches: Vec<WatchStatus> = local
         .iter()
         .map(|w| {
@@ -43,7 +78,7 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
                 bytes,
                 last_applied: last_applied.get(&w.name).map(|t| unix(*t)),
                 root_error: root_problems.get(&w.name).cloned(),
-                after_apply: shared.after.status(&w.name, has_after_apply(shared, &w.name)),
+                after_apply: node.after.status(&w.name, has_after_apply(node, &w.name)),
                 local_changes: flags
                     .get(&w.name)
                     .map(|(f, untracked)| local_changes(f, *untracked))
@@ -101,35 +136,34 @@ pub fn node_status(shared: &Shared) -> NodeStatus {
         }
     }
     NodeStatus {
-        node: shared.live.me.name.clone(),
+        node: node.live.me.name.clone(),
         version: warmspare_shared::VERSION.to_string(),
         protocol: PROTOCOL_VERSION,
-        config_hash: shared.live.config_hash().clone(),
-        role: shared.role.current(),
-        paused: shared.is_paused(),
+        config_hash: node.live.config_hash().clone(),
+        role: node.role.current(),
+        paused: node.pause.is_paused(),
         watches,
         links,
-        diverged: diverged(&shared.live.state_dir.join("diverged")),
-        started: unix(shared.started),
-        jobs: shared.jobs.statuses(&shared.live.cluster().job),
-        held: shared.role.held(),
-        hooks: crate::hooks::last_runs(&shared.live.state_dir),
-        undo: crate::undo::status(shared),
+        diverged: diverged(&node.live.state_dir.join("diverged")),
+        started: unix(node.started),
+        jobs: node.jobs.statuses(&node.live.cluster().job),
+        held: node.role.held(),
+        hooks: crate::hooks::last_runs(&node.live.state_dir),
+        undo: node.undo.status(),
     }
 }
 
 /// [`node_status`] on a blocking thread, for async code.
-pub async fn node_status_off_runtime(shared: &Arc<Shared>) -> anyhow::Result<NodeStatus> {
-    let s = shared.clone();
+pub async fn node_status_off_runtime(node: &Sources) -> anyhow::Result<NodeStatus> {
+    let s = node.clone();
     tokio::task::spawn_blocking(move || node_status(&s))
         .await
         .map_err(|e| anyhow::anyhow!("the status task failed: {e}"))
 }
 
 /// Whether `watch` has an `after_apply` command in the cluster file in force.
-fn has_after_apply(shared: &Shared, watch: &str) -> bool {
-    shared
-        .live
+fn has_after_apply(node: &Sources, watch: &str) -> bool {
+    node.live
         .cluster()
         .watch(watch)
         .is_some_and(|w| w.after_apply.is_some())

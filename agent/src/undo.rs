@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use warmspare_shared::beneath;
@@ -21,33 +22,68 @@ use warmspare_shared::config::UndoWhenFull;
 use warmspare_shared::manifest::ContentHash;
 use warmspare_shared::proto::{UndoEntry, UndoKind, UndoStatus, UndoWhy};
 use warmspare_shared::relpath::check_rel_path;
-use warmspare_shared::undo::{self, Kept, Limits, Recorder};
+use warmspare_shared::undo::{self, Kept, Limits, Recorder, Store};
 
-use crate::node::Shared;
+use crate::live::Live;
+use crate::role::Role;
+use crate::roots::Roots;
 
-/// The bounds in force.
-pub fn limits(shared: &Shared) -> Limits {
-    let c = shared.live.cluster();
-    Limits {
-        max_size: c.cluster.undo_max_size,
-        max_age: c.cluster.undo_max_age,
+/// What the agent's side of the undo store uses of the node: the bounds
+/// come from the cluster file in force, the files from the store.
+#[derive(Clone)]
+pub struct Handles {
+    /// The configuration in force (the bounds, the watches).
+    pub live: Arc<Live>,
+    /// The undo store (`state_dir/undo`).
+    pub store: Arc<Store>,
+}
+
+impl Handles {
+    /// The bounds in force.
+    pub fn limits(&self) -> Limits {
+        let c = self.live.cluster();
+        Limits {
+            max_size: c.cluster.undo_max_size,
+            max_age: c.cluster.undo_max_age,
+        }
+    }
+
+    /// A recorder for a session at `epoch` (nothing of the internal job
+    /// spool is kept: its dumps keep their own generations), refusing or
+    /// letting go a file it cannot keep as `undo_when_full` says.
+    pub fn recorder(&self, epoch: u64) -> Recorder {
+        let when_full = self.live.cluster().cluster.undo_when_full;
+        Recorder::new(self.store.clone(), epoch, self.limits().max_size)
+            .when_full(when_full)
+            .skip_watch(crate::live::SPOOL_WATCH)
+    }
+
+    /// Prunes the store to its bounds, with a log line for what went.
+    pub fn prune(&self) {
+        prune(&self.store, &self.limits());
+    }
+
+    /// The store's status.
+    pub fn status(&self) -> UndoStatus {
+        let limits = self.limits();
+        let (files, bytes) = self.store.totals().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the undo store");
+            (0, 0)
+        });
+        UndoStatus {
+            files,
+            bytes,
+            max_size: limits.max_size,
+            max_age_s: limits.max_age.as_secs(),
+            pruned: undo::pruned_total(),
+            skipped: undo::skipped_total(),
+        }
     }
 }
 
-/// A recorder for a session at `epoch` (nothing of the internal job spool
-/// is kept: its dumps keep their own generations), refusing or letting go
-/// a file it cannot keep as `undo_when_full` says.
-pub fn recorder(shared: &Shared, epoch: u64) -> Recorder {
-    let when_full = shared.live.cluster().cluster.undo_when_full;
-    Recorder::new(shared.undo.clone(), epoch, limits(shared).max_size)
-        .when_full(when_full)
-        .skip_watch(crate::live::SPOOL_WATCH)
-}
-
-/// Prunes the store to its bounds, with a log line for what went.
-pub fn prune(shared: &Shared) {
-    let limits = limits(shared);
-    match shared.undo.prune(&limits, SystemTime::now()) {
+/// Prunes `store` to `limits`, with a log line for what went.
+fn prune(store: &Store, limits: &Limits) {
+    match store.prune(limits, SystemTime::now()) {
         Ok(report) => {
             if !report.pruned.is_empty() {
                 let bytes: u64 = report.pruned.iter().map(|p| p.1).sum();
@@ -76,23 +112,6 @@ pub fn prune(shared: &Shared) {
     }
 }
 
-/// The store's status.
-pub fn status(shared: &Shared) -> UndoStatus {
-    let limits = limits(shared);
-    let (files, bytes) = shared.undo.totals().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "cannot read the undo store");
-        (0, 0)
-    });
-    UndoStatus {
-        files,
-        bytes,
-        max_size: limits.max_size,
-        max_age_s: limits.max_age.as_secs(),
-        pruned: undo::pruned_total(),
-        skipped: undo::skipped_total(),
-    }
-}
-
 /// A file being put back on the active, between `UndoPutBegin` and `UndoPutEnd`.
 pub struct Restore {
     entry: UndoEntry,
@@ -113,24 +132,25 @@ impl Restore {
     /// Checks that this node may take `entry` back (it is the active one,
     /// the watch is one of its own, the path stays beneath the root) and
     /// opens its directory beneath the root, making missing ones.
-    pub fn begin(shared: &Shared, entry: UndoEntry, force: bool) -> Result<Restore, String> {
-        if !shared.role.is_active() {
+    /// `role` and `roots` are read only.
+    pub fn begin(undo: &Handles, role: &Role, roots: &Roots, entry: UndoEntry, force: bool) -> Result<Restore, String> {
+        if !role.is_active() {
             return Err(format!(
                 "{} is not the active node: restore onto the active one, from which the file replicates",
-                shared.live.me.name
+                undo.live.me.name
             ));
         }
         if entry.watch == crate::live::SPOOL_WATCH {
             return Err("the job spool is not restored by hand".into());
         }
-        let Some(w) = shared.live.local_watches().into_iter().find(|w| w.name == entry.watch) else {
+        let Some(w) = undo.live.local_watches().into_iter().find(|w| w.name == entry.watch) else {
             return Err(format!("there is no watch {:?} here", entry.watch));
         };
         check_rel_path(&entry.path).map_err(|e| format!("{e}"))?;
         if w.excludes.is_excluded(&entry.path, false) {
             return Err(format!("{:?} is excluded from the watch", entry.path));
         }
-        if let Some(p) = shared.roots.problems().get(&w.name) {
+        if let Some(p) = roots.problems().get(&w.name) {
             return Err(format!("the root of watch {} cannot be used: {p}", w.name));
         }
         let root = beneath::open_root(&w.root).map_err(|e| format!("watch root: {e}"))?;
@@ -181,8 +201,9 @@ impl Restore {
     }
 
     /// Checks the content, gives it its metadata and puts it in place;
-    /// returns the undo entry that holds what it replaced (with `force`).
-    pub fn end(mut self, shared: &Shared) -> Result<Option<u64>, String> {
+    /// returns the undo entry that holds what it replaced (with `force`),
+    /// kept under the epoch `role` is at then (read only).
+    pub fn end(mut self, undo: &Handles, role: &Role) -> Result<Option<u64>, String> {
         if self.written != self.entry.size {
             return Err(format!("got {} bytes of {}", self.written, self.entry.size));
         }
@@ -249,7 +270,7 @@ impl Restore {
         }
         // A forced restore never replaces a file without a copy, whatever
         // `undo_when_full` says.
-        let mut rec = recorder(shared, shared.role.current().epoch).when_full(UndoWhenFull::Refuse);
+        let mut rec = undo.recorder(role.current().epoch).when_full(UndoWhenFull::Refuse);
         let kept = rec.keep(
             &self.dir,
             &self.name,

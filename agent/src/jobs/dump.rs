@@ -13,20 +13,19 @@ use warmspare_shared::persist::write_atomic;
 use warmspare_shared::proto::{JobKind, JobRun};
 
 use crate::live::spool_dir;
-use crate::node::Shared;
 
-use super::{job_dir, load_persisted, record, shell, store_persisted, Meta};
+use super::{job_dir, load_persisted, record, shell, store_persisted, Handles, Meta};
 
 /// Runs the dump; a good one becomes the next generation and is published.
-pub(super) async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
-    let lock = shared.jobs.lock_of(&job.name);
+pub(super) async fn dump(node: &Handles, job: &Job) -> Result<JobRun> {
+    let lock = node.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
     let start_ms = crate::clock::now_ms();
-    let dir = job_dir(&shared.live.state_dir, &job.name);
+    let dir = job_dir(&node.live.state_dir, &job.name);
     let output = dir.join(".warmspare-tmp.output");
     let _ = fs::remove_file(&output);
     let cmd = job.dump.as_deref().unwrap_or_default();
-    let ran = shell(shared, job, cmd, &[("WARMSPARE_OUTPUT", &output)], &dir).await;
+    let ran = shell(node, job, cmd, &[("WARMSPARE_OUTPUT", &output)], &dir).await;
     let mut run = JobRun {
         job: job.name.clone(),
         kind: JobKind::Dump,
@@ -52,8 +51,8 @@ pub(super) async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
                 ran.stdout.clone()
             };
             // Hashing and linking a dump of gigabytes is blocking work.
-            let (state_dir, node, j) = (shared.live.state_dir.clone(), shared.live.me.name.clone(), job.clone());
-            let result = tokio::task::spawn_blocking(move || publish(&state_dir, &node, &j, &file))
+            let (state_dir, me, j) = (node.live.state_dir.clone(), node.live.me.name.clone(), job.clone());
+            let result = tokio::task::spawn_blocking(move || publish(&state_dir, &me, &j, &file))
                 .await
                 .unwrap_or_else(|e| Err(format!("the task publishing the dump failed: {e}")));
             let _ = fs::remove_file(&ran.stdout);
@@ -71,7 +70,7 @@ pub(super) async fn dump(shared: &Shared, job: &Job) -> Result<JobRun> {
         Err(detail) => run.detail = detail,
     }
     run.end_ms = crate::clock::now_ms();
-    record(shared, &run);
+    record(node, &run);
     Ok(run)
 }
 

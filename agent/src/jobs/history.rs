@@ -9,9 +9,8 @@ use warmspare_shared::perms;
 use warmspare_shared::proto::JobRun;
 
 use crate::job_state::Jobs;
-use crate::node::Shared;
 
-use super::job_dir;
+use super::{job_dir, Handles};
 
 /// Takes each job's last run from its persisted history when this
 /// agent has not seen a run of it yet (after a restart), so status and
@@ -32,8 +31,8 @@ pub(super) fn recall(state: &Jobs, state_dir: &Path, jobs: &[Job]) {
     }
 }
 
-pub(super) fn record(shared: &Shared, run: &JobRun) {
-    let dir = job_dir(&shared.live.state_dir, &run.job);
+pub(super) fn record(node: &Handles, run: &JobRun) {
+    let dir = job_dir(&node.live.state_dir, &run.job);
     let line = serde_json::to_string(run).unwrap_or_default() + "\n";
     let appended = perms::ensure_private_dir(&dir).and_then(|()| {
         use std::io::Write;
@@ -42,7 +41,7 @@ pub(super) fn record(shared: &Shared, run: &JobRun) {
     if let Err(e) = appended {
         tracing::warn!(job = run.job, error = %e, "cannot append to the job history");
     }
-    shared.jobs.update(&run.job, |s| {
+    node.jobs.update(&run.job, |s| {
         s.last = Some(run.clone());
         if run.ok {
             s.runs_ok += 1;

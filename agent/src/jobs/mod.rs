@@ -33,13 +33,29 @@ use warmspare_shared::perms;
 use warmspare_shared::persist::write_atomic;
 use warmspare_shared::proto::{JobKind, JobRun};
 
-use crate::node::Shared;
+use crate::job_state::Jobs;
+use crate::live::Live;
+use crate::pause::Pause;
+use crate::role::Role;
 
 use self::dump::dump;
 pub use self::history::history;
 use self::history::{recall, record};
 use self::restore::restore;
 use self::schedule::{scheduled, Trigger};
+
+/// What the jobs use of the node.
+#[derive(Clone)]
+pub struct Handles {
+    /// The configuration in force: the jobs, the state dir, the node's `env`.
+    pub live: Arc<Live>,
+    /// The role: where each job runs, and whether this node is held.
+    pub role: Arc<Role>,
+    /// The operator's hold: a paused node runs no scheduled job.
+    pub pause: Arc<Pause>,
+    /// The jobs' runtime: one lock per job, statuses, the arrival signal.
+    pub jobs: Arc<Jobs>,
+}
 
 /// The folder of a job's kept generations, state and history.
 fn job_dir(state_dir: &Path, job: &str) -> PathBuf {
@@ -78,18 +94,18 @@ fn store_persisted(state_dir: &Path, job: &str, p: &Persisted) -> io::Result<()>
 }
 
 /// Runs every job's schedule until `cancel` fires.
-pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+pub async fn run(node: Handles, cancel: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     // Reading the histories' ends is file I/O: off the runtime.
-    let s = shared.clone();
-    let jobs = shared.live.cluster().job.clone();
+    let s = node.clone();
+    let jobs = node.live.cluster().job.clone();
     let _ = tokio::task::spawn_blocking(move || recall(&s.jobs, &s.live.state_dir, &jobs)).await;
-    for job in shared.live.cluster().job.clone() {
-        let g = load_persisted(&shared.live.state_dir, &job.name);
-        shared.jobs.update(&job.name, |s| s.generation = g.generation);
+    for job in node.live.cluster().job.clone() {
+        let g = load_persisted(&node.live.state_dir, &job.name);
+        node.jobs.update(&job.name, |s| s.generation = g.generation);
         if let Some(expr) = &job.schedule {
             tasks.spawn(scheduled(
-                shared.clone(),
+                node.clone(),
                 job.clone(),
                 expr.clone(),
                 Trigger::Main,
@@ -98,7 +114,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         if let Some(expr) = &job.restore_schedule {
             tasks.spawn(scheduled(
-                shared.clone(),
+                node.clone(),
                 job.clone(),
                 expr.clone(),
                 Trigger::Restore,
@@ -107,7 +123,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         }
     }
     // Restores on arrival.
-    let s = shared.clone();
+    let s = node.clone();
     let c = cancel.clone();
     tasks.spawn(async move {
         loop {
@@ -119,7 +135,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 .iter()
                 .filter(|j| j.restore.is_some() && j.restore_schedule.is_none())
             {
-                if !s.role.is_active() && !s.is_paused() && !s.role.is_unconfirmed() {
+                if !s.role.is_active() && !s.pause.is_paused() && !s.role.is_unconfirmed() {
                     let _ = restore(&s, job, false).await;
                 }
             }
@@ -134,22 +150,22 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
 }
 
 /// Runs `name` now, as this node's role says; for `warmsparectl run-job`.
-pub async fn run_now(shared: &Shared, name: &str) -> Result<JobRun> {
-    let cluster = shared.live.cluster();
+pub async fn run_now(node: &Handles, name: &str) -> Result<JobRun> {
+    let cluster = node.live.cluster();
     let job = cluster
         .job
         .iter()
         .find(|j| j.name == name)
         .with_context(|| format!("there is no job {name:?}"))?;
-    if let Some(reason) = shared.role.held() {
+    if let Some(reason) = node.role.held() {
         anyhow::bail!("{reason}");
     }
-    let active = shared.role.is_active();
+    let active = node.role.is_active();
     if job.dump.is_some() {
         if active {
-            dump(shared, job).await
+            dump(node, job).await
         } else if job.restore.is_some() {
-            restore(shared, job, true)
+            restore(node, job, true)
                 .await?
                 .with_context(|| format!("no dump of {name} has arrived yet"))
         } else {
@@ -170,7 +186,7 @@ pub async fn run_now(shared: &Shared, name: &str) -> Result<JobRun> {
                 if active { "active" } else { "passive" }
             );
         }
-        run_command(shared, job).await
+        run_command(node, job).await
     }
 }
 
@@ -183,16 +199,15 @@ struct Ran {
 
 /// Runs `cmd` through `/bin/sh -c` in its own process group with the node's
 /// environment plus `vars`, killing the whole group at the job's timeout.
-async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], work: &Path) -> Result<Ran> {
+async fn shell(node: &Handles, job: &Job, cmd: &str, vars: &[(&str, &Path)], work: &Path) -> Result<Ran> {
     // The job's directory is private: what a command writes there (a dump
     // with its umask's 0644) is out of other users' reach from the start.
     perms::ensure_private_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
     let stdout = work.join(".warmspare-tmp.stdout");
     let stderr = work.join(".warmspare-tmp.stderr");
-    let mut env: Vec<(String, std::ffi::OsString)> =
-        shared.live.env().into_iter().map(|(k, v)| (k, v.into())).collect();
+    let mut env: Vec<(String, std::ffi::OsString)> = node.live.env().into_iter().map(|(k, v)| (k, v.into())).collect();
     env.push(("WARMSPARE_JOB".into(), job.name.clone().into()));
-    env.push(("WARMSPARE_NODE".into(), shared.live.me.name.clone().into()));
+    env.push(("WARMSPARE_NODE".into(), node.live.me.name.clone().into()));
     for (k, v) in vars {
         env.push((k.to_string(), v.as_os_str().to_owned()));
     }
@@ -219,12 +234,12 @@ async fn shell(shared: &Shared, job: &Job, cmd: &str, vars: &[(&str, &Path)], wo
 }
 
 /// Runs a plain `run` command.
-async fn run_command(shared: &Shared, job: &Job) -> Result<JobRun> {
-    let lock = shared.jobs.lock_of(&job.name);
+async fn run_command(node: &Handles, job: &Job) -> Result<JobRun> {
+    let lock = node.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
     let start_ms = crate::clock::now_ms();
-    let dir = job_dir(&shared.live.state_dir, &job.name);
-    let ran = shell(shared, job, job.run.as_deref().unwrap_or_default(), &[], &dir).await?;
+    let dir = job_dir(&node.live.state_dir, &job.name);
+    let ran = shell(node, job, job.run.as_deref().unwrap_or_default(), &[], &dir).await?;
     let _ = fs::remove_file(&ran.stdout);
     let run = JobRun {
         job: job.name.clone(),
@@ -236,6 +251,6 @@ async fn run_command(shared: &Shared, job: &Job) -> Result<JobRun> {
         bytes: 0,
         generation: 0,
     };
-    record(shared, &run);
+    record(node, &run);
     Ok(run)
 }

@@ -9,28 +9,27 @@ use warmspare_shared::manifest::ContentHash;
 use warmspare_shared::proto::{JobKind, JobRun};
 
 use crate::live::spool_dir;
-use crate::node::Shared;
 
 use super::dump::keep_generation;
-use super::{job_dir, load_persisted, record, shell, store_persisted, Meta};
+use super::{job_dir, load_persisted, record, shell, store_persisted, Handles, Meta};
 
 /// Restores the spool's dump if it is newer than the last restored one (or,
 /// with `retry`, if the last restore of it failed). `None`: nothing to restore.
-pub(super) async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<Option<JobRun>> {
+pub(super) async fn restore(node: &Handles, job: &Job, retry: bool) -> Result<Option<JobRun>> {
     let Some(cmd) = job.restore.as_deref() else {
         return Ok(None);
     };
-    let lock = shared.jobs.lock_of(&job.name);
+    let lock = node.jobs.lock_of(&job.name);
     let _g = lock.lock().await;
-    let spool = spool_dir(&shared.live.state_dir).join(&job.name);
+    let spool = spool_dir(&node.live.state_dir).join(&job.name);
     let Some(meta) = fs::read(spool.join("meta.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
     else {
         return Ok(None);
     };
-    let mut p = load_persisted(&shared.live.state_dir, &job.name);
-    let failed_before = shared.jobs.statuses(&shared.live.cluster().job).iter().any(|s| {
+    let mut p = load_persisted(&node.live.state_dir, &job.name);
+    let failed_before = node.jobs.statuses(&node.live.cluster().job).iter().any(|s| {
         s.name == job.name
             && s.last
                 .as_ref()
@@ -42,7 +41,7 @@ pub(super) async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<O
     // The dump and its metadata arrive separately: wait for both to match.
     // Hashing a dump and keeping it are blocking work.
     let dump = spool.join("dump");
-    let dir = job_dir(&shared.live.state_dir, &job.name);
+    let dir = job_dir(&node.live.state_dir, &job.name);
     let (generation, keep, expected) = (meta.generation, job.keep, meta.hash);
     let kept = tokio::task::spawn_blocking(move || {
         if ContentHash::of_file(&dump).ok() != Some(expected) {
@@ -56,10 +55,10 @@ pub(super) async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<O
     let Some(kept) = kept else {
         return Ok(None);
     };
-    let dir = job_dir(&shared.live.state_dir, &job.name);
+    let dir = job_dir(&node.live.state_dir, &job.name);
     p.generation = p.generation.max(meta.generation);
     let start_ms = crate::clock::now_ms();
-    let ran = shell(shared, job, cmd, &[("WARMSPARE_INPUT", &kept)], &dir).await?;
+    let ran = shell(node, job, cmd, &[("WARMSPARE_INPUT", &kept)], &dir).await?;
     let _ = fs::remove_file(&ran.stdout);
     let run = JobRun {
         job: job.name.clone(),
@@ -74,7 +73,7 @@ pub(super) async fn restore(shared: &Shared, job: &Job, retry: bool) -> Result<O
     if run.ok {
         p.restored = meta.generation;
     }
-    store_persisted(&shared.live.state_dir, &job.name, &p).context("cannot record the restore")?;
-    record(shared, &run);
+    store_persisted(&node.live.state_dir, &job.name, &p).context("cannot record the restore")?;
+    record(node, &run);
     Ok(Some(run))
 }

@@ -2,15 +2,12 @@
 //! restore at `restore_schedule`.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::config::{Job, RunOn};
 
-use crate::node::Shared;
-
-use super::{dump, restore, run_command};
+use super::{dump, restore, run_command, Handles};
 
 #[derive(Clone, Copy)]
 pub(super) enum Trigger {
@@ -20,13 +17,7 @@ pub(super) enum Trigger {
     Restore,
 }
 
-pub(super) async fn scheduled(
-    shared: Arc<Shared>,
-    job: Job,
-    expr: String,
-    trigger: Trigger,
-    cancel: CancellationToken,
-) {
+pub(super) async fn scheduled(node: Handles, job: Job, expr: String, trigger: Trigger, cancel: CancellationToken) {
     let Ok(schedule) = cron::Schedule::from_str(&expr) else {
         return;
     };
@@ -35,7 +26,7 @@ pub(super) async fn scheduled(
             return;
         };
         if matches!(trigger, Trigger::Main) {
-            shared.jobs.update(&job.name, |s| s.next = Some(next.timestamp()));
+            node.jobs.update(&job.name, |s| s.next = Some(next.timestamp()));
         }
         let wait = (next - chrono::Local::now()).to_std().unwrap_or(Duration::ZERO);
         // Far-off times are approached a day at a time (timers have a range,
@@ -50,27 +41,27 @@ pub(super) async fn scheduled(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        if shared.is_paused() {
+        if node.pause.is_paused() {
             tracing::info!(job = job.name, "job skipped: paused");
             continue;
         }
-        if shared.role.is_unconfirmed() {
+        if node.role.is_unconfirmed() {
             tracing::info!(
                 job = job.name,
                 "job skipped: this node is held until a peer confirms its epoch"
             );
             continue;
         }
-        let active = shared.role.is_active();
+        let active = node.role.is_active();
         match trigger {
             Trigger::Restore if !active => {
-                let _ = restore(&shared, &job, true).await;
+                let _ = restore(&node, &job, true).await;
             }
             Trigger::Main if job.dump.is_some() && active => {
-                let _ = dump(&shared, &job).await;
+                let _ = dump(&node, &job).await;
             }
             Trigger::Main if job.run.is_some() && runs_here(&job, active) => {
-                let _ = run_command(&shared, &job).await;
+                let _ = run_command(&node, &job).await;
             }
             _ => {}
         }
