@@ -95,11 +95,11 @@ pub(super) fn failed_over(to: &str, next: &RoleState, reply: Result<Reply>) -> R
 
 /// The final dumps `jobs` (`(job, generation)`) that `node`'s report `st`
 /// does not show restored yet, or a refusal when one of them failed to
-/// restore (nothing has changed yet). Without a report, nothing is counted
-/// as pending.
+/// restore (nothing has changed yet). Without a report (the target did not
+/// answer) every one is pending: an unanswered question is not a restore.
 pub(super) fn restore_pending(node: &str, st: Option<&NodeStatus>, jobs: &[(String, u64)]) -> Result<Vec<String>> {
     let Some(st) = st else {
-        return Ok(Vec::new());
+        return Ok(jobs.iter().map(|(job, _)| job.clone()).collect());
     };
     let mut pending = Vec::new();
     for (job, generation) in jobs {
