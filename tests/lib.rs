@@ -712,6 +712,95 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// A guard against two active nodes: a thread polls every node's
+/// `/_status/check` in turn, a round every 10 ms, for as long as the guard
+/// lives, and records every round in which more than one node answered
+/// 200. [`ActiveGuard::finish`] (or the drop, unless the test is already
+/// failing) panics if there was one.
+pub struct ActiveGuard {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<GuardReport>>,
+}
+
+/// What an [`ActiveGuard`] saw.
+#[derive(Debug, Default)]
+pub struct GuardReport {
+    /// How many poll rounds it made.
+    pub rounds: u64,
+    /// In how many rounds exactly one node answered 200.
+    pub one_active: u64,
+    /// The rounds in which two or more nodes answered 200 (their names,
+    /// and the milliseconds since the guard started).
+    pub doubles: Vec<(u64, Vec<String>)>,
+}
+
+impl ActiveGuard {
+    /// Starts polling `nodes` (name, HTTP port).
+    pub fn start(nodes: &[(&str, u16)]) -> ActiveGuard {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let nodes: Vec<(String, u16)> = nodes.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut report = GuardReport::default();
+            while !flag.load(Ordering::SeqCst) {
+                let round = Instant::now();
+                let ok: Vec<String> = nodes
+                    .iter()
+                    .filter(|(_, port)| http_status(*port, "/_status/check") == Some(200))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                report.rounds += 1;
+                match ok.len() {
+                    0 => {}
+                    1 => report.one_active += 1,
+                    _ => report.doubles.push((started.elapsed().as_millis() as u64, ok)),
+                }
+                if let Some(rest) = Duration::from_millis(10).checked_sub(round.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+            report
+        });
+        ActiveGuard {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn join(&mut self) -> Option<GuardReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().map(|t| t.join().expect("the guard thread panicked"))
+    }
+
+    /// Stops polling; panics if two nodes ever answered 200 in one round.
+    pub fn finish(mut self) -> GuardReport {
+        let report = self.join().expect("guard running");
+        assert!(
+            report.doubles.is_empty(),
+            "two nodes answered 200 in the same round: {:?}",
+            report.doubles
+        );
+        assert!(report.rounds > 0, "the guard made no round");
+        report
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if let Some(report) = self.join() {
+            if !std::thread::panicking() {
+                assert!(
+                    report.doubles.is_empty(),
+                    "two nodes answered 200 in the same round: {:?}",
+                    report.doubles
+                );
+            }
+        }
+    }
+}
+
 /// The path of the program `tool` (looked up on `PATH`, then in the
 /// system directories root's `PATH` has), or a panic that names the Debian
 /// package providing it: a test never passes or skips because a tool is

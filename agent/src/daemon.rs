@@ -5,7 +5,9 @@
 //! role is a `watch` channel, and a change of role starts or cancels the
 //! active-side tasks without a restart. SIGTERM or SIGINT cancels the root
 //! token; every task stops on it. Start-up is `startup`'s; the active side
-//! of one epoch is `active::ActiveSide`.
+//! of one epoch is `active::ActiveSide`. With `[etcd]`, the leadership task
+//! (`leadership`) runs too, and a node named active runs its active side
+//! only while it holds etcd's leader key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use warmspare_shared::state;
 
 use crate::active::ActiveSide;
 use crate::node::Shared;
-use crate::{health, hooks, jobs, sd, server, startup};
+use crate::{health, hooks, jobs, leadership, sd, server, startup};
 
 /// Runs the node `node` of the cluster file at `cluster` (`None`: found by
 /// host name) until SIGTERM or SIGINT.
@@ -96,6 +98,17 @@ pub async fn serve(
         sd::run(s, c).await;
         "the watchdog"
     });
+    if let Some(etcd) = shared.live.cluster().etcd.clone() {
+        leadership::fence_at_start(&shared.role);
+        let stamp = shared
+            .loops
+            .register("the etcd leadership loop", leadership::watchdog_limit(&etcd));
+        let (live, role, c) = (shared.live.clone(), shared.role.clone(), cancel.clone());
+        tasks.spawn(async move {
+            leadership::run(live, role, stamp, c).await;
+            "the etcd leadership loop"
+        });
+    }
     // Jobs and the active side restart on every accepted reload.
     let mut config_token = cancel.child_token();
     tasks.spawn(run_jobs(shared.for_jobs(), config_token.clone()));
@@ -104,6 +117,7 @@ pub async fn serve(
     sd::ready(&shared);
 
     let mut roles = shared.role.subscribe();
+    let mut leader_key = shared.role.subscribe_leader_key();
     let mut active: Option<ActiveSide> = None;
     // While this node is passive: the watcher of local changes.
     let mut passive: Option<CancellationToken> = None;
@@ -129,7 +143,9 @@ pub async fn serve(
     };
     loop {
         let role = roles.borrow_and_update().clone();
-        let mine = role.active == shared.live.me.name;
+        leader_key.borrow_and_update();
+        // With `[etcd]`, named active without the leader key is no active side.
+        let mine = role.active == shared.live.me.name && shared.role.leader_key_fence().is_none();
         match &passive {
             None if !mine => {
                 let token = config_token.child_token();
@@ -208,6 +224,7 @@ pub async fn serve(
                 Err(_) => {}
             },
             changed = roles.changed() => if changed.is_err() { break },
+            changed = leader_key.changed() => if changed.is_err() { break },
             _ = hangups.recv() => {
                 sd::reloading();
                 match shared.live.reload() {

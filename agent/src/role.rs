@@ -10,9 +10,11 @@
 //!   persist the state and append to the role history before anything
 //!   sees the change, and are serialised with each other.
 //! - The hold: a node named active that no peer has confirmed since it
-//!   started ([`Role::hold`], [`Role::confirm`]), and the promotion gate
-//!   ([`Role::hooks`]: its `on_promote` hook). [`Role::is_active`] is true
-//!   only past both.
+//!   started ([`Role::hold`], [`Role::confirm`]); with `[etcd]`, the leader
+//!   key fence: a node named active that does not hold etcd's leader key
+//!   for its epoch ([`Role::set_leader_key`], set by `leadership`); and the
+//!   promotion gate ([`Role::hooks`]: its `on_promote` hook).
+//!   [`Role::is_active`] is true only past all three.
 //!
 //! Imports `live` (this node's name, state dir, cluster), `telemetry`
 //! (nudges flushes, wakes shippers) and `promotion`; nothing imports back.
@@ -80,8 +82,24 @@ pub struct Role {
     /// Why this node, though its role state names it active, does not act
     /// as the active one (see [`Role::unconfirmed`]).
     held: Mutex<Option<String>>,
+    /// With `[etcd]`: whether this node holds the leader key, and for which
+    /// epoch (see [`LeaderKey`]).
+    leader_key: watch::Sender<LeaderKey>,
     /// The role hooks' runtime (the promotion gate).
     pub hooks: Hooks,
+}
+
+/// Where this node stands with etcd's leader key. With `[etcd]` a node
+/// named active acts as active only while it holds the key for its current
+/// epoch; without `[etcd]` the key plays no part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaderKey {
+    /// No `[etcd]`: no fence.
+    NotUsed,
+    /// This node holds the leader key for this epoch.
+    Held(u64),
+    /// It does not hold the key, for this reason.
+    Missing(String),
 }
 
 impl Role {
@@ -98,6 +116,7 @@ impl Role {
             .0,
             lock: Mutex::new(()),
             held: Mutex::new(None),
+            leader_key: watch::channel(LeaderKey::NotUsed).0,
             hooks: Hooks::default(),
         }
     }
@@ -183,12 +202,52 @@ impl Role {
         self.unconfirmed().is_some()
     }
 
-    /// Why this node is held for want of a confirmation, while it is.
+    /// Why this node is held for want of a confirmation, while it is: by
+    /// etcd (see [`Role::leader_key_fence`]) or by a peer.
     pub fn unconfirmed(&self) -> Option<String> {
         if self.state.borrow().active != self.live.me.name {
             return None;
         }
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.leader_key_fence()
+            .or_else(|| self.held.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// With `[etcd]`: why this node, named active, does not hold the leader
+    /// key for its current epoch (it must not act as active); `None` when it
+    /// does, when it is passive, or without `[etcd]`.
+    pub fn leader_key_fence(&self) -> Option<String> {
+        let role = self.state.borrow();
+        if role.active != self.live.me.name {
+            return None;
+        }
+        match &*self.leader_key.borrow() {
+            LeaderKey::NotUsed => None,
+            LeaderKey::Held(epoch) if *epoch == role.epoch => None,
+            LeaderKey::Held(epoch) => Some(format!(
+                "this node holds etcd's leader key for epoch {epoch}, not for epoch {}",
+                role.epoch
+            )),
+            LeaderKey::Missing(why) => Some(why.clone()),
+        }
+    }
+
+    /// Records where this node stands with etcd's leader key (the
+    /// leadership task's, alone).
+    pub fn set_leader_key(&self, key: LeaderKey) {
+        if self.leader_key.send_if_modified(|k| {
+            let changed = *k != key;
+            *k = key;
+            changed
+        }) {
+            self.telemetry.nudge();
+            self.telemetry.interrupt_shippers();
+        }
+    }
+
+    /// A receiver of every change of [`LeaderKey`] (the supervisor starts
+    /// and stops the active side on them).
+    pub fn subscribe_leader_key(&self) -> watch::Receiver<LeaderKey> {
+        self.leader_key.subscribe()
     }
 
     /// Holds this node (named active, not acting as active) for `reason`,

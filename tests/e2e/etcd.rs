@@ -394,4 +394,34 @@ fn line_of(text: &str, node: &str) -> String {
         .find(|l| l.trim_start().starts_with(&format!("{node} ")) && l.contains(" lag "))
         .unwrap_or_else(|| panic!("no line for {node}: {text}"))
         .to_string()
+
+#[test]
+fn a_leader_records_its_own_epoch_and_claims_its_key_again_on_a_new_lease() {
+    let etcd = EtcdCluster::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let c = client(&etcd.endpoints(), "/warmspare/claim");
+        let old = c.grant(Duration::from_secs(30)).await.unwrap();
+        // etcd empty, the node at epoch 5: it records its epoch.
+        assert_eq!(c.seize("a", old, 0, 5).await.unwrap(), TxnOutcome::Done(5));
+        // A second seize finds the key present.
+        let other = c.grant(Duration::from_secs(30)).await.unwrap();
+        assert!(matches!(c.seize("b", other, 5, 6).await.unwrap(), TxnOutcome::Refused(_)));
+        // Another node cannot claim a's key.
+        assert!(matches!(c.claim("b", other, 5, 5).await.unwrap(), TxnOutcome::Refused(_)));
+        // a, restarted, claims it on a new lease at the same epoch.
+        let new = c.grant(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(c.claim("a", new, 5, 5).await.unwrap(), TxnOutcome::Done(5));
+        let role = c.role().await.unwrap();
+        assert_eq!((role.leader, role.epoch), (leader("a", new), 5));
+        // The old lease no longer carries the key.
+        c.revoke(old).await.unwrap();
+        assert_eq!(c.role().await.unwrap().leader, leader("a", new));
+        // A claim at a stale epoch is refused; at the current one it may move the epoch up.
+        assert!(matches!(c.claim("a", new, 4, 6).await.unwrap(), TxnOutcome::Refused(_)));
+        assert_eq!(c.claim("a", new, 5, 7).await.unwrap(), TxnOutcome::Done(7));
+        // Epochs that go nowhere are refused before anything is sent.
+        assert!(c.seize("a", new, 7, 7).await.is_err());
+        assert!(c.claim("a", new, 7, 6).await.is_err());
+    });
 }

@@ -274,6 +274,42 @@ impl Client {
         Ok(settle(outcome, me, lease, next))
     }
 
+    /// Takes the role when nobody holds it, at an epoch the caller names:
+    /// if the leader key is absent and the epoch is `epoch`, the leader
+    /// becomes `me` on `lease` and the epoch `next` (above `epoch`), in one
+    /// transaction. [`Client::take`] is this with `next = epoch + 1`; an
+    /// active whose local epoch is ahead of etcd's (the first start with
+    /// `[etcd]`, or an operator's role change) records its own epoch so.
+    pub async fn seize(&self, me: &str, lease: i64, epoch: u64, next: u64) -> Result<TxnOutcome, EtcdError> {
+        if next <= epoch || next > crate::state::MAX_EPOCH {
+            return Err(self.bad(format!("cannot move the epoch from {epoch} to {next}")));
+        }
+        let compare = json!([
+            { "key": b64(&self.leader_key()), "target": "CREATE", "result": "EQUAL", "create_revision": "0" },
+            self.epoch_is(epoch),
+        ]);
+        let outcome = self.role_txn(compare, me, lease, next).await?;
+        Ok(settle(outcome, me, lease, next))
+    }
+
+    /// Keeps the role for `me` on a new lease: if the leader key names `me`
+    /// and the epoch is `epoch`, the key is put again on `lease` and the
+    /// epoch becomes `next` (at or above `epoch`), in one transaction. An
+    /// active that restarted (its old lease still alive) re-claims its key
+    /// so, at the same epoch; one an operator named again at a higher epoch
+    /// records that epoch.
+    pub async fn claim(&self, me: &str, lease: i64, epoch: u64, next: u64) -> Result<TxnOutcome, EtcdError> {
+        if next < epoch || next > crate::state::MAX_EPOCH {
+            return Err(self.bad(format!("cannot move the epoch from {epoch} to {next}")));
+        }
+        let compare = json!([
+            { "key": b64(&self.leader_key()), "target": "VALUE", "result": "EQUAL", "value": b64(me) },
+            self.epoch_is(epoch),
+        ]);
+        let outcome = self.role_txn(compare, me, lease, next).await?;
+        Ok(settle(outcome, me, lease, next))
+    }
+
     /// Hands the role from `me` to `other`: if the leader key names `me` and
     /// the epoch is `epoch`, the leader becomes `other` on `other_lease` (a
     /// lease the new leader then keeps alive) and the epoch `epoch + 1`.

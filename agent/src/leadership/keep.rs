@@ -1,0 +1,205 @@
+//! The active's side: acquiring etcd's leader key for this node's epoch,
+//! renewing it every `loop_wait`, and the self-demotion when a renewal
+//! cannot be confirmed within the window of `confirm::Leadership`.
+//!
+//! The fence (`role::LeaderKey`) is lifted only once a transaction put the
+//! key naming this node on a lease of its own at its epoch; it goes up
+//! again, at once, when the verdict is `Demote`: the supervisor then stops
+//! the active side and runs `on_demote`, health answers 503 and jobs stop.
+//! A demoted node revokes its lease (best effort) and tries to acquire the
+//! key again: it gets it back only if no other node took it.
+
+use std::time::{Duration, Instant};
+
+use warmspare_shared::etcd::confirm::{Leadership, Renewal, Verdict};
+use warmspare_shared::etcd::TxnOutcome;
+use warmspare_shared::state::RoleState;
+
+use super::decide::{self, Step};
+use super::{Ctx, Lease};
+use crate::role::LeaderKey;
+
+/// While this node's role state names it active: acquires the key, holds
+/// it, and returns when the role state names another node (the lease
+/// revoked: a switchover is quick) or the agent stops (the lease kept: a
+/// restart within `ttl` claims the key again). Returns the lease it still
+/// holds, if any.
+pub(super) async fn lead(ctx: &Ctx, mut lease: Option<Lease>) -> Option<Lease> {
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return lease;
+        }
+        let local = ctx.role.current();
+        if local.active != ctx.me() {
+            if let Some(l) = lease.take() {
+                ctx.revoke(l).await;
+            }
+            ctx.fence(format!("{} is named active at epoch {}", local.active, local.epoch));
+            return None;
+        }
+        if let (Some(l), None) = (lease, ctx.role.leader_key_fence()) {
+            lease = hold(ctx, local.epoch, l).await;
+            continue;
+        }
+        match acquire(ctx, &local).await {
+            Some(l) => {
+                // The key moved to the new lease: the old one may go.
+                if let Some(old) = lease.replace(l) {
+                    ctx.revoke(old).await;
+                }
+            }
+            None => ctx.pause(ctx.etcd.loop_wait).await,
+        }
+    }
+}
+
+/// One attempt to acquire the leader key for `local` (which names this
+/// node); the lease the key is now on, when it succeeded.
+async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
+    let etcd = match ctx.bounded(ctx.client.role()).await {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.fence(format!("cannot read the role from etcd: {e}"));
+            return None;
+        }
+    };
+    let step = decide::as_active(ctx.me(), &ctx.live.cluster(), local, &etcd);
+    let (claim, from, to, moved) = match step {
+        Step::Adopt(next) => {
+            tracing::warn!(
+                epoch = next.epoch,
+                active = next.active,
+                "etcd names another node active"
+            );
+            ctx.adopt(next).await;
+            return None;
+        }
+        Step::Wait(why) => {
+            if ctx.role.leader_key_fence().as_deref() != Some(&format!("without etcd's leader key: {why}")) {
+                tracing::warn!(epoch = local.epoch, "named active, not acting as active: {why}");
+            }
+            ctx.fence(why);
+            return None;
+        }
+        Step::Claim { from, to } => (true, from, to, None),
+        Step::Seize { from, to, local } => (false, from, to, local),
+    };
+    let lease = match ctx.grant().await {
+        Ok(l) => l,
+        Err(e) => {
+            ctx.fence(format!("cannot get a lease: {e}"));
+            return None;
+        }
+    };
+    let me = ctx.me().to_string();
+    let outcome = if claim {
+        ctx.bounded(ctx.client.claim(&me, lease.id, from, to)).await
+    } else {
+        ctx.bounded(ctx.client.seize(&me, lease.id, from, to)).await
+    };
+    match outcome {
+        Ok(TxnOutcome::Done(epoch)) => {
+            ctx.role.set_leader_key(LeaderKey::Held(epoch));
+            if let Some(reason) = moved {
+                let next = RoleState {
+                    epoch,
+                    active: me.clone(),
+                };
+                if let Err(why) = ctx.move_role(local.clone(), next, reason).await {
+                    tracing::error!(epoch, "took the leader key but cannot move the role: {why}");
+                    ctx.fence(format!("cannot record epoch {epoch}: {why}"));
+                    ctx.revoke(lease).await;
+                    return None;
+                }
+            }
+            // etcd confirmed this node: no peer's confirmation is needed.
+            ctx.role.confirm("etcd");
+            tracing::warn!(epoch, lease = lease.id, claimed = claim, "holding etcd's leader key");
+            Some(lease)
+        }
+        Ok(TxnOutcome::Refused(now)) => {
+            ctx.fence(format!(
+                "the transaction was refused: etcd is at epoch {} with {} holding the key",
+                now.epoch,
+                now.leader.map_or_else(|| "no node".to_string(), |l| l.name)
+            ));
+            ctx.revoke(lease).await;
+            None
+        }
+        Err(e) => {
+            ctx.fence(format!("the transaction failed: {e}"));
+            ctx.revoke(lease).await;
+            None
+        }
+    }
+}
+
+/// Holds the key for `epoch` on `lease`: renews it every `loop_wait`
+/// (sooner after a failure) and records each outcome. Returns the lease
+/// when the role state moved on or the agent stops, `None` once this node
+/// demoted itself (the lease then revoked, best effort).
+async fn hold(ctx: &Ctx, epoch: u64, lease: Lease) -> Option<Lease> {
+    let me = ctx.me().to_string();
+    let mut leadership = Leadership::new(lease.granted, ctx.etcd.confirm_window());
+    let mut due = lease.granted + ctx.etcd.loop_wait;
+    let retry = (ctx.etcd.retry_timeout / 4).min(ctx.etcd.loop_wait);
+    let mut roles = ctx.role.subscribe();
+    loop {
+        ctx.stamp.stamp();
+        let until = match leadership.verdict(Instant::now()) {
+            Verdict::Confirmed { until } => until,
+            Verdict::Demote => return demote(ctx, &leadership, lease).await,
+        };
+        // Just past the window, so that the verdict is `Demote` then.
+        let expiry = tokio::time::Instant::from_std(until + Duration::from_millis(1));
+        roles.borrow_and_update();
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => return Some(lease),
+            _ = roles.changed() => {
+                let now = ctx.role.current();
+                if now.active != me || now.epoch != epoch {
+                    return Some(lease);
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(expiry) => continue,
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(due)) => {}
+        }
+        let sent = Instant::now();
+        let outcome = tokio::select! {
+            _ = ctx.cancel.cancelled() => return Some(lease),
+            r = ctx.bounded(ctx.client.renew(&me, lease.id)) => match r {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the leader key");
+                    Renewal::Failed(e.kind())
+                }
+            },
+            // The window ends while the renewal is out: the verdict decides.
+            _ = tokio::time::sleep_until(expiry) => continue,
+        };
+        leadership.record(sent, outcome);
+        due = match outcome {
+            Renewal::Confirmed => sent + ctx.etcd.loop_wait,
+            _ => Instant::now() + retry,
+        };
+    }
+}
+
+/// The verdict is `Demote`: the fence goes up at once, then the lease is
+/// revoked (best effort: etcd may be what is unreachable).
+async fn demote(ctx: &Ctx, leadership: &Leadership, lease: Lease) -> Option<Lease> {
+    let since = leadership.last_success_send().elapsed();
+    ctx.fence(format!(
+        "leadership not confirmed for {} ms (the window is {} ms); demoted",
+        since.as_millis(),
+        ctx.etcd.confirm_window().as_millis()
+    ));
+    tracing::error!(
+        since_ms = since.as_millis() as u64,
+        window_ms = ctx.etcd.confirm_window().as_millis() as u64,
+        "cannot confirm etcd's leader key: this node demotes itself"
+    );
+    ctx.revoke(lease).await;
+    None
+}

@@ -1,0 +1,185 @@
+//! Automatic failover through etcd (`[etcd]` in the cluster file): the
+//! leadership task, which the supervisor spawns only when `[etcd]` is set.
+//!
+//! etcd is the authority on who is active. A node whose role state names it
+//! active acts as active only while it holds etcd's leader key for its
+//! epoch (`role::LeaderKey`, the fence behind `Role::is_active`): `keep`
+//! acquires the key (at start, after a restart, after an operator's role
+//! change), renews it every `loop_wait` and demotes this node when it cannot
+//! confirm it within the window of `confirm::Leadership`. A passive
+//! (`take`) watches the key; when it is gone and this node is eligible, it
+//! takes the key and then the role. Either side adopts a higher epoch etcd
+//! shows. `decide` holds the decisions, pure and table-tested.
+//!
+//! Every etcd call is bounded; the loop stamps its progress for the
+//! watchdog (see `progress`). On shutdown the key is left on its lease: an
+//! agent restarted within `ttl` claims it again at the same epoch; one that
+//! stays down loses it when the lease lapses, and a passive takes over.
+//!
+//! Imports `live`, `role`, `progress`; nothing imports back but `daemon`.
+
+mod decide;
+mod keep;
+mod take;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use warmspare_shared::config::Etcd;
+use warmspare_shared::etcd::{Client, EtcdError};
+use warmspare_shared::state::RoleState;
+
+use crate::live::Live;
+use crate::progress::Stamp;
+use crate::role::{LeaderKey, Role};
+
+/// The progress limit of the leadership loop for the watchdog: between its
+/// confirmation window and `ttl`, so that a hung agent is killed before
+/// its lease can lapse (its confirmation would have run out first).
+pub fn watchdog_limit(etcd: &Etcd) -> Duration {
+    (etcd.confirm_window() + etcd.ttl) / 2
+}
+
+/// Fences this node until the leadership task confirms it holds the
+/// leader key (called at start-up, before any task runs, with `[etcd]`).
+pub fn fence_at_start(role: &Role) {
+    role.set_leader_key(LeaderKey::Missing(
+        "without etcd's leader key: not confirmed since this agent started".into(),
+    ));
+}
+
+/// A lease this node was granted, and when the grant was sent (the lease
+/// lives at least `ttl` from then).
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    id: i64,
+    granted: Instant,
+}
+
+/// What the leadership task works with.
+struct Ctx {
+    live: Arc<Live>,
+    role: Arc<Role>,
+    client: Client,
+    etcd: Etcd,
+    stamp: Arc<Stamp>,
+    cancel: CancellationToken,
+}
+
+/// Runs the leadership task until `cancel` fires; `[etcd]` must be set
+/// (without it the task returns at once).
+pub async fn run(live: Arc<Live>, role: Arc<Role>, stamp: Arc<Stamp>, cancel: CancellationToken) {
+    let Some(etcd) = live.cluster().etcd.clone() else {
+        return;
+    };
+    let client = Client::new(&etcd, etcd.retry_timeout);
+    let ctx = Ctx {
+        live,
+        role,
+        client,
+        etcd,
+        stamp,
+        cancel,
+    };
+    tracing::info!(
+        prefix = ctx.client.leader_key(),
+        ttl_s = ctx.etcd.ttl.as_secs(),
+        loop_wait_ms = ctx.etcd.loop_wait.as_millis() as u64,
+        retry_timeout_ms = ctx.etcd.retry_timeout.as_millis() as u64,
+        "automatic failover through etcd"
+    );
+    let mut lease = None;
+    while !ctx.cancel.is_cancelled() {
+        ctx.stamp.stamp();
+        lease = if ctx.role.current().active == ctx.me() {
+            keep::lead(&ctx, lease).await
+        } else {
+            take::follow(&ctx).await
+        };
+    }
+}
+
+impl Ctx {
+    fn me(&self) -> &str {
+        &self.live.me.name
+    }
+
+    /// `call` within the client's deadline (and a little more: the client
+    /// bounds each call itself; this bounds what it does not).
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T, EtcdError>>) -> Result<T, EtcdError> {
+        let limit = self.etcd.retry_timeout + Duration::from_millis(500);
+        let out = tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(EtcdError::Timeout {
+                endpoint: "etcd".into(),
+                after: limit,
+            })
+        });
+        self.stamp.stamp();
+        out
+    }
+
+    /// A new lease of `ttl`.
+    async fn grant(&self) -> Result<Lease, EtcdError> {
+        let granted = Instant::now();
+        let id = self.bounded(self.client.grant(self.etcd.ttl)).await?;
+        Ok(Lease { id, granted })
+    }
+
+    /// Revokes `lease` (its key goes at once); a failure is logged: the
+    /// lease then lapses after `ttl`.
+    async fn revoke(&self, lease: Lease) {
+        if let Err(e) = self.bounded(self.client.revoke(lease.id)).await {
+            tracing::warn!(lease = lease.id, error = %e, "cannot revoke the lease; it lapses after its ttl");
+        }
+    }
+
+    /// Records that this node does not hold the leader key, for `why`.
+    fn fence(&self, why: String) {
+        self.role
+            .set_leader_key(LeaderKey::Missing(format!("without etcd's leader key: {why}")));
+    }
+
+    /// Waits `limit`, less when the role state changes or the agent stops.
+    async fn pause(&self, limit: Duration) {
+        let mut roles = self.role.subscribe();
+        roles.borrow_and_update();
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = roles.changed() => {}
+            _ = tokio::time::sleep(limit) => {}
+        }
+        self.stamp.stamp();
+    }
+
+    /// Moves this node's role state from `expect` to `next` (see
+    /// `Role::compare_and_swap`); `Ok` also when it is at `next` already.
+    async fn move_role(&self, expect: RoleState, next: RoleState, reason: String) -> Result<(), String> {
+        let role = self.role.clone();
+        let want = next.clone();
+        let moved = tokio::task::spawn_blocking(move || role.compare_and_swap(&expect, next, &reason, "etcd"))
+            .await
+            .unwrap_or_else(|e| Err(format!("the role change failed: {e}")));
+        match moved {
+            Ok(_) => Ok(()),
+            Err(_) if self.role.current() == want => Ok(()),
+            Err(why) => Err(why),
+        }
+    }
+
+    /// Adopts `next`, the role etcd holds (a higher epoch).
+    async fn adopt(&self, next: RoleState) {
+        let role = self.role.clone();
+        let reason = format!("etcd names {} active at epoch {}", next.active, next.epoch);
+        let adopted = tokio::task::spawn_blocking(move || role.adopt(next, &reason, "etcd")).await;
+        match adopted {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "cannot adopt etcd's role"),
+            Err(e) => tracing::error!(error = %e, "cannot adopt etcd's role"),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The passive's side: watching etcd's leader key and taking the role when
+//! the key is gone and this node is eligible (`decide::eligible`), or
+//! adopting a higher epoch etcd shows.
+//!
+//! The watch only wakes the loop sooner: each round reads the role from
+//! etcd, and a round comes at least every `loop_wait` (a watch that breaks
+//! or says nothing is no reason to wait longer). A take is one transaction
+//! (`take`: the key absent and etcd's epoch N, then this node leader at
+//! N + 1), and only then the local role moves to N + 1 naming this node,
+//! which starts the promotion as an operator's would (`on_promote`, then
+//! active).
+
+use warmspare_shared::etcd::{LeaderWatch, TxnOutcome};
+use warmspare_shared::state::RoleState;
+
+use super::decide::{self, Step};
+use super::{Ctx, Lease};
+use crate::role::LeaderKey;
+
+/// While this node's role state names another node: follows etcd's role.
+/// Returns when the role state names this node: with the lease of the key
+/// when this node took it.
+pub(super) async fn follow(ctx: &Ctx) -> Option<Lease> {
+    let mut watch: Option<LeaderWatch> = None;
+    let mut unreachable = false;
+    loop {
+        ctx.stamp.stamp();
+        let local = ctx.role.current();
+        if ctx.cancel.is_cancelled() || local.active == ctx.me() {
+            return None;
+        }
+        match ctx.bounded(ctx.client.role()).await {
+            Err(e) => {
+                if !unreachable {
+                    tracing::warn!(error = %e, "cannot read the role from etcd; no automatic failover until it answers");
+                    unreachable = true;
+                }
+                watch = None;
+            }
+            Ok(etcd) => {
+                if unreachable {
+                    tracing::info!("etcd answers again");
+                    unreachable = false;
+                }
+                let cluster = ctx.live.cluster();
+                let eligible = decide::eligible(&cluster, ctx.me(), &local.active);
+                match decide::as_passive(&cluster, &local, &etcd, eligible) {
+                    Step::Adopt(next) => ctx.adopt(next).await,
+                    Step::Seize {
+                        from,
+                        to,
+                        local: reason,
+                    } => {
+                        let reason = reason.unwrap_or_else(|| "automatic failover".into());
+                        if let Some(lease) = take_over(ctx, &local, from, to, reason).await {
+                            return Some(lease);
+                        }
+                    }
+                    Step::Claim { .. } | Step::Wait(_) => {}
+                }
+                if watch.is_none() {
+                    match ctx.bounded(ctx.client.watch_leader(etcd.revision + 1)).await {
+                        Ok(w) => watch = Some(w),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot watch the leader key; reading it every loop_wait")
+                        }
+                    }
+                }
+            }
+        }
+        wait(ctx, &mut watch).await;
+    }
+}
+
+/// Takes the key (etcd's epoch `from` to `to`), then moves this node's role
+/// from `local` to `to` naming itself; the lease of the key on success.
+async fn take_over(ctx: &Ctx, local: &RoleState, from: u64, to: u64, reason: String) -> Option<Lease> {
+    let lease = match ctx.grant().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot get a lease to take the leader key");
+            return None;
+        }
+    };
+    let me = ctx.me().to_string();
+    match ctx.bounded(ctx.client.seize(&me, lease.id, from, to)).await {
+        Ok(TxnOutcome::Done(epoch)) => {
+            tracing::warn!(epoch, old = local.active, "took etcd's leader key: {reason}");
+            ctx.role.set_leader_key(LeaderKey::Held(epoch));
+            let next = RoleState { epoch, active: me };
+            match ctx.move_role(local.clone(), next, reason).await {
+                Ok(()) => Some(lease),
+                Err(why) => {
+                    tracing::error!(epoch, "took the leader key but cannot move the role: {why}");
+                    ctx.fence(format!("cannot record epoch {epoch}: {why}"));
+                    ctx.revoke(lease).await;
+                    None
+                }
+            }
+        }
+        Ok(TxnOutcome::Refused(now)) => {
+            tracing::info!(
+                epoch = now.epoch,
+                leader = now.leader.map(|l| l.name).unwrap_or_default(),
+                "another node took the leader key first"
+            );
+            ctx.revoke(lease).await;
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the take of the leader key failed");
+            ctx.revoke(lease).await;
+            None
+        }
+    }
+}
+
+/// Waits for a change of the leader key (at most `loop_wait`), a change of
+/// this node's role state, or the agent's stop.
+async fn wait(ctx: &Ctx, watch: &mut Option<LeaderWatch>) {
+    let mut roles = ctx.role.subscribe();
+    roles.borrow_and_update();
+    let limit = ctx.etcd.loop_wait;
+    match watch {
+        Some(w) => {
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => {}
+                _ = roles.changed() => {}
+                next = tokio::time::timeout(limit, w.next()) => {
+                    if let Ok(Err(e)) = next {
+                        tracing::debug!(error = %e, "the watch of the leader key broke");
+                        *watch = None;
+                    }
+                }
+            }
+        }
+        None => ctx.pause(limit).await,
+    }
+    ctx.stamp.stamp();
+}
