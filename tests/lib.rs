@@ -744,7 +744,8 @@ impl ActiveGuard {
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
             let mut report = GuardReport::default();
-            while !flag.load(Ordering::SeqCst) {
+            // At least one round, however soon the guard is stopped.
+            loop {
                 let round = Instant::now();
                 let ok: Vec<String> = nodes
                     .iter()
@@ -756,6 +757,9 @@ impl ActiveGuard {
                     0 => {}
                     1 => report.one_active += 1,
                     _ => report.doubles.push((started.elapsed().as_millis() as u64, ok)),
+                }
+                if flag.load(Ordering::SeqCst) {
+                    break;
                 }
                 if let Some(rest) = Duration::from_millis(10).checked_sub(round.elapsed()) {
                     std::thread::sleep(rest);

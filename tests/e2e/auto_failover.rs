@@ -234,8 +234,8 @@ fn a_passive_with_failover_false_is_not_promoted() {
     let (mut a, _b) = started(&c);
     let guard = guard(&c);
     a.kill9();
-    wait_until("a's leader key to lapse", TTL + Duration::from_secs(10), || {
-        etcd_role(&etcd).leader.is_none()
+    wait_until("a's leader key to go", TTL + Duration::from_secs(10), || {
+        etcd_role(&etcd).leader.is_none_or(|l| l.name != "a")
     });
     // The key is gone: an eligible passive would take it within a loop.
     holds_for("b not active", LOOP_WAIT * 3, || check(&c, "b") == Some(503));
@@ -249,4 +249,32 @@ fn a_passive_with_failover_false_is_not_promoted() {
         }
     );
     guard.finish();
+}
+
+/// The guard itself: two nodes answering 200 in one round fail the test.
+#[test]
+fn the_guard_fails_a_test_in_which_two_nodes_answer_200() {
+    use std::io::{Read as _, Write as _};
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                for mut s in l.incoming().flatten() {
+                    let mut buf = [0u8; 512];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nactive at epoch 1\n");
+                }
+            });
+            port
+        })
+        .collect();
+    let guard = ActiveGuard::start(&[("x", ports[0]), ("y", ports[1])]);
+    wait_until("a port answering 200", Duration::from_secs(10), || {
+        http_status(ports[1], "/_status/check") == Some(200)
+    });
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guard.finish()));
+    let message = failed.expect_err("the guard let two actives pass");
+    let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(text.contains("two nodes answered 200 in the same round"), "{text}");
 }

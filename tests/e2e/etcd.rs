@@ -406,9 +406,15 @@ fn a_leader_records_its_own_epoch_and_claims_its_key_again_on_a_new_lease() {
         assert_eq!(c.seize("a", old, 0, 5).await.unwrap(), TxnOutcome::Done(5));
         // A second seize finds the key present.
         let other = c.grant(Duration::from_secs(30)).await.unwrap();
-        assert!(matches!(c.seize("b", other, 5, 6).await.unwrap(), TxnOutcome::Refused(_)));
+        assert!(matches!(
+            c.seize("b", other, 5, 6).await.unwrap(),
+            TxnOutcome::Refused(_)
+        ));
         // Another node cannot claim a's key.
-        assert!(matches!(c.claim("b", other, 5, 5).await.unwrap(), TxnOutcome::Refused(_)));
+        assert!(matches!(
+            c.claim("b", other, 5, 5).await.unwrap(),
+            TxnOutcome::Refused(_)
+        ));
         // a, restarted, claims it on a new lease at the same epoch.
         let new = c.grant(Duration::from_secs(30)).await.unwrap();
         assert_eq!(c.claim("a", new, 5, 5).await.unwrap(), TxnOutcome::Done(5));
