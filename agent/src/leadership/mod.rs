@@ -161,9 +161,12 @@ impl Ctx {
     async fn move_role(&self, expect: RoleState, next: RoleState, reason: String) -> Result<(), String> {
         let role = self.role.clone();
         let want = next.clone();
-        let moved = tokio::task::spawn_blocking(move || role.compare_and_swap(&expect, next, &reason, "etcd"))
-            .await
-            .unwrap_or_else(|e| Err(format!("the role change failed: {e}")));
+        let moved = tokio::task::spawn_blocking(move || {
+            role.compare_and_swap(&expect, next, &reason, "etcd")
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the role change failed: {e}")));
         match moved {
             Ok(_) => Ok(()),
             Err(_) if self.role.current() == want => Ok(()),
