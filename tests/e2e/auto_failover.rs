@@ -261,8 +261,15 @@ fn the_guard_fails_a_test_in_which_two_nodes_answer_200() {
             let port = l.local_addr().unwrap().port();
             std::thread::spawn(move || {
                 for mut s in l.incoming().flatten() {
+                    // The whole request, so that the close sends no reset.
+                    let mut got = Vec::new();
                     let mut buf = [0u8; 512];
-                    let _ = s.read(&mut buf);
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
                     let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nactive at epoch 1\n");
                 }
             });
@@ -270,8 +277,8 @@ fn the_guard_fails_a_test_in_which_two_nodes_answer_200() {
         })
         .collect();
     let guard = ActiveGuard::start(&[("x", ports[0]), ("y", ports[1])]);
-    wait_until("a port answering 200", Duration::from_secs(10), || {
-        http_status(ports[1], "/_status/check") == Some(200)
+    wait_until("both ports answering 200", Duration::from_secs(10), || {
+        ports.iter().all(|p| http_status(*p, "/_status/check") == Some(200))
     });
     let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guard.finish()));
     let message = failed.expect_err("the guard let two actives pass");
