@@ -394,6 +394,7 @@ fn line_of(text: &str, node: &str) -> String {
         .find(|l| l.trim_start().starts_with(&format!("{node} ")) && l.contains(" lag "))
         .unwrap_or_else(|| panic!("no line for {node}: {text}"))
         .to_string()
+}
 
 #[test]
 fn a_leader_records_its_own_epoch_and_claims_its_key_again_on_a_new_lease() {

@@ -77,7 +77,22 @@ pub async fn run(live: Arc<Live>, role: Arc<Role>, stamp: Arc<Stamp>, cancel: Ca
     let Some(etcd) = live.cluster().etcd.clone() else {
         return;
     };
-    let client = Client::new(&etcd, etcd.retry_timeout);
+    // TLS files that cannot be used hold this node fenced (and a passive
+    // never takes over) until they can: each try is logged.
+    let client = loop {
+        match Client::new(&etcd, etcd.retry_timeout) {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make the etcd client; trying again");
+                role.set_leader_key(LeaderKey::Missing(format!("without etcd's leader key: {e}")));
+                stamp.stamp();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(etcd.loop_wait) => {}
+                }
+            }
+        }
+    };
     let ctx = Ctx {
         live,
         role,

@@ -126,8 +126,8 @@ async fn wait(ctx: &Ctx, watch: &mut Option<LeaderWatch>) {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => {}
                 _ = roles.changed() => {}
-                next = tokio::time::timeout(limit, w.next()) => {
-                    if let Ok(Err(e)) = next {
+                next = w.next_within(limit) => {
+                    if let Err(e) = next {
                         tracing::debug!(error = %e, "the watch of the leader key broke");
                         *watch = None;
                     }
