@@ -285,3 +285,23 @@ fn the_guard_fails_a_test_in_which_two_nodes_answer_200() {
     let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(text.contains("two nodes answered 200 in the same round"), "{text}");
 }
+
+/// `warmsparectl switchover` with etcd: the old active revokes its lease as
+/// it is demoted, and the target holds the key at the new epoch.
+#[test]
+fn a_switchover_moves_the_leader_key_with_the_role() {
+    let etcd = EtcdCluster::start();
+    let c = pair(&etcd, "");
+    let (_a, _b) = started(&c);
+    c.wait_linked("a", Duration::from_secs(30));
+    let guard = guard(&c);
+    let out = c.ctl(&["switchover", "--to", "b", "--yes"]);
+    assert!(out.status.success(), "{}", warmspare_tests::output_text(&out));
+    wait_until("b active after the switchover", Duration::from_secs(30), || {
+        check(&c, "b") == Some(200)
+    });
+    let r = etcd_role(&etcd);
+    assert_eq!((r.epoch, r.leader.map(|l| l.name)), (2, Some("b".to_string())));
+    assert_eq!(check(&c, "a"), Some(503));
+    guard.finish();
+}
