@@ -58,10 +58,7 @@ pub(super) fn validate(raw: RawFile, loc: &Locator<'_>) -> Result<Cluster, Confi
 
 /// The `[cluster]` table.
 fn cluster_section(c: &RawCluster, loc: &Locator<'_>) -> Result<ClusterSection, ConfigError> {
-    let hook_timeout = match &c.hook_timeout {
-        Some(t) => whole_seconds(loc, t, "cluster.hook_timeout".into(), "5m")?,
-        None => DEFAULT_HOOK_TIMEOUT,
-    };
+    let t = Table::new(loc, "cluster");
     Ok(ClusterSection {
         name: check_name(loc, &c.name, "cluster.name".into())?,
         preferred_active: c.preferred_active.get_ref().clone(),
@@ -69,23 +66,11 @@ fn cluster_section(c: &RawCluster, loc: &Locator<'_>) -> Result<ClusterSection, 
         key_file: check_absolute(loc, &c.key_file, "cluster.key_file".into())?,
         on_promote: check_command(loc, c.on_promote.as_ref(), "cluster.on_promote".into())?,
         on_demote: check_command(loc, c.on_demote.as_ref(), "cluster.on_demote".into())?,
-        hook_timeout,
-        diverged_max_size: match &c.diverged_max_size {
-            Some(s) => check_size(loc, s, "cluster.diverged_max_size".into())?,
-            None => DEFAULT_DIVERGED_MAX_SIZE,
-        },
-        diverged_max_age: match &c.diverged_max_age {
-            Some(t) => check_duration(loc, t, "cluster.diverged_max_age".into(), "30d")?,
-            None => DEFAULT_DIVERGED_MAX_AGE,
-        },
-        undo_max_size: match &c.undo_max_size {
-            Some(s) => check_size(loc, s, "cluster.undo_max_size".into())?,
-            None => DEFAULT_UNDO_MAX_SIZE,
-        },
-        undo_max_age: match &c.undo_max_age {
-            Some(t) => check_duration(loc, t, "cluster.undo_max_age".into(), "7d")?,
-            None => DEFAULT_UNDO_MAX_AGE,
-        },
+        hook_timeout: t.whole_seconds(&c.hook_timeout, "hook_timeout", "5m", DEFAULT_HOOK_TIMEOUT)?,
+        diverged_max_size: t.size(&c.diverged_max_size, "diverged_max_size", DEFAULT_DIVERGED_MAX_SIZE)?,
+        diverged_max_age: t.duration(&c.diverged_max_age, "diverged_max_age", "30d", DEFAULT_DIVERGED_MAX_AGE)?,
+        undo_max_size: t.size(&c.undo_max_size, "undo_max_size", DEFAULT_UNDO_MAX_SIZE)?,
+        undo_max_age: t.duration(&c.undo_max_age, "undo_max_age", "7d", DEFAULT_UNDO_MAX_AGE)?,
         undo_when_full: match &c.undo_when_full {
             Some(v) => check_undo_when_full(loc, v, "cluster.undo_when_full".into())?,
             None => UndoWhenFull::default(),
@@ -113,14 +98,9 @@ fn nodes(raw: &[Spanned<RawNode>], loc: &Locator<'_>) -> Result<Vec<Node>, Confi
                 format!("{:?} is not a host:port address", n.ssh.get_ref()),
             ));
         }
-        let listen = match &n.listen {
-            Some(l) => Some(check_socket_addr(loc, l, format!("node[{i}].listen"))?),
-            None => None,
-        };
-        let http = match &n.http {
-            Some(h) => Some(check_socket_addr(loc, h, format!("node[{i}].http"))?),
-            None => None,
-        };
+        let t = Table::new(loc, format!("node[{i}]"));
+        let listen = t.socket_addr(&n.listen, "listen")?;
+        let http = t.socket_addr(&n.http, "http")?;
         let public_key = check_key(loc, &n.public_key, format!("node[{i}].public_key"))?;
         if nodes.iter().any(|o| o.public_key == public_key) {
             return Err(loc.at(
@@ -129,10 +109,7 @@ fn nodes(raw: &[Spanned<RawNode>], loc: &Locator<'_>) -> Result<Vec<Node>, Confi
                 "the same key is pinned for two nodes".into(),
             ));
         }
-        let root = match &n.root {
-            Some(r) => Some(check_absolute(loc, r, format!("node[{i}].root"))?),
-            None => None,
-        };
+        let root = t.absolute(&n.root, "root")?;
         nodes.push(Node {
             name,
             ssh: n.ssh.get_ref().clone(),
@@ -196,13 +173,10 @@ fn etcd(raw: &Spanned<RawEtcd>, cluster_name: &str, loc: &Locator<'_>) -> Result
         }
         None => format!("/warmspare/{cluster_name}"),
     };
-    let duration = |v: &Option<Spanned<String>>, key: &str, default| match v {
-        Some(t) => whole_seconds(loc, t, format!("etcd.{key}"), "10s"),
-        None => Ok(default),
-    };
-    let ttl = duration(&e.ttl, "ttl", DEFAULT_ETCD_TTL)?;
-    let loop_wait = duration(&e.loop_wait, "loop_wait", DEFAULT_ETCD_LOOP_WAIT)?;
-    let retry_timeout = duration(&e.retry_timeout, "retry_timeout", DEFAULT_ETCD_RETRY_TIMEOUT)?;
+    let t = Table::new(loc, "etcd");
+    let ttl = t.whole_seconds(&e.ttl, "ttl", "10s", DEFAULT_ETCD_TTL)?;
+    let loop_wait = t.whole_seconds(&e.loop_wait, "loop_wait", "10s", DEFAULT_ETCD_LOOP_WAIT)?;
+    let retry_timeout = t.whole_seconds(&e.retry_timeout, "retry_timeout", "10s", DEFAULT_ETCD_RETRY_TIMEOUT)?;
     if ttl.as_secs() < 2 {
         let place = e.ttl.as_ref().map_or(span.clone(), |t| t.span());
         return Err(loc.err(place, "etcd.ttl".into(), "must be at least 2 seconds".into()));
@@ -219,13 +193,9 @@ fn etcd(raw: &Spanned<RawEtcd>, cluster_name: &str, loc: &Locator<'_>) -> Result
             ),
         ));
     }
-    let file = |v: &Option<Spanned<PathBuf>>, key: &str| match v {
-        Some(p) => check_absolute(loc, p, format!("etcd.{key}")).map(Some),
-        None => Ok(None),
-    };
-    let ca = file(&e.ca, "ca")?;
-    let cert = file(&e.cert, "cert")?;
-    let key = file(&e.key, "key")?;
+    let ca = t.absolute(&e.ca, "ca")?;
+    let cert = t.absolute(&e.cert, "cert")?;
+    let key = t.absolute(&e.key, "key")?;
     match (&e.cert, &e.key) {
         (Some(c), None) => return Err(loc.at(c, "etcd.cert".into(), "needs `key` as well".into())),
         (None, Some(k)) => return Err(loc.at(k, "etcd.key".into(), "needs `cert` as well".into())),
@@ -243,10 +213,12 @@ fn etcd(raw: &Spanned<RawEtcd>, cluster_name: &str, loc: &Locator<'_>) -> Result
             "https:// endpoints need `ca`, the CA that signed the members' certificates".into(),
         ));
     }
-    let max_lag_on_failover = match &e.max_lag_on_failover {
-        Some(t) => check_duration(loc, t, "etcd.max_lag_on_failover".into(), "1m")?,
-        None => DEFAULT_MAX_LAG_ON_FAILOVER,
-    };
+    let max_lag_on_failover = t.duration(
+        &e.max_lag_on_failover,
+        "max_lag_on_failover",
+        "1m",
+        DEFAULT_MAX_LAG_ON_FAILOVER,
+    )?;
     Ok(Etcd {
         endpoints,
         prefix,
@@ -327,10 +299,12 @@ fn watches(raw: &[Spanned<RawWatch>], loc: &Locator<'_>) -> Result<Vec<Watch>, C
                 }
             },
         };
-        let after_apply_timeout = match &w.after_apply_timeout {
-            Some(t) => whole_seconds(loc, t, format!("watch[{i}].after_apply_timeout"), "5m")?,
-            None => DEFAULT_AFTER_APPLY_TIMEOUT,
-        };
+        let after_apply_timeout = Table::new(loc, format!("watch[{i}]")).whole_seconds(
+            &w.after_apply_timeout,
+            "after_apply_timeout",
+            "5m",
+            DEFAULT_AFTER_APPLY_TIMEOUT,
+        )?;
         watches.push(Watch {
             name,
             path,
@@ -359,14 +333,9 @@ fn jobs(raw: &[Spanned<RawJob>], loc: &Locator<'_>) -> Result<Vec<Job>, ConfigEr
                 format!("duplicate job name {name:?}"),
             ));
         }
-        let schedule = match &j.schedule {
-            Some(s) => Some(check_cron(loc, s, format!("job[{i}].schedule"))?),
-            None => None,
-        };
-        let restore_schedule = match &j.restore_schedule {
-            Some(s) => Some(check_cron(loc, s, format!("job[{i}].restore_schedule"))?),
-            None => None,
-        };
+        let t = Table::new(loc, format!("job[{i}]"));
+        let schedule = t.cron(&j.schedule, "schedule")?;
+        let restore_schedule = t.cron(&j.restore_schedule, "restore_schedule")?;
         let refuse = |key: String, message: &str| Err(loc.err(span.clone(), key, message.into()));
         if j.dump.is_none() && j.run.is_none() {
             return refuse(format!("job[{i}]"), "a job needs a `dump` or a `run` command");
@@ -396,10 +365,7 @@ fn jobs(raw: &[Spanned<RawJob>], loc: &Locator<'_>) -> Result<Vec<Job>, ConfigEr
             Some(k) => *k.get_ref() as u32,
             None => DEFAULT_KEEP,
         };
-        let timeout = match &j.timeout {
-            Some(t) => check_duration(loc, t, format!("job[{i}].timeout"), "15m")?,
-            None => DEFAULT_JOB_TIMEOUT,
-        };
+        let timeout = t.duration(&j.timeout, "timeout", "15m", DEFAULT_JOB_TIMEOUT)?;
         if timeout.is_zero() {
             if let Some(t) = &j.timeout {
                 return Err(loc.at(t, format!("job[{i}].timeout"), "must be more than zero".into()));
@@ -499,6 +465,74 @@ fn check_socket_addr(loc: &Locator<'_>, addr: &Spanned<String>, key: String) -> 
             format!("{:?} is not an ip:port address: {e}", addr.get_ref()),
         )
     })
+}
+
+/// The optional keys of one table (`cluster`, `node[0]`, `etcd`...), each
+/// checked under its full name (`cluster.undo_max_size`), or its default
+/// when absent.
+struct Table<'a, 'b> {
+    loc: &'a Locator<'b>,
+    name: String,
+}
+
+impl<'a, 'b> Table<'a, 'b> {
+    fn new(loc: &'a Locator<'b>, name: impl Into<String>) -> Self {
+        Table { loc, name: name.into() }
+    }
+
+    /// The full name of `key` of this table.
+    fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.name)
+    }
+
+    /// A size, or `default`.
+    fn size(&self, v: &Option<Spanned<String>>, key: &str, default: u64) -> Result<u64, ConfigError> {
+        v.as_ref()
+            .map_or(Ok(default), |s| check_size(self.loc, s, self.key(key)))
+    }
+
+    /// A duration (`example` shown when it does not parse), or `default`.
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        example: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        v.as_ref()
+            .map_or(Ok(default), |t| check_duration(self.loc, t, self.key(key), example))
+    }
+
+    /// A time limit in whole seconds, at least one, or `default`.
+    fn whole_seconds(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        example: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        v.as_ref()
+            .map_or(Ok(default), |t| whole_seconds(self.loc, t, self.key(key), example))
+    }
+
+    /// An `ip:port` address, when set.
+    fn socket_addr(&self, v: &Option<Spanned<String>>, key: &str) -> Result<Option<SocketAddr>, ConfigError> {
+        v.as_ref()
+            .map(|a| check_socket_addr(self.loc, a, self.key(key)))
+            .transpose()
+    }
+
+    /// An absolute path, when set.
+    fn absolute(&self, v: &Option<Spanned<PathBuf>>, key: &str) -> Result<Option<PathBuf>, ConfigError> {
+        v.as_ref()
+            .map(|p| check_absolute(self.loc, p, self.key(key)))
+            .transpose()
+    }
+
+    /// A cron expression, when set.
+    fn cron(&self, v: &Option<Spanned<String>>, key: &str) -> Result<Option<String>, ConfigError> {
+        v.as_ref().map(|s| check_cron(self.loc, s, self.key(key))).transpose()
+    }
 }
 
 /// `"refuse"` or `"replace"`.
