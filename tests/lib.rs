@@ -574,6 +574,12 @@ impl TestCluster {
             .expect("run warmsparectl")
     }
 
+    /// Runs `warmspare-agent check` as `node` with this cluster file and
+    /// `args` (`--local`...): its exit code and standard output.
+    pub fn check(&self, node: &str, args: &[&str]) -> (Option<i32>, String) {
+        check_with(&self.file, node, args)
+    }
+
     /// Waits until `node`'s links to its peers are all connected, as
     /// `warmsparectl status --json` reports them.
     pub fn wait_linked(&self, node: &str, limit: Duration) {
@@ -613,6 +619,20 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("status --json does not list {node}: {st}"))["status"]
             .clone()
     }
+}
+
+/// Runs `warmspare-agent check` as `node` with the cluster file `file` and
+/// `args`: its exit code and standard output.
+pub fn check_with(file: &Path, node: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin("warmspare-agent"))
+        .arg("--cluster")
+        .arg(file)
+        .args(["--node", node, "check"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run warmspare-agent check");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 /// The workspace's root (the README, `docs/`, `packaging/`).

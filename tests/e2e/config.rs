@@ -126,16 +126,7 @@ fn keygen_writes_a_private_key_and_prints_the_public_line() {
 #[test]
 fn check_reports_each_peer() {
     let c = TestCluster::pair("");
-    let run_check = |extra: &[&str]| {
-        let out = Command::new(bin("warmspare-agent"))
-            .arg("--cluster")
-            .arg(&c.file)
-            .args(["--node", "a", "check"])
-            .args(extra)
-            .output()
-            .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
-    };
+    let run_check = |extra: &[&str]| c.check("a", extra);
     let (code, text) = run_check(&[]);
     // This node is ready, its peer is not: 3, and it says which.
     assert_eq!(code, Some(3), "{text}");
@@ -172,14 +163,8 @@ fn check_reports_each_peer() {
         &busy,
         &text.replacen(&a_ssh, &format!("{a_ssh}\nlisten = \"127.0.0.1:{port}\""), 1),
     );
-    let out = Command::new(bin("warmspare-agent"))
-        .arg("--cluster")
-        .arg(&busy)
-        .args(["--node", "a", "check", "--local"])
-        .output()
-        .unwrap();
-    let out_text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{out_text}");
+    let (code, out_text) = warmspare_tests::check_with(&busy, "a", &["--local"]);
+    assert_eq!(code, Some(1), "{out_text}");
     assert!(
         out_text.contains(&format!("FAILED: ssh listen address 127.0.0.1:{port}")),
         "{out_text}"
@@ -194,14 +179,8 @@ fn check_reports_each_peer() {
         .replace(&c.node("b").key.public().to_openssh(), &other);
     let wrong = c.dir.path().join("wrong-pin.toml");
     warmspare_tests::write_cluster_file(&wrong, &text);
-    let out = Command::new(bin("warmspare-agent"))
-        .arg("--cluster")
-        .arg(&wrong)
-        .args(["--node", "a", "check"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    let (code, text) = warmspare_tests::check_with(&wrong, "a", &[]);
+    assert_eq!(code, Some(3), "{text}");
     assert!(text.contains("key mismatch"), "{text}");
 }
 

@@ -4,13 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use std::process::Command;
 use warmspare_shared::config::Endpoint;
 use warmspare_shared::etcd::confirm::{Leadership, Renewal, Verdict};
 use warmspare_shared::etcd::elect::MemberRecord;
 use warmspare_shared::etcd::{Client, EtcdError, FailureKind, Leader, LeaderEvent, LeaderWatch, TxnOutcome, Watched};
 
-use warmspare_tests::{bin, free_port, wait_until, ClusterOptions, EtcdCluster, TestCluster};
+use warmspare_tests::{free_port, wait_until, ClusterOptions, EtcdCluster, TestCluster};
 
 /// Each call, across members, gives up after this.
 const DEADLINE: Duration = Duration::from_secs(3);
@@ -259,15 +258,7 @@ fn check_reports_each_etcd_member_and_fails_without_quorum() {
         extra: etcd.toml(""),
         ..Default::default()
     });
-    let run_check = || {
-        let out = Command::new(bin("warmspare-agent"))
-            .arg("--cluster")
-            .arg(&c.file)
-            .args(["--node", "a", "check"])
-            .output()
-            .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
-    };
+    let run_check = || c.check("a", &[]);
     let (code, text) = run_check();
     assert_eq!(code, Some(0), "{text}");
     for e in etcd.endpoints() {

@@ -3,13 +3,12 @@
 //! made by the real `openssl`.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use warmspare_shared::config::{Endpoint, Etcd};
 use warmspare_shared::etcd::{Client, EtcdError, TxnOutcome};
 
-use warmspare_tests::{bin, ClusterOptions, EtcdCluster, TestCluster, TestPki};
+use warmspare_tests::{ClusterOptions, EtcdCluster, TestCluster, TestPki};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -147,13 +146,7 @@ fn check_reports_etcd_health_over_tls() {
             extra: etcd.toml(&tls),
             ..Default::default()
         });
-        let out = Command::new(bin("warmspare-agent"))
-            .arg("--cluster")
-            .arg(&c.file)
-            .args(["--node", "a", "check"])
-            .output()
-            .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+        c.check("a", &[])
     };
     let (code, text) = run_check("client.pem", "client.key");
     assert_eq!(code, Some(0), "{text}");

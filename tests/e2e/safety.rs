@@ -2,11 +2,10 @@
 //! a mass deletion, a stale active restarted alone.
 
 use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
 use warmspare_tests::{
-    bin, converge, http_get, http_status, output_text, read, snapshot, wait_until, write_file, TestCluster,
+    converge, http_get, http_status, output_text, read, snapshot, wait_until, write_file, TestCluster,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -62,14 +61,9 @@ fn a_missing_watch_root_stops_shipping_and_the_passive_keeps_everything() {
     let table = output_text(&c.ctl(&["status"]));
     assert!(table.contains("watch ca is not shipped"), "{table}");
     // `check` fails, naming the watch.
-    let out = Command::new(bin("warmspare-agent"))
-        .arg("--cluster")
-        .arg(&c.file)
-        .args(["--node", "a", "check"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{}", output_text(&out));
-    assert!(output_text(&out).contains("FAILED: watch ca"), "{}", output_text(&out));
+    let (code, text) = c.check("a", &[]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("FAILED: watch ca"), "{text}");
 
     // The operator accepts an empty root: the guard still keeps the
     // passive's files, which would all go.
