@@ -3,26 +3,78 @@
 //! shipper per peer until the supervisor cancels it; on demotion, once it
 //! has drained, `on_demote`. `daemon` starts and stops it on role changes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use warmspare_shared::ledger::Ledgers;
+use warmspare_shared::local::Tracker;
 use warmspare_shared::state::RoleState;
 
+use crate::allow_deletes::AllowDeletes;
 use crate::events::Inbox;
-use crate::node::Shared;
+use crate::live::Live;
+use crate::pause::Pause;
+use crate::progress::Loops;
+use crate::role::Role;
+use crate::roots::Roots;
+use crate::supervise::Failure;
+use crate::telemetry::Telemetry;
 use crate::{hooks, ship, watch as watcher};
+
+/// What the active side uses of the node: its own share and what it hands
+/// each shipper ([`Handles::ship`]). The supervisor builds it.
+#[derive(Clone)]
+pub struct Handles {
+    /// The configuration in force and this node's identity.
+    pub live: Arc<Live>,
+    /// The role (the hooks run under it; the shippers confirm and adopt).
+    pub role: Arc<Role>,
+    /// Where the shippers' inboxes and links are reported.
+    pub telemetry: Arc<Telemetry>,
+    /// Told when a task of the active side stops before its token.
+    pub failure: Arc<Failure>,
+    /// The local changes flagged while passive, cleared on promotion.
+    pub local: Arc<Tracker>,
+    /// The watch roots, checked on promotion; the watcher is woken when
+    /// one recovers.
+    pub roots: Arc<Roots>,
+    /// Where the watcher's and shippers' progress stamps are registered.
+    pub loops: Arc<Loops>,
+    /// The agreed content of every replicated file (for the shippers).
+    pub ledgers: Arc<Mutex<Ledgers>>,
+    /// The operator's hold (for the shippers).
+    pub pause: Arc<Pause>,
+    /// The operator's deletion permissions (for the shippers).
+    pub allow_deletes: Arc<AllowDeletes>,
+}
+
+impl Handles {
+    /// What a shipper takes of these.
+    pub fn ship(&self) -> ship::Handles {
+        ship::Handles {
+            live: self.live.clone(),
+            role: self.role.clone(),
+            telemetry: self.telemetry.clone(),
+            ledgers: self.ledgers.clone(),
+            pause: self.pause.clone(),
+            loops: self.loops.clone(),
+            roots: self.roots.clone(),
+            allow_deletes: self.allow_deletes.clone(),
+        }
+    }
+}
 
 /// How long a role-change task waits for the one before it: the longest a
 /// hook may run, plus the active side's drain and some slack.
-fn chain_limit(shared: &Shared) -> Duration {
-    shared.live.cluster().cluster.hook_timeout * 2 + Duration::from_secs(30)
+fn chain_limit(live: &Live) -> Duration {
+    live.cluster().cluster.hook_timeout * 2 + Duration::from_secs(30)
 }
 
-async fn wait_previous(shared: &Shared, previous: Option<tokio::task::JoinHandle<()>>) {
+async fn wait_previous(live: &Live, previous: Option<tokio::task::JoinHandle<()>>) {
     if let Some(h) = previous {
-        if tokio::time::timeout(chain_limit(shared), h).await.is_err() {
+        if tokio::time::timeout(chain_limit(live), h).await.is_err() {
             tracing::error!("the previous role change did not finish in time; going on");
         }
     }
@@ -45,16 +97,16 @@ impl ActiveSide {
     /// Starts the active side for `role` under a child of `parent`, after
     /// the role change `previous` (if any) has finished.
     pub fn start(
-        shared: &Arc<Shared>,
+        handles: &Handles,
         parent: &CancellationToken,
         role: &RoleState,
         from: &str,
         previous: Option<tokio::task::JoinHandle<()>>,
     ) -> ActiveSide {
         let token = parent.child_token();
-        let (s, t, epoch, prev) = (shared.clone(), token.clone(), role.epoch, from.to_string());
+        let (s, t, epoch, prev) = (handles.clone(), token.clone(), role.epoch, from.to_string());
         let handle = tokio::spawn(async move {
-            wait_previous(&s, previous).await;
+            wait_previous(&s.live, previous).await;
             if t.is_cancelled() || !hooks::promote(&s.live, &s.role, epoch, &prev).await || t.is_cancelled() {
                 return;
             }
@@ -72,7 +124,7 @@ impl ActiveSide {
                         if t.is_cancelled() {
                             break;
                         }
-                        s.fail(match ended {
+                        s.failure.fail(match ended {
                             Ok(what) => format!("{what} of the active side stopped"),
                             Err(e) => format!("a task of the active side failed: {e}"),
                         });
@@ -101,11 +153,11 @@ impl ActiveSide {
 
     /// After the active side has stopped: `on_demote` (the token must be
     /// cancelled already).
-    pub fn demote(self, shared: &Arc<Shared>, role: &RoleState) -> tokio::task::JoinHandle<()> {
-        let (s, epoch, to) = (shared.clone(), role.epoch, role.active.clone());
+    pub fn demote(self, handles: &Handles, role: &RoleState) -> tokio::task::JoinHandle<()> {
+        let (s, epoch, to) = (handles.clone(), role.epoch, role.active.clone());
         let handle = self.handle;
         tokio::spawn(async move {
-            wait_previous(&s, Some(handle)).await;
+            wait_previous(&s.live, Some(handle)).await;
             let me = s.live.me.name.clone();
             let _ = hooks::run(
                 &s.live,
@@ -120,19 +172,19 @@ impl ActiveSide {
     }
 }
 
-fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<&'static str>, token: &CancellationToken) {
+fn start_active(handles: &Handles, tasks: &mut JoinSet<&'static str>, token: &CancellationToken) {
     // Roots are checked now, so that status and the log say at once when
     // one is not fit to ship from (the shippers check again before each batch).
     // Local changes flagged while passive are this node's own tree now.
-    shared.local.clear_pending();
-    for w in shared.live.local_watches().iter().filter(|w| w.verify_root) {
-        let _ = shared.roots.verify(&w.name, &w.root);
+    handles.local.clear_pending();
+    for w in handles.live.local_watches().iter().filter(|w| w.verify_root) {
+        let _ = handles.roots.verify(&w.name, &w.root);
     }
     let mut inboxes = Vec::new();
-    for peer in shared.live.cluster().peers_of(&shared.live.me.name) {
+    for peer in handles.live.cluster().peers_of(&handles.live.me.name) {
         let inbox = Arc::new(Inbox::default());
         inboxes.push(inbox.clone());
-        shared
+        handles
             .telemetry
             .runtime()
             .inboxes
@@ -144,13 +196,13 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<&'static str>, token: 
             stop.interrupt();
             "an interrupt relay"
         });
-        let (s, p, t) = (shared.clone(), peer.clone(), token.clone());
+        let (s, p, t) = (handles.ship(), peer.clone(), token.clone());
         tasks.spawn(async move {
             ship::run(s, p, inbox, t).await;
             "a shipper"
         });
     }
-    let targets = shared
+    let targets = handles
         .live
         .local_watches()
         .into_iter()
@@ -161,8 +213,8 @@ fn start_active(shared: &Arc<Shared>, tasks: &mut JoinSet<&'static str>, token: 
         })
         .collect();
     let t = token.clone();
-    let rewatch = shared.roots.recovered.clone();
-    let stamp = shared.loops.register("the watcher", watcher::LIMIT);
+    let rewatch = handles.roots.recovered.clone();
+    let stamp = handles.loops.register("the watcher", watcher::LIMIT);
     tasks.spawn(async move {
         // A hidden switch for the tests of this supervision: a watcher that
         // fails at once, as one whose inotify instance cannot be made.

@@ -33,7 +33,7 @@ pub async fn run(cluster: &std::path::Path, node: Option<&str>) -> Result<()> {
         tracing::info!("shutting down");
         signals.cancel();
     });
-    let listener = startup::bind(&shared).await?;
+    let listener = startup::bind(&shared.live).await?;
     let http = match shared.live.me.http {
         Some(addr) => Some(startup::bind_listener(addr).await?),
         None => None,
@@ -59,8 +59,11 @@ pub async fn serve(
     http: Option<TcpListener>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let role = startup::prepare(&shared)?;
+    let role = startup::prepare(&shared.live, &shared.role, &shared.roots)?;
+    shared.for_undo().prune();
     let shared = Arc::new(shared);
+    let side_handles = shared.for_active();
+    let sd_handles = shared.for_sd();
     tracing::info!(
         node = shared.live.me.name,
         ssh = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -80,9 +83,9 @@ pub async fn serve(
         "the SSH server"
     });
     if role.active != shared.live.me.name {
-        let s = shared.clone();
+        let live = shared.live.clone();
         tasks.spawn(async move {
-            startup::warm_send_caches(s).await;
+            startup::warm_send_caches(live).await;
             WARM_CACHES
         });
     }
@@ -93,7 +96,7 @@ pub async fn serve(
             "the HTTP listener"
         });
     }
-    let (s, c) = (shared.clone(), cancel.clone());
+    let (s, c) = (sd_handles.clone(), cancel.clone());
     tasks.spawn(async move {
         sd::run(s, c).await;
         "the watchdog"
@@ -114,7 +117,7 @@ pub async fn serve(
     tasks.spawn(run_jobs(shared.for_jobs(), config_token.clone()));
     let mut hangups =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    sd::ready(&shared);
+    sd::ready(&sd_handles);
 
     let mut roles = shared.role.subscribe();
     let mut leader_key = shared.role.subscribe_leader_key();
@@ -172,7 +175,13 @@ pub async fn serve(
         match &active {
             None if mine => {
                 tracing::info!(epoch = role.epoch, "this node is named active");
-                active = Some(ActiveSide::start(&shared, &config_token, &role, &previous, last.take()));
+                active = Some(ActiveSide::start(
+                    &side_handles,
+                    &config_token,
+                    &role,
+                    &previous,
+                    last.take(),
+                ));
             }
             Some(side) if mine && side.epoch != role.epoch => {
                 if shared.role.hooks.promoted(side.epoch) {
@@ -190,7 +199,7 @@ pub async fn serve(
                     side.token.cancel();
                     let from = side.from.clone();
                     active = Some(ActiveSide::start(
-                        &shared,
+                        &side_handles,
                         &config_token,
                         &role,
                         &from,
@@ -203,24 +212,24 @@ pub async fn serve(
                     tracing::warn!("this node is no longer active: stopping shipping");
                     side.token.cancel();
                     shared.telemetry.runtime().inboxes.clear();
-                    last = Some(side.demote(&shared, &role));
+                    last = Some(side.demote(&side_handles, &role));
                 }
             }
             _ => {}
         }
         previous = role.active.clone();
-        shared.beat();
+        shared.heartbeat.beat();
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = shared.failed() => break,
+            _ = shared.failure.failed() => break,
             _ = tokio::time::sleep(HEARTBEAT) => {}
             Some(ended) = tasks.join_next() => match ended {
                 // A task that ends because the agent is stopping is no
                 // failure: select! may reap it before it sees the cancel.
                 _ if cancel.is_cancelled() => break,
                 Ok(WARM_CACHES) | Ok(JOBS) | Ok(PASSIVE_WATCHER) => {}
-                Ok(what) => shared.fail(format!("{what} stopped")),
-                Err(e) if e.is_panic() => shared.fail(format!("a task panicked: {e}")),
+                Ok(what) => shared.failure.fail(format!("{what} stopped")),
+                Err(e) if e.is_panic() => shared.failure.fail(format!("a task panicked: {e}")),
                 Err(_) => {}
             },
             changed = roles.changed() => if changed.is_err() { break },
@@ -245,7 +254,7 @@ pub async fn serve(
                     Ok(false) => tracing::info!("cluster file unchanged"),
                     Err(e) => tracing::error!(path = %shared.live.cluster_path.display(), error = format!("{e:#}"), "reload refused; running on the previous cluster file"),
                 }
-                sd::ready(&shared);
+                sd::ready(&sd_handles);
             }
         }
     }

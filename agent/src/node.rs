@@ -1,13 +1,13 @@
-//! The node: the handles its tasks share. The configuration in force
-//! (`live::Live`), the role (`role::Role`), what the tasks report
-//! (`telemetry::Telemetry`) and the receiver's sessions
-//! (`sessions::Sessions`), the operator's hold (`pause::Pause`), a
-//! failed task and the supervisor's heartbeat (`supervise`) and the
-//! operator's one-shot deletion permissions (`allow_deletes`) are handles
-//! of their own, each an `Arc` a task can take alone; [`Shared`] bundles
-//! them with what is left (the ledgers, the undo store, the watch roots,
-//! the jobs' and `after_apply` runtimes). The supervisor (`daemon`) makes
-//! one [`Shared`] per node.
+//! The node: the handles its tasks share, each an `Arc` of its own type
+//! that a task can take alone (the configuration in force `live::Live`,
+//! the role `role::Role`, the reports `telemetry::Telemetry`, the
+//! receiver's `sessions::Sessions`, the operator's hold `pause::Pause`,
+//! `supervise::Failure` and `supervise::Heartbeat`, the deletion permits
+//! `allow_deletes::AllowDeletes`, the watch roots, the progress stamps,
+//! the ledgers, the undo store, the jobs', `after_apply` and file counts'
+//! runtimes). [`Shared`] bundles them; the supervisor (`daemon`) makes one
+//! per node and hands each task family only what it uses, as built here
+//! (`Shared::for_*`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -95,38 +95,6 @@ impl Shared {
             loops: Arc::new(crate::progress::Loops::default()),
         })
     }
-
-    /// See [`Failure::fail`] (until every user takes the handle).
-    pub fn fail(&self, why: String) {
-        self.failure.fail(why);
-    }
-
-    /// See [`Failure::failed`] (until every user takes the handle).
-    pub async fn failed(&self) {
-        self.failure.failed().await;
-    }
-
-    /// See [`Heartbeat::beat`] (until every user takes the handle).
-    pub fn beat(&self) {
-        self.heartbeat.beat();
-    }
-
-    /// See [`Pause::is_paused`] (until every user takes the handle).
-    pub fn is_paused(&self) -> bool {
-        self.pause.is_paused()
-    }
-
-    /// Runs `f` with this `Shared` on a blocking thread: for what writes
-    /// and syncs files (role changes, the pause marker) from async code.
-    pub async fn off_runtime<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&Shared) -> T + Send + 'static,
-    ) -> Result<T> {
-        let s = self.clone();
-        tokio::task::spawn_blocking(move || f(&s))
-            .await
-            .map_err(|e| anyhow::anyhow!("a blocking task failed: {e}"))
-    }
 }
 
 /// What each task family takes of the node, built here and nowhere else.
@@ -200,5 +168,33 @@ impl Shared {
     /// The read-only view the HTTP endpoints have of the node.
     pub fn for_health(&self) -> crate::health::View {
         crate::health::View::new(self.for_status())
+    }
+
+    /// What the active side of an epoch uses (and hands on to its
+    /// shippers, see `active::Handles::ship`).
+    pub fn for_active(&self) -> crate::active::Handles {
+        crate::active::Handles {
+            live: self.live.clone(),
+            role: self.role.clone(),
+            telemetry: self.telemetry.clone(),
+            failure: self.failure.clone(),
+            local: self.local.clone(),
+            roots: self.roots.clone(),
+            loops: self.loops.clone(),
+            ledgers: self.ledgers.clone(),
+            pause: self.pause.clone(),
+            allow_deletes: self.allow_deletes.clone(),
+        }
+    }
+
+    /// What the systemd notifications and the watchdog read.
+    pub fn for_sd(&self) -> crate::sd::Handles {
+        crate::sd::Handles {
+            live: self.live.clone(),
+            role: self.role.clone(),
+            telemetry: self.telemetry.clone(),
+            heartbeat: self.heartbeat.clone(),
+            loops: self.loops.clone(),
+        }
     }
 }

@@ -9,7 +9,27 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::Shared;
+use crate::live::Live;
+use crate::progress::Loops;
+use crate::role::Role;
+use crate::supervise::Heartbeat;
+use crate::telemetry::Telemetry;
+
+/// What the systemd integration reads of the node: the status line's
+/// role and links, and what the watchdog checks. The supervisor builds it.
+#[derive(Clone)]
+pub struct Handles {
+    /// This node's identity.
+    pub live: Arc<Live>,
+    /// The role, for the status line.
+    pub role: Arc<Role>,
+    /// The links, for the status line; the lock the watchdog checks.
+    pub telemetry: Arc<Telemetry>,
+    /// The supervisor's heartbeat.
+    pub heartbeat: Arc<Heartbeat>,
+    /// The loops that must keep going round.
+    pub loops: Arc<Loops>,
+}
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -18,8 +38,8 @@ fn send(states: &[NotifyState<'_>]) {
 }
 
 /// Listeners are up.
-pub fn ready(shared: &Shared) {
-    send(&[NotifyState::Ready, NotifyState::Status(&summary(shared))]);
+pub fn ready(handles: &Handles) {
+    send(&[NotifyState::Ready, NotifyState::Status(&summary(handles))]);
 }
 
 /// The agent is shutting down.
@@ -36,12 +56,12 @@ pub fn reloading() {
 }
 
 /// A one-line status: role, epoch, and each peer's link.
-pub fn summary(shared: &Shared) -> String {
-    let role = shared.role.current();
-    if role.active != shared.live.me.name {
+pub fn summary(handles: &Handles) -> String {
+    let role = handles.role.current();
+    if role.active != handles.live.me.name {
         return format!("passive at epoch {} ({} is active)", role.epoch, role.active);
     }
-    let Some(rt) = shared.telemetry.try_runtime() else {
+    let Some(rt) = handles.telemetry.try_runtime() else {
         return format!("active at epoch {}", role.epoch);
     };
     let links: Vec<String> = rt
@@ -83,7 +103,7 @@ pub fn summary(shared: &Shared) -> String {
 ///   not found locked at two ticks in a row (they are never held over I/O).
 ///
 /// Otherwise systemd's watchdog restarts the agent.
-pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+pub async fn run(handles: Handles, cancel: CancellationToken) {
     let watchdog = sd_notify::watchdog_enabled();
     let every = watchdog
         .map(|w| w / 2)
@@ -96,12 +116,12 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let locked = shared.telemetry.try_runtime().is_none();
+        let locked = handles.telemetry.try_runtime().is_none();
         let stuck = locked && was_locked;
         was_locked = locked;
-        let beating = shared.heartbeat.within(every.max(Duration::from_secs(3)));
-        let stale = shared.loops.stale();
-        let status = summary(&shared);
+        let beating = handles.heartbeat.within(every.max(Duration::from_secs(3)));
+        let stale = handles.loops.stale();
+        let status = summary(&handles);
         match watchdog {
             Some(_) if beating && !stuck && stale.is_empty() => {
                 send(&[NotifyState::Watchdog, NotifyState::Status(&status)])

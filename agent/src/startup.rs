@@ -15,13 +15,14 @@ use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
 use crate::clock::unix;
 use crate::live::Live;
-use crate::node::Shared;
+use crate::role::Role;
+use crate::roots::Roots;
 
 /// Binds the SSH endpoint of this node: its `listen` address, by default
 /// every IPv4 address on the port of its `ssh` address.
-pub async fn bind(shared: &Shared) -> Result<TcpListener> {
-    let addr = shared.live.me.listen_addr();
-    if let Some(warning) = loopback_warning_of(&shared.live).await {
+pub async fn bind(live: &Live) -> Result<TcpListener> {
+    let addr = live.me.listen_addr();
+    if let Some(warning) = loopback_warning_of(live).await {
         tracing::warn!("{warning}");
     }
     bind_listener(addr).await
@@ -95,46 +96,43 @@ pub fn loopback_warning(cluster: &warmspare_shared::config::Cluster, me: &str) -
     ))
 }
 
-/// Makes the state dir and its folders, prunes what the node keeps, loads
+/// Makes the state dir and its folders, prunes what the node preserved of
+/// the CA (the supervisor prunes the undo store once this is done), loads
 /// and publishes the role state (holding a node that comes back active),
 /// begins the role history, and observes and cleans the watch roots;
 /// returns the role state it started with.
-pub fn prepare(shared: &Shared) -> Result<RoleState> {
+pub fn prepare(live: &Live, role_handle: &Role, roots: &Roots) -> Result<RoleState> {
     // Private whatever the umask: the state dir holds dumps, diverged files
     // and what the passive preserved of the CA. An existing state dir keeps
     // its mode (a unit's StateDirectoryMode= sets it); the folders the agent
     // keeps beneath it are made 0700.
-    warmspare_shared::perms::create_private_dir_all(&shared.live.state_dir)
-        .with_context(|| format!("cannot create the state dir {}", shared.live.state_dir.display()))?;
+    warmspare_shared::perms::create_private_dir_all(&live.state_dir)
+        .with_context(|| format!("cannot create the state dir {}", live.state_dir.display()))?;
     for dir in [
-        shared.live.state_dir.join("diverged"),
-        shared.live.state_dir.join("undo"),
-        crate::live::spool_dir(&shared.live.state_dir),
-        shared.live.state_dir.join("jobs"),
+        live.state_dir.join("diverged"),
+        live.state_dir.join("undo"),
+        crate::live::spool_dir(&live.state_dir),
+        live.state_dir.join("jobs"),
     ] {
         warmspare_shared::perms::ensure_private_dir(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    crate::preserved::prune(&shared.live, None);
-    shared.for_undo().prune();
-    let persisted = shared.live.state_dir.join(state::ROLE_FILE).exists();
-    let role = RoleState::load_or_init(&shared.live.state_dir, &shared.live.cluster().cluster.preferred_active)?;
-    shared.role.start(role.clone());
-    if persisted
-        && role.active == shared.live.me.name
-        && shared.live.cluster().peers_of(&shared.live.me.name).next().is_some()
-    {
+    crate::preserved::prune(live, None);
+    let persisted = live.state_dir.join(state::ROLE_FILE).exists();
+    let role = RoleState::load_or_init(&live.state_dir, &live.cluster().cluster.preferred_active)?;
+    role_handle.start(role.clone());
+    if persisted && role.active == live.me.name && live.cluster().peers_of(&live.me.name).next().is_some() {
         // A node that comes back active may be a stale primary: its peers may
         // have moved on (a failover while it was down). It acts as the active
         // one only once a peer confirms its epoch, or an operator promotes it.
         let reason = format!(
             "no peer has confirmed epoch {} since this agent started (`warmsparectl failover --to {} --force` promotes it)",
-            role.epoch, shared.live.me.name
+            role.epoch, live.me.name
         );
         tracing::warn!(epoch = role.epoch, "{reason}");
-        shared.role.hold(Some(reason));
+        role_handle.hold(Some(reason));
     }
-    let history = state::read_history(&shared.live.state_dir);
+    let history = state::read_history(&live.state_dir);
     if history.is_empty() {
         let first = HistoryEntry {
             time: unix(SystemTime::now()),
@@ -142,17 +140,17 @@ pub fn prepare(shared: &Shared) -> Result<RoleState> {
             from: String::new(),
             to: role.active.clone(),
             reason: "cluster initialised".into(),
-            by: shared.live.me.name.clone(),
+            by: live.me.name.clone(),
         };
-        let _ = state::append_history(&shared.live.state_dir, &first);
+        let _ = state::append_history(&live.state_dir, &first);
     }
-    for w in shared.live.local_watches() {
+    for w in live.local_watches() {
         if w.name == crate::live::SPOOL_WATCH {
             // The job spool is the agent's own, under the state dir.
             std::fs::create_dir_all(&w.root)
                 .with_context(|| format!("cannot create the job spool {}", w.root.display()))?;
         } else if w.root.is_dir() {
-            shared.roots.observe(&w.name, &w.root);
+            roots.observe(&w.name, &w.root);
         } else {
             // Never created here: on the active, shipping an empty root
             // would empty the passives (see `roots`); a passive's receiver
@@ -194,10 +192,10 @@ pub fn prepare(shared: &Shared) -> Result<RoleState> {
 /// changed. Only a node that starts passive runs it, beside its other work:
 /// an active node's first comparison fills the same caches as it goes, and
 /// waiting for a separate pass first would only delay it.
-pub async fn warm_send_caches(shared: Arc<Shared>) {
+pub async fn warm_send_caches(live: Arc<Live>) {
     let done = tokio::task::spawn_blocking(move || {
-        for w in shared.live.local_watches() {
-            let path = shared.live.cache_path(&w.name, "send");
+        for w in live.local_watches() {
+            let path = live.cache_path(&w.name, "send");
             let mut cache = warmspare_shared::manifest::HashCache::load(&path);
             let _ = warmspare_shared::manifest::scan(&w.root, "", &w.excludes, &mut cache);
             if let Err(e) = cache.save(&path) {

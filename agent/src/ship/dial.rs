@@ -14,12 +14,14 @@ use tokio_util::sync::CancellationToken;
 use warmspare_shared::config::Node;
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Purpose, Reply, Request};
 use warmspare_shared::ssh;
+use warmspare_shared::state::RoleState;
 
 use crate::events::Inbox;
 use crate::heartbeat;
-use crate::node::Shared;
 use crate::progress::Stamp;
+use crate::role::Role;
 
+use super::handles::Handles;
 use super::session::{SessionIo, COMMITS_IN_FLIGHT, GROUPS_QUEUED, PEER_DEADLINE};
 use super::worker::sync_loop;
 
@@ -39,7 +41,7 @@ pub(super) const DIAL_LIMIT: Duration = Duration::from_secs(10);
 pub(super) const SHIPPER_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs the shipper for `peer` until `cancel` fires.
-pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: CancellationToken) {
+pub async fn run(handles: Handles, peer: Node, inbox: Arc<Inbox>, cancel: CancellationToken) {
     let mut backoff = REDIAL_MIN;
     let server_key = match peer.key() {
         Ok(k) => k,
@@ -52,15 +54,15 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
     // peer from a busy one, and a peer that answers again.
     let live = Arc::new(heartbeat::Liveness::new(&peer));
     let probe = tokio::spawn(heartbeat::run(
-        shared.live.clone(),
-        shared.role.clone(),
+        handles.live.clone(),
+        handles.role.clone(),
         peer.clone(),
         server_key.clone(),
         live.clone(),
         cancel.child_token(),
     ));
     let _probe = AbortOnDrop(probe);
-    let stamp = shared
+    let stamp = handles
         .loops
         .register(format!("the shipper to {}", peer.name), SHIPPER_LIMIT);
     let mut quiet = false;
@@ -71,7 +73,7 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
         let seen = live.now();
         let dialed = tokio::select! {
             _ = cancel.cancelled() => return,
-            d = ssh::dial(&peer.ssh, &server_key, &shared.live.key, &shared.live.me.name, DIAL_LIMIT) => Some(d),
+            d = ssh::dial(&peer.ssh, &server_key, &handles.live.key, &handles.live.me.name, DIAL_LIMIT) => Some(d),
             // The probe got through and this dial still has not, 2 s later
             // (the link came back while its SYNs were being retried): dial
             // again now rather than at TCP's next retransmission.
@@ -85,12 +87,12 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
             Ok(d) => {
                 tracing::info!(peer = peer.name, addr = peer.ssh, "connected");
                 let mut before = None;
-                shared.telemetry.link(&peer.name, |l| {
+                handles.telemetry.link(&peer.name, |l| {
                     l.connected = true;
                     before = l.last_success.values().max().copied();
                 });
-                let result = session(&shared, &peer, d, &inbox, &live, &stamp, &cancel).await;
-                shared.telemetry.link(&peer.name, |l| {
+                let result = session(&handles, &peer, d, &inbox, &live, &stamp, &cancel).await;
+                handles.telemetry.link(&peer.name, |l| {
                     progressed = l.last_success.values().max().copied() != before;
                     l.connected = false;
                     l.in_progress = None;
@@ -112,7 +114,7 @@ pub async fn run(shared: Arc<Shared>, peer: Node, inbox: Arc<Inbox>, cancel: Can
                     tracing::warn!(peer = peer.name, addr = peer.ssh, error = %e, "cannot reach the peer; retrying with backoff");
                 }
                 quiet = true;
-                shared.telemetry.link(&peer.name, |l| {
+                handles.telemetry.link(&peer.name, |l| {
                     l.last_error = Some(format!("cannot reach {}: {e}", peer.ssh))
                 });
             }
@@ -145,7 +147,7 @@ impl Drop for AbortOnDrop {
 
 /// One connected session: hello, then the sync loop on a blocking thread.
 pub(super) async fn session(
-    shared: &Arc<Shared>,
+    handles: &Handles,
     peer: &Node,
     dialed: ssh::Dialed,
     inbox: &Arc<Inbox>,
@@ -158,7 +160,7 @@ pub(super) async fn session(
     let (rd, wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
-    let hello = shared.role.hello(Purpose::Replicate);
+    let hello = handles.role.hello(Purpose::Replicate);
     writer.send(&Request::Hello(hello)).await.context("cannot send hello")?;
     let theirs = match reader.recv::<Reply>().await.context("no hello from the peer")? {
         Some(Reply::Hello(h)) => h,
@@ -166,9 +168,7 @@ pub(super) async fn session(
         Some(Reply::Stale(role)) => {
             // Fencing: the peer knows a newer epoch, so this node is not active any more.
             let (r, by) = (role.clone(), peer.name.clone());
-            shared
-                .off_runtime(move |s| s.role.adopt(r, "a peer has a newer epoch", &by))
-                .await??;
+            adopt(&handles.role, r, by).await?;
             bail!(
                 "{} reports epoch {} with {} active: this node stepped down",
                 peer.name,
@@ -179,13 +179,13 @@ pub(super) async fn session(
         Some(other) => bail!("unexpected first reply {other:?}"),
         None => bail!("the peer closed the session before hello"),
     };
-    check_peer_hello(shared, peer, &theirs)?;
-    if shared.role.is_unconfirmed() {
+    check_peer_hello(handles, peer, &theirs)?;
+    if handles.role.is_unconfirmed() {
         // The peer admitted this node as the active of its epoch: it holds
         // the same epoch naming this node (or adopted it from our hello).
-        let mine = shared.role.current();
-        if theirs.epoch == mine.epoch && theirs.active == shared.live.me.name {
-            shared.role.confirm(&peer.name);
+        let mine = handles.role.current();
+        if theirs.epoch == mine.epoch && theirs.active == handles.live.me.name {
+            handles.role.confirm(&peer.name);
         } else {
             bail!(
                 "{} answers at epoch {} with {} active, which does not confirm epoch {}: still held",
@@ -203,7 +203,7 @@ pub(super) async fn session(
     // A peer owes at most COMMITS_IN_FLIGHT acknowledgements; one that sends
     // more than this waits (and the worker's deadline ends the session).
     let (ack_tx, ack_rx) = mpsc::channel::<Reply>(COMMITS_IN_FLIGHT * 4);
-    let bytes_sent = shared.telemetry.bytes_sent.clone();
+    let bytes_sent = handles.telemetry.bytes_sent.clone();
 
     let write_task = async move {
         while let Some(group) = frame_rx.recv().await {
@@ -220,7 +220,7 @@ pub(super) async fn session(
         }
         Ok::<(), proto::FrameError>(())
     };
-    let adopt_shared = shared.clone();
+    let adopt_role = handles.role.clone();
     let adopt_peer = peer.name.clone();
     let read_task = async move {
         loop {
@@ -234,9 +234,7 @@ pub(super) async fn session(
                 Some(Reply::Refused { reason }) => bail!("the peer refused: {reason}"),
                 Some(Reply::Stale(role)) => {
                     let (r, by) = (role.clone(), adopt_peer.clone());
-                    adopt_shared
-                        .off_runtime(move |s| s.role.adopt(r, "a peer has a newer epoch", &by))
-                        .await??;
+                    adopt(&adopt_role, r, by).await?;
                     bail!(
                         "{adopt_peer} reports epoch {} with {} active: this node stepped down",
                         role.epoch,
@@ -252,7 +250,7 @@ pub(super) async fn session(
         }
     };
 
-    let worker_shared = shared.clone();
+    let worker_handles = handles.clone();
     let worker_inbox = inbox.clone();
     let peer_name = peer.name.clone();
     let io = SessionIo {
@@ -269,7 +267,7 @@ pub(super) async fn session(
         failure_reason: None,
         stamp: stamp.clone(),
     };
-    let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_shared, &peer_name, io, &worker_inbox, owners));
+    let worker = tokio::task::spawn_blocking(move || sync_loop(&worker_handles, &peer_name, io, &worker_inbox, owners));
 
     let interrupt = inbox.clone();
     let result = tokio::select! {
@@ -280,7 +278,7 @@ pub(super) async fn session(
         // stopped, hung or cut off, and this session waits on it in vain
         // (see `heartbeat`).
         reason = live.silent(started) => {
-            shared.telemetry.link(&peer.name, |l| {
+            handles.telemetry.link(&peer.name, |l| {
                 l.connected = false;
                 l.last_error = Some(reason.clone());
             });
@@ -311,7 +309,7 @@ pub(super) async fn session(
     }
 }
 
-pub(super) fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> Result<()> {
+pub(super) fn check_peer_hello(handles: &Handles, peer: &Node, theirs: &Hello) -> Result<()> {
     if theirs.protocol != proto::PROTOCOL_VERSION {
         bail!(
             "the peer speaks protocol {}, this agent {}",
@@ -322,7 +320,17 @@ pub(super) fn check_peer_hello(shared: &Shared, peer: &Node, theirs: &Hello) -> 
     if theirs.node != peer.name {
         bail!("the peer says it is {:?}, expected {:?}", theirs.node, peer.name);
     }
-    shared.live.compare_config(&peer.name, &theirs.config_hash);
+    handles.live.compare_config(&peer.name, &theirs.config_hash);
+    Ok(())
+}
+
+/// Adopts the newer role a peer reported (`by`), on a blocking thread: the
+/// role persists and syncs before it publishes.
+async fn adopt(role: &Arc<Role>, next: RoleState, by: String) -> Result<()> {
+    let role = role.clone();
+    tokio::task::spawn_blocking(move || role.adopt(next, "a peer has a newer epoch", &by))
+        .await
+        .map_err(|e| anyhow!("a blocking task failed: {e}"))??;
     Ok(())
 }
 

@@ -8,15 +8,18 @@
 //! file reading run on a blocking thread; frames go to the connection
 //! through a bounded queue, so a slow peer slows only its own shipper.
 //!
-//! Each module imports only those below it: `dial` (connections) uses
-//! `worker` (the loop of a session), which uses `transfer` (sending a
-//! planned prefix), which uses `session` (frames and commits) and `plan`
-//! (the peer model and what to remove).
+//! A shipper takes only [`Handles`] of the node. Each module imports only
+//! those below it: `dial` (connections) uses `worker` (the loop of a
+//! session), which uses `transfer` (sending a planned prefix), which uses
+//! `session` (frames and commits) and `plan` (the peer model and what to
+//! remove); `dial` and `worker` use `handles`.
 
 mod dial;
+mod handles;
 mod plan;
 mod session;
 mod transfer;
 mod worker;
 
 pub use dial::run;
+pub use handles::Handles;

@@ -12,8 +12,8 @@ use warmspare_shared::proto::{Op, Request};
 use warmspare_shared::relpath;
 
 use crate::events::{Inbox, Work};
-use crate::node::Shared;
 
+use super::handles::Handles;
 use super::plan::{compact, plan_prefix, remote_remove_tree, top_most, Held, Model, Plan};
 use super::session::{fetch_manifest, flush_commit, wait_ack, BatchStats, Closed, Retry, SessionIo};
 use super::transfer::ship_prefix;
@@ -29,14 +29,14 @@ const DELETE_WINDOW: Duration = Duration::from_secs(60);
 /// How often a watch root that failed its check is looked at again.
 const ROOT_RECHECK: Duration = Duration::from_secs(2);
 
-pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &Inbox, owners: bool) -> Result<()> {
-    let watches = shared.live.local_watches();
+pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox: &Inbox, owners: bool) -> Result<()> {
+    let watches = handles.live.local_watches();
     let mut caches: HashMap<String, HashCache> = watches
         .iter()
         .map(|w| {
             (
                 w.name.clone(),
-                HashCache::load(&shared.live.cache_path(&w.name, "send")),
+                HashCache::load(&handles.live.cache_path(&w.name, "send")),
             )
         })
         .collect();
@@ -70,7 +70,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
         // Every round stamps the shipper's progress; so do the waits and
         // the work below (see `crate::progress`).
         stamp.stamp();
-        if shared.is_paused() {
+        if handles.pause.is_paused() {
             inbox.wait_interrupt(Duration::from_secs(1));
             if io.frames.is_closed() {
                 return Err(Closed.into());
@@ -96,7 +96,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                 let Some(w) = watches.iter().find(|w| &w.name == name) else {
                     return false;
                 };
-                if shared.roots.verify(&w.name, &w.root).is_ok() {
+                if handles.roots.verify(&w.name, &w.root).is_ok() {
                     inbox.add_full(&w.name);
                     return false;
                 }
@@ -121,7 +121,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
             Some(w) => w,
             None if io.frames.is_closed() => return Err(Closed.into()),
             None if crate::progress::test_hang("shipper") => crate::progress::hang_thread("the shipper"),
-            None if shared.is_paused() || Instant::now() < next_full => continue,
+            None if handles.pause.is_paused() || Instant::now() < next_full => continue,
             None => {
                 // Periodic safety net: compare everything.
                 let mut w = Work::default();
@@ -132,7 +132,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
         if !work.full.is_empty() {
             next_full = Instant::now() + FULL_RESYNC;
         }
-        shared.telemetry.link(peer, |l| l.in_progress = Some(work.clone()));
+        handles.telemetry.link(peer, |l| l.in_progress = Some(work.clone()));
         let started = Instant::now();
         let mut stats = BatchStats::default();
         let mut settled: Vec<(String, Vec<(String, ContentHash)>)> = Vec::new();
@@ -145,7 +145,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                 if !full && paths.is_none() {
                     continue;
                 }
-                if w.verify_root && shared.roots.verify(&w.name, &w.root).is_err() {
+                if w.verify_root && handles.roots.verify(&w.name, &w.root).is_err() {
                     // Never ship a tree from a root that failed its check:
                     // it would look empty and empty the peer. The error is
                     // logged, and shown in status, metrics and `check`.
@@ -156,7 +156,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                 let cache = caches.entry(w.name.clone()).or_default();
                 if full && on_disk.remove(&w.name) {
                     let since = std::mem::take(cache);
-                    *cache = HashCache::load(&shared.live.cache_path(&w.name, "send"));
+                    *cache = HashCache::load(&handles.live.cache_path(&w.name, "send"));
                     cache.absorb(since);
                 }
                 if full || !model.contains_key(&w.name) {
@@ -194,7 +194,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                     .values()
                     .filter(|h| matches!(h.kind, EntryKind::File { .. }))
                     .count() as u64;
-                let allowed = full && shared.allow_deletes.take(peer, &w.name);
+                let allowed = full && handles.allow_deletes.take(peer, &w.name);
                 let lately = removed_lately.entry(w.name.clone()).or_default();
                 lately.retain(|(at, _)| at.elapsed() < DELETE_WINDOW);
                 let before: u64 = lately.iter().map(|(_, n)| n).sum();
@@ -251,7 +251,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
                     held_except.push((w.name.clone(), except));
                 }
                 let count: u64 = held_here.values().sum();
-                shared.telemetry.link(peer, |l| {
+                handles.telemetry.link(peer, |l| {
                     if count == 0 {
                         l.deletions_held.remove(&w.name);
                     } else {
@@ -299,7 +299,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
             if on_disk.contains(name) {
                 continue;
             }
-            if let Err(e) = cache.save(&shared.live.cache_path(name, "send")) {
+            if let Err(e) = cache.save(&handles.live.cache_path(name, "send")) {
                 tracing::warn!(watch = name, error = %e, "cannot save the hash cache");
             }
         }
@@ -312,7 +312,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
         }
         if let Err(e) = result {
             inbox.put_back(work);
-            shared.telemetry.link(peer, |l| l.in_progress = None);
+            handles.telemetry.link(peer, |l| l.in_progress = None);
             return Err(e);
         }
         unreadable.update(&stats);
@@ -321,7 +321,12 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
             .iter()
             .map(|(w, p, _)| (w.clone(), p.clone()))
             .collect();
-        record_agreement(shared, &stats.touched, &settled, &[&failures[..], &unread[..]].concat());
+        record_agreement(
+            handles,
+            &stats.touched,
+            &settled,
+            &[&failures[..], &unread[..]].concat(),
+        );
         if !work.full.is_empty() {
             // A full comparison's scans and manifests are gone: give the memory back.
             drop(settled);
@@ -369,7 +374,7 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
             ))
         };
         let now = std::time::SystemTime::now();
-        shared.telemetry.link(peer, |l| {
+        handles.telemetry.link(peer, |l| {
             l.in_progress = None;
             l.last_error = unapplied;
             l.done_generation = l.done_generation.max(work.generation);
@@ -386,13 +391,13 @@ pub(super) fn sync_loop(shared: &Shared, peer: &str, mut io: SessionIo, inbox: &
 /// Records in the ledger what the peer acknowledged (for divergence checks
 /// after a role change).
 fn record_agreement(
-    shared: &Shared,
+    handles: &Handles,
     touched: &[(String, String, Option<ContentHash>)],
     settled: &[(String, Vec<(String, ContentHash)>)],
     failures: &[(String, String)],
 ) {
     let failed = |w: &str, p: &str| failures.iter().any(|(fw, fp)| fw == w && relpath::is_under(p, fp));
-    let mut ledgers = shared.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ledgers = handles.ledgers.lock().unwrap_or_else(|p| p.into_inner());
     for (watch, local) in settled {
         let entries = local.iter().filter(|(p, _)| !failed(watch, p)).cloned();
         ledgers.watch(watch).reset(entries);
