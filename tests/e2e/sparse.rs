@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use warmspare_tests::{http_get, noise, wait_until, TestCluster};
+use warmspare_tests::{http_get, noise, wait_until, write_cluster_file, TestCluster};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -56,6 +56,16 @@ fn arrived(p: &Path, len: u64, at: u64, data: &[u8]) -> bool {
 #[test]
 fn sparse_files_cross_as_their_data_and_stay_sparse() {
     let c = TestCluster::pair("");
+    // The passive keeps what it replaces in its undo store, and refuses to
+    // replace a file larger than undo_max_size (1 GiB by default; sizes are
+    // apparent ones): room for the 4 GiB file, which is linked there (the
+    // store is on the watch's file system), not copied.
+    let text = std::fs::read_to_string(&c.file).unwrap().replacen(
+        "key_file = \"/etc/warmspare/node.key\"\n",
+        "key_file = \"/etc/warmspare/node.key\"\nundo_max_size = \"8GiB\"\n",
+        1,
+    );
+    write_cluster_file(&c.file, &text);
     let (ra, rb) = (c.ca("a"), c.ca("b"));
     // Present at start-up (the first full comparison sends it): 4 GiB, no data.
     let empty = fs::File::create(ra.join("empty.img")).unwrap();
