@@ -164,14 +164,10 @@ pub fn hash_zeros(hasher: &mut blake3::Hasher, mut len: u64) {
 /// as reading it to its end, but its holes are not read (they are hashed as
 /// the zeros they read as). The file is read with positioned reads as it is
 /// now; one that shrinks meanwhile ends at the short read, one that grows
-/// is hashed up to the size it had at the start.
-pub fn hash_file(file: &File) -> io::Result<(u64, blake3::Hash)> {
-    hash_file_ticking(file, &|| {})
-}
-
-/// [`hash_file`], calling `tick` before every read of up to 256 KiB (a
-/// caller that must show progress on a large file stamps it there).
-pub fn hash_file_ticking(file: &File, tick: &dyn Fn()) -> io::Result<(u64, blake3::Hash)> {
+/// is hashed up to the size it had at the start. `tick` is called before
+/// every read of up to 256 KiB (a caller that must show progress on a
+/// large file stamps it there; others pass `&|| {}`).
+pub fn hash_file(file: &File, tick: &dyn Fn()) -> io::Result<(u64, blake3::Hash)> {
     let size = file.metadata()?.len();
     let mut hasher = blake3::Hasher::new();
     let mut buf = Vec::new();
@@ -405,12 +401,12 @@ mod tests {
             sparse_file(100, &[(0, 100)]),
         ] {
             let size = f.metadata().unwrap().len();
-            assert_eq!(hash_file(&f).unwrap(), (size, hash_by_reading(&f)));
+            assert_eq!(hash_file(&f, &|| {}).unwrap(), (size, hash_by_reading(&f)));
         }
         // A file shorter than the regions say (it shrank): the short read ends it.
         let f = sparse_file(2 * mib, &[(0, 4096), (mib, 4096)]);
         f.set_len(mib + 100).unwrap();
-        assert_eq!(hash_file(&f).unwrap(), (mib + 100, hash_by_reading(&f)));
+        assert_eq!(hash_file(&f, &|| {}).unwrap(), (mib + 100, hash_by_reading(&f)));
     }
 
     /// Puts a file together again from what [`walk`] hands over.

@@ -216,7 +216,7 @@ pub(super) fn learn(file: &fs::File, rel: &str, cache: &mut HashCache, tick: &dy
         // (never mapped: another process may truncate it meanwhile), its
         // holes without reading them.
         None => {
-            let (size, hash) = warmspare_shared::manifest::ContentHash::of_open_file_ticking(file, tick)?;
+            let (size, hash) = warmspare_shared::manifest::ContentHash::of_open_file(file, tick)?;
             Learned {
                 size,
                 hash,

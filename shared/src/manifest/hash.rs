@@ -24,19 +24,15 @@ impl ContentHash {
     /// Hashes the file at `path` (its holes without reading them).
     pub fn of_file(path: &Path) -> io::Result<ContentHash> {
         let file = crate::sys::open_for_reading(path, 0)?;
-        Ok(ContentHash::of_open_file(&file)?.1)
+        Ok(ContentHash::of_open_file(&file, &|| {})?.1)
     }
 
     /// The size and content hash of the open regular file `file`, its holes
-    /// hashed as zeros without being read (see `sparse::hash_file`).
-    pub fn of_open_file(file: &std::fs::File) -> io::Result<(u64, ContentHash)> {
-        Self::of_open_file_ticking(file, &|| {})
-    }
-
-    /// [`ContentHash::of_open_file`], calling `tick` before every read of
-    /// up to 256 KiB (see `sparse::hash_file_ticking`).
-    pub fn of_open_file_ticking(file: &std::fs::File, tick: &dyn Fn()) -> io::Result<(u64, ContentHash)> {
-        let (size, hash) = crate::sparse::hash_file_ticking(file, tick)?;
+    /// hashed as zeros without being read (see `sparse::hash_file`),
+    /// calling `tick` before every read of up to 256 KiB (a caller with no
+    /// progress to show passes `&|| {}`).
+    pub fn of_open_file(file: &std::fs::File, tick: &dyn Fn()) -> io::Result<(u64, ContentHash)> {
+        let (size, hash) = crate::sparse::hash_file(file, tick)?;
         Ok((size, ContentHash(*hash.as_bytes())))
     }
 
