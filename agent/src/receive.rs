@@ -29,6 +29,9 @@ use crate::role::Role;
 use crate::sessions::Sessions;
 use crate::telemetry::Telemetry;
 
+mod admission;
+use admission::Admission;
+
 /// What the receiver uses of the node, and what it hands an operator's
 /// session (`control`).
 #[derive(Clone)]
@@ -241,56 +244,15 @@ enum Sent {
     Stuck,
 }
 
-/// What to do with a new session.
-enum Admission {
-    Accept,
-    /// Accept once this higher epoch is adopted (persisted).
-    Adopt(RoleState),
-    /// A push from an older epoch: tell the sender who is active now.
-    Stale(RoleState),
-    Refuse(String),
-}
-
-/// Decides whether a session may proceed.
+/// Decides whether a session may proceed: the rule of [`admission`], after
+/// noting a replicating peer's configuration hash.
 fn admit(node: &Handles, who: &Identity, hello: &Hello) -> Admission {
-    if hello.protocol != proto::PROTOCOL_VERSION {
-        return Admission::Refuse(format!(
-            "protocol {} is not supported (this agent speaks {})",
-            hello.protocol,
-            proto::PROTOCOL_VERSION
-        ));
-    }
-    match (hello.purpose, who) {
-        (Purpose::Probe, _) => return Admission::Accept,
-        (Purpose::Control, Identity::Operator(_)) => return Admission::Accept,
-        (Purpose::Control, _) => return Admission::Refuse(format!("{who} is not an operator")),
-        (Purpose::Replicate, Identity::Node(n)) if *n == hello.node => {}
-        (Purpose::Replicate, _) => return Admission::Refuse(format!("{who} may not push as node {:?}", hello.node)),
-    }
-    node.live.compare_config(&hello.node, &hello.config_hash);
     let mine = node.role.current();
-    if hello.epoch < mine.epoch {
-        return Admission::Stale(mine);
+    let verdict = admission::decide(who, hello, &mine);
+    if admission::pushes_as_itself(who, hello) && hello.protocol == proto::PROTOCOL_VERSION {
+        node.live.compare_config(&hello.node, &hello.config_hash);
     }
-    if hello.active != hello.node {
-        return Admission::Refuse(format!(
-            "{} is not the active node of epoch {}",
-            hello.node, hello.epoch
-        ));
-    }
-    if hello.epoch == mine.epoch && mine.active != hello.node {
-        return Admission::Refuse(format!(
-            "{} is the active node of epoch {}, not {}",
-            mine.active, mine.epoch, hello.node
-        ));
-    }
-    if hello.epoch > mine.epoch {
-        return Admission::Adopt(RoleState {
-            epoch: hello.epoch,
-            active: hello.active.clone(),
-        });
-    }
-    Admission::Accept
+    verdict
 }
 
 fn request_name(r: &Request) -> &'static str {
