@@ -154,7 +154,8 @@ impl ActiveSide {
     /// After the active side has stopped: `on_demote` (the token must be
     /// cancelled already).
     pub fn demote(self, handles: &Handles, role: &RoleState) -> tokio::task::JoinHandle<()> {
-        let (s, epoch, to) = (handles.clone(), role.epoch, role.active.clone());
+        let (s, epoch) = (handles.clone(), role.epoch);
+        let to = demoted_to(&handles.live.me.name, role).to_string();
         let handle = self.handle;
         tokio::spawn(async move {
             wait_previous(&s.live, Some(handle)).await;
@@ -169,6 +170,18 @@ impl ActiveSide {
             )
             .await;
         })
+    }
+}
+
+/// The node an `on_demote` hook is told is active after the change
+/// (`WARMSPARE_TO`): the one the role names, or nobody when the role still
+/// names this node (it lost etcd's leader key and does not know who takes
+/// over).
+fn demoted_to<'a>(me: &str, role: &'a RoleState) -> &'a str {
+    if role.active == me {
+        ""
+    } else {
+        &role.active
     }
 }
 
@@ -228,4 +241,23 @@ fn start_active(handles: &Handles, tasks: &mut JoinSet<&'static str>, token: &Ca
         }
         "the watcher"
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_demote_names_the_new_active_or_nobody_when_it_is_still_this_node() {
+        let moved = RoleState {
+            epoch: 3,
+            active: "b".into(),
+        };
+        let fenced = RoleState {
+            epoch: 2,
+            active: "a".into(),
+        };
+        assert_eq!(demoted_to("a", &moved), "b");
+        assert_eq!(demoted_to("a", &fenced), "");
+    }
 }
