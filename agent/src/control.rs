@@ -11,13 +11,12 @@ use anyhow::Result;
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, JobRun, Reply, Request};
-use warmspare_shared::state::RoleState;
 use warmspare_shared::{state, text};
 
 use crate::allow_deletes::AllowDeletes;
 use crate::live::Live;
 use crate::pause::Pause;
-use crate::role::{Role, SwapError};
+use crate::role::Role;
 use crate::roots::Roots;
 use crate::status;
 use crate::telemetry::Telemetry;
@@ -232,13 +231,10 @@ async fn handle(node: &Handles, operator: &str, req: Request) -> Reply {
             Err(e) => failed(e),
         },
         Request::SetRole { expect, next, reason } => match off_runtime({
-            let (role, by, me) = (node.role.clone(), by.clone(), node.live.me.name.clone());
-            move || match role.compare_and_swap(&expect, next.clone(), &reason, &by) {
-                Err(e) if already_promoted(&e, &next, &me) => {
-                    tracing::info!(epoch = next.epoch, "already active at the epoch asked for");
-                    Ok(next)
-                }
-                other => other.map_err(|e| e.to_string()),
+            let (role, by) = (node.role.clone(), by.clone());
+            move || {
+                role.compare_and_swap(&expect, next, &reason, &by)
+                    .map_err(|e| e.to_string())
             }
         })
         .await
@@ -458,46 +454,5 @@ async fn flush(node: &Handles, timeout: Duration) -> Reply {
                 detail,
             };
         }
-    }
-}
-
-/// Whether a refused promotion of this node (`me`) to `next` finds it
-/// already there: with `[etcd]`, a switchover's target may take the freed
-/// leader key by itself before the operator's promotion reaches it, and a
-/// repeated request after a lost reply finds its own change. Only a
-/// promotion of this node is taken as done: a demotion that finds the
-/// node already moved on is still refused, so two concurrent switchovers
-/// cannot both pass their demotion step.
-fn already_promoted(e: &SwapError, next: &RoleState, me: &str) -> bool {
-    matches!(e, SwapError::Stale { current, .. } if current == next && next.active == me)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn role(epoch: u64, active: &str) -> RoleState {
-        RoleState {
-            epoch,
-            active: active.to_string(),
-        }
-    }
-
-    #[test]
-    fn a_promotion_that_finds_this_node_already_there_is_done_and_nothing_else_is() {
-        let stale = |current: RoleState| SwapError::Stale {
-            expected: role(1, "a"),
-            current,
-        };
-        // The target b already took epoch 2 by itself.
-        assert!(already_promoted(&stale(role(2, "b")), &role(2, "b"), "b"));
-        // A demotion of a that finds a already moved to b: still refused.
-        assert!(!already_promoted(&stale(role(2, "b")), &role(2, "b"), "a"));
-        // b at another epoch or with another node active: refused.
-        assert!(!already_promoted(&stale(role(3, "b")), &role(2, "b"), "b"));
-        assert!(!already_promoted(&stale(role(2, "c")), &role(2, "b"), "b"));
-        // Other refusals are never taken as done.
-        let not_above = SwapError::NotAbove { next: 2, current: 2 };
-        assert!(!already_promoted(&not_above, &role(2, "b"), "b"));
     }
 }

@@ -275,6 +275,14 @@ impl Role {
     /// Compare-and-swap of the role: moves from `expect` to `next` (a higher
     /// epoch), persisting before publishing; `Err` says why not. It ends a
     /// hold: an operator's promotion needs no peer's confirmation.
+    ///
+    /// A promotion of this node that finds it exactly at `next` already is
+    /// done, whatever `expect` was: with `[etcd]` a switchover's target may
+    /// take the freed leader key by itself before the operator's promotion
+    /// reaches it, and a request repeated after a lost reply finds its own
+    /// change. Only a promotion of this node: a demotion that finds the
+    /// node moved on is still refused, so two concurrent switchovers cannot
+    /// both pass their demotion step.
     pub fn compare_and_swap(
         &self,
         expect: &RoleState,
@@ -284,6 +292,9 @@ impl Role {
     ) -> std::result::Result<RoleState, SwapError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.current();
+        if current == next && next.active == self.live.me.name {
+            return Ok(current);
+        }
         if current != *expect {
             return Err(SwapError::Stale {
                 expected: expect.clone(),

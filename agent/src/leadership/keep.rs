@@ -12,12 +12,10 @@
 use std::time::{Duration, Instant};
 
 use warmspare_shared::etcd::confirm::{Leadership, Renewal, Verdict};
-use warmspare_shared::etcd::TxnOutcome;
 use warmspare_shared::state::RoleState;
 
 use super::decide::{self, Step};
 use super::{Ctx, Lease};
-use crate::role::LeaderKey;
 
 /// While this node's role state names it active: acquires the key, holds
 /// it, and returns when the role state names another node (the lease
@@ -84,51 +82,15 @@ async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
         Step::Claim { from, to } => (true, from, to, None),
         Step::Seize { from, to, local } => (false, from, to, local),
     };
-    let lease = match ctx.grant().await {
-        Ok(l) => l,
-        Err(e) => {
-            ctx.fence(format!("cannot get a lease: {e}"));
-            return None;
-        }
-    };
-    let me = ctx.me().to_string();
-    let outcome = if claim {
-        ctx.bounded(ctx.client.claim(&me, lease.id, from, to)).await
-    } else {
-        ctx.bounded(ctx.client.seize(&me, lease.id, from, to)).await
-    };
-    match outcome {
-        Ok(TxnOutcome::Done(epoch)) => {
-            ctx.role.set_leader_key(LeaderKey::Held(epoch));
-            if let Some(reason) = moved {
-                let next = RoleState {
-                    epoch,
-                    active: me.clone(),
-                };
-                if let Err(why) = ctx.move_role(local.clone(), next, reason).await {
-                    tracing::error!(epoch, "took the leader key but cannot move the role: {why}");
-                    ctx.fence(format!("cannot record epoch {epoch}: {why}"));
-                    ctx.revoke(lease).await;
-                    return None;
-                }
-            }
+    match ctx.put_key(local, claim, from, to, moved).await {
+        Ok((lease, epoch)) => {
             // etcd confirmed this node: no peer's confirmation is needed.
             ctx.role.confirm("etcd");
             tracing::warn!(epoch, lease = lease.id, claimed = claim, "holding etcd's leader key");
             Some(lease)
         }
-        Ok(TxnOutcome::Refused(now)) => {
-            ctx.fence(format!(
-                "the transaction was refused: etcd is at epoch {} with {} holding the key",
-                now.epoch,
-                now.leader.map_or_else(|| "no node".to_string(), |l| l.name)
-            ));
-            ctx.revoke(lease).await;
-            None
-        }
-        Err(e) => {
-            ctx.fence(format!("the transaction failed: {e}"));
-            ctx.revoke(lease).await;
+        Err(why) => {
+            ctx.fence(why);
             None
         }
     }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::config::Etcd;
-use warmspare_shared::etcd::{Client, EtcdError};
+use warmspare_shared::etcd::{Client, EtcdError, TxnOutcome};
 use warmspare_shared::state::RoleState;
 
 use crate::live::Live;
@@ -171,22 +171,67 @@ impl Ctx {
         self.stamp.stamp();
     }
 
-    /// Moves this node's role state from `expect` to `next` (see
-    /// `Role::compare_and_swap`); `Ok` also when it is at `next` already.
+    /// Moves this node's role state from `expect` to `next`, which names
+    /// this node (see `Role::compare_and_swap`: `Ok` also when it is at
+    /// `next` already).
     async fn move_role(&self, expect: RoleState, next: RoleState, reason: String) -> Result<(), String> {
         let role = self.role.clone();
-        let want = next.clone();
-        let moved = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             role.compare_and_swap(&expect, next, &reason, "etcd")
+                .map(|_| ())
                 .map_err(|e| e.to_string())
         })
         .await
-        .unwrap_or_else(|e| Err(format!("the role change failed: {e}")));
-        match moved {
-            Ok(_) => Ok(()),
-            Err(_) if self.role.current() == want => Ok(()),
-            Err(why) => Err(why),
-        }
+        .unwrap_or_else(|e| Err(format!("the role change failed: {e}")))
+    }
+
+    /// Puts etcd's leader key on a new lease of this node: a claim (the key
+    /// names this node at etcd's epoch `from`, which becomes `to`) or a
+    /// seize (the key absent, etcd's epoch `from` moved to `to`). Holding
+    /// the key lifts the fence for its epoch and, with `moved` (a reason),
+    /// moves this node's role from `local` to that epoch naming itself.
+    /// The lease and the epoch; `Err` says why not, the lease revoked again.
+    async fn put_key(
+        &self,
+        local: &RoleState,
+        claim: bool,
+        from: u64,
+        to: u64,
+        moved: Option<String>,
+    ) -> Result<(Lease, u64), String> {
+        let lease = self.grant().await.map_err(|e| format!("cannot get a lease: {e}"))?;
+        let me = self.me().to_string();
+        let outcome = if claim {
+            self.bounded(self.client.claim(&me, lease.id, from, to)).await
+        } else {
+            self.bounded(self.client.seize(&me, lease.id, from, to)).await
+        };
+        let why = match outcome {
+            Ok(TxnOutcome::Done(epoch)) => {
+                self.role.set_leader_key(LeaderKey::Held(epoch));
+                let Some(reason) = moved else {
+                    return Ok((lease, epoch));
+                };
+                let next = RoleState { epoch, active: me };
+                match self.move_role(local.clone(), next, reason).await {
+                    Ok(()) => return Ok((lease, epoch)),
+                    Err(why) => {
+                        tracing::error!(epoch, "took the leader key but cannot move the role: {why}");
+                        let why = format!("cannot record epoch {epoch}: {why}");
+                        self.fence(why.clone());
+                        why
+                    }
+                }
+            }
+            Ok(TxnOutcome::Refused(now)) => format!(
+                "the transaction was refused: etcd is at epoch {} with {} holding the key",
+                now.epoch,
+                now.leader.map_or_else(|| "no node".to_string(), |l| l.name)
+            ),
+            Err(e) => format!("the transaction failed: {e}"),
+        };
+        self.revoke(lease).await;
+        Err(why)
     }
 
     /// Adopts `next`, the role etcd holds (a higher epoch).

@@ -10,12 +10,11 @@
 //! which starts the promotion as an operator's would (`on_promote`, then
 //! active).
 
-use warmspare_shared::etcd::{LeaderWatch, TxnOutcome};
+use warmspare_shared::etcd::LeaderWatch;
 use warmspare_shared::state::RoleState;
 
 use super::decide::{self, Step};
 use super::{Ctx, Lease};
-use crate::role::LeaderKey;
 
 /// While this node's role state names another node: follows etcd's role.
 /// Returns when the role state names this node: with the lease of the key
@@ -75,41 +74,13 @@ pub(super) async fn follow(ctx: &Ctx) -> Option<Lease> {
 /// Takes the key (etcd's epoch `from` to `to`), then moves this node's role
 /// from `local` to `to` naming itself; the lease of the key on success.
 async fn take_over(ctx: &Ctx, local: &RoleState, from: u64, to: u64, reason: String) -> Option<Lease> {
-    let lease = match ctx.grant().await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot get a lease to take the leader key");
-            return None;
-        }
-    };
-    let me = ctx.me().to_string();
-    match ctx.bounded(ctx.client.seize(&me, lease.id, from, to)).await {
-        Ok(TxnOutcome::Done(epoch)) => {
+    match ctx.put_key(local, false, from, to, Some(reason.clone())).await {
+        Ok((lease, epoch)) => {
             tracing::warn!(epoch, old = local.active, "took etcd's leader key: {reason}");
-            ctx.role.set_leader_key(LeaderKey::Held(epoch));
-            let next = RoleState { epoch, active: me };
-            match ctx.move_role(local.clone(), next, reason).await {
-                Ok(()) => Some(lease),
-                Err(why) => {
-                    tracing::error!(epoch, "took the leader key but cannot move the role: {why}");
-                    ctx.fence(format!("cannot record epoch {epoch}: {why}"));
-                    ctx.revoke(lease).await;
-                    None
-                }
-            }
+            Some(lease)
         }
-        Ok(TxnOutcome::Refused(now)) => {
-            tracing::info!(
-                epoch = now.epoch,
-                leader = now.leader.map(|l| l.name).unwrap_or_default(),
-                "another node took the leader key first"
-            );
-            ctx.revoke(lease).await;
-            None
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "the take of the leader key failed");
-            ctx.revoke(lease).await;
+        Err(why) => {
+            tracing::info!("did not take the leader key: {why}");
             None
         }
     }

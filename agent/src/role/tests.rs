@@ -123,3 +123,31 @@ fn a_valid_move_is_persisted_then_published() {
     let stored = RoleState::load_or_init(&d.path().join("a/var/lib/warmspare"), "a").unwrap();
     assert_eq!(stored, at(4, "b"));
 }
+
+#[test]
+fn a_promotion_that_finds_this_node_already_there_is_done_and_nothing_else_is() {
+    let d = tempfile::tempdir().unwrap();
+    let role = role_of_a(d.path());
+    // a is at {3, a}: a promotion to exactly that, from any expectation, is done.
+    assert_eq!(
+        role.compare_and_swap(&at(2, "b"), at(3, "a"), "test", "op").unwrap(),
+        at(3, "a")
+    );
+    // a at another epoch than asked: refused.
+    let e = role
+        .compare_and_swap(&at(2, "b"), at(2, "a"), "test", "op")
+        .unwrap_err();
+    assert!(matches!(e, SwapError::Stale { .. }), "{e:?}");
+    // A demotion that finds a already moved to b: still refused.
+    role.compare_and_swap(&at(3, "a"), at(4, "b"), "test", "op").unwrap();
+    let e = role
+        .compare_and_swap(&at(3, "a"), at(4, "b"), "test", "op")
+        .unwrap_err();
+    assert!(matches!(e, SwapError::Stale { .. }), "{e:?}");
+    // Another refusal is never taken as done.
+    let e = role
+        .compare_and_swap(&at(4, "b"), at(4, "a"), "test", "op")
+        .unwrap_err();
+    assert!(matches!(e, SwapError::NotAbove { .. }), "{e:?}");
+    assert_eq!(role.current(), at(4, "b"));
+}

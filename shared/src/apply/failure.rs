@@ -102,21 +102,23 @@ impl FailReason {
     /// The failure to preserve what a file would replace: a refusal of the
     /// undo store, or a divergence that could not be moved aside.
     pub fn not_preserved(e: io::Error) -> FailReason {
+        FailReason::unless_not_kept(e, FailReason::NotPreserved)
+    }
+
+    /// [`FailReason::NotKept`] when `e` is the undo store's refusal, else
+    /// `other` of it.
+    fn unless_not_kept(e: io::Error, other: fn(Arc<io::Error>) -> FailReason) -> FailReason {
         if NotKept::of_io(&e).is_some() {
             FailReason::NotKept(Arc::new(e))
         } else {
-            FailReason::NotPreserved(Arc::new(e))
+            other(Arc::new(e))
         }
     }
 }
 
 impl From<io::Error> for FailReason {
     fn from(e: io::Error) -> FailReason {
-        if NotKept::of_io(&e).is_some() {
-            FailReason::NotKept(Arc::new(e))
-        } else {
-            FailReason::Io(Arc::new(e))
-        }
+        FailReason::unless_not_kept(e, FailReason::Io)
     }
 }
 
