@@ -94,15 +94,23 @@ async fn wait(ctx: &Ctx, watch: &mut Option<LeaderWatch>) {
     let limit = ctx.etcd.loop_wait;
     match watch {
         Some(w) => {
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => {}
-                _ = roles.changed() => {}
-                next = w.next_within(limit) => {
-                    if let Err(e) = next {
+            let start = tokio::time::Instant::now();
+            let broke = tokio::select! {
+                _ = ctx.cancel.cancelled() => false,
+                _ = roles.changed() => false,
+                next = w.next_within(limit) => match next {
+                    Err(e) => {
                         tracing::debug!(error = %e, "the watch of the leader key broke");
-                        *watch = None;
+                        true
                     }
-                }
+                    Ok(_) => false,
+                },
+            };
+            if broke {
+                // A watch that breaks as soon as it is made would spin this
+                // loop: the rest of the wait goes by as without a watch.
+                *watch = None;
+                ctx.pause(limit.saturating_sub(start.elapsed())).await;
             }
         }
         None => ctx.pause(limit).await,
