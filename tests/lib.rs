@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use warmspare_shared::keys::SecretKey;
 
+pub mod etcd_proxy;
 pub mod faults;
 
 /// Where the workspace's binaries are: beside the test executable's `deps/`.
@@ -247,6 +248,32 @@ impl TestCluster {
     /// Starts the agent of node `name` with extra environment variables.
     pub fn start_with_env(&self, name: &str, env: &[(&str, &str)]) -> Agent {
         self.start_wrapped(name, env, &[])
+    }
+
+    /// Starts the agent of node `name` with its own cluster file `file` (a
+    /// copy of [`TestCluster::file`] with a change for this node only, such
+    /// as other etcd endpoints).
+    pub fn start_with_cluster_file(&self, name: &str, file: &Path) -> Agent {
+        let mut a = Agent {
+            wrapper: Vec::new(),
+            child: None,
+            cluster: file.to_path_buf(),
+            name: name.to_string(),
+            log: self.dir.path().join(format!("{name}.log")),
+            env: Vec::new(),
+        };
+        a.spawn();
+        a
+    }
+
+    /// Writes a copy of the cluster file with `from` replaced by `to`, for
+    /// node `name` (see [`TestCluster::start_with_cluster_file`]).
+    pub fn cluster_file_variant(&self, name: &str, from: &str, to: &str) -> PathBuf {
+        let text = fs::read_to_string(&self.file).expect("read the cluster file");
+        assert!(text.contains(from), "the cluster file has no {from:?}");
+        let file = self.dir.path().join(format!("cluster-{name}.toml"));
+        write_cluster_file(&file, &text.replace(from, to));
+        file
     }
 
     /// Starts the agent of node `name` inside the network namespace `netns`.

@@ -13,25 +13,32 @@ use warmspare_tests::{
     http_status, read, wait_until, write_file, ActiveGuard, ClusterOptions, EtcdCluster, TestCluster, CA_WATCH,
 };
 
-const TTL: Duration = Duration::from_secs(6);
-const LOOP_WAIT: Duration = Duration::from_secs(1);
-const RETRY_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const TTL: Duration = Duration::from_secs(6);
+pub(crate) const LOOP_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const RETRY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Two nodes `a` (preferred active) and `b` with the `ca` watch and the
-/// `[etcd]` table of `etcd`; `b_extra` goes into b's node table.
-fn pair(etcd: &EtcdCluster, b_extra: &str) -> TestCluster {
-    let timing = format!(
+/// The timing lines of every test's `[etcd]` table.
+pub(crate) fn timing() -> String {
+    format!(
         "ttl = \"{}s\"\nloop_wait = \"{}s\"\nretry_timeout = \"{}s\"",
         TTL.as_secs(),
         LOOP_WAIT.as_secs(),
         RETRY_TIMEOUT.as_secs()
-    );
+    )
+}
+
+/// Two nodes `a` (preferred active) and `b` with the `ca` watch and the
+/// `[etcd]` table of `etcd`; `b_extra` goes into b's node table.
+fn pair(etcd: &EtcdCluster, b_extra: &str) -> TestCluster {
+    pair_with(&etcd.toml(&timing()), b_extra)
+}
+
+/// Two nodes `a` (preferred active) and `b` with the `ca` watch and the
+/// `[etcd]` table `etcd_table`; `b_extra` goes into b's node table.
+pub(crate) fn pair_with(etcd_table: &str, b_extra: &str) -> TestCluster {
     TestCluster::new(ClusterOptions {
         nodes: vec!["a", "b"],
-        extra: format!(
-            "[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\ndebounce_ms = 5\n\n{}",
-            etcd.toml(&timing)
-        ),
+        extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\ndebounce_ms = 5\n\n{etcd_table}"),
         node_extra: if b_extra.is_empty() {
             vec![]
         } else {
@@ -41,25 +48,25 @@ fn pair(etcd: &EtcdCluster, b_extra: &str) -> TestCluster {
     })
 }
 
-fn guard(c: &TestCluster) -> ActiveGuard {
+pub(crate) fn guard(c: &TestCluster) -> ActiveGuard {
     ActiveGuard::start(&[("a", c.node("a").http_port), ("b", c.node("b").http_port)])
 }
 
-fn check(c: &TestCluster, node: &str) -> Option<u16> {
+pub(crate) fn check(c: &TestCluster, node: &str) -> Option<u16> {
     http_status(c.node(node).http_port, "/_status/check")
 }
 
-fn role_file(c: &TestCluster, node: &str) -> PathBuf {
+pub(crate) fn role_file(c: &TestCluster, node: &str) -> PathBuf {
     c.node(node).root.join("var/lib/warmspare/role.json")
 }
 
 /// The role state `node` persisted.
-fn role_of(c: &TestCluster, node: &str) -> RoleState {
+pub(crate) fn role_of(c: &TestCluster, node: &str) -> RoleState {
     serde_json::from_slice(&read(&role_file(c, node)).expect("role.json")).expect("role.json parses")
 }
 
 /// The role etcd holds for the test cluster.
-fn etcd_role(etcd: &EtcdCluster) -> EtcdRole {
+pub(crate) fn etcd_role(etcd: &EtcdCluster) -> EtcdRole {
     let endpoints = etcd.endpoints().iter().map(|e| Endpoint::parse(e).unwrap()).collect();
     let client = Client::with_endpoints(endpoints, "/warmspare/test".into(), Duration::from_secs(3));
     tokio::runtime::Builder::new_current_thread()
@@ -72,7 +79,7 @@ fn etcd_role(etcd: &EtcdCluster) -> EtcdRole {
 
 /// Polls `cond` every 10 ms for `span` and panics the first time it fails:
 /// what must stay true while something else (a lease's ttl) runs out.
-fn holds_for(what: &str, span: Duration, mut cond: impl FnMut() -> bool) {
+pub(crate) fn holds_for(what: &str, span: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + span;
     while Instant::now() < end {
         assert!(cond(), "{what} stopped holding");
@@ -81,7 +88,7 @@ fn holds_for(what: &str, span: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 /// Starts both agents and waits until `a` is active through etcd.
-fn started(c: &TestCluster) -> (warmspare_tests::Agent, warmspare_tests::Agent) {
+pub(crate) fn started(c: &TestCluster) -> (warmspare_tests::Agent, warmspare_tests::Agent) {
     let a = c.start("a");
     let b = c.start("b");
     wait_until("a active through etcd", Duration::from_secs(30), || {

@@ -11,6 +11,7 @@ mod beneath;
 mod config;
 mod controller;
 mod etcd;
+mod etcd_faults;
 mod etcd_tls;
 mod faults;
 mod hooks;
