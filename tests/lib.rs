@@ -225,7 +225,7 @@ impl TestCluster {
     pub fn pair(watch_extra: &str) -> TestCluster {
         TestCluster::new(ClusterOptions {
             nodes: vec!["a", "b"],
-            extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\ndebounce_ms = 5\n{watch_extra}\n"),
+            extra: format!("[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\ndebounce_ms = 0\n{watch_extra}\n"),
             ..Default::default()
         })
     }

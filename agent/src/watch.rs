@@ -1,4 +1,5 @@
-//! The watcher: inotify events, debounced per watch, into every shipper's inbox.
+//! The watcher: inotify events, batched per watch (see [`batch`]: on their
+//! leading edge by default), into every shipper's inbox.
 //!
 //! inotify only makes replication fast; correctness comes from the state-based
 //! comparison the shippers run. So the watcher errs on the side of more work:
@@ -12,7 +13,6 @@
 //! full comparison is asked for, so later changes in those directories are
 //! seen too.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +27,9 @@ use warmspare_shared::relpath;
 use crate::events::Inbox;
 use crate::progress::Stamp;
 
-/// The longest a steady stream of events can hold a batch back.
-const MAX_HOLD: Duration = Duration::from_millis(500);
+mod batch;
+
+use batch::{Batcher, Edge};
 
 /// How long lost events are gathered before the watches are renewed and a
 /// full comparison is asked for: an overflowing burst reports many losses.
@@ -40,12 +41,13 @@ pub struct Target {
     pub name: String,
     /// Its local root.
     pub root: PathBuf,
-    /// Quiet time that ends a batch.
+    /// Quiet time that ends a batch (`debounce_ms`); zero ships complete
+    /// changes on their leading edge (see [`batch`]).
     pub debounce: Duration,
 }
 
 enum Raw {
-    Paths(Vec<PathBuf>),
+    Paths(Vec<PathBuf>, Edge),
     Rescan(Option<PathBuf>),
 }
 
@@ -112,7 +114,7 @@ pub async fn run(
             Ok(ev) if ev.need_rescan() => Raw::Rescan(None),
             // Reads (our own shipping among them) change nothing.
             Ok(ev) if is_read_only(&ev.kind) => return,
-            Ok(ev) => Raw::Paths(ev.paths),
+            Ok(ev) => Raw::Paths(ev.paths, Edge::of(&ev.kind)),
             Err(e) => {
                 report_watch_error(&e);
                 Raw::Rescan(e.paths.first().cloned())
@@ -146,7 +148,7 @@ pub async fn run(
         tracing::info!(watch = t.name, root = %t.root.display(), "watching");
     }
 
-    let mut pending: HashMap<usize, (Vec<String>, Instant, Instant)> = HashMap::new();
+    let mut pending = Batcher::default();
     // Watches that lost events, and when to renew them.
     let mut lost: Vec<bool> = vec![false; targets.len()];
     let mut rescan_at: Option<Instant> = None;
@@ -158,8 +160,8 @@ pub async fn run(
         }
         // Idle, the loop still comes round (and stamps) every second.
         let next = pending
-            .values()
-            .map(|(_, quiet, hold)| (*quiet).min(*hold))
+            .next()
+            .into_iter()
             .chain(rescan_at)
             .chain(unwatched_at)
             .chain([Instant::now() + ROUND])
@@ -198,33 +200,35 @@ pub async fn run(
             }
             raw = rx.recv() => {
                 let Some(raw) = raw else { break };
-                match raw {
-                    Raw::Rescan(path) => {
-                        for (i, t) in targets.iter().enumerate() {
-                            if path.as_ref().is_none_or(|p| p.starts_with(&t.root)) {
-                                lost[i] = true;
-                            }
-                        }
-                        rescan_at.get_or_insert_with(|| Instant::now() + RESCAN_GATHER);
+                // What else has arrived goes into the same round: a close
+                // and the rename that follows it often come together.
+                let mut raws = vec![raw];
+                while raws.len() < RAW_QUEUE {
+                    match rx.try_recv() {
+                        Ok(raw) => raws.push(raw),
+                        Err(_) => break,
                     }
-                    Raw::Paths(paths) => {
-                        let now = Instant::now();
-                        for p in paths {
-                            let Some((idx, rel)) = locate(&targets, &p) else { continue };
-                            let entry = pending.entry(idx).or_insert_with(|| (Vec::new(), now, now + MAX_HOLD));
-                            if entry.0.first().is_some_and(String::is_empty) {
-                                // The whole watch is asked for already.
-                            } else if entry.0.len() >= MAX_PENDING {
-                                // More than a batch should hold: the root
-                                // ("") instead, which compares the whole watch.
-                                entry.0 = vec![String::new()];
-                            } else {
-                                entry.0.push(rel);
+                }
+                let now = Instant::now();
+                for raw in raws {
+                    match raw {
+                        Raw::Rescan(path) => {
+                            for (i, t) in targets.iter().enumerate() {
+                                if path.as_ref().is_none_or(|p| p.starts_with(&t.root)) {
+                                    lost[i] = true;
+                                }
                             }
-                            entry.1 = now + targets[idx].debounce;
+                            rescan_at.get_or_insert_with(|| Instant::now() + RESCAN_GATHER);
+                        }
+                        Raw::Paths(paths, edge) => {
+                            for p in paths {
+                                let Some((idx, rel)) = locate(&targets, &p) else { continue };
+                                pending.add(idx, rel, edge, targets[idx].debounce, now, MAX_PENDING);
+                            }
                         }
                     }
                 }
+                hand_over(&mut pending, now, &targets, &inboxes);
             }
             _ = sleep_until(next) => {
                 let now = Instant::now();
@@ -276,20 +280,22 @@ pub async fn run(
                         }
                     }
                 }
-                let due: Vec<usize> = pending.iter().filter(|(_, (_, q, h))| *q <= now || *h <= now).map(|(i, _)| *i).collect();
-                for idx in due {
-                    if let Some((paths, _, _)) = pending.remove(&idx) {
-                        tracing::debug!(watch = targets[idx].name, paths = paths.len(), "batch of changes");
-                        for i in &inboxes {
-                            i.add_paths(&targets[idx].name, paths.iter().cloned());
-                        }
-                    }
-                }
+                hand_over(&mut pending, now, &targets, &inboxes);
             }
         }
     }
     drop(watcher);
     Ok(())
+}
+
+/// Gives every shipper's inbox what `pending` has due at `now`.
+fn hand_over(pending: &mut Batcher, now: Instant, targets: &[Target], inboxes: &[Arc<Inbox>]) {
+    for (idx, paths) in pending.due(now) {
+        tracing::debug!(watch = targets[idx].name, paths = paths.len(), "batch of changes");
+        for i in inboxes {
+            i.add_paths(&targets[idx].name, paths.iter().cloned());
+        }
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -344,11 +350,11 @@ mod tests {
     async fn a_full_queue_flags_an_overflow_and_never_blocks() {
         let (q, mut rx) = RawQueue::new(2);
         for i in 0..10 {
-            q.push(Raw::Paths(vec![PathBuf::from(format!("/w/{i}"))]));
+            q.push(Raw::Paths(vec![PathBuf::from(format!("/w/{i}"))], Edge::Complete));
         }
         // The first two wait; the rest were dropped and flagged.
-        assert!(matches!(rx.try_recv(), Ok(Raw::Paths(_))));
-        assert!(matches!(rx.try_recv(), Ok(Raw::Paths(_))));
+        assert!(matches!(rx.try_recv(), Ok(Raw::Paths(..))));
+        assert!(matches!(rx.try_recv(), Ok(Raw::Paths(..))));
         assert!(rx.try_recv().is_err());
         tokio::time::timeout(Duration::from_secs(1), q.overflow.notified())
             .await

@@ -56,7 +56,7 @@ pub fn run(opts: DemoArgs) -> Result<()> {
         "[[operator]]\nname = \"demo\"\npublic_key = \"{}\"\n\n",
         operator.public().to_openssh()
     );
-    text += "[[watch]]\nname = \"ca\"\npath = \"/etc/puppetlabs/puppetserver/ca\"\nexclude = [\"*.bak\"]\ndebounce_ms = 10\n";
+    text += "[[watch]]\nname = \"ca\"\npath = \"/etc/puppetlabs/puppetserver/ca\"\nexclude = [\"*.bak\"]\n";
     let cluster = root.join("cluster.toml");
     // 0600 whatever the umask: agents refuse a cluster file others can write.
     std::io::Write::write_all(

@@ -32,7 +32,7 @@ fn bad_cluster_files_fail_check_with_key_and_line() {
     let good = std::fs::read_to_string(&c.file).unwrap();
     let cases: Vec<(String, &str, String)> = vec![
         {
-            let t = good.replace("debounce_ms = 5", "debounce_ms = 5\ncolour = \"blue\"");
+            let t = good.replace("debounce_ms = 0", "debounce_ms = 0\ncolour = \"blue\"");
             let l = line_of(&t, "colour", 0);
             (t, "colour", format!(":{l}:"))
         },
@@ -59,7 +59,7 @@ fn bad_cluster_files_fail_check_with_key_and_line() {
             (t, "key `keep`", format!(":{l}:"))
         },
         {
-            let t = good.replace("debounce_ms = 5", "debounce_ms = 5\nexclude = [\"signed/[b.pem\"]");
+            let t = good.replace("debounce_ms = 0", "debounce_ms = 0\nexclude = [\"signed/[b.pem\"]");
             let l = line_of(&t, "exclude", 0);
             (t, "watch[0].exclude[0]", format!(":{l}:"))
         },
@@ -97,7 +97,7 @@ fn config_hash_is_the_same_for_the_same_cluster() {
     assert_eq!(h1.len(), 64);
     assert_eq!(h1, h2);
     let f3 = c.dir.path().join("changed.toml");
-    warmspare_tests::write_cluster_file(&f3, &text.replace("debounce_ms = 5", "debounce_ms = 6"));
+    warmspare_tests::write_cluster_file(&f3, &text.replace("debounce_ms = 0", "debounce_ms = 1"));
     assert_ne!(h1, hash(&f3));
 }
 
@@ -436,7 +436,7 @@ fn dumps_and_state_are_private_under_a_permissive_umask() {
     let c = TestCluster::new(warmspare_tests::ClusterOptions {
         nodes: vec!["a", "b"],
         extra: format!(
-            "[[watch]]\nname = \"ca\"\npath = \"{}\"\ndebounce_ms = 5\n\n\
+            "[[watch]]\nname = \"ca\"\npath = \"{}\"\ndebounce_ms = 0\n\n\
              [[job]]\nname = \"db\"\ndump = \"echo secret rows > \\\"$WARMSPARE_OUTPUT\\\"\"\n\
              restore = \"cat \\\"$WARMSPARE_INPUT\\\" > /dev/null\"\n",
             warmspare_tests::CA_WATCH

@@ -499,3 +499,73 @@ fn a_directory_moved_away_and_back_ships_again() {
     converge(&a_root, &b_root, LIMIT);
     assert_eq!(read(&b_root.join("certs/sub/b.pem")).as_deref(), Some(&b"cert b"[..]));
 }
+
+/// The number of batches the active has logged as replicated.
+fn batches_replicated(a: &warmspare_tests::Agent) -> usize {
+    a.log_text().matches("batch replicated").count()
+}
+
+#[test]
+fn a_storm_while_a_batch_is_in_flight_ships_as_few_batches() {
+    // The leading edge ships a lone change at once; what arrives while a
+    // batch is in flight (the passive takes 1.5 s over every commit here)
+    // must coalesce into the next batch, not make one batch per event.
+    let c = TestCluster::pair("");
+    let (a_root, b_root) = (c.ca("a"), c.ca("b"));
+    write_file(&a_root.join("seed.pem"), b"seed", 0o644);
+    let _b = c.start_with_env("b", &[("WARMSPARE_TEST_SLOW_COMMIT_MS", "1500")]);
+    let a = c.start("a");
+    converge(&a_root, &b_root, LIMIT);
+    let before = batches_replicated(&a);
+    write_file(&a_root.join("first.pem"), b"first", 0o644);
+    wait_until("the first change to be pending", LIMIT, || {
+        c.node_status("a")["links"][0]["pending_changes"]
+            .as_u64()
+            .is_some_and(|p| p >= 1)
+    });
+    let mut events = 0;
+    for round in 0..50 {
+        for f in 0..20 {
+            write_file(
+                &a_root.join(format!("storm/f{f:02}.pem")),
+                format!("round {round} of file {f}\n").as_bytes(),
+                0o644,
+            );
+            events += 1;
+        }
+    }
+    converge(&a_root, &b_root, LIMIT);
+    // The first batch, the storm gathered while it was in flight, and what
+    // of the storm came after that batch (if the writer was slower than one
+    // commit) while the second was in flight.
+    let batches = batches_replicated(&a) - before;
+    assert!(
+        (1..=4).contains(&batches),
+        "{events} events in 20 files shipped as {batches} batches"
+    );
+}
+
+#[test]
+fn a_file_shipped_half_written_ships_again_when_whole() {
+    // A writer that keeps its file open: the write without a close ships
+    // after the partial quiet, and the rest, with the close, ships again.
+    let c = TestCluster::pair("");
+    let (a_root, b_root) = (c.ca("a"), c.ca("b"));
+    fs::create_dir_all(&a_root).unwrap();
+    let _b = c.start("b");
+    let _a = c.start("a");
+    converge(&a_root, &b_root, LIMIT);
+    let path = a_root.join("growing.pem");
+    let mut f = fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut f, b"-----BEGIN CERTIFICATE-----\n").unwrap();
+    wait_until("the half-written file on b", LIMIT, || {
+        read(&b_root.join("growing.pem")).as_deref() == Some(&b"-----BEGIN CERTIFICATE-----\n"[..])
+    });
+    std::io::Write::write_all(&mut f, b"MIIB\n-----END CERTIFICATE-----\n").unwrap();
+    drop(f);
+    wait_until("the whole file on b", LIMIT, || {
+        read(&b_root.join("growing.pem")).as_deref()
+            == Some(&b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"[..])
+    });
+    converge(&a_root, &b_root, LIMIT);
+}

@@ -60,8 +60,8 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
     // Removals the deletion guard holds, per watch: path, files under it.
     let mut held: HashMap<String, BTreeMap<String, u64>> = HashMap::new();
     // Files removed on the peer per watch in the last DELETE_WINDOW: an `rm
-    // -r` slower than the debounce arrives in several batches, and the guard
-    // counts them together.
+    // -r` arrives in several batches (what is removed while one is in flight
+    // ships as the next), and the guard counts them together.
     let mut removed_lately: HashMap<String, Vec<(Instant, u64)>> = HashMap::new();
     let mut unreadable = Unreadable::default();
     let stamp = io.stamp.clone();

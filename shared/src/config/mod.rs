@@ -255,7 +255,11 @@ pub struct Watch {
     /// Gitignore-style globs relative to `path`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
-    /// Changes closer together than this ship as one batch.
+    /// Zero (the default): a complete change (a close after writing, a
+    /// rename into place) ships at once, and what arrives while a batch is
+    /// in flight ships as the next batch. More: every change waits until
+    /// the watch has been quiet this long (for writers that close files
+    /// before they are whole).
     pub debounce_ms: u64,
     /// A shell command run on the receiver after applied batches (one run
     /// at a time per watch, off the acknowledgement path).

@@ -112,8 +112,9 @@ pub(super) enum RawLimit {
     Text(String),
 }
 
+/// No trailing debounce: complete changes ship on their leading edge.
 fn default_debounce() -> u64 {
-    10
+    0
 }
 
 #[derive(Deserialize)]

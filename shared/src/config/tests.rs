@@ -77,7 +77,7 @@ fn max_delete_parses_shares_and_counts() {
 fn parses_the_sample() {
     let c = parse(&sample()).unwrap();
     assert_eq!(c.node.len(), 2);
-    assert_eq!(c.watch[0].debounce_ms, 10);
+    assert_eq!(c.watch[0].debounce_ms, 0);
     assert_eq!(c.job[0].timeout(), Duration::from_secs(600));
     assert_eq!(c.job[0].keep, DEFAULT_KEEP);
     let b = c.node("b").unwrap();
