@@ -107,8 +107,9 @@ pub async fn serve(
             .loops
             .register("the etcd leadership loop", leadership::watchdog_limit(&etcd));
         let (live, role, c) = (shared.live.clone(), shared.role.clone(), cancel.clone());
+        let telemetry = shared.telemetry.clone();
         tasks.spawn(async move {
-            leadership::run(live, role, stamp, c).await;
+            leadership::run(live, role, telemetry, stamp, c).await;
             "the etcd leadership loop"
         });
     }

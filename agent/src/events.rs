@@ -149,6 +149,11 @@ impl Inbox {
         self.cond.notify_all();
     }
 
+    /// Whether nothing is waiting (without copying it).
+    pub fn is_idle(&self) -> bool {
+        self.lock().work.is_empty()
+    }
+
     /// A copy of what is waiting, for status.
     pub fn peek(&self) -> Work {
         self.lock().work.clone()

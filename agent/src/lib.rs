@@ -21,6 +21,7 @@ mod heartbeat;
 mod hooks;
 mod job_state;
 mod jobs;
+mod lag;
 mod leadership;
 mod live;
 pub mod logging;

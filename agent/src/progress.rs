@@ -106,7 +106,7 @@ impl Stamp {
     }
 
     /// How long ago the loop last stamped.
-    fn since(&self) -> Duration {
+    pub fn since(&self) -> Duration {
         let now = self.origin.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed)))
     }

@@ -7,7 +7,7 @@
 //! other session carry on.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use serde_bytes::ByteBuf;
@@ -131,7 +131,10 @@ async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
         (Purpose::Probe, _) => {
             while let Some(req) = reader.recv::<Request>().await? {
                 match req {
-                    Request::Ping => writer.send(&Reply::Pong).await?,
+                    Request::Ping => {
+                        heard_from(&node, &hello.node);
+                        writer.send(&Reply::Pong).await?
+                    }
                     other => bail!("a probe session sent {}", request_name(&other)),
                 }
             }
@@ -163,7 +166,9 @@ async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
 
     // Requests travel to the worker in batches of what has already arrived
     // (see `FrameReader::recv_batch`): one wake-up per batch, not per frame.
-    let (req_tx, req_rx) = mpsc::channel::<Vec<Request>>(16);
+    // Each batch carries when it arrived: a caught-up marker counts from
+    // its arrival, not from when the apply thread reached it (see `lag`).
+    let (req_tx, req_rx) = mpsc::channel::<(Instant, Vec<Request>)>(16);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(64);
     let worker_shared = node.clone();
     let session_role = RoleState {
@@ -206,7 +211,7 @@ async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
                 break;
             }
             // After the worker stops, keep reading until the peer closes.
-            forwarding = forwarding && req_tx.send(batch).await.is_ok();
+            forwarding = forwarding && req_tx.send((Instant::now(), batch)).await.is_ok();
         }
         Ok::<(), proto::FrameError>(())
     };
@@ -232,6 +237,15 @@ async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
     // ("the session closed").
     result?;
     worker_result
+}
+
+/// A probe session's ping from `from`: when `from` is the active this node
+/// names, the active was heard from now (see `lag`).
+fn heard_from(node: &Handles, from: &str) {
+    let role = node.role.current();
+    if role.active == from && from != node.live.me.name {
+        node.telemetry.runtime().freshness.heard(Instant::now());
+    }
 }
 
 /// How the writer of a replication session ended.
@@ -294,7 +308,7 @@ fn apply_loop(
     runtime: &tokio::runtime::Handle,
     session: &RoleState,
     end: &CancellationToken,
-    mut requests: mpsc::Receiver<Vec<Request>>,
+    mut requests: mpsc::Receiver<(Instant, Vec<Request>)>,
     replies: mpsc::Sender<Reply>,
 ) -> Result<()> {
     let divergence = Divergence {
@@ -314,7 +328,7 @@ fn apply_loop(
             .blocking_send(r)
             .map_err(|_| anyhow::anyhow!("the session closed"))
     };
-    while let Some(batch) = requests.blocking_recv() {
+    while let Some((arrived, batch)) = requests.blocking_recv() {
         for req in batch {
             // A newer session of the same node ends this one between
             // requests; what was not committed is not acknowledged, and the
@@ -322,7 +336,7 @@ fn apply_loop(
             if end.is_cancelled() {
                 bail!("replaced by a newer session of the same node");
             }
-            serve_request(node, runtime, session, &mut applier, &send, req)?;
+            serve_request(node, runtime, session, &mut applier, &send, (arrived, req))?;
         }
     }
     Ok(())
@@ -335,7 +349,7 @@ fn serve_request(
     session: &RoleState,
     applier: &mut Applier,
     send: &impl Fn(Reply) -> Result<()>,
-    req: Request,
+    (arrived, req): (Instant, Request),
 ) -> Result<()> {
     // A role change during the session (fencing, a switchover) ends it.
     let now = node.role.current();
@@ -466,7 +480,10 @@ fn serve_request(
             })?;
             Ok(())
         }
+        // The active's caught-up marker: it had nothing pending for this
+        // node when it sent it, and everything sent before it is applied.
         Request::Ping => {
+            node.telemetry.runtime().freshness.caught_up(arrived);
             send(Reply::Pong)?;
             Ok(())
         }

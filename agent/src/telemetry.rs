@@ -2,7 +2,7 @@
 //! shippers' inboxes, when a passive last applied a batch, the bytes sent,
 //! and the progress counter flushes wait on. Status, health and the
 //! watchdog read it; the shippers, the receiver and the role write it.
-//! Imports no agent module but `events`.
+//! Imports no agent module but `events` and `lag`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use crate::events::{Inbox, Work};
+use crate::lag::Freshness;
 
 /// The node's telemetry handle (one per node).
 pub struct Telemetry {
@@ -33,6 +34,9 @@ pub struct Runtime {
     pub links: BTreeMap<String, Link>,
     /// On a passive: when a batch was last applied, per watch.
     pub last_applied: BTreeMap<String, SystemTime>,
+    /// On a passive: when it last heard from the active and was last
+    /// caught up with it, the two moments of its lag (see `lag`).
+    pub freshness: Freshness,
 }
 
 /// Replication towards one peer.

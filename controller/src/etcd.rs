@@ -39,7 +39,7 @@ pub enum Read {
         lease_left_s: Option<i64>,
         /// The epoch key (0: not yet written).
         epoch: u64,
-        /// Every node in priority order.
+        /// Every node in priority order (the leader shown as active).
         members: Vec<MemberView>,
         /// The node that would take the role were the leader key gone.
         next: Option<String>,
@@ -88,11 +88,22 @@ async fn read(cluster: &Cluster, etcd: &warmspare_shared::config::Etcd) -> Resul
         None => None,
     };
     let (records, _) = client.members().await.map_err(|e| e.to_string())?;
-    let order = elect::priority(cluster);
-    let members = elect::standings(&order, &records, etcd.max_lag_on_failover)
+    let leader = role.leader.as_ref().map(|l| l.name.as_str());
+    // The leader is not a candidate: the passives leave it out (its own
+    // record carries no lag anyway).
+    let order: Vec<(&str, bool)> = elect::priority(cluster)
         .into_iter()
-        .map(|(name, e)| member(name, &records, e))
+        .filter(|(name, _)| Some(*name) != leader)
         .collect();
+    let mut members: Vec<MemberView> = elect::standings(&order, &records, etcd.max_lag_on_failover)
+        .into_iter()
+        .map(|(name, e)| member(name, &records, describe(e)))
+        .collect();
+    if let Some(l) = leader {
+        let first = elect::priority(cluster).iter().position(|(n, _)| *n == l);
+        let view = member(l, &records, "active: holds the leader key".into());
+        members.insert(first.unwrap_or(0).min(members.len()), view);
+    }
     let next = elect::choose(&order, &records, etcd.max_lag_on_failover).map(str::to_string);
     Ok(Read::Ok {
         leader: role.leader.map(|l| l.name),
@@ -103,13 +114,13 @@ async fn read(cluster: &Cluster, etcd: &warmspare_shared::config::Etcd) -> Resul
     })
 }
 
-fn member(name: &str, records: &BTreeMap<String, MemberRecord>, e: Eligibility) -> MemberView {
+fn member(name: &str, records: &BTreeMap<String, MemberRecord>, eligibility: String) -> MemberView {
     let record = records.get(name);
     MemberView {
         node: name.to_string(),
         lag_ms: record.and_then(|r| r.lag_ms),
         published: record.is_some(),
-        eligibility: describe(e),
+        eligibility,
     }
 }
 
@@ -119,7 +130,7 @@ fn describe(e: Eligibility) -> String {
         Eligibility::Eligible { .. } => "eligible".into(),
         Eligibility::FailoverOff => "not eligible: failover = false".into(),
         Eligibility::Unpublished => "not eligible: no record in etcd".into(),
-        Eligibility::LagUnknown => "not eligible: no lag measured (active, or not yet caught up)".into(),
+        Eligibility::LagUnknown => "not eligible: no lag measured (not caught up since it started)".into(),
         Eligibility::TooFarBehind { lag, max } => {
             format!(
                 "not eligible: {} behind, more than max_lag_on_failover {}",

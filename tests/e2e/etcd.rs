@@ -324,7 +324,7 @@ fn status_reads_the_role_and_the_members_from_etcd_and_shows_etcd_out_of_reach()
     let text = status();
     assert!(text.contains("leader a, lease "), "{text}");
     assert!(text.contains(" left, epoch 1"), "{text}");
-    assert!(line_of(&text, "a").contains("not eligible: no lag measured"), "{text}");
+    assert!(line_of(&text, "a").contains("active: holds the leader key"), "{text}");
     assert!(
         line_of(&text, "b").contains("lag 1.5s") && line_of(&text, "b").contains("eligible"),
         "{text}"

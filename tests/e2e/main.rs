@@ -6,6 +6,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic, missing_docs)]
 
 mod after_apply;
+mod auto_elect;
 mod auto_failover;
 mod beneath;
 mod config;

@@ -1,8 +1,12 @@
 //! The leadership task's decisions: pure functions of this node's name,
-//! the cluster file, this node's role state and the role etcd holds.
-//! Table-tested in `tests.rs`.
+//! the cluster file, this node's role state, the role etcd holds and the
+//! member records. Table-tested in `tests.rs`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use warmspare_shared::config::Cluster;
+use warmspare_shared::etcd::elect::{self, Eligibility, MemberRecord};
 use warmspare_shared::etcd::Role as EtcdRole;
 use warmspare_shared::state::{self, RoleState};
 
@@ -96,21 +100,59 @@ pub fn as_passive(cluster: &Cluster, local: &RoleState, etcd: &EtcdRole, eligibl
 }
 
 /// Whether `me` may take the role automatically from `old` (the active
-/// node it knew): its `failover` is not `false`, and it is the first node
-/// in the cluster file's order, other than `old`, whose `failover` is not
-/// `false`. With two nodes that is the passive itself; with more, the
-/// others leave the role to that one.
-pub fn eligible(cluster: &Cluster, me: &str, old: &str) -> Result<(), String> {
+/// node it knew), read from the member records `records` once the key is
+/// gone: its own `failover` is not `false`, and the election rule of
+/// `elect` (the most caught up eligible node, the priority order between
+/// lags within `elect::LAG_TIE`) picks `me` among the nodes other than
+/// `old`, whose record, if it still has one, does not count. `Err` says why
+/// not: this node is not eligible itself, another node is picked, or none.
+pub fn eligible(
+    cluster: &Cluster,
+    me: &str,
+    old: &str,
+    records: &BTreeMap<String, MemberRecord>,
+    max_lag: Duration,
+) -> Result<(), String> {
     let node = cluster
         .node(me)
         .ok_or_else(|| format!("{me} is not a node of the cluster"))?;
     if !node.failover {
         return Err(format!("{me} has failover = false: only an operator promotes it"));
     }
-    match cluster.node.iter().find(|n| n.name != old && n.failover) {
-        Some(first) if first.name == me => Ok(()),
-        Some(first) => Err(format!("{} comes first in the cluster file's order", first.name)),
-        None => Err("no node may be promoted automatically".into()),
+    let order: Vec<(&str, bool)> = elect::priority(cluster)
+        .into_iter()
+        .filter(|(name, _)| *name != old)
+        .collect();
+    let chosen = elect::choose(&order, records, max_lag);
+    if chosen == Some(me) {
+        return Ok(());
+    }
+    let mine = elect::standings(&order, records, max_lag)
+        .into_iter()
+        .find(|(name, _)| *name == me)
+        .map(|(_, e)| e);
+    match (mine, chosen) {
+        (Some(e), _) if !e.eligible() => Err(format!("{me} is not eligible: {}", why_not(e))),
+        (_, Some(other)) => Err(format!(
+            "{other} takes the role: more caught up, or first in priority order among lags within {} ms",
+            elect::LAG_TIE.as_millis()
+        )),
+        (_, None) => Err("no node is eligible".into()),
+    }
+}
+
+/// A few words for why a node is not eligible.
+fn why_not(e: Eligibility) -> String {
+    match e {
+        Eligibility::Eligible { .. } => "it is".into(),
+        Eligibility::FailoverOff => "failover = false".into(),
+        Eligibility::Unpublished => "no member record in etcd".into(),
+        Eligibility::LagUnknown => "no lag measured (not caught up with the active since it started)".into(),
+        Eligibility::TooFarBehind { lag, max } => format!(
+            "{} ms behind, more than max_lag_on_failover ({} ms)",
+            lag.as_millis(),
+            max.as_millis()
+        ),
     }
 }
 

@@ -7,19 +7,23 @@
 //! acquires the key (at start, after a restart, after an operator's role
 //! change), renews it every `loop_wait` and demotes this node when it cannot
 //! confirm it within the window of `confirm::Leadership`. A passive
-//! (`take`) watches the key; when it is gone and this node is eligible, it
-//! takes the key and then the role. Either side adopts a higher epoch etcd
-//! shows. `decide` holds the decisions, pure and table-tested.
+//! (`take`) watches the key; when it is gone and the election rule over the
+//! member records picks this node, it takes the key and then the role.
+//! Either side adopts a higher epoch etcd shows. `decide` holds the
+//! decisions, pure and table-tested. Beside that loop, `publish` keeps this
+//! node's member record (its `failover` and its lag, see `lag`) in etcd.
 //!
 //! Every etcd call is bounded; the loop stamps its progress for the
 //! watchdog (see `progress`). On shutdown the key is left on its lease: an
 //! agent restarted within `ttl` claims it again at the same epoch; one that
 //! stays down loses it when the lease lapses, and a passive takes over.
 //!
-//! Imports `live`, `role`, `progress`; nothing imports back but `daemon`.
+//! Imports `live`, `role`, `progress`, `telemetry`; nothing imports back
+//! but `daemon`.
 
 mod decide;
 mod keep;
+mod publish;
 mod take;
 
 #[cfg(test)]
@@ -37,6 +41,7 @@ use warmspare_shared::state::RoleState;
 use crate::live::Live;
 use crate::progress::Stamp;
 use crate::role::{LeaderKey, Role};
+use crate::telemetry::Telemetry;
 
 /// The progress limit of the leadership loop for the watchdog: between its
 /// confirmation window and `ttl`, so that a hung agent is killed before
@@ -65,6 +70,8 @@ struct Lease {
 struct Ctx {
     live: Arc<Live>,
     role: Arc<Role>,
+    /// Where this node's lag is measured (see `lag`).
+    telemetry: Arc<Telemetry>,
     client: Client,
     etcd: Etcd,
     stamp: Arc<Stamp>,
@@ -73,7 +80,13 @@ struct Ctx {
 
 /// Runs the leadership task until `cancel` fires; `[etcd]` must be set
 /// (without it the task returns at once).
-pub async fn run(live: Arc<Live>, role: Arc<Role>, stamp: Arc<Stamp>, cancel: CancellationToken) {
+pub async fn run(
+    live: Arc<Live>,
+    role: Arc<Role>,
+    telemetry: Arc<Telemetry>,
+    stamp: Arc<Stamp>,
+    cancel: CancellationToken,
+) {
     let Some(etcd) = live.cluster().etcd.clone() else {
         return;
     };
@@ -96,6 +109,7 @@ pub async fn run(live: Arc<Live>, role: Arc<Role>, stamp: Arc<Stamp>, cancel: Ca
     let ctx = Ctx {
         live,
         role,
+        telemetry,
         client,
         etcd,
         stamp,
@@ -108,15 +122,18 @@ pub async fn run(live: Arc<Live>, role: Arc<Role>, stamp: Arc<Stamp>, cancel: Ca
         retry_timeout_ms = ctx.etcd.retry_timeout.as_millis() as u64,
         "automatic failover through etcd"
     );
-    let mut lease = None;
-    while !ctx.cancel.is_cancelled() {
-        ctx.stamp.stamp();
-        lease = if ctx.role.current().active == ctx.me() {
-            keep::lead(&ctx, lease).await
-        } else {
-            take::follow(&ctx).await
-        };
-    }
+    let lead = async {
+        let mut lease = None;
+        while !ctx.cancel.is_cancelled() {
+            ctx.stamp.stamp();
+            lease = if ctx.role.current().active == ctx.me() {
+                keep::lead(&ctx, lease).await
+            } else {
+                take::follow(&ctx).await
+            };
+        }
+    };
+    tokio::join!(lead, publish::run(&ctx));
 }
 
 impl Ctx {
@@ -125,17 +142,25 @@ impl Ctx {
     }
 
     /// `call` within the client's deadline (and a little more: the client
-    /// bounds each call itself; this bounds what it does not).
+    /// bounds each call itself; this bounds what it does not), then a stamp
+    /// of the leadership loop's progress.
     async fn bounded<T>(&self, call: impl Future<Output = Result<T, EtcdError>>) -> Result<T, EtcdError> {
+        let out = self.within(call).await;
+        self.stamp.stamp();
+        out
+    }
+
+    /// `call` within the deadline of [`Ctx::bounded`], stamping nothing
+    /// (for `publish`, which must not keep a stuck leadership loop's stamp
+    /// fresh).
+    async fn within<T>(&self, call: impl Future<Output = Result<T, EtcdError>>) -> Result<T, EtcdError> {
         let limit = self.etcd.retry_timeout + Duration::from_millis(500);
-        let out = tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
             Err(EtcdError::Timeout {
                 endpoint: "etcd".into(),
                 after: limit,
             })
-        });
-        self.stamp.stamp();
-        out
+        })
     }
 
     /// A new lease of `ttl`.

@@ -1,10 +1,14 @@
 //! The passive's side: watching etcd's leader key and taking the role when
-//! the key is gone and this node is eligible (`decide::eligible`), or
-//! adopting a higher epoch etcd shows.
+//! the key is gone and the election rule over the member records picks
+//! this node (`decide::eligible`), or adopting a higher epoch etcd shows.
 //!
 //! The watch only wakes the loop sooner: each round reads the role from
 //! etcd, and a round comes at least every `loop_wait` (a watch that breaks
-//! or says nothing is no reason to wait longer). A take is one transaction
+//! or says nothing is no reason to wait longer). While the key is gone
+//! every round reads the member records again: a node that is not picked
+//! waits a round and looks again, so a picked node that cannot take the
+//! role (down, cut off, hung) holds up the others only until its record
+//! lapses with its lease. A take is one transaction
 //! (`take`: the key absent and etcd's epoch N, then this node leader at
 //! N + 1), and only then the local role moves to N + 1 naming this node,
 //! which starts the promotion as an operator's would (`on_promote`, then
@@ -22,6 +26,8 @@ use super::{Ctx, Lease};
 pub(super) async fn follow(ctx: &Ctx) -> Option<Lease> {
     let mut watch: Option<LeaderWatch> = None;
     let mut unreachable = false;
+    // Why this node last did not take a free key (logged when it changes).
+    let mut waiting: Option<String> = None;
     loop {
         ctx.stamp.stamp();
         let local = ctx.role.current();
@@ -42,7 +48,20 @@ pub(super) async fn follow(ctx: &Ctx) -> Option<Lease> {
                     unreachable = false;
                 }
                 let cluster = ctx.live.cluster();
-                let eligible = decide::eligible(&cluster, ctx.me(), &local.active);
+                let eligible = if etcd.leader.is_none() && etcd.epoch >= local.epoch {
+                    match ctx.bounded(ctx.client.members()).await {
+                        Ok((records, _)) => decide::eligible(
+                            &cluster,
+                            ctx.me(),
+                            &local.active,
+                            &records,
+                            ctx.etcd.max_lag_on_failover,
+                        ),
+                        Err(e) => Err(format!("cannot read the member records: {e}")),
+                    }
+                } else {
+                    Ok(())
+                };
                 match decide::as_passive(&cluster, &local, &etcd, eligible) {
                     Step::Adopt(next) => ctx.adopt(next).await,
                     Step::Seize {
@@ -53,6 +72,12 @@ pub(super) async fn follow(ctx: &Ctx) -> Option<Lease> {
                         let reason = reason.unwrap_or_else(|| "automatic failover".into());
                         if let Some(lease) = take_over(ctx, &local, from, to, reason).await {
                             return Some(lease);
+                        }
+                    }
+                    Step::Wait(why) if etcd.leader.is_none() => {
+                        if waiting.as_deref() != Some(why.as_str()) {
+                            tracing::info!(epoch = etcd.epoch, "no leader key; not taking the role: {why}");
+                            waiting = Some(why);
                         }
                     }
                     Step::Claim { .. } | Step::Wait(_) => {}

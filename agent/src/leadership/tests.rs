@@ -1,8 +1,11 @@
 //! The leadership task's decisions, table-tested.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use warmspare_shared::config::Cluster;
+use warmspare_shared::etcd::elect::MemberRecord;
 use warmspare_shared::etcd::{Leader, Role as EtcdRole};
 use warmspare_shared::keys::SecretKey;
 use warmspare_shared::state::RoleState;
@@ -129,21 +132,106 @@ fn a_passive_takes_only_an_absent_key_at_or_above_its_epoch() {
     ));
 }
 
+/// Member records `(name, failover, lag in ms)`.
+fn records(list: &[(&str, bool, Option<u64>)]) -> BTreeMap<String, MemberRecord> {
+    list.iter()
+        .map(|(n, failover, lag_ms)| {
+            (
+                n.to_string(),
+                MemberRecord {
+                    failover: *failover,
+                    lag_ms: *lag_ms,
+                    at_ms: 1_700_000_000_000,
+                },
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn the_first_node_in_order_with_failover_is_the_one_eligible() {
-    // (failover = false on, old active, me, eligible?)
-    let cases: &[(&[&str], &str, &str, bool)] = &[
-        (&[], "a", "b", true),
-        (&[], "a", "c", false),
-        (&[], "b", "a", true),
-        (&[], "b", "c", false),
-        (&["b"], "a", "b", false),
-        (&["b"], "a", "c", true),
-        (&["a", "c"], "b", "a", false),
-        (&["b", "c"], "a", "c", false),
+fn the_most_caught_up_eligible_node_other_than_the_old_active_takes_the_role() {
+    const MAX: Duration = Duration::from_secs(3);
+    type Case<'a> = (
+        &'a [&'a str],
+        &'a [(&'a str, bool, Option<u64>)],
+        &'a str,
+        &'a str,
+        bool,
+    );
+    // (failover = false on, records, old active, me, may take?)
+    let cases: &[Case] = &[
+        // Two of three nodes publishing: b caught up takes over from a.
+        (&[], &[("a", true, None), ("b", true, Some(200))], "a", "b", true),
+        // b further behind than max_lag_on_failover: nobody (c has no record).
+        (&[], &[("a", true, None), ("b", true, Some(5_000))], "a", "b", false),
+        // Three nodes: c caught up, b behind: c takes it, not b (the file's
+        // first failover node, which the old rule picked).
+        (&[], &[("b", true, Some(5_000)), ("c", true, Some(100))], "a", "c", true),
+        (
+            &[],
+            &[("b", true, Some(5_000)), ("c", true, Some(100))],
+            "a",
+            "b",
+            false,
+        ),
+        // Both within max_lag but c more caught up by more than LAG_TIE.
+        (&[], &[("b", true, Some(2_500)), ("c", true, Some(100))], "a", "c", true),
+        // Within LAG_TIE: the priority order (b before c) decides.
+        (&[], &[("b", true, Some(600)), ("c", true, Some(100))], "a", "b", true),
+        (&[], &[("b", true, Some(600)), ("c", true, Some(100))], "a", "c", false),
+        // The old active's own record never counts, even with a lag (a
+        // node that still publishes as a passive at an older role state).
+        (&[], &[("a", true, Some(0)), ("b", true, Some(900))], "a", "b", true),
+        (&[], &[("a", true, Some(0)), ("c", true, Some(900))], "a", "c", true),
+        // The picked node's record vanished (down): the next one is picked.
+        (&[], &[("c", true, Some(2_000))], "a", "c", true),
+        // No record of my own: not eligible, whatever the others.
+        (&[], &[("c", true, Some(0))], "a", "b", false),
+        // No lag measured yet: not eligible.
+        (&[], &[("b", true, None)], "a", "b", false),
+        // failover = false in the file, or in the record.
+        (&["b"], &[("b", true, Some(0))], "a", "b", false),
+        (
+            &["b"],
+            &[("b", true, Some(0)), ("c", true, Some(2_000))],
+            "a",
+            "c",
+            true,
+        ),
+        (&[], &[("b", false, Some(0)), ("c", true, Some(2_000))], "a", "c", true),
+        (&[], &[("b", false, Some(0))], "a", "b", false),
+        // The old active b, c most caught up against a.
+        (&[], &[("a", true, Some(1_500)), ("c", true, Some(100))], "b", "c", true),
+        (
+            &[],
+            &[("a", true, Some(1_500)), ("c", true, Some(100))],
+            "b",
+            "a",
+            false,
+        ),
     ];
-    for (off, old, me, yes) in cases {
-        let r = eligible(&cluster(off), me, old);
-        assert_eq!(r.is_ok(), *yes, "failover off on {off:?}, old {old}, me {me}: {r:?}");
+    for (off, recs, old, me, yes) in cases {
+        let r = eligible(&cluster(off), me, old, &records(recs), MAX);
+        assert_eq!(
+            r.is_ok(),
+            *yes,
+            "failover off on {off:?}, records {recs:?}, old {old}, me {me}: {r:?}"
+        );
     }
+    // The reasons say why.
+    let r = eligible(&cluster(&[]), "b", "a", &records(&[("b", true, Some(5_000))]), MAX);
+    assert_eq!(
+        r.unwrap_err(),
+        "b is not eligible: 5000 ms behind, more than max_lag_on_failover (3000 ms)"
+    );
+    let r = eligible(
+        &cluster(&[]),
+        "b",
+        "a",
+        &records(&[("b", true, Some(2_500)), ("c", true, Some(100))]),
+        MAX,
+    );
+    assert!(r.unwrap_err().starts_with("c takes the role"));
+    let r = eligible(&cluster(&["b"]), "b", "a", &records(&[]), MAX);
+    assert_eq!(r.unwrap_err(), "b has failover = false: only an operator promotes it");
 }

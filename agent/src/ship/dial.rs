@@ -231,6 +231,8 @@ pub(super) async fn session(
                         return Ok(());
                     }
                 }
+                // The answer to a caught-up marker (see `worker`): nothing waits for it.
+                Some(Reply::Pong) => {}
                 Some(Reply::Refused { reason }) => bail!("the peer refused: {reason}"),
                 Some(Reply::Stale(role)) => {
                     let (r, by) = (role.clone(), adopt_peer.clone());

@@ -70,7 +70,7 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
         // Every round stamps the shipper's progress; so do the waits and
         // the work below (see `crate::progress`).
         stamp.stamp();
-        if handles.pause.is_paused() {
+        if handles.pause.is_paused() || test_hold(peer) {
             inbox.wait_interrupt(Duration::from_secs(1));
             if io.frames.is_closed() {
                 return Err(Closed.into());
@@ -121,7 +121,12 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
             Some(w) => w,
             None if io.frames.is_closed() => return Err(Closed.into()),
             None if crate::progress::test_hang("shipper") => crate::progress::hang_thread("the shipper"),
-            None if handles.pause.is_paused() || Instant::now() < next_full => continue,
+            None if handles.pause.is_paused() => continue,
+            None if Instant::now() < next_full => {
+                // Idle: the peer is caught up (about every second).
+                mark_caught_up(&mut io, inbox, &retry, &bad_roots)?;
+                continue;
+            }
             None => {
                 // Periodic safety net: compare everything.
                 let mut w = Work::default();
@@ -129,6 +134,11 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                 w
             }
         };
+        if test_hold(peer) {
+            // Held while it waited for this work: it waits in the inbox.
+            inbox.put_back(work);
+            continue;
+        }
         if !work.full.is_empty() {
             next_full = Instant::now() + FULL_RESYNC;
         }
@@ -385,7 +395,32 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                 }
             }
         });
+        mark_caught_up(&mut io, inbox, &retry, &bad_roots)?;
     }
+}
+
+/// Tells the peer it is caught up (a `Ping` in the replication session,
+/// see `lag`) when nothing is pending for it: the inbox empty, nothing to
+/// retry, no watch held by a failed root check. Every batch before it has
+/// been acknowledged (the worker waits for that before it finishes one).
+fn mark_caught_up(io: &mut SessionIo, inbox: &Inbox, retry: &Retry, bad_roots: &BTreeSet<String>) -> Result<()> {
+    if !inbox.is_idle() || !retry.paths.is_empty() || !bad_roots.is_empty() {
+        return Ok(());
+    }
+    io.send(&Request::Ping)?;
+    io.flush()
+}
+
+/// For tests only: while the file `<dir>/<peer>` exists, where `dir` is
+/// what `WARMSPARE_TEST_HOLD_SHIP` names, the shipper to `peer` ships
+/// nothing, as if paused (a passive falling behind while its probe still
+/// answers). Unset (always, outside tests), this costs one look at a
+/// cached variable.
+fn test_hold(peer: &str) -> bool {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| std::env::var_os("WARMSPARE_TEST_HOLD_SHIP").map(std::path::PathBuf::from))
+        .as_ref()
+        .is_some_and(|dir| dir.join(peer).exists())
 }
 
 /// Records in the ledger what the peer acknowledged (for divergence checks

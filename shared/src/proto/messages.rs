@@ -143,7 +143,10 @@ pub enum Request {
         /// Echoed in the reply.
         batch: u64,
     },
-    /// Keep-alive; answered with [`Reply::Pong`].
+    /// Keep-alive; answered with [`Reply::Pong`]. In a replication session
+    /// the active sends it only when it has nothing pending for the peer:
+    /// the peer counts itself caught up once everything before it is
+    /// applied (the lag it publishes with `[etcd]`).
     Ping,
     /// Control: answered with [`Reply::Status`].
     Status,
