@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use warmspare_tests::faults::NetLink;
 
+mod failover;
 mod relay;
 mod scratch;
 use warmspare_tests::{converge, free_port, noise, read, write_file, Agent, ClusterOptions, TestCluster, CA_WATCH};
@@ -30,6 +31,8 @@ struct Sizes {
     idle_secs: u64,
     /// Rounds of scenarios 1 and 3 (the table shows the medians).
     rounds: usize,
+    /// Rounds of scenario 7 (kill -9 of the active, failover through etcd).
+    failovers: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -39,6 +42,7 @@ const FULL: Sizes = Sizes {
     idle_files: 100_000,
     idle_secs: 60,
     rounds: 3,
+    failovers: 10,
 };
 const SMOKE: Sizes = Sizes {
     files: 200,
@@ -47,6 +51,7 @@ const SMOKE: Sizes = Sizes {
     idle_files: 1_000,
     idle_secs: 2,
     rounds: 1,
+    failovers: 1,
 };
 
 /// A throwaway sshd on loopback, with a client key that may log in.
@@ -825,10 +830,10 @@ fn main() {
     // on a veth pair where the kernel has netem, else from a delay relay.
     // `BENCH_DISTANCE_RELAY=1` takes the relay even where netem exists;
     // `BENCH_DISTANCE_NO_DELAY=1` runs the veth plumbing without a delay.
-    let mut distance_note = String::new();
+    let mut notes = String::new();
     if run("6") {
         match NetLink::create() {
-            Err(why) => distance_note = format!("\n6. Distance: skipped: {why}.\n"),
+            Err(why) => notes = format!("\n6. Distance: skipped: {why}.\n"),
             Ok(link) => {
                 let how = if std::env::var_os("BENCH_DISTANCE_NO_DELAY").is_some() {
                     Emulation::Plain
@@ -837,10 +842,20 @@ fn main() {
                 } else {
                     Emulation::Relay
                 };
-                distance_note = format!("\n6. Distance: {}.\n", how.describe());
+                notes = format!("\n6. Distance: {}.\n", how.describe());
                 kept.extend(distance(&link, how, &sizes, rounds, work.path(), &mut rows));
             }
         }
+    }
+
+    // 7. Failover through etcd: kill -9 of the active, `failovers` rounds
+    // (`BENCH_FAILOVER_ROUNDS` sets another number).
+    if run("7") {
+        let n = std::env::var("BENCH_FAILOVER_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(sizes.failovers);
+        notes += &failover::run(n, &mut rows).unwrap_or_else(|why| format!("\n7. Failover: skipped: {why}.\n"));
     }
 
     // The table.
@@ -895,7 +910,7 @@ fn main() {
             r.target
         );
     }
-    md.push_str(&distance_note);
+    md.push_str(&notes);
     print!("{md}");
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out_dir).unwrap();
