@@ -15,7 +15,14 @@
 //! and none of them demotes at once; only the window does. An answer that
 //! says the leadership is gone (the lease expired, the key names another
 //! node) demotes at once.
+//!
+//! With failsafe ([`Leadership::with_failsafe`]), an answered failsafe
+//! probe is a confirmation too, from one passive: while etcd fails, the
+//! active stays confirmed as long as *every* passive answered a probe sent
+//! within the window (see [`super::failsafe`] for the passive's promise).
+//! An answer that says the leadership is gone still demotes at once.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::FailureKind;
@@ -51,6 +58,9 @@ pub struct Leadership {
     window: Duration,
     last_success_send: Instant,
     lost: bool,
+    /// With failsafe: per passive, the send time of the last failsafe
+    /// probe it answered (`None` before its first answer).
+    failsafe: Option<BTreeMap<String, Option<Instant>>>,
 }
 
 impl Leadership {
@@ -62,7 +72,40 @@ impl Leadership {
             window,
             last_success_send: sent_at,
             lost: false,
+            failsafe: None,
         }
+    }
+
+    /// Failsafe mode: an answered probe from each of `passives` (every
+    /// other node of the cluster) confirms the leadership as well. With no
+    /// passive, failsafe confirms nothing.
+    pub fn with_failsafe<I: IntoIterator<Item = String>>(mut self, passives: I) -> Leadership {
+        self.failsafe = Some(passives.into_iter().map(|p| (p, None)).collect());
+        self
+    }
+
+    /// Records that `passive` answered a failsafe probe sent at `sent_at`
+    /// (with a promise). Never moves backwards; a name that is not one of
+    /// the passives, or without failsafe, changes nothing.
+    pub fn record_probe(&mut self, passive: &str, sent_at: Instant) {
+        if let Some(last) = self.failsafe.as_mut().and_then(|m| m.get_mut(passive)) {
+            if last.is_none_or(|l| sent_at > l) {
+                *last = Some(sent_at);
+            }
+        }
+    }
+
+    /// Until when failsafe confirms the leadership: the window from the
+    /// oldest of the passives' last answered probes; `None` without
+    /// failsafe, without passives, or while one has never answered.
+    pub fn failsafe_until(&self) -> Option<Instant> {
+        let passives = self.failsafe.as_ref()?;
+        let mut oldest: Option<Instant> = None;
+        for last in passives.values() {
+            let sent = (*last)?;
+            oldest = Some(oldest.map_or(sent, |o| o.min(sent)));
+        }
+        Some(oldest? + self.window)
     }
 
     /// Records the outcome of a renewal sent at `sent_at`. Only a success
@@ -86,9 +129,12 @@ impl Leadership {
     }
 
     /// The verdict at `now`: demote once the leadership is known lost, or
-    /// once more than the window has passed since the last success was sent.
+    /// once more than the window has passed since the last success was sent
+    /// (with failsafe: and since the oldest of the passives' last answered
+    /// probes was sent).
     pub fn verdict(&self, now: Instant) -> Verdict {
-        let until = self.last_success_send + self.window;
+        let etcd = self.last_success_send + self.window;
+        let until = self.failsafe_until().map_or(etcd, |f| f.max(etcd));
         if self.lost || now > until {
             Verdict::Demote
         } else {
@@ -179,6 +225,73 @@ mod tests {
             );
             assert_eq!(l.verdict(base + s(21)), Verdict::Demote, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn failsafe_confirms_while_every_passive_answers() {
+        // (answered probes as (passive, sent at), now, demote?); etcd's last
+        // success at 0, so without failsafe the window ends at 20.
+        type Case = (&'static [(&'static str, u64)], u64, bool);
+        let cases: &[Case] = &[
+            (&[], 20, false),
+            (&[], 21, true),
+            // One of two passives answered: no failsafe confirmation.
+            (&[("b", 15)], 21, true),
+            (&[("c", 15)], 21, true),
+            // Both answered: the oldest answer decides.
+            (&[("b", 15), ("c", 10)], 30, false),
+            (&[("b", 15), ("c", 10)], 31, true),
+            (&[("b", 15), ("c", 10), ("c", 18)], 35, false),
+            (&[("b", 15), ("c", 10), ("c", 18)], 36, true),
+            // A late record of an older probe does not move it back.
+            (&[("b", 15), ("c", 18), ("b", 5)], 35, false),
+            // A name that is not a passive counts for nothing.
+            (&[("b", 15), ("x", 30)], 21, true),
+        ];
+        for (probes, now, demote) in cases {
+            let base = Instant::now();
+            let mut l = Leadership::new(base, WINDOW).with_failsafe(["b".to_string(), "c".to_string()]);
+            for (who, at) in *probes {
+                l.record_probe(who, base + s(*at));
+            }
+            let v = l.verdict(base + s(*now));
+            assert_eq!(v == Verdict::Demote, *demote, "{probes:?} at {now}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn failsafe_holds_through_every_failure_kind_but_not_a_lost_leadership() {
+        for kind in KINDS {
+            let base = Instant::now();
+            let mut l = Leadership::new(base, WINDOW).with_failsafe(["b".to_string()]);
+            for at in [5, 10, 15, 20, 25, 30] {
+                l.record(base + s(at), Renewal::Failed(kind));
+                l.record_probe("b", base + s(at));
+            }
+            assert_eq!(
+                l.verdict(base + s(50)),
+                Verdict::Confirmed { until: base + s(50) },
+                "{kind:?}"
+            );
+            assert_eq!(l.verdict(base + s(51)), Verdict::Demote, "{kind:?}");
+        }
+        let base = Instant::now();
+        let mut l = Leadership::new(base, WINDOW).with_failsafe(["b".to_string()]);
+        l.record_probe("b", base + s(1));
+        l.record(base + s(1), Renewal::Lost);
+        assert_eq!(l.verdict(base + s(1)), Verdict::Demote);
+    }
+
+    #[test]
+    fn without_failsafe_or_passives_probes_count_for_nothing() {
+        let base = Instant::now();
+        let mut plain = Leadership::new(base, WINDOW);
+        plain.record_probe("b", base + s(15));
+        assert_eq!(plain.verdict(base + s(21)), Verdict::Demote);
+        let mut alone = Leadership::new(base, WINDOW).with_failsafe(Vec::<String>::new());
+        alone.record_probe("b", base + s(15));
+        assert_eq!(alone.failsafe_until(), None);
+        assert_eq!(alone.verdict(base + s(21)), Verdict::Demote);
     }
 
     #[test]

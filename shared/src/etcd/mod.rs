@@ -19,6 +19,7 @@
 mod client;
 pub mod confirm;
 pub mod elect;
+pub mod failsafe;
 mod http;
 mod members;
 mod tls;

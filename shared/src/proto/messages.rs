@@ -231,6 +231,16 @@ pub enum Request {
     /// Control: the end of the file being put back; answered with
     /// [`Reply::UndoRestored`] once it is in place.
     UndoPutEnd,
+    /// The failsafe probe (`[etcd] failsafe`), on a probe session from the
+    /// node that holds etcd's leader key to a passive: asks it to promise
+    /// not to take the key (see `etcd::failsafe`); answered with
+    /// [`Reply::Promise`]. Protocol version 6 added it.
+    Failsafe {
+        /// The epoch the sender is active at.
+        epoch: u64,
+        /// The sender's confirmation window, in milliseconds.
+        window_ms: u64,
+    },
 }
 
 /// What the receiving side answers.
@@ -321,5 +331,13 @@ pub enum Reply {
         /// The undo entry (on this node) that now holds the file that was
         /// replaced, with `force`.
         replaced: Option<u64>,
+    },
+    /// Answer to [`Request::Failsafe`].
+    Promise {
+        /// The epoch of the probe answered.
+        epoch: u64,
+        /// `None`: promised (this node does not take etcd's leader key for
+        /// its `ttl` from the probe's arrival); otherwise why not.
+        refused: Option<String>,
     },
 }

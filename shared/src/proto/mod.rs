@@ -26,7 +26,7 @@ pub use status::{
 };
 
 /// The protocol version; peers with another one are refused at hello.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The SSH subsystem name the agents speak.
 pub const SUBSYSTEM: &str = "warmspare";
