@@ -135,6 +135,11 @@ async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
                         heard_from(&node, &hello.node);
                         writer.send(&Reply::Pong).await?
                     }
+                    Request::Failsafe { epoch, window_ms } => {
+                        heard_from(&node, &hello.node);
+                        let reply = failsafe_probe(&node, &session.identity, epoch, window_ms).await;
+                        writer.send(&reply).await?;
+                    }
                     other => bail!("a probe session sent {}", request_name(&other)),
                 }
             }
@@ -256,6 +261,34 @@ enum Sent {
     Refused,
     /// The peer read no reply within the deadline.
     Stuck,
+}
+
+/// Answers a failsafe probe from `who`: a promise only to a node (see
+/// `Role::failsafe_probe`), recorded before the answer goes out.
+async fn failsafe_probe(node: &Handles, who: &Identity, epoch: u64, window_ms: u64) -> Reply {
+    let Identity::Node(from) = who else {
+        return Reply::Promise {
+            epoch,
+            refused: Some(format!("{who} is not a node")),
+        };
+    };
+    let (role, from) = (node.role.clone(), from.clone());
+    let window = Duration::from_millis(window_ms);
+    let answer = off_runtime(move || {
+        let answer = role.failsafe_probe(&from, epoch, window);
+        match &answer {
+            Ok(()) => tracing::debug!(from, epoch, "promised the failsafe probe"),
+            Err(why) => tracing::debug!(from, epoch, "refused a failsafe probe: {why}"),
+        }
+        answer
+    })
+    .await;
+    let refused = match answer {
+        Ok(Ok(())) => None,
+        Ok(Err(why)) => Some(why),
+        Err(e) => Some(format!("{e:#}")),
+    };
+    Reply::Promise { epoch, refused }
 }
 
 /// Decides whether a session may proceed: the rule of [`admission`], after

@@ -15,6 +15,10 @@
 //!   for its epoch ([`Role::set_leader_key`], set by `leadership`); and the
 //!   promotion gate ([`Role::hooks`]: its `on_promote` hook).
 //!   [`Role::is_active`] is true only past all three.
+//! - With `[etcd] failsafe`, the promise a passive gave the active's
+//!   failsafe probe ([`Role::failsafe_probe`], [`Role::start_take`]): the
+//!   leadership task takes no leader key while it binds, and no promise is
+//!   given while it takes one.
 //!
 //! Imports `live` (this node's name, state dir, cluster), `telemetry`
 //! (nudges flushes, wakes shippers) and `promotion`; nothing imports back.
@@ -24,6 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use tokio::sync::watch;
+use warmspare_shared::etcd::failsafe;
 use warmspare_shared::proto::{Hello, Purpose, PROTOCOL_VERSION};
 use warmspare_shared::state::{self, HistoryEntry, RoleState};
 
@@ -87,6 +92,10 @@ pub struct Role {
     leader_key: watch::Sender<LeaderKey>,
     /// The role hooks' runtime (the promotion gate).
     pub hooks: Hooks,
+    /// With `[etcd] failsafe`: the promise this node gave the active's
+    /// failsafe probe (see [`Role::failsafe_probe`]), and whether it is
+    /// taking the leader key (no promise is given meanwhile).
+    promise: Mutex<(Option<failsafe::Promise>, bool)>,
 }
 
 /// Where this node stands with etcd's leader key. With `[etcd]` a node
@@ -118,6 +127,7 @@ impl Role {
             held: Mutex::new(None),
             leader_key: watch::channel(LeaderKey::NotUsed).0,
             hooks: Hooks::default(),
+            promise: Mutex::new((None, false)),
         }
     }
 
@@ -362,6 +372,44 @@ impl Role {
         Ok(())
     }
 
+    /// Answers a failsafe probe from `from` (an authenticated node) at
+    /// `epoch` with window `window`, by the rule of `etcd::failsafe`: the
+    /// promise is recorded before the answer goes out. `Err` says why no
+    /// promise was given.
+    pub fn failsafe_probe(&self, from: &str, epoch: u64, window: Duration) -> std::result::Result<(), String> {
+        let cluster = self.live.cluster();
+        let Some(etcd) = cluster.etcd.as_ref() else {
+            return Err(format!("{} has no [etcd] table", self.live.me.name));
+        };
+        let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let probe = failsafe::Probe {
+            from,
+            epoch,
+            window,
+            at: std::time::Instant::now(),
+        };
+        let mut kept = self.promise.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.1 {
+            return Err(format!("{} is taking the leader key", self.live.me.name));
+        }
+        let promise = failsafe::answer(&self.live.me.name, etcd.failsafe, etcd.ttl, &self.current(), &probe)?;
+        kept.0 = Some(failsafe::keep(kept.0.take(), promise));
+        Ok(())
+    }
+
+    /// Starts taking etcd's leader key: `Err` with the reason while a
+    /// failsafe promise binds; otherwise no promise is given until the
+    /// guard is dropped (a probe answered between the check and the
+    /// transaction would be a promise broken).
+    pub fn start_take(self: &Arc<Role>) -> std::result::Result<TakeGuard, String> {
+        let mut kept = self.promise.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = failsafe::binds(kept.0.as_ref(), std::time::Instant::now()) {
+            return Err(why);
+        }
+        kept.1 = true;
+        Ok(TakeGuard { role: self.clone() })
+    }
+
     /// A hello describing this node.
     pub fn hello(&self, purpose: Purpose) -> Hello {
         let role = self.current();
@@ -375,6 +423,18 @@ impl Role {
             purpose,
             owners: warmspare_shared::apply::can_chown(),
         }
+    }
+}
+
+/// While this lives, this node gives no failsafe promise (see
+/// [`Role::start_take`]).
+pub struct TakeGuard {
+    role: Arc<Role>,
+}
+
+impl Drop for TakeGuard {
+    fn drop(&mut self) {
+        self.role.promise.lock().unwrap_or_else(|p| p.into_inner()).1 = false;
     }
 }
 

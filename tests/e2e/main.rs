@@ -12,6 +12,7 @@ mod beneath;
 mod config;
 mod controller;
 mod etcd;
+mod etcd_failsafe;
 mod etcd_faults;
 mod etcd_tls;
 mod faults;

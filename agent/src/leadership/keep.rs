@@ -15,6 +15,7 @@ use warmspare_shared::etcd::confirm::{Leadership, Renewal, Verdict};
 use warmspare_shared::state::RoleState;
 
 use super::decide::{self, Step};
+use super::failsafe::Prober;
 use super::{Ctx, Lease};
 
 /// While this node's role state names it active: acquires the key, holds
@@ -62,6 +63,8 @@ async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
         }
     };
     let step = decide::as_active(ctx.me(), &ctx.live.cluster(), local, &etcd);
+    // Held until the transaction is done: no failsafe promise meanwhile.
+    let mut taking = None;
     let (claim, from, to, moved) = match step {
         Step::Adopt(next) => {
             tracing::warn!(
@@ -80,9 +83,23 @@ async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
             return None;
         }
         Step::Claim { from, to } => (true, from, to, None),
-        Step::Seize { from, to, local } => (false, from, to, local),
+        Step::Seize { from, to, local } => {
+            // A promise given to another active's failsafe probe binds an
+            // operator's promotion too (`failover --force` while that node
+            // may still act as active).
+            match ctx.role.start_take() {
+                Ok(guard) => taking = Some(guard),
+                Err(why) => {
+                    ctx.fence(why);
+                    return None;
+                }
+            }
+            (false, from, to, local)
+        }
     };
-    match ctx.put_key(local, claim, from, to, moved).await {
+    let put = ctx.put_key(local, claim, from, to, moved).await;
+    drop(taking);
+    match put {
         Ok((lease, epoch)) => {
             // etcd confirmed this node: no peer's confirmation is needed.
             ctx.role.confirm("etcd");
@@ -102,16 +119,48 @@ async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
 /// demoted itself (the lease then revoked, best effort).
 async fn hold(ctx: &Ctx, epoch: u64, lease: Lease) -> Option<Lease> {
     let me = ctx.me().to_string();
-    let mut leadership = Leadership::new(lease.granted, ctx.etcd.confirm_window());
+    let window = ctx.etcd.confirm_window();
+    let mut leadership = Leadership::new(lease.granted, window);
+    // With failsafe, every other node is probed while the key is held.
+    let mut prober = ctx.etcd.failsafe.then(|| {
+        let passives = ctx
+            .live
+            .cluster()
+            .node
+            .iter()
+            .filter(|n| n.name != me)
+            .map(|n| n.name.clone())
+            .collect::<Vec<_>>();
+        leadership = Leadership::new(lease.granted, window).with_failsafe(passives);
+        let every = (ctx.etcd.loop_wait / 2).max(Duration::from_millis(100));
+        Prober::start(&ctx.live, &ctx.role, epoch, window, every)
+    });
+    let mut by_failsafe = false;
     let mut due = lease.granted + ctx.etcd.loop_wait;
     let retry = (ctx.etcd.retry_timeout / 4).min(ctx.etcd.loop_wait);
     let mut roles = ctx.role.subscribe();
     loop {
         ctx.stamp.stamp();
-        let until = match leadership.verdict(Instant::now()) {
+        for (passive, sent) in prober.as_mut().map(Prober::answered).unwrap_or_default() {
+            leadership.record_probe(&passive, sent);
+        }
+        let now = Instant::now();
+        let until = match leadership.verdict(now) {
             Verdict::Confirmed { until } => until,
             Verdict::Demote => return demote(ctx, &leadership, lease).await,
         };
+        let failsafe_only = now > leadership.last_success_send() + window;
+        if failsafe_only != by_failsafe {
+            by_failsafe = failsafe_only;
+            if failsafe_only {
+                tracing::warn!(
+                    epoch,
+                    "etcd does not confirm the leadership; kept by failsafe: every passive answered its probe"
+                );
+            } else {
+                tracing::warn!(epoch, "etcd confirms the leadership again");
+            }
+        }
         // Just past the window, so that the verdict is `Demote` then.
         let expiry = tokio::time::Instant::from_std(until + Duration::from_millis(1));
         roles.borrow_and_update();

@@ -12,6 +12,9 @@
 //! Either side adopts a higher epoch etcd shows. `decide` holds the
 //! decisions, pure and table-tested. Beside that loop, `publish` keeps this
 //! node's member record (its `failover` and its lag, see `lag`) in etcd.
+//! With `failsafe`, the active probes every passive while it holds the key
+//! (`failsafe`), and answered probes keep it confirmed while etcd fails; a
+//! passive's promise to such a probe holds back its take.
 //!
 //! Every etcd call is bounded; the loop stamps its progress for the
 //! watchdog (see `progress`). On shutdown the key is left on its lease: an
@@ -22,6 +25,7 @@
 //! but `daemon`.
 
 mod decide;
+mod failsafe;
 mod keep;
 mod publish;
 mod take;

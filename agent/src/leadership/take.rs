@@ -12,7 +12,8 @@
 //! (`take`: the key absent and etcd's epoch N, then this node leader at
 //! N + 1), and only then the local role moves to N + 1 naming this node,
 //! which starts the promotion as an operator's would (`on_promote`, then
-//! active).
+//! active). With failsafe, a promise this node gave the active's probe
+//! (`Role::start_take`) holds the take until it lapses.
 
 use warmspare_shared::etcd::LeaderWatch;
 use warmspare_shared::state::RoleState;
@@ -28,6 +29,8 @@ pub(super) async fn follow(ctx: &Ctx) -> Option<Lease> {
     let mut unreachable = false;
     // Why this node last did not take a free key (logged when it changes).
     let mut waiting: Option<String> = None;
+    // The role state for which a failsafe promise was last logged.
+    let mut promised: Option<RoleState> = None;
     loop {
         ctx.stamp.stamp();
         let local = ctx.role.current();
@@ -68,12 +71,21 @@ pub(super) async fn follow(ctx: &Ctx) -> Option<Lease> {
                         from,
                         to,
                         local: reason,
-                    } => {
-                        let reason = reason.unwrap_or_else(|| "automatic failover".into());
-                        if let Some(lease) = take_over(ctx, &local, from, to, reason).await {
-                            return Some(lease);
+                    } => match ctx.role.start_take() {
+                        // The active still reaches this node (failsafe).
+                        Err(why) => {
+                            if promised.as_ref() != Some(&local) {
+                                tracing::warn!(epoch = local.epoch, "the leader key is gone, not taking it: {why}");
+                                promised = Some(local.clone());
+                            }
                         }
-                    }
+                        Ok(_taking) => {
+                            let reason = reason.unwrap_or_else(|| "automatic failover".into());
+                            if let Some(lease) = take_over(ctx, &local, from, to, reason).await {
+                                return Some(lease);
+                            }
+                        }
+                    },
                     Step::Wait(why) if etcd.leader.is_none() => {
                         if waiting.as_deref() != Some(why.as_str()) {
                             tracing::info!(epoch = etcd.epoch, "no leader key; not taking the role: {why}");
