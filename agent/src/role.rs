@@ -303,6 +303,12 @@ impl Role {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.current();
         if current == next && next.active == self.live.me.name {
+            // With `[etcd]` the node may have adopted the operator's change
+            // from etcd first: the operator's reason is recorded as well,
+            // so that history shows who ordered the change and why.
+            if by.starts_with("operator ") {
+                self.record(&expect.active, &next, reason, by);
+            }
             return Ok(current);
         }
         if current != *expect {
@@ -346,17 +352,7 @@ impl Role {
     fn set(&self, next: RoleState, reason: &str, by: &str) -> Result<()> {
         let prev = self.current();
         next.store(&self.live.state_dir)?;
-        let entry = HistoryEntry {
-            time: unix(SystemTime::now()),
-            epoch: next.epoch,
-            from: prev.active.clone(),
-            to: next.active.clone(),
-            reason: reason.to_string(),
-            by: by.to_string(),
-        };
-        if let Err(e) = state::append_history(&self.live.state_dir, &entry) {
-            tracing::warn!(error = %e, "cannot append to the role history");
-        }
+        self.record(&prev.active, &next, reason, by);
         self.state.send_replace(next.clone());
         // Waiters on progress (flushes) re-check the role.
         self.telemetry.nudge();
@@ -408,6 +404,22 @@ impl Role {
         }
         kept.1 = true;
         Ok(TakeGuard { role: self.clone() })
+    }
+
+    /// Appends the change from `from` to `next` to the role history (a
+    /// failure is logged: the role state is what counts).
+    fn record(&self, from: &str, next: &RoleState, reason: &str, by: &str) {
+        let entry = HistoryEntry {
+            time: unix(SystemTime::now()),
+            epoch: next.epoch,
+            from: from.to_string(),
+            to: next.active.clone(),
+            reason: reason.to_string(),
+            by: by.to_string(),
+        };
+        if let Err(e) = state::append_history(&self.live.state_dir, &entry) {
+            tracing::warn!(error = %e, "cannot append to the role history");
+        }
     }
 
     /// A hello describing this node.

@@ -39,6 +39,37 @@ pub async fn everywhere(op: &Operator, req: Request, what: &str) -> Result<()> {
     }
 }
 
+/// Runs `pause` (`hold`) or `resume`. With `[etcd]`, `pause` first writes
+/// the pause key (no automatic failover while it is set; if etcd cannot be
+/// written, nothing is paused), then holds replication on every node;
+/// `resume` releases replication first, then deletes the key, even when a
+/// node could not be reached: a dead active must not keep automatic
+/// failover off (that node resumes when told again).
+pub async fn pause(op: &Operator, hold: bool) -> Result<()> {
+    let etcd = crate::roles::etcd::Etcd::of(op)?;
+    if hold {
+        if let Some(e) = &etcd {
+            e.set_paused(Some(&pause_note(op))).await?;
+            println!("etcd: automatic failover paused");
+        }
+        return everywhere(op, Request::Pause, "paused").await;
+    }
+    let resumed = everywhere(op, Request::Resume, "resumed").await;
+    if let Some(e) = &etcd {
+        e.set_paused(None).await?;
+        println!("etcd: automatic failover resumed");
+    }
+    resumed
+}
+
+/// The note of the pause key: who paused, and when.
+fn pause_note(op: &Operator) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    format!("paused by operator {} at {} UTC", op.name, utc(now))
+}
+
 /// The reachable node that reports itself active at the highest epoch.
 pub async fn active_node(op: &Operator) -> Result<&warmspare_shared::config::Node> {
     let views = op.gather(NODE_TIMEOUT).await;
@@ -106,8 +137,15 @@ pub async fn history(op: &Operator, json: bool) -> Result<()> {
     }
     // One line per epoch: the same change is recorded by every node that made
     // or learned it; the record of the change itself (ordered by an operator,
-    // or the first start) is shown rather than a node's adoption of it.
-    let made = |e: &HistoryEntry| e.by.starts_with("operator ") || e.from.is_empty();
+    // made through etcd, or the first start) is shown rather than a node's
+    // adoption of it.
+    // An automatic change through etcd (by "etcd", not a node adopting
+    // etcd's role) is made as well.
+    let made = |e: &HistoryEntry| {
+        e.by.starts_with("operator ")
+            || e.from.is_empty()
+            || (e.by == "etcd" && !e.reason.starts_with(warmspare_shared::state::ETCD_ADOPTION))
+    };
     // Hook failures are not role changes: each is shown as recorded.
     let is_hook = |e: &HistoryEntry| {
         warmspare_shared::config::Hook::ALL

@@ -39,6 +39,10 @@ pub enum Read {
         lease_left_s: Option<i64>,
         /// The epoch key (0: not yet written).
         epoch: u64,
+        /// Who paused automatic failover and when, while it is paused.
+        paused: Option<String>,
+        /// The old active of a switchover under way, until it lets go.
+        handover: Option<String>,
         /// Every node in priority order (the leader shown as active).
         members: Vec<MemberView>,
         /// The node that would take the role were the leader key gone.
@@ -109,6 +113,8 @@ async fn read(cluster: &Cluster, etcd: &warmspare_shared::config::Etcd) -> Resul
         leader: role.leader.map(|l| l.name),
         lease_left_s,
         epoch: role.epoch,
+        paused: role.paused,
+        handover: role.handover,
         members,
         next,
     })
@@ -156,6 +162,8 @@ pub fn render(view: &EtcdView) -> String {
             leader,
             lease_left_s,
             epoch,
+            paused,
+            handover,
             members,
             next,
         } => {
@@ -167,6 +175,15 @@ pub fn render(view: &EtcdView) -> String {
                 None => {
                     let _ = writeln!(out, "  NO leader, epoch {epoch}");
                 }
+            }
+            if let Some(note) = paused {
+                let _ = writeln!(
+                    out,
+                    "  automatic failover PAUSED ({note}): `warmsparectl resume` ends it"
+                );
+            }
+            if let Some(old) = handover {
+                let _ = writeln!(out, "  switchover under way: {old} lets go of its lease");
             }
             for m in members {
                 let lag = match (m.published, m.lag_ms) {

@@ -75,8 +75,8 @@ fn run(args: cli::Args) -> Result<()> {
                 };
                 roles::switchover(&op, &s, "failback").await
             }
-            Command::Pause => admin::everywhere(&op, warmspare_shared::proto::Request::Pause, "paused").await,
-            Command::Resume => admin::everywhere(&op, warmspare_shared::proto::Request::Resume, "resumed").await,
+            Command::Pause => admin::pause(&op, true).await,
+            Command::Resume => admin::pause(&op, false).await,
             Command::Resync(a) => admin::resync(&op, a).await,
             Command::RunJob(a) => admin::run_job(&op, &a.name, a.on.as_deref()).await,
             Command::History(a) => admin::history(&op, a.json).await,

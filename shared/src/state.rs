@@ -59,6 +59,11 @@ pub struct HistoryEntry {
     pub by: String,
 }
 
+/// How the reason of a node's adoption of the role etcd holds begins
+/// (`etcd names <node> active at epoch <n>`): history shows the change
+/// itself (an automatic take, an operator's) rather than such an adoption.
+pub const ETCD_ADOPTION: &str = "etcd names ";
+
 /// The file, under the state dir, that holds the role state.
 pub const ROLE_FILE: &str = "role.json";
 

@@ -14,6 +14,7 @@ mod controller;
 mod etcd;
 mod etcd_failsafe;
 mod etcd_faults;
+mod etcd_roles;
 mod etcd_tls;
 mod faults;
 mod hooks;

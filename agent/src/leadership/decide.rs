@@ -47,6 +47,8 @@ pub fn as_active(me: &str, cluster: &Cluster, local: &RoleState, etcd: &EtcdRole
             "etcd is at epoch {}, above this node's {e}, and no node holds the leader key",
             etcd.epoch
         )),
+        // A switchover's old active may still act until its lease is gone.
+        _ if etcd.handover.is_some() => Step::Wait(handing_over(etcd)),
         Some(l) if l.name == me => Step::Claim {
             from: etcd.epoch,
             to: e,
@@ -84,6 +86,11 @@ pub fn as_passive(cluster: &Cluster, local: &RoleState, etcd: &EtcdRole, eligibl
             "etcd is at epoch {}, below this node's {}: {} takes the key",
             etcd.epoch, local.epoch, local.active
         )),
+        None if etcd.paused.is_some() => Step::Wait(format!(
+            "automatic failover is paused ({}): `warmsparectl resume` ends it",
+            etcd.paused.as_deref().unwrap_or_default()
+        )),
+        None if etcd.handover.is_some() => Step::Wait(handing_over(etcd)),
         None => match (eligible, state::next_epoch(etcd.epoch)) {
             (Ok(()), Ok(to)) => Step::Seize {
                 from: etcd.epoch,
@@ -154,6 +161,15 @@ fn why_not(e: Eligibility) -> String {
             max.as_millis()
         ),
     }
+}
+
+/// Why a take waits for a switchover's old active.
+fn handing_over(etcd: &EtcdRole) -> String {
+    format!(
+        "{} hands the role over at epoch {}: waiting until its lease is gone",
+        etcd.handover.as_deref().unwrap_or_default(),
+        etcd.epoch
+    )
 }
 
 fn adopt(cluster: &Cluster, epoch: u64, name: &str) -> Step {

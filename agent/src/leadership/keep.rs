@@ -41,26 +41,33 @@ pub(super) async fn lead(ctx: &Ctx, mut lease: Option<Lease>) -> Option<Lease> {
             continue;
         }
         match acquire(ctx, &local).await {
-            Some(l) => {
+            Ok(l) => {
                 // The key moved to the new lease: the old one may go.
                 if let Some(old) = lease.replace(l) {
                     ctx.revoke(old).await;
                 }
             }
-            None => ctx.pause(ctx.etcd.loop_wait).await,
+            Err(again) => ctx.pause(again).await,
         }
     }
 }
 
 /// One attempt to acquire the leader key for `local` (which names this
-/// node); the lease the key is now on, when it succeeded.
-async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
+/// node); the lease the key is now on, or how long to wait before the next
+/// attempt (a switchover's target waiting for the old active to let go
+/// tries again soon).
+async fn acquire(ctx: &Ctx, local: &RoleState) -> Result<Lease, Duration> {
     let etcd = match ctx.bounded(ctx.client.role()).await {
         Ok(r) => r,
         Err(e) => {
             ctx.fence(format!("cannot read the role from etcd: {e}"));
-            return None;
+            return Err(ctx.etcd.loop_wait);
         }
+    };
+    let again = if etcd.handover.is_some() {
+        (ctx.etcd.loop_wait / 10).max(Duration::from_millis(50))
+    } else {
+        ctx.etcd.loop_wait
     };
     let step = decide::as_active(ctx.me(), &ctx.live.cluster(), local, &etcd);
     // Held until the transaction is done: no failsafe promise meanwhile.
@@ -73,14 +80,14 @@ async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
                 "etcd names another node active"
             );
             ctx.adopt(next).await;
-            return None;
+            return Err(again);
         }
         Step::Wait(why) => {
             if ctx.role.leader_key_fence().as_deref() != Some(&format!("without etcd's leader key: {why}")) {
                 tracing::warn!(epoch = local.epoch, "named active, not acting as active: {why}");
             }
             ctx.fence(why);
-            return None;
+            return Err(again);
         }
         Step::Claim { from, to } => (true, from, to, None),
         Step::Seize { from, to, local } => {
@@ -91,7 +98,7 @@ async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
                 Ok(guard) => taking = Some(guard),
                 Err(why) => {
                     ctx.fence(why);
-                    return None;
+                    return Err(again);
                 }
             }
             (false, from, to, local)
@@ -104,11 +111,11 @@ async fn acquire(ctx: &Ctx, local: &RoleState) -> Option<Lease> {
             // etcd confirmed this node: no peer's confirmation is needed.
             ctx.role.confirm("etcd");
             tracing::warn!(epoch, lease = lease.id, claimed = claim, "holding etcd's leader key");
-            Some(lease)
+            Ok(lease)
         }
         Err(why) => {
             ctx.fence(why);
-            None
+            Err(again)
         }
     }
 }

@@ -232,8 +232,13 @@ impl Ctx {
         let me = self.me().to_string();
         let outcome = if claim {
             self.bounded(self.client.claim(&me, lease.id, from, to)).await
-        } else {
+        } else if local.active == me {
             self.bounded(self.client.seize(&me, lease.id, from, to)).await
+        } else {
+            // A passive's take is an automatic failover: etcd refuses it
+            // while `warmsparectl pause` holds automatic failover.
+            self.bounded(self.client.take_unless_paused(&me, lease.id, from, to))
+                .await
         };
         let why = match outcome {
             Ok(TxnOutcome::Done(epoch)) => {
@@ -266,7 +271,12 @@ impl Ctx {
     /// Adopts `next`, the role etcd holds (a higher epoch).
     async fn adopt(&self, next: RoleState) {
         let role = self.role.clone();
-        let reason = format!("etcd names {} active at epoch {}", next.active, next.epoch);
+        let reason = format!(
+            "{}{} active at epoch {}",
+            warmspare_shared::state::ETCD_ADOPTION,
+            next.active,
+            next.epoch
+        );
         let adopted = tokio::task::spawn_blocking(move || role.adopt(next, &reason, "etcd")).await;
         match adopted {
             Ok(Ok(_)) => {}

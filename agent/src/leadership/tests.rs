@@ -45,7 +45,19 @@ fn etcd(leader: Option<&str>, epoch: u64) -> EtcdRole {
             lease: 7,
         }),
         epoch,
+        paused: None,
+        handover: None,
         revision: 1,
+    }
+}
+
+/// `etcd(leader, epoch)` paused with a note, or during a switchover from
+/// `old`.
+fn marked(leader: Option<&str>, epoch: u64, paused: bool, old: Option<&str>) -> EtcdRole {
+    EtcdRole {
+        paused: paused.then(|| "paused by operator alice".to_string()),
+        handover: old.map(str::to_string),
+        ..etcd(leader, epoch)
     }
 }
 
@@ -130,6 +142,60 @@ fn a_passive_takes_only_an_absent_key_at_or_above_its_epoch() {
         as_passive(&c, &local(5, "a"), &etcd(None, 5), Err("no".into())),
         Step::Wait(w) if w == "no"
     ));
+}
+
+#[test]
+fn a_pause_or_a_handover_holds_every_automatic_take() {
+    let c = cluster(&[]);
+    let ok = || Ok(());
+    // (etcd leader, etcd epoch, paused, handover from, b's step: take?)
+    type Case<'a> = (Option<&'a str>, u64, bool, Option<&'a str>, &'a str);
+    let cases: &[Case] = &[
+        (None, 5, false, None, "seize"),
+        (None, 5, true, None, "wait"),
+        (None, 7, true, None, "wait"),
+        (None, 5, false, Some("a"), "wait"),
+        (None, 5, true, Some("a"), "wait"),
+        // A higher epoch is still adopted, paused or not.
+        (Some("c"), 6, true, None, "adopt"),
+        (Some("a"), 5, true, None, "wait"),
+    ];
+    for (leader, n, paused, old, kind) in cases {
+        let e = marked(*leader, *n, *paused, *old);
+        let step = as_passive(&c, &local(5, "a"), &e, ok());
+        let what = format!("{e:?}: {step:?}");
+        match (*kind, &step) {
+            ("seize", Step::Seize { .. }) | ("adopt", Step::Adopt(_)) => {}
+            ("wait", Step::Wait(why)) if *paused && leader.is_none() => {
+                assert!(why.contains("automatic failover is paused"), "{what}")
+            }
+            ("wait", Step::Wait(_)) => {}
+            _ => panic!("expected {kind}: {what}"),
+        }
+    }
+    // The target of a switchover (the key names it at its epoch) claims
+    // only once the old active's lease is gone; a pause does not hold it.
+    let claim = |e: &EtcdRole| as_active("b", &c, &local(6, "b"), e);
+    assert!(matches!(
+        claim(&marked(Some("b"), 6, false, Some("a"))),
+        Step::Wait(w) if w.contains("a hands the role over")
+    ));
+    assert_eq!(claim(&marked(Some("b"), 6, true, None)), Step::Claim { from: 6, to: 6 });
+    // The active whose key lapsed takes it again, paused or not (no other
+    // node is promoted), but not while an old active may still act.
+    assert!(matches!(
+        as_active("a", &c, &local(5, "a"), &marked(None, 5, true, None)),
+        Step::Seize { from: 5, to: 6, .. }
+    ));
+    assert!(matches!(
+        as_active("a", &c, &local(5, "a"), &marked(None, 5, false, Some("b"))),
+        Step::Wait(_)
+    ));
+    // The old active of a switchover adopts the new role at once.
+    assert_eq!(
+        as_active("a", &c, &local(5, "a"), &marked(Some("b"), 6, false, Some("a"))),
+        Step::Adopt(local(6, "b"))
+    );
 }
 
 /// Member records `(name, failover, lag in ms)`.

@@ -6,10 +6,17 @@
 //! first (it stops shipping at once), then promotes the target at the next
 //! epoch; a failover promotes the target alone.
 //!
+//! With `[etcd]` the role lives in etcd: after the preflight (and the final
+//! flush) each change is first one transaction there (`etcd`), and only
+//! then are the agents told; an agent that misses the message follows
+//! etcd by itself. A refused transaction (another change won) exits 3 and
+//! changes nothing.
+//!
 //! This file holds the flows, which talk to the agents; `decide` the
 //! decisions they act on, pure functions of the cluster file and the
-//! nodes' reports, and `outcome` what the agents' answers mean (exit codes
-//! and messages), both table-tested.
+//! nodes' reports, `etcd` the transactions and their decisions, and
+//! `outcome` what the agents' answers mean (exit codes and messages), all
+//! table-tested.
 
 use std::io::{IsTerminal, Write as _};
 use std::time::{Duration, Instant};
@@ -24,6 +31,7 @@ use crate::exit::{fail, REFUSED, USAGE};
 use crate::status::NODE_TIMEOUT;
 
 mod decide;
+pub mod etcd;
 mod outcome;
 
 use decide::{already_acting, next_epoch, plan_failover, preflight, FailoverPlan};
@@ -85,6 +93,21 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
     for g in &good {
         println!("preflight: ok: {g}");
     }
+    // With etcd, etcd must agree with the nodes before anything is done.
+    let etcd = etcd::Etcd::of(op)?;
+    let old_key = match &etcd {
+        Some(e) => match etcd::agrees(&role, &e.role().await?) {
+            Ok(l) => {
+                println!("preflight: ok: etcd names {} active at epoch {}", l.name, role.epoch);
+                Some(l)
+            }
+            Err(why) => {
+                println!("preflight: FAILED: {why}");
+                return Err(fail(REFUSED, format!("switchover to {} refused: {why}", args.to)));
+            }
+        },
+        None => None,
+    };
     let new_epoch = next_epoch(role.epoch)?;
     if args.dry_run {
         println!(
@@ -175,17 +198,31 @@ pub async fn switchover(op: &Operator, args: &SwitchoverArgs, reason: &str) -> R
         wait_restored(op, &target.name, &expect_restored, deadline).await?;
     }
 
+    let demote = match (&etcd, &old_key) {
+        (Some(e), Some(key)) => {
+            step(&format!(
+                "moving the role in etcd: {} at epoch {} -> {} at epoch {} (one transaction)",
+                old.name, role.epoch, target.name, next.epoch
+            ));
+            e.switch(key, &target.name, role.epoch).await?;
+            // etcd decided: the old active follows (it may have already,
+            // on its own renewal).
+            Request::Adopt {
+                state: next.clone(),
+                reason: reason.into(),
+            }
+        }
+        _ => Request::SetRole {
+            expect: role.clone(),
+            next: next.clone(),
+            reason: reason.into(),
+        },
+    };
     step(&format!(
         "demoting {} (epoch {} -> {})",
         old.name, role.epoch, next.epoch
     ));
-    let demotion = s_old
-        .call(&Request::SetRole {
-            expect: role.clone(),
-            next: next.clone(),
-            reason: reason.into(),
-        })
-        .await;
+    let demotion = s_old.call(&demote).await;
     outcome::demoted(&old.name, &next, demotion)?;
 
     step(&format!("promoting {} to active at epoch {}", target.name, next.epoch));
@@ -256,7 +293,7 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
         ));
     }
     let views = op.gather(args.timeout).await;
-    let (role, expect, next) = match plan_failover(&views, &args.to)? {
+    let (role, expect, mut next) = match plan_failover(&views, &args.to)? {
         FailoverPlan::Already { epoch } => {
             println!("{} is already active at epoch {epoch}", args.to);
             return Ok(());
@@ -276,6 +313,11 @@ pub async fn failover(op: &Operator, args: &FailoverArgs) -> Result<()> {
             (from, expect, next)
         }
     };
+    if let Some(e) = etcd::Etcd::of(op)? {
+        let take = etcd::plan_take(&e.role().await?, &args.to, next.epoch).map_err(|why| fail(REFUSED, why))?;
+        step(&format!("taking the role in etcd for {} ({take:?})", args.to));
+        next.epoch = e.take(&take, &args.to).await?;
+    }
     if role.active == args.to {
         step(&format!("promoting {} to active at epoch {}", args.to, next.epoch));
     } else {

@@ -44,7 +44,14 @@ pub struct Role {
     pub leader: Option<Leader>,
     /// The epoch; 0 while the key does not exist yet.
     pub epoch: u64,
-    /// The store's revision the two keys were read at.
+    /// Why automatic failover is paused (`<prefix>/paused`, written by
+    /// `warmsparectl pause`), while it is.
+    pub paused: Option<String>,
+    /// During a switchover: the old active, named by `<prefix>/handover`
+    /// on that node's lease, which may still act until the key vanishes
+    /// (see [`Client::switch`]).
+    pub handover: Option<String>,
+    /// The store's revision the keys were read at.
     pub revision: i64,
 }
 
@@ -141,6 +148,18 @@ impl Client {
     /// The epoch key: `<prefix>/epoch`.
     pub fn epoch_key(&self) -> String {
         format!("{}/epoch", self.prefix)
+    }
+
+    /// The pause key: `<prefix>/paused` (no automatic failover while it
+    /// exists).
+    pub fn paused_key(&self) -> String {
+        format!("{}/paused", self.prefix)
+    }
+
+    /// The handover key: `<prefix>/handover`, naming the old active of a
+    /// switchover on that node's lease.
+    pub fn handover_key(&self) -> String {
+        format!("{}/handover", self.prefix)
     }
 
     /// Asks the members in turn (the one that answered last first), each
@@ -242,11 +261,31 @@ impl Client {
         }
     }
 
-    /// The role: the leader key and the epoch key, read at one revision.
+    /// The role: the leader, epoch, pause and handover keys, read at one
+    /// revision.
     pub async fn role(&self) -> Result<Role, EtcdError> {
-        let body = json!({ "success": [self.range(&self.leader_key()), self.range(&self.epoch_key())] });
+        let body = json!({ "success": self.role_ranges() });
         let v = self.call("/v3/kv/txn", &body).await?;
         self.role_from(&v)
+    }
+
+    /// Pauses automatic failover with `note` (what `status` shows), or
+    /// resumes it (`None`). A plain put or delete, not a transaction: the
+    /// pause compares nothing and changes no role, writing it twice is
+    /// harmless, and the takes it stops compare the key's absence in their
+    /// own transactions.
+    pub async fn set_paused(&self, note: Option<&str>) -> Result<(), EtcdError> {
+        let key = b64(&self.paused_key());
+        match note {
+            Some(note) => self
+                .call("/v3/kv/put", &json!({ "key": key, "value": b64(note) }))
+                .await
+                .map(|_| ()),
+            None => self
+                .call("/v3/kv/deleterange", &json!({ "key": key }))
+                .await
+                .map(|_| ()),
+        }
     }
 
     /// Renews `lease` and confirms that the leader key names `me` on it:
@@ -259,74 +298,6 @@ impl Client {
         let role = self.role().await?;
         let mine = role.leader.is_some_and(|l| l.name == me && l.lease == lease);
         Ok(if mine { Renewal::Confirmed } else { Renewal::Lost })
-    }
-
-    /// Takes the role when nobody holds it: if the leader key is absent and
-    /// the epoch is `epoch`, the leader becomes `me` on `lease` and the
-    /// epoch `epoch + 1`, in one transaction.
-    pub async fn take(&self, me: &str, lease: i64, epoch: u64) -> Result<TxnOutcome, EtcdError> {
-        let next = self.next_epoch(epoch)?;
-        let compare = json!([
-            { "key": b64(&self.leader_key()), "target": "CREATE", "result": "EQUAL", "create_revision": "0" },
-            self.epoch_is(epoch),
-        ]);
-        let outcome = self.role_txn(compare, me, lease, next).await?;
-        Ok(settle(outcome, me, lease, next))
-    }
-
-    /// Takes the role when nobody holds it, at an epoch the caller names:
-    /// if the leader key is absent and the epoch is `epoch`, the leader
-    /// becomes `me` on `lease` and the epoch `next` (above `epoch`), in one
-    /// transaction. [`Client::take`] is this with `next = epoch + 1`; an
-    /// active whose local epoch is ahead of etcd's (the first start with
-    /// `[etcd]`, or an operator's role change) records its own epoch so.
-    pub async fn seize(&self, me: &str, lease: i64, epoch: u64, next: u64) -> Result<TxnOutcome, EtcdError> {
-        if next <= epoch || next > crate::state::MAX_EPOCH {
-            return Err(self.bad(format!("cannot move the epoch from {epoch} to {next}")));
-        }
-        let compare = json!([
-            { "key": b64(&self.leader_key()), "target": "CREATE", "result": "EQUAL", "create_revision": "0" },
-            self.epoch_is(epoch),
-        ]);
-        let outcome = self.role_txn(compare, me, lease, next).await?;
-        Ok(settle(outcome, me, lease, next))
-    }
-
-    /// Keeps the role for `me` on a new lease: if the leader key names `me`
-    /// and the epoch is `epoch`, the key is put again on `lease` and the
-    /// epoch becomes `next` (at or above `epoch`), in one transaction. An
-    /// active that restarted (its old lease still alive) re-claims its key
-    /// so, at the same epoch; one an operator named again at a higher epoch
-    /// records that epoch.
-    pub async fn claim(&self, me: &str, lease: i64, epoch: u64, next: u64) -> Result<TxnOutcome, EtcdError> {
-        if next < epoch || next > crate::state::MAX_EPOCH {
-            return Err(self.bad(format!("cannot move the epoch from {epoch} to {next}")));
-        }
-        let compare = json!([
-            { "key": b64(&self.leader_key()), "target": "VALUE", "result": "EQUAL", "value": b64(me) },
-            self.epoch_is(epoch),
-        ]);
-        let outcome = self.role_txn(compare, me, lease, next).await?;
-        Ok(settle(outcome, me, lease, next))
-    }
-
-    /// Hands the role from `me` to `other`: if the leader key names `me` and
-    /// the epoch is `epoch`, the leader becomes `other` on `other_lease` (a
-    /// lease the new leader then keeps alive) and the epoch `epoch + 1`.
-    pub async fn hand_over(
-        &self,
-        me: &str,
-        other: &str,
-        other_lease: i64,
-        epoch: u64,
-    ) -> Result<TxnOutcome, EtcdError> {
-        let next = self.next_epoch(epoch)?;
-        let compare = json!([
-            { "key": b64(&self.leader_key()), "target": "VALUE", "result": "EQUAL", "value": b64(me) },
-            self.epoch_is(epoch),
-        ]);
-        let outcome = self.role_txn(compare, other, other_lease, next).await?;
-        Ok(settle(outcome, other, other_lease, next))
     }
 
     /// Watches the leader key from `revision` on (the revision after a
@@ -386,44 +357,31 @@ impl Client {
         futures_util::future::join_all(asks).await
     }
 
-    async fn role_txn(&self, compare: Value, leader: &str, lease: i64, next: u64) -> Result<TxnOutcome, EtcdError> {
-        let body = json!({
-            "compare": compare,
-            "success": [
-                { "request_put": { "key": b64(&self.leader_key()), "value": b64(leader), "lease": lease.to_string() } },
-                { "request_put": { "key": b64(&self.epoch_key()), "value": b64(&next.to_string()) } },
-            ],
-            "failure": [self.range(&self.leader_key()), self.range(&self.epoch_key())],
-        });
-        let v = self.call("/v3/kv/txn", &body).await?;
-        if v["succeeded"] == Value::Bool(true) {
-            Ok(TxnOutcome::Done(next))
-        } else {
-            Ok(TxnOutcome::Refused(self.role_from(&v)?))
-        }
-    }
-
-    fn next_epoch(&self, epoch: u64) -> Result<u64, EtcdError> {
-        crate::state::next_epoch(epoch).map_err(|e| self.bad(e.to_string()))
-    }
-
-    /// The comparison "the epoch is `epoch`" (0: the key does not exist).
-    fn epoch_is(&self, epoch: u64) -> Value {
-        if epoch == 0 {
-            json!({ "key": b64(&self.epoch_key()), "target": "CREATE", "result": "EQUAL", "create_revision": "0" })
-        } else {
-            json!({ "key": b64(&self.epoch_key()), "target": "VALUE", "result": "EQUAL", "value": b64(&epoch.to_string()) })
-        }
-    }
-
-    fn range(&self, key: &str) -> Value {
+    pub(super) fn range(&self, key: &str) -> Value {
         json!({ "request_range": { "key": b64(key) } })
     }
 
+    /// The ranges [`Client::role_from`] reads, in its order.
+    pub(super) fn role_ranges(&self) -> Value {
+        json!([
+            self.range(&self.leader_key()),
+            self.range(&self.epoch_key()),
+            self.range(&self.paused_key()),
+            self.range(&self.handover_key()),
+        ])
+    }
+
     /// The role from a transaction's answer whose responses are the ranges
-    /// of the leader key and the epoch key, in that order.
-    fn role_from(&self, v: &Value) -> Result<Role, EtcdError> {
+    /// of the leader, epoch, pause and handover keys, in that order (the
+    /// last two may be left out: absent).
+    pub(super) fn role_from(&self, v: &Value) -> Result<Role, EtcdError> {
         let kv = |i: usize| v["responses"][i]["response_range"]["kvs"].get(0).cloned();
+        let note = |i: usize| -> Result<Option<String>, EtcdError> {
+            match kv(i) {
+                Some(kv) => Ok(Some(text(&kv["value"]).map_err(|m| self.bad(m))?)),
+                None => Ok(None),
+            }
+        };
         let leader = match kv(0) {
             Some(kv) => Some(Leader {
                 name: text(&kv["value"]).map_err(|m| self.bad(m))?,
@@ -442,6 +400,8 @@ impl Client {
         Ok(Role {
             leader,
             epoch,
+            paused: note(2)?,
+            handover: note(3)?,
             revision: int(&v["header"]["revision"]),
         })
     }
@@ -457,7 +417,7 @@ impl Client {
 /// A refused transaction whose refusal shows exactly the change it asked
 /// for was made by an earlier attempt (its answer lost, the call retried on
 /// another member) counts as done.
-fn settle(outcome: TxnOutcome, leader: &str, lease: i64, next: u64) -> TxnOutcome {
+pub(super) fn settle(outcome: TxnOutcome, leader: &str, lease: i64, next: u64) -> TxnOutcome {
     match outcome {
         TxnOutcome::Refused(role)
             if role.epoch == next

@@ -23,6 +23,7 @@ pub mod failsafe;
 mod http;
 mod members;
 mod tls;
+mod txn;
 
 use std::time::Duration;
 

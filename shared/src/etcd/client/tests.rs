@@ -25,6 +25,8 @@ fn a_refusal_that_shows_the_change_made_counts_as_done() {
             lease,
         }),
         epoch,
+        paused: None,
+        handover: None,
         revision: 9,
     };
     assert_eq!(
@@ -57,9 +59,24 @@ fn the_role_reads_from_a_transaction_answer() {
                 lease: 77
             }),
             epoch: 4,
+            paused: None,
+            handover: None,
             revision: 12
         }
     );
+    let four = json!({
+        "header": { "revision": "13" },
+        "responses": [
+            { "response_range": {} },
+            { "response_range": { "kvs": [ { "value": b64("4") } ] } },
+            { "response_range": { "kvs": [ { "value": b64("paused by operator alice") } ] } },
+            { "response_range": { "kvs": [ { "value": b64("a"), "lease": "5" } ] } },
+        ]
+    });
+    let r = c.role_from(&four).unwrap();
+    assert_eq!(r.paused.as_deref(), Some("paused by operator alice"));
+    assert_eq!(r.handover.as_deref(), Some("a"));
+    assert_eq!((r.leader, r.epoch), (None, 4));
     let empty =
         json!({ "header": { "revision": "3" }, "responses": [ { "response_range": {} }, { "response_range": {} } ] });
     assert_eq!(
@@ -67,6 +84,8 @@ fn the_role_reads_from_a_transaction_answer() {
         Role {
             leader: None,
             epoch: 0,
+            paused: None,
+            handover: None,
             revision: 3
         }
     );
