@@ -143,13 +143,19 @@ fn check_reports_each_peer() {
     assert!(!text.contains("peer b"), "{text}");
     let _b = c.start("b");
     let _a = c.start("a");
-    warmspare_tests::wait_until("check to reach b", std::time::Duration::from_secs(20), || {
-        run_check(&[]).0 == Some(0)
-    });
-    let (_, text) = run_check(&[]);
+    // Until a's agent holds its listen address, check finds it free (and
+    // a's agent, seeing check's probe bind, tries again): wait for both.
+    let mut text = String::new();
+    warmspare_tests::wait_until(
+        "check to reach b and see a's agent listening",
+        std::time::Duration::from_secs(20),
+        || {
+            let (code, t) = run_check(&[]);
+            text = t;
+            code == Some(0) && text.contains("in use by this node's running agent")
+        },
+    );
     assert!(text.contains("peer b") && text.contains("ok"), "{text}");
-    // Its own running agent holds the listen address: that is no failure.
-    assert!(text.contains("in use by this node's running agent"), "{text}");
     drop(_a);
 
     // A listen address another program holds: this node is not ready.
