@@ -624,6 +624,44 @@ impl TestCluster {
         });
     }
 
+    /// Every node's member record in etcd, as `warmsparectl status --json`
+    /// shows it: the published lag in milliseconds (none before the node's
+    /// first catch-up with the active) and the eligibility text, by node.
+    /// Empty while status cannot be read.
+    pub fn etcd_standings(&self) -> BTreeMap<String, (Option<u64>, String)> {
+        let out = self.ctl(&["status", "--json"]);
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return BTreeMap::new();
+        };
+        v["etcd"]["members"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| {
+                        (
+                            m["node"].as_str().unwrap_or_default().to_string(),
+                            (
+                                m["lag_ms"].as_u64(),
+                                m["eligibility"].as_str().unwrap_or_default().to_string(),
+                            ),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until `node` has published a lag in etcd: it has caught up
+    /// with the active since it started. Before that it is not eligible to
+    /// take the role automatically (it does not know how far behind it
+    /// is), so a test that kills or cuts off the active, and expects `node`
+    /// to take over (or to stay passive for another reason), starts here.
+    pub fn wait_caught_up(&self, node: &str, limit: Duration) {
+        wait_until(&format!("{node} to publish its lag in etcd"), limit, || {
+            self.etcd_standings().get(node).is_some_and(|(lag, _)| lag.is_some())
+        });
+    }
+
     /// `warmsparectl status --json`, parsed.
     pub fn status_json(&self) -> serde_json::Value {
         let out = self.ctl(&["status", "--json"]);

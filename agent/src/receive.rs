@@ -516,7 +516,16 @@ fn serve_request(
         // The active's caught-up marker: it had nothing pending for this
         // node when it sent it, and everything sent before it is applied.
         Request::Ping => {
-            node.telemetry.runtime().freshness.caught_up(arrived);
+            let first = {
+                let mut runtime = node.telemetry.runtime();
+                let first = runtime.freshness.caught_up.is_none();
+                runtime.freshness.caught_up(arrived);
+                first
+            };
+            if first {
+                // From here on this node publishes a lag (see `lag`).
+                tracing::info!("caught up with the active");
+            }
             send(Reply::Pong)?;
             Ok(())
         }

@@ -208,6 +208,8 @@ fn one_round(etcd: &EtcdCluster, timing: Timing, round: usize) -> Round {
         check("b") == Some(503)
     });
     c.wait_linked("a", Duration::from_secs(60));
+    // A passive that has not caught up since it started is not eligible.
+    c.wait_caught_up("b", Duration::from_secs(60));
     let guard = ActiveGuard::start(&[("a", c.node("a").http_port), ("b", c.node("b").http_port)]);
 
     let (src, dst) = (c.ca("a"), c.ca("b"));

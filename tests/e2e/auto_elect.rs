@@ -43,26 +43,6 @@ fn cluster(etcd: &EtcdCluster, names: Vec<&'static str>) -> TestCluster {
     })
 }
 
-/// Every node's record as `warmsparectl status --json` shows it from etcd:
-/// the published lag and the eligibility, by node.
-fn standings(c: &TestCluster) -> BTreeMap<String, (Option<u64>, String)> {
-    let st = c.status_json();
-    st["etcd"]["members"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status --json shows no etcd members: {st}"))
-        .iter()
-        .map(|m| {
-            (
-                m["node"].as_str().unwrap_or_default().to_string(),
-                (
-                    m["lag_ms"].as_u64(),
-                    m["eligibility"].as_str().unwrap_or_default().to_string(),
-                ),
-            )
-        })
-        .collect()
-}
-
 /// Whether `node` shows as eligible with a lag within `MAX_LAG`.
 fn eligible(s: &BTreeMap<String, (Option<u64>, String)>, node: &str) -> bool {
     s.get(node)
@@ -97,7 +77,7 @@ fn started(c: &TestCluster, hold: &Path) -> Vec<Agent> {
         "every passive eligible, the active without a lag",
         Duration::from_secs(30),
         || {
-            let s = standings(c);
+            let s = c.etcd_standings();
             passives.iter().all(|n| eligible(&s, n))
                 && s.get("a").is_some_and(|(lag, e)| lag.is_none() && e.contains("active"))
         },
@@ -120,7 +100,7 @@ fn fall_behind(c: &TestCluster, hold: &Path, peer: &str) -> PathBuf {
     wait_until(
         &format!("{peer} too far behind in status"),
         Duration::from_secs(30),
-        || too_far_behind(&standings(c), peer),
+        || too_far_behind(&c.etcd_standings(), peer),
     );
     assert_eq!(read(&c.ca(peer).join(&late)), None, "shipping to {peer} was not held");
     late
@@ -145,7 +125,7 @@ fn two_nodes_a_killed(held: bool) {
         });
         // A round of the records after the write: b still caught up.
         wait_until("b eligible after the write", Duration::from_secs(30), || {
-            eligible(&standings(&c), "b")
+            eligible(&c.etcd_standings(), "b")
         });
     }
     agents[0].kill9();
@@ -165,7 +145,7 @@ fn two_nodes_a_killed(held: bool) {
             }
         );
         // Its lag did not shrink or vanish with the active gone.
-        let s = standings(&c);
+        let s = c.etcd_standings();
         assert!(too_far_behind(&s, "b"), "{s:?}");
         let log = agents[1].log_text();
         assert!(
@@ -213,7 +193,7 @@ fn of_three_nodes_the_caught_up_passive_takes_over_and_the_other_adopts_its_epoc
     wait_until("the file on c", Duration::from_secs(30), || {
         read(&c.ca("c").join(&late)).is_some()
     });
-    let s = standings(&c);
+    let s = c.etcd_standings();
     assert!(eligible(&s, "c"), "{s:?}");
 
     agents[0].kill9();

@@ -87,13 +87,15 @@ pub(crate) fn holds_for(what: &str, span: Duration, mut cond: impl FnMut() -> bo
     }
 }
 
-/// Starts both agents and waits until `a` is active through etcd.
+/// Starts both agents and waits until `a` is active through etcd and `b`
+/// has caught up with it (see `TestCluster::wait_caught_up`).
 pub(crate) fn started(c: &TestCluster) -> (warmspare_tests::Agent, warmspare_tests::Agent) {
     let a = c.start("a");
     let b = c.start("b");
     wait_until("a active through etcd", Duration::from_secs(30), || {
         check(c, "a") == Some(200)
     });
+    c.wait_caught_up("b", Duration::from_secs(30));
     (a, b)
 }
 

@@ -89,6 +89,7 @@ fn with_failsafe_the_passive_does_not_take_the_key_while_the_active_reaches_it()
     wait_until("a active through etcd", Duration::from_secs(30), || {
         check(&c, "a") == Some(200)
     });
+    c.wait_caught_up("b", Duration::from_secs(30));
     let guard = guard(&c);
     wait_until("b to promise a's failsafe probe", Duration::from_secs(30), || {
         b.log_text().contains("promised the failsafe probe")
@@ -147,6 +148,7 @@ fn without_failsafe_an_active_cut_off_from_etcd_alone_is_replaced() {
     wait_until("a active through etcd", Duration::from_secs(30), || {
         check(&c, "a") == Some(200)
     });
+    c.wait_caught_up("b", Duration::from_secs(30));
     let guard = guard(&c);
     proxies.set(Fault::Hang);
     wait_until(

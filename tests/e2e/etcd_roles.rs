@@ -107,7 +107,7 @@ fn holds_for(what: &str, span: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 /// Starts both agents and waits until `a` is active through etcd and
-/// linked to `b`.
+/// linked to `b`, and `b` has caught up with it.
 fn started(c: &TestCluster) -> (warmspare_tests::Agent, warmspare_tests::Agent) {
     let a = c.start("a");
     let b = c.start("b");
@@ -115,6 +115,7 @@ fn started(c: &TestCluster) -> (warmspare_tests::Agent, warmspare_tests::Agent) 
         check(c, "a") == Some(200)
     });
     c.wait_linked("a", Duration::from_secs(30));
+    c.wait_caught_up("b", Duration::from_secs(30));
     (a, b)
 }
 
