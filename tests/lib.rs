@@ -62,6 +62,69 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The longest one `warmsparectl` run may take in a test: its own calls
+/// have deadlines of a few seconds (a switchover's up to its hook timeout),
+/// so one that runs this long hangs.
+pub const CTL_LIMIT: Duration = Duration::from_secs(90);
+
+/// The longest an agent may take to stop after SIGTERM (its own shutdown
+/// bounds every step, 10 s at most each).
+pub const STOP_LIMIT: Duration = Duration::from_secs(40);
+
+/// Waits for `child` to exit, at most `limit`: its status, or `None` if it
+/// is still running.
+pub fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => {}
+            Ok(None) | Err(_) => return None,
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cmd` (standard input closed) and collects its output, like
+/// `Command::output`, but kills it and fails the test if it has not exited
+/// within `limit`, showing what it printed so far.
+pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let status = exit_within(&mut child, limit);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    match status {
+        Some(status) => std::process::Output { status, stdout, stderr },
+        None => panic!(
+            "{cmd:?} did not exit within {limit:?}; it printed:\n{}\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
+    }
+}
+
 /// A free TCP port on 127.0.0.1, reserved for this test process.
 ///
 /// A port from binding port 0 comes from the kernel's ephemeral range, where
@@ -360,11 +423,16 @@ impl Agent {
         c.wait().expect("wait agent")
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits for the exit status (at most
+    /// [`STOP_LIMIT`]: an agent that does not stop fails the test).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("agent running");
         let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-        c.wait().expect("wait agent")
+        exit_within(&mut c, STOP_LIMIT).unwrap_or_else(|| {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("agent {} did not stop within {STOP_LIMIT:?} of SIGTERM", self.name)
+        })
     }
 
     /// Starts the process again after a kill.
@@ -590,15 +658,13 @@ impl Drop for TestCluster {
 impl TestCluster {
     /// Runs `warmsparectl` with this cluster file and its operator key.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("warmsparectl"))
-            .arg("--cluster")
+        let mut cmd = Command::new(bin("warmsparectl"));
+        cmd.arg("--cluster")
             .arg(&self.file)
             .arg("--key")
             .arg(&self.operator_key)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run warmsparectl")
+            .args(args);
+        output_within(cmd, CTL_LIMIT)
     }
 
     /// Runs `warmspare-agent check` as `node` with this cluster file and
@@ -689,14 +755,12 @@ impl TestCluster {
 /// Runs `warmspare-agent check` as `node` with the cluster file `file` and
 /// `args`: its exit code and standard output.
 pub fn check_with(file: &Path, node: &str, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(bin("warmspare-agent"))
-        .arg("--cluster")
+    let mut cmd = Command::new(bin("warmspare-agent"));
+    cmd.arg("--cluster")
         .arg(file)
         .args(["--node", node, "check"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run warmspare-agent check");
+        .args(args);
+    let out = output_within(cmd, CTL_LIMIT);
     (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
 }
 
