@@ -42,11 +42,20 @@ impl Prober {
         let (tx, answered) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         for peer in live.cluster().node.iter().filter(|n| n.name != live.me.name) {
-            let (live, role, peer, tx, stop) = (live.clone(), role.clone(), peer.clone(), tx.clone(), stop.clone());
+            let probe = Probe {
+                live: live.clone(),
+                role: role.clone(),
+                peer: peer.clone(),
+                epoch,
+                window,
+                every,
+                tx: tx.clone(),
+            };
+            let stop = stop.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = probe_peer(&live, &role, &peer, epoch, window, every, &tx) => {}
+                    _ = probe.run() => {}
                 }
             });
         }
@@ -64,66 +73,54 @@ impl Prober {
     }
 }
 
-/// Probes `peer` every `every` until the channel closes, dialing again
-/// after each failure (at most every `every`).
-async fn probe_peer(
-    live: &Live,
-    role: &Role,
-    peer: &Node,
+/// The probes of one passive for one epoch.
+struct Probe {
+    live: Arc<Live>,
+    role: Arc<Role>,
+    peer: Node,
     epoch: u64,
+    /// The confirmation window carried in each probe.
     window: Duration,
+    /// How often a probe is sent (and how long an answer is awaited).
     every: Duration,
-    tx: &mpsc::UnboundedSender<(String, Instant)>,
-) {
-    let mut said = None;
-    loop {
-        let failed = session(live, role, peer, epoch, window, every, tx).await;
-        let why = format!("{failed:#}");
-        if said.as_ref() != Some(&why) {
-            tracing::warn!(peer = peer.name, epoch, "failsafe probe: {why}");
-            said = Some(why);
-        }
-        if tx.is_closed() {
-            return;
-        }
-        tokio::time::sleep(every).await;
-    }
+    /// Where a promise is reported, with the instant its probe was sent.
+    tx: mpsc::UnboundedSender<(String, Instant)>,
 }
 
-/// One probe session: dial, hello, then a probe every `every`, each answer
-/// awaited for at most `every`. Returns why it ended.
-async fn session(
-    live: &Live,
-    role: &Role,
-    peer: &Node,
-    epoch: u64,
-    window: Duration,
-    every: Duration,
-    tx: &mpsc::UnboundedSender<(String, Instant)>,
-) -> anyhow::Error {
-    match exchange(live, role, peer, epoch, window, every, tx).await {
-        Ok(never) => match never {},
-        Err(e) => e,
+impl Probe {
+    /// Probes the peer until the channel closes, dialing again after each
+    /// failure (at most every `every`).
+    async fn run(&self) {
+        let mut said = None;
+        loop {
+            let failed = match self.session().await {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            let why = format!("{failed:#}");
+            if said.as_ref() != Some(&why) {
+                tracing::warn!(peer = self.peer.name, epoch = self.epoch, "failsafe probe: {why}");
+                said = Some(why);
+            }
+            if self.tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(self.every).await;
+        }
     }
-}
 
-async fn exchange(
-    live: &Live,
-    role: &Role,
-    peer: &Node,
-    epoch: u64,
-    window: Duration,
-    every: Duration,
-    tx: &mpsc::UnboundedSender<(String, Instant)>,
-) -> anyhow::Result<std::convert::Infallible> {
-    {
+    /// One probe session: dial, hello, then a probe every `every`, each
+    /// answer awaited for at most `every`. Ends only with why it ended.
+    async fn session(&self) -> anyhow::Result<std::convert::Infallible> {
+        let (peer, epoch, every) = (&self.peer, self.epoch, self.every);
         let server_key = peer.key().context("the peer's public key")?;
         let limit = every.max(Duration::from_millis(500));
+        let live = &self.live;
         let d = ssh::dial(&peer.ssh, &server_key, &live.key, &live.me.name, limit).await?;
         let (rd, wr) = tokio::io::split(d.stream);
         let (mut reader, mut writer) = (FrameReader::new(rd), FrameWriter::new(wr));
         let hello = tokio::time::timeout(limit, async {
-            writer.send(&Request::Hello(role.hello(Purpose::Probe))).await?;
+            writer.send(&Request::Hello(self.role.hello(Purpose::Probe))).await?;
             match reader.recv::<Reply>().await? {
                 Some(Reply::Hello(_)) => Ok::<_, anyhow::Error>(()),
                 Some(other) => bail!("answered the hello with {other:?}"),
@@ -131,7 +128,7 @@ async fn exchange(
             }
         });
         hello.await.context("no hello in time")??;
-        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
         let mut refused: Option<String> = None;
         loop {
             let sent = Instant::now();
@@ -149,7 +146,7 @@ async fn exchange(
             .context("no answer to the failsafe probe in time")??;
             match answer {
                 None => {
-                    if tx.send((peer.name.clone(), sent)).is_err() {
+                    if self.tx.send((peer.name.clone(), sent)).is_err() {
                         bail!("stopped");
                     }
                     refused = None;
