@@ -65,16 +65,24 @@ pub(crate) fn role_of(c: &TestCluster, node: &str) -> RoleState {
     serde_json::from_slice(&read(&role_file(c, node)).expect("role.json")).expect("role.json parses")
 }
 
-/// The role etcd holds for the test cluster.
-pub(crate) fn etcd_role(etcd: &EtcdCluster) -> EtcdRole {
+/// A client of the test cluster's etcd, under the tests' prefix.
+pub(crate) fn etcd_client(etcd: &EtcdCluster) -> Client {
     let endpoints = etcd.endpoints().iter().map(|e| Endpoint::parse(e).unwrap()).collect();
-    let client = Client::with_endpoints(endpoints, "/warmspare/test".into(), Duration::from_secs(3));
+    Client::with_endpoints(endpoints, "/warmspare/test".into(), Duration::from_secs(3))
+}
+
+/// Runs `f` to its end on a runtime of its own.
+pub(crate) fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
-        .block_on(client.role())
-        .expect("read the role from etcd")
+        .block_on(f)
+}
+
+/// The role etcd holds for the test cluster.
+pub(crate) fn etcd_role(etcd: &EtcdCluster) -> EtcdRole {
+    block_on(etcd_client(etcd).role()).expect("read the role from etcd")
 }
 
 /// Polls `cond` every 10 ms for `span` and panics the first time it fails:

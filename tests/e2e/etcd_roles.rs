@@ -4,56 +4,28 @@
 //! 1 s, retry_timeout 2 s). An `ActiveGuard` polls both nodes' health every
 //! 10 ms for the whole of each test: never two 200s in one round.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use warmspare_shared::config::Endpoint;
-use warmspare_shared::etcd::{Client, Role as EtcdRole, Watched};
+use warmspare_shared::etcd::Watched;
 use warmspare_shared::state::RoleState;
-use warmspare_tests::{
-    exit_code, http_status, output_text, read, wait_until, ActiveGuard, ClusterOptions, EtcdCluster, TestCluster,
-    CA_WATCH,
-};
+use warmspare_tests::{exit_code, output_text, wait_until, ClusterOptions, EtcdCluster, TestCluster, CA_WATCH};
 
-const TTL: Duration = Duration::from_secs(6);
-const LOOP_WAIT: Duration = Duration::from_secs(1);
-const RETRY_TIMEOUT: Duration = Duration::from_secs(2);
+use crate::auto_failover::{
+    block_on, check, etcd_client, etcd_role, guard, holds_for, role_of, timing, LOOP_WAIT, TTL,
+};
 
 /// Two nodes `a` (preferred active) and `b` with the `ca` watch and the
 /// `[etcd]` table of `etcd`; `extra` goes into the named nodes' tables.
 fn pair(etcd: &EtcdCluster, extra: &[(&'static str, &str)]) -> TestCluster {
-    let timing = format!(
-        "ttl = \"{}s\"\nloop_wait = \"{}s\"\nretry_timeout = \"{}s\"",
-        TTL.as_secs(),
-        LOOP_WAIT.as_secs(),
-        RETRY_TIMEOUT.as_secs()
-    );
     TestCluster::new(ClusterOptions {
         nodes: vec!["a", "b"],
         extra: format!(
             "[[watch]]\nname = \"ca\"\npath = \"{CA_WATCH}\"\ndebounce_ms = 5\n\n{}",
-            etcd.toml(&timing)
+            etcd.toml(&timing())
         ),
         node_extra: extra.iter().map(|(n, e)| (*n, e.to_string())).collect(),
         ..Default::default()
     })
-}
-
-fn guard(c: &TestCluster) -> ActiveGuard {
-    ActiveGuard::start(&[("a", c.node("a").http_port), ("b", c.node("b").http_port)])
-}
-
-fn check(c: &TestCluster, node: &str) -> Option<u16> {
-    http_status(c.node(node).http_port, "/_status/check")
-}
-
-fn role_file(c: &TestCluster, node: &str) -> PathBuf {
-    c.node(node).root.join("var/lib/warmspare/role.json")
-}
-
-/// The role state `node` persisted.
-fn role_of(c: &TestCluster, node: &str) -> RoleState {
-    serde_json::from_slice(&read(&role_file(c, node)).expect("role.json")).expect("role.json parses")
 }
 
 fn state(epoch: u64, active: &str) -> RoleState {
@@ -63,29 +35,11 @@ fn state(epoch: u64, active: &str) -> RoleState {
     }
 }
 
-fn client(etcd: &EtcdCluster) -> Client {
-    let endpoints = etcd.endpoints().iter().map(|e| Endpoint::parse(e).unwrap()).collect();
-    Client::with_endpoints(endpoints, "/warmspare/test".into(), Duration::from_secs(3))
-}
-
-fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// The role etcd holds for the test cluster.
-fn etcd_role(etcd: &EtcdCluster) -> EtcdRole {
-    block_on(client(etcd).role()).expect("read the role from etcd")
-}
-
 /// Every change of the leader key since `revision` (exclusive), in order:
 /// the name it held after each, `None` for a deletion.
 fn leader_changes(etcd: &EtcdCluster, revision: i64) -> Vec<Option<String>> {
     block_on(async {
-        let mut watch = client(etcd)
+        let mut watch = etcd_client(etcd)
             .watch_leader(revision + 1)
             .await
             .expect("watch the leader key");
@@ -95,15 +49,6 @@ fn leader_changes(etcd: &EtcdCluster, revision: i64) -> Vec<Option<String>> {
         }
         seen
     })
-}
-
-/// Polls `cond` every 10 ms for `span` and panics the first time it fails.
-fn holds_for(what: &str, span: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + span;
-    while Instant::now() < end {
-        assert!(cond(), "{what} stopped holding");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Starts both agents and waits until `a` is active through etcd and
