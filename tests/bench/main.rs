@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use warmspare_tests::faults::NetLink;
 
+mod burst;
 mod failover;
+mod lsyncd;
 mod relay;
 mod scratch;
 use warmspare_tests::{converge, free_port, noise, read, write_file, Agent, ClusterOptions, TestCluster, CA_WATCH};
@@ -33,6 +35,8 @@ struct Sizes {
     rounds: usize,
     /// Rounds of scenario 7 (kill -9 of the active, failover through etcd).
     failovers: usize,
+    /// Files of scenario 8's bursts, one burst per entry.
+    bursts: &'static [usize],
 }
 
 const FULL: Sizes = Sizes {
@@ -43,6 +47,7 @@ const FULL: Sizes = Sizes {
     idle_secs: 60,
     rounds: 3,
     failovers: 10,
+    bursts: &[20_000, 100_000],
 };
 const SMOKE: Sizes = Sizes {
     files: 200,
@@ -52,6 +57,7 @@ const SMOKE: Sizes = Sizes {
     idle_secs: 2,
     rounds: 1,
     failovers: 1,
+    bursts: &[300],
 };
 
 /// A throwaway sshd on loopback, with a client key that may log in.
@@ -858,6 +864,14 @@ fn main() {
         notes += &failover::run(n, &mut rows).unwrap_or_else(|why| format!("\n7. Failover: skipped: {why}.\n"));
     }
 
+    // 8. Bursts: files created and every third deleted as fast as a writer
+    // can, the tail after its last write (`BENCH_BURST_FILES` sets the sizes).
+    if run("8") {
+        let (note, trees) = burst::run(&sshd, work.path(), &burst::sizes(sizes.bursts), &mut rows);
+        notes += &note;
+        kept.extend(trees);
+    }
+
     // The table.
     let mut md = String::new();
     let host = fs::read_to_string("/proc/cpuinfo")
@@ -1070,40 +1084,8 @@ fn distance(
 /// lsyncd (delay = 0, rsync over ssh) watching `src`: median latency of `n`
 /// new files; `None` when lsyncd is not installed.
 fn lsyncd_latency(sshd: &Sshd, work: &Path, src: &Path, n: usize) -> Option<f64> {
-    let lsyncd = ["/usr/bin/lsyncd", "/usr/local/bin/lsyncd"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
     let target = work.join("lsyncd-target");
-    fs::create_dir_all(&target).unwrap();
-    sshd.rsync(src, &target, &[]);
-    let cfg = work.join("lsyncd.conf");
-    fs::write(
-        &cfg,
-        format!(
-            "settings {{ nodaemon = true, logfile = \"{}\" }}\nsync {{ default.rsync, source = \"{}\", target = \"127.0.0.1:{}\", delay = 0,\n  rsync = {{ archive = true, rsh = \"{}\" }} }}\n",
-            work.join("lsyncd.log").display(),
-            src.display(),
-            target.display(),
-            sshd.ssh_args()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(lsyncd)
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    // lsyncd starts with a full sync; wait for a marker to arrive before measuring.
-    write_file(&src.join("lsyncd-ready"), b"ready", 0o644);
-    let ready = Instant::now() + Duration::from_secs(120);
-    while !target.join("lsyncd-ready").exists() {
-        if Instant::now() > ready {
-            let _ = child.kill();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let lsyncd = lsyncd::Lsyncd::start(sshd, work, "lsyncd", src, &target)?;
     let mut lat = Vec::new();
     for i in 0..n {
         let rel = format!("signed/new/lsyncd{i:04}.pem");
@@ -1117,7 +1099,6 @@ fn lsyncd_latency(sshd: &Sshd, work: &Path, src: &Path, n: usize) -> Option<f64>
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(lsyncd);
     Some(percentile(&mut lat, 0.5))
 }
