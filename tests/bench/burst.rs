@@ -173,8 +173,11 @@ pub fn run(sshd: &Sshd, work: &Path, counts: &[usize], rows: &mut Vec<Row>) -> (
         let c = pair();
         let src = c.ca("a");
         ca_tree(&src, base);
-        let b = start_agent(&c, "b", &std::env::var("BENCH_WRAP_PASSIVE").unwrap_or_default());
-        let a = start_agent(&c, "a", &std::env::var("BENCH_WRAP_ACTIVE").unwrap_or_default());
+        // Profilers for either side, as for scenario 1 (see benchmarks.md).
+        let wrap_b = std::env::var("BENCH_WRAP_PASSIVE").unwrap_or_default();
+        let wrap_a = std::env::var("BENCH_WRAP_ACTIVE").unwrap_or_default();
+        let mut b = start_agent(&c, "b", &wrap_b);
+        let mut a = start_agent(&c, "a", &wrap_a);
         converge(&src, &c.ca("b"), Duration::from_secs(600));
         let batches = |a: &warmspare_tests::Agent| a.log_text().matches("batch replicated").count();
         let batches_before = batches(&a);
@@ -183,6 +186,16 @@ pub fn run(sshd: &Sshd, work: &Path, counts: &[usize], rows: &mut Vec<Row>) -> (
         converge(&src, &c.ca("b"), Duration::from_secs(120));
         let batches_burst = batches(&a) - batches_before;
         keep_logs(&format!("burst-{n}"), &a, &b);
+        if !wrap_a.is_empty() || !wrap_b.is_empty() {
+            // A profiler writes its report when the agent exits cleanly.
+            for pid in [a.pid(), b.pid()].into_iter().flatten() {
+                let _ = std::process::Command::new("pkill")
+                    .args(["-TERM", "-P", &pid.to_string()])
+                    .status();
+            }
+            a.terminate();
+            b.terminate();
+        }
         drop((a, b));
         println!(
             "burst of {n} files: warmspare wrote in {:.2} s, tail {} (listing {:.0} ms), {batches_burst} batches",
