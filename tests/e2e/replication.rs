@@ -545,6 +545,58 @@ fn a_storm_while_a_batch_is_in_flight_ships_as_few_batches() {
     );
 }
 
+/// `(ops, files)` of every `batch replicated` line of an active's log.
+fn batch_sizes(log: &str) -> Vec<(u64, u64)> {
+    let field = |l: &str, key: &str| -> Option<u64> { l.split(key).nth(1)?.split_whitespace().next()?.parse().ok() };
+    log.lines()
+        .filter(|l| l.contains("batch replicated"))
+        .filter_map(|l| Some((field(l, " ops=")?, field(l, " files=")?)))
+        .collect()
+}
+
+#[test]
+fn a_batch_of_new_files_in_one_directory_sends_the_directory_once() {
+    // A burst of new files in one directory coalesces into one batch of
+    // one prefix per file; the directory's metadata (its mtime changed with
+    // every file) must go once per batch, after the files, not once per file.
+    let c = TestCluster::pair("");
+    let (a_root, b_root) = (c.ca("a"), c.ca("b"));
+    write_file(&a_root.join("signed/seed.pem"), b"seed", 0o644);
+    let _b = c.start_with_env("b", &[("WARMSPARE_TEST_SLOW_COMMIT_MS", "1500")]);
+    let a = c.start("a");
+    converge(&a_root, &b_root, LIMIT);
+    let before = batch_sizes(&a.log_text()).len();
+    // A batch in flight, so that the files gather into the next one.
+    write_file(&a_root.join("first.pem"), b"first", 0o644);
+    wait_until("the first change to be pending", LIMIT, || {
+        c.node_status("a")["links"][0]["pending_changes"]
+            .as_u64()
+            .is_some_and(|p| p >= 1)
+    });
+    for i in 0..40 {
+        write_file(
+            &a_root.join(format!("signed/host{i:02}.pem")),
+            format!("certificate {i}\n").as_bytes(),
+            0o644,
+        );
+    }
+    converge(&a_root, &b_root, LIMIT);
+    let mtime = |root: &Path| fs::metadata(root.join("signed")).and_then(|m| m.modified()).ok();
+    wait_until("the directory's mtime on b", LIMIT, || mtime(&b_root) == mtime(&a_root));
+    let batches: Vec<(u64, u64)> = batch_sizes(&a.log_text()).split_off(before);
+    assert!(
+        batches.iter().any(|&(_, files)| files >= 2),
+        "the files did not gather into a batch: {batches:?}"
+    );
+    // Each new file is one operation; its directory one more per batch.
+    for &(ops, files) in &batches {
+        assert!(
+            ops <= files + 1,
+            "a batch of {files} files took {ops} operations: {batches:?}"
+        );
+    }
+}
+
 #[test]
 fn a_file_shipped_half_written_ships_again_when_whole() {
     // A writer that keeps its file open: the write without a close ships

@@ -3,7 +3,7 @@
 //! parent touched), carried out: files are sent whole, sparse or as deltas,
 //! read through a descriptor opened beneath the root.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read, Seek, Write};
 use std::path::Path;
@@ -21,8 +21,13 @@ use super::session::{emit, maybe_commit, BatchStats, SessionIo};
 
 /// Sends one planned prefix: the steps [`steps`] orders, carried out one by
 /// one, each recorded in the model of the peer (`remote`) as it is sent.
-/// Returns the content hash of every file of the scan that has one now
-/// (for the agreement recorded after a full comparison).
+/// The directories above the prefix whose metadata it asks for are added
+/// to `above` instead, for [`ship_above`] to send once after every prefix
+/// of the batch: a batch of 8,000 new files in 64 directories then sends
+/// 64 directories, not 8,000. Returns the content hash of every file of the
+/// scan that has one now (for the agreement recorded after a full
+/// comparison).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn ship_prefix(
     io: &mut SessionIo,
     w: &LocalWatch,
@@ -31,6 +36,7 @@ pub(super) fn ship_prefix(
     remote: &mut Remote,
     stats: &mut BatchStats,
     owners: bool,
+    above: &mut BTreeSet<String>,
 ) -> Result<Vec<(String, ContentHash)>> {
     let Plan {
         prefix,
@@ -123,13 +129,10 @@ pub(super) fn ship_prefix(
                 stats.files += 1;
                 maybe_commit(io, stats, &w.name)?;
             }
-            // A directory above the prefix is read now; one gone since is
-            // left as the peer has it.
             Step::Parent { entry: Some(i), .. } => send_dir(io, stats, &w.name, &entries[i], remote)?,
+            // A directory above the prefix: after the batch's last prefix.
             Step::Parent { path, entry: None } => {
-                if let Some(l) = stat_dir(&w.root, &path) {
-                    send_dir(io, stats, &w.name, &l, remote)?;
-                }
+                above.insert(path);
             }
         }
     }
@@ -145,6 +148,25 @@ pub(super) fn ship_prefix(
             Some((e.path.clone(), hash))
         })
         .collect())
+}
+
+/// Sends the metadata of the directories `above` the prefixes of a batch
+/// (see [`ship_prefix`]), each read now, after every change in it; one gone
+/// since is left as the peer has it. No prefix of a batch lies at or under
+/// another, so none of these directories is itself sent by a prefix.
+pub(super) fn ship_above(
+    io: &mut SessionIo,
+    w: &LocalWatch,
+    above: BTreeSet<String>,
+    remote: &mut Remote,
+    stats: &mut BatchStats,
+) -> Result<()> {
+    for path in above {
+        if let Some(l) = stat_dir(&w.root, &path) {
+            send_dir(io, stats, &w.name, &l, remote)?;
+        }
+    }
+    Ok(())
 }
 
 /// Sends a directory's metadata ([`Op::Dir`], which also creates it on the

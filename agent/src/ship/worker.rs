@@ -16,7 +16,7 @@ use crate::events::{Inbox, Work};
 use super::handles::Handles;
 use super::plan::{compact, plan_prefix, remote_remove_tree, top_most, Held, Model, Plan};
 use super::session::{fetch_manifest, flush_commit, wait_ack, BatchStats, Closed, Retry, SessionIo};
-use super::transfer::ship_prefix;
+use super::transfer::{ship_above, ship_prefix};
 
 /// How often a connected shipper compares whole trees even without events.
 const FULL_RESYNC: Duration = Duration::from_secs(600);
@@ -238,6 +238,7 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                     );
                 }
                 let mut except: Vec<String> = Vec::new();
+                let mut above = BTreeSet::new();
                 for mut plan in plans {
                     if hold {
                         plan.removals.retain(|r| {
@@ -252,11 +253,12 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                             !r.deletion
                         });
                     }
-                    let local = ship_prefix(&mut io, w, plan, cache, remote, &mut stats, owners)?;
+                    let local = ship_prefix(&mut io, w, plan, cache, remote, &mut stats, owners, &mut above)?;
                     if full {
                         settled.push((w.name.clone(), local));
                     }
                 }
+                ship_above(&mut io, w, above, remote, &mut stats)?;
                 if full {
                     held_except.push((w.name.clone(), except));
                 }
