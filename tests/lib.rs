@@ -62,10 +62,34 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// The longest one `warmsparectl` run may take in a test: its own calls
-/// have deadlines of a few seconds (a switchover's up to its hook timeout),
-/// so one that runs this long hangs.
-pub const CTL_LIMIT: Duration = Duration::from_secs(90);
+/// The longest one `warmsparectl` run (without `--timeout`) or `warmspare-agent
+/// check` may take in a test: their calls have deadlines of a few seconds,
+/// a role change's up to its hook timeout plus a minute, so one that runs
+/// this long hangs. It stays under the test runner's own limit (300 s), so
+/// the failure names the command.
+pub const CTL_LIMIT: Duration = Duration::from_secs(240);
+
+/// The limit for `warmsparectl args`: [`CTL_LIMIT`], or the run's own
+/// `--timeout` (`600s`, `10m`) and two minutes more.
+pub fn ctl_limit(args: &[&str]) -> Duration {
+    let given = args
+        .iter()
+        .position(|a| *a == "--timeout")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| {
+            let (n, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit())?);
+            let n: u64 = n.parse().ok()?;
+            match unit {
+                "s" => Some(Duration::from_secs(n)),
+                "m" => Some(Duration::from_secs(n * 60)),
+                _ => None,
+            }
+        });
+    match given {
+        Some(t) => t + Duration::from_secs(120),
+        None => CTL_LIMIT,
+    }
+}
 
 /// The longest an agent may take to stop after SIGTERM (its own shutdown
 /// bounds every step, 10 s at most each).
@@ -664,7 +688,7 @@ impl TestCluster {
             .arg("--key")
             .arg(&self.operator_key)
             .args(args);
-        output_within(cmd, CTL_LIMIT)
+        output_within(cmd, ctl_limit(args))
     }
 
     /// Runs `warmspare-agent check` as `node` with this cluster file and
