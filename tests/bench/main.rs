@@ -163,6 +163,25 @@ impl Sshd {
         c
     }
 
+    /// `tar -C SRC -cf - . | ssh HOST 'tar -C DST -xf -'`: the raw copy
+    /// stream, the ceiling of an initial sync; returns seconds.
+    fn tar_stream(&self, src: &Path, dst: &Path) -> f64 {
+        let start = Instant::now();
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(src)
+            .args(["-cf", "-", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let remote = format!("tar -C {} -xf -", dst.display());
+        let ok = self.ssh(&[&remote]).stdin(tar.stdout.take().unwrap()).status().unwrap();
+        let tar_ok = tar.wait().unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert!(ok.success() && tar_ok.success(), "tar | ssh | tar failed");
+        secs
+    }
+
     /// `rsync -a --delete SRC/ DST/` over this sshd; returns (seconds, bytes sent).
     fn rsync(&self, src: &Path, dst: &Path, extra: &[&str]) -> (f64, u64) {
         let start = Instant::now();
@@ -379,7 +398,15 @@ struct Shipping {
 
 /// One round of scenario 1: rsync's time, warmspare's time, what the active
 /// agent used, and the pair (kept until the run ends).
-fn initial_round(sshd: &Sshd, work: &Path, sizes: &Sizes, round: usize) -> (f64, f64, Shipping, TestCluster) {
+/// The timed runs of one round of scenario 1, in seconds.
+struct InitialRound {
+    rsync: f64,
+    warmspare: f64,
+    /// `tar | ssh | tar` into an empty directory, after the other two.
+    tar: f64,
+}
+
+fn initial_round(sshd: &Sshd, work: &Path, sizes: &Sizes, round: usize) -> (InitialRound, Shipping, TestCluster) {
     let c = pair();
     let (src, dst) = round_trees(&c, work, &format!("rsync-initial-{round}"), sizes.files);
     // Before each timed run, `sync`: warmspare makes what it applies durable
@@ -424,7 +451,16 @@ fn initial_round(sshd: &Sshd, work: &Path, sizes: &Sizes, round: usize) -> (f64,
         (ws, shipping)
     };
     let (r, (w, shipping)) = in_turn(round, rsync, warmspare);
-    (r, w, shipping, c)
+    let tar_dst = work.join(format!("tar-initial-{round}"));
+    fs::create_dir_all(&tar_dst).unwrap();
+    settle();
+    let tar = sshd.tar_stream(&src, &tar_dst);
+    let times = InitialRound {
+        rsync: r,
+        warmspare: w,
+        tar,
+    };
+    (times, shipping, c)
 }
 
 /// Runs a round's two timed runs, rsync first in even rounds and warmspare
@@ -544,10 +580,11 @@ fn main() {
     // 1. Initial sync of a CA-like tree, in rounds that alternate which tool
     // goes first; the table takes the median of each.
     if run("1") {
-        let (mut rsync_times, mut ws_times) = (Vec::new(), Vec::new());
+        let (mut rsync_times, mut ws_times, mut tar_times) = (Vec::new(), Vec::new(), Vec::new());
         let (mut peaks, mut cpus) = (Vec::new(), Vec::new());
         for round in 0..rounds {
-            let (rsync_s, ws, shipping, pair) = initial_round(&sshd, work.path(), &sizes, round);
+            let (times, shipping, pair) = initial_round(&sshd, work.path(), &sizes, round);
+            let (rsync_s, ws) = (times.rsync, times.warmspare);
             kept.push(pair);
             println!(
                 "initial sync, round {}: active agent peak {:.2} MiB, CPU {:.2} s",
@@ -558,14 +595,17 @@ fn main() {
             peaks.push(shipping.peak_mib);
             cpus.push(shipping.cpu_s);
             println!(
-                "initial sync, round {}: rsync {rsync_s:.2} s, warmspare {ws:.2} s",
-                round + 1
+                "initial sync, round {}: rsync {rsync_s:.2} s, warmspare {ws:.2} s, tar | ssh | tar {:.2} s",
+                round + 1,
+                times.tar
             );
             rsync_times.push(rsync_s);
             ws_times.push(ws);
+            tar_times.push(times.tar);
         }
         let rsync_s = percentile(&mut rsync_times, 0.5);
         let ws = percentile(&mut ws_times, 0.5);
+        let tar_s = percentile(&mut tar_times, 0.5);
         rows.push(Row {
             scenario: format!("1. initial sync, {} files", sizes.files),
             measure: "time".into(),
@@ -574,6 +614,15 @@ fn main() {
             other_name: "rsync".into(),
             unit: "s",
             target: "<= 0.8x".into(),
+        });
+        rows.push(Row {
+            scenario: format!("1. initial sync, {} files", sizes.files),
+            measure: "time against the raw stream".into(),
+            warmspare: ws,
+            best_other: tar_s,
+            other_name: "tar over ssh".into(),
+            unit: "s",
+            target: "<= 1.0x".into(),
         });
         // Scenario 5's second half: the footprint while shipping this tree.
         rows.push(Row {
