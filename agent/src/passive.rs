@@ -49,6 +49,14 @@ const QUIET: Duration = Duration::from_millis(100);
 /// judged anyway.
 const BUSY_LIMIT: Duration = Duration::from_secs(120);
 
+/// How often, at most, the waiting paths are looked over for the quiet
+/// ones. A passive applying a burst sees an event for every file it
+/// writes, and thousands of paths wait at once: looking them all over
+/// after every event made the watcher's work grow with the square of the
+/// burst. A path judged up to this much after it became quiet is flagged
+/// no less surely.
+const JUDGE_EVERY: Duration = Duration::from_millis(25);
+
 /// How often roots that are not watched (missing, not directories) are
 /// looked at again.
 const ROOT_POLL: Duration = Duration::from_secs(2);
@@ -153,6 +161,7 @@ fn watch_loop(node: &Handles, cancel: &CancellationToken) -> Result<()> {
     let mut watcher = notify::RecommendedWatcher::new(handler, config).context("cannot start inotify")?;
     let mut waiting: HashMap<(usize, String), Waiting> = HashMap::new();
     let mut next_poll = Instant::now();
+    let mut next_judge = Instant::now();
     while !cancel.is_cancelled() {
         let now = Instant::now();
         if now >= next_poll {
@@ -229,7 +238,10 @@ fn watch_loop(node: &Handles, cancel: &CancellationToken) -> Result<()> {
                 });
             }
         }
-        judge_due(node, &mut targets, &mut waiting);
+        if Instant::now() >= next_judge {
+            judge_due(node, &mut targets, &mut waiting);
+            next_judge = Instant::now() + JUDGE_EVERY;
+        }
     }
     drop(watcher);
     Ok(())
