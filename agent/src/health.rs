@@ -147,7 +147,7 @@ async fn detail(State(node): State<View>) -> Response {
 }
 
 async fn metrics(State(node): State<View>) -> Response {
-    let sent = node.bytes_sent();
+    let sent = (node.bytes_sent(), node.bytes_uncompressed());
     let counts: Vec<(warmspare_shared::config::Hook, bool, u64)> = warmspare_shared::config::Hook::ALL
         .iter()
         .flat_map(|h| [(*h, true), (*h, false)])
@@ -192,7 +192,8 @@ impl Exposition {
 
 /// The Prometheus text exposition of a node's status (`/metrics`): `sent`
 /// is the bytes sent to peers, `counts` the role hooks' runs by outcome.
-fn render(s: &NodeStatus, sent: u64, counts: &[(Hook, bool, u64)]) -> String {
+/// `sent`: the bytes sent to peers, and what they stand for uncompressed.
+fn render(s: &NodeStatus, sent: (u64, u64), counts: &[(Hook, bool, u64)]) -> String {
     const GAUGE: &str = "gauge";
     const COUNTER: &str = "counter";
     let mut out = Exposition(String::new());
@@ -354,7 +355,13 @@ fn render(s: &NodeStatus, sent: u64, counts: &[(Hook, bool, u64)]) -> String {
         "warmspare_bytes_sent_total",
         COUNTER,
         "Bytes sent to peers, framing included.",
-        sent,
+        sent.0,
+    );
+    out.single(
+        "warmspare_bytes_sent_uncompressed_total",
+        COUNTER,
+        "What the bytes sent to peers stand for before compression, framing included.",
+        sent.1,
     );
     out.family(
         "warmspare_job_runs_total",

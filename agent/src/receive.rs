@@ -14,6 +14,7 @@ use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warmspare_shared::apply::{Applier, Divergence, Failure, WatchRoot};
+use warmspare_shared::compress::{self, Unpacker};
 use warmspare_shared::ledger::Ledgers;
 use warmspare_shared::local::Tracker;
 use warmspare_shared::manifest::{Entry, HashCache};
@@ -208,6 +209,13 @@ async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
         }
         Ok::<Sent, proto::FrameError>(Sent::Done)
     };
+    // The sender compresses only when both hellos allow it; a packed frame
+    // in a session that does not is refused (see `proto::expand`).
+    let mine = node.live.cluster().compress_of(&node.live.me);
+    let mut unpacker = match compress::accepted(mine, hello.compress) {
+        true => Some(Unpacker::new().context("cannot start decompression")?),
+        false => None,
+    };
     let read_task = async move {
         let mut forwarding = true;
         loop {
@@ -215,6 +223,7 @@ async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
             if batch.is_empty() {
                 break;
             }
+            let batch = proto::expand(unpacker.as_mut(), batch)?;
             // After the worker stops, keep reading until the peer closes.
             forwarding = forwarding && req_tx.send((Instant::now(), batch)).await.is_ok();
         }

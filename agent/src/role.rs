@@ -434,6 +434,7 @@ impl Role {
             config_hash: self.live.config_hash(),
             purpose,
             owners: warmspare_shared::apply::can_chown(),
+            compress: self.live.cluster().compress_of(&self.live.me),
         }
     }
 }

@@ -132,6 +132,7 @@ pub fn node_status(node: &Sources) -> NodeStatus {
                 last_success: link.last_success.get(&w.name).map(|t| unix(*t)),
                 last_error: link.last_error.clone(),
                 deletions_held: link.deletions_held.get(&w.name).copied().unwrap_or(0),
+                compressed: link.compressed,
             });
         }
     }
@@ -456,6 +457,7 @@ mod tests {
                 last_success: Some(7),
                 last_error: Some(format!("hook said {secret}")),
                 deletions_held: 12,
+                compressed: false,
             }],
             diverged: vec![format!("3-1/ca/{secret}")],
             started: 1,

@@ -23,6 +23,9 @@ pub struct Telemetry {
     pub progress: watch::Sender<u64>,
     /// Bytes written to peers, frames included.
     pub bytes_sent: Arc<AtomicU64>,
+    /// What those bytes stand for before compression: the same frames
+    /// uncompressed (equal to `bytes_sent` when nothing is compressed).
+    pub bytes_uncompressed: Arc<AtomicU64>,
 }
 
 /// What the running tasks report.
@@ -54,6 +57,8 @@ pub struct Link {
     pub done_generation: u64,
     /// Files the deletion guard keeps on the peer, per watch.
     pub deletions_held: BTreeMap<String, u64>,
+    /// Whether the current (or last) session compresses what it sends.
+    pub compressed: bool,
 }
 
 impl Default for Telemetry {
@@ -62,6 +67,7 @@ impl Default for Telemetry {
             runtime: Mutex::new(Runtime::default()),
             progress: watch::channel(0).0,
             bytes_sent: Arc::new(AtomicU64::new(0)),
+            bytes_uncompressed: Arc::new(AtomicU64::new(0)),
         }
     }
 }

@@ -72,6 +72,7 @@ impl Operator {
             config_hash: self.cluster.hash(),
             purpose: Purpose::Control,
             owners: false,
+            compress: warmspare_shared::compress::Compress::Auto,
         };
         match s.call(&Request::Hello(hello)).await? {
             Reply::Hello(_) => Ok(s),

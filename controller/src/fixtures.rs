@@ -90,6 +90,7 @@ pub fn link(peer: &str, lag: f64) -> LinkStatus {
         last_success: Some(0),
         last_error: None,
         deletions_held: 0,
+        compressed: false,
     }
 }
 

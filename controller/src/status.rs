@@ -312,6 +312,11 @@ fn render(op: &Operator, views: &[NodeView]) -> String {
                     } else {
                         String::new()
                     }
+                    + if l.compressed && l.connected {
+                        " (compressed)"
+                    } else {
+                        ""
+                    }
             );
         }
     }

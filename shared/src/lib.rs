@@ -3,6 +3,7 @@
 //! - [`config`]: the cluster file (parse, validate, canonical form and hash).
 //! - [`keys`]: ed25519 node and operator keys.
 //! - [`proto`]: wire types and framing (the only place wire types live).
+//! - [`compress`]: per-link compression of the replication stream (setting, probe, zstd stream).
 //! - [`manifest`]: tree scans, content hashes and their cache, exclusions.
 //! - [`delta`]: signatures, deltas and patching, memory maps.
 //! - [`apply`]: the receiver's confined, atomic application of changes.
@@ -20,6 +21,7 @@
 
 pub mod apply;
 pub mod beneath;
+pub mod compress;
 pub mod config;
 pub mod delta;
 pub mod diverged;

@@ -385,6 +385,9 @@ pub struct Dialed {
     pub handle: russh::client::Handle<PinnedHost>,
     /// The subsystem's byte stream.
     pub stream: ChannelStream<russh::client::Msg>,
+    /// The address the connection reached, when the socket tells it
+    /// (`compress = "auto"` looks at whether it is a loopback one).
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// Dials `addr`, checks its host key against `server_key`, authenticates
@@ -404,6 +407,7 @@ pub async fn dial(
 async fn dial_inner(addr: &str, server_key: &PublicKey, key: &SecretKey, user: &str) -> Result<Dialed, DialError> {
     let tcp = TcpStream::connect(addr).await.map_err(DialError::Unreachable)?;
     let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr().ok();
     let config = Arc::new(russh::client::Config {
         window_size: WINDOW,
         maximum_packet_size: PACKET,
@@ -442,5 +446,6 @@ async fn dial_inner(addr: &str, server_key: &PublicKey, key: &SecretKey, user: &
     Ok(Dialed {
         handle,
         stream: channel.into_stream(),
+        peer,
     })
 }

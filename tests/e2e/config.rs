@@ -59,6 +59,11 @@ fn bad_cluster_files_fail_check_with_key_and_line() {
             (t, "key `keep`", format!(":{l}:"))
         },
         {
+            let t = good.replacen("name = \"b\"", "name = \"b\"\ncompress = \"fast\"", 1);
+            let l = line_of(&t, "compress", 0);
+            (t, "node[1].compress", format!(":{l}:"))
+        },
+        {
             let t = good.replace("debounce_ms = 0", "debounce_ms = 0\nexclude = [\"signed/[b.pem\"]");
             let l = line_of(&t, "exclude", 0);
             (t, "watch[0].exclude[0]", format!(":{l}:"))

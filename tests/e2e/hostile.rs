@@ -22,6 +22,7 @@ async fn push_session(c: &TestCluster, me: &str, to: &str, epoch: u64) -> Result
         config_hash: "test".into(),
         purpose: Purpose::Replicate,
         owners: false,
+        compress: warmspare_shared::compress::Compress::Auto,
     };
     hello_session(c, to, &c.node(me).key, me, hello).await
 }
@@ -173,6 +174,7 @@ async fn a_stale_epoch_and_a_future_protocol_are_refused() {
         config_hash: String::new(),
         purpose: Purpose::Replicate,
         owners: false,
+        compress: warmspare_shared::compress::Compress::Auto,
     };
     let (_session, reply) = hello_session(&c, "b", &c.node("a").key, "a", hello).await.unwrap();
     assert!(
@@ -295,6 +297,7 @@ impl RawSession {
             config_hash: "test".into(),
             purpose: Purpose::Replicate,
             owners: false,
+            compress: warmspare_shared::compress::Compress::Auto,
         };
         writer.write_all(&framed(&Request::Hello(hello))).await.unwrap();
         let reply = reader.recv::<Reply>().await.unwrap().unwrap();

@@ -165,6 +165,7 @@ async fn one_connection_cannot_pile_up_sessions() {
         config_hash: "test".into(),
         purpose: Purpose::Probe,
         owners: false,
+        compress: warmspare_shared::compress::Compress::Auto,
     };
     w.send(&Request::Hello(hello)).await.unwrap();
     assert!(matches!(r.recv::<Reply>().await.unwrap(), Some(Reply::Hello(_))));

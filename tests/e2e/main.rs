@@ -9,6 +9,7 @@ mod after_apply;
 mod auto_elect;
 mod auto_failover;
 mod beneath;
+mod compress;
 mod config;
 mod controller;
 mod etcd;

@@ -21,6 +21,7 @@ async fn control(c: &TestCluster, to: &str, key: &SecretKey) -> Result<Session, 
         config_hash: String::new(),
         purpose: Purpose::Control,
         owners: false,
+        compress: warmspare_shared::compress::Compress::Auto,
     };
     let (session, reply) = hello_session(c, to, key, "second", hello).await?;
     assert!(matches!(reply, Reply::Hello(_)), "{reply:?}");

@@ -47,7 +47,7 @@ fn the_exposition_is_unchanged() {
         (Hook::OnPromote, false, 1),
         (Hook::OnDemote, true, 0),
     ];
-    assert_eq!(render(&sample(), 1234, &counts), EXPECTED);
+    assert_eq!(render(&sample(), (1234, 5678), &counts), EXPECTED);
 }
 
 /// What the hand-written lines of each family gave for [`sample`]
@@ -115,6 +115,9 @@ warmspare_after_apply_running{watch="ca"} 1
 # HELP warmspare_bytes_sent_total Bytes sent to peers, framing included.
 # TYPE warmspare_bytes_sent_total counter
 warmspare_bytes_sent_total 1234
+# HELP warmspare_bytes_sent_uncompressed_total What the bytes sent to peers stand for before compression, framing included.
+# TYPE warmspare_bytes_sent_uncompressed_total counter
+warmspare_bytes_sent_uncompressed_total 5678
 # HELP warmspare_job_runs_total Job runs on this node since the agent started.
 # TYPE warmspare_job_runs_total counter
 warmspare_job_runs_total{job="dump",result="ok"} 5

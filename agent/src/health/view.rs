@@ -60,6 +60,11 @@ impl View {
         self.telemetry.bytes_sent.load(Ordering::Relaxed)
     }
 
+    /// What the bytes sent to peers stand for before compression.
+    pub fn bytes_uncompressed(&self) -> u64 {
+        self.telemetry.bytes_uncompressed.load(Ordering::Relaxed)
+    }
+
     /// The node's status, made on a blocking thread (it reads the disk).
     pub async fn status(&self) -> anyhow::Result<NodeStatus> {
         status::node_status_off_runtime(&self.status).await

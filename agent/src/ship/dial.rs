@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use warmspare_shared::compress::{self, Packer};
 use warmspare_shared::config::Node;
 use warmspare_shared::proto::{self, FrameReader, FrameWriter, Hello, Purpose, Reply, Request};
 use warmspare_shared::ssh;
@@ -22,7 +22,7 @@ use crate::progress::Stamp;
 use crate::role::Role;
 
 use super::handles::Handles;
-use super::session::{SessionIo, COMMITS_IN_FLIGHT, GROUPS_QUEUED, PEER_DEADLINE};
+use super::session::{Group, SessionIo, COMMITS_IN_FLIGHT, GROUPS_QUEUED, PEER_DEADLINE};
 use super::worker::sync_loop;
 
 /// The first and the longest wait before dialing a peer again after a
@@ -156,7 +156,11 @@ pub(super) async fn session(
     cancel: &CancellationToken,
 ) -> Result<()> {
     let started = tokio::time::Instant::now();
-    let ssh::Dialed { handle, stream } = dialed;
+    let ssh::Dialed {
+        handle,
+        stream,
+        peer: addr,
+    } = dialed;
     let (rd, wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
@@ -197,26 +201,38 @@ pub(super) async fn session(
         }
     }
     let owners = theirs.owners;
+    let mine = handles.live.cluster().compress_of(&handles.live.me);
+    let loopback = addr.is_some_and(|a| a.ip().is_loopback());
+    let packer = if compress::negotiate(mine, theirs.compress, loopback) {
+        Some(Packer::new().context("cannot start compression")?)
+    } else {
+        None
+    };
+    tracing::debug!(peer = peer.name, mine = %mine, theirs = %theirs.compress, loopback, compressed = packer.is_some(), "compression");
+    handles.telemetry.link(&peer.name, |l| l.compressed = packer.is_some());
 
-    let (frame_tx, mut frame_rx) = mpsc::channel::<Vec<Bytes>>(GROUPS_QUEUED);
+    let (frame_tx, mut frame_rx) = mpsc::channel::<Group>(GROUPS_QUEUED);
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>(64);
     // A peer owes at most COMMITS_IN_FLIGHT acknowledgements; one that sends
     // more than this waits (and the worker's deadline ends the session).
     let (ack_tx, ack_rx) = mpsc::channel::<Reply>(COMMITS_IN_FLIGHT * 4);
     let bytes_sent = handles.telemetry.bytes_sent.clone();
+    let bytes_raw = handles.telemetry.bytes_uncompressed.clone();
 
     let write_task = async move {
         while let Some(group) = frame_rx.recv().await {
-            let mut n = 0;
-            for frame in group
-                .into_iter()
-                .chain(std::iter::from_fn(|| frame_rx.try_recv().ok()).flatten())
-            {
+            let (mut n, mut raw) = (0, group.raw);
+            let more = std::iter::from_fn(|| frame_rx.try_recv().ok()).flat_map(|g| {
+                raw += g.raw;
+                g.frames
+            });
+            for frame in group.frames.into_iter().chain(more) {
                 n += frame.len() as u64 + 4;
                 writer.feed(frame).await?;
             }
             writer.flush().await?;
             bytes_sent.fetch_add(n, Ordering::Relaxed);
+            bytes_raw.fetch_add(raw, Ordering::Relaxed);
         }
         Ok::<(), proto::FrameError>(())
     };
@@ -261,6 +277,8 @@ pub(super) async fn session(
         frames: frame_tx,
         group: Vec::new(),
         group_bytes: 0,
+        packer,
+        plain: false,
         replies: reply_rx,
         acks: ack_rx,
         next_batch: 0,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use warmspare_shared::compress::Packer;
 use warmspare_shared::manifest::{self, ContentHash, Entry};
 use warmspare_shared::proto::{self, Op, Reply, Request};
 
@@ -22,10 +23,17 @@ pub(super) struct SessionIo {
     pub(super) rt: tokio::runtime::Handle,
     /// How long the worker waits for the peer (see [`PEER_DEADLINE`]).
     pub(super) deadline: Duration,
-    pub(super) frames: mpsc::Sender<Vec<Bytes>>,
-    /// Frames encoded and not yet handed to the writer (see [`GROUP_BYTES`]).
-    pub(super) group: Vec<Bytes>,
+    pub(super) frames: mpsc::Sender<Group>,
+    /// Frames encoded and not yet handed to the writer (see [`GROUP_BYTES`]),
+    /// each with whether it goes through the compressor.
+    pub(super) group: Vec<(Bytes, bool)>,
     pub(super) group_bytes: usize,
+    /// The session's compressed stream, when the hellos agreed on
+    /// compression (see `warmspare_shared::compress`).
+    pub(super) packer: Option<Packer>,
+    /// Set while a file's content that the probe found not worth
+    /// compressing is being sent: its frames go as they are.
+    pub(super) plain: bool,
     pub(super) replies: mpsc::Receiver<Reply>,
     pub(super) acks: mpsc::Receiver<Reply>,
     pub(super) next_batch: u64,
@@ -38,6 +46,13 @@ pub(super) struct SessionIo {
     /// The shipper's progress stamp: every frame sent and every second of
     /// a wait on the peer stamps it (see [`crate::progress`]).
     pub(super) stamp: Arc<Stamp>,
+}
+
+/// Frames for the writer: what goes on the wire, and the bytes they stand
+/// for before compression (lengths included), for the counters.
+pub(super) struct Group {
+    pub(super) frames: Vec<Bytes>,
+    pub(super) raw: u64,
 }
 
 /// Changes the peer could not apply, waiting to be sent again.
@@ -65,7 +80,7 @@ impl SessionIo {
         let body = proto::encode(req)?;
         let n = body.len() as u64 + 4;
         self.group_bytes += body.len();
-        self.group.push(body);
+        self.group.push((body, !self.plain));
         if self.group_bytes >= GROUP_BYTES {
             self.flush()?;
         }
@@ -80,6 +95,12 @@ impl SessionIo {
         }
         self.group_bytes = 0;
         let group = std::mem::take(&mut self.group);
+        let raw = group.iter().map(|(f, _)| f.len() as u64 + 4).sum();
+        let frames = match &mut self.packer {
+            Some(packer) => pack_group(packer, group)?,
+            None => group.into_iter().map(|(f, _)| f).collect(),
+        };
+        let group = Group { frames, raw };
         let (frames, limit) = (&self.frames, self.deadline);
         match wait(&self.rt, &self.stamp, limit, frames.send(group)) {
             Some(Ok(())) => Ok(()),
@@ -105,6 +126,35 @@ impl SessionIo {
             None => Err(Unanswered("an acknowledgement", limit).into()),
         }
     }
+}
+
+/// A group's frames as they go on the wire: each run of frames that go
+/// through the compressor becomes packed frames of at most
+/// [`proto::PACK_MAX`] bytes; the others (a file's content not worth
+/// compressing, a frame larger than that) go as they are, in their place.
+fn pack_group(packer: &mut Packer, group: Vec<(Bytes, bool)>) -> Result<Vec<Bytes>> {
+    let mut out = Vec::new();
+    let mut run: Vec<Bytes> = Vec::new();
+    let mut run_bytes = 0;
+    for (frame, packable) in group {
+        let n = frame.len() + 4;
+        let ends_run = !packable || n > proto::PACK_MAX || run_bytes + n > proto::PACK_MAX;
+        if ends_run && !run.is_empty() {
+            out.push(proto::pack(packer, &run)?);
+            run.clear();
+            run_bytes = 0;
+        }
+        if !packable || n > proto::PACK_MAX {
+            out.push(frame);
+        } else {
+            run_bytes += n;
+            run.push(frame);
+        }
+    }
+    if !run.is_empty() {
+        out.push(proto::pack(packer, &run)?);
+    }
+    Ok(out)
 }
 
 /// How often a wait on the peer comes round to stamp the shipper's progress.
@@ -259,3 +309,6 @@ pub(super) struct BatchStats {
     /// left alone.
     pub(super) unreadable: Vec<(String, String, String)>,
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,9 +10,9 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_bytes::ByteBuf;
-use warmspare_shared::delta;
 use warmspare_shared::manifest::{ContentHash, Entry, EntryKind, HashCache, Meta};
 use warmspare_shared::proto::{Op, Reply, Request, CHUNK};
+use warmspare_shared::{compress, delta};
 
 use crate::live::LocalWatch;
 
@@ -276,6 +276,8 @@ pub(super) fn ship_file(
 ) -> Result<Option<(u64, ContentHash, Meta)>> {
     let l = out.entry;
     let abs = w.root.join(&l.path);
+    // A file cut short by an error leaves nothing behind for the next one.
+    io.plain = false;
     let (file, md) = match warmspare_shared::beneath::open_file_beneath(&w.root, &l.path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -373,6 +375,7 @@ pub(super) fn ship_file(
                     hash,
                     delta_base: Some(base),
                 }))?;
+                io.plain = plain(io, &file, content.as_deref());
                 let mut sink = FrameSink {
                     io,
                     buf: Vec::with_capacity(CHUNK),
@@ -389,6 +392,7 @@ pub(super) fn ship_file(
                 delta::diff_reader(&sig, reader, size, &mut sink).map_err(|e| anyhow!("{}: {e}", l.path))?;
                 sink.flush_chunk()?;
                 stats.wire_bytes += sink.sent;
+                io.plain = false;
                 stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
                 sent_as_delta = true;
             }
@@ -403,6 +407,7 @@ pub(super) fn ship_file(
             hash,
             delta_base: None,
         }))?;
+        io.plain = plain(io, &file, content.as_deref());
         match content {
             // Read already, to learn its hash: one frame.
             Some(data) => {
@@ -425,6 +430,7 @@ pub(super) fn ship_file(
                 stats.wire_bytes += sink.sent;
             }
         }
+        io.plain = false;
         stats.wire_bytes += io.send(&Request::Op(Op::FileEnd))?;
     }
     stats.pending_bytes += stats.wire_bytes - before;
@@ -450,6 +456,31 @@ pub(super) fn ship_file(
         );
     }
     Ok(Some((size, hash, meta)))
+}
+
+/// Whether a file's content goes past the session's compressor: only when
+/// the session compresses and the probe (on the content read already, or
+/// on the file's first bytes) finds it not worth it, e.g. a gzip archive.
+/// A file that cannot be read here is left to the read that follows.
+fn plain(io: &SessionIo, file: &fs::File, content: Option<&[u8]>) -> bool {
+    if io.packer.is_none() {
+        return false;
+    }
+    if let Some(data) = content {
+        return !compress::worth_compressing(&data[..data.len().min(compress::SAMPLE)]);
+    }
+    use std::os::unix::fs::FileExt;
+    let mut sample = vec![0; compress::SAMPLE];
+    let mut got = 0;
+    while got < sample.len() {
+        match file.read_at(&mut sample[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    !compress::worth_compressing(&sample[..got])
 }
 
 /// Writes bytes as [`Op::FileData`] frames of at most [`CHUNK`] bytes.

@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::compress::Compress;
 use crate::keys::PublicKey;
 
 mod error;
@@ -105,6 +106,10 @@ pub struct ClusterSection {
     /// no copy of it can be kept under `undo/`.
     #[serde(skip_serializing_if = "UndoWhenFull::is_default")]
     pub undo_when_full: UndoWhenFull,
+    /// Whether replication streams are compressed, for every node without a
+    /// `compress` of its own (see [`crate::compress::negotiate`]).
+    #[serde(skip_serializing_if = "Compress::is_default")]
+    pub compress: Compress,
 }
 
 /// `undo_when_full`: what a receiver does with a file it is about to remove
@@ -230,6 +235,9 @@ pub struct Node {
     /// `failover = false` leaves it to an operator.
     #[serde(skip_serializing_if = "is_true")]
     pub failover: bool,
+    /// This node's own `compress` (instead of the `[cluster]` one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compress: Option<Compress>,
 }
 
 fn is_true(v: &bool) -> bool {
@@ -499,6 +507,12 @@ impl Cluster {
     /// The node called `name`.
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.node.iter().find(|n| n.name == name)
+    }
+
+    /// The `compress` setting in force on `node`: its own, else the
+    /// `[cluster]` one.
+    pub fn compress_of(&self, node: &Node) -> Compress {
+        node.compress.unwrap_or(self.cluster.compress)
     }
 
     /// The watch called `name`.

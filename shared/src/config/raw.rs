@@ -41,6 +41,7 @@ pub(super) struct RawCluster {
     pub(super) undo_max_size: Option<Spanned<String>>,
     pub(super) undo_max_age: Option<Spanned<String>>,
     pub(super) undo_when_full: Option<Spanned<String>>,
+    pub(super) compress: Option<Spanned<String>>,
 }
 
 fn default_state_dir() -> Spanned<PathBuf> {
@@ -65,6 +66,7 @@ pub(super) struct RawNode {
     pub(super) on_promote: Option<Spanned<String>>,
     pub(super) on_demote: Option<Spanned<String>>,
     pub(super) failover: Option<bool>,
+    pub(super) compress: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

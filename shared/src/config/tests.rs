@@ -1,6 +1,7 @@
 //! The cluster file's parser and validation, from text to errors.
 
 use super::*;
+use crate::compress::Compress;
 
 fn sample() -> String {
     use std::sync::OnceLock;
@@ -155,6 +156,46 @@ fn undo_when_full_refuses_by_default_and_is_checked() {
         e.to_string().contains("\"overwrite\" is not \"refuse\" or \"replace\""),
         "{e}"
     );
+}
+
+#[test]
+fn compress_is_auto_by_default_with_a_per_node_override() {
+    let c = parse(&sample()).unwrap();
+    assert_eq!(c.cluster.compress, Compress::Auto);
+    assert_eq!(c.compress_of(&c.node[0]), Compress::Auto);
+    assert!(!c.canonical().contains("compress"), "{}", c.canonical());
+    let good = sample()
+        .replacen("\n\n[[node]]", "\ncompress = \"never\"\n\n[[node]]", 1)
+        .replacen(
+            "root = \"/srv/lab/b\"",
+            "root = \"/srv/lab/b\"\ncompress = \"always\"",
+            1,
+        );
+    let c = parse(&good).unwrap();
+    assert_eq!(c.cluster.compress, Compress::Never);
+    assert_eq!(c.compress_of(&c.node[0]), Compress::Never);
+    assert_eq!(c.compress_of(&c.node[1]), Compress::Always);
+    assert!(c.canonical().contains("compress = \"always\""), "{}", c.canonical());
+}
+
+#[test]
+fn a_bad_compress_value_names_its_key_and_line() {
+    let bad = sample().replacen("\n\n[[node]]", "\ncompress = \"fast\"\n\n[[node]]", 1);
+    let e = parse(&bad).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("cluster.compress"), "{e}");
+    assert_eq!(e.line, Some(7), "{e}");
+    assert!(
+        e.to_string()
+            .contains("\"fast\" is not \"auto\", \"always\" or \"never\""),
+        "{e}"
+    );
+    let bad = sample().replacen("root = \"/srv/lab/b\"", "root = \"/srv/lab/b\"\ncompress = true", 1);
+    let e = parse(&bad).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("compress"), "{e}");
+    assert!(e.line.is_some_and(|l| l > 0), "{e}");
+    let bad = sample().replacen("root = \"/srv/lab/b\"", "root = \"/srv/lab/b\"\ncompress = \"on\"", 1);
+    let e = parse(&bad).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("node[1].compress"), "{e}");
 }
 
 #[test]

@@ -20,6 +20,7 @@ use super::{
     DEFAULT_ETCD_LOOP_WAIT, DEFAULT_ETCD_RETRY_TIMEOUT, DEFAULT_ETCD_TTL, DEFAULT_HOOK_TIMEOUT, DEFAULT_JOB_TIMEOUT,
     DEFAULT_KEEP, DEFAULT_MAX_LAG_ON_FAILOVER, DEFAULT_UNDO_MAX_AGE, DEFAULT_UNDO_MAX_SIZE,
 };
+use crate::compress::Compress;
 use crate::keys::PublicKey;
 
 /// Checks every section of `raw` and builds the cluster.
@@ -75,6 +76,10 @@ fn cluster_section(c: &RawCluster, loc: &Locator<'_>) -> Result<ClusterSection, 
             Some(v) => check_undo_when_full(loc, v, "cluster.undo_when_full".into())?,
             None => UndoWhenFull::default(),
         },
+        compress: match &c.compress {
+            Some(v) => check_compress(loc, v, "cluster.compress".into())?,
+            None => Compress::default(),
+        },
     })
 }
 
@@ -121,6 +126,10 @@ fn nodes(raw: &[Spanned<RawNode>], loc: &Locator<'_>) -> Result<Vec<Node>, Confi
             on_promote: check_command(loc, n.on_promote.as_ref(), format!("node[{i}].on_promote"))?,
             on_demote: check_command(loc, n.on_demote.as_ref(), format!("node[{i}].on_demote"))?,
             failover: n.failover.unwrap_or(true),
+            compress: match &n.compress {
+                Some(v) => Some(check_compress(loc, v, format!("node[{i}].compress"))?),
+                None => None,
+            },
         });
     }
     Ok(nodes)
@@ -541,6 +550,16 @@ fn check_undo_when_full(loc: &Locator<'_>, v: &Spanned<String>, key: String) -> 
         .into_iter()
         .find(|w| w.as_str() == v.get_ref())
         .ok_or_else(|| loc.at(v, key, format!("{:?} is not \"refuse\" or \"replace\"", v.get_ref())))
+}
+
+fn check_compress(loc: &Locator<'_>, v: &Spanned<String>, key: String) -> Result<Compress, ConfigError> {
+    Compress::parse(v.get_ref()).ok_or_else(|| {
+        loc.at(
+            v,
+            key,
+            format!("{:?} is not \"auto\", \"always\" or \"never\"", v.get_ref()),
+        )
+    })
 }
 
 /// A size such as `"1GiB"` (see [`parse_size`]).

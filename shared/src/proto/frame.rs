@@ -22,6 +22,12 @@ pub enum FrameError {
     /// A message could not be encoded.
     #[error("cannot encode a frame: {0}")]
     Encode(#[from] bincode::error::EncodeError),
+    /// A packed frame could not be made or expanded (see [`crate::compress`]).
+    #[error("compressed frame: {0}")]
+    Compress(#[from] crate::compress::CompressError),
+    /// A packed frame where none may be, or holding what it may not.
+    #[error("{0}")]
+    Packed(String),
 }
 
 fn codec() -> LengthDelimitedCodec {

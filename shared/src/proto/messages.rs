@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::status::{JobRun, NodeStatus, UndoEntry};
+use crate::compress::Compress;
 use crate::manifest::{ContentHash, Entry, Meta};
 use crate::state::{HistoryEntry, RoleState};
 
@@ -39,6 +40,10 @@ pub struct Hello {
     /// Whether this node applies file owners (it runs as root); a sender
     /// compares owners only with a receiver that does.
     pub owners: bool,
+    /// The sender's `compress` setting: the dialing side compresses what it
+    /// sends when the two settings agree (see [`crate::compress::negotiate`]).
+    /// Protocol version 7 added it.
+    pub compress: Compress,
 }
 
 /// A change the active asks a receiver to make under one watch root.
@@ -241,6 +246,13 @@ pub enum Request {
         /// The sender's confirmation window, in milliseconds.
         window_ms: u64,
     },
+    /// In a replication session whose hellos agreed on compression: a run
+    /// of the requests that follow, as the next piece of the session's zstd
+    /// stream (see [`crate::compress`]); the receiver expands it to at most
+    /// [`MAX_FRAME`](super::MAX_FRAME) bytes of frames, each a 4-byte
+    /// big-endian length and a request's encoding, never a hello or another
+    /// packed frame. Protocol version 7 added it.
+    Packed(ByteBuf),
 }
 
 /// What the receiving side answers.

@@ -8,10 +8,12 @@
 //! [`CHUNK`] bytes: never a whole file in one frame.
 //!
 //! The messages are in `messages`, what a node reports about itself in
-//! `status`, the framing in `frame`; all of them are used from here.
+//! `status`, the framing in `frame`, the packed (compressed) frames in
+//! `packed`; all of them are used from here.
 
 mod frame;
 mod messages;
+mod packed;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -20,13 +22,14 @@ pub use frame::{
     bound_failures, decode, encode, newest_that_fit, FrameError, FrameReader, FrameWriter, REPLY_LIST_BUDGET,
 };
 pub use messages::{Hello, Op, Purpose, Reply, Request};
+pub use packed::{expand, pack, PACK_MAX};
 pub use status::{
     AfterApplyRun, AfterApplyStatus, HookRun, JobKind, JobRun, JobStatus, LinkStatus, LocalChange, LocalChanges,
     NodeStatus, UndoEntry, UndoKind, UndoStatus, UndoWhy, WatchStatus, PROMOTE_HOOK_FAILED,
 };
 
 /// The protocol version; peers with another one are refused at hello.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The SSH subsystem name the agents speak.
 pub const SUBSYSTEM: &str = "warmspare";

@@ -30,6 +30,10 @@ pub struct LinkStatus {
     /// deletion guard held (`max_delete`); 0 when none are held.
     #[serde(default)]
     pub deletions_held: u64,
+    /// Whether the session to the peer compresses what it sends (the last
+    /// session's, while none is up).
+    #[serde(default)]
+    pub compressed: bool,
 }
 
 /// One watch on one node.

@@ -97,3 +97,60 @@ async fn frames_cross_a_stream() {
     drop(w);
     assert_eq!(r.recv::<Request>().await.unwrap(), None);
 }
+
+fn packed(frames: &[Request]) -> Request {
+    let bodies: Vec<bytes::Bytes> = frames.iter().map(|r| encode(r).unwrap()).collect();
+    let body = pack(&mut crate::compress::Packer::new().unwrap(), &bodies).unwrap();
+    decode(&body).unwrap()
+}
+
+#[test]
+fn packed_requests_expand_in_their_place() {
+    let reqs = vec![
+        Request::Op(Op::FileData(ByteBuf::from(b"-----BEGIN CERTIFICATE-----".repeat(40)))),
+        Request::Op(Op::FileEnd),
+        Request::Commit { batch: 7 },
+    ];
+    let batch = vec![Request::Ping, packed(&reqs), Request::Ping];
+    let mut unpacker = crate::compress::Unpacker::new().unwrap();
+    let out = expand(Some(&mut unpacker), batch).unwrap();
+    let mut want = vec![Request::Ping];
+    want.extend(reqs);
+    want.push(Request::Ping);
+    assert_eq!(format!("{out:?}"), format!("{want:?}"));
+}
+
+#[test]
+fn a_packed_request_is_refused_where_none_may_be() {
+    // The session did not agree on compression.
+    let err = expand(None, vec![packed(&[Request::Ping])]).unwrap_err();
+    assert!(err.to_string().contains("did not agree"), "{err}");
+    // A packed frame inside a packed frame, or a hello.
+    for inner in [packed(&[Request::Ping]), Request::Hello(hello())] {
+        let mut unpacker = crate::compress::Unpacker::new().unwrap();
+        let err = expand(Some(&mut unpacker), vec![packed(&[inner])]).unwrap_err();
+        assert!(err.to_string().contains("holds a hello or another"), "{err}");
+    }
+    // More than a frame's worth of requests once expanded.
+    let big = Request::Op(Op::FileData(ByteBuf::from(vec![b'x'; MAX_FRAME])));
+    let mut packer = crate::compress::Packer::new().unwrap();
+    let body = bincode::serde::encode_to_vec(&big, bincode::config::standard()).unwrap();
+    let data = packer.pack(&[bytes::Bytes::from(body)]).unwrap();
+    let mut unpacker = crate::compress::Unpacker::new().unwrap();
+    let err = expand(Some(&mut unpacker), vec![Request::Packed(ByteBuf::from(data))]).unwrap_err();
+    assert!(matches!(err, FrameError::Compress(_)), "{err}");
+}
+
+fn hello() -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        version: "test".into(),
+        node: "a".into(),
+        epoch: 1,
+        active: "a".into(),
+        config_hash: String::new(),
+        purpose: Purpose::Replicate,
+        owners: false,
+        compress: crate::compress::Compress::Always,
+    }
+}

@@ -18,6 +18,7 @@ fn hello(purpose: Purpose, from: &str, epoch: u64, active: &str) -> Hello {
         config_hash: String::new(),
         purpose,
         owners: false,
+        compress: warmspare_shared::compress::Compress::Auto,
     }
 }
 
