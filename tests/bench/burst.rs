@@ -27,7 +27,7 @@ use warmspare_shared::relpath::is_temp_name;
 use warmspare_tests::{converge, TestCluster};
 
 use super::lsyncd::Lsyncd;
-use super::{ca_tree, keep_logs, pair, settle, start_agent, Row, Sshd};
+use super::{ca_tree, keep_logs, pair, pid_stats, settle, start_agent, Row, Sshd};
 
 /// How many files later the writer deletes a file it created.
 const LAG: usize = 64;
@@ -181,8 +181,21 @@ pub fn run(sshd: &Sshd, work: &Path, counts: &[usize], rows: &mut Vec<Row>) -> (
         converge(&src, &c.ca("b"), Duration::from_secs(600));
         let batches = |a: &warmspare_tests::Agent| a.log_text().matches("batch replicated").count();
         let batches_before = batches(&a);
+        // Each agent's CPU time over the burst and its tail (NaN under a
+        // wrapper, whose process is not the agent's).
+        let cpu = |agent: &warmspare_tests::Agent, wrapped: bool| {
+            agent
+                .pid()
+                .filter(|_| !wrapped)
+                .map_or(f64::NAN, |pid| pid_stats(pid).1)
+        };
+        let cpu_before = (cpu(&a, !wrap_a.is_empty()), cpu(&b, !wrap_b.is_empty()));
         settle();
         let ws = burst(&src, &c.ca("b"), &c.dir.path().join("stage"), n);
+        let cpu_used = (
+            cpu(&a, !wrap_a.is_empty()) - cpu_before.0,
+            cpu(&b, !wrap_b.is_empty()) - cpu_before.1,
+        );
         converge(&src, &c.ca("b"), Duration::from_secs(120));
         let batches_burst = batches(&a) - batches_before;
         keep_logs(&format!("burst-{n}"), &a, &b);
@@ -198,10 +211,13 @@ pub fn run(sshd: &Sshd, work: &Path, counts: &[usize], rows: &mut Vec<Row>) -> (
         }
         drop((a, b));
         println!(
-            "burst of {n} files: warmspare wrote in {:.2} s, tail {} (listing {:.0} ms), {batches_burst} batches",
+            "burst of {n} files: warmspare wrote in {:.2} s, tail {} (listing {:.0} ms), {batches_burst} batches, \
+             CPU of the active {:.2} s and of the passive {:.2} s",
             ws.writing,
             ws.tail.map_or("none".into(), |t| format!("{t:.3} s")),
-            ws.listing * 1000.0
+            ws.listing * 1000.0,
+            cpu_used.0,
+            cpu_used.1
         );
 
         // The same burst under lsyncd.
@@ -258,6 +274,8 @@ pub fn run(sshd: &Sshd, work: &Path, counts: &[usize], rows: &mut Vec<Row>) -> (
                 "",
             ),
             ("batches", batches_burst as f64, f64::NAN, "-", "batches", ""),
+            ("CPU time of the active agent", cpu_used.0, f64::NAN, "-", "s", ""),
+            ("CPU time of the passive agent", cpu_used.1, f64::NAN, "-", "s", ""),
         ] {
             rows.push(Row {
                 scenario: scenario.clone(),
