@@ -1,0 +1,175 @@
+//! Scenarios 3 and 4: a large file changed in place (a delta against the
+//! passive's copy) and a large new file, each against rsync over the
+//! bench's sshd in the same run, and the new file also against the raw
+//! `cat | ssh` stream.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use warmspare_tests::{converge, noise, read, TestCluster};
+
+use super::{in_turn, keep_logs, pair, percentile, settle, start_agent, Row, Sizes, Sshd};
+
+/// `base` with 1% of its bytes changed in 100 places and 4 KiB inserted
+/// in the middle.
+fn large_delta(base: &[u8]) -> Vec<u8> {
+    let mut data = base.to_vec();
+    let per = data.len() / 100 / 100;
+    for i in 0..100 {
+        let at = i * (data.len() / 100) + 777;
+        data[at..at + per].copy_from_slice(&noise(per, 50 + i as u64));
+    }
+    let mid = data.len() / 2 + 123;
+    let mut changed = data[..mid].to_vec();
+    changed.extend_from_slice(&noise(4096, 9));
+    changed.extend_from_slice(&data[mid..]);
+    changed
+}
+
+/// Seconds from `start` until `dst` holds exactly `want`. Files appear whole
+/// (the receiver renames them into place), so the moment is that of the stat
+/// that first saw the new size, provided the content read right after it is
+/// `want`; the read and hash of the check itself are not counted.
+fn appears_whole(dst: &Path, want: &[u8], start: Instant) -> f64 {
+    let hash = blake3::hash(want);
+    let deadline = start + Duration::from_secs(600);
+    loop {
+        if fs::metadata(dst).is_ok_and(|m| m.len() == want.len() as u64) {
+            let seen = start.elapsed().as_secs_f64();
+            if read(dst).is_some_and(|d| blake3::hash(&d) == hash) {
+                return seen;
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Runs scenarios 3 and 4 on one pair, `rounds` rounds of scenario 3, and
+/// adds their rows; returns the pair, to be kept until the run ends.
+pub fn run(sshd: &Sshd, work: &Path, sizes: &Sizes, rounds: usize, rows: &mut Vec<Row>) -> TestCluster {
+    let c = pair();
+    let src = c.ca("a");
+    // rsync has a source tree of its own, a copy of warmspare's, so that
+    // either tool's run changes only its own tree and either may go first.
+    let rsync_src = work.join("rsync-src");
+    let mirror = work.join("rsync-big");
+    for dir in [&src, &rsync_src, &mirror] {
+        fs::create_dir_all(dir).unwrap();
+    }
+    let staged = work.join("big.new");
+    // Files are put in place whole (renamed), as a dump job does.
+    let put = |path: &Path, data: &[u8]| {
+        fs::write(&staged, data).unwrap();
+        fs::rename(&staged, path).unwrap();
+    };
+    let base = noise(sizes.big, 3);
+    let changed = large_delta(&base);
+    put(&src.join("big.bin"), &base);
+    let b = start_agent(&c, "b", "");
+    let a = start_agent(&c, "a", "");
+    let (mut ws_times, mut rsync_times) = (Vec::new(), Vec::new());
+    let (mut wire, mut rbytes) = (f64::NAN, 0);
+    for round in 0..rounds {
+        // Both sides back to the base version, untimed.
+        put(&src.join("big.bin"), &base);
+        put(&rsync_src.join("big.bin"), &base);
+        converge(&src, &c.ca("b"), Duration::from_secs(600));
+        sshd.rsync(&rsync_src, &mirror, &[]);
+        let warmspare = || {
+            fs::write(&staged, &changed).unwrap();
+            settle();
+            let t = Instant::now();
+            fs::rename(&staged, src.join("big.bin")).unwrap();
+            appears_whole(&c.ca("b").join("big.bin"), &changed, t)
+        };
+        let rsync = || {
+            put(&rsync_src.join("big.bin"), &changed);
+            settle();
+            sshd.rsync(&rsync_src, &mirror, &[])
+        };
+        // Odd rounds first here: scenario 3's first round went to warmspare.
+        let ((rs, rb), ws) = in_turn(round + 1, rsync, warmspare);
+        println!("large delta, round {}: rsync {rs:.2} s, warmspare {ws:.2} s", round + 1);
+        ws_times.push(ws);
+        rsync_times.push(rs);
+        rbytes = rb;
+        wire = a
+            .log_text()
+            .lines()
+            .rev()
+            .find(|l| l.contains("large file shipped") && l.contains("delta=true"))
+            .and_then(|l| {
+                l.split("wire_bytes=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN);
+    }
+    rows.push(Row {
+        scenario: format!("3. large delta, {} MiB", sizes.big >> 20),
+        measure: "bytes on the wire".into(),
+        warmspare: wire,
+        best_other: rbytes as f64,
+        other_name: "rsync".into(),
+        unit: "B",
+        target: "<= 1.1x".into(),
+    });
+    rows.push(Row {
+        scenario: format!("3. large delta, {} MiB", sizes.big >> 20),
+        measure: "time".into(),
+        warmspare: percentile(&mut ws_times, 0.5),
+        best_other: percentile(&mut rsync_times, 0.5),
+        other_name: "rsync".into(),
+        unit: "s",
+        target: "<= 1.0x".into(),
+    });
+
+    let fresh = noise(sizes.big, 11);
+    fs::write(&staged, &fresh).unwrap();
+    settle();
+    let t = Instant::now();
+    fs::rename(&staged, src.join("new.bin")).unwrap();
+    let ws = appears_whole(&c.ca("b").join("new.bin"), &fresh, t);
+    keep_logs("large", &a, &b);
+    put(&rsync_src.join("new.bin"), &fresh);
+    settle();
+    let (rs, _) = sshd.rsync(&rsync_src, &mirror, &[]);
+    let t = Instant::now();
+    let cat = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat {} | {} 127.0.0.1 'cat > /dev/null'",
+            src.join("new.bin").display(),
+            sshd.ssh_args()
+        ))
+        .status()
+        .unwrap();
+    assert!(cat.success());
+    let ceiling = t.elapsed().as_secs_f64();
+    let mb = (sizes.big as f64) / 1e6;
+    rows.push(Row {
+        scenario: format!("4. large new file, {} MiB", sizes.big >> 20),
+        measure: "throughput".into(),
+        warmspare: mb / ws,
+        best_other: mb / rs,
+        other_name: "rsync".into(),
+        unit: "MB/s",
+        target: ">= 1.5x".into(),
+    });
+    rows.push(Row {
+        scenario: format!("4. large new file, {} MiB", sizes.big >> 20),
+        measure: "vs raw ssh".into(),
+        warmspare: mb / ws,
+        best_other: mb / ceiling,
+        other_name: "cat into ssh".into(),
+        unit: "MB/s",
+        target: ">= 0.8x".into(),
+    });
+    c
+}
