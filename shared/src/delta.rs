@@ -403,7 +403,7 @@ pub fn apply(base: &[u8], delta: &[u8], out: &mut impl Write, limit: usize) -> R
     fast_rsync::apply_limited(base, delta, out, limit).map_err(|e| DeltaError::Apply(e.to_string()))
 }
 
-/// Applies `delta` (read from a reader: the receiver's spool) to the file
+/// Applies `delta` (read from a reader: the frames as they arrive) to the file
 /// `base`, writing at most `limit` bytes to `out`. The base is read with
 /// positioned reads as the delta's copy commands ask for it, never mapped
 /// nor read whole: a base that shrinks meanwhile fails the apply (the

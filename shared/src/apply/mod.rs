@@ -43,6 +43,7 @@ mod commit;
 mod failure;
 mod handles;
 mod ops;
+mod patch;
 mod preserve;
 mod stage;
 mod temps;
@@ -146,9 +147,8 @@ struct Incoming {
     size: u64,
     hash: ContentHash,
     meta: Meta,
-    /// For deltas: the spool file (its name in `dir`) that collects the
-    /// delta, and the base hash.
-    delta: Option<(String, ContentHash)>,
+    /// For deltas: the thread that applies the delta as it arrives.
+    delta: Option<patch::Patcher>,
 }
 
 /// Where an incoming file is written (the file itself is in its writer), in
@@ -166,10 +166,10 @@ enum Stage {
 /// Where [`Applier::open_stage`] put an incoming file.
 struct Opened {
     stage: Stage,
-    /// None for a file kept in memory.
+    /// None for a file kept in memory, and for a delta (which has `delta`).
     writer: Option<BufWriter<temps::Output>>,
-    /// A delta's spool file, and the hash of its base.
-    delta: Option<(String, ContentHash)>,
+    /// For a delta: its new temporary file, for the patch to write to.
+    delta: Option<File>,
 }
 
 struct Pending {

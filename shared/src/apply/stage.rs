@@ -10,10 +10,10 @@ use std::sync::Arc;
 use rustix::fs::OFlags;
 
 use super::commit::{give_meta, FLUSH_EVERY_FILES};
-use super::temps::{temp_name, HashingWriter, Output};
+use super::patch::Patcher;
+use super::temps::{temp_name, Output};
 use super::{Applier, FailReason, Failure, Incoming, Opened, Pending, Refused, Stage, Staged};
 use crate::beneath::{self, split};
-use crate::delta;
 use crate::manifest::{ContentHash, HashCache, Meta};
 
 /// At most this many unnamed files are held open by one batch.
@@ -76,6 +76,16 @@ impl Applier {
         let (pdir, name) = split(rel);
         let dir = self.dir(watch, pdir, true)?;
         let Opened { stage, writer, delta } = self.open_stage(&dir, name, meta, size, delta_base)?;
+        // A delta is applied as it arrives, against the base it was made
+        // for; against any other it is not applied (its frames are dropped
+        // and its end reports why).
+        let delta = match (delta, delta_base) {
+            (Some(out), Some(base_hash)) => Some(match self.open_base(watch, rel, &dir, name, base_hash) {
+                Ok(base) => Patcher::start(base, out, size),
+                Err(why) => Patcher::Failed(why),
+            }),
+            _ => None,
+        };
         let in_memory = match stage {
             Stage::InMemory => Vec::with_capacity(size as usize),
             _ => Vec::new(),
@@ -98,8 +108,30 @@ impl Applier {
         Ok(())
     }
 
+    /// The base of a delta for `rel` (`name` in `dir`): the receiver's copy,
+    /// open, when it is a regular file with the content `base_hash`.
+    fn open_base(
+        &mut self,
+        watch: &str,
+        rel: &str,
+        dir: &File,
+        name: &str,
+        base_hash: ContentHash,
+    ) -> Result<File, FailReason> {
+        let base =
+            beneath::open_in(dir, name, OFlags::RDONLY).map_err(|e| FailReason::DeltaBaseUnreadable(Arc::new(e)))?;
+        if !base.metadata()?.is_file() {
+            return Err(FailReason::DeltaBaseNotFile);
+        }
+        let w = self.watches.get_mut(watch).ok_or(FailReason::UnknownWatch)?;
+        if hash_open(&mut w.cache, rel, &base)? != base_hash {
+            return Err(FailReason::DeltaBaseChanged);
+        }
+        Ok(base)
+    }
+
     /// Where an incoming file goes: in memory, an unnamed file or a named
-    /// one, with its writer and, for a delta, its spool.
+    /// one, with its writer or, for a delta, the file its patch writes to.
     pub(super) fn open_stage(
         &mut self,
         dir: &Arc<File>,
@@ -136,7 +168,6 @@ impl Applier {
                 Err(e) => return Err(e),
             }
         }
-        let mut delta = None;
         let (file, stage) = match unnamed {
             Some(file) => {
                 self.unnamed += 1;
@@ -144,31 +175,24 @@ impl Applier {
             }
             None => {
                 let tmp = temp_name(name, "new");
-                let file = match delta_base {
-                    // The delta is spooled; its end writes the patched file to `tmp`.
-                    Some(base) => {
-                        let spool = temp_name(name, "delta");
-                        let f = beneath::create_private(dir, &spool)?;
-                        delta = Some((spool, base));
-                        f
-                    }
-                    None => beneath::create_private(dir, &tmp)?,
-                };
-                (file, Stage::Named(tmp))
+                (beneath::create_private(dir, &tmp)?, Stage::Named(tmp))
             }
         };
+        if delta_base.is_some() {
+            return Ok(Opened {
+                stage,
+                writer: None,
+                delta: Some(file),
+            });
+        }
         // Data arrives in frames of up to 256 KiB; a small file needs no more
         // buffer than its size (a 256 KiB buffer per file would be an mmap
         // and a munmap per file).
-        let writer = if delta_base.is_some() {
-            BufWriter::with_capacity(256 * 1024, Output::scratch(file))
-        } else {
-            BufWriter::with_capacity((size as usize).clamp(1, 256 * 1024), Output::durable(file))
-        };
+        let writer = BufWriter::with_capacity((size as usize).clamp(1, 256 * 1024), Output::durable(file));
         Ok(Opened {
             stage,
             writer: Some(writer),
-            delta,
+            delta: None,
         })
     }
 
@@ -205,9 +229,11 @@ impl Applier {
             self.abort_incoming();
             return Err(Refused::TooMuchData { watch, path });
         }
-        if inc.delta.is_none() {
-            inc.hasher.update(data);
+        if let Some(patcher) = inc.delta.as_mut() {
+            patcher.feed(data);
+            return Ok(());
         }
+        inc.hasher.update(data);
         if matches!(inc.stage, Stage::InMemory) {
             inc.in_memory.extend_from_slice(data);
             return Ok(());
@@ -263,10 +289,9 @@ impl Applier {
     pub(super) fn abort_incoming(&mut self) {
         if let Some(inc) = self.incoming.take() {
             drop(inc.writer);
+            // The patching thread stops before its file is removed.
+            drop(inc.delta);
             self.release(&inc.stage, &inc.dir, inc.size);
-            if let Some((spool, _)) = inc.delta {
-                let _ = beneath::unlink(&inc.dir, &spool);
-            }
         }
     }
 
@@ -286,9 +311,6 @@ impl Applier {
             })
         } else {
             let result = self.finish(&mut inc);
-            if let Some((spool, _)) = &inc.delta {
-                let _ = beneath::unlink(&inc.dir, spool);
-            }
             result.map(|file| match &inc.stage {
                 Stage::Named(tmp) => Staged::Named {
                     tmp: tmp.clone(),
@@ -332,46 +354,27 @@ impl Applier {
 
     /// Checks a received file and sets its metadata; returns it, open.
     pub(super) fn finish(&mut self, inc: &mut Incoming) -> Result<File, FailReason> {
-        let writer = inc.writer.take().ok_or(FailReason::NoOpenFile)?;
-        let file = writer.into_inner().map_err(|e| e.into_error())?.end()?;
-        if let Some((spool, base_hash)) = &inc.delta {
-            // Patch: base (the current target) + delta (the spool) -> tmp.
-            let mut delta_file = file;
-            std::io::Seek::rewind(&mut delta_file)?;
-            let base_file = beneath::open_in(&inc.dir, &inc.name, OFlags::RDONLY)
-                .map_err(|e| FailReason::DeltaBaseUnreadable(Arc::new(e)))?;
-            let base_md = base_file.metadata()?;
-            if !base_md.is_file() {
-                return Err(FailReason::DeltaBaseNotFile);
+        let file = match inc.delta.take() {
+            Some(patcher) => {
+                let t = std::time::Instant::now();
+                let patched = patcher.finish()?;
+                // How far the patch was behind the delta's last frame.
+                tracing::debug!(
+                    path = inc.rel,
+                    waited_ms = t.elapsed().as_millis() as u64,
+                    "delta applied"
+                );
+                inc.hasher = patched.hasher;
+                inc.written = patched.written;
+                patched.file
             }
-            let w = self.watches.get_mut(&inc.watch).ok_or(FailReason::UnknownWatch)?;
-            let actual = hash_open(&mut w.cache, &inc.rel, &base_file)?;
-            if actual != *base_hash {
-                return Err(FailReason::DeltaBaseChanged);
+            None => {
+                let writer = inc.writer.take().ok_or(FailReason::NoOpenFile)?;
+                writer.into_inner().map_err(|e| e.into_error())?.end()?
             }
-            let Stage::Named(tmp) = &inc.stage else {
-                return Err(FailReason::NoTempForDelta);
-            };
-            let out = beneath::create_private(&inc.dir, tmp)?;
-            let mut hw = HashingWriter {
-                inner: BufWriter::with_capacity(256 * 1024, Output::durable(out)),
-                hasher: blake3::Hasher::new(),
-                written: 0,
-            };
-            // The base is read as the delta asks for it, never mapped: a
-            // local writer may truncate it meanwhile.
-            let spooled = std::io::BufReader::with_capacity(256 * 1024, &delta_file);
-            delta::apply_file(&base_file, spooled, &mut hw, inc.size as usize)?;
-            let _ = spool;
-            inc.hasher = hw.hasher;
-            inc.written = hw.written;
-            let out = hw.inner.into_inner().map_err(|e| e.into_error())?.end()?;
-            self.finish_file(inc, &out)?;
-            Ok(out)
-        } else {
-            self.finish_file(inc, &file)?;
-            Ok(file)
-        }
+        };
+        self.finish_file(inc, &file)?;
+        Ok(file)
     }
 
     pub(super) fn finish_file(&self, inc: &Incoming, file: &File) -> Result<(), FailReason> {

@@ -12,13 +12,13 @@ use crate::relpath::TEMP_PREFIX;
 /// Write-back of a file being received starts every this many bytes.
 pub(super) const WRITEBACK_STEP: u64 = 8 << 20;
 
-/// A new temporary file being written, at its own position. One that will
-/// be made durable starts the kernel writing back each [`WRITEBACK_STEP`]
+/// A new temporary file being written, at its own position, to be made
+/// durable: it starts the kernel writing back each [`WRITEBACK_STEP`]
 /// bytes as they arrive, without waiting, so that the commit's fsync finds
 /// little left to write; otherwise a large file is written back only at
 /// that fsync, after the last byte has arrived.
 ///
-/// A durable file is written sparse, as `rsync --sparse` does: a whole
+/// It is written sparse, as `rsync --sparse` does: a whole
 /// aligned block of zeros ([`crate::sparse::ZERO_BLOCK`]) is stepped over
 /// instead of written, and so is a hole ([`Output::skip`]); [`Output::end`]
 /// gives the file its full length when it ends in a hole.
@@ -26,9 +26,8 @@ pub(super) struct Output {
     pub(super) file: File,
     /// Where the next byte goes (the bytes written and stepped over).
     pub(super) written: u64,
-    /// Where write-back has been started up to; `None` for scratch files
-    /// (spooled deltas), which are never made durable.
-    pub(super) started: Option<u64>,
+    /// Where write-back has been started up to.
+    pub(super) started: u64,
 }
 
 impl Output {
@@ -36,15 +35,7 @@ impl Output {
         Output {
             file,
             written: 0,
-            started: Some(0),
-        }
-    }
-
-    pub(super) fn scratch(file: File) -> Output {
-        Output {
-            file,
-            written: 0,
-            started: None,
+            started: 0,
         }
     }
 
@@ -70,22 +61,18 @@ impl Output {
 impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
-        let n = if self.started.is_some() {
-            let zeros = crate::sparse::zero_run(buf, self.written);
-            if zeros > 0 {
-                self.skip(zeros as u64)?;
-                return Ok(zeros);
-            }
-            let data = crate::sparse::before_zeros(buf, self.written);
-            self.file.write_at(&buf[..data], self.written)?
-        } else {
-            self.file.write_at(buf, self.written)?
-        };
+        let zeros = crate::sparse::zero_run(buf, self.written);
+        if zeros > 0 {
+            self.skip(zeros as u64)?;
+            return Ok(zeros);
+        }
+        let data = crate::sparse::before_zeros(buf, self.written);
+        let n = self.file.write_at(&buf[..data], self.written)?;
         self.written += n as u64;
-        if let Some(started) = self.started.filter(|s| self.written - s >= WRITEBACK_STEP) {
+        if self.written - self.started >= WRITEBACK_STEP {
             // Only a hint: the commit's fsync reports any real failure.
-            let _ = crate::sys::start_writeback(&self.file, started, self.written - started);
-            self.started = Some(self.written);
+            let _ = crate::sys::start_writeback(&self.file, self.started, self.written - self.started);
+            self.started = self.written;
         }
         Ok(n)
     }

@@ -477,6 +477,166 @@ fn delta_applies_against_current_file() {
     assert_eq!(fs::read(d.path().join("big")).unwrap(), new);
 }
 
+/// The names in `dir` that start with `prefix`.
+fn names_with(dir: &Path, prefix: &str) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+/// A delta's result is written while its frames still arrive, not after
+/// its end: the new temporary file fills before `FileEnd` (and no spool
+/// of the delta is written). Its end then checks the whole and the commit
+/// places it.
+#[test]
+fn a_delta_is_applied_as_its_frames_arrive() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = applier(d.path());
+    let old = {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    send_file(&mut a, "big", &old);
+    a.commit().unwrap();
+    let mut new = old.clone();
+    new[3 << 20..(3 << 20) + 10].copy_from_slice(b"ABCDEFGHIJ");
+    let (base, sig) = a.signature("w", "big", 4096).unwrap().unwrap();
+    let mut dl = Vec::new();
+    delta::diff_with(
+        &sig,
+        &new,
+        &mut dl,
+        delta::Split {
+            threads: 1,
+            piece_max: 1 << 30,
+        },
+    )
+    .unwrap();
+    a.apply(Op::FileBegin {
+        watch: "w".into(),
+        path: "big".into(),
+        meta: meta(),
+        size: new.len() as u64,
+        hash: ContentHash::of(&new),
+        delta_base: Some(base),
+    })
+    .unwrap();
+    // All but the last byte (the delta's end command).
+    for c in dl[..dl.len() - 1].chunks(7) {
+        a.apply(Op::FileData(ByteBuf::from(c.to_vec()))).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let written = || {
+        names_with(d.path(), crate::relpath::TEMP_PREFIX)
+            .iter()
+            .filter(|n| n.contains(".new."))
+            .map(|n| fs::metadata(d.path().join(n)).map_or(0, |m| m.len()))
+            .max()
+            .unwrap_or(0)
+    };
+    // All of it but what the writer's 256 KiB buffer may still hold.
+    while written() < (new.len() - 256 * 1024) as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the result was not written before the delta's end ({} bytes)",
+            written()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        names_with(d.path(), crate::relpath::TEMP_PREFIX)
+            .iter()
+            .all(|n| !n.contains(".delta.")),
+        "the delta was spooled"
+    );
+    a.apply(Op::FileData(ByteBuf::from(dl[dl.len() - 1..].to_vec())))
+        .unwrap();
+    a.apply(Op::FileEnd).unwrap();
+    let r = a.commit().unwrap();
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    assert!(
+        fs::read(d.path().join("big")).unwrap() == new,
+        "the delta's result differs"
+    );
+    assert!(names_with(d.path(), crate::relpath::TEMP_PREFIX).is_empty());
+}
+
+/// A delta whose base changed on the receiver since its signature is not
+/// applied: its frames are dropped, its end reports why, the receiver's
+/// copy stays, and no temporary file is left. So is a malformed delta,
+/// and one cut short by the end of the session.
+#[test]
+fn a_delta_on_a_changed_base_or_malformed_fails_and_leaves_the_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = applier(d.path());
+    let old: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    send_file(&mut a, "big", &old);
+    a.commit().unwrap();
+    let mut new = old.clone();
+    new[1000..1010].copy_from_slice(b"ABCDEFGHIJ");
+    let (base, sig) = a.signature("w", "big", 700).unwrap().unwrap();
+    let mut dl = Vec::new();
+    delta::diff(&sig, &new, &mut dl).unwrap();
+    let begin = |base| Op::FileBegin {
+        watch: "w".into(),
+        path: "big".into(),
+        meta: meta(),
+        size: new.len() as u64,
+        hash: ContentHash::of(&new),
+        delta_base: Some(base),
+    };
+    // The receiver's copy changes (same size) after the signature.
+    let mut local = old.clone();
+    local[0] ^= 1;
+    fs::write(d.path().join("big"), &local).unwrap();
+    a.apply(begin(base)).unwrap();
+    a.apply(Op::FileData(ByteBuf::from(dl.clone()))).unwrap();
+    a.apply(Op::FileEnd).unwrap();
+    let r = a.commit().unwrap();
+    assert!(
+        r.failed.iter().any(|f| f.why.to_string().contains("base changed")),
+        "{:?}",
+        r.failed
+    );
+    assert_eq!(fs::read(d.path().join("big")).unwrap(), local);
+    assert!(names_with(d.path(), crate::relpath::TEMP_PREFIX).is_empty());
+
+    // A delta with a copy past the end of its base.
+    let base = ContentHash::of(&local);
+    let mut bad = dl[..4].to_vec();
+    bad.extend_from_slice(&[0x54]);
+    bad.extend_from_slice(&u64::MAX.to_be_bytes());
+    bad.extend_from_slice(&8u64.to_be_bytes());
+    bad.push(0);
+    a.apply(begin(base)).unwrap();
+    a.apply(Op::FileData(ByteBuf::from(bad))).unwrap();
+    a.apply(Op::FileEnd).unwrap();
+    let r = a.commit().unwrap();
+    assert!(
+        r.failed.iter().any(|f| f.why.to_string().contains("out of bounds")),
+        "{:?}",
+        r.failed
+    );
+    assert_eq!(fs::read(d.path().join("big")).unwrap(), local);
+
+    // A delta whose session ends in its middle.
+    a.apply(begin(base)).unwrap();
+    a.apply(Op::FileData(ByteBuf::from(dl[..dl.len() / 2].to_vec())))
+        .unwrap();
+    drop(a);
+    assert_eq!(fs::read(d.path().join("big")).unwrap(), local);
+    assert!(names_with(d.path(), crate::relpath::TEMP_PREFIX).is_empty());
+}
+
 #[test]
 fn differing_local_files_are_preserved_before_replacement() {
     let d = tempfile::tempdir().unwrap();
