@@ -426,6 +426,13 @@ fn serve_request(
             block_len,
         } => match applier.signature(&watch, &path, block_len) {
             Ok(Some((base, sig))) => {
+                tracing::debug!(
+                    watch,
+                    path,
+                    bytes = sig.len(),
+                    ms = arrived.elapsed().as_millis() as u64,
+                    "signature computed"
+                );
                 let mut chunks = sig.chunks(proto::CHUNK).peekable();
                 if chunks.peek().is_none() {
                     send(Reply::SignaturePart {

@@ -232,6 +232,56 @@ fn a_changed_64_mib_file_ships_as_a_small_delta() {
     );
 }
 
+/// Several large files changed while the active was down go in its first
+/// batch, each as a delta (the signature of each asked for before its hash
+/// is learned, each applied on the passive as its frames arrive), and all
+/// arrive right, with no temporary file left behind.
+#[test]
+fn several_large_changed_files_in_one_batch_arrive_as_deltas() {
+    let c = TestCluster::pair("");
+    let (a_root, b_root) = (c.ca("a"), c.ca("b"));
+    let size = 12 << 20;
+    let names = ["one.bin", "two.bin", "three.bin"];
+    let mut files: Vec<Vec<u8>> = (0..names.len()).map(|i| noise(size, 40 + i as u64)).collect();
+    for (name, data) in names.iter().zip(&files) {
+        write_file(&a_root.join(name), data, 0o644);
+    }
+    let _b = c.start("b");
+    let mut a = c.start("a");
+    converge(&a_root, &b_root, LIMIT);
+    a.terminate();
+    // Each changed in a few places, and one grown by an insertion (a new
+    // size: its hash is not known from the scan).
+    for (i, data) in files.iter_mut().enumerate() {
+        for k in 0..4 {
+            let at = k * (size / 4) + 999 * (i + 1);
+            data[at..at + 100].copy_from_slice(&noise(100, 70 + (i * 4 + k) as u64));
+        }
+        if i == 1 {
+            let tail = data.split_off(size / 2);
+            data.extend_from_slice(&noise(4096, 99));
+            data.extend_from_slice(&tail);
+        }
+    }
+    for (name, data) in names.iter().zip(&files) {
+        write_file(&a_root.join(name), data, 0o644);
+    }
+    let a = c.start("a");
+    converge(&a_root, &b_root, LIMIT);
+    wait_until("every file's shipping log line", LIMIT, || {
+        names.iter().all(|n| shipped(&a.log_text(), n).is_some_and(|(_, d)| d))
+    });
+    for name in names {
+        let (wire, delta) = shipped(&a.log_text(), name).unwrap();
+        assert!(delta, "{name} was not shipped as a delta");
+        assert!((wire as usize) < size / 10, "{name}: a delta of {wire} bytes");
+    }
+    for (name, data) in names.iter().zip(&files) {
+        assert!(read(&b_root.join(name)).is_some_and(|d| &d == data), "{name} differs");
+    }
+    assert!(temp_files(&b_root).is_empty(), "{:?}", temp_files(&b_root));
+}
+
 /// Watches `path` until stopped: whenever it exists, it must be `old` or `new` in full.
 fn never_torn(
     path: std::path::PathBuf,

@@ -288,6 +288,30 @@ pub(super) fn ship_file(
         }
     };
     let meta = Meta::from_metadata(&md);
+    // A file mostly of holes goes whole, its holes as holes: cheaper than
+    // reading its zeros on both sides for a delta. (A file of one chunk or
+    // less is read whole to learn its hash, and never has holes to save.)
+    let sparse = md.len() > CHUNK as u64
+        && out.remote_size.is_some()
+        && warmspare_shared::sparse::data_len(&file, md.len()).is_ok_and(|d| d < md.len() / 2);
+    // The peer's signature is asked for first, so that the peer reads and
+    // signs its copy while this side hashes the new content (the hash
+    // goes with the file's announcement): the two reads of a large file
+    // overlap instead of following each other.
+    let asked = out.remote_size.filter(|_| !sparse);
+    // Where a large file's time goes, for its log line.
+    let started = std::time::Instant::now();
+    if let Some(rsize) = asked {
+        io.send(&Request::GetSignature {
+            id: 0,
+            watch: w.name.clone(),
+            path: l.path.clone(),
+            block_len: delta::block_len(rsize),
+        })?;
+        // Out now, not with the next group of frames: the peer cannot
+        // start on what it has not been sent.
+        io.flush()?;
+    }
     // The scan's hash is of the file the scan saw: trusted only while the
     // open file has its size and mtime (the receiver's hash check catches
     // the rest), otherwise learned again from this descriptor.
@@ -302,45 +326,22 @@ pub(super) fn ship_file(
             Err(e) => {
                 tracing::warn!(watch = w.name, path = l.path, error = %e, "not replicated: cannot read it; the peer's copy is kept");
                 stats.unreadable.push((w.name.clone(), l.path.clone(), e.to_string()));
+                if asked.is_some() {
+                    // The answer is on its way: read before anything else.
+                    signature_reply(io, &l.path)?;
+                }
                 return Ok(None);
             }
         }
     }
     let hash = hash.ok_or_else(|| anyhow!("{}: no content hash", l.path))?;
+    let hashed = started.elapsed();
     let before = stats.wire_bytes;
     let mut sent_as_delta = false;
-    // A file mostly of holes goes whole, its holes as holes: cheaper than
-    // reading its zeros on both sides for a delta.
-    let sparse = content.is_none()
-        && out.remote_size.is_some()
-        && warmspare_shared::sparse::data_len(&file, size).is_ok_and(|d| d < size / 2);
-    if let Some(rsize) = out.remote_size.filter(|_| !sparse) {
-        io.send(&Request::GetSignature {
-            id: 0,
-            watch: w.name.clone(),
-            path: l.path.clone(),
-            block_len: delta::block_len(rsize),
-        })?;
-        let mut sig = Vec::new();
-        let mut base = None;
-        loop {
-            match io.reply()? {
-                Reply::SignaturePart {
-                    data, last, base: b, ..
-                } => {
-                    sig.extend_from_slice(&data);
-                    if sig.len() > 64 * 1024 * 1024 {
-                        bail!("the peer's signature of {} is too large", l.path);
-                    }
-                    base = Some(b);
-                    if last {
-                        break;
-                    }
-                }
-                Reply::NoSignature { .. } => break,
-                other => bail!("expected a signature, got {other:?}"),
-            }
-        }
+    let mut signed = hashed;
+    if asked.is_some() {
+        let (sig, base) = signature_reply(io, &l.path)?;
+        signed = started.elapsed();
         if let Some(base) = base {
             // Read, never mapped: another process may truncate the file
             // while it is diffed. A file that changed size since its hash
@@ -437,12 +438,18 @@ pub(super) fn ship_file(
     let wire_bytes = stats.wire_bytes - before;
     // Large files get a line at info (their cost is worth seeing), the rest at debug.
     if size >= delta::DELTA_MIN_SIZE {
+        // Milliseconds from the open: until its hash was known, until the
+        // peer's signature was (when asked for), until the last byte went.
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
         tracing::info!(
             watch = w.name,
             path = l.path,
             size,
             wire_bytes,
             delta = sent_as_delta,
+            hashed_ms = ms(hashed),
+            signed_ms = ms(signed),
+            sent_ms = ms(started.elapsed()),
             "large file shipped"
         );
     } else {
@@ -482,6 +489,38 @@ fn plain(io: &SessionIo, file: &fs::File, content: Option<&[u8]>) -> bool {
     }
     !compress::worth_compressing(&sample[..got])
 }
+
+/// Reads the peer's answer to a [`Request::GetSignature`] for `path`: the
+/// signature and the hash of the content it signs, or `None` as the hash
+/// when the peer has no file to sign there. A signature larger than any
+/// the peer may send ends the session.
+fn signature_reply(io: &mut SessionIo, path: &str) -> Result<(Vec<u8>, Option<ContentHash>)> {
+    let mut sig = Vec::new();
+    let mut base = None;
+    loop {
+        match io.reply()? {
+            Reply::SignaturePart {
+                data, last, base: b, ..
+            } => {
+                sig.extend_from_slice(&data);
+                if sig.len() > SIGNATURE_MAX {
+                    bail!("the peer's signature of {path} is too large");
+                }
+                base = Some(b);
+                if last {
+                    break;
+                }
+            }
+            Reply::NoSignature { .. } => break,
+            other => bail!("expected a signature, got {other:?}"),
+        }
+    }
+    Ok((sig, base))
+}
+
+/// The largest signature a peer may send: far more than the signature of
+/// any file with [`delta::block_len`]'s block lengths.
+const SIGNATURE_MAX: usize = 64 * 1024 * 1024;
 
 /// Writes bytes as [`Op::FileData`] frames of at most [`CHUNK`] bytes.
 pub(super) struct FrameSink<'a> {
