@@ -32,7 +32,7 @@ struct Sizes {
     big: usize,
     idle_files: usize,
     idle_secs: u64,
-    /// Rounds of scenarios 1 and 3 (the table shows the medians).
+    /// Rounds of scenarios 1, 3 and 4 (the table shows the medians).
     rounds: usize,
     /// Rounds of scenario 7 (kill -9 of the active, failover through etcd).
     failovers: usize,
