@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use distance::Emulation;
 use warmspare_tests::faults::NetLink;
 
 mod burst;
+mod distance;
 mod failover;
 mod large;
 mod lsyncd;
@@ -67,8 +69,8 @@ struct Sshd {
     host: String,
     port: u16,
     key: PathBuf,
-    /// The delay relay in front of it, for scenario 6 without netem.
-    _relay: Option<relay::Relay>,
+    /// The relay in front of it, for scenario 6 (delay, rate, bytes).
+    relay: Option<relay::Relay>,
 }
 
 impl Drop for Sshd {
@@ -84,9 +86,9 @@ impl Sshd {
     }
 
     /// An sshd listening on `host`, inside the network namespace `netns` if
-    /// given; with `relay_delay` (and a namespace), reached through a delay
-    /// relay on the same address and port in this namespace.
-    fn start_at(dir: &Path, host_addr: &str, netns: Option<&str>, relay_delay: Option<Duration>) -> Sshd {
+    /// given; with `relay` (and a namespace), reached through a relay of
+    /// that shape on the same address and port in this namespace.
+    fn start_at(dir: &Path, host_addr: &str, netns: Option<&str>, relay: Option<relay::Shape>) -> Sshd {
         fs::create_dir_all(dir).unwrap();
         fs::create_dir_all("/run/sshd").unwrap();
         let (host, key) = (dir.join("host_key"), dir.join("client_key"));
@@ -131,9 +133,9 @@ impl Sshd {
             host: host_addr.to_string(),
             port,
             key,
-            _relay: netns
-                .zip(relay_delay)
-                .map(|(ns, delay)| relay::Relay::start(port, ns, delay)),
+            relay: netns
+                .zip(relay)
+                .map(|(ns, shape)| relay::Relay::start_shaped(host_addr, port, ns, shape)),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !s.ssh(&["true"]).status().unwrap().success() {
@@ -743,7 +745,8 @@ fn main() {
                     Emulation::Relay
                 };
                 notes = format!("\n6. Distance: {}.\n", how.describe());
-                kept.extend(distance(&link, how, &sizes, rounds, work.path(), &mut rows));
+                kept.extend(distance::run(&link, how, &sizes, rounds, work.path(), &mut rows));
+                notes += &distance::compression(&link, &sizes, work.path(), &mut rows);
             }
         }
     }
@@ -850,129 +853,6 @@ fn event_latencies(src: &Path, dst: &Path, dir: &str, n: usize) -> Vec<f64> {
         std::thread::sleep(Duration::from_millis(100));
     }
     lat
-}
-
-/// How scenario 6 puts distance between the two sides.
-#[derive(Clone, Copy, PartialEq)]
-enum Emulation {
-    /// `tc netem` on both ends of the veth pair.
-    Netem,
-    /// The far side listens on loopback in its namespace, reached through a
-    /// [`relay::Relay`] on the same port in the host's.
-    Relay,
-    /// The veth pair without a delay (to check the plumbing).
-    Plain,
-}
-
-impl Emulation {
-    /// Milliseconds each way.
-    fn one_way_ms(self) -> u64 {
-        if self == Emulation::Plain {
-            0
-        } else {
-            25
-        }
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            Emulation::Netem => "25 ms each way from tc netem on a veth pair between network namespaces",
-            Emulation::Relay => {
-                "25 ms each way from a delay relay between network namespaces (this kernel has no tc netem): \
-                 every chunk either side sends is passed on 25 ms after it was read, so each exchange \
-                 between the tools' ends costs a 50 ms round trip, but TCP's own acknowledgements, slow start \
-                 and Nagle's waits stay at loopback speed on each of the relay's two hops"
-            }
-            Emulation::Plain => "no delay (BENCH_DISTANCE_NO_DELAY), the veth plumbing only",
-        }
-    }
-}
-
-/// Scenario 6: the passive (and a second sshd) in a network namespace, with
-/// `how` putting distance between it and the active; initial sync against
-/// rsync in `rounds` rounds that alternate which tool goes first (as in
-/// scenario 1: the second to create 20,000 files in the same block groups
-/// pays more for ext4's recently deleted inodes), then event latency on
-/// the last round's pair against the round trip. Returns the clusters, to
-/// be kept until the run ends.
-fn distance(
-    link: &NetLink,
-    how: Emulation,
-    sizes: &Sizes,
-    rounds: usize,
-    work: &Path,
-    rows: &mut Vec<Row>,
-) -> Vec<TestCluster> {
-    let one_way = Duration::from_millis(how.one_way_ms());
-    let rtt_ms = 2.0 * how.one_way_ms() as f64;
-    let (near, far) = match how {
-        Emulation::Relay => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
-        Emulation::Netem | Emulation::Plain => (link.outer.clone(), link.inner.clone()),
-    };
-    let relay_delay = (how == Emulation::Relay).then_some(one_way);
-    let sshd = Sshd::start_at(&work.join("sshd-far"), &far, Some(&link.ns), relay_delay);
-    let (mut rsync_times, mut ws_times) = (Vec::new(), Vec::new());
-    let mut kept = Vec::new();
-    let mut last = None;
-    for round in 0..rounds.max(1) {
-        let c = pair_at(vec![("a", near.clone()), ("b", far.clone())]);
-        let (src, dst) = round_trees(&c, work, &format!("rsync-far-{round}"), sizes.files);
-        let rsync = || {
-            settle();
-            sshd.rsync(&src, &dst, &[]).0
-        };
-        let warmspare = || {
-            settle();
-            // `BENCH_WRAP_FAR` wraps the passive inside its namespace (a profiler, strace).
-            let wrap_far = std::env::var("BENCH_WRAP_FAR").unwrap_or_default();
-            let b = start_agent(&c, "b", &format!("ip netns exec {} {wrap_far}", link.ns));
-            let relay = relay_delay.map(|d| relay::Relay::start(c.node("b").port, &link.ns, d));
-            // The active's first dial must find the passive listening (a
-            // refused dial would time its backoff, not the sync).
-            wait(Duration::from_secs(30), || b.log_text().contains("agent started"));
-            let start = Instant::now();
-            let a = start_agent(&c, "a", "");
-            arrived(&src, &c.ca("b"), sizes.files);
-            let secs = start.elapsed().as_secs_f64();
-            converge(&src, &c.ca("b"), Duration::from_secs(120));
-            (secs, (a, b, relay))
-        };
-        let (r, (w, agents)) = in_turn(round, rsync, warmspare);
-        println!(
-            "distance ({rtt_ms:.0} ms RTT), round {}: initial sync rsync {r:.2} s, warmspare {w:.2} s",
-            round + 1
-        );
-        rsync_times.push(r);
-        ws_times.push(w);
-        // The agents of earlier rounds stop here; the last pair stays for
-        // the events. Every tree stays until the run ends.
-        last = Some(agents);
-        kept.push(c);
-    }
-    rows.push(Row {
-        scenario: format!("6. distance ({rtt_ms:.0} ms RTT): initial sync, {} files", sizes.files),
-        measure: "time".into(),
-        warmspare: percentile(&mut ws_times, 0.5),
-        best_other: percentile(&mut rsync_times, 0.5),
-        other_name: "rsync".into(),
-        unit: "s",
-        target: "<= 1.2x".into(),
-    });
-    let (Some(c), Some((a, b, _relay))) = (kept.last(), last.as_ref()) else {
-        return kept;
-    };
-    let mut lat = event_latencies(&c.ca("a"), &c.ca("b"), "far", sizes.events.min(50));
-    keep_logs("distance", a, b);
-    rows.push(Row {
-        scenario: format!("6. distance ({rtt_ms:.0} ms RTT): event latency"),
-        measure: "p50".into(),
-        warmspare: percentile(&mut lat, 0.5),
-        best_other: rtt_ms,
-        other_name: "one round trip".into(),
-        unit: "ms",
-        target: "< 3 round trips".into(),
-    });
-    kept
 }
 
 /// lsyncd (delay = 0, rsync over ssh) watching `src`: median latency of `n`
