@@ -90,8 +90,18 @@ async fn serve(node: Handles, session: IncomingSession) -> Result<()> {
     let (rd, wr) = tokio::io::split(session.stream);
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<Request>()).await {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv_hello()).await {
         Err(_) => bail!("no hello within {HELLO_TIMEOUT:?}"),
+        Ok(Err(proto::FrameError::OtherProtocol(p))) => {
+            // Its hello does not decode here, but the peer can read why.
+            let reason = format!(
+                "protocol {p} is not supported (this agent speaks {})",
+                proto::PROTOCOL_VERSION
+            );
+            let _ = writer.send(&Reply::Refused { reason: reason.clone() }).await;
+            let _ = writer.close().await;
+            bail!("refused: {reason}");
+        }
         Ok(r) => match r.context("bad hello")? {
             Some(Request::Hello(h)) => h,
             Some(_) => bail!("the first request was not a hello"),

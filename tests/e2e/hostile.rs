@@ -627,3 +627,57 @@ async fn a_peer_that_reads_no_acknowledgements_loses_its_session_not_the_daemon(
     flood.abort();
     still_serves(&c, "b").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_of_protocol_6_is_refused_with_its_version() {
+    // Protocol 7 added a field to the hello: an agent of protocol 6 sends
+    // one that does not decode as this version's, and is told why.
+    #[derive(serde::Serialize)]
+    struct HelloV6 {
+        protocol: u32,
+        version: String,
+        node: String,
+        epoch: u64,
+        active: String,
+        config_hash: String,
+        purpose: Purpose,
+        owners: bool,
+    }
+    #[derive(serde::Serialize)]
+    enum RequestV6 {
+        Hello(HelloV6),
+    }
+    let c = TestCluster::pair("");
+    let _b = c.start("b");
+    wait_listening(&c, "b");
+    let target = c.node("b");
+    let d = ssh::dial(
+        &format!("127.0.0.1:{}", target.port),
+        &target.key.public(),
+        &c.node("a").key,
+        "a",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let (rd, wr) = tokio::io::split(d.stream);
+    let (mut r, mut w) = (FrameReader::new(rd), warmspare_shared::proto::FrameWriter::new(wr));
+    let old = RequestV6::Hello(HelloV6 {
+        protocol: 6,
+        version: "old".into(),
+        node: "a".into(),
+        epoch: 1,
+        active: "a".into(),
+        config_hash: String::new(),
+        purpose: Purpose::Replicate,
+        owners: false,
+    });
+    let body = bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap();
+    w.feed(body.into()).await.unwrap();
+    w.flush().await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), r.recv::<Reply>()).await;
+    assert!(
+        matches!(&reply, Ok(Ok(Some(Reply::Refused { reason }))) if reason.contains("protocol 6 is not supported")),
+        "{reply:?}"
+    );
+}

@@ -181,7 +181,7 @@ pub(super) async fn session(
             );
         }
         Some(other) => bail!("unexpected first reply {other:?}"),
-        None => bail!("the peer closed the session before hello"),
+        None => bail!("the peer closed the session before hello (a peer of an older protocol version does so)"),
     };
     check_peer_hello(handles, peer, &theirs)?;
     if handles.role.is_unconfirmed() {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use super::{CHUNK, MAX_FRAME};
+use super::{Request, CHUNK, MAX_FRAME, PROTOCOL_VERSION};
 
 /// A framing or decoding failure.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,11 @@ pub enum FrameError {
     /// A packed frame where none may be, or holding what it may not.
     #[error("{0}")]
     Packed(String),
+    /// A first frame that does not decode as this version's hello but
+    /// starts as a hello of another protocol version (protocol 7 changed
+    /// the hello's layout).
+    #[error("the peer speaks protocol {0}")]
+    OtherProtocol(u32),
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -116,6 +121,19 @@ pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError
     Ok(msg)
 }
 
+/// The protocol version a hello of any version starts with: the variant of
+/// `Request::Hello`, then the version (every version keeps both first).
+fn hello_protocol(body: &[u8]) -> Option<u32> {
+    #[derive(Deserialize)]
+    enum Head {
+        Hello(u32),
+    }
+    match bincode::serde::decode_from_slice::<Head, _>(body, bincode_config()) {
+        Ok((Head::Hello(p), _)) => Some(p),
+        Err(_) => None,
+    }
+}
+
 /// The reading half of a framed stream.
 pub struct FrameReader<R> {
     inner: FramedRead<R, LengthDelimitedCodec>,
@@ -144,6 +162,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 decode(&frame).map(Some)
             }
         }
+    }
+
+    /// The first request of a session, which should be a hello; `None` at
+    /// a clean end of stream. A frame that does not decode but starts as a
+    /// hello of another protocol version is [`FrameError::OtherProtocol`],
+    /// so that the peer can be told why it is refused.
+    pub async fn recv_hello(&mut self) -> Result<Option<Request>, FrameError> {
+        let Some(frame) = self.inner.next().await else {
+            return Ok(None);
+        };
+        let frame: BytesMut = frame?;
+        decode(&frame).map(Some).map_err(|e| match hello_protocol(&frame) {
+            Some(p) if p != PROTOCOL_VERSION => FrameError::OtherProtocol(p),
+            _ => e,
+        })
     }
 
     /// The next messages: waits for one, then takes those already received
