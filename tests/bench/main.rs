@@ -35,6 +35,8 @@ struct Sizes {
     big: usize,
     idle_files: usize,
     idle_secs: u64,
+    /// Runs of scenario 5's idle measurement, each with a fresh agent.
+    idle_runs: usize,
     /// Rounds of scenarios 1, 3 and 4 (the table shows the medians).
     rounds: usize,
     /// Rounds of scenario 7 (kill -9 of the active, failover through etcd).
@@ -49,6 +51,7 @@ const FULL: Sizes = Sizes {
     big: 256 << 20,
     idle_files: 100_000,
     idle_secs: 60,
+    idle_runs: 5,
     rounds: 3,
     failovers: 10,
     bursts: &[20_000, 100_000],
@@ -59,6 +62,7 @@ const SMOKE: Sizes = Sizes {
     big: 4 << 20,
     idle_files: 1_000,
     idle_secs: 2,
+    idle_runs: 1,
     rounds: 1,
     failovers: 1,
     bursts: &[300],
@@ -514,7 +518,10 @@ fn main() {
     // A full run makes a fresh file system of its own (see `scratch`);
     // `BENCH_FS=here` runs in the temporary directory as it is.
     let scratch = if which == "all" && std::env::var("BENCH_FS").as_deref() != Ok("here") {
-        match scratch::ScratchFs::create(&std::env::temp_dir()) {
+        // Room for scenario 5's largest tree three times over (the
+        // active's, the passive's and rsync's copies).
+        let idle_max = footprint::sizes(sizes.idle_files).into_iter().max().unwrap_or(0);
+        match scratch::ScratchFs::create(&std::env::temp_dir(), 3 * idle_max) {
             Ok(s) => {
                 // The clusters' directories, and so the agents' files, follow.
                 std::env::set_var("TMPDIR", s.tmp());
@@ -676,7 +683,7 @@ fn main() {
     // 5. Footprint: idle watching (its first half is measured in
     // scenario 1's rounds).
     if run("5") {
-        kept.extend(footprint::run(&sizes, &mut rows));
+        kept.extend(footprint::run(&sshd, work.path(), &sizes, &mut rows));
     }
 
     // 6. Distance: scenarios 1 and 2 with 25 ms each way between the

@@ -17,19 +17,26 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The image's size: scenario 3 keeps ten 256 MiB files, the others about
-/// 700,000 small ones. Sparse, so only what is written takes space.
-const SIZE: u64 = 16 << 30;
+/// The image's size without scenario 5's trees: scenario 3 keeps ten
+/// 256 MiB files, the others about 700,000 small ones. Sparse, so only what
+/// is written takes space.
+const BASE_SIZE: u64 = 16 << 30;
 
-/// Bytes per inode: 2 million inodes in 16 GiB (the default, 16 KiB, gives
-/// a million, too close to what a full run keeps).
-const BYTES_PER_INODE: &str = "8192";
+/// Inodes without scenario 5's trees: 2 million (the default ratio, 16 KiB
+/// per inode, gives a million in 16 GiB, too close to what a full run keeps).
+const BASE_INODES: u64 = 2_000_000;
+
+/// What one more small file takes: a 4 KiB block, and its share of a
+/// directory's blocks.
+const PER_FILE: u64 = 5 << 10;
 
 /// A mounted scratch file system.
 pub struct ScratchFs {
     image: PathBuf,
     mount: PathBuf,
     device: String,
+    /// The image's size in bytes.
+    size: u64,
 }
 
 /// Runs `cmd`, and says what failed if it did.
@@ -48,12 +55,20 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 
 impl ScratchFs {
     /// Makes, attaches and mounts a fresh file system under `dir` (which must
-    /// be on the disk to measure). Needs root and `losetup`/`mkfs.ext4`.
-    pub fn create(dir: &Path) -> Result<ScratchFs, String> {
+    /// be on the disk to measure), with room for `extra_files` small files
+    /// beyond what the other scenarios keep. Needs root and
+    /// `losetup`/`mkfs.ext4`.
+    pub fn create(dir: &Path, extra_files: usize) -> Result<ScratchFs, String> {
+        let extra = extra_files as u64;
+        let size = BASE_SIZE + extra * PER_FILE;
+        // Ten per cent more inodes than files, for the directories and the
+        // agents' own files; never fewer than one per 8 KiB.
+        let inodes = BASE_INODES + extra + extra / 10;
+        let bytes_per_inode = (size / inodes).clamp(1024, 8192);
         let image = dir.join(format!("warmspare-bench-{}.img", std::process::id()));
         let mount = dir.join(format!("warmspare-bench-{}.mnt", std::process::id()));
         fs::File::create(&image)
-            .and_then(|f| f.set_len(SIZE))
+            .and_then(|f| f.set_len(size))
             .map_err(|e| format!("creating {}: {e}", image.display()))?;
         let made = (|| {
             // Lazy initialisation off: ext4 would otherwise zero inode tables
@@ -63,7 +78,7 @@ impl ScratchFs {
                     "-q",
                     "-F",
                     "-i",
-                    BYTES_PER_INODE,
+                    &bytes_per_inode.to_string(),
                     "-E",
                     "lazy_itable_init=0,lazy_journal_init=0",
                 ])
@@ -79,7 +94,12 @@ impl ScratchFs {
                 return Err(e);
             }
         };
-        let scratch = ScratchFs { image, mount, device };
+        let scratch = ScratchFs {
+            image,
+            mount,
+            device,
+            size,
+        };
         fs::create_dir_all(&scratch.mount).map_err(|e| format!("creating {}: {e}", scratch.mount.display()))?;
         run(Command::new("mount").arg(&scratch.device).arg(&scratch.mount))?;
         fs::create_dir_all(scratch.tmp()).map_err(|e| format!("creating {}: {e}", scratch.tmp().display()))?;
@@ -96,7 +116,7 @@ impl ScratchFs {
         format!(
             "a fresh ext4 with a journal, made for this run on a {} GiB sparse image on the machine's disk, \
              attached with direct I/O ({})",
-            SIZE >> 30,
+            self.size >> 30,
             self.device
         )
     }
