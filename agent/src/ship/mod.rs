@@ -11,12 +11,14 @@
 //! A shipper takes only [`Handles`] of the node. Each module imports only
 //! those below it: `dial` (connections) uses `worker` (the loop of a
 //! session), which uses `transfer` (sending a planned prefix), which uses
-//! `session` (frames and commits) and `plan` (the peer model and what to
-//! remove); `dial` and `worker` use `handles`.
+//! `session` (frames and commits) and `plan` (what to remove and what to
+//! send), which uses `remote` (the peer model); `dial` and `worker` use
+//! `handles`.
 
 mod dial;
 mod handles;
 mod plan;
+mod remote;
 mod session;
 mod transfer;
 mod worker;

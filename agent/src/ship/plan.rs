@@ -1,47 +1,26 @@
-//! The peer model and the plan of one prefix: what the shipper believes
-//! the peer holds ([`Held`] per path, [`Remote`] per watch), and, from a
-//! local scan, what the peer must remove ([`removals`], pure) and every
-//! step that brings the peer to the scan, in the order they are sent
-//! ([`steps`], pure). `transfer` carries the steps out.
+//! The plan of one prefix: from a local scan and the peer model (what the
+//! shipper believes the peer holds, [`Held`] per path, [`Remote`] per
+//! watch, kept in `remote`), what the peer must remove ([`removals`],
+//! pure) and every step that brings the peer to the scan, in the order
+//! they are sent ([`steps`], pure). `transfer` carries the steps out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use warmspare_shared::delta;
-use warmspare_shared::manifest::{self, Entry, EntryKind, HashCache, Hashing, Meta};
+use warmspare_shared::manifest::{self, Entry, EntryKind, HashCache, Hashing};
 use warmspare_shared::relpath;
 
 use crate::live::LocalWatch;
 
-/// What the shipper believes the peer holds at one path (the path is the
-/// key it is stored under: an [`Entry`] would keep it twice, and with 100,000
-/// files per watch the model is the agent's largest structure).
-#[derive(Debug, Clone)]
-pub(super) struct Held {
-    pub(super) kind: EntryKind,
-    pub(super) meta: Meta,
-}
-
-impl Held {
-    pub(super) fn of(e: &Entry) -> Held {
-        Held {
-            kind: e.kind.clone(),
-            meta: e.meta,
-        }
-    }
-}
-
-/// The peer's entries of one watch, by path.
-pub(super) type Remote = BTreeMap<Box<str>, Held>;
+pub(super) use super::remote::{Held, Remote};
 
 /// The shipper's picture of one peer: what it holds, per watch.
 pub(super) type Model = HashMap<String, Remote>;
 
-/// Rebuilds `remote` with full nodes. Entries inserted one at a time in
-/// order (as a full comparison with an empty peer does) leave every node
-/// about half full: 16.6 MiB of nodes for 100,000 files, against about
-/// 10 MiB when built from the sorted entries in one go.
+/// Folds what a full comparison recorded in `remote` into its frozen part
+/// (see `remote`).
 pub(super) fn compact(remote: &mut Remote) {
-    *remote = std::mem::take(remote).into_iter().collect();
+    remote.compact();
 }
 
 /// The paths of `paths` that have no ancestor in the set.
@@ -143,8 +122,7 @@ pub(super) fn removals(
 ) -> Vec<Removal> {
     let local: BTreeMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let mut removals: Vec<Removal> = Vec::new();
-    for (path, r) in relpath::subtree(remote, prefix) {
-        let path: &str = path;
+    for (path, r) in remote.subtree(prefix) {
         let is_file = matches!(r.kind, EntryKind::File { .. });
         if let Some(last) = removals.last_mut().filter(|last| relpath::is_under(path, &last.path)) {
             last.files += u64::from(is_file);
@@ -294,10 +272,7 @@ fn kind_tag(k: &EntryKind) -> u8 {
 
 /// Forgets `path` and everything below it in the model.
 pub(super) fn remote_remove_tree(remote: &mut Remote, path: &str) {
-    let doomed: Vec<Box<str>> = relpath::subtree(remote, path).map(|(p, _)| p.clone()).collect();
-    for p in doomed {
-        remote.remove(&p);
-    }
+    remote.remove_tree(path);
 }
 
 #[cfg(test)]

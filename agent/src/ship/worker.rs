@@ -245,7 +245,8 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                             if r.deletion {
                                 held_here.insert(r.path.clone(), r.files);
                                 except.extend(
-                                    relpath::subtree(remote, &r.path)
+                                    remote
+                                        .subtree(&r.path)
                                         .filter(|(_, h)| matches!(h.kind, EntryKind::File { .. }))
                                         .map(|(p, _)| p.to_string()),
                                 );

@@ -1,7 +1,7 @@
 //! Tests of the `plan` module.
 
 use super::*;
-use warmspare_shared::manifest::ContentHash;
+use warmspare_shared::manifest::{ContentHash, Meta};
 
 #[test]
 fn top_most_drops_descendants() {
