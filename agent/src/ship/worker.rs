@@ -358,7 +358,6 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                     }
                 }
             }
-            warmspare_shared::sys::release_free_memory();
         }
         if stats.ops > 0 {
             tracing::info!(
@@ -369,6 +368,22 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                 ms = started.elapsed().as_millis() as u64,
                 "batch replicated"
             );
+        }
+        if !work.full.is_empty() {
+            tracing::info!(
+                peer,
+                watches = work.full.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "compared in full"
+            );
+            // Only once the batch's own records are gone too: after an
+            // initial sync of 100,000 files, `stats` alone holds two strings
+            // per file shipped. Freed after the trim, they left 35 MiB of
+            // free pages resident in the worker's arena (62.1 MiB idle
+            // against 27.6 MiB once trimmed again).
+            drop(stats);
+            drop(unread);
+            warmspare_shared::sys::release_free_memory();
         }
         let unapplied = if failures.is_empty() {
             retry.backoff = RETRY_MIN;
