@@ -83,6 +83,22 @@ impl Ledger {
         }
     }
 
+    /// Replaces the whole ledger with `entries`, as [`Ledger::reset`] does,
+    /// without copying anything when the ledger already holds exactly them
+    /// (after a full comparison that changed nothing, the usual case: with
+    /// 100,000 files a copy was two strings and a map entry per file).
+    pub fn reset_from<'a>(&mut self, entries: impl Iterator<Item = (&'a str, ContentHash)> + Clone) {
+        let mut n = 0;
+        let same = entries.clone().all(|(p, h)| {
+            n += 1;
+            self.map.get(p) == Some(&h)
+        });
+        if same && n == self.map.len() {
+            return;
+        }
+        self.reset(entries.map(|(p, h)| (p.to_string(), h)));
+    }
+
     /// Persists the ledger when it changed.
     pub fn save(&mut self) -> io::Result<()> {
         if !self.dirty {
@@ -173,5 +189,30 @@ mod tests {
         assert_eq!(again.watch("ca").get("ab"), Some(h));
         again.watch("ca").reset([("z".to_string(), h)]);
         assert_eq!(again.watch("ca").get("ab"), None);
+    }
+
+    #[test]
+    fn reset_from_changes_only_what_differs() {
+        let d = tempfile::tempdir().unwrap();
+        let (h, g) = (ContentHash::of(b"x"), ContentHash::of(b"y"));
+        let mut l = Ledger::load(&d.path().join("ca"));
+        l.reset_from([("a", h), ("b", h)].into_iter());
+        assert!(l.dirty);
+        l.save().unwrap();
+        // The same entries: nothing to write.
+        l.reset_from([("b", h), ("a", h)].into_iter());
+        assert!(!l.dirty);
+        // Another hash, one entry fewer, one entry more: each replaces it.
+        for (i, want) in [vec![("a", h), ("b", g)], vec![("a", h)], vec![("a", h), ("c", h)]]
+            .into_iter()
+            .enumerate()
+        {
+            l.reset_from(want.clone().into_iter());
+            assert!(l.dirty, "case {i}");
+            let mut got: Vec<(&str, ContentHash)> = l.entries().collect();
+            got.sort_by(|a, b| a.0.cmp(b.0));
+            assert_eq!(got, want, "case {i}");
+            l.save().unwrap();
+        }
     }
 }

@@ -452,8 +452,11 @@ fn record_agreement(
     let failed = |w: &str, p: &str| failures.iter().any(|(fw, fp)| fw == w && relpath::is_under(p, fp));
     let mut ledgers = handles.ledgers.lock().unwrap_or_else(|p| p.into_inner());
     for (watch, local) in settled {
-        let entries = local.iter().filter(|(p, _)| !failed(watch, p)).cloned();
-        ledgers.watch(watch).reset(entries);
+        let entries = local
+            .iter()
+            .filter(|(p, _)| !failed(watch, p))
+            .map(|(p, h)| (p.as_str(), *h));
+        ledgers.watch(watch).reset_from(entries);
     }
     for (watch, path, hash) in touched {
         if failed(watch, path) {
