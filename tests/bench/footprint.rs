@@ -17,8 +17,9 @@
 //!    `BENCH_IDLE_SECS=N` sets another length);
 //! 4. one full comparison of the unchanged tree (`warmsparectl resync`, the
 //!    periodic safety net's work): the active's CPU time (utime + stime from
-//!    `/proc/PID/stat` before and after) and its wall time, against a no-op
-//!    `rsync -a --delete` of the same tree into rsync's copy.
+//!    `/proc/PID/stat` before and after, the end seen in its log) and its
+//!    wall time, against a no-op `rsync -a --delete` of the same tree into
+//!    rsync's copy.
 
 use std::fs;
 use std::path::Path;
@@ -97,18 +98,45 @@ fn rollup(pid: u32) -> (u64, u64, u64) {
     (rss, anon, rss.saturating_sub(anon))
 }
 
-/// The active's `last_success` for the watch, as its status reports it.
-fn last_success(c: &TestCluster) -> Option<i64> {
-    c.node_status("a")["links"][0]["last_success"].as_i64()
+/// Counts the full comparisons the active finished, from its log (which
+/// says so at `info`; appended to across restarts), reading only what was
+/// added since the last look: at debug level the log has a line per file
+/// shipped. Read from the log rather than from `status`: a status request
+/// walks the watched tree to count its files, which would add to the very
+/// CPU time measured.
+#[derive(Default)]
+struct Comparisons {
+    read: u64,
+    seen: usize,
+    /// An incomplete last line, kept for the next look.
+    partial: String,
 }
 
-/// Waits until the active has finished a comparison after `since` (its
-/// `last_success` moved past it).
-fn compared_after(c: &TestCluster, since: Option<i64>) {
-    let deadline = Instant::now() + LIMIT;
-    while last_success(c) <= since {
-        assert!(Instant::now() < deadline, "timed out waiting for a full comparison");
-        std::thread::sleep(Duration::from_millis(250));
+impl Comparisons {
+    fn count(&mut self, a: &Agent) -> usize {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = fs::File::open(&a.log) else {
+            return self.seen;
+        };
+        let mut added = Vec::new();
+        if f.seek(SeekFrom::Start(self.read)).is_ok() && f.read_to_end(&mut added).is_ok() {
+            self.read += added.len() as u64;
+            self.partial.push_str(&String::from_utf8_lossy(&added));
+            let complete = self.partial.rfind('\n').map_or(0, |i| i + 1);
+            self.seen += self.partial[..complete].matches("compared in full").count();
+            self.partial.drain(..complete);
+        }
+        self.seen
+    }
+
+    /// Waits until the active has finished more than `before` full
+    /// comparisons.
+    fn wait_past(&mut self, a: &Agent, before: usize) {
+        let deadline = Instant::now() + LIMIT;
+        while self.count(a) <= before {
+            assert!(Instant::now() < deadline, "timed out waiting for a full comparison");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -143,7 +171,8 @@ fn one_size(
     let ws_s = start.elapsed().as_secs_f64();
     println!("idle {files}: initial sync rsync {rsync_s:.2} s, warmspare {ws_s:.2} s");
     converge(&src, &c.ca("b"), LIMIT);
-    compared_after(&c, None);
+    let mut done = Comparisons::default();
+    done.wait_past(&a, 0);
     rows.push(Row {
         scenario: format!("5. initial sync, {files} files"),
         measure: "time".into(),
@@ -160,14 +189,12 @@ fn one_size(
     let (_, cpu1) = pid_stats(pid);
     let mut mib = vec![sample(files, 1, pid)];
     // One full comparison of the unchanged tree, and a no-op rsync.
-    let before = last_success(&c);
-    // `last_success` has a resolution of a second.
-    std::thread::sleep(Duration::from_millis(1100));
+    let before = done.count(&a);
     let (_, cpu2) = pid_stats(pid);
     let t = Instant::now();
     let out = c.ctl(&["resync"]);
     assert!(out.status.success(), "resync: {}", String::from_utf8_lossy(&out.stderr));
-    compared_after(&c, before);
+    done.wait_past(&a, before);
     let full_wall = t.elapsed().as_secs_f64();
     let (_, cpu3) = pid_stats(pid);
     let (noop_s, _) = sshd.rsync(&src, &mirror, &["--delete"]);
@@ -187,7 +214,9 @@ fn one_size(
     // Runs 2..: fresh agents on the synced pair.
     for run in 2..=runs {
         a.terminate();
-        a = fresh_active(&c);
+        let before = done.count(&a);
+        a = start_agent(&c, "a", "");
+        done.wait_past(&a, before);
         std::thread::sleep(SETTLE);
         mib.push(sample(files, run, a.pid().unwrap()));
     }
@@ -244,14 +273,6 @@ fn one_size(
         target: String::new(),
     });
     (c, worst)
-}
-
-/// Starts a fresh active on the synced pair and waits for its first full
-/// comparison to end.
-fn fresh_active(c: &TestCluster) -> Agent {
-    let a = start_agent(c, "a", "");
-    compared_after(c, None);
-    a
 }
 
 /// Prints and returns the resident memory of `pid` (MiB), with its parts.
