@@ -90,7 +90,7 @@ pub fn accepted(receiver: Compress, sender: Compress) -> bool {
 }
 
 /// The zstd level of the stream: fast (see docs/benchmarks.md, scenario 6).
-pub const LEVEL: i32 = 3;
+pub const LEVEL: i32 = 1;
 
 /// The base-2 log of the stream's window (4 MiB), which is also the largest
 /// window a receiver accepts: a peer that declares a larger one is refused
