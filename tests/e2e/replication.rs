@@ -631,20 +631,25 @@ fn a_batch_of_new_files_in_one_directory_sends_the_directory_once() {
         }
         converge(&a_root, &b_root, LIMIT);
         batches = batch_sizes(&a.log_text()).split_off(before);
-        if batches.iter().any(|&(_, files)| files >= 2) {
+        if batches.iter().any(|&(_, files)| files >= 3) {
             break;
         }
     }
     let mtime = |root: &Path| fs::metadata(root.join("signed")).and_then(|m| m.modified()).ok();
     wait_until("the directory's mtime on b", LIMIT, || mtime(&b_root) == mtime(&a_root));
     assert!(
-        batches.iter().any(|&(_, files)| files >= 2),
+        batches.iter().any(|&(_, files)| files >= 3),
         "the files did not gather into a batch in five rounds: {batches:?}"
     );
-    // Each new file is one operation; its directory one more per batch.
+    // Each new file is one operation, and each directory above the batch's
+    // files one more: `signed`, and the root when the round's first file
+    // (at the root) was still waiting and joined the burst's batch (on a
+    // loaded machine the shipper can take it after the burst began). Sent
+    // once per file, as before, a batch of three files or more would take
+    // more.
     for &(ops, files) in &batches {
         assert!(
-            ops <= files + 1,
+            ops <= files + 2,
             "a batch of {files} files took {ops} operations: {batches:?}"
         );
     }
