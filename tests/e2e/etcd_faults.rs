@@ -62,7 +62,16 @@ fn every_kind_of_etcd_failure_demotes_the_active_and_promotes_nobody() {
         let active = the_active(&c).expect("one active before the fault");
         let agent = if active == "a" { &a } else { &b };
         let logged = agent.log_text().len();
-        let epochs = (role_of(&c, "a").epoch, role_of(&c, "b").epoch);
+        // The passive learns the epoch the active took from the active's
+        // hello, a moment after the active answers 200; until both agree,
+        // the snapshot below would count that catching up as a promotion.
+        let held = etcd_role(&etcd).epoch;
+        wait_until(
+            &format!("both nodes at etcd's epoch {held} before {fault:?}"),
+            Duration::from_secs(10),
+            || role_of(&c, "a").epoch == held && role_of(&c, "b").epoch == held,
+        );
+        let epochs = (held, held);
         proxies.set(fault);
         let set = Instant::now();
         wait_until(
