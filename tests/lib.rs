@@ -815,6 +815,30 @@ pub type Session = (
     russh::client::Handle<warmspare_shared::ssh::PinnedHost>,
 );
 
+/// The hello a test session opens with: `node` speaking the current
+/// protocol for `purpose` at `epoch`, naming itself active (for a
+/// replication or probe session), with the config hash "test" and
+/// `compress = "auto"`. A test that needs another field changes it with
+/// struct update syntax.
+pub fn test_hello(node: &str, purpose: warmspare_shared::proto::Purpose, epoch: u64) -> warmspare_shared::proto::Hello {
+    use warmspare_shared::proto::{Hello, Purpose, PROTOCOL_VERSION};
+    let active = match purpose {
+        Purpose::Control => String::new(),
+        _ => node.into(),
+    };
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        version: "test".into(),
+        node: node.into(),
+        epoch,
+        active,
+        config_hash: "test".into(),
+        purpose,
+        owners: false,
+        compress: warmspare_shared::compress::Compress::Auto,
+    }
+}
+
 /// Dials node `to` of `c` on loopback with `key` as `user`, sends `hello`,
 /// and returns the session with the agent's answer to it.
 pub async fn hello_session(

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use warmspare_shared::compress::{Compress, Packer};
-use warmspare_shared::proto::{self, Hello, Purpose, Reply, Request, PROTOCOL_VERSION};
+use warmspare_shared::proto::{self, Hello, Purpose, Reply, Request};
 use warmspare_tests::{
-    converge, hello_session, http_get, noise, wait_until, write_cluster_file, write_file, TestCluster,
+    converge, hello_session, http_get, noise, test_hello, wait_until, write_cluster_file, write_file, TestCluster,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -141,15 +141,8 @@ fn auto_on_loopback_and_never_on_either_side_send_uncompressed() {
 /// Dials b as a, the active of epoch 1, saying `compress = "always"`.
 async fn push(c: &TestCluster) -> (warmspare_tests::Session, Reply) {
     let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        version: "test".into(),
-        node: "a".into(),
-        epoch: 1,
-        active: "a".into(),
-        config_hash: "test".into(),
-        purpose: Purpose::Replicate,
-        owners: false,
         compress: Compress::Always,
+        ..test_hello("a", Purpose::Replicate, 1)
     };
     let deadline = std::time::Instant::now() + LIMIT;
     loop {

@@ -7,23 +7,13 @@ use warmspare_shared::keys::SecretKey;
 use warmspare_shared::manifest::{ContentHash, Meta};
 use warmspare_shared::proto::{FrameReader, Hello, Op, Purpose, Reply, Request, PROTOCOL_VERSION};
 use warmspare_shared::ssh::{self, DialError};
-use warmspare_tests::{converge, hello_session, read, temp_files, wait_until, write_file, TestCluster};
+use warmspare_tests::{converge, hello_session, read, temp_files, test_hello, wait_until, write_file, TestCluster};
 
 type Conn = warmspare_tests::Session;
 
 /// Dials node `to` as node `me` and says hello as the active of `epoch`.
 async fn push_session(c: &TestCluster, me: &str, to: &str, epoch: u64) -> Result<(Conn, Reply), DialError> {
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        version: "test".into(),
-        node: me.into(),
-        epoch,
-        active: me.into(),
-        config_hash: "test".into(),
-        purpose: Purpose::Replicate,
-        owners: false,
-        compress: warmspare_shared::compress::Compress::Auto,
-    };
+    let hello = test_hello(me, Purpose::Replicate, epoch);
     hello_session(c, to, &c.node(me).key, me, hello).await
 }
 
@@ -168,13 +158,7 @@ async fn a_stale_epoch_and_a_future_protocol_are_refused() {
     let hello = Hello {
         protocol: PROTOCOL_VERSION + 1,
         version: "future".into(),
-        node: "a".into(),
-        epoch: 1,
-        active: "a".into(),
-        config_hash: String::new(),
-        purpose: Purpose::Replicate,
-        owners: false,
-        compress: warmspare_shared::compress::Compress::Auto,
+        ..test_hello("a", Purpose::Replicate, 1)
     };
     let (_session, reply) = hello_session(&c, "b", &c.node("a").key, "a", hello).await.unwrap();
     assert!(
@@ -288,17 +272,7 @@ impl RawSession {
         };
         let (rd, mut writer) = tokio::io::split(d.stream);
         let mut reader = FrameReader::new(rd);
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            version: "test".into(),
-            node: me.into(),
-            epoch: 1,
-            active: me.into(),
-            config_hash: "test".into(),
-            purpose: Purpose::Replicate,
-            owners: false,
-            compress: warmspare_shared::compress::Compress::Auto,
-        };
+        let hello = test_hello(me, Purpose::Replicate, 1);
         writer.write_all(&framed(&Request::Hello(hello))).await.unwrap();
         let reply = reader.recv::<Reply>().await.unwrap().unwrap();
         assert!(matches!(reply, Reply::Hello(_)), "{reply:?}");

@@ -6,9 +6,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use warmspare_shared::proto::{Hello, Purpose, Reply, Request, PROTOCOL_VERSION, SUBSYSTEM};
+use warmspare_shared::proto::{Purpose, Reply, Request, SUBSYSTEM};
 use warmspare_shared::ssh;
-use warmspare_tests::{converge, http_status, require, wait_until, write_file, TestCluster};
+use warmspare_tests::{converge, http_status, require, test_hello, wait_until, write_file, TestCluster};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -156,17 +156,7 @@ async fn one_connection_cannot_pile_up_sessions() {
         warmspare_shared::proto::FrameReader::new(rd),
         warmspare_shared::proto::FrameWriter::new(wr),
     );
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        version: "test".into(),
-        node: "a".into(),
-        epoch: 1,
-        active: "a".into(),
-        config_hash: "test".into(),
-        purpose: Purpose::Probe,
-        owners: false,
-        compress: warmspare_shared::compress::Compress::Auto,
-    };
+    let hello = test_hello("a", Purpose::Probe, 1);
     w.send(&Request::Hello(hello)).await.unwrap();
     assert!(matches!(r.recv::<Reply>().await.unwrap(), Some(Reply::Hello(_))));
 }

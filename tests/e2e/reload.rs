@@ -4,25 +4,17 @@ use std::fs;
 use std::time::Duration;
 
 use warmspare_shared::keys::SecretKey;
-use warmspare_shared::proto::{Hello, Purpose, Reply, Request, PROTOCOL_VERSION};
+use warmspare_shared::proto::{Purpose, Reply, Request};
 use warmspare_shared::ssh::DialError;
-use warmspare_tests::{hello_session, wait_until, write_cluster_file, ClusterOptions, Session, TestCluster};
+use warmspare_tests::{
+    hello_session, test_hello, wait_until, write_cluster_file, ClusterOptions, Session, TestCluster,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// An operator session to node `to` with `key`, past its hello.
 async fn control(c: &TestCluster, to: &str, key: &SecretKey) -> Result<Session, DialError> {
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        version: "test".into(),
-        node: "second".into(),
-        epoch: 0,
-        active: String::new(),
-        config_hash: String::new(),
-        purpose: Purpose::Control,
-        owners: false,
-        compress: warmspare_shared::compress::Compress::Auto,
-    };
+    let hello = test_hello("second", Purpose::Control, 0);
     let (session, reply) = hello_session(c, to, key, "second", hello).await?;
     assert!(matches!(reply, Reply::Hello(_)), "{reply:?}");
     Ok(session)
