@@ -1,13 +1,17 @@
-//! Status and metrics under load: a status request that walks the watch
-//! trees must not hold up replication (no lock that shippers and receivers
-//! take is held over the walk).
+//! Status and metrics under load: a walk of the watch trees for their file
+//! counts must hold up neither replication (no lock that shippers and
+//! receivers take is held over the walk) nor the status itself.
 //!
 //! The walk is held open with the test-only `WARMSPARE_TEST_HOLD_STATUS_WALK`
 //! instead of being made slow with a large tree: held, it stands for a walk
-//! of a tree of any size (before the fix, 16 pollers of a 100,000-file watch
-//! took 306 ms a request and held a new file up for seconds), and the test
-//! needs no clock. A new file must cross while a walk is held on each node,
-//! and no status request may answer until the walks are let go.
+//! of a tree of any size (before the first fix, 16 pollers of a
+//! 100,000-file watch took 306 ms a request and held a new file up for
+//! seconds; before the second, every status waited for the walk, and at
+//! 1,000,000 files `warmsparectl` found no node answering within its 5 s),
+//! and the test needs no clock. A new file must cross while a walk is held
+//! on each node, status requests must answer meanwhile with the counts of
+//! the walk before, and once the walks are let go the counts have the new
+//! file.
 
 use std::fs;
 use std::path::PathBuf;
@@ -55,9 +59,13 @@ fn a_new_file_crosses_while_status_walks_are_held() {
     };
     let _b = start("b");
     let _a = start("a");
-    wait_until("the initial sync", Duration::from_secs(300), || {
-        files_on(&c, "b") == Some(FILES as u64)
-    });
+    // Both nodes have counted their trees once: the counts of the walk
+    // before the held one, which status shows while it is held.
+    wait_until(
+        "the initial sync, counted on both nodes",
+        Duration::from_secs(300),
+        || files_on(&c, "b") == Some(FILES as u64) && files_on(&c, "a") == Some(FILES as u64),
+    );
     for n in ["a", "b"] {
         fs::write(gate(n), b"").unwrap();
     }
@@ -67,25 +75,34 @@ fn a_new_file_crosses_while_status_walks_are_held() {
     let phase = Arc::new(AtomicUsize::new(BEFORE));
     let stop = Arc::new(AtomicBool::new(false));
     let answered_while_held = Arc::new(AtomicUsize::new(0));
+    let wrong_while_held = Arc::new(AtomicUsize::new(0));
     let pollers: Vec<_> = (0..POLLERS)
         .map(|i| {
             let port = c.node(if i % 2 == 0 { "a" } else { "b" }).http_port;
             let path = if i % 4 < 2 { "/metrics" } else { "/_status" };
-            let (phase, stop, answered) = (phase.clone(), stop.clone(), answered_while_held.clone());
+            let (phase, stop) = (phase.clone(), stop.clone());
+            let (answered, wrong) = (answered_while_held.clone(), wrong_while_held.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     let began = phase.load(Ordering::SeqCst);
                     let got = http_get(port, path);
                     let ended = phase.load(Ordering::SeqCst);
-                    if got.is_some_and(|(code, _)| code == 200) && began == HELD && ended == HELD {
+                    let Some((200, body)) = got else { continue };
+                    if began == HELD && ended == HELD {
                         answered.fetch_add(1, Ordering::SeqCst);
+                        // The counts of the walk before the held one.
+                        let before = format!("warmspare_watch_files{{watch=\"ca\"}} {FILES}\n");
+                        if path == "/metrics" && !body.contains(&before) {
+                            wrong.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
                 }
             })
         })
         .collect();
-    // The counts are shared for 5 s: the first request after that walks,
-    // and waits. Every request after it waits for that walk.
+    // The counts are shared for 5 s: the first request after that starts a
+    // walk (which waits at the gate) and waits for it at most 1 s; every
+    // request after it finds that walk under way and waits as long.
     wait_until("a status walk held on a and on b", Duration::from_secs(120), || {
         held("a").exists() && held("b").exists()
     });
@@ -103,13 +120,21 @@ fn a_new_file_crosses_while_status_walks_are_held() {
         held("a").exists() && held("b").exists(),
         "a walk was let go before the file crossed"
     );
+    // Status answers while the walks are held, with the counts before them.
+    let answered = || answered_while_held.load(Ordering::SeqCst);
+    wait_until(
+        "status requests answered while the walks are held",
+        Duration::from_secs(60),
+        || answered() >= POLLERS,
+    );
+    assert!(held("a").exists() && held("b").exists(), "a walk was let go");
     assert_eq!(
-        answered_while_held.load(Ordering::SeqCst),
+        wrong_while_held.load(Ordering::SeqCst),
         0,
-        "a status request answered while the walks were held: they were not holding it"
+        "a status answered while the walks were held had other counts than the walk before"
     );
 
-    // Let go, status answers again, and its counts have the new file.
+    // Let go: the counts have the new file.
     phase.store(RELEASED, Ordering::SeqCst);
     for n in ["a", "b"] {
         fs::remove_file(gate(n)).unwrap();
