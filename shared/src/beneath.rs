@@ -29,6 +29,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
+mod dirs;
+
+pub use dirs::{open_file_in, Dirs, DIRS_MAX};
+
 /// How a directory handle is opened: for reading (listing, `fsync`), never
 /// through a symbolic link.
 const DIR_FLAGS: OFlags = OFlags::RDONLY
@@ -122,30 +126,11 @@ pub fn open_beneath(root: &File, rel: &str, flags: OFlags) -> io::Result<File> {
 pub struct NotRegular;
 
 /// Opens the regular file `rel` beneath the directory `root` for reading
-/// (the sender's side): [`open_beneath`] with `O_NONBLOCK` (opening a fifo
-/// swapped in must not block) and `O_NOATIME` where allowed, then `fstat`
-/// of that descriptor, which must be a regular file ([`NotRegular`]
-/// otherwise). The metadata returned is that of the file the descriptor
-/// reads, whatever the path names by now.
+/// (the sender's side): its directory opened beneath the root with no
+/// symbolic link followed on the way, then the file as [`open_file_in`]
+/// opens it. A caller that opens many files keeps a [`Dirs`] instead.
 pub fn open_file_beneath(root: &Path, rel: &str) -> io::Result<(File, std::fs::Metadata)> {
-    let dir = File::from(rfs::open(
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?);
-    let flags = OFlags::RDONLY | OFlags::NONBLOCK;
-    let file = match open_beneath(&dir, rel, flags | OFlags::NOATIME) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open_beneath(&dir, rel, flags)?,
-        done => done?,
-    };
-    let md = file.metadata()?;
-    if !md.is_file() {
-        return Err(io::Error::other(NotRegular));
-    }
-    // O_NONBLOCK means nothing to a regular file's reads; it is cleared all
-    // the same, so that nothing later relies on it.
-    rfs::fcntl_setfl(&file, rfs::fcntl_getfl(&file)? - OFlags::NONBLOCK)?;
-    Ok((file, md))
+    Dirs::at(root).open_file(rel)
 }
 
 /// Opens `rel` beneath `root` one component at a time, each with

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use warmspare_shared::beneath::Dirs;
 use warmspare_shared::delta;
 use warmspare_shared::manifest::{self, Entry, EntryKind, HashCache, Hashing};
 use warmspare_shared::relpath;
@@ -58,10 +59,12 @@ pub(super) struct Removal {
     pub(super) files: u64,
 }
 
-/// Scans `prefix` locally and lists what the peer must remove under it;
+/// Scans `prefix` locally, through the batch's directory handles `dirs`
+/// beneath the watch's root, and lists what the peer must remove under it;
 /// `tick` is called as the scan goes (see `manifest::scan_with`).
 pub(super) fn plan_prefix(
     w: &LocalWatch,
+    dirs: &mut Dirs,
     prefix: &str,
     cache: &mut HashCache,
     remote: &Remote,
@@ -75,14 +78,7 @@ pub(super) fn plan_prefix(
             .get(path)
             .is_some_and(|r| matches!(r.kind, EntryKind::File { size: s, .. } if s == size))
     };
-    let scan = manifest::scan_with(
-        &w.root,
-        prefix,
-        &w.excludes,
-        cache,
-        Hashing::Only(&same_size_there),
-        tick,
-    );
+    let scan = manifest::scan_with(dirs, prefix, &w.excludes, cache, Hashing::Only(&same_size_there), tick);
     // What could not be read is unknown, not gone: the peer's copies at and
     // below those paths are left alone (no removal, no replacement).
     let mut unknown: Vec<&str> = Vec::new();

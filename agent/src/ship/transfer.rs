@@ -6,11 +6,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read, Seek, Write};
-use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_bytes::ByteBuf;
-use warmspare_shared::manifest::{ContentHash, Entry, EntryKind, HashCache, Meta};
+use warmspare_shared::beneath::Dirs;
+use warmspare_shared::manifest::{ContentHash, Entry, EntryKind, HashCache, Meta, Status};
 use warmspare_shared::proto::{Op, Reply, Request, CHUNK};
 use warmspare_shared::{compress, delta};
 
@@ -31,6 +31,7 @@ use super::session::{emit, maybe_commit, BatchStats, SessionIo};
 pub(super) fn ship_prefix(
     io: &mut SessionIo,
     w: &LocalWatch,
+    dirs: &mut Dirs,
     plan: Plan,
     cache: &mut HashCache,
     remote: &mut Remote,
@@ -112,7 +113,7 @@ pub(super) fn ship_prefix(
                     hash: known,
                     remote_size: base,
                 };
-                let Some((size, hash, meta)) = ship_file(io, w, cache, out, stats)? else {
+                let Some((size, hash, meta)) = ship_file(io, w, dirs, cache, out, stats)? else {
                     continue; // Gone since the scan, or unreadable.
                 };
                 if known.is_none() {
@@ -157,12 +158,13 @@ pub(super) fn ship_prefix(
 pub(super) fn ship_above(
     io: &mut SessionIo,
     w: &LocalWatch,
+    dirs: &mut Dirs,
     above: BTreeSet<String>,
     remote: &mut Remote,
     stats: &mut BatchStats,
 ) -> Result<()> {
     for path in above {
-        if let Some(l) = stat_dir(&w.root, &path) {
+        if let Some(l) = stat_dir(dirs, &path) {
             send_dir(io, stats, &w.name, &l, remote)?;
         }
     }
@@ -186,14 +188,14 @@ fn send_dir(io: &mut SessionIo, stats: &mut BatchStats, watch: &str, dir: &Entry
     Ok(())
 }
 
-/// The directory `rel` under `root` as it is now, or `None` when it is not
-/// a directory (any more).
-fn stat_dir(root: &Path, rel: &str) -> Option<Entry> {
-    let md = fs::symlink_metadata(root.join(rel)).ok()?;
-    md.is_dir().then(|| Entry {
+/// The directory `rel` beneath the root of `dirs` as it is now (looked at
+/// with no link followed), or `None` when it is not a directory (any more).
+fn stat_dir(dirs: &mut Dirs, rel: &str) -> Option<Entry> {
+    let st = Status::from(&dirs.stat(rel).ok()?);
+    st.is_dir().then(|| Entry {
         path: rel.to_string(),
         kind: EntryKind::Dir,
-        meta: Meta::from_metadata(&md),
+        meta: Meta::from_status(&st),
     })
 }
 
@@ -270,15 +272,15 @@ pub(super) fn rewound(file: &fs::File) -> io::Result<&fs::File> {
 pub(super) fn ship_file(
     io: &mut SessionIo,
     w: &LocalWatch,
+    dirs: &mut Dirs,
     cache: &mut HashCache,
     out: Outgoing<'_>,
     stats: &mut BatchStats,
 ) -> Result<Option<(u64, ContentHash, Meta)>> {
     let l = out.entry;
-    let abs = w.root.join(&l.path);
     // A file cut short by an error leaves nothing behind for the next one.
     io.plain = false;
-    let (file, md) = match warmspare_shared::beneath::open_file_beneath(&w.root, &l.path) {
+    let (file, md) = match dirs.open_file(&l.path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
@@ -350,7 +352,7 @@ pub(super) fn ship_file(
             use std::os::unix::fs::FileExt;
             let now = file
                 .metadata()
-                .with_context(|| format!("cannot stat {}", abs.display()))?;
+                .with_context(|| format!("cannot stat {}", w.root.join(&l.path).display()))?;
             let worth = now.len() == size
                 && match delta::worth_diffing_at(&sig, size, |at, buf| file.read_exact_at(buf, at)) {
                     Ok(worth) => worth,
@@ -382,7 +384,8 @@ pub(super) fn ship_file(
                     buf: Vec::with_capacity(CHUNK),
                     sent: 0,
                 };
-                let reader = rewound(&file).with_context(|| format!("cannot read {}", abs.display()))?;
+                let reader =
+                    rewound(&file).with_context(|| format!("cannot read {}", w.root.join(&l.path).display()))?;
                 // Much of a large file may match the peer's copy and send
                 // nothing: every read stamps the shipper's progress.
                 let stamp = sink.io.stamp.clone();
@@ -426,7 +429,7 @@ pub(super) fn ship_file(
                     sent: 0,
                 };
                 warmspare_shared::sparse::walk(&file, size, CHUNK, &mut sink)
-                    .with_context(|| format!("cannot read {}", abs.display()))?;
+                    .with_context(|| format!("cannot read {}", w.root.join(&l.path).display()))?;
                 sink.flush_chunk()?;
                 stats.wire_bytes += sink.sent;
             }

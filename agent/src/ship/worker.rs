@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use warmspare_shared::beneath::Dirs;
 use warmspare_shared::manifest::{ContentHash, EntryKind, HashCache};
 use warmspare_shared::proto::{Op, Request};
 use warmspare_shared::relpath;
@@ -188,9 +189,14 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                     top_most(paths.into_iter().flatten())
                 };
                 let remote = model.entry(w.name.clone()).or_default();
+                // One set of directory handles for the batch: its scans and
+                // the files it sends open each directory once, not once per
+                // path (see `beneath::Dirs` for what a directory renamed
+                // meanwhile does: the rename is an event of its own).
+                let mut dirs = Dirs::at(&w.root);
                 let plans: Vec<Plan> = prefixes
                     .iter()
-                    .map(|p| plan_prefix(w, p, cache, remote, &tick))
+                    .map(|p| plan_prefix(w, &mut dirs, p, cache, remote, &tick))
                     .collect();
                 // The deletion guard: counted against the peer's files in
                 // this watch, over the whole batch.
@@ -254,12 +260,14 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                             !r.deletion
                         });
                     }
-                    let local = ship_prefix(&mut io, w, plan, cache, remote, &mut stats, owners, &mut above)?;
+                    let local = ship_prefix(
+                        &mut io, w, &mut dirs, plan, cache, remote, &mut stats, owners, &mut above,
+                    )?;
                     if full {
                         settled.push((w.name.clone(), local));
                     }
                 }
-                ship_above(&mut io, w, above, remote, &mut stats)?;
+                ship_above(&mut io, w, &mut dirs, above, remote, &mut stats)?;
                 if full {
                     held_except.push((w.name.clone(), except));
                 }

@@ -472,7 +472,7 @@ impl Applier {
         if matches!(op, Op::Symlink { .. } | Op::Remove { .. }) {
             // Either can change what a directory path is.
             if let Some(h) = self.handles.get_mut(&watch) {
-                h.dirs.clear();
+                h.clear();
             }
         }
         let is_dir_op = matches!(op, Op::Dir { .. });

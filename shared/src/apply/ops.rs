@@ -6,7 +6,6 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use super::handles::DIR_CACHE_MAX;
 use super::temps::temp_name;
 use super::{Applier, Refused};
 use crate::beneath::{self, split};
@@ -45,9 +44,7 @@ impl Applier {
         }
         self.dir_meta.push((dir.clone(), meta));
         if let Some(h) = self.handles.get_mut(watch) {
-            if h.dirs.len() < DIR_CACHE_MAX {
-                h.dirs.insert(rel.to_string(), dir);
-            }
+            h.insert(rel, dir);
         }
         Ok(())
     }

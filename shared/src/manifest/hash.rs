@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use super::Status;
 
 /// A BLAKE3 content hash.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -102,9 +103,9 @@ impl Default for HashCache {
 
 /// Modification and change times in nanoseconds since the epoch (clamped
 /// to what an `i64` holds, the years 1678 to 2262).
-fn times(md: &fs::Metadata) -> (i64, i64) {
+fn times(st: &Status) -> (i64, i64) {
     let ns = |s: i64, n: i64| (s as i128 * 1_000_000_000 + n as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
-    (ns(md.mtime(), md.mtime_nsec()), ns(md.ctime(), md.ctime_nsec()))
+    (ns(st.mtime, st.mtime_nsec), ns(st.ctime, st.ctime_nsec))
 }
 
 /// How recent a change must be for its timestamps not to identify the
@@ -196,19 +197,22 @@ impl HashCache {
         Ok(hash)
     }
 
-    /// The cached hash of `rel` when `md` says the file is unchanged.
-    pub fn cached(&self, rel: &str, md: &fs::Metadata) -> Option<ContentHash> {
-        let (mtime_ns, ctime_ns) = times(md);
+    /// The cached hash of `rel` when `md` (std's metadata or a
+    /// [`Status`]) says the file is unchanged.
+    pub fn cached(&self, rel: &str, md: impl Into<Status>) -> Option<ContentHash> {
+        let md: Status = md.into();
+        let (mtime_ns, ctime_ns) = times(&md);
         let c = self.map.get(rel)?;
-        (c.ino == md.ino() && c.size == md.size() && c.mtime_ns == mtime_ns && c.ctime_ns == ctime_ns).then_some(c.hash)
+        (c.ino == md.ino && c.size == md.size && c.mtime_ns == mtime_ns && c.ctime_ns == ctime_ns).then_some(c.hash)
     }
 
     /// Caches `hash`, read from a file that had `md` before the read and
     /// `after` after it, unless the file changed meanwhile (it is hashed
     /// again on its next event) or changed too recently to be trusted.
-    pub fn record(&mut self, rel: &str, md: &fs::Metadata, hash: ContentHash, after: &fs::Metadata) {
-        let (mtime_ns, ctime_ns) = times(md);
-        if times(after) == (mtime_ns, ctime_ns) && after.size() == md.size() && !is_racy(ctime_ns, self.racy_ns) {
+    pub fn record(&mut self, rel: &str, md: impl Into<Status>, hash: ContentHash, after: impl Into<Status>) {
+        let (md, after): (Status, Status) = (md.into(), after.into());
+        let (mtime_ns, ctime_ns) = times(&md);
+        if times(&after) == (mtime_ns, ctime_ns) && after.size == md.size && !is_racy(ctime_ns, self.racy_ns) {
             self.insert(rel, md, hash);
         } else {
             self.forget_file(rel);
@@ -216,13 +220,14 @@ impl HashCache {
     }
 
     /// Records that the file `rel` with metadata `md` has content `hash`.
-    pub fn insert(&mut self, rel: &str, md: &fs::Metadata, hash: ContentHash) {
-        let (mtime_ns, ctime_ns) = times(md);
+    pub fn insert(&mut self, rel: &str, md: impl Into<Status>, hash: ContentHash) {
+        let md: Status = md.into();
+        let (mtime_ns, ctime_ns) = times(&md);
         self.map.insert(
             rel.into(),
             Cached {
-                ino: md.ino(),
-                size: md.size(),
+                ino: md.ino,
+                size: md.size,
                 mtime_ns,
                 ctime_ns,
                 hash,

@@ -61,12 +61,17 @@ pub struct Meta {
 impl Meta {
     /// Reads the metadata of `md`.
     pub fn from_metadata(md: &fs::Metadata) -> Meta {
+        Meta::from_status(&Status::from(md))
+    }
+
+    /// Reads the metadata of a status.
+    pub fn from_status(st: &Status) -> Meta {
         Meta {
-            mode: md.mode() & 0o7777,
-            mtime: md.mtime(),
-            mtime_nsec: md.mtime_nsec().clamp(0, 999_999_999) as u32,
-            uid: md.uid(),
-            gid: md.gid(),
+            mode: st.mode & 0o7777,
+            mtime: st.mtime,
+            mtime_nsec: st.mtime_nsec.clamp(0, 999_999_999) as u32,
+            uid: st.uid,
+            gid: st.gid,
         }
     }
 
@@ -81,6 +86,83 @@ impl Meta {
             EntryKind::File { .. } => {
                 owner_ok && self.mode == other.mode && self.mtime == other.mtime && self.mtime_nsec == other.mtime_nsec
             }
+        }
+    }
+}
+
+/// What a scan reads of an entry's status: from std's metadata or from
+/// an `fstatat` of a name in a directory handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// Type and permission bits (`st_mode`).
+    pub mode: u32,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Owner user id.
+    pub uid: u32,
+    /// Owner group id.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds of the modification time.
+    pub mtime_nsec: i64,
+    /// Status change time, seconds since the epoch.
+    pub ctime: i64,
+    /// Nanoseconds of the status change time.
+    pub ctime_nsec: i64,
+}
+
+impl Status {
+    fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+
+    /// Whether this is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.kind() == libc::S_IFDIR
+    }
+
+    /// Whether this is a regular file.
+    pub fn is_file(&self) -> bool {
+        self.kind() == libc::S_IFREG
+    }
+
+    /// Whether this is a symbolic link.
+    pub fn is_symlink(&self) -> bool {
+        self.kind() == libc::S_IFLNK
+    }
+}
+
+impl From<&fs::Metadata> for Status {
+    fn from(md: &fs::Metadata) -> Status {
+        Status {
+            mode: md.mode(),
+            ino: md.ino(),
+            size: md.size(),
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: md.mtime(),
+            mtime_nsec: md.mtime_nsec(),
+            ctime: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
+        }
+    }
+}
+
+impl From<&rustix::fs::Stat> for Status {
+    fn from(st: &rustix::fs::Stat) -> Status {
+        Status {
+            mode: st.st_mode,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec as i64,
+            ctime: st.st_ctime,
+            ctime_nsec: st.st_ctime_nsec as i64,
         }
     }
 }

@@ -1,14 +1,18 @@
 //! Tree scans: every directory opened beneath the root with no link
-//! followed, listed and stat'ed through its descriptor; files hashed through
-//! the cache, on up to four threads when many miss it.
+//! followed (through the handles of a [`Dirs`], which a caller may keep
+//! for many prefixes), listed and stat'ed through its descriptor; files
+//! hashed through the cache, on up to four threads when many miss it.
 
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::{ContentHash, Entry, EntryKind, Excludes, HashCache, Meta};
+use rustix::fs::AtFlags;
+
+use super::{ContentHash, Entry, EntryKind, Excludes, HashCache, Meta, Status};
+use crate::beneath::Dirs;
 use crate::relpath::is_temp_name;
 
 /// Something in the tree that is not replicated, reported to the caller.
@@ -85,15 +89,18 @@ pub fn join(root: &Path, rel: &str) -> PathBuf {
 /// it names a directory, the directory and everything below it; when it does
 /// not exist, nothing.
 pub fn scan(root: &Path, prefix: &str, excludes: &Excludes, cache: &mut HashCache) -> Scan {
-    scan_with(root, prefix, excludes, cache, Hashing::All, &|| {})
+    scan_with(&mut Dirs::at(root), prefix, excludes, cache, Hashing::All, &|| {})
 }
 
-/// [`scan`], reading only the files `hashing` asks for, and calling `tick`
-/// as it goes: for every directory listed, every file hashed, and every
-/// 256 KiB of a file read (a caller that must show progress, such as the
-/// shipper under the service manager's watchdog, stamps it there).
+/// [`scan`] beneath the root of `dirs`, through its directory handles (a
+/// caller that scans many prefixes in one pass keeps one [`Dirs`] for all
+/// of them, and each directory is opened once), reading only the files
+/// `hashing` asks for, and calling `tick` as it goes: for every directory
+/// listed, every file hashed, and every 256 KiB of a file read (a caller
+/// that must show progress, such as the shipper under the service
+/// manager's watchdog, stamps it there).
 pub fn scan_with(
-    root: &Path,
+    dirs: &mut Dirs,
     prefix: &str,
     excludes: &Excludes,
     cache: &mut HashCache,
@@ -104,34 +111,31 @@ pub fn scan_with(
     let mut stack: Vec<String> = Vec::new();
     let mut misses: Vec<Miss> = Vec::new();
     // Every directory is opened beneath the root with no symbolic link
-    // followed on the way, and listed and stat'ed through that descriptor:
-    // a directory swapped for a link to elsewhere is never listed.
-    let root_dir = match open_dir(root) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return out,
-        Err(e) => {
+    // followed on the way (see `Dirs`), and listed and stat'ed through that
+    // handle: a directory swapped for a link to elsewhere is never listed.
+    if let Err(e) = dirs.root() {
+        if e.kind() != io::ErrorKind::NotFound {
             out.skipped.push(Skipped::Unreadable(prefix.to_string(), e.to_string()));
-            return out;
         }
-    };
+        return out;
+    }
     if prefix.is_empty() {
         stack.push(String::new());
     } else {
-        let (parent, name) = prefix.rsplit_once('/').unwrap_or(("", prefix));
-        let found = dir_beneath(&root_dir, parent).and_then(|d| {
-            let md = fs::symlink_metadata(by_fd(&d, &join(root, parent)).join(name))?;
-            Ok((d, md))
+        let found = dirs.parent(prefix).and_then(|(d, name)| {
+            let st = rustix::fs::statat(&*d, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            Ok((d, name, Status::from(&st)))
         });
         match found {
-            Ok((parent_dir, md)) => {
-                if excludes.is_excluded(prefix, md.is_dir()) {
+            Ok((parent_dir, name, st)) => {
+                if excludes.is_excluded(prefix, st.is_dir()) {
                     return out;
                 }
-                if let Some((e, unhashed)) = entry_for(prefix, (&parent_dir, name), &md, cache, &mut out.skipped) {
+                if let Some((e, unhashed)) = entry_for(prefix, (&parent_dir, name), &st, cache, &mut out.skipped) {
                     if e.kind == EntryKind::Dir {
                         stack.push(prefix.to_string());
                     }
-                    push_entry(&mut out, &mut misses, e, unhashed.then_some(md));
+                    push_entry(&mut out, &mut misses, e, unhashed.then_some((st, parent_dir)));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return out,
@@ -143,18 +147,11 @@ pub fn scan_with(
     }
     while let Some(dir_rel) = stack.pop() {
         tick();
-        let dir_abs = join(root, &dir_rel);
-        let dir = match dir_beneath(&root_dir, &dir_rel) {
-            Ok(d) => d,
-            Err(e) => {
-                if e.kind() != io::ErrorKind::NotFound {
-                    out.skipped.push(Skipped::Unreadable(dir_rel.clone(), e.to_string()));
-                }
-                continue;
-            }
-        };
-        let rd = match fs::read_dir(by_fd(&dir, &dir_abs)) {
-            Ok(rd) => rd,
+        let listed = dirs
+            .dir(&dir_rel)
+            .and_then(|dir| Ok((rustix::fs::Dir::read_from(&*dir)?, dir)));
+        let (rd, dir) = match listed {
+            Ok(l) => l,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
                     out.skipped.push(Skipped::Unreadable(dir_rel.clone(), e.to_string()));
@@ -172,9 +169,14 @@ pub fn scan_with(
                     break;
                 }
             };
-            let name = de.file_name();
-            let Some(name) = name.to_str() else {
-                out.skipped.push(Skipped::NotUtf8(dir_abs.join(&name)));
+            let raw = de.file_name();
+            if raw == c"." || raw == c".." {
+                continue;
+            }
+            let Ok(name) = raw.to_str() else {
+                let name = std::ffi::OsStr::from_bytes(raw.to_bytes());
+                out.skipped
+                    .push(Skipped::NotUtf8(join(dirs.path(), &dir_rel).join(name)));
                 continue;
             };
             if is_temp_name(name) {
@@ -186,23 +188,24 @@ pub fn scan_with(
                 format!("{dir_rel}/{name}")
             };
             // `fstatat` of the name in the directory read, never following it.
-            let md = match de.metadata() {
-                Ok(md) => md,
+            let st = match rustix::fs::statat(&*dir, raw, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => Status::from(&st),
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        out.skipped.push(Skipped::Unreadable(rel, e.to_string()));
+                    if e != rustix::io::Errno::NOENT {
+                        out.skipped
+                            .push(Skipped::Unreadable(rel, io::Error::from(e).to_string()));
                     }
                     continue;
                 }
             };
-            if excludes.is_excluded(&rel, md.is_dir()) {
+            if excludes.is_excluded(&rel, st.is_dir()) {
                 continue;
             }
-            if let Some((e, unhashed)) = entry_for(&rel, (&dir, name), &md, cache, &mut out.skipped) {
+            if let Some((e, unhashed)) = entry_for(&rel, (&dir, name), &st, cache, &mut out.skipped) {
                 if e.kind == EntryKind::Dir {
                     stack.push(rel);
                 }
-                push_entry(&mut out, &mut misses, e, unhashed.then_some(md));
+                push_entry(&mut out, &mut misses, e, unhashed.then(|| (st, dir.clone())));
             }
         }
     }
@@ -210,14 +213,14 @@ pub fn scan_with(
     if let Hashing::Only(wanted) = hashing {
         misses.retain(|m| {
             let e = &out.entries[m.index];
-            let want = wanted(&e.path, m.md.size());
+            let want = wanted(&e.path, m.st.size);
             if !want {
                 unread.push(e.path.clone());
             }
             want
         });
     }
-    hash_misses(root, &mut out, misses, cache, tick);
+    hash_misses(&mut out, misses, cache, tick);
     out.entries.sort_by(|a, b| a.path.cmp(&b.path));
     out.unhashed = unread
         .iter()
@@ -227,13 +230,14 @@ pub fn scan_with(
     out
 }
 
-/// Adds `e` to the scan; `unhashed` (its path and metadata) when its hash is
-/// still to be read.
-fn push_entry(out: &mut Scan, misses: &mut Vec<Miss>, e: Entry, unhashed: Option<fs::Metadata>) {
-    if let Some(md) = unhashed {
+/// Adds `e` to the scan; `unhashed` (its status and the handle of its
+/// directory) when its hash is still to be read.
+fn push_entry(out: &mut Scan, misses: &mut Vec<Miss>, e: Entry, unhashed: Option<(Status, Arc<fs::File>)>) {
+    if let Some((st, dir)) = unhashed {
         misses.push(Miss {
             index: out.entries.len(),
-            md,
+            st,
+            dir,
         });
     }
     out.entries.push(e);
@@ -243,8 +247,10 @@ fn push_entry(out: &mut Scan, misses: &mut Vec<Miss>, e: Entry, unhashed: Option
 struct Miss {
     /// Its entry in the scan.
     index: usize,
-    /// Its metadata when the walk saw it.
-    md: fs::Metadata,
+    /// Its status when the walk saw it.
+    st: Status,
+    /// The directory it was seen in, as the walk opened it.
+    dir: Arc<fs::File>,
 }
 
 /// From how many files on, a scan hashes on more than one thread (a cold
@@ -254,15 +260,14 @@ const PARALLEL_HASH_MIN: usize = 64;
 /// A file's content hash and its metadata after the read.
 type Hashed = io::Result<(ContentHash, fs::Metadata)>;
 
-/// Reads the content hash of the file `rel` beneath `root`, then its
-/// metadata again (to notice a change during the read). The file is opened
-/// beneath the root with no symbolic link followed on the way, without
-/// blocking, and read only when it is a regular file (a directory swapped
-/// for a link, or a fifo swapped in, between the walk and the read is an
-/// error, never an outside file read nor a reader blocked for good).
-fn hash_and_restat(root: &Path, rel: &str, tick: &(dyn Fn() + Sync)) -> Hashed {
+/// Reads the content hash of the file `rel` seen in the directory open as
+/// `dir`, then its metadata again (to notice a change during the read). The
+/// file is opened in that handle, never through a link, without blocking,
+/// and read only when it is a regular file (a fifo swapped in between the
+/// walk and the read is an error, never a reader blocked for good).
+fn hash_and_restat(dir: &fs::File, rel: &str, tick: &(dyn Fn() + Sync)) -> Hashed {
     tick();
-    let (file, _) = crate::beneath::open_file_beneath(root, rel)?;
+    let (file, _) = crate::beneath::open_file_in(dir, crate::beneath::split(rel).1)?;
     let hash = ContentHash::of_reader(Ticking { inner: &file, tick })?;
     Ok((hash, file.metadata()?))
 }
@@ -283,7 +288,7 @@ impl<R: io::Read> io::Read for Ticking<'_, R> {
 /// Hashes the files the cache could not answer for, on up to four threads
 /// when there are many, and fills in their entries. A file that cannot be
 /// read leaves the scan (and is listed as skipped unless it is gone).
-fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache, tick: &(dyn Fn() + Sync)) {
+fn hash_misses(out: &mut Scan, misses: Vec<Miss>, cache: &mut HashCache, tick: &(dyn Fn() + Sync)) {
     if misses.is_empty() {
         return;
     }
@@ -298,7 +303,7 @@ fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashC
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(m) = misses.get(i) else { break };
-                            done.push((i, hash_and_restat(root, &out.entries[m.index].path, tick)));
+                            done.push((i, hash_and_restat(&m.dir, &out.entries[m.index].path, tick)));
                         }
                         done
                     })
@@ -315,7 +320,7 @@ fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashC
     } else {
         misses
             .iter()
-            .map(|m| hash_and_restat(root, &out.entries[m.index].path, tick))
+            .map(|m| hash_and_restat(&m.dir, &out.entries[m.index].path, tick))
             .collect()
     };
     let mut failed = vec![false; out.entries.len()];
@@ -323,7 +328,7 @@ fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashC
         let e = &mut out.entries[m.index];
         match r {
             Ok((hash, after)) => {
-                cache.record(&e.path, &m.md, hash, &after);
+                cache.record(&e.path, m.st, hash, &after);
                 if let EntryKind::File { hash: h, .. } = &mut e.kind {
                     *h = hash;
                 }
@@ -345,55 +350,21 @@ fn hash_misses(root: &Path, out: &mut Scan, misses: Vec<Miss>, cache: &mut HashC
     }
 }
 
-/// Opens the directory `path` (the watch root) for a walk beneath it.
-fn open_dir(path: &Path) -> io::Result<fs::File> {
-    use rustix::fs::{Mode, OFlags};
-    Ok(fs::File::from(rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?))
-}
-
-/// Opens the directory `rel` beneath the watch root open as `root`, with
-/// no symbolic link followed on the way (the root itself for `""`).
-fn dir_beneath(root: &fs::File, rel: &str) -> io::Result<fs::File> {
-    if rel.is_empty() {
-        return root.try_clone();
-    }
-    crate::beneath::open_beneath(root, rel, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY)
-}
-
-/// A path that names the directory open as `dir` itself, not whatever its
-/// path names by now: `/proc/self/fd/N`, a link to the open directory
-/// (std lists and stats entries only by path). Where `/proc` is missing,
-/// `fallback`, its path.
-fn by_fd(dir: &fs::File, fallback: &Path) -> PathBuf {
-    use std::os::fd::AsRawFd;
-    static PROC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *PROC.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
-        PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
-    } else {
-        fallback.to_path_buf()
-    }
-}
-
 /// The entry for `rel`, whose name is `at.1` in the directory open as
-/// `at.0`, with metadata `md`; `true` with it when its hash is still to be
+/// `at.0`, with status `st`; `true` with it when its hash is still to be
 /// read.
 fn entry_for(
     rel: &str,
     at: (&fs::File, &str),
-    md: &fs::Metadata,
+    st: &Status,
     cache: &mut HashCache,
     skipped: &mut Vec<Skipped>,
 ) -> Option<(Entry, bool)> {
-    let ft = md.file_type();
-    let meta = Meta::from_metadata(md);
+    let meta = Meta::from_status(st);
     let mut unhashed = false;
-    let kind = if ft.is_dir() {
+    let kind = if st.is_dir() {
         EntryKind::Dir
-    } else if ft.is_symlink() {
+    } else if st.is_symlink() {
         match rustix::fs::readlinkat(at.0, at.1, Vec::new()) {
             Ok(t) => match t.into_string() {
                 Ok(target) => EntryKind::Symlink { target },
@@ -409,12 +380,12 @@ fn entry_for(
                 return None;
             }
         }
-    } else if ft.is_file() {
+    } else if st.is_file() {
         // A miss is hashed after the walk (see `hash_misses`).
-        let hash = cache.cached(rel, md);
+        let hash = cache.cached(rel, *st);
         unhashed = hash.is_none();
         EntryKind::File {
-            size: md.size(),
+            size: st.size,
             hash: hash.unwrap_or(ContentHash([0; 32])),
         }
     } else {
@@ -500,7 +471,7 @@ mod tests {
         let mut cache = HashCache::trusting_every_change();
         let wanted = |path: &str, size: u64| path == "d/b" && size == 3;
         let s = scan_with(
-            root,
+            &mut Dirs::at(root),
             "",
             &Excludes::default(),
             &mut cache,
