@@ -258,7 +258,9 @@ fn judge_due(node: &Handles, targets: &mut [Target], waiting: &mut HashMap<(usiz
     if due.is_empty() {
         return;
     }
-    let mut roots: HashMap<usize, Option<std::fs::File>> = HashMap::new();
+    // One set of directory handles per watch for the pass: the paths a
+    // batch of the receiver leaves waiting share a few directories.
+    let mut roots: HashMap<usize, Option<beneath::Dirs>> = HashMap::new();
     let mut logged = 0usize;
     let mut unlogged = 0u64;
     for key in due {
@@ -266,13 +268,17 @@ fn judge_due(node: &Handles, targets: &mut [Target], waiting: &mut HashMap<(usiz
         let (first, limit, rescan) = (w.first, w.limit, w.rescan);
         let (i, rel) = (&key.0, &key.1);
         let t = &mut targets[*i];
-        let root = roots.entry(*i).or_insert_with(|| beneath::open_root(&t.root).ok());
-        let Some(root) = root.as_ref() else {
+        let root = roots.entry(*i).or_insert_with(|| {
+            beneath::open_root(&t.root)
+                .ok()
+                .map(|r| beneath::Dirs::with_root(&t.root, r))
+        });
+        let Some(dirs) = root.as_mut() else {
             // The root is gone or replaced: the receiver reports that.
             waiting.remove(&key);
             continue;
         };
-        let stamp = match local::stamp_at(root, rel) {
+        let stamp = match local::stamp_in(dirs, rel) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(watch = t.name, path = rel, error = %e, "cannot look at a changed path");

@@ -104,26 +104,30 @@ impl Stamp {
 /// itself when it is one; `None` when nothing is there (or a component on
 /// the way is not a directory).
 pub fn stamp_at(root: &File, rel: &str) -> io::Result<Option<Stamp>> {
-    let gone = |e: &io::Error| {
-        e.kind() == io::ErrorKind::NotFound || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP))
-    };
     let (dir, name) = beneath::split(rel);
-    let parent;
-    let d = if dir.is_empty() {
-        root
+    if dir.is_empty() {
+        stamped(beneath::stat(root, name))
     } else {
-        match beneath::open_dir(root, dir) {
-            Ok(p) => {
-                parent = p;
-                &parent
-            }
-            Err(e) if gone(&e) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-    };
-    match beneath::stat(d, name) {
+        stamped(beneath::open_dir(root, dir).and_then(|d| beneath::stat(&d, name)))
+    }
+}
+
+/// [`stamp_at`] through the directory handles of a pass, `dirs`.
+pub fn stamp_in(dirs: &mut beneath::Dirs, rel: &str) -> io::Result<Option<Stamp>> {
+    stamped(dirs.stat(rel))
+}
+
+/// The stamp of a status looked up by [`stamp_at`] or [`stamp_in`];
+/// `None` when nothing is there (or a component on the way is not a
+/// directory).
+fn stamped(st: io::Result<rustix::fs::Stat>) -> io::Result<Option<Stamp>> {
+    match st {
         Ok(st) => Ok(Some(Stamp::of_stat(&st))),
-        Err(e) if gone(&e) => Ok(None),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
