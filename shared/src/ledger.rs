@@ -74,6 +74,25 @@ impl Ledger {
         self.dirty |= before != self.map.len();
     }
 
+    /// Forgets every path of `rels` and everything below each, in one pass
+    /// over the ledger ([`Ledger::forget_tree`] is a pass each: a batch
+    /// that removed thousands of files paid for thousands of passes).
+    pub fn forget_trees(&mut self, rels: &[&str]) {
+        match rels {
+            [] => {}
+            [one] => self.forget_tree(one),
+            _ if rels.contains(&"") => self.forget_tree(""),
+            _ => {
+                let gone: std::collections::HashSet<&str> = rels.iter().copied().collect();
+                let before = self.map.len();
+                // A path goes when it, or one of its ancestors, is in the set.
+                self.map
+                    .retain(|k, _| !gone.contains(&**k) && !k.match_indices('/').any(|(i, _)| gone.contains(&k[..i])));
+                self.dirty |= before != self.map.len();
+            }
+        }
+    }
+
     /// Replaces the whole ledger with `entries`.
     pub fn reset(&mut self, entries: impl IntoIterator<Item = (String, ContentHash)>) {
         let map: HashMap<Box<str>, ContentHash> = entries.into_iter().map(|(p, h)| (p.into_boxed_str(), h)).collect();
@@ -189,6 +208,38 @@ mod tests {
         assert_eq!(again.watch("ca").get("ab"), Some(h));
         again.watch("ca").reset([("z".to_string(), h)]);
         assert_eq!(again.watch("ca").get("ab"), None);
+    }
+
+    #[test]
+    fn forgetting_many_trees_at_once_forgets_what_one_at_a_time_would() {
+        let d = tempfile::tempdir().unwrap();
+        let h = ContentHash::of(b"x");
+        let paths = ["a", "a/b", "a/b/c", "ab", "a.b/c", "b/c", "b/cd", "c/d/e", "c/de"];
+        for rels in [
+            vec![],
+            vec!["a"],
+            vec!["a/b", "b/c"],
+            vec!["c/d", "ab", "nope", "a/b/c/d"],
+            vec!["c", ""],
+        ] {
+            let (mut one, mut all) = (Ledger::load(&d.path().join("1")), Ledger::load(&d.path().join("2")));
+            for p in paths {
+                one.set(p, h);
+                all.set(p, h);
+            }
+            (one.dirty, all.dirty) = (false, false);
+            for r in &rels {
+                one.forget_tree(r);
+            }
+            all.forget_trees(&rels);
+            let sorted = |l: &Ledger| {
+                let mut v: Vec<&str> = l.entries().map(|(p, _)| p).collect();
+                v.sort_unstable();
+                v.into_iter().map(str::to_string).collect::<Vec<_>>()
+            };
+            assert_eq!(sorted(&all), sorted(&one), "{rels:?}");
+            assert_eq!(all.dirty, one.dirty, "{rels:?}");
+        }
     }
 
     #[test]

@@ -466,13 +466,23 @@ fn record_agreement(
             .map(|(p, h)| (p.as_str(), *h));
         ledgers.watch(watch).reset_from(entries);
     }
+    // What was removed goes first, in one pass over each ledger (a pass per
+    // removed path cost a burst that deleted 6,700 files 2.3% of the active's
+    // CPU), then what was sent: the same as in order, since within a prefix
+    // every removal is sent before anything else and a batch's prefixes
+    // are disjoint.
+    let mut removed: HashMap<&str, Vec<&str>> = HashMap::new();
     for (watch, path, hash) in touched {
-        if failed(watch, path) {
-            continue;
+        if hash.is_none() && !failed(watch, path) {
+            removed.entry(watch.as_str()).or_default().push(path.as_str());
         }
-        match hash {
-            Some(h) => ledgers.watch(watch).set(path, *h),
-            None => ledgers.watch(watch).forget_tree(path),
+    }
+    for (watch, paths) in removed {
+        ledgers.watch(watch).forget_trees(&paths);
+    }
+    for (watch, path, hash) in touched {
+        if let Some(h) = hash.filter(|_| !failed(watch, path)) {
+            ledgers.watch(watch).set(path, h);
         }
     }
     if let Err(e) = ledgers.save_if_due(Duration::from_secs(2)) {
