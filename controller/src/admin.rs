@@ -70,18 +70,20 @@ fn pause_note(op: &Operator) -> String {
     format!("paused by operator {} at {} UTC", op.name, utc(now))
 }
 
-/// The reachable node that reports itself active at the highest epoch.
+/// The reachable node that reports itself active at the highest epoch, as
+/// the nodes' hellos announce it (no status is asked for: see
+/// [`Operator::roles`]).
 pub async fn active_node(op: &Operator) -> Result<&warmspare_shared::config::Node> {
-    let views = op.gather(NODE_TIMEOUT).await;
-    let active = views
+    let roles = op.roles(NODE_TIMEOUT).await;
+    let active = roles
         .iter()
-        .filter_map(|v| v.status.as_ref().ok())
-        .filter(|s| s.role.active == s.node)
-        .max_by_key(|s| s.role.epoch)
+        .filter_map(|(n, r)| r.as_ref().ok().map(|r| (n, r)))
+        .filter(|(n, r)| r.active == n.name)
+        .max_by_key(|(_, r)| r.epoch)
         .ok_or_else(|| fail(FAILED, "no reachable node is active"))?;
     op.cluster
-        .node(&active.node)
-        .ok_or_else(|| anyhow!("{} is not a node", active.node))
+        .node(&active.0.name)
+        .ok_or_else(|| anyhow!("{} is not a node", active.0.name))
 }
 
 /// Runs `resync` on the active node.

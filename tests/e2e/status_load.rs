@@ -150,3 +150,46 @@ fn a_new_file_crosses_while_status_walks_are_held() {
         p.join().unwrap();
     }
 }
+
+/// `warmsparectl resync` asks each node only who is active (its hello says
+/// so), never for a status: a status walks every watch tree to count its
+/// files, which with 100,000 files was a quarter of the CPU the active spent
+/// on the comparison that `resync` asks for, and as much on the passive.
+/// Every walk is held here for as long as the test runs: before, `resync`
+/// waited for the walks and found no node that answered (it failed).
+#[test]
+fn resync_walks_no_tree_to_find_the_active() {
+    let c = TestCluster::pair("");
+    let ra = c.ca("a");
+    fs::create_dir_all(ra.join("d")).unwrap();
+    fs::write(ra.join("d/f.pem"), b"f").unwrap();
+    let gate = |n: &str| c.dir.path().join(format!("hold-walk-{n}"));
+    let held = |n: &str| PathBuf::from(format!("{}.held", gate(n).display()));
+    let start = |n: &str| {
+        let g = gate(n).display().to_string();
+        c.start_with_env(n, &[("WARMSPARE_TEST_HOLD_STATUS_WALK", g.as_str())])
+    };
+    let _b = start("b");
+    let a = start("a");
+    let compared = |a: &warmspare_tests::Agent| a.log_text().matches("compared in full").count();
+    wait_until("the initial sync", Duration::from_secs(300), || {
+        read(&c.ca("b").join("d/f.pem")).as_deref() == Some(&b"f"[..]) && compared(&a) >= 1
+    });
+    let before = compared(&a);
+    for n in ["a", "b"] {
+        fs::write(gate(n), b"").unwrap();
+    }
+    let out = c.ctl(&["resync"]);
+    assert!(
+        out.status.success(),
+        "resync failed while status walks were held: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("a's comparison in full after resync", Duration::from_secs(120), || {
+        compared(&a) > before
+    });
+    for n in ["a", "b"] {
+        assert!(!held(n).exists(), "resync made {n} walk its tree");
+        fs::remove_file(gate(n)).unwrap();
+    }
+}
