@@ -13,14 +13,14 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::manifest::ContentHash;
+use crate::manifest::{ContentHash, PathHasher};
 use crate::relpath::is_under;
 
 /// The ledger of one watch, persisted in one file.
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,
-    map: HashMap<Box<str>, ContentHash>,
+    map: HashMap<Box<str>, ContentHash, PathHasher>,
     dirty: bool,
 }
 
@@ -34,7 +34,7 @@ impl Ledger {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), error = %e, "cannot read the sync ledger; starting it empty");
                 }
-                HashMap::new()
+                HashMap::default()
             }
         };
         Ledger {
@@ -45,7 +45,7 @@ impl Ledger {
     }
 
     /// Decodes persisted ledger bytes; bytes that do not decode give an empty map.
-    pub fn decode(bytes: &[u8]) -> HashMap<Box<str>, ContentHash> {
+    pub fn decode(bytes: &[u8]) -> HashMap<Box<str>, ContentHash, PathHasher> {
         crate::persist::decode_persisted(bytes).unwrap_or_default()
     }
 
@@ -95,7 +95,8 @@ impl Ledger {
 
     /// Replaces the whole ledger with `entries`.
     pub fn reset(&mut self, entries: impl IntoIterator<Item = (String, ContentHash)>) {
-        let map: HashMap<Box<str>, ContentHash> = entries.into_iter().map(|(p, h)| (p.into_boxed_str(), h)).collect();
+        let map: HashMap<Box<str>, ContentHash, PathHasher> =
+            entries.into_iter().map(|(p, h)| (p.into_boxed_str(), h)).collect();
         if map != self.map {
             self.map = map;
             self.dirty = true;

@@ -388,7 +388,8 @@ impl Applier {
         for s in &scan.skipped {
             tracing::warn!(watch, skipped = ?s, "not replicated");
         }
-        let present: std::collections::HashSet<&str> = scan.entries.iter().map(|e| e.path.as_str()).collect();
+        let present: std::collections::HashSet<&str, manifest::PathHasher> =
+            scan.entries.iter().map(|e| e.path.as_str()).collect();
         w.cache.retain_paths(&|p| present.contains(p));
         if let Some(p) = &w.cache_path {
             if let Err(e) = w.cache.save(p) {

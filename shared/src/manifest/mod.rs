@@ -21,7 +21,7 @@ mod hash;
 mod scan;
 
 pub use exclude::{ExcludeError, Excludes};
-pub use hash::{ContentHash, HashCache};
+pub use hash::{ContentHash, HashCache, PathHasher};
 pub use scan::{join, scan, scan_with, Hashing, Scan, Skipped};
 
 /// What kind of thing an entry is, with what identifies its content.
