@@ -140,6 +140,47 @@ impl FromIterator<(Box<str>, Held)> for Remote {
 }
 
 impl Remote {
+    /// The model of what the peer listed in its manifest. The peer's scan
+    /// lists its entries sorted by path, each once (`manifest::Scan`): the
+    /// frozen part is then built from them in one pass, with no sort and
+    /// no path copied on its own first (at 100,000 files the sort alone was
+    /// 2.5% of the active's CPU in a full comparison). A manifest out of
+    /// order or with a path twice (a hostile or broken peer) is sorted as
+    /// any list is, the last of a repeated path winning.
+    pub(super) fn from_manifest(entries: Vec<Entry>) -> Remote {
+        if !entries.windows(2).all(|w| w[0].path < w[1].path) {
+            return entries
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.path.into_boxed_str(),
+                        Held {
+                            kind: e.kind,
+                            meta: e.meta,
+                        },
+                    )
+                })
+                .collect();
+        }
+        let text_len = entries.iter().map(|e| e.path.len()).sum();
+        let frozen = Frozen::build(
+            entries.into_iter().map(|e| {
+                (
+                    e.path,
+                    Held {
+                        kind: e.kind,
+                        meta: e.meta,
+                    },
+                )
+            }),
+            text_len,
+        );
+        Remote {
+            frozen,
+            changes: BTreeMap::new(),
+        }
+    }
+
     /// What the peer holds at `path`.
     pub(super) fn get(&self, path: &str) -> Option<&Held> {
         match self.changes.get(path) {

@@ -15,7 +15,7 @@ use warmspare_shared::relpath;
 use crate::events::{Inbox, Work};
 
 use super::handles::Handles;
-use super::plan::{compact, plan_prefix, remote_remove_tree, top_most, Held, Model, Plan};
+use super::plan::{compact, plan_prefix, remote_remove_tree, top_most, Model, Plan, Remote};
 use super::session::{fetch_manifest, flush_commit, wait_ack, BatchStats, Closed, Retry, SessionIo};
 use super::transfer::{ship_above, ship_prefix};
 
@@ -172,16 +172,7 @@ pub(super) fn sync_loop(handles: &Handles, peer: &str, mut io: SessionIo, inbox:
                 }
                 if full || !model.contains_key(&w.name) {
                     let remote = fetch_manifest(&mut io, &w.name)?;
-                    model.insert(
-                        w.name.clone(),
-                        remote
-                            .into_iter()
-                            .map(|e| {
-                                let held = Held::of(&e);
-                                (e.path.into_boxed_str(), held)
-                            })
-                            .collect(),
-                    );
+                    model.insert(w.name.clone(), Remote::from_manifest(remote));
                 }
                 let prefixes: Vec<String> = if full {
                     vec![String::new()]

@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use warmspare_shared::manifest::{ContentHash, EntryKind, Meta};
+use warmspare_shared::manifest::{ContentHash, Entry, EntryKind, Meta};
 
 use super::*;
 
@@ -111,4 +111,53 @@ fn a_compacted_model_is_three_allocations_of_their_exact_size() {
     assert_eq!(m.frozen.held.capacity(), 999);
     assert!(m.get("signed/00/host000000.pem").is_none());
     assert!(m.get("signed/01/host000001.pem").is_some());
+}
+
+/// A manifest entry for the path `p` (a file whose size and hash are `n`).
+fn listed(p: &str, n: u8) -> Entry {
+    let h = file(n);
+    Entry {
+        path: p.to_string(),
+        kind: h.kind,
+        meta: h.meta,
+    }
+}
+
+#[test]
+fn a_manifest_sorted_or_not_makes_the_model_a_plain_map_would() {
+    // Sorted and unique (what a peer's scan sends, the one-pass build),
+    // then out of order, with repeats, and both: each against a plain map
+    // filled in the order listed, so the last of a repeated path wins.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let mut sorted: Vec<Entry> = PATHS.iter().map(|p| listed(p, p.len() as u8)).collect();
+    sorted.sort_by(|a, b| a.path.cmp(&b.path));
+    assert!(sorted.windows(2).all(|w| w[0].path < w[1].path));
+    let mut cases: Vec<Vec<Entry>> = vec![Vec::new(), sorted.clone()];
+    let mut reversed = sorted.clone();
+    reversed.reverse();
+    cases.push(reversed);
+    let mut repeated = sorted.clone();
+    repeated.insert(3, listed(&sorted[3].path, 200));
+    cases.push(repeated);
+    for _ in 0..200 {
+        let n = next(2 * PATHS.len());
+        cases.push(
+            (0..n)
+                .map(|_| listed(PATHS[next(PATHS.len())], next(250) as u8))
+                .collect(),
+        );
+    }
+    for (i, manifest) in cases.into_iter().enumerate() {
+        let want: BTreeMap<String, Held> = manifest.iter().map(|e| (e.path.clone(), Held::of(e))).collect();
+        let m = Remote::from_manifest(manifest);
+        agrees(&m, &want, i);
+        assert!(m.changes.is_empty(), "case {i}: built with changes");
+        assert_eq!(m.frozen.len(), want.len(), "case {i}: frozen entries");
+    }
 }
