@@ -4,7 +4,7 @@
 //! pure) and every step that brings the peer to the scan, in the order
 //! they are sent ([`steps`], pure). `transfer` carries the steps out.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use warmspare_shared::beneath::Dirs;
 use warmspare_shared::delta;
@@ -116,7 +116,16 @@ pub(super) fn removals(
     unknown: &[&str],
     remote: &Remote,
 ) -> Vec<Removal> {
-    let local: BTreeMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    // The scan's entries come sorted by path (`manifest::Scan`), as the
+    // model's do: one pass over both, with no map of the local entries
+    // (its build and lookups were 1.35% of the active's CPU in a full
+    // comparison of 100,000 files). Entries out of order are sorted here
+    // first, so a broken promise cannot make a local file look absent.
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    if !sorted.windows(2).all(|w| w[0].path <= w[1].path) {
+        sorted.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+    let mut local = sorted.into_iter().peekable();
     let mut removals: Vec<Removal> = Vec::new();
     for (path, r) in remote.subtree(prefix) {
         let is_file = matches!(r.kind, EntryKind::File { .. });
@@ -124,7 +133,8 @@ pub(super) fn removals(
             last.files += u64::from(is_file);
             continue;
         }
-        let (gone, deletion) = match local.get(path) {
+        while local.next_if(|l| l.path.as_str() < path).is_some() {}
+        let (gone, deletion) = match local.peek().filter(|l| l.path == path) {
             None => (true, true),
             Some(l) => (
                 kind_tag(&l.kind) != kind_tag(&r.kind) && !(matches!(l.kind, EntryKind::File { .. }) && is_file),

@@ -137,16 +137,19 @@ pub(super) fn ship_prefix(
             }
         }
     }
+    // The scan's paths move into what the caller keeps (the settled list,
+    // with 100,000 files as many strings not copied).
+    let warmspare_shared::manifest::Scan { entries, unhashed, .. } = scan;
     Ok(entries
-        .iter()
+        .into_iter()
         .enumerate()
         .filter_map(|(i, e)| {
-            let hash = if scan.is_unhashed(i) {
+            let hash = if unhashed.binary_search(&i).is_ok() {
                 *learned.get(&i)?
             } else {
                 e.hash()?
             };
-            Some((e.path.clone(), hash))
+            Some((e.path, hash))
         })
         .collect())
 }

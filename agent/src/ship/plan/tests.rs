@@ -121,6 +121,13 @@ fn removals_cover_deletions_type_changes_and_unknown_paths() {
             .map(|(p, k)| ((*p).into(), Held::of(&entry(p, *k))))
             .collect();
         assert_eq!(&removals("w", prefix, &entries, unknown, &remote), want, "case {i}");
+        // A scan's entries come sorted; out of order, the same removals.
+        let reversed: Vec<Entry> = entries.into_iter().rev().collect();
+        assert_eq!(
+            &removals("w", prefix, &reversed, unknown, &remote),
+            want,
+            "case {i} reversed"
+        );
     }
 }
 
