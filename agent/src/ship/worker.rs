@@ -455,7 +455,7 @@ fn record_agreement(
             .iter()
             .filter(|(p, _)| !failed(watch, p))
             .map(|(p, h)| (p.as_str(), *h));
-        ledgers.watch(watch).reset_from(entries);
+        ledgers.agree(watch, entries);
     }
     // What was removed goes first, in one pass over each ledger (a pass per
     // removed path cost a burst that deleted 6,700 files 2.3% of the active's
