@@ -38,6 +38,22 @@ fn files_on(c: &TestCluster, node: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// While this file exists, node `n`'s next status walk waits at it.
+fn gate(c: &TestCluster, n: &str) -> PathBuf {
+    c.dir.path().join(format!("hold-walk-{n}"))
+}
+
+/// This file exists while node `n`'s walk waits at its gate.
+fn held(c: &TestCluster, n: &str) -> PathBuf {
+    PathBuf::from(format!("{}.held", gate(c, n).display()))
+}
+
+/// Starts node `n` with its status walks held at its gate.
+fn start_gated(c: &TestCluster, n: &str) -> warmspare_tests::Agent {
+    let g = gate(c, n).display().to_string();
+    c.start_with_env(n, &[("WARMSPARE_TEST_HOLD_STATUS_WALK", g.as_str())])
+}
+
 #[test]
 fn a_new_file_crosses_while_status_walks_are_held() {
     let c = TestCluster::pair("");
@@ -49,14 +65,11 @@ fn a_new_file_crosses_while_status_walks_are_held() {
             fs::write(dir.join(format!("f{f:03}")), format!("{d}/{f}")).unwrap();
         }
     }
-    // While `hold-walk-<node>` exists, that node's next walk waits, and
-    // `hold-walk-<node>.held` shows it waiting.
-    let gate = |n: &str| c.dir.path().join(format!("hold-walk-{n}"));
-    let held = |n: &str| PathBuf::from(format!("{}.held", gate(n).display()));
-    let start = |n: &str| {
-        let g = gate(n).display().to_string();
-        c.start_with_env(n, &[("WARMSPARE_TEST_HOLD_STATUS_WALK", g.as_str())])
-    };
+    let (gate, held, start) = (
+        |n: &str| gate(&c, n),
+        |n: &str| held(&c, n),
+        |n: &str| start_gated(&c, n),
+    );
     let _b = start("b");
     let _a = start("a");
     // Both nodes have counted their trees once: the counts of the walk
@@ -163,12 +176,11 @@ fn resync_walks_no_tree_to_find_the_active() {
     let ra = c.ca("a");
     fs::create_dir_all(ra.join("d")).unwrap();
     fs::write(ra.join("d/f.pem"), b"f").unwrap();
-    let gate = |n: &str| c.dir.path().join(format!("hold-walk-{n}"));
-    let held = |n: &str| PathBuf::from(format!("{}.held", gate(n).display()));
-    let start = |n: &str| {
-        let g = gate(n).display().to_string();
-        c.start_with_env(n, &[("WARMSPARE_TEST_HOLD_STATUS_WALK", g.as_str())])
-    };
+    let (gate, held, start) = (
+        |n: &str| gate(&c, n),
+        |n: &str| held(&c, n),
+        |n: &str| start_gated(&c, n),
+    );
     let _b = start("b");
     let a = start("a");
     let compared = |a: &warmspare_tests::Agent| a.log_text().matches("compared in full").count();
