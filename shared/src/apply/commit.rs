@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustix::fs::OFlags;
 
 use super::temps::temp_name;
-use super::{Applier, CommitReport, FailReason, Failure, NotDurable, Pending, Staged, STATE_SAVE_INTERVAL};
+use super::{Applier, CommitReport, FailReason, Failure, NotDurable, Pending, Staged};
 use crate::beneath;
 use crate::local::Stamp;
 use crate::manifest::{ContentHash, Meta};
@@ -460,10 +460,11 @@ impl Applier {
             self.report.undo_kept = u.commit();
         }
         // Caches and ledgers are rewritten whole, so not at every commit of a
-        // long burst: at most every few seconds, and when the session ends.
+        // long burst: at most every few seconds (longer on a large tree, see
+        // `save_wait`), and when the session ends.
         // Losing the last seconds of them to a crash is safe: hashes are
         // recomputed, and files are preserved rather than lost.
-        if self.saved_at.elapsed() >= STATE_SAVE_INTERVAL {
+        if self.saved_at.elapsed() >= self.save_wait {
             self.save_state();
         }
         if let Some(t) = self.tracker.clone() {

@@ -269,6 +269,8 @@ pub struct Applier {
     can_chown: bool,
     divergence: Option<Divergence>,
     saved_at: std::time::Instant,
+    /// How long after `saved_at` the next save may come (see [`save_wait`]).
+    save_wait: std::time::Duration,
     /// Per watch, its root and directories open for this batch; forgotten
     /// whenever something applied could change what a path is (a link made,
     /// a path removed, a commit's renames), and at every commit, so that
@@ -302,6 +304,18 @@ pub struct Applier {
 /// How often, at most, a busy applier rewrites its caches and ledgers.
 const STATE_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The wait before the next save of the caches and ledgers, given that the
+/// last one took `took`. They are rewritten whole, so a save grows with the
+/// tree, and at a fixed [`STATE_SAVE_INTERVAL`] the initial sync of a large
+/// tree would spend a growing share of its time rewriting state (time
+/// quadratic in the files). Waiting ten times the last save's length keeps
+/// saving under a tenth of the applier's time at any size; what a crash
+/// loses meanwhile is safe to lose (hashes are recomputed, files are
+/// preserved rather than lost).
+fn save_wait(took: std::time::Duration) -> std::time::Duration {
+    took.saturating_mul(10).max(STATE_SAVE_INTERVAL)
+}
+
 impl Applier {
     /// An applier for `watches`; it creates missing roots. With `divergence`,
     /// local files that differ from the last agreed content are preserved
@@ -331,6 +345,7 @@ impl Applier {
             can_chown,
             divergence,
             saved_at: std::time::Instant::now(),
+            save_wait: STATE_SAVE_INTERVAL,
             handles: HashMap::new(),
             diverged: None,
             undo: None,
@@ -546,6 +561,7 @@ impl Applier {
 
     /// Persists the hash caches and the ledgers.
     pub fn save_state(&mut self) {
+        let started = std::time::Instant::now();
         for w in self.watches.values_mut() {
             if let Some(p) = &w.cache_path {
                 if let Err(e) = w.cache.save(p) {
@@ -559,6 +575,9 @@ impl Applier {
             }
         }
         self.saved_at = std::time::Instant::now();
+        let took = started.elapsed();
+        self.save_wait = save_wait(took);
+        tracing::debug!(took_ms = took.as_millis() as u64, "caches and ledgers saved");
     }
 
     /// The local root of `watch`.

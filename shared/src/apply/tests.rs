@@ -1043,3 +1043,13 @@ fn failures_say_why_in_types_and_keep_their_wire_text() {
     let io = Failure::new("p", io::Error::from_raw_os_error(libc::ENOSPC)).into_wire();
     assert_eq!(io.1, io::Error::from_raw_os_error(libc::ENOSPC).to_string());
 }
+
+#[test]
+fn a_long_save_of_the_state_waits_ten_times_as_long_before_the_next() {
+    use std::time::Duration;
+    // Small trees keep the fixed interval; a save of 0.8 s waits 8 s, so
+    // saving stays under a tenth of a long batch at any tree size.
+    assert_eq!(super::save_wait(Duration::from_millis(5)), super::STATE_SAVE_INTERVAL);
+    assert_eq!(super::save_wait(Duration::from_millis(800)), Duration::from_secs(8));
+    assert_eq!(super::save_wait(Duration::MAX), Duration::MAX);
+}
