@@ -147,7 +147,13 @@ fn watch_loop(node: &Handles, cancel: &CancellationToken) -> Result<()> {
         let raw = match res {
             Ok(ev) if ev.need_rescan() => Raw::Rescan(None),
             Ok(ev) if is_read_only(&ev.kind) => return,
-            Ok(ev) => Raw::Paths(ev.paths),
+            Ok(mut ev) => {
+                ev.paths.retain(|p| !is_unnamed_file(&ev.kind, p));
+                if ev.paths.is_empty() {
+                    return;
+                }
+                Raw::Paths(ev.paths)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "inotify error on a passive; comparing the watch against the ledger");
                 Raw::Rescan(e.paths.first().cloned())
@@ -424,6 +430,32 @@ fn locate(targets: &[Target], path: &Path) -> Option<(usize, String)> {
     None
 }
 
+/// Whether `path` names a file that has no name yet: the kernel reports the
+/// writes to a file made with `O_TMPFILE` (as the receiver stages what it
+/// applies) under the name `#<inode>`, which is in no directory. Looking
+/// such a name up cost a failed directory lookup per event, about a sixth
+/// of a passive's CPU in a large initial sync. Only what such a file can
+/// cause is skipped (writes, metadata, closes): a real file of that name
+/// created, renamed or removed locally is still seen. An in-place edit of an
+/// existing file literally named `#<digits>` is not, until the next
+/// comparison against the ledger (when the watcher starts, or after a lost
+/// event), and the receiver still preserves it before replacing it.
+fn is_unnamed_file(kind: &notify::EventKind, path: &Path) -> bool {
+    use notify::event::{AccessKind, ModifyKind};
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let unnamed = name
+        .strip_prefix('#')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    unnamed
+        && matches!(
+            kind,
+            notify::EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_) | ModifyKind::Any)
+                | notify::EventKind::Access(AccessKind::Close(_))
+        )
+}
+
 /// Opening, reading and closing without writing change nothing.
 fn is_read_only(kind: &notify::EventKind) -> bool {
     use notify::event::{AccessKind, AccessMode};
@@ -450,5 +482,31 @@ mod tests {
         assert_eq!(locate(&ts, Path::new("/x/ca")), None);
         assert_eq!(locate(&ts, Path::new("/x/ca/.warmspare-tmp.a.new.1")), None);
         assert_eq!(locate(&ts, Path::new("/x/cab/a")), None);
+    }
+
+    #[test]
+    fn writes_to_a_file_without_a_name_are_not_looked_at() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, MetadataKind, ModifyKind, RemoveKind};
+        use notify::EventKind;
+        let unnamed = Path::new("/x/ca/signed/#5324826");
+        for kind in [
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+        ] {
+            assert!(is_unnamed_file(&kind, unnamed), "{kind:?}");
+            // A file with a real name is looked at after the same events.
+            assert!(!is_unnamed_file(&kind, Path::new("/x/ca/signed/host.pem")), "{kind:?}");
+            assert!(!is_unnamed_file(&kind, Path::new("/x/ca/signed/#12a")), "{kind:?}");
+            assert!(!is_unnamed_file(&kind, Path::new("/x/ca/signed/#")), "{kind:?}");
+        }
+        // What only a named file can cause is looked at whatever the name.
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::To)),
+        ] {
+            assert!(!is_unnamed_file(&kind, unnamed), "{kind:?}");
+        }
     }
 }
