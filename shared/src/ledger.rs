@@ -67,6 +67,11 @@ impl Ledger {
         }
     }
 
+    /// Forgets `rel` alone (a file or a link, with nothing below it).
+    pub fn forget_path(&mut self, rel: &str) {
+        self.dirty |= self.map.remove(rel).is_some();
+    }
+
     /// Forgets `rel` and everything below it.
     pub fn forget_tree(&mut self, rel: &str) {
         let before = self.map.len();

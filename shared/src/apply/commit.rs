@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use rustix::fs::OFlags;
 
+use super::handles::Gone;
 use super::temps::temp_name;
 use super::{Applier, CommitReport, FailReason, Failure, NotDurable, Pending, Staged};
 use crate::beneath;
@@ -433,6 +434,9 @@ impl Applier {
                 }
                 if existing.is_some_and(|st| beneath::is_dir(&st)) {
                     trees.insert((watch.clone(), rel.clone()));
+                    // What the ledger held below the directory goes with it
+                    // (the file's own entry is set once it is placed).
+                    self.forget(&watch, &rel, Gone::Tree);
                     if let Err(e) = beneath::remove_tree(&dir, &name) {
                         let _ = beneath::unlink(&dir, &tmp);
                         self.report.failed.push(Failure::new(rel, e));

@@ -92,13 +92,28 @@ impl Applier {
         self.dirs_to_sync.entry(key).or_insert_with(|| dir.clone());
     }
 
-    pub(super) fn forget(&mut self, watch: &str, rel: &str) {
+    /// Forgets what the ledger of `watch` holds at `rel`: only its own
+    /// entry when `gone` says nothing was below it, else the whole tree (a
+    /// pass over the ledger, which a batch removing thousands of files
+    /// must not pay for each).
+    pub(super) fn forget(&mut self, watch: &str, rel: &str, gone: Gone) {
         if let Some(div) = &self.divergence {
-            div.ledgers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .watch(watch)
-                .forget_tree(rel);
+            let mut ledgers = div.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+            let ledger = ledgers.watch(watch);
+            match gone {
+                Gone::Leaf => ledger.forget_path(rel),
+                Gone::Tree => ledger.forget_tree(rel),
+            }
         }
     }
+}
+
+/// What left a path, for what the ledger and the hash cache forget there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gone {
+    /// A file or a link: nothing was below it.
+    Leaf,
+    /// A directory, or what was there is not known: everything at and below
+    /// the path goes.
+    Tree,
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
+use super::handles::Gone;
 use super::temps::temp_name;
 use super::{Applier, Refused};
 use crate::beneath::{self, split};
@@ -25,7 +26,7 @@ impl Applier {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                     _ => {}
                 }
-                self.forget(watch, rel);
+                self.forget(watch, rel, Gone::Leaf);
                 beneath::mkdir(&parent, name, 0o700)?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => match beneath::mkdir(&parent, name, 0o700) {
@@ -73,7 +74,7 @@ impl Applier {
             let _ = beneath::unlink(&parent, &tmp);
             return Err(e);
         }
-        self.forget(watch, rel);
+        self.forget(watch, rel, Gone::Tree);
         self.note_dir(watch, pdir, &parent);
         Ok(())
     }
@@ -118,19 +119,30 @@ impl Applier {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
+        // Nothing there (or no directory above): entries below it may still
+        // be remembered, so the whole tree is forgotten.
+        let mut gone = Gone::Tree;
         if let Some(parent) = parent {
             self.preserve(watch, rel, &parent, UndoWhy::Removed)?;
             match beneath::stat(&parent, name) {
-                Ok(_) => beneath::remove_tree(&parent, name)?,
+                Ok(st) => {
+                    if !beneath::is_dir(&st) {
+                        gone = Gone::Leaf;
+                    }
+                    beneath::remove_tree(&parent, name)?
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
             self.note_dir(watch, pdir, &parent);
         }
         if let Some(w) = self.watches.get_mut(watch) {
-            w.cache.forget(rel);
+            match gone {
+                Gone::Leaf => w.cache.forget_file(rel),
+                Gone::Tree => w.cache.forget(rel),
+            }
         }
-        self.forget(watch, rel);
+        self.forget(watch, rel, gone);
         Ok(())
     }
 

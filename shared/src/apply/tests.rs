@@ -1053,3 +1053,50 @@ fn a_long_save_of_the_state_waits_ten_times_as_long_before_the_next() {
     assert_eq!(super::save_wait(Duration::from_millis(800)), Duration::from_secs(8));
     assert_eq!(super::save_wait(Duration::MAX), Duration::MAX);
 }
+
+#[test]
+fn removals_and_replacements_forget_what_the_ledger_held_at_and_below_them() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let div = Divergence {
+        ledgers: Arc::new(Mutex::new(Ledgers::new(d.path().join("ledger")))),
+        dir: d.path().join("diverged/2-now"),
+    };
+    let mut a = Applier::new(
+        vec![WatchRoot {
+            name: "w".into(),
+            root: root.clone(),
+            excludes: Excludes::new(&[]).unwrap(),
+            cache: HashCache::default(),
+            cache_path: None,
+        }],
+        Some(div.clone()),
+    )
+    .unwrap();
+    for rel in ["d/a", "d/b", "f", "g", "e/x"] {
+        send_file(&mut a, rel, rel.as_bytes());
+    }
+    a.commit().unwrap();
+    let held = |rel: &str| div.ledgers.lock().unwrap().watch("w").get(rel).is_some();
+    assert!(["d/a", "d/b", "f", "g", "e/x"].iter().all(|r| held(r)));
+    let remove = |a: &mut Applier, path: &str| {
+        a.apply(Op::Remove {
+            watch: "w".into(),
+            path: path.into(),
+        })
+        .unwrap()
+    };
+    // A file: its own entry goes, nothing else.
+    remove(&mut a, "f");
+    a.commit().unwrap();
+    assert!(!held("f") && held("d/a") && held("g"));
+    // A directory: everything below it.
+    remove(&mut a, "d");
+    a.commit().unwrap();
+    assert!(!held("d/a") && !held("d/b") && held("g") && held("e/x"));
+    // A directory replaced by a file: what was below it goes too.
+    send_file(&mut a, "e", b"now a file");
+    a.commit().unwrap();
+    assert!(held("e") && !held("e/x"), "the ledger still holds e/x below the file e");
+    assert_eq!(fs::read(root.join("e")).unwrap(), b"now a file");
+}

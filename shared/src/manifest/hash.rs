@@ -256,7 +256,8 @@ impl HashCache {
         self.dirty = true;
     }
 
-    fn forget_file(&mut self, rel: &str) {
+    /// Forgets `rel` alone (a file or a link, with nothing below it).
+    pub fn forget_file(&mut self, rel: &str) {
         self.dirty |= self.map.remove(rel).is_some();
     }
 
