@@ -87,6 +87,20 @@ impl RawQueue {
     }
 }
 
+/// A hidden switch for the tests: while the file that
+/// `WARMSPARE_TEST_HOLD_WATCH` names exists (at most 20 s), the watcher
+/// waits before it watches its roots, as the first watch of a large tree
+/// keeps it busy while the shippers already compare.
+async fn test_hold_watch() {
+    let Some(hold) = std::env::var_os("WARMSPARE_TEST_HOLD_WATCH") else {
+        return;
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::path::Path::new(&hold).exists() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// How often a root that is not a directory is looked at again.
 const UNWATCHED_POLL: Duration = Duration::from_secs(2);
 
@@ -135,17 +149,28 @@ pub async fn run(
     // directory now is watched once it is one, and once the shipper finds it
     // fine again (`rewatch`).
     let mut unwatched: Vec<bool> = vec![false; targets.len()];
+    test_hold_watch().await;
     for (i, t) in targets.iter().enumerate() {
+        stamp.stamp();
         if !t.root.is_dir() {
             tracing::warn!(watch = t.name, root = %t.root.display(), "watch root is not a directory; not watching it until it is");
             unwatched[i] = true;
             continue;
         }
-        if let Err(e) = watcher.watch(&t.root, RecursiveMode::Recursive) {
+        if let Err(e) = tokio::task::block_in_place(|| watcher.watch(&t.root, RecursiveMode::Recursive)) {
             report_watch_error(&e);
             // Without a complete watch, periodic and reconnect comparisons still converge.
         }
         tracing::info!(watch = t.name, root = %t.root.display(), "watching");
+        // The shippers compare every watch when their sessions start, and
+        // they start beside this task: a session can list a tree before
+        // its watch is in place (notify walks the whole tree first), and a
+        // change in between would wait for the periodic comparison. One
+        // more comparison once the watch is in place closes that gap; it
+        // merges with a session's first while that one still waits.
+        for inbox in &inboxes {
+            inbox.add_full(&t.name);
+        }
     }
 
     let mut pending = Batcher::default();

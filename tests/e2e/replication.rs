@@ -679,3 +679,33 @@ fn a_file_shipped_half_written_ships_again_when_whole() {
     });
     converge(&a_root, &b_root, LIMIT);
 }
+
+/// The shippers' first comparison can list the tree before the watcher's
+/// watch is in place (notify walks a large tree first): a file written in
+/// between ships once the watch is in place, not at the periodic comparison
+/// ten minutes later. `WARMSPARE_TEST_HOLD_WATCH` holds the watch back.
+#[test]
+fn a_file_written_before_the_watch_is_in_place_still_ships() {
+    let c = TestCluster::pair("");
+    let hold = c.dir.path().join("hold-watch");
+    fs::write(&hold, b"").unwrap();
+    let _b = c.start("b");
+    let a = c.start_with_env("a", &[("WARMSPARE_TEST_HOLD_WATCH", hold.to_str().unwrap())]);
+    wait_until("a's first comparison", LIMIT, || {
+        a.log_text().contains("compared in full")
+    });
+    assert!(
+        !a.log_text().contains("INFO watching watch="),
+        "the watch was in place before the test could write: {}",
+        a.log_text()
+    );
+    write_file(
+        &c.ca("a").join("late.pem"),
+        b"signed before the watch was in place",
+        0o644,
+    );
+    fs::remove_file(&hold).unwrap();
+    wait_until("late.pem on b", Duration::from_secs(20), || {
+        fs::read(c.ca("b").join("late.pem")).is_ok_and(|d| d == b"signed before the watch was in place")
+    });
+}
