@@ -48,6 +48,9 @@ pub struct Target {
 
 enum Raw {
     Paths(Vec<PathBuf>, Edge),
+    /// A directory was made: its paths ship only once notify watches it
+    /// (see [`settle_new_watches`]).
+    NewDir(Vec<PathBuf>),
     Rescan(Option<PathBuf>),
 }
 
@@ -84,6 +87,24 @@ impl RawQueue {
             // A stored permit: the task sees it even if it is busy now.
             self.overflow.notify_one();
         }
+    }
+}
+
+/// Returns once notify has watched every directory whose creation it has
+/// delivered. notify reads a round of inotify events, hands them over, and
+/// only then adds the watches of the directories those events made; a file
+/// put into a new directory before its watch is added makes no event, and
+/// if the batch the directory's event started had listed the directory
+/// before that file came, the file waited for the periodic comparison (seen
+/// in the failover bench: a directory made, a file renamed into it a moment
+/// later, never shipped). notify's thread answers requests only between two
+/// such rounds, so the answer to one (the list of watched roots, small)
+/// comes after those watches are in place, and the batch lists the new
+/// directory after that: what came before is listed, what comes after
+/// makes events.
+fn settle_new_watches(watcher: &notify::RecommendedWatcher) {
+    if let Err(e) = watcher.watched_paths() {
+        tracing::debug!(error = %e, "notify did not answer; a new directory's batch goes on without waiting");
     }
 }
 
@@ -128,6 +149,9 @@ pub async fn run(
             Ok(ev) if ev.need_rescan() => Raw::Rescan(None),
             // Reads (our own shipping among them) change nothing.
             Ok(ev) if is_read_only(&ev.kind) => return,
+            Ok(ev) if matches!(ev.kind, notify::EventKind::Create(notify::event::CreateKind::Folder)) => {
+                Raw::NewDir(ev.paths)
+            }
             Ok(ev) => Raw::Paths(ev.paths, Edge::of(&ev.kind)),
             Err(e) => {
                 report_watch_error(&e);
@@ -235,6 +259,7 @@ pub async fn run(
                     }
                 }
                 let now = Instant::now();
+                let mut new_dir = false;
                 for raw in raws {
                     match raw {
                         Raw::Rescan(path) => {
@@ -251,7 +276,18 @@ pub async fn run(
                                 pending.add(idx, rel, edge, targets[idx].debounce, now, MAX_PENDING);
                             }
                         }
+                        Raw::NewDir(paths) => {
+                            new_dir = true;
+                            for p in paths {
+                                let Some((idx, rel)) = locate(&targets, &p) else { continue };
+                                pending.add(idx, rel, Edge::Complete, targets[idx].debounce, now, MAX_PENDING);
+                            }
+                        }
                     }
+                }
+                if new_dir {
+                    stamp.stamp();
+                    tokio::task::block_in_place(|| settle_new_watches(&watcher));
                 }
                 hand_over(&mut pending, now, &targets, &inboxes);
             }
