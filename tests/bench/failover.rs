@@ -241,9 +241,38 @@ fn one_round(etcd: &EtcdCluster, timing: Timing, round: usize) -> Round {
     // falls at different points of the lease's renewal cycle.
     let writing = Duration::from_millis(1500 + (round as u64 * 337) % 1000);
     std::thread::sleep(writing);
-    wait_until("some files on b before the kill", Duration::from_secs(30), || {
-        dst.join(name(0)).exists()
-    });
+    let first_arrived = Instant::now() + Duration::from_secs(30);
+    while !dst.join(name(0)).exists() {
+        if Instant::now() > first_arrived {
+            // What both agents said about the round's first file and the
+            // directory it is in, and every warning: the tail printed on
+            // failure starts long after them.
+            let first = name(0);
+            for (who, log) in [("a", a.log_text()), ("b", b.log_text())] {
+                for line in log.lines().filter(|l| {
+                    l.contains(&first) || l.contains("\"failover\"") || l.contains("WARN") || l.contains("ERROR")
+                }) {
+                    eprintln!("{who}: {line}");
+                }
+                eprintln!("{who}: first lines after start:");
+                for line in log.lines().take(40) {
+                    eprintln!("{who}: {line}");
+                }
+            }
+            let on_b: Vec<String> = fs::read_dir(dst.join("failover"))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .take(5)
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!(
+                "timed out after 30s waiting for some files on b before the kill; b's failover/ starts with {on_b:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let written_before = written.load(Ordering::SeqCst);
     a.kill9();
     let killed = Instant::now();
