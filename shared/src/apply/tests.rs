@@ -22,6 +22,28 @@ fn applier(root: &Path) -> Applier {
     .unwrap()
 }
 
+/// An applier of one watch `w` at `<dir>/root`, no excludes, keeping the
+/// peers' agreement in `<dir>/ledger` and what it preserves under
+/// `<dir>/diverged/<session>`.
+fn applier_with_divergence(dir: &Path, session: &str) -> (Applier, Divergence) {
+    let div = Divergence {
+        ledgers: Arc::new(Mutex::new(Ledgers::new(dir.join("ledger")))),
+        dir: dir.join("diverged").join(session),
+    };
+    let a = Applier::new(
+        vec![WatchRoot {
+            name: "w".into(),
+            root: dir.join("root"),
+            excludes: Excludes::new(&[]).unwrap(),
+            cache: HashCache::default(),
+            cache_path: None,
+        }],
+        Some(div.clone()),
+    )
+    .unwrap();
+    (a, div)
+}
+
 fn meta() -> Meta {
     Meta {
         mode: 0o640,
@@ -641,21 +663,7 @@ fn a_delta_on_a_changed_base_or_malformed_fails_and_leaves_the_copy() {
 fn differing_local_files_are_preserved_before_replacement() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");
-    let div = Divergence {
-        ledgers: Arc::new(Mutex::new(Ledgers::new(d.path().join("ledger")))),
-        dir: d.path().join("diverged/2-now"),
-    };
-    let mut a = Applier::new(
-        vec![WatchRoot {
-            name: "w".into(),
-            root: root.clone(),
-            excludes: Excludes::new(&[]).unwrap(),
-            cache: HashCache::default(),
-            cache_path: None,
-        }],
-        Some(div.clone()),
-    )
-    .unwrap();
+    let (mut a, div) = applier_with_divergence(d.path(), "2-now");
     fs::write(root.join("f"), b"signed while cut off").unwrap();
     fs::write(root.join("gone"), b"local only").unwrap();
     send_file(&mut a, "f", b"from the active");
@@ -785,22 +793,7 @@ fn undo_cost_of_replacing_and_removing_20000_small_files() {
     };
     for with_undo in [false, true, false, true] {
         let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("root");
-        let div = Divergence {
-            ledgers: Arc::new(Mutex::new(Ledgers::new(d.path().join("ledger")))),
-            dir: d.path().join("diverged/1-now"),
-        };
-        let mut a = Applier::new(
-            vec![WatchRoot {
-                name: "w".into(),
-                root: root.clone(),
-                excludes: Excludes::new(&[]).unwrap(),
-                cache: HashCache::default(),
-                cache_path: None,
-            }],
-            Some(div),
-        )
-        .unwrap();
+        let (mut a, _div) = applier_with_divergence(d.path(), "1-now");
         let store = Arc::new(crate::undo::Store::new(d.path().join("undo")));
         if with_undo {
             a = a.with_undo(crate::undo::Recorder::new(store.clone(), 1, 1 << 30));
@@ -1058,21 +1051,7 @@ fn a_long_save_of_the_state_waits_ten_times_as_long_before_the_next() {
 fn removals_and_replacements_forget_what_the_ledger_held_at_and_below_them() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");
-    let div = Divergence {
-        ledgers: Arc::new(Mutex::new(Ledgers::new(d.path().join("ledger")))),
-        dir: d.path().join("diverged/2-now"),
-    };
-    let mut a = Applier::new(
-        vec![WatchRoot {
-            name: "w".into(),
-            root: root.clone(),
-            excludes: Excludes::new(&[]).unwrap(),
-            cache: HashCache::default(),
-            cache_path: None,
-        }],
-        Some(div.clone()),
-    )
-    .unwrap();
+    let (mut a, div) = applier_with_divergence(d.path(), "2-now");
     for rel in ["d/a", "d/b", "f", "g", "e/x"] {
         send_file(&mut a, rel, rel.as_bytes());
     }
